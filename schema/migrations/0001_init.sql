@@ -1,0 +1,49 @@
+-- Milepost schema, version 1.
+--
+-- Readings carry small integer ids for device and sensor; names live in `devices` and
+-- `sensors`. There is deliberately NO primary key or unique index on `readings`:
+-- DuckDB keeps ART indexes in memory (~60 bytes per key), which a small VM cannot
+-- afford at hundreds of millions of rows. Identity (device, sensor, ts) is enforced by
+-- the single writer instead (see src/store/writer.rs).
+
+CREATE TABLE sensors (
+    id          SMALLINT PRIMARY KEY,
+    name        VARCHAR NOT NULL UNIQUE,
+    unit        VARCHAR NOT NULL,
+    description VARCHAR NOT NULL,
+    min_value   DOUBLE,
+    max_value   DOUBLE
+);
+
+INSERT INTO sensors VALUES
+    (1, 'speed',              'km/h',    'Vehicle speed',                 NULL,   NULL),
+    (2, 'fuel',               '%',       'Fuel tank level',               NULL,   NULL),
+    (3, 'revolution',         'rpm',     'Engine revolutions per minute', NULL,   NULL),
+    (4, 'engine_temperature', '°C',      'Engine coolant temperature',    NULL,   NULL),
+    (5, 'location_latitude',  'degrees', 'GPS latitude (WGS 84)',         -90.0,  90.0),
+    (6, 'location_longitude', 'degrees', 'GPS longitude (WGS 84)',        -180.0, 180.0);
+
+CREATE TABLE devices (
+    id   INTEGER PRIMARY KEY,
+    name VARCHAR NOT NULL UNIQUE
+);
+
+CREATE TABLE readings (
+    device_id INTEGER  NOT NULL,
+    sensor_id SMALLINT NOT NULL,
+    ts        TIMESTAMP NOT NULL, -- UTC, microseconds
+    value     DOUBLE   NOT NULL
+);
+
+-- One row per (device, sensor) that has readings: count, time span and newest value.
+-- Kept exact by the writer in the same transaction as the readings, so "latest" and
+-- catalog queries never scan `readings`, and start-up reads it in milliseconds.
+CREATE TABLE series (
+    device_id  INTEGER   NOT NULL,
+    sensor_id  SMALLINT  NOT NULL,
+    readings   BIGINT    NOT NULL,
+    first_ts   TIMESTAMP NOT NULL,
+    last_ts    TIMESTAMP NOT NULL,
+    last_value DOUBLE    NOT NULL,
+    PRIMARY KEY (device_id, sensor_id)
+);

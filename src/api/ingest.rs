@@ -1,0 +1,394 @@
+//! `POST /ingest`: authenticate, stream the body through the NDJSON parser, hand
+//! batches to the writer, answer once everything accepted is committed.
+
+use std::pin::Pin;
+use std::sync::Arc;
+
+use async_compression::tokio::bufread::GzipDecoder;
+use poem::http::header;
+use poem::{Body, Request, RequestBody};
+use poem_openapi::payload::Json;
+use poem_openapi::registry::{MetaMediaType, MetaRequest, MetaSchema, MetaSchemaRef, Registry};
+use poem_openapi::{ApiExtractor, ApiExtractorType, ApiResponse, ExtractParamOptions, Object};
+use tokio::io::{AsyncRead, AsyncReadExt, BufReader};
+
+use super::AppState;
+use super::auth::AuthError;
+use super::error::ErrorBody;
+use crate::ingest::{IngestOptions, StreamParser};
+use crate::store::{Committed, PendingCommit, WriteError};
+
+/// Readings handed to the writer at a time for large bodies.
+const BATCH_ROWS: usize = 64 * 1024;
+/// Bytes read from the body per parse step.
+const READ_CHUNK: usize = 256 * 1024;
+
+/// Media types `POST /ingest` accepts: all carry NDJSON.
+pub const INGEST_CONTENT_TYPES: [&str; 3] = [
+    "application/x-ndjson",
+    "application/stream+json",
+    "application/json",
+];
+
+/// One refused line.
+#[derive(Debug, Clone, Object)]
+pub struct LineErrorBody {
+    /// 1-based line number in the (decompressed) body.
+    pub line: u64,
+    /// Why it was refused.
+    pub error: String,
+}
+
+/// Outcome of an ingest request. `errors` lists the first 100 refused lines; the
+/// counts are always exact.
+#[derive(Debug, Clone, Object)]
+#[oai(example)]
+pub struct IngestSummary {
+    /// Readings newly stored.
+    pub accepted: u64,
+    /// Readings whose (device, sensor, timestamp) was already stored; dropped.
+    pub duplicates: u64,
+    /// Lines refused.
+    pub rejected: u64,
+    /// The first refused lines with reasons.
+    pub errors: Vec<LineErrorBody>,
+    /// Set when the request as a whole failed part-way (body too large, broken gzip);
+    /// the counts say what was committed before that.
+    #[oai(skip_serializing_if_is_none)]
+    pub error: Option<String>,
+}
+
+impl poem_openapi::types::Example for IngestSummary {
+    fn example() -> Self {
+        Self {
+            accepted: 2,
+            duplicates: 1,
+            rejected: 1,
+            errors: vec![LineErrorBody {
+                line: 3,
+                error: "unknown sensor 'warp'".into(),
+            }],
+            error: None,
+        }
+    }
+}
+
+/// Responses of `POST /ingest`.
+#[derive(ApiResponse)]
+pub enum IngestResponse {
+    /// Every line was stored or was a duplicate.
+    #[oai(status = 200)]
+    Ok(Json<IngestSummary>),
+    /// Some lines were refused (see `errors`); all other lines were stored.
+    #[oai(status = 400)]
+    Rejected(Json<IngestSummary>),
+    /// Missing or invalid API key.
+    #[oai(status = 401)]
+    Unauthorized(Json<ErrorBody>, #[oai(header = "WWW-Authenticate")] String),
+    /// Body larger than the configured limit; lines before the limit were stored.
+    #[oai(status = 413)]
+    TooLarge(Json<IngestSummary>),
+    /// Content type or encoding not supported.
+    #[oai(status = 415)]
+    UnsupportedMediaType(Json<ErrorBody>),
+    /// Storage failed; nothing of the failed batch was stored. Retry the request.
+    #[oai(status = 500)]
+    StorageFailed(Json<ErrorBody>),
+    /// The writer is saturated or shutting down. Retry the whole request after
+    /// `Retry-After` seconds; readings already stored count as duplicates then.
+    #[oai(status = 503)]
+    Busy(Json<ErrorBody>, #[oai(header = "Retry-After")] u64),
+}
+
+/// The raw request body of `POST /ingest`. Content type and encoding are checked by
+/// the handler after authentication, so that an unauthenticated client learns nothing.
+pub struct IngestBody(pub Body);
+
+impl<'a> ApiExtractor<'a> for IngestBody {
+    const TYPES: &'static [ApiExtractorType] = &[ApiExtractorType::RequestObject];
+    type ParamType = ();
+    type ParamRawType = ();
+
+    fn register(_registry: &mut Registry) {}
+
+    fn request_meta() -> Option<MetaRequest> {
+        let schema = MetaSchemaRef::Inline(Box::new(MetaSchema {
+            format: Some("binary"),
+            description: Some(
+                "Newline-delimited JSON readings, e.g. \
+                 {\"sensor\": \"speed\", \"value\": 55.5, \"timestamp\": \"2012-04-23T18:25:43.511Z\"}; \
+                 optional \"device\". May be gzip-compressed (Content-Encoding: gzip).",
+            ),
+            ..MetaSchema::new("string")
+        }));
+        Some(MetaRequest {
+            description: None,
+            content: INGEST_CONTENT_TYPES
+                .iter()
+                .map(|ct| MetaMediaType {
+                    content_type: ct,
+                    schema: schema.clone(),
+                })
+                .collect(),
+            required: true,
+        })
+    }
+
+    async fn from_request(
+        _request: &'a Request,
+        body: &mut RequestBody,
+        _opts: ExtractParamOptions<()>,
+    ) -> poem::Result<Self> {
+        Ok(Self(body.take()?))
+    }
+}
+
+fn unauthorized(e: AuthError) -> IngestResponse {
+    IngestResponse::Unauthorized(
+        Json(ErrorBody::new(e.to_string())),
+        "Basic realm=\"milepost\"".to_owned(),
+    )
+}
+
+fn unsupported(msg: String) -> IngestResponse {
+    IngestResponse::UnsupportedMediaType(Json(ErrorBody::new(msg)))
+}
+
+/// Handles one ingest request.
+pub async fn handle(state: &Arc<AppState>, req: &Request, body: Body) -> IngestResponse {
+    let auth = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok());
+    let grant = match state.keys.authenticate(auth) {
+        Ok(g) => g,
+        Err(e) => return unauthorized(e),
+    };
+
+    let content_type = req
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
+    let essence = content_type
+        .split(';')
+        .next()
+        .unwrap_or("")
+        .trim()
+        .to_ascii_lowercase();
+    if !INGEST_CONTENT_TYPES.contains(&essence.as_str()) {
+        let got = if content_type.is_empty() {
+            "no Content-Type".to_owned()
+        } else {
+            format!("Content-Type '{content_type}'")
+        };
+        return unsupported(format!(
+            "{got} is not supported: send NDJSON as {}",
+            INGEST_CONTENT_TYPES.join(", ")
+        ));
+    }
+    let gzip = match req
+        .headers()
+        .get(header::CONTENT_ENCODING)
+        .and_then(|v| v.to_str().ok())
+        .map(|v| v.trim().to_ascii_lowercase())
+        .as_deref()
+    {
+        None | Some("") | Some("identity") => false,
+        Some("gzip") | Some("x-gzip") => true,
+        Some(other) => {
+            return unsupported(format!(
+                "Content-Encoding '{other}' is not supported: use gzip or none"
+            ));
+        }
+    };
+    let limits = &state.limits;
+    let declared = req
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > limits.max_body_bytes) {
+        return IngestResponse::TooLarge(Json(summary(
+            &StreamParser::new(state.reads.catalog(), options(state, None)),
+            Committed::default(),
+            Some(too_large(limits.max_body_bytes)),
+        )));
+    }
+
+    let raw = body.into_async_read();
+    let mut reader: Pin<Box<dyn AsyncRead + Send>> = if gzip {
+        let mut d = GzipDecoder::new(BufReader::new(raw));
+        d.multiple_members(true);
+        Box::pin(d)
+    } else {
+        Box::pin(raw)
+    };
+
+    let parser = StreamParser::new(state.reads.catalog(), options(state, grant.device));
+    let run = Ingestion {
+        state,
+        parser,
+        total: Committed::default(),
+        pending: None,
+    };
+    run.drive(&mut reader, gzip).await
+}
+
+fn options(state: &AppState, bound: Option<crate::domain::Device>) -> IngestOptions {
+    IngestOptions {
+        latest: crate::domain::Timestamp::now().plus(state.limits.max_future_skew),
+        max_line_bytes: state.limits.max_line_bytes,
+        bound_device: bound,
+    }
+}
+
+fn too_large(limit: u64) -> String {
+    format!("request body exceeds the limit of {limit} bytes; split it into smaller requests")
+}
+
+fn summary(p: &StreamParser, c: Committed, error: Option<String>) -> IngestSummary {
+    IngestSummary {
+        accepted: c.accepted,
+        duplicates: c.duplicates,
+        rejected: p.rejected(),
+        errors: p
+            .errors()
+            .iter()
+            .map(|e| LineErrorBody {
+                line: e.line,
+                error: e.error.clone(),
+            })
+            .collect(),
+        error,
+    }
+}
+
+/// One request's progress: at most one batch in the writer while the next is parsed.
+struct Ingestion<'a> {
+    state: &'a Arc<AppState>,
+    parser: StreamParser,
+    total: Committed,
+    pending: Option<PendingCommit>,
+}
+
+impl Ingestion<'_> {
+    async fn drive(
+        mut self,
+        reader: &mut Pin<Box<dyn AsyncRead + Send>>,
+        gzip: bool,
+    ) -> IngestResponse {
+        let max_body = self.state.limits.max_body_bytes;
+        let mut read = 0u64;
+        let mut buf = vec![0u8; READ_CHUNK];
+        let mut failure: Option<(bool, String)> = None; // (too large?, message)
+        loop {
+            let n = match reader.read(&mut buf).await {
+                Ok(0) => break,
+                Ok(n) => n,
+                Err(e) => {
+                    let what = if gzip {
+                        "request body is not valid gzip"
+                    } else {
+                        "error reading request body"
+                    };
+                    failure = Some((false, format!("{what}: {e}")));
+                    break;
+                }
+            };
+            read += n as u64;
+            if read > max_body {
+                failure = Some((true, too_large(max_body)));
+                break;
+            }
+            if n >= 16 * 1024 {
+                // Big chunks are parsed off the async executor.
+                let mut parser = self.parser;
+                let (p, b) = tokio::task::spawn_blocking(move || {
+                    parser.feed(&buf[..n]);
+                    (parser, buf)
+                })
+                .await
+                .expect("parser does not panic");
+                self.parser = p;
+                buf = b;
+            } else {
+                self.parser.feed(&buf[..n]);
+            }
+            if self.parser.pending() >= BATCH_ROWS
+                && let Err(r) = self.flush().await
+            {
+                return r;
+            }
+        }
+        if failure.is_none() {
+            self.parser.finish();
+        }
+        if let Err(r) = self.flush().await {
+            return r;
+        }
+        if let Err(r) = self.settle().await {
+            return r;
+        }
+        let done = summary(
+            &self.parser,
+            self.total,
+            failure.as_ref().map(|f| f.1.clone()),
+        );
+        tracing::info!(
+            accepted = done.accepted,
+            duplicates = done.duplicates,
+            rejected = done.rejected,
+            "ingest request done"
+        );
+        match failure {
+            Some((true, _)) => IngestResponse::TooLarge(Json(done)),
+            Some((false, _)) => IngestResponse::Rejected(Json(done)),
+            None if done.rejected > 0 => IngestResponse::Rejected(Json(done)),
+            None => IngestResponse::Ok(Json(done)),
+        }
+    }
+
+    /// Hands the parsed readings to the writer, after the previous batch committed.
+    async fn flush(&mut self) -> Result<(), IngestResponse> {
+        let batch = self.parser.take_batch();
+        if batch.is_empty() {
+            return Ok(());
+        }
+        self.settle().await?;
+        match self.state.writer.submit(batch).await {
+            Ok(p) => {
+                self.pending = Some(p);
+                Ok(())
+            }
+            Err(e) => Err(write_failed(e)),
+        }
+    }
+
+    /// Waits for the batch in flight.
+    async fn settle(&mut self) -> Result<(), IngestResponse> {
+        if let Some(p) = self.pending.take() {
+            match p.wait().await {
+                Ok(c) => {
+                    self.total.accepted += c.accepted;
+                    self.total.duplicates += c.duplicates;
+                }
+                Err(e) => return Err(write_failed(e)),
+            }
+        }
+        Ok(())
+    }
+}
+
+fn write_failed(e: WriteError) -> IngestResponse {
+    match e {
+        WriteError::Overloaded => IngestResponse::Busy(Json(ErrorBody::new(e.to_string())), 1),
+        WriteError::Stopped => IngestResponse::Busy(Json(ErrorBody::new(e.to_string())), 5),
+        WriteError::Failed(_) => {
+            tracing::error!(error = %e, "ingest commit failed");
+            IngestResponse::StorageFailed(Json(ErrorBody::new(
+                "storing the readings failed; nothing of this batch was stored, retry the request",
+            )))
+        }
+    }
+}

@@ -1,0 +1,130 @@
+//! Wiring and lifecycle: config → store → writer → listener, and the ordered
+//! shutdown (stop accepting → finish in-flight requests → drain and checkpoint the
+//! writer → exit) driven by one cancellation token.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use anyhow::Context as _;
+use poem::listener::{Acceptor, Listener, TcpListener};
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+use crate::api::{self, ApiKeys, AppState, Limits};
+use crate::config::ServeArgs;
+use crate::store::{Store, StoreConfig, WriterConfig};
+
+/// A running server.
+pub struct Server {
+    addr: SocketAddr,
+    shutdown: CancellationToken,
+    task: JoinHandle<anyhow::Result<()>>,
+}
+
+impl Server {
+    /// Opens the database, starts the writer and binds the listener. Returns once the
+    /// server accepts connections.
+    pub async fn start(args: ServeArgs) -> anyhow::Result<Self> {
+        let storage = StoreConfig {
+            data_dir: args.storage.data_dir.clone(),
+            memory_limit: args.storage.memory_limit.clone(),
+            threads: args.storage.threads,
+        };
+        let store = tokio::task::spawn_blocking(move || Store::open(&storage))
+            .await
+            .context("opening the database")??;
+        let keys = ApiKeys::load(
+            &args.api_keys,
+            args.api_key_file.as_deref(),
+            &args.storage.data_dir,
+        )?;
+        let reader = store.reader()?;
+        let writer = store.start_writer(WriterConfig {
+            queue_capacity: args.queue_capacity,
+            queue_timeout: args.queue_timeout,
+            ..WriterConfig::default()
+        })?;
+        let state = Arc::new(AppState {
+            reads: Arc::new(reader),
+            writer: writer.handle(),
+            keys,
+            limits: Limits {
+                max_body_bytes: args.max_body_bytes,
+                max_line_bytes: args.max_line_bytes as usize,
+                max_future_skew: chrono::Duration::from_std(args.max_future_skew)
+                    .context("--max-future-skew is too large")?,
+            },
+            default_device: args.default_device.clone(),
+        });
+
+        let listen = args.listen_addr();
+        let acceptor = TcpListener::bind(listen.to_string())
+            .into_acceptor()
+            .await
+            .with_context(|| format!("cannot listen on {listen}"))?;
+        let addr = acceptor
+            .local_addr()
+            .first()
+            .and_then(|a| a.as_socket_addr().copied())
+            .unwrap_or(listen);
+        tracing::info!(%addr, "public HTTP API listening");
+
+        let shutdown = CancellationToken::new();
+        let token = shutdown.clone();
+        let app = api::app(state, args.dashboard_dir.clone());
+        let grace = args.shutdown_timeout;
+        let task = tokio::spawn(async move {
+            let served = poem::Server::new_with_acceptor(acceptor)
+                .run_with_graceful_shutdown(app, token.cancelled_owned(), Some(grace))
+                .await;
+            tracing::info!("HTTP listener stopped; draining the writer");
+            let drained = writer.shutdown().await;
+            served.context("HTTP server failed")?;
+            drained.context("closing the database")?;
+            tracing::info!("database checkpointed and closed");
+            Ok(())
+        });
+        Ok(Self {
+            addr,
+            shutdown,
+            task,
+        })
+    }
+
+    /// The bound address (useful with port 0).
+    pub fn local_addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Token that stops the server when cancelled.
+    pub fn shutdown_token(&self) -> CancellationToken {
+        self.shutdown.clone()
+    }
+
+    /// Waits until the server has stopped.
+    pub async fn wait(self) -> anyhow::Result<()> {
+        self.task.await.context("server task panicked")?
+    }
+
+    /// Stops gracefully and waits.
+    pub async fn stop(self) -> anyhow::Result<()> {
+        self.shutdown.cancel();
+        self.wait().await
+    }
+}
+
+/// Completes on SIGINT or SIGTERM.
+pub async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .expect("install SIGTERM handler");
+        tokio::select! {
+            _ = ctrl_c => {},
+            _ = term.recv() => {},
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = ctrl_c.await;
+}

@@ -1,0 +1,494 @@
+//! `milepost bench`: ingest and query speed against DuckDB's own limit, on the same
+//! machine and the same generated data, in one run.
+//!
+//! 1. Generates N readings (six sensors at 1 Hz, millisecond timestamps, one stream
+//!    per device) as NDJSON, plus the same chunks gzip-compressed, deterministic from
+//!    a seed.
+//! 2. The limit: embedded DuckDB loading those files natively (`INSERT … SELECT … FROM
+//!    read_json(…)`) into a fresh file with Milepost's schema.
+//! 3. Milepost over HTTP: a fresh `milepost serve` child process on 127.0.0.1:0, the
+//!    data pushed by K concurrent clients (one per device) in chunks; readings/s from
+//!    first byte to last acknowledgement (acknowledged = committed), request latency
+//!    p50/p99; again replaying everything (all duplicates); again with gzip bodies on
+//!    another fresh server.
+//! 4. Queries over HTTP on the loaded server, p50/p99.
+//! 5. Peak RSS of the server process and database bytes per reading after checkpoint.
+
+mod generate;
+
+use std::io::{BufRead as _, BufReader};
+use std::os::unix::fs::FileExt as _;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::Instant;
+
+use anyhow::{Context as _, bail};
+use clap::Args;
+use serde::Serialize;
+
+use generate::{Generated, Stream};
+
+/// `milepost bench` options.
+#[derive(Debug, Clone, Args)]
+pub struct BenchArgs {
+    /// Readings to generate.
+    #[arg(long, default_value_t = 10_000_000)]
+    pub readings: u64,
+    /// Concurrent HTTP clients (each one device's stream).
+    #[arg(long, default_value_t = 4)]
+    pub clients: usize,
+    /// NDJSON lines per request.
+    #[arg(long, default_value_t = 10_000)]
+    pub chunk_lines: usize,
+    /// Seed of the generated data.
+    #[arg(long, default_value_t = 42)]
+    pub seed: u64,
+    /// Where generated files and databases go (default: a new temp directory).
+    #[arg(long)]
+    pub work_dir: Option<PathBuf>,
+    /// Also write the results as JSON to this file.
+    #[arg(long)]
+    pub json: Option<PathBuf>,
+    /// `--memory-limit` of the benchmarked server and of the native load.
+    #[arg(long, default_value = "128MB")]
+    pub memory_limit: String,
+    /// Calls per query measurement.
+    #[arg(long, default_value_t = 200)]
+    pub query_runs: usize,
+}
+
+/// One measured phase.
+#[derive(Debug, Clone, Serialize)]
+pub struct Phase {
+    /// What was measured.
+    pub name: String,
+    /// Readings processed (0 for queries).
+    pub readings: u64,
+    /// Wall time.
+    pub seconds: f64,
+    /// Readings per second (0 for queries).
+    pub readings_per_sec: f64,
+    /// Median request latency, ms.
+    pub p50_ms: f64,
+    /// 99th percentile request latency, ms.
+    pub p99_ms: f64,
+}
+
+/// The whole run.
+#[derive(Debug, Clone, Serialize)]
+pub struct Report {
+    /// Readings generated.
+    pub readings: u64,
+    /// Clients.
+    pub clients: usize,
+    /// Lines per request.
+    pub chunk_lines: usize,
+    /// Phases in order.
+    pub phases: Vec<Phase>,
+    /// Peak RSS of the server during plain ingest, replay and queries, MiB.
+    pub server_peak_rss_mib: f64,
+    /// Database file after checkpoint, bytes.
+    pub db_bytes: u64,
+    /// `db_bytes / readings`.
+    pub bytes_per_reading: f64,
+    /// Server start-up to ready on the loaded file, ms.
+    pub restart_ms: f64,
+    /// HTTP plain ingest readings/s divided by the native limit.
+    pub ratio_http_to_native: f64,
+}
+
+/// Runs the benchmark and prints the table.
+pub async fn run(args: BenchArgs) -> anyhow::Result<Report> {
+    let _tmp;
+    let work = match &args.work_dir {
+        Some(d) => {
+            std::fs::create_dir_all(d)?;
+            d.clone()
+        }
+        None => {
+            _tmp = tempfile::Builder::new()
+                .prefix("milepost-bench-")
+                .tempdir()?;
+            _tmp.path().to_owned()
+        }
+    };
+    eprintln!(
+        "bench: generating {} readings in {}",
+        args.readings,
+        work.display()
+    );
+    let generated = {
+        let (work, a) = (work.clone(), args.clone());
+        tokio::task::spawn_blocking(move || {
+            generate::generate(&work, a.readings, a.clients, a.chunk_lines, a.seed)
+        })
+        .await??
+    };
+    let gen_ = Arc::new(generated);
+    let mut phases = Vec::new();
+
+    eprintln!("bench: native DuckDB read_json load");
+    let native = {
+        let (work, g, mem) = (work.clone(), gen_.clone(), args.memory_limit.clone());
+        tokio::task::spawn_blocking(move || native_load(&work.join("native"), &g, &mem)).await??
+    };
+    phases.push(native.clone());
+
+    eprintln!("bench: HTTP ingest, plain");
+    let server = BenchServer::start(&work.join("http"), &args.memory_limit)?;
+    let plain = push(&server.base, &gen_, false, "http ingest (plain NDJSON)").await?;
+    phases.push(plain.clone());
+    eprintln!("bench: HTTP replay (all duplicates)");
+    phases.push(push(&server.base, &gen_, false, "http replay (all duplicates)").await?);
+    eprintln!("bench: queries");
+    phases.extend(queries(&server.base, &gen_, args.query_runs).await?);
+    let peak_rss = server.peak_rss_mib();
+    server.stop()?;
+    let db_bytes = std::fs::metadata(work.join("http").join(crate::store::DB_FILE))?.len();
+
+    eprintln!("bench: restart on the loaded file");
+    let started = Instant::now();
+    let server = BenchServer::start(&work.join("http"), &args.memory_limit)?;
+    let restart_ms = started.elapsed().as_secs_f64() * 1e3;
+    server.stop()?;
+
+    eprintln!("bench: HTTP ingest, gzip");
+    let server = BenchServer::start(&work.join("http-gzip"), &args.memory_limit)?;
+    phases.push(push(&server.base, &gen_, true, "http ingest (gzip NDJSON)").await?);
+    server.stop()?;
+
+    let report = Report {
+        readings: gen_.total,
+        clients: args.clients,
+        chunk_lines: args.chunk_lines,
+        phases,
+        server_peak_rss_mib: peak_rss,
+        db_bytes,
+        bytes_per_reading: db_bytes as f64 / gen_.total as f64,
+        restart_ms,
+        ratio_http_to_native: plain.readings_per_sec / native.readings_per_sec,
+    };
+    print_report(&report);
+    if let Some(path) = &args.json {
+        std::fs::write(path, serde_json::to_string_pretty(&report)?)?;
+    }
+    Ok(report)
+}
+
+fn print_report(r: &Report) {
+    println!(
+        "milepost bench: {} readings, {} clients, {} lines/request",
+        r.readings, r.clients, r.chunk_lines
+    );
+    println!(
+        "{:<34} {:>12} {:>9} {:>14} {:>9} {:>9}",
+        "phase", "readings", "seconds", "readings/s", "p50 ms", "p99 ms"
+    );
+    for p in &r.phases {
+        let rate = if p.readings_per_sec > 0.0 {
+            format!("{:.0}", p.readings_per_sec)
+        } else {
+            "-".into()
+        };
+        let lat = |v: f64| {
+            if v > 0.0 {
+                format!("{v:.3}")
+            } else {
+                "-".into()
+            }
+        };
+        println!(
+            "{:<34} {:>12} {:>9.3} {:>14} {:>9} {:>9}",
+            p.name,
+            p.readings,
+            p.seconds,
+            rate,
+            lat(p.p50_ms),
+            lat(p.p99_ms)
+        );
+    }
+    println!(
+        "server peak RSS {:.1} MiB; database {:.1} MiB = {:.2} bytes/reading; restart to ready {:.0} ms",
+        r.server_peak_rss_mib,
+        r.db_bytes as f64 / (1 << 20) as f64,
+        r.bytes_per_reading,
+        r.restart_ms
+    );
+    println!("http_ingest / native_limit = {:.2}", r.ratio_http_to_native);
+}
+
+/// The native limit: DuckDB loads the generated NDJSON itself into Milepost's schema.
+fn native_load(dir: &Path, g: &Generated, memory_limit: &str) -> anyhow::Result<Phase> {
+    if dir.exists() {
+        std::fs::remove_dir_all(dir)?;
+    }
+    let cfg = crate::store::StoreConfig {
+        data_dir: dir.to_owned(),
+        memory_limit: memory_limit.to_owned(),
+        threads: 2,
+    };
+    // Same schema as the server, created by the same migrations.
+    drop(crate::store::Store::open(&cfg)?);
+    std::fs::remove_file(dir.join("milepost.lock")).ok();
+    let conn = duckdb::Connection::open_with_flags(
+        dir.join(crate::store::DB_FILE),
+        duckdb::Config::default()
+            .max_memory(memory_limit)?
+            .threads(2)?
+            .with("autoinstall_known_extensions", "false")?
+            .with("autoload_known_extensions", "false")?,
+    )?;
+    for (i, s) in g.streams.iter().enumerate() {
+        conn.execute(
+            "INSERT INTO devices VALUES (?, ?)",
+            duckdb::params![i as i32 + 1, s.device],
+        )?;
+    }
+    let files: Vec<String> = g
+        .streams
+        .iter()
+        .map(|s| format!("'{}'", s.plain.display()))
+        .collect();
+    let sql = format!(
+        "INSERT INTO readings
+         SELECT d.id, s.id, CAST(r.timestamp AS TIMESTAMP), r.value
+         FROM read_json([{}], format = 'newline_delimited',
+              columns = {{sensor: 'VARCHAR', value: 'DOUBLE', timestamp: 'VARCHAR', device: 'VARCHAR'}}) r
+         JOIN sensors s ON s.name = r.sensor
+         JOIN devices d ON d.name = r.device",
+        files.join(", ")
+    );
+    let started = Instant::now();
+    let n = conn.execute(&sql, [])?;
+    conn.execute_batch("CHECKPOINT")?;
+    let secs = started.elapsed().as_secs_f64();
+    if n as u64 != g.total {
+        bail!("native load stored {n} readings, expected {}", g.total);
+    }
+    Ok(Phase {
+        name: "native DuckDB read_json (limit)".into(),
+        readings: g.total,
+        seconds: secs,
+        readings_per_sec: g.total as f64 / secs,
+        p50_ms: 0.0,
+        p99_ms: 0.0,
+    })
+}
+
+/// A `milepost serve` child process.
+struct BenchServer {
+    child: Child,
+    base: String,
+}
+
+const BENCH_KEY: &str = "bench-key";
+
+impl BenchServer {
+    fn start(dir: &Path, memory_limit: &str) -> anyhow::Result<Self> {
+        let exe = std::env::current_exe()?;
+        let mut child = Command::new(exe)
+            .args([
+                "serve",
+                "--listen",
+                "127.0.0.1:0",
+                "--log-format",
+                "json",
+                "--log",
+                "warn,milepost::app=info",
+            ])
+            .args(["--api-key", BENCH_KEY, "--memory-limit", memory_limit])
+            .arg("--data-dir")
+            .arg(dir)
+            .env_remove("MILEPOST_API_KEY")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .context("starting milepost serve")?;
+        let mut lines = BufReader::new(child.stderr.take().expect("piped")).lines();
+        let addr = loop {
+            let Some(line) = lines.next() else {
+                bail!("milepost serve exited before listening");
+            };
+            let line = line?;
+            let v: serde_json::Value = serde_json::from_str(&line).unwrap_or_default();
+            if v["fields"]["message"] == "public HTTP API listening" {
+                break v["fields"]["addr"].as_str().unwrap_or_default().to_owned();
+            }
+            eprintln!("server: {line}");
+        };
+        std::thread::spawn(move || {
+            for line in lines.map_while(Result::ok) {
+                eprintln!("server: {line}");
+            }
+        });
+        Ok(Self {
+            child,
+            base: format!("http://{addr}"),
+        })
+    }
+
+    fn peak_rss_mib(&self) -> f64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))
+            .unwrap_or_default();
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmHWM:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
+            .map_or(0.0, |kb| kb / 1024.0)
+    }
+
+    fn stop(mut self) -> anyhow::Result<()> {
+        let pid = self.child.id().to_string();
+        Command::new("kill").args(["-TERM", &pid]).status()?;
+        let status = self.child.wait()?;
+        if !status.success() {
+            bail!("milepost serve exited with {status}");
+        }
+        Ok(())
+    }
+}
+
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return 0.0;
+    }
+    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[i]
+}
+
+/// Pushes every stream concurrently, one client per stream.
+async fn push(base: &str, g: &Arc<Generated>, gzip: bool, name: &str) -> anyhow::Result<Phase> {
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for i in 0..g.streams.len() {
+        let (g, base) = (g.clone(), base.to_owned());
+        tasks.push(tokio::spawn(async move {
+            push_stream(&base, &g.streams[i], gzip).await
+        }));
+    }
+    let mut latencies = Vec::new();
+    let mut stored = 0u64;
+    for t in tasks {
+        let (lat, n) = t.await??;
+        latencies.extend(lat);
+        stored += n;
+    }
+    let secs = started.elapsed().as_secs_f64();
+    if stored != g.total {
+        bail!(
+            "{name}: server acknowledged {stored} readings, expected {}",
+            g.total
+        );
+    }
+    latencies.sort_by(f64::total_cmp);
+    Ok(Phase {
+        name: name.into(),
+        readings: g.total,
+        seconds: secs,
+        readings_per_sec: g.total as f64 / secs,
+        p50_ms: percentile(&latencies, 0.5),
+        p99_ms: percentile(&latencies, 0.99),
+    })
+}
+
+/// Sends one stream's chunks in order; returns latencies (ms) and readings acknowledged
+/// (accepted + duplicates).
+async fn push_stream(base: &str, s: &Stream, gzip: bool) -> anyhow::Result<(Vec<f64>, u64)> {
+    let client = reqwest::Client::new();
+    let (path, chunks) = if gzip {
+        (&s.gz, &s.gz_chunks)
+    } else {
+        (&s.plain, &s.plain_chunks)
+    };
+    let file = std::fs::File::open(path)?;
+    let mut latencies = Vec::with_capacity(chunks.len());
+    let mut acked = 0;
+    for &(offset, len) in chunks {
+        let mut body = vec![0u8; len as usize];
+        file.read_exact_at(&mut body, offset)?;
+        let mut req = client
+            .post(format!("{base}/ingest"))
+            .bearer_auth(BENCH_KEY)
+            .header("content-type", "application/x-ndjson")
+            .body(body);
+        if gzip {
+            req = req.header("content-encoding", "gzip");
+        }
+        let t = Instant::now();
+        let resp = req.send().await?;
+        let status = resp.status();
+        let v: serde_json::Value = resp.json().await?;
+        latencies.push(t.elapsed().as_secs_f64() * 1e3);
+        if !status.is_success() {
+            bail!("ingest answered {status}: {v}");
+        }
+        acked += v["accepted"].as_u64().unwrap_or(0) + v["duplicates"].as_u64().unwrap_or(0);
+    }
+    Ok((latencies, acked))
+}
+
+async fn time_get(
+    client: &reqwest::Client,
+    url: &str,
+    runs: usize,
+    name: &str,
+) -> anyhow::Result<Phase> {
+    let mut lat = Vec::with_capacity(runs);
+    let started = Instant::now();
+    for _ in 0..runs {
+        let t = Instant::now();
+        let r = client.get(url).send().await?;
+        let status = r.status();
+        let _ = r.bytes().await?;
+        lat.push(t.elapsed().as_secs_f64() * 1e3);
+        if !status.is_success() {
+            bail!("{url} answered {status}");
+        }
+    }
+    lat.sort_by(f64::total_cmp);
+    Ok(Phase {
+        name: name.into(),
+        readings: 0,
+        seconds: started.elapsed().as_secs_f64(),
+        readings_per_sec: 0.0,
+        p50_ms: percentile(&lat, 0.5),
+        p99_ms: percentile(&lat, 0.99),
+    })
+}
+
+async fn queries(base: &str, g: &Generated, runs: usize) -> anyhow::Result<Vec<Phase>> {
+    let client = reqwest::Client::new();
+    let device = &g.streams[0].device;
+    let mut out = vec![
+        time_get(
+            &client,
+            &format!("{base}/api/statistics/latest?device={device}"),
+            runs,
+            "query latest",
+        )
+        .await?,
+        time_get(
+            &client,
+            &format!("{base}/api/location/latest?device={device}"),
+            runs,
+            "query location/latest",
+        )
+        .await?,
+    ];
+    // A full day in the middle of the data.
+    let mid = g.first_ts + (g.last_ts - g.first_ts) / 2;
+    let day = crate::domain::Timestamp::from_micros(mid)
+        .to_datetime()
+        .format("%Y-%m-%d");
+    out.push(
+        time_get(
+            &client,
+            &format!("{base}/api/statistics/sensor/speed/date/{day}?device={device}"),
+            runs,
+            "query one-day 15-min chart",
+        )
+        .await?,
+    );
+    Ok(out)
+}

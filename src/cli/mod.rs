@@ -1,0 +1,39 @@
+//! Subcommand dispatch and process-wide setup (logging).
+
+use tracing_subscriber::EnvFilter;
+
+use crate::app::{Server, shutdown_signal};
+use crate::config::{Cli, Command, LogArgs, LogFormat};
+
+/// Installs the global `tracing` subscriber.
+pub fn init_tracing(log: &LogArgs) {
+    let filter = EnvFilter::try_new(&log.log).unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match log.log_format {
+        LogFormat::Human => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
+
+/// Runs the parsed command line.
+pub async fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Serve(args) => {
+            let server = Server::start(args).await?;
+            let token = server.shutdown_token();
+            tokio::spawn(async move {
+                shutdown_signal().await;
+                tracing::info!("shutdown requested");
+                token.cancel();
+            });
+            server.wait().await
+        }
+        Command::Bench(args) => crate::bench::run(args).await.map(|_| ()),
+        Command::Openapi => {
+            println!("{}", crate::api::openapi_json());
+            Ok(())
+        }
+    }
+}

@@ -1,0 +1,13 @@
+//! Domain types. Each one is parsed once, at the edge, and is valid by construction:
+//! a [`Reading`] that exists has a catalogued sensor, a finite in-range value, a sane
+//! timestamp and a well-formed device name.
+
+mod device;
+mod reading;
+mod sensor;
+mod time;
+
+pub use device::{Device, DeviceError, DeviceId};
+pub use reading::{Batch, Row};
+pub use sensor::{Catalog, Sensor, SensorId, SensorName, SensorNameError, ValueError};
+pub use time::{Day, DayError, DayWindow, Timestamp, TimestampError, TzError, parse_tz};

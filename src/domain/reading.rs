@@ -1,0 +1,52 @@
+use super::{Device, SensorId, Timestamp};
+
+/// One valid reading inside a [`Batch`]. `device` indexes [`Batch::devices`], so a
+/// batch names each device once however many readings it has.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Row {
+    /// Index into the batch's device table.
+    pub device: u16,
+    /// Catalogued sensor.
+    pub sensor: SensorId,
+    /// When it was measured.
+    pub ts: Timestamp,
+    /// Finite value, within the sensor's range.
+    pub value: f64,
+}
+
+/// Valid readings, in the order they arrived, ready for the writer.
+#[derive(Debug, Clone, Default)]
+pub struct Batch {
+    /// Devices the rows refer to by index.
+    pub devices: Vec<Device>,
+    /// The readings.
+    pub rows: Vec<Row>,
+}
+
+impl Batch {
+    /// Most distinct devices one batch can name.
+    pub const MAX_DEVICES: usize = u16::MAX as usize;
+
+    /// Index of `device` in this batch's device table, adding it if new. `None` when
+    /// the table is full; the caller then starts a new batch.
+    pub fn device_index(&mut self, device: &str) -> Option<u16> {
+        if let Some(i) = self.devices.iter().position(|d| d.as_str() == device) {
+            return Some(i as u16);
+        }
+        if self.devices.len() >= Self::MAX_DEVICES {
+            return None;
+        }
+        self.devices.push(Device::parse(device).ok()?);
+        Some((self.devices.len() - 1) as u16)
+    }
+
+    /// Number of readings.
+    pub fn len(&self) -> usize {
+        self.rows.len()
+    }
+
+    /// True when there are no readings.
+    pub fn is_empty(&self) -> bool {
+        self.rows.is_empty()
+    }
+}

@@ -1,0 +1,7 @@
+//! Turning request bodies into readings. Pure and synchronous: bytes in, a
+//! [`Batch`](crate::domain::Batch) of valid readings and per-line errors out, no I/O, so
+//! it can be tested, fuzzed and benchmarked alone and run off the async executor.
+
+pub mod ndjson;
+
+pub use ndjson::{IngestOptions, LineError, StreamParser};

@@ -1,0 +1,426 @@
+//! NDJSON reading parser.
+//!
+//! [`StreamParser`] takes the body in arbitrary chunks, cuts it into lines without
+//! copying the ones that lie inside a chunk, and judges every line on its own: a bad
+//! line becomes a [`LineError`] with its 1-based number and never affects its
+//! neighbours. Memory stays bounded: at most one partial line (capped at the
+//! configured maximum length) plus the current batch.
+
+use std::borrow::Cow;
+use std::fmt;
+use std::sync::Arc;
+
+use serde::Deserialize;
+use serde::de::{self, Visitor};
+
+use crate::domain::{Batch, Catalog, Device, Row, Timestamp};
+
+/// How readings are judged.
+#[derive(Debug, Clone)]
+pub struct IngestOptions {
+    /// Latest timestamp accepted (now plus the allowed clock skew).
+    pub latest: Timestamp,
+    /// Longest accepted line in bytes, excluding the newline.
+    pub max_line_bytes: usize,
+    /// Device of the API key, if it is bound to one: readings without `device` take
+    /// it and readings naming another device are refused.
+    pub bound_device: Option<Device>,
+}
+
+/// Why one line was refused.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LineError {
+    /// 1-based line number in the body.
+    pub line: u64,
+    /// What was wrong, for people.
+    pub error: String,
+}
+
+/// Errors kept in full per request; the count stays exact beyond this.
+pub const MAX_REPORTED_ERRORS: usize = 100;
+
+/// Incremental parser for one request body.
+pub struct StreamParser {
+    catalog: Arc<Catalog>,
+    opts: IngestOptions,
+    /// The unfinished line carried over between chunks.
+    partial: Vec<u8>,
+    /// The current line is over the limit: skip to its end.
+    skipping: bool,
+    /// Number of the next line to complete.
+    line_no: u64,
+    batch: Batch,
+    last_device: u16,
+    errors: Vec<LineError>,
+    rejected: u64,
+    oversize_lines: u64,
+}
+
+impl StreamParser {
+    /// A parser for one body.
+    pub fn new(catalog: Arc<Catalog>, opts: IngestOptions) -> Self {
+        Self {
+            catalog,
+            opts,
+            partial: Vec::new(),
+            skipping: false,
+            line_no: 1,
+            batch: Batch::default(),
+            last_device: 0,
+            errors: Vec::new(),
+            rejected: 0,
+            oversize_lines: 0,
+        }
+    }
+
+    /// Parses every line completed by `chunk`.
+    pub fn feed(&mut self, mut chunk: &[u8]) {
+        while let Some(nl) = memchr::memchr(b'\n', chunk) {
+            let (line, rest) = (&chunk[..nl], &chunk[nl + 1..]);
+            chunk = rest;
+            if self.skipping {
+                self.skipping = false;
+            } else if self.partial.is_empty() {
+                self.line(line);
+            } else if self.partial.len() + line.len() > self.opts.max_line_bytes {
+                self.partial.clear();
+                self.oversize();
+            } else {
+                let mut joined = std::mem::take(&mut self.partial);
+                joined.extend_from_slice(line);
+                self.line(&joined);
+                joined.clear();
+                self.partial = joined;
+            }
+            self.line_no += 1;
+        }
+        if self.skipping || chunk.is_empty() {
+            return;
+        }
+        if self.partial.len() + chunk.len() > self.opts.max_line_bytes {
+            self.partial.clear();
+            self.skipping = true;
+            self.oversize();
+        } else {
+            self.partial.extend_from_slice(chunk);
+        }
+    }
+
+    /// Parses the last line if the body did not end with a newline.
+    pub fn finish(&mut self) {
+        if !self.skipping && !self.partial.is_empty() {
+            let line = std::mem::take(&mut self.partial);
+            self.line(&line);
+            self.line_no += 1;
+        }
+        self.skipping = false;
+    }
+
+    /// Readings parsed so far and not yet taken.
+    pub fn pending(&self) -> usize {
+        self.batch.len()
+    }
+
+    /// Takes the readings parsed so far.
+    pub fn take_batch(&mut self) -> Batch {
+        self.last_device = 0;
+        std::mem::take(&mut self.batch)
+    }
+
+    /// Lines refused so far.
+    pub fn rejected(&self) -> u64 {
+        self.rejected
+    }
+
+    /// Lines refused for exceeding the length limit.
+    pub fn oversize_lines(&self) -> u64 {
+        self.oversize_lines
+    }
+
+    /// The first [`MAX_REPORTED_ERRORS`] refusals.
+    pub fn errors(&self) -> &[LineError] {
+        &self.errors
+    }
+
+    fn oversize(&mut self) {
+        self.oversize_lines += 1;
+        let msg = format!(
+            "line is longer than the limit of {} bytes",
+            self.opts.max_line_bytes
+        );
+        self.reject(msg);
+    }
+
+    fn reject(&mut self, error: String) {
+        self.rejected += 1;
+        if self.errors.len() < MAX_REPORTED_ERRORS {
+            self.errors.push(LineError {
+                line: self.line_no,
+                error,
+            });
+        }
+    }
+
+    fn line(&mut self, line: &[u8]) {
+        let line = line.strip_suffix(b"\r").unwrap_or(line);
+        if line.iter().all(u8::is_ascii_whitespace) {
+            return;
+        }
+        if line.len() > self.opts.max_line_bytes {
+            self.oversize();
+            return;
+        }
+        if let Err(e) = self.reading(line) {
+            self.reject(e);
+        }
+    }
+
+    fn reading(&mut self, line: &[u8]) -> Result<(), String> {
+        let wire: Wire<'_> = serde_json::from_slice(line).map_err(describe_json_error)?;
+        let sensor = self
+            .catalog
+            .get(&wire.sensor)
+            .ok_or_else(|| format!("unknown sensor '{}'", wire.sensor))?;
+        let value = sensor
+            .check_value(wire.value.0)
+            .map_err(|e| e.to_string())?;
+        let ts = Timestamp::parse_reading(&wire.timestamp, self.opts.latest)
+            .map_err(|e| e.to_string())?;
+        let device = match (&wire.device, &self.opts.bound_device) {
+            (None, None) => "default",
+            (None, Some(bound)) => bound.as_str(),
+            (Some(d), None) => d,
+            (Some(d), Some(bound)) if d == bound.as_str() => d,
+            (Some(d), Some(bound)) => {
+                return Err(format!(
+                    "device '{d}' is not allowed: this API key is bound to device '{bound}'"
+                ));
+            }
+        };
+        let device = device_index(&mut self.batch, &mut self.last_device, device)?;
+        self.batch.rows.push(Row {
+            device,
+            sensor: sensor.id,
+            ts,
+            value,
+        });
+        Ok(())
+    }
+}
+
+/// Index of `device` in the batch's device table. Nearly every batch has a single
+/// device, so the last one used is checked first.
+fn device_index(batch: &mut Batch, last: &mut u16, device: &str) -> Result<u16, String> {
+    if let Some(d) = batch.devices.get(*last as usize)
+        && d.as_str() == device
+    {
+        return Ok(*last);
+    }
+    Device::check(device).map_err(|e| format!("invalid device '{device}': {e}"))?;
+    let i = batch
+        .device_index(device)
+        .ok_or_else(|| "too many distinct devices in one request".to_owned())?;
+    *last = i;
+    Ok(i)
+}
+
+fn describe_json_error(e: serde_json::Error) -> String {
+    use serde_json::error::Category;
+    let kind = match e.classify() {
+        Category::Data => "invalid reading",
+        Category::Eof => "malformed JSON (line ends early)",
+        Category::Syntax | Category::Io => "malformed JSON",
+    };
+    // serde_json appends "at line 1 column N"; the line is ours to number.
+    let msg = e.to_string();
+    let msg = msg.split(" at line ").next().unwrap_or(&msg);
+    format!("{kind}: {msg} (column {})", e.column())
+}
+
+/// A reading as it arrives on the wire.
+#[derive(Deserialize)]
+struct Wire<'a> {
+    #[serde(borrow)]
+    sensor: Cow<'a, str>,
+    value: Number,
+    #[serde(borrow)]
+    timestamp: Cow<'a, str>,
+    #[serde(borrow, default)]
+    device: Option<Cow<'a, str>>,
+}
+
+/// A JSON number, and only that: strings, null and booleans are refused.
+struct Number(f64);
+
+impl<'de> Deserialize<'de> for Number {
+    fn deserialize<D: de::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl Visitor<'_> for V {
+            type Value = Number;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a finite number for `value`")
+            }
+            fn visit_f64<E: de::Error>(self, v: f64) -> Result<Number, E> {
+                Ok(Number(v))
+            }
+            fn visit_i64<E: de::Error>(self, v: i64) -> Result<Number, E> {
+                Ok(Number(v as f64))
+            }
+            fn visit_u64<E: de::Error>(self, v: u64) -> Result<Number, E> {
+                Ok(Number(v as f64))
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parser() -> StreamParser {
+        parser_with(None)
+    }
+
+    fn parser_with(bound: Option<&str>) -> StreamParser {
+        StreamParser::new(
+            Arc::new(Catalog::new(Catalog::builtin())),
+            IngestOptions {
+                latest: Timestamp::now().plus(chrono::Duration::hours(24)),
+                max_line_bytes: 200,
+                bound_device: bound.map(|d| Device::parse(d).unwrap()),
+            },
+        )
+    }
+
+    const SEED: &str = r#"{"sensor": "speed", "value": 55.5, "timestamp": "2012-04-23T18:25:43.511Z"}
+{"sensor": "speed", "value": 60.2, "timestamp": "2012-04-23T18:26:43.511Z"}
+{"sensor": "speed", "value": 61.9, "timestamp": "2012-04-23T18:27:43.511Z"}
+"#;
+
+    #[test]
+    fn parses_the_seed_sample_in_any_chunking() {
+        for size in [1, 2, 7, 64, SEED.len()] {
+            let mut p = parser();
+            for chunk in SEED.as_bytes().chunks(size) {
+                p.feed(chunk);
+            }
+            p.finish();
+            let b = p.take_batch();
+            assert_eq!(b.len(), 3, "chunk size {size}");
+            assert_eq!(p.rejected(), 0);
+            assert_eq!(b.rows[1].value, 60.2);
+            assert_eq!(b.devices[0].as_str(), "default");
+            assert_eq!(b.rows[2].ts.to_string(), "2012-04-23T18:27:43.511Z");
+        }
+    }
+
+    fn run(body: &str) -> (Batch, StreamParser) {
+        let mut p = parser();
+        p.feed(body.as_bytes());
+        p.finish();
+        (p.take_batch(), p)
+    }
+
+    #[test]
+    fn each_bad_line_is_reported_with_its_number_and_the_rest_kept() {
+        let body = [
+            r#"{"sensor":"speed","value":1,"timestamp":"2020-01-01T00:00:00Z"}"#,
+            r#"{"sensor":"speed","value":"1","timestamp":"2020-01-01T00:00:01Z"}"#,
+            "",
+            r#"{"sensor":"speed","value":null,"timestamp":"2020-01-01T00:00:02Z"}"#,
+            r#"{"sensor":"speed","value":true,"timestamp":"2020-01-01T00:00:03Z"}"#,
+            r#"{"sensor":"warp","value":1,"timestamp":"2020-01-01T00:00:04Z"}"#,
+            r#"{"sensor":"speed","value":1,"timestamp":"2020-01-01T00:00:05"}"#,
+            r#"{"sensor":"speed","value":1}"#,
+            r#"{"sensor":"location_latitude","value":91,"timestamp":"2020-01-01T00:00:06Z"}"#,
+            r#"{"sensor":"speed","value":1,"timestamp":"0001-01-01T00:00:00Z"}"#,
+            r#"{"sensor":"speed","value":1,"timestamp":"2999-01-01T00:00:00Z"}"#,
+            r#"not json"#,
+            r#"{"sensor":"fuel","value":2.5e1,"timestamp":"2020-01-01T00:00:07+01:00"}"#,
+            r#"{"sensor":"fuel","value":1,"timestamp":"2020-01-01T00:00:08Z","device":"a b"}"#,
+            r#"{"sensor":"fuel","value":1e999,"timestamp":"2020-01-01T00:00:09Z"}"#,
+            r#"{"sensor":"speed","value":3,"timest"#,
+        ]
+        .join("\n");
+        let (b, p) = run(&body);
+        assert_eq!(b.len(), 2);
+        let lines: Vec<u64> = p.errors().iter().map(|e| e.line).collect();
+        assert_eq!(lines, [2, 4, 5, 6, 7, 8, 9, 10, 11, 12, 14, 15, 16]);
+        assert_eq!(p.rejected(), 13);
+        let msg = |line| &p.errors().iter().find(|e| e.line == line).unwrap().error;
+        assert!(msg(2).contains("finite number"), "{}", msg(2));
+        assert!(msg(4).contains("null"), "{}", msg(4));
+        assert!(msg(6).contains("unknown sensor 'warp'"));
+        assert!(msg(7).contains("RFC 3339"));
+        assert!(msg(8).contains("missing field `timestamp`"));
+        assert!(msg(9).contains("valid range"));
+        assert!(msg(10).contains("zero time"));
+        assert!(msg(11).contains("future"));
+        assert!(msg(12).starts_with("malformed JSON"));
+        assert!(msg(14).contains("invalid device"));
+        assert!(msg(16).contains("ends early"), "{}", msg(16));
+    }
+
+    #[test]
+    fn oversize_lines_are_refused_and_skipped_in_any_chunking() {
+        let long = format!(
+            r#"{{"sensor":"speed","value":1,"timestamp":"2020-01-01T00:00:00Z","pad":"{}"}}"#,
+            "x".repeat(500)
+        );
+        let ok = r#"{"sensor":"speed","value":2,"timestamp":"2020-01-01T00:00:01Z"}"#;
+        let body = format!("{ok}\n{long}\n{ok}\n{long}");
+        for size in [1, 13, 100, body.len()] {
+            let mut p = parser();
+            for c in body.as_bytes().chunks(size) {
+                p.feed(c);
+            }
+            p.finish();
+            assert_eq!(p.take_batch().len(), 2, "chunk {size}");
+            assert_eq!(p.oversize_lines(), 2);
+            let lines: Vec<u64> = p.errors().iter().map(|e| e.line).collect();
+            assert_eq!(lines, [2, 4]);
+        }
+    }
+
+    #[test]
+    fn invalid_utf8_and_crlf() {
+        let mut body =
+            b"{\"sensor\":\"speed\",\"value\":1,\"timestamp\":\"2020-01-01T00:00:00Z\"}\r\n"
+                .to_vec();
+        body.extend_from_slice(
+            b"{\"sensor\":\"sp\xffeed\",\"value\":1,\"timestamp\":\"2020-01-01T00:00:00Z\"}\n",
+        );
+        let mut p = parser();
+        p.feed(&body);
+        p.finish();
+        assert_eq!(p.take_batch().len(), 1);
+        assert_eq!(p.errors()[0].line, 2);
+    }
+
+    #[test]
+    fn bound_keys_fill_and_police_the_device() {
+        let mut p = parser_with(Some("truck"));
+        p.feed(
+            br#"{"sensor":"speed","value":1,"timestamp":"2020-01-01T00:00:00Z"}
+{"sensor":"speed","value":1,"timestamp":"2020-01-01T00:00:00Z","device":"truck"}
+{"sensor":"speed","value":1,"timestamp":"2020-01-01T00:00:00Z","device":"car"}
+"#,
+        );
+        p.finish();
+        let b = p.take_batch();
+        assert_eq!(b.len(), 2);
+        assert_eq!(b.devices.len(), 1);
+        assert_eq!(b.devices[0].as_str(), "truck");
+        assert_eq!(p.errors()[0].line, 3);
+        assert!(p.errors()[0].error.contains("bound to device 'truck'"));
+    }
+
+    #[test]
+    fn error_list_is_capped_but_count_exact() {
+        let body = "x\n".repeat(250);
+        let (_, p) = run(&body);
+        assert_eq!(p.rejected(), 250);
+        assert_eq!(p.errors().len(), MAX_REPORTED_ERRORS);
+    }
+}

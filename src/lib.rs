@@ -1,0 +1,35 @@
+//! # Milepost
+//!
+//! One binary that ingests NDJSON sensor readings into an embedded DuckDB file and
+//! serves them over an OpenAPI-documented HTTP API, wire-compatible with the
+//! cloud-lada devices and dashboard.
+//!
+//! # Layout
+//!
+//! ```text
+//! device ──POST /ingest──▶ api::ingest ──▶ ingest::ndjson (bytes → Batch + line errors)
+//!                              │
+//!                              ▼
+//!                        store::Writer  (one thread owns the write connection;
+//!                              │         bounded queue → 503; Appender; group commit;
+//!                              ▼         exact dedupe without an index)
+//!                     DuckDB file  ◀── store::Reader (own connections) ◀── api::seed
+//! ```
+//!
+//! - [`domain`]: types that are valid by construction (`Device`, `Reading` rows,
+//!   `Timestamp`, `Day`, the sensor `Catalog`).
+//! - [`ingest`]: pure, synchronous NDJSON parsing with per-line errors.
+//! - [`store`]: the only module that speaks SQL — migrations, the writer, the reader.
+//! - [`api`]: poem-openapi handlers; thin, and errors map to JSON in one place.
+//! - [`app`]: wiring and the ordered graceful shutdown.
+//! - [`config`] and [`cli`]: flags with `MILEPOST_*` environment fallbacks, logging.
+//! - [`bench`]: `milepost bench`, ingest and query speed against DuckDB's own limit.
+
+pub mod api;
+pub mod app;
+pub mod bench;
+pub mod cli;
+pub mod config;
+pub mod domain;
+pub mod ingest;
+pub mod store;

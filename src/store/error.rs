@@ -1,0 +1,72 @@
+use std::path::PathBuf;
+
+/// Everything that can go wrong below the store's typed functions.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The data directory or a file in it could not be created or opened.
+    #[error("cannot use {path}: {source}")]
+    DataDir {
+        /// The path.
+        path: PathBuf,
+        /// The cause.
+        source: std::io::Error,
+    },
+    /// Another process holds the data directory.
+    #[error(
+        "another milepost process is using the data directory {dir} ({holder}); stop it or choose another --data-dir"
+    )]
+    Locked {
+        /// The directory.
+        dir: PathBuf,
+        /// What the lock file says about its holder.
+        holder: String,
+    },
+    /// DuckDB refused to open the file.
+    #[error("{}", open_message(path, *wal_present, message))]
+    Open {
+        /// Database file.
+        path: PathBuf,
+        /// Whether a write-ahead log sits beside it.
+        wal_present: bool,
+        /// DuckDB's words.
+        message: String,
+    },
+    /// The database was written by a newer Milepost.
+    #[error(
+        "the database is at schema version {found}, newer than this milepost understands ({known}); upgrade milepost — the file was not modified"
+    )]
+    TooNew {
+        /// Version in the file.
+        found: i64,
+        /// Newest version this binary knows.
+        known: i64,
+    },
+    /// A configuration value DuckDB rejected.
+    #[error("invalid database setting: {0}")]
+    Config(String),
+    /// Data in the file that cannot be valid.
+    #[error("database content is invalid: {0}")]
+    Corrupt(String),
+    /// Any other DuckDB failure.
+    #[error("database error: {0}")]
+    Duckdb(#[from] duckdb::Error),
+    /// The writer has stopped.
+    #[error("the writer has stopped")]
+    WriterGone,
+}
+
+fn open_message(path: &std::path::Path, wal: bool, message: &str) -> String {
+    let mut s = format!("DuckDB could not open {}: {message}.", path.display());
+    if wal {
+        s.push_str(&format!(
+            " A write-ahead log ({}.wal) is present: if DuckDB failed replaying it after a crash, \
+             everything up to the last checkpoint is intact in the database file. \
+             Milepost has not modified or deleted anything. Run `milepost recover --data-dir <dir>` \
+             for the safe steps (it keeps a copy of the log).",
+            path.display()
+        ));
+    } else {
+        s.push_str(" Milepost has not modified or deleted anything.");
+    }
+    s
+}

@@ -1,0 +1,60 @@
+//! Ordered SQL migrations from `schema/migrations`, compiled into the binary and
+//! recorded in `schema_migrations`.
+
+use duckdb::Connection;
+
+use super::StoreError;
+
+/// Every migration this binary knows, in order: (version, name, SQL).
+const MIGRATIONS: &[(i64, &str, &str)] = &[(
+    1,
+    "init",
+    include_str!("../../schema/migrations/0001_init.sql"),
+)];
+
+/// Newest schema version this binary knows.
+pub fn latest_version() -> i64 {
+    MIGRATIONS.last().map_or(0, |m| m.0)
+}
+
+/// Brings the schema up to date, each migration in its own transaction. A database
+/// from a newer binary is refused before anything is written.
+pub fn apply(conn: &Connection) -> Result<(), StoreError> {
+    conn.execute_batch(
+        "CREATE TABLE IF NOT EXISTS schema_migrations (
+            version    BIGINT PRIMARY KEY,
+            name       VARCHAR NOT NULL,
+            applied_at TIMESTAMP NOT NULL
+        )",
+    )?;
+    let current: i64 = conn.query_row(
+        "SELECT coalesce(max(version), 0) FROM schema_migrations",
+        [],
+        |r| r.get(0),
+    )?;
+    if current > latest_version() {
+        return Err(StoreError::TooNew {
+            found: current,
+            known: latest_version(),
+        });
+    }
+    for &(version, name, sql) in MIGRATIONS.iter().filter(|m| m.0 > current) {
+        let _span = tracing::info_span!("migration", version, name).entered();
+        conn.execute_batch("BEGIN TRANSACTION")?;
+        let applied = conn.execute_batch(sql).and_then(|()| {
+            conn.execute(
+                "INSERT INTO schema_migrations VALUES (?, ?, make_timestamp(?))",
+                duckdb::params![version, name, chrono::Utc::now().timestamp_micros()],
+            )
+        });
+        match applied {
+            Ok(_) => conn.execute_batch("COMMIT")?,
+            Err(e) => {
+                conn.execute_batch("ROLLBACK").ok();
+                return Err(e.into());
+            }
+        }
+        tracing::info!(version, name, "applied migration");
+    }
+    Ok(())
+}

@@ -1,0 +1,265 @@
+//! The only module that speaks SQL.
+//!
+//! [`Store::open`] takes the data directory's lock, opens the DuckDB file with
+//! extensions built in and network auto-loading off, applies migrations, and loads
+//! the small tables (sensors, devices, series) into memory. From it come one
+//! [`Writer`] thread, which owns the write connection, and a [`Reader`] with its own
+//! pool of connections. Everything outside sees typed functions.
+
+mod error;
+mod migrations;
+mod reader;
+mod state;
+mod writer;
+
+use std::fs::File;
+use std::io::Write as _;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use duckdb::{Config, Connection};
+
+pub use error::StoreError;
+pub use reader::{ReadStore, Reader};
+pub use state::{SeriesStats, Shared};
+pub use writer::{Committed, PendingCommit, WriteError, Writer, WriterConfig, WriterHandle};
+
+use crate::domain::{Catalog, Device, DeviceId, Sensor, SensorId, SensorName};
+
+/// How to open the database.
+#[derive(Debug, Clone)]
+pub struct StoreConfig {
+    /// Directory holding the database file, its lock and the generated API key.
+    pub data_dir: PathBuf,
+    /// DuckDB `memory_limit`, e.g. `256MB`.
+    pub memory_limit: String,
+    /// DuckDB worker threads.
+    pub threads: usize,
+}
+
+/// An open database: lock held, schema current, small tables loaded.
+pub struct Store {
+    conn: Connection,
+    shared: Arc<Shared>,
+    path: PathBuf,
+    _lock: File,
+}
+
+/// File name of the database inside the data directory.
+pub const DB_FILE: &str = "milepost.duckdb";
+const LOCK_FILE: &str = "milepost.lock";
+
+impl Store {
+    /// Opens (creating if needed) the database in `cfg.data_dir`.
+    #[tracing::instrument(skip_all, fields(data_dir = %cfg.data_dir.display()))]
+    pub fn open(cfg: &StoreConfig) -> Result<Self, StoreError> {
+        std::fs::create_dir_all(&cfg.data_dir).map_err(|e| StoreError::DataDir {
+            path: cfg.data_dir.clone(),
+            source: e,
+        })?;
+        let lock = lock_data_dir(&cfg.data_dir)?;
+        let path = cfg.data_dir.join(DB_FILE);
+        let conn = open_duckdb(&path, cfg)?;
+        migrations::apply(&conn)?;
+        let shared = Arc::new(load_shared(&conn)?);
+        tracing::info!(
+            path = %path.display(),
+            devices = shared.device_count(),
+            "database open"
+        );
+        Ok(Self {
+            conn,
+            shared,
+            path,
+            _lock: lock,
+        })
+    }
+
+    /// The in-memory view shared by writer and readers.
+    pub fn shared(&self) -> Arc<Shared> {
+        self.shared.clone()
+    }
+
+    /// Path of the DuckDB file.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// A reader with `pool` connections at most idle.
+    pub fn reader(&self) -> Result<Reader, StoreError> {
+        Reader::new(self.conn.try_clone()?, self.shared.clone())
+    }
+
+    /// Starts the writer thread; the store's lock moves with it and is released
+    /// when the writer has checkpointed and stopped.
+    pub fn start_writer(self, cfg: WriterConfig) -> Result<Writer, StoreError> {
+        let Self {
+            conn,
+            shared,
+            _lock: lock,
+            ..
+        } = self;
+        Writer::start(conn, shared, cfg, lock)
+    }
+}
+
+/// Takes an exclusive lock on the data directory so that a second process is refused
+/// before it touches the database.
+fn lock_data_dir(dir: &Path) -> Result<File, StoreError> {
+    let path = dir.join(LOCK_FILE);
+    let mut file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .read(true)
+        .write(true)
+        .open(&path)
+        .map_err(|e| StoreError::DataDir {
+            path: path.clone(),
+            source: e,
+        })?;
+    match file.try_lock() {
+        Ok(()) => {}
+        Err(std::fs::TryLockError::WouldBlock) => {
+            let holder = std::fs::read_to_string(&path).unwrap_or_default();
+            return Err(StoreError::Locked {
+                dir: dir.to_owned(),
+                holder: holder.trim().to_owned(),
+            });
+        }
+        Err(std::fs::TryLockError::Error(e)) => {
+            return Err(StoreError::DataDir { path, source: e });
+        }
+    }
+    file.set_len(0).ok();
+    let _ = writeln!(file, "pid {}", std::process::id());
+    Ok(file)
+}
+
+fn open_duckdb(path: &Path, cfg: &StoreConfig) -> Result<Connection, StoreError> {
+    let config = Config::default()
+        .max_memory(&cfg.memory_limit)
+        .and_then(|c| c.threads(cfg.threads.max(1) as i64))
+        // Extensions are compiled in; never fetch or load anything from the network.
+        .and_then(|c| c.with("autoinstall_known_extensions", "false"))
+        .and_then(|c| c.with("autoload_known_extensions", "false"))
+        .and_then(|c| c.with("allow_community_extensions", "false"))
+        .map_err(|e| StoreError::Config(e.to_string()))?;
+    Connection::open_with_flags(path, config).map_err(|e| StoreError::Open {
+        path: path.to_owned(),
+        wal_present: path.with_extension("duckdb.wal").exists(),
+        message: e.to_string(),
+    })
+}
+
+fn load_shared(conn: &Connection) -> Result<Shared, StoreError> {
+    let mut stmt = conn.prepare(
+        "SELECT id, name, unit, description, min_value, max_value FROM sensors ORDER BY id",
+    )?;
+    let sensors = stmt
+        .query_map([], |r| {
+            Ok((
+                r.get::<_, i16>(0)?,
+                r.get::<_, String>(1)?,
+                r.get::<_, String>(2)?,
+                r.get::<_, String>(3)?,
+                r.get::<_, Option<f64>>(4)?,
+                r.get::<_, Option<f64>>(5)?,
+            ))
+        })?
+        .collect::<Result<Vec<_>, _>>()?
+        .into_iter()
+        .map(|(id, name, unit, description, min, max)| {
+            Ok(Sensor {
+                id: SensorId(id as u16),
+                name: SensorName::parse(&name)
+                    .map_err(|_| StoreError::Corrupt(format!("sensor name '{name}'")))?,
+                unit,
+                description,
+                min,
+                max,
+            })
+        })
+        .collect::<Result<Vec<_>, StoreError>>()?;
+
+    let mut stmt = conn.prepare("SELECT id, name FROM devices ORDER BY id")?;
+    let devices = stmt
+        .query_map([], |r| Ok((r.get::<_, i32>(0)?, r.get::<_, String>(1)?)))?
+        .collect::<Result<Vec<_>, _>>()?
+        .into_iter()
+        .map(|(id, name)| {
+            Device::parse(&name)
+                .map(|d| (DeviceId(id as u32), d))
+                .map_err(|_| StoreError::Corrupt(format!("device name '{name}'")))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+
+    let mut stmt = conn.prepare(
+        "SELECT device_id, sensor_id, readings, epoch_us(first_ts), epoch_us(last_ts), last_value FROM series",
+    )?;
+    let series = stmt
+        .query_map([], |r| {
+            Ok((
+                (
+                    DeviceId(r.get::<_, i32>(0)? as u32),
+                    SensorId(r.get::<_, i16>(1)? as u16),
+                ),
+                SeriesStats {
+                    readings: r.get::<_, i64>(2)? as u64,
+                    first: crate::domain::Timestamp::from_micros(r.get(3)?),
+                    last: crate::domain::Timestamp::from_micros(r.get(4)?),
+                    last_value: r.get(5)?,
+                },
+            ))
+        })?
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(Shared::new(Catalog::new(sensors), devices, series))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cfg(dir: &Path) -> StoreConfig {
+        StoreConfig {
+            data_dir: dir.to_owned(),
+            memory_limit: "128MB".into(),
+            threads: 1,
+        }
+    }
+
+    #[test]
+    fn migrations_seed_the_builtin_catalog() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&cfg(dir.path())).unwrap();
+        let db: Vec<Sensor> = store.shared().catalog().iter().cloned().collect();
+        assert_eq!(db, Catalog::builtin());
+    }
+
+    #[test]
+    fn a_second_open_of_the_same_dir_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let _first = Store::open(&cfg(dir.path())).unwrap();
+        let err = Store::open(&cfg(dir.path())).err().unwrap();
+        assert!(matches!(err, StoreError::Locked { .. }), "{err}");
+        assert!(err.to_string().contains("another milepost"), "{err}");
+    }
+
+    #[test]
+    fn reopening_keeps_schema_and_refuses_newer_versions() {
+        let dir = tempfile::tempdir().unwrap();
+        drop(Store::open(&cfg(dir.path())).unwrap());
+        let store = Store::open(&cfg(dir.path())).unwrap();
+        store
+            .conn
+            .execute_batch(
+                "INSERT INTO schema_migrations VALUES (9999, 'from the future', make_timestamp(0::BIGINT))",
+            )
+            .unwrap();
+        drop(store);
+        let err = Store::open(&cfg(dir.path())).err().unwrap();
+        assert!(
+            matches!(err, StoreError::TooNew { found: 9999, .. }),
+            "{err}"
+        );
+    }
+}

@@ -1,0 +1,132 @@
+//! The small, hot part of the database mirrored in memory: sensor catalog, device ids
+//! and per-series statistics. The writer updates it right after each commit, so
+//! "latest" answers never touch DuckDB.
+
+use std::collections::HashMap;
+use std::sync::{Arc, RwLock};
+
+use crate::domain::{Catalog, Device, DeviceId, SensorId, Timestamp};
+
+/// Count, span and newest value of one (device, sensor) series.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct SeriesStats {
+    /// Stored readings.
+    pub readings: u64,
+    /// Oldest timestamp.
+    pub first: Timestamp,
+    /// Newest timestamp.
+    pub last: Timestamp,
+    /// Value at `last`.
+    pub last_value: f64,
+}
+
+impl SeriesStats {
+    /// Folds newly stored readings summarised by `new` into these statistics.
+    pub fn merge(&mut self, new: &SeriesStats) {
+        self.readings += new.readings;
+        self.first = self.first.min(new.first);
+        if new.last > self.last {
+            self.last = new.last;
+            self.last_value = new.last_value;
+        }
+    }
+}
+
+/// Shared view of the small tables. Cheap reads, written only by the writer.
+pub struct Shared {
+    catalog: RwLock<Arc<Catalog>>,
+    devices: RwLock<Devices>,
+    series: RwLock<HashMap<(DeviceId, SensorId), SeriesStats>>,
+}
+
+#[derive(Default)]
+struct Devices {
+    by_name: HashMap<Device, DeviceId>,
+    names: HashMap<DeviceId, Device>,
+}
+
+impl Shared {
+    pub(super) fn new(
+        catalog: Catalog,
+        devices: Vec<(DeviceId, Device)>,
+        series: Vec<((DeviceId, SensorId), SeriesStats)>,
+    ) -> Self {
+        let mut d = Devices::default();
+        for (id, name) in devices {
+            d.by_name.insert(name.clone(), id);
+            d.names.insert(id, name);
+        }
+        Self {
+            catalog: RwLock::new(Arc::new(catalog)),
+            devices: RwLock::new(d),
+            series: RwLock::new(series.into_iter().collect()),
+        }
+    }
+
+    /// The current sensor catalog.
+    pub fn catalog(&self) -> Arc<Catalog> {
+        self.catalog.read().expect("catalog lock").clone()
+    }
+
+    /// Id of a known device.
+    pub fn device_id(&self, device: &Device) -> Option<DeviceId> {
+        self.devices
+            .read()
+            .expect("devices lock")
+            .by_name
+            .get(device)
+            .copied()
+    }
+
+    /// Number of known devices.
+    pub fn device_count(&self) -> usize {
+        self.devices.read().expect("devices lock").names.len()
+    }
+
+    /// Every known device with its id.
+    pub fn devices(&self) -> Vec<(DeviceId, Device)> {
+        let d = self.devices.read().expect("devices lock");
+        let mut v: Vec<_> = d.names.iter().map(|(i, n)| (*i, n.clone())).collect();
+        v.sort_by_key(|(i, _)| *i);
+        v
+    }
+
+    /// Statistics of every series of `device`.
+    pub fn series_of(&self, device: DeviceId) -> Vec<(SensorId, SeriesStats)> {
+        let s = self.series.read().expect("series lock");
+        let mut v: Vec<_> = s
+            .iter()
+            .filter(|((d, _), _)| *d == device)
+            .map(|((_, sensor), st)| (*sensor, *st))
+            .collect();
+        v.sort_by_key(|(s, _)| *s);
+        v
+    }
+
+    /// Statistics of one series.
+    pub fn series(&self, device: DeviceId, sensor: SensorId) -> Option<SeriesStats> {
+        self.series
+            .read()
+            .expect("series lock")
+            .get(&(device, sensor))
+            .copied()
+    }
+
+    pub(super) fn add_devices(&self, new: &[(DeviceId, Device)]) {
+        if new.is_empty() {
+            return;
+        }
+        let mut d = self.devices.write().expect("devices lock");
+        for (id, name) in new {
+            d.by_name.insert(name.clone(), *id);
+            d.names.insert(*id, name.clone());
+        }
+    }
+
+    pub(super) fn set_series(&self, updated: &[((DeviceId, SensorId), SeriesStats)]) {
+        let mut s = self.series.write().expect("series lock");
+        for (k, v) in updated {
+            s.insert(*k, *v);
+        }
+    }
+}

@@ -1,0 +1,590 @@
+//! The single writer.
+//!
+//! One OS thread owns the write connection. Requests hand it parsed batches through a
+//! bounded queue; it takes whatever is queued (up to `max_group_rows`) and commits it
+//! as one transaction — group commit — then answers every request of the group. A
+//! request is answered only after its readings are committed.
+//!
+//! ## Exact dedupe without an index
+//! Identity is (device, sensor, timestamp), first write wins. A unique index would
+//! cost ~60 bytes of RAM per stored reading, so instead:
+//! - the writer knows the newest stored timestamp of every series (from `series`);
+//!   a reading newer than that cannot be a duplicate of a stored one ("fresh") and is
+//!   appended straight into `readings` with the Appender — the live-stream case;
+//! - duplicates inside the group are found in memory: per series, rows that arrive in
+//!   strictly increasing time need no check, others go through a hash set;
+//! - only older readings ("maybe", i.e. replays and late uploads) are appended to a
+//!   temp staging table and anti-joined against `readings` restricted to the staged
+//!   time range, so DuckDB's zone maps skip all other row groups.
+
+use std::collections::{HashMap, HashSet};
+use std::fs::File;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use duckdb::Connection;
+use duckdb::types::{TimeUnit, Value};
+use tokio::sync::{mpsc, oneshot};
+
+use super::{SeriesStats, Shared, StoreError};
+use crate::domain::{Batch, Device, DeviceId, SensorId, Timestamp};
+
+/// Writer tuning.
+#[derive(Debug, Clone)]
+pub struct WriterConfig {
+    /// Batches that may wait in the queue.
+    pub queue_capacity: usize,
+    /// How long a request waits for room in a full queue before it is told to retry.
+    pub queue_timeout: Duration,
+    /// Most readings committed in one transaction.
+    pub max_group_rows: usize,
+}
+
+impl Default for WriterConfig {
+    fn default() -> Self {
+        Self {
+            queue_capacity: 64,
+            queue_timeout: Duration::from_secs(2),
+            max_group_rows: 512 * 1024,
+        }
+    }
+}
+
+/// Outcome of one committed batch.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Committed {
+    /// Readings newly stored.
+    pub accepted: u64,
+    /// Readings dropped because their identity was already stored (or came earlier in
+    /// the same group).
+    pub duplicates: u64,
+}
+
+/// Why a batch was not committed.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum WriteError {
+    /// The queue stayed full: the client should retry later.
+    #[error("the writer is busy; retry later")]
+    Overloaded,
+    /// The writer has stopped (shutdown).
+    #[error("the server is shutting down")]
+    Stopped,
+    /// The database failed the commit; nothing of the batch was stored.
+    #[error("commit failed: {0}")]
+    Failed(String),
+}
+
+enum Msg {
+    Append(Job),
+    Shutdown(oneshot::Sender<Result<(), StoreError>>),
+}
+
+struct Job {
+    batch: Batch,
+    reply: oneshot::Sender<Result<Committed, WriteError>>,
+}
+
+/// Cheap, cloneable way to submit batches.
+#[derive(Clone)]
+pub struct WriterHandle {
+    tx: mpsc::Sender<Msg>,
+    timeout: Duration,
+    running: Arc<AtomicBool>,
+}
+
+/// A submitted batch; await [`PendingCommit::wait`] for its commit.
+pub struct PendingCommit(oneshot::Receiver<Result<Committed, WriteError>>);
+
+impl PendingCommit {
+    /// Waits until the batch is committed (or failed).
+    pub async fn wait(self) -> Result<Committed, WriteError> {
+        self.0.await.unwrap_or(Err(WriteError::Stopped))
+    }
+}
+
+impl WriterHandle {
+    /// Queues a batch, waiting at most the configured timeout for room.
+    pub async fn submit(&self, batch: Batch) -> Result<PendingCommit, WriteError> {
+        let (reply, rx) = oneshot::channel();
+        let msg = Msg::Append(Job { batch, reply });
+        match self.tx.send_timeout(msg, self.timeout).await {
+            Ok(()) => Ok(PendingCommit(rx)),
+            Err(mpsc::error::SendTimeoutError::Timeout(_)) => Err(WriteError::Overloaded),
+            Err(mpsc::error::SendTimeoutError::Closed(_)) => Err(WriteError::Stopped),
+        }
+    }
+
+    /// Submits a batch and waits for its commit.
+    pub async fn append(&self, batch: Batch) -> Result<Committed, WriteError> {
+        self.submit(batch).await?.wait().await
+    }
+
+    /// True while the writer thread accepts work.
+    pub fn is_running(&self) -> bool {
+        self.running.load(Ordering::Acquire) && !self.tx.is_closed()
+    }
+
+    /// Batches waiting in the queue.
+    pub fn queue_depth(&self) -> usize {
+        self.tx.max_capacity() - self.tx.capacity()
+    }
+}
+
+/// The running writer thread.
+pub struct Writer {
+    handle: WriterHandle,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Writer {
+    pub(super) fn start(
+        conn: Connection,
+        shared: Arc<Shared>,
+        cfg: WriterConfig,
+        lock: File,
+    ) -> Result<Self, StoreError> {
+        let state = State::new(conn, shared)?;
+        let (tx, rx) = mpsc::channel(cfg.queue_capacity.max(1));
+        let running = Arc::new(AtomicBool::new(true));
+        let flag = running.clone();
+        let max_rows = cfg.max_group_rows.max(1);
+        let thread = std::thread::Builder::new()
+            .name("milepost-writer".into())
+            .spawn(move || {
+                run(state, rx, max_rows);
+                flag.store(false, Ordering::Release);
+                // The data directory stays locked until the database is closed.
+                drop(lock);
+            })
+            .map_err(|e| StoreError::Config(format!("cannot start writer thread: {e}")))?;
+        Ok(Self {
+            handle: WriterHandle {
+                tx,
+                timeout: cfg.queue_timeout,
+                running,
+            },
+            thread: Some(thread),
+        })
+    }
+
+    /// A handle for submitting batches.
+    pub fn handle(&self) -> WriterHandle {
+        self.handle.clone()
+    }
+
+    /// Commits everything still queued, checkpoints, closes the database and waits for
+    /// the thread to end. Later submissions fail with [`WriteError::Stopped`].
+    pub async fn shutdown(mut self) -> Result<(), StoreError> {
+        let (ack, done) = oneshot::channel();
+        let result = if self.handle.tx.send(Msg::Shutdown(ack)).await.is_ok() {
+            done.await.unwrap_or(Err(StoreError::WriterGone))
+        } else {
+            Err(StoreError::WriterGone)
+        };
+        if let Some(t) = self.thread.take() {
+            tokio::task::spawn_blocking(move || t.join()).await.ok();
+        }
+        result
+    }
+}
+
+fn run(mut state: State, mut rx: mpsc::Receiver<Msg>, max_rows: usize) {
+    while let Some(first) = rx.blocking_recv() {
+        let mut group = Vec::new();
+        let mut shutdown = None;
+        let mut rows = 0;
+        match first {
+            Msg::Append(job) => {
+                rows += job.batch.len();
+                group.push(job);
+            }
+            Msg::Shutdown(ack) => shutdown = Some(ack),
+        }
+        while shutdown.is_none() && rows < max_rows {
+            match rx.try_recv() {
+                Ok(Msg::Append(job)) => {
+                    rows += job.batch.len();
+                    group.push(job);
+                }
+                Ok(Msg::Shutdown(ack)) => shutdown = Some(ack),
+                Err(_) => break,
+            }
+        }
+        state.commit_group(group);
+        if let Some(ack) = shutdown {
+            rx.close();
+            let mut rest = Vec::new();
+            while let Ok(msg) = rx.try_recv() {
+                match msg {
+                    Msg::Append(job) => rest.push(job),
+                    Msg::Shutdown(other) => drop(other.send(Ok(()))),
+                }
+            }
+            state.commit_group(rest);
+            let result = state.checkpoint();
+            drop(state);
+            let _ = ack.send(result);
+            return;
+        }
+    }
+    // Every handle was dropped without a shutdown: still leave a checkpointed file.
+    if let Err(e) = state.checkpoint() {
+        tracing::error!(error = %e, "checkpoint at writer exit failed");
+    }
+}
+
+/// What the group commit decided for one row.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Verdict {
+    /// Same identity earlier in this group.
+    Duplicate,
+    /// Newer than everything stored for its series: cannot be a stored duplicate.
+    Fresh,
+    /// Must be checked against stored readings.
+    Maybe,
+}
+
+/// Per-series bookkeeping while classifying a group.
+struct KeyAcc {
+    device: DeviceId,
+    sensor: SensorId,
+    stored_last: Option<i64>,
+    prev: i64,
+    monotonic: bool,
+    seen: HashSet<i64>,
+    delta: Option<SeriesStats>,
+}
+
+struct State {
+    conn: Connection,
+    shared: Arc<Shared>,
+    next_device: u32,
+}
+
+impl State {
+    fn new(conn: Connection, shared: Arc<Shared>) -> Result<Self, StoreError> {
+        conn.execute_batch(
+            "CREATE TEMP TABLE staging (
+                seq UINTEGER, device_id INTEGER, sensor_id SMALLINT, ts TIMESTAMP, value DOUBLE
+            )",
+        )?;
+        let next_device = shared
+            .devices()
+            .last()
+            .map_or(1, |(id, _)| id.0.saturating_add(1));
+        Ok(Self {
+            conn,
+            shared,
+            next_device,
+        })
+    }
+
+    fn checkpoint(&self) -> Result<(), StoreError> {
+        let _span = tracing::info_span!("checkpoint").entered();
+        self.conn.execute_batch("CHECKPOINT")?;
+        Ok(())
+    }
+
+    fn commit_group(&mut self, jobs: Vec<Job>) {
+        if jobs.is_empty() {
+            return;
+        }
+        let rows: usize = jobs.iter().map(|j| j.batch.len()).sum();
+        let span = tracing::debug_span!("commit", requests = jobs.len(), rows);
+        let _enter = span.enter();
+        let started = Instant::now();
+        match self.commit(&jobs) {
+            Ok(results) => {
+                tracing::debug!(
+                    elapsed_ms = started.elapsed().as_secs_f64() * 1e3,
+                    "committed"
+                );
+                for (job, r) in jobs.into_iter().zip(results) {
+                    let _ = job.reply.send(Ok(r));
+                }
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "group commit failed; rolled back");
+                let msg = e.to_string();
+                for job in jobs {
+                    let _ = job.reply.send(Err(WriteError::Failed(msg.clone())));
+                }
+            }
+        }
+    }
+
+    fn commit(&mut self, jobs: &[Job]) -> Result<Vec<Committed>, StoreError> {
+        // 1. Device names → ids, new ones numbered now and inserted in the transaction.
+        let mut new_devices: Vec<(DeviceId, Device)> = Vec::new();
+        let mut device_maps = Vec::with_capacity(jobs.len());
+        for job in jobs {
+            let ids = job
+                .batch
+                .devices
+                .iter()
+                .map(|d| {
+                    if let Some(id) = self.shared.device_id(d) {
+                        return id;
+                    }
+                    if let Some((id, _)) = new_devices.iter().find(|(_, n)| n == d) {
+                        return *id;
+                    }
+                    let id = DeviceId(self.next_device + new_devices.len() as u32);
+                    new_devices.push((id, d.clone()));
+                    id
+                })
+                .collect::<Vec<_>>();
+            device_maps.push(ids);
+        }
+
+        // 2. Classify every row: duplicate within the group, fresh, or maybe.
+        let mut keys: Vec<KeyAcc> = Vec::new();
+        let mut key_index: HashMap<(DeviceId, SensorId), usize> = HashMap::new();
+        let mut row_keys: Vec<u32> = Vec::with_capacity(jobs.iter().map(|j| j.batch.len()).sum());
+        let mut last: Option<((DeviceId, SensorId), usize)> = None;
+        for (job, ids) in jobs.iter().zip(&device_maps) {
+            for row in &job.batch.rows {
+                let k = (ids[row.device as usize], row.sensor);
+                let idx = match last {
+                    Some((lk, i)) if lk == k => i,
+                    _ => {
+                        let i = *key_index.entry(k).or_insert_with(|| {
+                            keys.push(KeyAcc {
+                                device: k.0,
+                                sensor: k.1,
+                                stored_last: self
+                                    .shared
+                                    .series(k.0, k.1)
+                                    .map(|s| s.last.as_micros()),
+                                prev: i64::MIN,
+                                monotonic: true,
+                                seen: HashSet::new(),
+                                delta: None,
+                            });
+                            keys.len() - 1
+                        });
+                        last = Some((k, i));
+                        i
+                    }
+                };
+                let acc = &mut keys[idx];
+                let ts = row.ts.as_micros();
+                if ts <= acc.prev {
+                    acc.monotonic = false;
+                }
+                acc.prev = ts;
+                row_keys.push(idx as u32);
+            }
+        }
+        let mut verdicts = Vec::with_capacity(row_keys.len());
+        let mut maybe = 0usize;
+        let (mut lo, mut hi) = (i64::MAX, i64::MIN);
+        let mut seq = 0usize;
+        for job in jobs {
+            for row in &job.batch.rows {
+                let acc = &mut keys[row_keys[seq] as usize];
+                let ts = row.ts.as_micros();
+                let v = if !acc.monotonic && !acc.seen.insert(ts) {
+                    Verdict::Duplicate
+                } else if acc.stored_last.is_none_or(|m| ts > m) {
+                    Verdict::Fresh
+                } else {
+                    maybe += 1;
+                    lo = lo.min(ts);
+                    hi = hi.max(ts);
+                    Verdict::Maybe
+                };
+                verdicts.push(v);
+                seq += 1;
+            }
+        }
+
+        // 3. One transaction for the whole group.
+        self.conn.execute_batch("BEGIN TRANSACTION")?;
+        let stored_dups =
+            match self.write(jobs, &device_maps, &verdicts, maybe, (lo, hi), &new_devices) {
+                Ok(d) => d,
+                Err(e) => {
+                    self.conn.execute_batch("ROLLBACK").ok();
+                    return Err(e);
+                }
+            };
+
+        // 4. Tally per request and per series.
+        let mut results = Vec::with_capacity(jobs.len());
+        let mut seq = 0usize;
+        for job in jobs {
+            let mut c = Committed::default();
+            for row in &job.batch.rows {
+                let stored = match verdicts[seq] {
+                    Verdict::Duplicate => false,
+                    Verdict::Fresh => true,
+                    Verdict::Maybe => !stored_dups.contains(&(seq as u32)),
+                };
+                if stored {
+                    c.accepted += 1;
+                    let acc = &mut keys[row_keys[seq] as usize];
+                    let d = acc.delta.get_or_insert(SeriesStats {
+                        readings: 0,
+                        first: row.ts,
+                        last: row.ts,
+                        last_value: row.value,
+                    });
+                    d.merge(&SeriesStats {
+                        readings: 1,
+                        first: row.ts,
+                        last: row.ts,
+                        last_value: row.value,
+                    });
+                } else {
+                    c.duplicates += 1;
+                }
+                seq += 1;
+            }
+            results.push(c);
+        }
+        let updated: Vec<((DeviceId, SensorId), SeriesStats)> = keys
+            .iter()
+            .filter_map(|k| {
+                let delta = k.delta?;
+                let merged = match self.shared.series(k.device, k.sensor) {
+                    Some(mut s) => {
+                        s.merge(&delta);
+                        s
+                    }
+                    None => delta,
+                };
+                Some(((k.device, k.sensor), merged))
+            })
+            .collect();
+        let finish = self.upsert_series(&updated).and_then(|()| {
+            self.conn.execute_batch("COMMIT")?;
+            Ok(())
+        });
+        if let Err(e) = finish {
+            self.conn.execute_batch("ROLLBACK").ok();
+            return Err(e);
+        }
+
+        // 5. Only now, with the data durable, show it to readers.
+        self.next_device += new_devices.len() as u32;
+        self.shared.add_devices(&new_devices);
+        self.shared.set_series(&updated);
+        Ok(results)
+    }
+
+    /// Writes the group inside the open transaction; returns the `seq` of every
+    /// "maybe" row that turned out to be stored already.
+    fn write(
+        &self,
+        jobs: &[Job],
+        device_maps: &[Vec<DeviceId>],
+        verdicts: &[Verdict],
+        maybe: usize,
+        (lo, hi): (i64, i64),
+        new_devices: &[(DeviceId, Device)],
+    ) -> Result<HashSet<u32>, StoreError> {
+        for (id, name) in new_devices {
+            self.conn.execute(
+                "INSERT INTO devices VALUES (?, ?)",
+                duckdb::params![id.0 as i32, name.as_str()],
+            )?;
+        }
+        let mut dups = HashSet::new();
+        if maybe > 0 {
+            let _span = tracing::debug_span!("dedupe", rows = maybe).entered();
+            {
+                let mut app = self
+                    .conn
+                    .appender_to_catalog_and_db("staging", "temp", "main")?;
+                let mut seq = 0u32;
+                for (job, ids) in jobs.iter().zip(device_maps) {
+                    for row in &job.batch.rows {
+                        if verdicts[seq as usize] == Verdict::Maybe {
+                            app.append_row(duckdb::params![
+                                seq,
+                                ids[row.device as usize].0 as i32,
+                                row.sensor.0 as i16,
+                                Value::Timestamp(TimeUnit::Microsecond, row.ts.as_micros()),
+                                row.value,
+                            ])?;
+                        }
+                        seq += 1;
+                    }
+                }
+                app.flush()?;
+            }
+            // The range predicate on r.ts lets zone maps skip every row group outside
+            // the staged span; without it this is a scan of the whole table.
+            let sql = format!(
+                "DELETE FROM staging WHERE seq IN (
+                    SELECT s.seq FROM staging s JOIN readings r
+                      ON r.device_id = s.device_id AND r.sensor_id = s.sensor_id AND r.ts = s.ts
+                    WHERE r.ts BETWEEN {} AND {}
+                ) RETURNING seq",
+                sql_ts(lo),
+                sql_ts(hi)
+            );
+            let mut stmt = self.conn.prepare(&sql)?;
+            let mut rows = stmt.query([])?;
+            while let Some(r) = rows.next()? {
+                dups.insert(r.get::<_, u32>(0)?);
+            }
+            self.conn.execute_batch(
+                "INSERT INTO readings SELECT device_id, sensor_id, ts, value FROM staging;
+                 DELETE FROM staging;",
+            )?;
+        }
+        if maybe < verdicts.len() {
+            let mut app = self.conn.appender("readings")?;
+            let mut seq = 0usize;
+            for (job, ids) in jobs.iter().zip(device_maps) {
+                for row in &job.batch.rows {
+                    if verdicts[seq] == Verdict::Fresh {
+                        app.append_row(duckdb::params![
+                            ids[row.device as usize].0 as i32,
+                            row.sensor.0 as i16,
+                            Value::Timestamp(TimeUnit::Microsecond, row.ts.as_micros()),
+                            row.value,
+                        ])?;
+                    }
+                    seq += 1;
+                }
+            }
+            app.flush()?;
+        }
+        Ok(dups)
+    }
+
+    fn upsert_series(
+        &self,
+        updated: &[((DeviceId, SensorId), SeriesStats)],
+    ) -> Result<(), StoreError> {
+        if updated.is_empty() {
+            return Ok(());
+        }
+        let mut stmt = self.conn.prepare_cached(
+            "INSERT OR REPLACE INTO series VALUES (?, ?, ?, make_timestamp(?), make_timestamp(?), ?)",
+        )?;
+        for ((device, sensor), s) in updated {
+            stmt.execute(duckdb::params![
+                device.0 as i32,
+                sensor.0 as i16,
+                s.readings as i64,
+                s.first.as_micros(),
+                s.last.as_micros(),
+                s.last_value,
+            ])?;
+        }
+        Ok(())
+    }
+}
+
+/// A timestamp as a SQL literal, so the planner sees a constant it can push into
+/// zone-map filters.
+pub(super) fn sql_ts(micros: i64) -> String {
+    let t = Timestamp::from_micros(micros).to_datetime();
+    format!("TIMESTAMP '{}'", t.format("%Y-%m-%d %H:%M:%S%.6f"))
+}

@@ -1,0 +1,133 @@
+use std::path::Path;
+
+use milepost::app::Server;
+use milepost::config::ServeArgs;
+use reqwest::StatusCode;
+use serde_json::Value;
+use tempfile::TempDir;
+
+/// Key every test app accepts.
+pub const KEY: &str = "test-key";
+/// Key bound to device `truck`.
+pub const TRUCK_KEY: &str = "truck-key";
+
+pub struct TestApp {
+    pub base: String,
+    pub client: reqwest::Client,
+    pub dir: TempDir,
+    server: Option<Server>,
+}
+
+impl TestApp {
+    pub async fn spawn() -> Self {
+        Self::spawn_with(|_| {}).await
+    }
+
+    pub async fn spawn_with(configure: impl FnOnce(&mut ServeArgs)) -> Self {
+        Self::spawn_in(tempfile::tempdir().unwrap(), configure).await
+    }
+
+    pub async fn spawn_in(dir: TempDir, configure: impl FnOnce(&mut ServeArgs)) -> Self {
+        let mut args = ServeArgs::for_tests(dir.path().to_owned());
+        args.api_keys = vec![KEY.into(), format!("{TRUCK_KEY}@truck")];
+        configure(&mut args);
+        let server = Server::start(args).await.expect("server starts");
+        Self {
+            base: format!("http://{}", server.local_addr()),
+            client: reqwest::Client::new(),
+            dir,
+            server: Some(server),
+        }
+    }
+
+    /// Stops the server gracefully and starts a new one on the same data directory.
+    pub async fn restart(mut self) -> Self {
+        self.server
+            .take()
+            .unwrap()
+            .stop()
+            .await
+            .expect("clean stop");
+        Self::spawn_in(self.dir, |_| {}).await
+    }
+
+    /// Stops the server and returns the data directory.
+    pub async fn stop(mut self) -> TempDir {
+        self.server
+            .take()
+            .unwrap()
+            .stop()
+            .await
+            .expect("clean stop");
+        self.dir
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.base)
+    }
+
+    pub async fn ingest(&self, body: impl Into<reqwest::Body>) -> (StatusCode, Value) {
+        self.ingest_as(KEY, body).await
+    }
+
+    pub async fn ingest_as(
+        &self,
+        key: &str,
+        body: impl Into<reqwest::Body>,
+    ) -> (StatusCode, Value) {
+        let resp = self
+            .client
+            .post(self.url("/ingest"))
+            .basic_auth(key, None::<&str>)
+            .header("content-type", "application/stream+json")
+            .body(body)
+            .send()
+            .await
+            .unwrap();
+        json(resp).await
+    }
+
+    pub async fn get(&self, path: &str) -> (StatusCode, Value) {
+        json(self.client.get(self.url(path)).send().await.unwrap()).await
+    }
+}
+
+pub async fn json(resp: reqwest::Response) -> (StatusCode, Value) {
+    let status = resp.status();
+    let text = resp.text().await.unwrap();
+    let value = serde_json::from_str(&text)
+        .unwrap_or_else(|e| panic!("not JSON ({e}), status {status}: {text}"));
+    (status, value)
+}
+
+/// One NDJSON line.
+pub fn line(sensor: &str, value: f64, ts: &str) -> String {
+    format!(r#"{{"sensor":"{sensor}","value":{value},"timestamp":"{ts}"}}"#)
+}
+
+/// One NDJSON line with a device.
+pub fn dline(device: &str, sensor: &str, value: f64, ts: &str) -> String {
+    format!(r#"{{"sensor":"{sensor}","value":{value},"timestamp":"{ts}","device":"{device}"}}"#)
+}
+
+/// Rows in the database file, per device name, read directly after the server stopped.
+pub fn stored_rows(dir: &Path) -> Vec<(String, String, i64, f64)> {
+    let conn = duckdb::Connection::open(dir.join("milepost.duckdb")).unwrap();
+    let mut stmt = conn
+        .prepare(
+            "SELECT d.name, s.name, epoch_us(r.ts), r.value FROM readings r
+             JOIN devices d ON d.id = r.device_id JOIN sensors s ON s.id = r.sensor_id
+             ORDER BY 1, 2, 3",
+        )
+        .unwrap();
+    stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))
+        .unwrap()
+        .collect::<Result<_, _>>()
+        .unwrap()
+}
+
+pub fn num(v: &Value, field: &str) -> u64 {
+    v[field]
+        .as_u64()
+        .unwrap_or_else(|| panic!("no {field} in {v}"))
+}

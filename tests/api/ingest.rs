@@ -1,0 +1,353 @@
+use std::io::Write as _;
+
+use reqwest::StatusCode;
+
+use crate::helpers::*;
+
+const SEED: &str = r#"{"sensor": "speed", "value": 55.5, "timestamp": "2012-04-23T18:25:43.511Z"}
+{"sensor": "speed", "value": 60.2, "timestamp": "2012-04-23T18:26:43.511Z"}
+{"sensor": "speed", "value": 61.9, "timestamp": "2012-04-23T18:27:43.511Z"}
+"#;
+
+#[tokio::test]
+async fn seed_sample_is_stored_and_replay_is_all_duplicates() {
+    let app = TestApp::spawn().await;
+    let (status, body) = app.ingest(SEED).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body["accepted"], 3);
+    assert_eq!(body["duplicates"], 0);
+    assert_eq!(body["rejected"], 0);
+    assert_eq!(body["errors"].as_array().unwrap().len(), 0);
+
+    let (status, body) = app.ingest(SEED).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!((num(&body, "accepted"), num(&body, "duplicates")), (0, 3));
+
+    let (_, latest) = app.get("/api/statistics/latest").await;
+    assert_eq!(latest["speed"], 61.9);
+    let dir = app.stop().await;
+    let rows = stored_rows(dir.path());
+    let values: Vec<f64> = rows.iter().map(|r| r.3).collect();
+    assert_eq!(values, [55.5, 60.2, 61.9]);
+    assert_eq!(rows[0].2, 1_335_205_543_511_000);
+}
+
+#[tokio::test]
+async fn first_write_wins_within_and_across_requests() {
+    let app = TestApp::spawn().await;
+    let ts = "2024-05-01T10:00:00Z";
+    let body = [line("fuel", 40.0, ts), line("fuel", 41.0, ts)].join("\n");
+    let (_, r) = app.ingest(body).await;
+    assert_eq!((num(&r, "accepted"), num(&r, "duplicates")), (1, 1));
+    let (_, r) = app.ingest(line("fuel", 99.0, ts)).await;
+    assert_eq!((num(&r, "accepted"), num(&r, "duplicates")), (0, 1));
+    // An older reading (late upload) mixed with a newer one.
+    let body = [
+        line("fuel", 30.0, "2024-05-01T09:00:00Z"),
+        line("fuel", 98.0, ts),
+        line("fuel", 50.0, "2024-05-01T11:00:00Z"),
+    ]
+    .join("\n");
+    let (_, r) = app.ingest(body).await;
+    assert_eq!((num(&r, "accepted"), num(&r, "duplicates")), (2, 1));
+    let (_, latest) = app.get("/api/statistics/latest").await;
+    assert_eq!(latest["fuel"], 50.0);
+    let rows = stored_rows(app.stop().await.path());
+    let values: Vec<f64> = rows.iter().map(|r| r.3).collect();
+    assert_eq!(values, [30.0, 40.0, 50.0]);
+}
+
+#[tokio::test]
+async fn devices_are_kept_apart_and_bound_keys_police_them() {
+    let app = TestApp::spawn().await;
+    let ts = "2024-05-01T10:00:00Z";
+    let body = [
+        line("speed", 10.0, ts),
+        dline("car", "speed", 20.0, ts),
+        dline("default", "speed", 11.0, ts),
+    ]
+    .join("\n");
+    let (_, r) = app.ingest(body).await;
+    assert_eq!((num(&r, "accepted"), num(&r, "duplicates")), (2, 1));
+
+    let body = [line("speed", 30.0, ts), dline("car", "speed", 31.0, ts)].join("\n");
+    let (status, r) = app.ingest_as(TRUCK_KEY, body).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert_eq!((num(&r, "accepted"), num(&r, "rejected")), (1, 1));
+    assert_eq!(r["errors"][0]["line"], 2);
+    assert!(
+        r["errors"][0]["error"]
+            .as_str()
+            .unwrap()
+            .contains("bound to device 'truck'")
+    );
+
+    for (device, want) in [("default", 10.0), ("car", 20.0), ("truck", 30.0)] {
+        let (_, latest) = app
+            .get(&format!("/api/statistics/latest?device={device}"))
+            .await;
+        assert_eq!(latest["speed"], want, "{device}");
+    }
+    let (status, _) = app.get("/api/statistics/latest?device=no%20such").await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    let (_, none) = app.get("/api/statistics/latest?device=ghost").await;
+    assert_eq!(none["speed"], 0.0);
+}
+
+#[tokio::test]
+async fn bad_lines_are_reported_and_good_lines_stored() {
+    let app = TestApp::spawn_with(|a| a.max_line_bytes = 300).await;
+    let good = |i: u32| line("speed", i as f64, &format!("2024-01-01T00:00:{i:02}Z"));
+    let cases: Vec<(String, &str)> = vec![
+        (r#"{"sensor":"speed","value":1"#.into(), "malformed JSON"),
+        (
+            r#"{"sensor":"speed","timestamp":"2024-01-01T00:00:00Z"}"#.into(),
+            "missing field `value`",
+        ),
+        (
+            r#"{"value":1,"timestamp":"2024-01-01T00:00:00Z"}"#.into(),
+            "missing field `sensor`",
+        ),
+        (
+            line("warp_drive", 1.0, "2024-01-01T00:00:00Z"),
+            "unknown sensor",
+        ),
+        (
+            r#"{"sensor":"speed","value":"5","timestamp":"2024-01-01T00:00:00Z"}"#.into(),
+            "finite number",
+        ),
+        (
+            r#"{"sensor":"speed","value":null,"timestamp":"2024-01-01T00:00:00Z"}"#.into(),
+            "finite number",
+        ),
+        (
+            r#"{"sensor":"speed","value":false,"timestamp":"2024-01-01T00:00:00Z"}"#.into(),
+            "finite number",
+        ),
+        (line("speed", 1.0, "2024-01-01T00:00:00"), "RFC 3339"),
+        (line("speed", 1.0, "0001-01-01T00:00:00Z"), "zero time"),
+        (line("speed", 1.0, "2999-01-01T00:00:00Z"), "future"),
+        (
+            line("location_latitude", 91.0, "2024-01-01T00:00:00Z"),
+            "valid range",
+        ),
+        (
+            format!(
+                r#"{{"sensor":"speed","value":1,"timestamp":"2024-01-01T00:00:00Z","x":"{}"}}"#,
+                "y".repeat(400)
+            ),
+            "longer than the limit",
+        ),
+    ];
+    let mut body = Vec::new();
+    for (i, (bad, _)) in cases.iter().enumerate() {
+        writeln!(body, "{}", good(i as u32)).unwrap();
+        writeln!(body, "{bad}").unwrap();
+    }
+    // Invalid UTF-8 inside a string, then a truncated last line without newline.
+    body.extend_from_slice(
+        b"{\"sensor\":\"sp\xc3\x28ed\",\"value\":1,\"timestamp\":\"2024-01-01T00:00:00Z\"}\n",
+    );
+    body.extend_from_slice(b"{\"sensor\":\"speed\",\"value\":7,\"timesta");
+    let (status, r) = app.ingest(body).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{r}");
+    assert_eq!(num(&r, "accepted"), cases.len() as u64);
+    assert_eq!(num(&r, "rejected"), cases.len() as u64 + 2);
+    let errors = r["errors"].as_array().unwrap();
+    for (i, (_, reason)) in cases.iter().enumerate() {
+        let e = &errors[i];
+        assert_eq!(e["line"], 2 * i as u64 + 2, "{e}");
+        let msg = e["error"].as_str().unwrap();
+        assert!(
+            msg.contains(reason),
+            "line {}: '{msg}' lacks '{reason}'",
+            e["line"]
+        );
+    }
+    assert_eq!(errors[cases.len()]["line"], 2 * cases.len() as u64 + 1);
+    assert_eq!(errors[cases.len() + 1]["line"], 2 * cases.len() as u64 + 2);
+    let rows = stored_rows(app.stop().await.path());
+    assert_eq!(rows.len(), cases.len());
+}
+
+#[tokio::test]
+async fn empty_and_blank_bodies_are_fine() {
+    let app = TestApp::spawn().await;
+    for body in ["", "\n\n  \n"] {
+        let (status, r) = app.ingest(body).await;
+        assert_eq!(status, StatusCode::OK);
+        assert_eq!((num(&r, "accepted"), num(&r, "rejected")), (0, 0));
+    }
+}
+
+#[tokio::test]
+async fn gzip_bodies_and_broken_gzip() {
+    let app = TestApp::spawn().await;
+    let mut enc = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+    enc.write_all(SEED.as_bytes()).unwrap();
+    let gz = enc.finish().unwrap();
+    let send = |body: Vec<u8>| {
+        app.client
+            .post(app.url("/ingest"))
+            .bearer_auth(KEY)
+            .header("content-type", "application/x-ndjson")
+            .header("content-encoding", "gzip")
+            .body(body)
+            .send()
+    };
+    let (status, r) = json(send(gz).await.unwrap()).await;
+    assert_eq!(status, StatusCode::OK, "{r}");
+    assert_eq!(num(&r, "accepted"), 3);
+    let (status, r) = json(send(SEED.as_bytes().to_vec()).await.unwrap()).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{r}");
+    assert!(r["error"].as_str().unwrap().contains("gzip"), "{r}");
+    assert_eq!(num(&r, "accepted"), 0);
+}
+
+#[tokio::test]
+async fn wrong_content_type_or_encoding_is_415() {
+    let app = TestApp::spawn().await;
+    for (ct, ce) in [
+        ("text/csv", None),
+        ("application/x-www-form-urlencoded", None),
+        ("application/json", Some("br")),
+    ] {
+        let mut req = app
+            .client
+            .post(app.url("/ingest"))
+            .basic_auth(KEY, None::<&str>)
+            .header("content-type", ct)
+            .body(SEED);
+        if let Some(ce) = ce {
+            req = req.header("content-encoding", ce);
+        }
+        let (status, r) = json(req.send().await.unwrap()).await;
+        assert_eq!(status, StatusCode::UNSUPPORTED_MEDIA_TYPE, "{ct}");
+        assert!(
+            r["error"].as_str().unwrap().contains("not supported"),
+            "{r}"
+        );
+    }
+    for ct in [
+        "application/json",
+        "application/x-ndjson; charset=utf-8",
+        "application/stream+json",
+    ] {
+        let req = app
+            .client
+            .post(app.url("/ingest"))
+            .bearer_auth(KEY)
+            .header("content-type", ct)
+            .body(SEED);
+        let (status, _) = json(req.send().await.unwrap()).await;
+        assert_eq!(status, StatusCode::OK, "{ct}");
+    }
+}
+
+#[tokio::test]
+async fn auth_failures_use_the_seed_messages() {
+    let app = TestApp::spawn().await;
+    let post = || {
+        app.client
+            .post(app.url("/ingest"))
+            .header("content-type", "application/stream+json")
+            .body(SEED)
+    };
+    let (status, r) = json(post().send().await.unwrap()).await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+    assert_eq!(r, serde_json::json!({"error": "no credentials provided"}));
+    let (status, r) = json(
+        post()
+            .basic_auth("wrong", None::<&str>)
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+    assert_eq!(r, serde_json::json!({"error": "invalid api key"}));
+    let (status, r) = json(post().bearer_auth("wrong").send().await.unwrap()).await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+    assert_eq!(r["error"], "invalid api key");
+    // Nothing was stored by the refused requests.
+    let (_, s) = app.get("/api/status").await;
+    assert_eq!(s["lastIngestTimestamp"], serde_json::Value::Null);
+}
+
+#[tokio::test]
+async fn oversize_body_is_413_and_keeps_what_came_before() {
+    let app = TestApp::spawn_with(|a| a.max_body_bytes = 4096).await;
+    let body: String = (0..200)
+        .map(|i| {
+            line(
+                "revolution",
+                800.0,
+                &format!("2024-01-01T00:{:02}:{:02}Z", i / 60, i % 60),
+            ) + "\n"
+        })
+        .collect();
+    assert!(body.len() > 4096);
+    // Streamed (chunked, no Content-Length) so the limit is hit while reading.
+    let stream = futures_util::stream::iter(
+        body.as_bytes()
+            .chunks(1000)
+            .map(|c| Ok::<_, std::io::Error>(c.to_vec()))
+            .collect::<Vec<_>>(),
+    );
+    let (status, r) = app.ingest(reqwest::Body::wrap_stream(stream)).await;
+    assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE, "{r}");
+    assert!(r["error"].as_str().unwrap().contains("limit"));
+    let early = num(&r, "accepted");
+    assert!(
+        early > 0 && early < 200,
+        "lines before the limit are kept: {r}"
+    );
+    // With Content-Length the request is refused before reading.
+    let (status, r) = app.ingest(body.clone()).await;
+    assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE);
+    assert_eq!(num(&r, "accepted"), 0);
+    let rows = stored_rows(app.stop().await.path());
+    assert_eq!(rows.len() as u64, early);
+}
+
+#[tokio::test]
+async fn concurrent_clients_get_exact_counts() {
+    let app = std::sync::Arc::new(TestApp::spawn().await);
+    let clients = 8;
+    let per_client = 2_000;
+    let mut tasks = Vec::new();
+    for c in 0..clients {
+        let app = app.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut accepted = 0;
+            // Every client sends its own readings plus an overlapping shared set.
+            for chunk in 0..4 {
+                let body: String = (0..per_client / 4)
+                    .map(|i| {
+                        let n = chunk * (per_client / 4) + i;
+                        let own = dline(&format!("dev{c}"), "speed", n as f64, &ts(n));
+                        let shared = dline("shared", "fuel", n as f64, &ts(n));
+                        format!("{own}\n{shared}\n")
+                    })
+                    .collect();
+                let (status, r) = app.ingest(body).await;
+                assert_eq!(status, StatusCode::OK, "{r}");
+                accepted += num(&r, "accepted");
+            }
+            accepted
+        }));
+    }
+    let mut total = 0;
+    for t in tasks {
+        total += t.await.unwrap();
+    }
+    assert_eq!(total, (clients * per_client + per_client) as u64);
+    let app = std::sync::Arc::into_inner(app).unwrap();
+    let rows = stored_rows(app.stop().await.path());
+    assert_eq!(rows.len(), clients * per_client + per_client);
+}
+
+fn ts(n: usize) -> String {
+    let t = chrono::DateTime::from_timestamp(1_700_000_000 + n as i64, 0).unwrap();
+    t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
+}

@@ -1,0 +1,164 @@
+//! Whole-process behaviour with the real binary: SIGTERM, SIGKILL, a second process.
+
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use reqwest::StatusCode;
+
+use crate::helpers::*;
+
+struct Proc {
+    child: Child,
+    base: String,
+}
+
+/// Starts `milepost serve` on port 0 and reads the bound address from its JSON log.
+fn start_binary(dir: &Path) -> Proc {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_milepost"))
+        .args([
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--log-format",
+            "json",
+            "--api-key",
+            KEY,
+        ])
+        .arg("--data-dir")
+        .arg(dir)
+        .env_remove("MILEPOST_API_KEY")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("binary starts");
+    let stderr = child.stderr.take().unwrap();
+    let mut lines = BufReader::new(stderr).lines();
+    let addr = loop {
+        let line = lines.next().expect("server logs before exiting").unwrap();
+        let v: serde_json::Value = serde_json::from_str(&line).unwrap_or_default();
+        if v["fields"]["message"] == "public HTTP API listening" {
+            break v["fields"]["addr"].as_str().unwrap().to_owned();
+        }
+    };
+    // Keep draining the log so the child never blocks on a full pipe.
+    std::thread::spawn(move || for _ in lines {});
+    Proc {
+        child,
+        base: format!("http://{addr}"),
+    }
+}
+
+async fn ingest(
+    client: &reqwest::Client,
+    base: &str,
+    body: String,
+) -> reqwest::Result<(StatusCode, serde_json::Value)> {
+    let r = client
+        .post(format!("{base}/ingest"))
+        .basic_auth(KEY, None::<&str>)
+        .header("content-type", "application/x-ndjson")
+        .body(body)
+        .send()
+        .await?;
+    Ok((r.status(), r.json().await?))
+}
+
+fn batch(from: u32, n: u32) -> String {
+    (from..from + n)
+        .map(|i| {
+            let t = chrono::DateTime::from_timestamp(1_600_000_000 + i as i64, 0).unwrap();
+            line("speed", i as f64, &t.to_rfc3339()) + "\n"
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn sigterm_stops_cleanly_and_data_survives() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut p = start_binary(dir.path());
+    let client = reqwest::Client::new();
+    let (status, r) = ingest(&client, &p.base, batch(0, 500)).await.unwrap();
+    assert_eq!((status, num(&r, "accepted")), (StatusCode::OK, 500));
+    let pid = p.child.id().to_string();
+    assert!(
+        Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .unwrap()
+            .success()
+    );
+    let code = tokio::task::spawn_blocking(move || p.child.wait().unwrap())
+        .await
+        .unwrap();
+    assert!(code.success(), "exit status {code:?}");
+    // Checkpointed: no write-ahead log left behind.
+    assert!(!dir.path().join("milepost.duckdb.wal").exists());
+    assert_eq!(stored_rows(dir.path()).len(), 500);
+}
+
+#[tokio::test]
+async fn sigkill_never_loses_an_acknowledged_reading() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut p = start_binary(dir.path());
+    let client = reqwest::Client::new();
+    let base = p.base.clone();
+    // A writer loop that records what the server acknowledged.
+    let writer = tokio::spawn(async move {
+        let mut acked = 0u32;
+        for i in 0..400u32 {
+            match ingest(&client, &base, batch(i * 1000, 1000)).await {
+                Ok((StatusCode::OK, r)) if num(&r, "accepted") == 1000 => acked = (i + 1) * 1000,
+                _ => break,
+            }
+        }
+        acked
+    });
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    p.child.kill().unwrap(); // SIGKILL, mid-stream
+    p.child.wait().unwrap();
+    let acked = writer.await.unwrap();
+    assert!(acked > 0, "some requests were acknowledged before the kill");
+
+    // The WAL is replayed on the next start; every acknowledged reading is there.
+    let app = TestApp::spawn_in(dir, |_| {}).await;
+    let (_, s) = app.get("/api/status").await;
+    assert!(s["lastIngestTimestamp"].is_string());
+    // Replaying everything acknowledged is all duplicates.
+    let (status, r) = app.ingest(batch(0, acked)).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(num(&r, "duplicates"), acked as u64, "{r}");
+    let rows = stored_rows(app.stop().await.path());
+    assert!(rows.len() as u32 >= acked);
+    for (i, row) in rows.iter().take(acked as usize).enumerate() {
+        assert_eq!(row.3, i as f64);
+    }
+}
+
+#[tokio::test]
+async fn a_second_server_on_the_same_data_dir_is_refused() {
+    let app = TestApp::spawn().await;
+    let args = milepost::config::ServeArgs::for_tests(app.dir.path().to_owned());
+    let err = milepost::app::Server::start(args)
+        .await
+        .err()
+        .expect("refused");
+    let msg = format!("{err:#}");
+    assert!(msg.contains("another milepost process"), "{msg}");
+    // The first one is unaffected.
+    let (status, _) = app.ingest(line("speed", 1.0, "2024-01-01T00:00:00Z")).await;
+    assert_eq!(status, StatusCode::OK);
+}
+
+#[tokio::test]
+async fn restart_keeps_everything() {
+    let app = TestApp::spawn().await;
+    let (_, r) = app.ingest(batch(0, 2000)).await;
+    assert_eq!(num(&r, "accepted"), 2000);
+    let app = app.restart().await;
+    let (_, r) = app.ingest(batch(1000, 2000)).await;
+    assert_eq!((num(&r, "accepted"), num(&r, "duplicates")), (1000, 1000));
+    let (_, l) = app.get("/api/statistics/latest").await;
+    assert_eq!(l["speed"], 2999.0);
+}
