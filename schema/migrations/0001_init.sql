@@ -36,14 +36,20 @@ CREATE TABLE readings (
 );
 
 -- One row per (device, sensor) that has readings: count, time span and newest value.
--- Kept exact by the writer in the same transaction as the readings, so "latest" and
--- catalog queries never scan `readings`, and start-up reads it in milliseconds.
+-- A snapshot of the writer's in-memory statistics, written at clean shutdown (per-commit
+-- upserts cost more than the readings themselves). Start-up reads it in milliseconds
+-- when meta.series_snapshot = 'valid' and recomputes it from `readings` otherwise.
 CREATE TABLE series (
     device_id  INTEGER   NOT NULL,
     sensor_id  SMALLINT  NOT NULL,
     readings   BIGINT    NOT NULL,
     first_ts   TIMESTAMP NOT NULL,
     last_ts    TIMESTAMP NOT NULL,
-    last_value DOUBLE    NOT NULL,
-    PRIMARY KEY (device_id, sensor_id)
+    last_value DOUBLE    NOT NULL
+);
+
+-- Small key/value facts about the database itself.
+CREATE TABLE meta (
+    key   VARCHAR PRIMARY KEY,
+    value VARCHAR NOT NULL
 );

@@ -2,7 +2,7 @@
 
 use tracing_subscriber::EnvFilter;
 
-use crate::app::{Server, shutdown_signal};
+use crate::app::{Server, ShutdownSignal};
 use crate::config::{Cli, Command, LogArgs, LogFormat};
 
 /// Installs the global `tracing` subscriber.
@@ -21,10 +21,11 @@ pub fn init_tracing(log: &LogArgs) {
 pub async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Serve(args) => {
+            let signal = ShutdownSignal::install()?;
             let server = Server::start(args).await?;
             let token = server.shutdown_token();
             tokio::spawn(async move {
-                shutdown_signal().await;
+                signal.recv().await;
                 tracing::info!("shutdown requested");
                 token.cancel();
             });

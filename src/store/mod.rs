@@ -24,7 +24,7 @@ pub use reader::{ReadStore, Reader};
 pub use state::{SeriesStats, Shared};
 pub use writer::{Committed, PendingCommit, WriteError, Writer, WriterConfig, WriterHandle};
 
-use crate::domain::{Catalog, Device, DeviceId, Sensor, SensorId, SensorName};
+use crate::domain::{Catalog, Device, DeviceId, Sensor, SensorId, SensorName, Timestamp};
 
 /// How to open the database.
 #[derive(Debug, Clone)]
@@ -151,6 +151,54 @@ fn open_duckdb(path: &Path, cfg: &StoreConfig) -> Result<Connection, StoreError>
     })
 }
 
+/// Per-series statistics: from the snapshot the writer leaves at a clean shutdown, or,
+/// after a crash, recomputed from `readings` (one columnar scan). The snapshot is then
+/// marked stale until the next clean shutdown, so the writer never has to touch
+/// `series` per commit.
+fn load_series(conn: &Connection) -> Result<Vec<((DeviceId, SensorId), SeriesStats)>, StoreError> {
+    let valid: Option<String> = conn
+        .query_row(
+            "SELECT value FROM meta WHERE key = 'series_snapshot'",
+            [],
+            |r| r.get(0),
+        )
+        .ok();
+    let from = if valid.as_deref() == Some("valid") {
+        "SELECT device_id, sensor_id, readings, epoch_us(first_ts), epoch_us(last_ts), last_value FROM series"
+    } else {
+        tracing::warn!(
+            "no clean-shutdown snapshot of series statistics: recomputing from readings"
+        );
+        "SELECT device_id, sensor_id, count(*), epoch_us(min(ts)), epoch_us(max(ts)), arg_max(value, ts)
+         FROM readings GROUP BY device_id, sensor_id"
+    };
+    let started = std::time::Instant::now();
+    let mut stmt = conn.prepare(from)?;
+    let series = stmt
+        .query_map([], |r| {
+            Ok((
+                (
+                    DeviceId(r.get::<_, i32>(0)? as u32),
+                    SensorId(r.get::<_, i16>(1)? as u16),
+                ),
+                SeriesStats {
+                    readings: r.get::<_, i64>(2)? as u64,
+                    first: Timestamp::from_micros(r.get(3)?),
+                    last: Timestamp::from_micros(r.get(4)?),
+                    last_value: r.get(5)?,
+                },
+            ))
+        })?
+        .collect::<Result<Vec<_>, _>>()?;
+    tracing::debug!(
+        series = series.len(),
+        elapsed_ms = started.elapsed().as_secs_f64() * 1e3,
+        "series statistics loaded"
+    );
+    conn.execute_batch("INSERT OR REPLACE INTO meta VALUES ('series_snapshot', 'stale')")?;
+    Ok(series)
+}
+
 fn load_shared(conn: &Connection) -> Result<Shared, StoreError> {
     let mut stmt = conn.prepare(
         "SELECT id, name, unit, description, min_value, max_value FROM sensors ORDER BY id",
@@ -193,25 +241,7 @@ fn load_shared(conn: &Connection) -> Result<Shared, StoreError> {
         })
         .collect::<Result<Vec<_>, _>>()?;
 
-    let mut stmt = conn.prepare(
-        "SELECT device_id, sensor_id, readings, epoch_us(first_ts), epoch_us(last_ts), last_value FROM series",
-    )?;
-    let series = stmt
-        .query_map([], |r| {
-            Ok((
-                (
-                    DeviceId(r.get::<_, i32>(0)? as u32),
-                    SensorId(r.get::<_, i16>(1)? as u16),
-                ),
-                SeriesStats {
-                    readings: r.get::<_, i64>(2)? as u64,
-                    first: crate::domain::Timestamp::from_micros(r.get(3)?),
-                    last: crate::domain::Timestamp::from_micros(r.get(4)?),
-                    last_value: r.get(5)?,
-                },
-            ))
-        })?
-        .collect::<Result<Vec<_>, _>>()?;
+    let series = load_series(conn)?;
     Ok(Shared::new(Catalog::new(sensors), devices, series))
 }
 

@@ -112,6 +112,14 @@ impl Shared {
             .copied()
     }
 
+    /// Statistics of every series.
+    pub fn all_series(&self) -> Vec<((DeviceId, SensorId), SeriesStats)> {
+        let s = self.series.read().expect("series lock");
+        let mut v: Vec<_> = s.iter().map(|(k, v)| (*k, *v)).collect();
+        v.sort_by_key(|(k, _)| *k);
+        v
+    }
+
     pub(super) fn add_devices(&self, new: &[(DeviceId, Device)]) {
         if new.is_empty() {
             return;

@@ -25,11 +25,16 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use duckdb::Connection;
+use duckdb::arrow::array::{
+    ArrayRef, Float64Array, Int16Array, Int32Array, TimestampMicrosecondArray, UInt32Array,
+};
+use duckdb::arrow::datatypes::{DataType, Field, Schema, TimeUnit as ArrowTimeUnit};
+use duckdb::arrow::record_batch::RecordBatch;
 use duckdb::types::{TimeUnit, Value};
 use tokio::sync::{mpsc, oneshot};
 
 use super::{SeriesStats, Shared, StoreError};
-use crate::domain::{Batch, Device, DeviceId, SensorId, Timestamp};
+use crate::domain::{Batch, Device, DeviceId, Row, SensorId, Timestamp};
 
 /// Writer tuning.
 #[derive(Debug, Clone)]
@@ -281,12 +286,6 @@ impl State {
         })
     }
 
-    fn checkpoint(&self) -> Result<(), StoreError> {
-        let _span = tracing::info_span!("checkpoint").entered();
-        self.conn.execute_batch("CHECKPOINT")?;
-        Ok(())
-    }
-
     fn commit_group(&mut self, jobs: Vec<Job>) {
         if jobs.is_empty() {
             return;
@@ -401,72 +400,49 @@ impl State {
             }
         }
 
-        // 3. One transaction for the whole group.
-        self.conn.execute_batch("BEGIN TRANSACTION")?;
-        let stored_dups =
-            match self.write(jobs, &device_maps, &verdicts, maybe, (lo, hi), &new_devices) {
-                Ok(d) => d,
-                Err(e) => {
-                    self.conn.execute_batch("ROLLBACK").ok();
-                    return Err(e);
-                }
-            };
+        // 3. Column buffers for the Appender, built before the transaction opens.
+        let (fresh, staged) = split_columns(jobs, &device_maps, &verdicts, maybe);
 
-        // 4. Tally per request and per series.
-        let mut results = Vec::with_capacity(jobs.len());
-        let mut seq = 0usize;
-        for job in jobs {
-            let mut c = Committed::default();
-            for row in &job.batch.rows {
-                let stored = match verdicts[seq] {
-                    Verdict::Duplicate => false,
-                    Verdict::Fresh => true,
-                    Verdict::Maybe => !stored_dups.contains(&(seq as u32)),
-                };
-                if stored {
-                    c.accepted += 1;
-                    let acc = &mut keys[row_keys[seq] as usize];
-                    let d = acc.delta.get_or_insert(SeriesStats {
-                        readings: 0,
-                        first: row.ts,
-                        last: row.ts,
-                        last_value: row.value,
-                    });
-                    d.merge(&SeriesStats {
-                        readings: 1,
-                        first: row.ts,
-                        last: row.ts,
-                        last_value: row.value,
-                    });
-                } else {
-                    c.duplicates += 1;
-                }
-                seq += 1;
+        // 4. One transaction for the whole group: devices, dedupe of older rows, series
+        //    statistics, then the fresh rows.
+        let started = Instant::now();
+        self.conn.execute_batch("BEGIN TRANSACTION")?;
+        let in_tx = (|| {
+            self.insert_devices(&new_devices)?;
+            let stored_dups = if staged.is_empty() {
+                HashSet::new()
+            } else {
+                self.dedupe_staged(staged, lo, hi)?
+            };
+            let (results, updated) = tally(
+                jobs,
+                &verdicts,
+                &row_keys,
+                &mut keys,
+                &stored_dups,
+                &self.shared,
+            );
+            if !fresh.is_empty() {
+                let mut app = self.conn.appender("readings")?;
+                app.append_record_batch(fresh.into_record_batch(false)?)?;
+                app.flush()?;
             }
-            results.push(c);
-        }
-        let updated: Vec<((DeviceId, SensorId), SeriesStats)> = keys
-            .iter()
-            .filter_map(|k| {
-                let delta = k.delta?;
-                let merged = match self.shared.series(k.device, k.sensor) {
-                    Some(mut s) => {
-                        s.merge(&delta);
-                        s
-                    }
-                    None => delta,
-                };
-                Some(((k.device, k.sensor), merged))
-            })
-            .collect();
-        let finish = self.upsert_series(&updated).and_then(|()| {
+            let before_commit = Instant::now();
             self.conn.execute_batch("COMMIT")?;
-            Ok(())
-        });
-        if let Err(e) = finish {
-            self.conn.execute_batch("ROLLBACK").ok();
-            return Err(e);
-        }
+            tracing::debug!(
+                write_ms = (before_commit - started).as_secs_f64() * 1e3,
+                commit_ms = before_commit.elapsed().as_secs_f64() * 1e3,
+                "committed group"
+            );
+            Ok::<_, StoreError>((results, updated))
+        })();
+        let (results, updated) = match in_tx {
+            Ok(r) => r,
+            Err(e) => {
+                self.conn.execute_batch("ROLLBACK").ok();
+                return Err(e);
+            }
+        };
 
         // 5. Only now, with the data durable, show it to readers.
         self.next_device += new_devices.len() as u32;
@@ -475,110 +451,218 @@ impl State {
         Ok(results)
     }
 
-    /// Writes the group inside the open transaction; returns the `seq` of every
-    /// "maybe" row that turned out to be stored already.
-    fn write(
-        &self,
-        jobs: &[Job],
-        device_maps: &[Vec<DeviceId>],
-        verdicts: &[Verdict],
-        maybe: usize,
-        (lo, hi): (i64, i64),
-        new_devices: &[(DeviceId, Device)],
-    ) -> Result<HashSet<u32>, StoreError> {
+    fn insert_devices(&self, new_devices: &[(DeviceId, Device)]) -> Result<(), StoreError> {
         for (id, name) in new_devices {
             self.conn.execute(
                 "INSERT INTO devices VALUES (?, ?)",
                 duckdb::params![id.0 as i32, name.as_str()],
             )?;
         }
-        let mut dups = HashSet::new();
-        if maybe > 0 {
-            let _span = tracing::debug_span!("dedupe", rows = maybe).entered();
-            {
-                let mut app = self
-                    .conn
-                    .appender_to_catalog_and_db("staging", "temp", "main")?;
-                let mut seq = 0u32;
-                for (job, ids) in jobs.iter().zip(device_maps) {
-                    for row in &job.batch.rows {
-                        if verdicts[seq as usize] == Verdict::Maybe {
-                            app.append_row(duckdb::params![
-                                seq,
-                                ids[row.device as usize].0 as i32,
-                                row.sensor.0 as i16,
-                                Value::Timestamp(TimeUnit::Microsecond, row.ts.as_micros()),
-                                row.value,
-                            ])?;
-                        }
-                        seq += 1;
-                    }
-                }
-                app.flush()?;
-            }
-            // The range predicate on r.ts lets zone maps skip every row group outside
-            // the staged span; without it this is a scan of the whole table.
-            let sql = format!(
-                "DELETE FROM staging WHERE seq IN (
-                    SELECT s.seq FROM staging s JOIN readings r
-                      ON r.device_id = s.device_id AND r.sensor_id = s.sensor_id AND r.ts = s.ts
-                    WHERE r.ts BETWEEN {} AND {}
-                ) RETURNING seq",
-                sql_ts(lo),
-                sql_ts(hi)
-            );
-            let mut stmt = self.conn.prepare(&sql)?;
-            let mut rows = stmt.query([])?;
-            while let Some(r) = rows.next()? {
-                dups.insert(r.get::<_, u32>(0)?);
-            }
-            self.conn.execute_batch(
-                "INSERT INTO readings SELECT device_id, sensor_id, ts, value FROM staging;
-                 DELETE FROM staging;",
-            )?;
-        }
-        if maybe < verdicts.len() {
-            let mut app = self.conn.appender("readings")?;
-            let mut seq = 0usize;
-            for (job, ids) in jobs.iter().zip(device_maps) {
-                for row in &job.batch.rows {
-                    if verdicts[seq] == Verdict::Fresh {
-                        app.append_row(duckdb::params![
-                            ids[row.device as usize].0 as i32,
-                            row.sensor.0 as i16,
-                            Value::Timestamp(TimeUnit::Microsecond, row.ts.as_micros()),
-                            row.value,
-                        ])?;
-                    }
-                    seq += 1;
-                }
-            }
-            app.flush()?;
-        }
-        Ok(dups)
+        Ok(())
     }
 
-    fn upsert_series(
-        &self,
-        updated: &[((DeviceId, SensorId), SeriesStats)],
-    ) -> Result<(), StoreError> {
-        if updated.is_empty() {
-            return Ok(());
+    /// Inserts the "maybe" rows that are not stored yet; returns the `seq` of those
+    /// that were.
+    fn dedupe_staged(&self, staged: Columns, lo: i64, hi: i64) -> Result<HashSet<u32>, StoreError> {
+        let _span = tracing::debug_span!("dedupe", rows = staged.ts.len()).entered();
+        let mut app = self
+            .conn
+            .appender_to_catalog_and_db("staging", "temp", "main")?;
+        app.append_record_batch(staged.into_record_batch(true)?)?;
+        app.flush()?;
+        drop(app);
+        // The range predicate on r.ts lets zone maps skip every row group outside
+        // the staged span; without it this is a scan of the whole table.
+        let sql = format!(
+            "DELETE FROM staging WHERE seq IN (
+                SELECT s.seq FROM staging s JOIN readings r
+                  ON r.device_id = s.device_id AND r.sensor_id = s.sensor_id AND r.ts = s.ts
+                WHERE r.ts BETWEEN {} AND {}
+            ) RETURNING seq",
+            sql_ts(lo),
+            sql_ts(hi)
+        );
+        let mut dups = HashSet::new();
+        let mut stmt = self.conn.prepare(&sql)?;
+        let mut rows = stmt.query([])?;
+        while let Some(r) = rows.next()? {
+            dups.insert(r.get::<_, u32>(0)?);
         }
-        let mut stmt = self.conn.prepare_cached(
-            "INSERT OR REPLACE INTO series VALUES (?, ?, ?, make_timestamp(?), make_timestamp(?), ?)",
+        self.conn.execute_batch(
+            "INSERT INTO readings SELECT device_id, sensor_id, ts, value FROM staging;
+             DELETE FROM staging;",
         )?;
-        for ((device, sensor), s) in updated {
-            stmt.execute(duckdb::params![
-                device.0 as i32,
-                sensor.0 as i16,
-                s.readings as i64,
-                s.first.as_micros(),
-                s.last.as_micros(),
-                s.last_value,
-            ])?;
+        Ok(dups)
+    }
+    /// Writes the in-memory series statistics as the snapshot the next start reads,
+    /// then checkpoints. Called at shutdown, when no commit can follow.
+    fn checkpoint(&self) -> Result<(), StoreError> {
+        let _span = tracing::info_span!("checkpoint").entered();
+        let series = self.shared.all_series();
+        self.conn
+            .execute_batch("BEGIN TRANSACTION; DELETE FROM series;")?;
+        let written = (|| {
+            let mut app = self.conn.appender("series")?;
+            for ((device, sensor), s) in &series {
+                app.append_row(duckdb::params![
+                    device.0 as i32,
+                    sensor.0 as i16,
+                    s.readings as i64,
+                    Value::Timestamp(TimeUnit::Microsecond, s.first.as_micros()),
+                    Value::Timestamp(TimeUnit::Microsecond, s.last.as_micros()),
+                    s.last_value,
+                ])?;
+            }
+            app.flush()?;
+            drop(app);
+            self.conn.execute_batch(
+                "INSERT OR REPLACE INTO meta VALUES ('series_snapshot', 'valid'); COMMIT;",
+            )?;
+            Ok::<_, StoreError>(())
+        })();
+        if let Err(e) = written {
+            self.conn.execute_batch("ROLLBACK").ok();
+            return Err(e);
         }
+        self.conn.execute_batch("CHECKPOINT")?;
         Ok(())
+    }
+}
+
+/// Counts per request and the merged statistics of every series that got rows.
+fn tally(
+    jobs: &[Job],
+    verdicts: &[Verdict],
+    row_keys: &[u32],
+    keys: &mut [KeyAcc],
+    stored_dups: &HashSet<u32>,
+    shared: &Shared,
+) -> (Vec<Committed>, Vec<((DeviceId, SensorId), SeriesStats)>) {
+    let mut results = Vec::with_capacity(jobs.len());
+    let mut seq = 0usize;
+    for job in jobs {
+        let mut c = Committed::default();
+        for row in &job.batch.rows {
+            let stored = match verdicts[seq] {
+                Verdict::Duplicate => false,
+                Verdict::Fresh => true,
+                Verdict::Maybe => !stored_dups.contains(&(seq as u32)),
+            };
+            if stored {
+                c.accepted += 1;
+                let one = SeriesStats {
+                    readings: 1,
+                    first: row.ts,
+                    last: row.ts,
+                    last_value: row.value,
+                };
+                let acc = &mut keys[row_keys[seq] as usize];
+                match &mut acc.delta {
+                    Some(d) => d.merge(&one),
+                    None => acc.delta = Some(one),
+                }
+            } else {
+                c.duplicates += 1;
+            }
+            seq += 1;
+        }
+        results.push(c);
+    }
+    let updated = keys
+        .iter()
+        .filter_map(|k| {
+            let delta = k.delta?;
+            let merged = match shared.series(k.device, k.sensor) {
+                Some(mut s) => {
+                    s.merge(&delta);
+                    s
+                }
+                None => delta,
+            };
+            Some(((k.device, k.sensor), merged))
+        })
+        .collect();
+    (results, updated)
+}
+
+/// Splits the group's rows into fresh rows (appended directly) and "maybe" rows
+/// (staged for the anti-join); in-group duplicates go nowhere.
+fn split_columns(
+    jobs: &[Job],
+    device_maps: &[Vec<DeviceId>],
+    verdicts: &[Verdict],
+    maybe: usize,
+) -> (Columns, Columns) {
+    let mut fresh = Columns::with_capacity(verdicts.len() - maybe);
+    let mut staged = Columns::with_capacity(maybe);
+    let mut seq = 0usize;
+    for (job, ids) in jobs.iter().zip(device_maps) {
+        for row in &job.batch.rows {
+            match verdicts[seq] {
+                Verdict::Fresh => fresh.push(seq as u32, ids[row.device as usize], row),
+                Verdict::Maybe => staged.push(seq as u32, ids[row.device as usize], row),
+                Verdict::Duplicate => {}
+            }
+            seq += 1;
+        }
+    }
+    (fresh, staged)
+}
+
+/// Rows to append, column by column.
+struct Columns {
+    seq: Vec<u32>,
+    device: Vec<i32>,
+    sensor: Vec<i16>,
+    ts: Vec<i64>,
+    value: Vec<f64>,
+}
+
+impl Columns {
+    fn with_capacity(n: usize) -> Self {
+        Self {
+            seq: Vec::with_capacity(n),
+            device: Vec::with_capacity(n),
+            sensor: Vec::with_capacity(n),
+            ts: Vec::with_capacity(n),
+            value: Vec::with_capacity(n),
+        }
+    }
+
+    fn is_empty(&self) -> bool {
+        self.ts.is_empty()
+    }
+
+    fn push(&mut self, seq: u32, device: DeviceId, row: &Row) {
+        self.seq.push(seq);
+        self.device.push(device.0 as i32);
+        self.sensor.push(row.sensor.0 as i16);
+        self.ts.push(row.ts.as_micros());
+        self.value.push(row.value);
+    }
+
+    /// Columns in table order: `(seq,)? device_id, sensor_id, ts, value`.
+    fn into_record_batch(self, with_seq: bool) -> Result<RecordBatch, StoreError> {
+        let mut fields = Vec::with_capacity(5);
+        let mut arrays: Vec<ArrayRef> = Vec::with_capacity(5);
+        if with_seq {
+            fields.push(Field::new("seq", DataType::UInt32, false));
+            arrays.push(Arc::new(UInt32Array::from(self.seq)));
+        }
+        fields.push(Field::new("device_id", DataType::Int32, false));
+        arrays.push(Arc::new(Int32Array::from(self.device)));
+        fields.push(Field::new("sensor_id", DataType::Int16, false));
+        arrays.push(Arc::new(Int16Array::from(self.sensor)));
+        fields.push(Field::new(
+            "ts",
+            DataType::Timestamp(ArrowTimeUnit::Microsecond, None),
+            false,
+        ));
+        arrays.push(Arc::new(TimestampMicrosecondArray::from(self.ts)));
+        fields.push(Field::new("value", DataType::Float64, false));
+        arrays.push(Arc::new(Float64Array::from(self.value)));
+        RecordBatch::try_new(Arc::new(Schema::new(fields)), arrays)
+            .map_err(|e| StoreError::Config(format!("building an append batch: {e}")))
     }
 }
 
