@@ -21,7 +21,7 @@ use duckdb::{Config, Connection};
 
 pub use error::StoreError;
 pub use reader::{ReadStore, Reader};
-pub use state::{SeriesStats, Shared};
+pub use state::{SeriesEntry, SeriesStats, Shared};
 pub use writer::{Committed, PendingCommit, WriteError, Writer, WriterConfig, WriterHandle};
 
 use crate::domain::{Catalog, Device, DeviceId, Sensor, SensorId, SensorName, Timestamp};
@@ -155,7 +155,7 @@ fn open_duckdb(path: &Path, cfg: &StoreConfig) -> Result<Connection, StoreError>
 /// after a crash, recomputed from `readings` (one columnar scan). The snapshot is then
 /// marked stale until the next clean shutdown, so the writer never has to touch
 /// `series` per commit.
-fn load_series(conn: &Connection) -> Result<Vec<((DeviceId, SensorId), SeriesStats)>, StoreError> {
+fn load_series(conn: &Connection) -> Result<Vec<SeriesEntry>, StoreError> {
     let valid: Option<String> = conn
         .query_row(
             "SELECT value FROM meta WHERE key = 'series_snapshot'",

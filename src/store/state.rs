@@ -7,6 +7,9 @@ use std::sync::{Arc, RwLock};
 
 use crate::domain::{Catalog, Device, DeviceId, SensorId, Timestamp};
 
+/// A series and its statistics.
+pub type SeriesEntry = ((DeviceId, SensorId), SeriesStats);
+
 /// Count, span and newest value of one (device, sensor) series.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct SeriesStats {
@@ -49,7 +52,7 @@ impl Shared {
     pub(super) fn new(
         catalog: Catalog,
         devices: Vec<(DeviceId, Device)>,
-        series: Vec<((DeviceId, SensorId), SeriesStats)>,
+        series: Vec<SeriesEntry>,
     ) -> Self {
         let mut d = Devices::default();
         for (id, name) in devices {
@@ -113,7 +116,7 @@ impl Shared {
     }
 
     /// Statistics of every series.
-    pub fn all_series(&self) -> Vec<((DeviceId, SensorId), SeriesStats)> {
+    pub fn all_series(&self) -> Vec<SeriesEntry> {
         let s = self.series.read().expect("series lock");
         let mut v: Vec<_> = s.iter().map(|(k, v)| (*k, *v)).collect();
         v.sort_by_key(|(k, _)| *k);
@@ -131,7 +134,7 @@ impl Shared {
         }
     }
 
-    pub(super) fn set_series(&self, updated: &[((DeviceId, SensorId), SeriesStats)]) {
+    pub(super) fn set_series(&self, updated: &[SeriesEntry]) {
         let mut s = self.series.write().expect("series lock");
         for (k, v) in updated {
             s.insert(*k, *v);

@@ -33,7 +33,7 @@ use duckdb::arrow::record_batch::RecordBatch;
 use duckdb::types::{TimeUnit, Value};
 use tokio::sync::{mpsc, oneshot};
 
-use super::{SeriesStats, Shared, StoreError};
+use super::{SeriesEntry, SeriesStats, Shared, StoreError};
 use crate::domain::{Batch, Device, DeviceId, Row, SensorId, Timestamp};
 
 /// Writer tuning.
@@ -537,7 +537,7 @@ fn tally(
     keys: &mut [KeyAcc],
     stored_dups: &HashSet<u32>,
     shared: &Shared,
-) -> (Vec<Committed>, Vec<((DeviceId, SensorId), SeriesStats)>) {
+) -> (Vec<Committed>, Vec<SeriesEntry>) {
     let mut results = Vec::with_capacity(jobs.len());
     let mut seq = 0usize;
     for job in jobs {
