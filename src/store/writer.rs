@@ -409,10 +409,11 @@ impl State {
         self.conn.execute_batch("BEGIN TRANSACTION")?;
         let in_tx = (|| {
             self.insert_devices(&new_devices)?;
+            let mut fresh = fresh;
             let stored_dups = if staged.is_empty() {
                 HashSet::new()
             } else {
-                self.dedupe_staged(staged, lo, hi)?
+                self.dedupe_staged(&staged, &mut fresh, lo, hi)?
             };
             let (results, updated) = tally(
                 jobs,
@@ -424,7 +425,7 @@ impl State {
             );
             if !fresh.is_empty() {
                 let mut app = self.conn.appender("readings")?;
-                app.append_record_batch(fresh.into_record_batch(false)?)?;
+                app.append_record_batch(fresh.record_batch(false)?)?;
                 app.flush()?;
             }
             let before_commit = Instant::now();
@@ -461,24 +462,28 @@ impl State {
         Ok(())
     }
 
-    /// Inserts the "maybe" rows that are not stored yet; returns the `seq` of those
-    /// that were.
-    fn dedupe_staged(&self, staged: Columns, lo: i64, hi: i64) -> Result<HashSet<u32>, StoreError> {
+    /// Checks the "maybe" rows against stored readings: those not stored yet move to
+    /// `fresh`; returns the `seq` of those that were.
+    fn dedupe_staged(
+        &self,
+        staged: &Columns,
+        fresh: &mut Columns,
+        lo: i64,
+        hi: i64,
+    ) -> Result<HashSet<u32>, StoreError> {
         let _span = tracing::debug_span!("dedupe", rows = staged.ts.len()).entered();
         let mut app = self
             .conn
             .appender_to_catalog_and_db("staging", "temp", "main")?;
-        app.append_record_batch(staged.into_record_batch(true)?)?;
+        app.append_record_batch(staged.record_batch(true)?)?;
         app.flush()?;
         drop(app);
         // The range predicate on r.ts lets zone maps skip every row group outside
         // the staged span; without it this is a scan of the whole table.
         let sql = format!(
-            "DELETE FROM staging WHERE seq IN (
-                SELECT s.seq FROM staging s JOIN readings r
-                  ON r.device_id = s.device_id AND r.sensor_id = s.sensor_id AND r.ts = s.ts
-                WHERE r.ts BETWEEN {} AND {}
-            ) RETURNING seq",
+            "SELECT s.seq FROM staging s SEMI JOIN readings r
+               ON r.device_id = s.device_id AND r.sensor_id = s.sensor_id AND r.ts = s.ts
+              AND r.ts BETWEEN {} AND {}",
             sql_ts(lo),
             sql_ts(hi)
         );
@@ -488,12 +493,21 @@ impl State {
         while let Some(r) = rows.next()? {
             dups.insert(r.get::<_, u32>(0)?);
         }
-        self.conn.execute_batch(
-            "INSERT INTO readings SELECT device_id, sensor_id, ts, value FROM staging;
-             DELETE FROM staging;",
-        )?;
+        self.conn.execute_batch("DELETE FROM staging")?;
+        for i in 0..staged.ts.len() {
+            if !dups.contains(&staged.seq[i]) {
+                fresh.push_raw(
+                    staged.seq[i],
+                    staged.device[i],
+                    staged.sensor[i],
+                    staged.ts[i],
+                    staged.value[i],
+                );
+            }
+        }
         Ok(dups)
     }
+
     /// Writes the in-memory series statistics as the snapshot the next start reads,
     /// then checkpoints. Called at shutdown, when no commit can follow.
     fn checkpoint(&self) -> Result<(), StoreError> {
@@ -634,33 +648,43 @@ impl Columns {
     }
 
     fn push(&mut self, seq: u32, device: DeviceId, row: &Row) {
+        self.push_raw(
+            seq,
+            device.0 as i32,
+            row.sensor.0 as i16,
+            row.ts.as_micros(),
+            row.value,
+        );
+    }
+
+    fn push_raw(&mut self, seq: u32, device: i32, sensor: i16, ts: i64, value: f64) {
         self.seq.push(seq);
-        self.device.push(device.0 as i32);
-        self.sensor.push(row.sensor.0 as i16);
-        self.ts.push(row.ts.as_micros());
-        self.value.push(row.value);
+        self.device.push(device);
+        self.sensor.push(sensor);
+        self.ts.push(ts);
+        self.value.push(value);
     }
 
     /// Columns in table order: `(seq,)? device_id, sensor_id, ts, value`.
-    fn into_record_batch(self, with_seq: bool) -> Result<RecordBatch, StoreError> {
+    fn record_batch(&self, with_seq: bool) -> Result<RecordBatch, StoreError> {
         let mut fields = Vec::with_capacity(5);
         let mut arrays: Vec<ArrayRef> = Vec::with_capacity(5);
         if with_seq {
             fields.push(Field::new("seq", DataType::UInt32, false));
-            arrays.push(Arc::new(UInt32Array::from(self.seq)));
+            arrays.push(Arc::new(UInt32Array::from(self.seq.clone())));
         }
         fields.push(Field::new("device_id", DataType::Int32, false));
-        arrays.push(Arc::new(Int32Array::from(self.device)));
+        arrays.push(Arc::new(Int32Array::from(self.device.clone())));
         fields.push(Field::new("sensor_id", DataType::Int16, false));
-        arrays.push(Arc::new(Int16Array::from(self.sensor)));
+        arrays.push(Arc::new(Int16Array::from(self.sensor.clone())));
         fields.push(Field::new(
             "ts",
             DataType::Timestamp(ArrowTimeUnit::Microsecond, None),
             false,
         ));
-        arrays.push(Arc::new(TimestampMicrosecondArray::from(self.ts)));
+        arrays.push(Arc::new(TimestampMicrosecondArray::from(self.ts.clone())));
         fields.push(Field::new("value", DataType::Float64, false));
-        arrays.push(Arc::new(Float64Array::from(self.value)));
+        arrays.push(Arc::new(Float64Array::from(self.value.clone())));
         RecordBatch::try_new(Arc::new(Schema::new(fields)), arrays)
             .map_err(|e| StoreError::Config(format!("building an append batch: {e}")))
     }
