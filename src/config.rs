@@ -26,6 +26,8 @@ pub struct Cli {
 pub enum Command {
     /// Run the server: ingest, HTTP API, background jobs.
     Serve(ServeArgs),
+    /// Diagnose a data directory that does not open, and offer the safe steps.
+    Recover(crate::cli::recover::RecoverArgs),
     /// Print the OpenAPI document of the public API.
     Openapi,
     /// Measure ingest and query speed against DuckDB's own load (see docs/performance.md).

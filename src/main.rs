@@ -8,7 +8,6 @@ async fn main() -> std::process::ExitCode {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!("{e:#}");
-            eprintln!("milepost: {e:#}");
             std::process::ExitCode::FAILURE
         }
     }

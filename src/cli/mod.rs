@@ -1,5 +1,7 @@
 //! Subcommand dispatch and process-wide setup (logging).
 
+pub mod recover;
+
 use tracing_subscriber::EnvFilter;
 
 use crate::app::{Server, ShutdownSignal};
@@ -32,6 +34,10 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             server.wait().await
         }
         Command::Bench(args) => crate::bench::run(args).await.map(|_| ()),
+        Command::Recover(args) => match recover::run(&args)? {
+            recover::Recovery::Healthy => Ok(()),
+            recover::Recovery::NeedsAction => anyhow::bail!("the database needs the steps above"),
+        },
         Command::Openapi => {
             println!("{}", crate::api::openapi_json());
             Ok(())

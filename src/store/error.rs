@@ -61,9 +61,10 @@ fn open_message(path: &std::path::Path, wal: bool, message: &str) -> String {
         s.push_str(&format!(
             " A write-ahead log ({}.wal) is present: if DuckDB failed replaying it after a crash, \
              everything up to the last checkpoint is intact in the database file. \
-             Milepost has not modified or deleted anything. Run `milepost recover --data-dir <dir>` \
-             for the safe steps (it keeps a copy of the log).",
-            path.display()
+             Milepost has not modified or deleted anything. Run `milepost recover --data-dir {}` \
+             for the safe steps (it keeps the log).",
+            path.display(),
+            path.parent().unwrap_or(path).display()
         ));
     } else {
         s.push_str(" Milepost has not modified or deleted anything.");

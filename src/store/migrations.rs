@@ -38,7 +38,8 @@ pub fn apply(conn: &Connection) -> Result<(), StoreError> {
             known: latest_version(),
         });
     }
-    for &(version, name, sql) in MIGRATIONS.iter().filter(|m| m.0 > current) {
+    let pending: Vec<_> = MIGRATIONS.iter().filter(|m| m.0 > current).collect();
+    for &&(version, name, sql) in &pending {
         let _span = tracing::info_span!("migration", version, name).entered();
         conn.execute_batch("BEGIN TRANSACTION")?;
         let applied = conn.execute_batch(sql).and_then(|()| {
@@ -55,6 +56,11 @@ pub fn apply(conn: &Connection) -> Result<(), StoreError> {
             }
         }
         tracing::info!(version, name, "applied migration");
+    }
+    if !pending.is_empty() {
+        // The schema goes into the database file now, not only into the write-ahead
+        // log: if a later log cannot be replayed, the schema is not lost with it.
+        conn.execute_batch("CHECKPOINT")?;
     }
     Ok(())
 }

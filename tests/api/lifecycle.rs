@@ -162,3 +162,72 @@ async fn restart_keeps_everything() {
     let (_, l) = app.get("/api/statistics/latest").await;
     assert_eq!(l["speed"], 2999.0);
 }
+
+#[tokio::test]
+async fn an_unreplayable_wal_stops_start_up_and_recover_offers_the_safe_step() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut p = start_binary(dir.path());
+    let client = reqwest::Client::new();
+    let (status, _) = ingest(&client, &p.base, batch(0, 5000)).await.unwrap();
+    assert_eq!(status, StatusCode::OK);
+    p.child.kill().unwrap();
+    p.child.wait().unwrap();
+    let wal = dir.path().join("milepost.duckdb.wal");
+    let mut bytes = std::fs::read(&wal).expect("a crash leaves the write-ahead log");
+    let mid = bytes.len() / 3;
+    for b in &mut bytes[mid..mid + 64] {
+        *b ^= 0xff;
+    }
+    std::fs::write(&wal, &bytes).unwrap();
+    let before = std::fs::read(dir.path().join("milepost.duckdb")).unwrap();
+
+    let bin = env!("CARGO_BIN_EXE_milepost");
+    let run = |args: &[&str]| {
+        let out = Command::new(bin)
+            .args(args)
+            .arg("--data-dir")
+            .arg(dir.path())
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).to_string()
+            + &String::from_utf8_lossy(&out.stderr);
+        (out.status.success(), text)
+    };
+    let (ok, text) = run(&["serve", "--listen", "127.0.0.1:0", "--api-key", KEY]);
+    assert!(!ok, "start-up must stop: {text}");
+    assert!(
+        text.contains("write-ahead log") && text.contains("milepost recover"),
+        "{text}"
+    );
+    // Nothing was touched.
+    assert_eq!(std::fs::read(&wal).unwrap(), bytes);
+    assert_eq!(
+        std::fs::read(dir.path().join("milepost.duckdb")).unwrap(),
+        before
+    );
+
+    let (ok, text) = run(&["recover"]);
+    assert!(!ok);
+    assert!(
+        text.contains("--move-wal") && text.contains("Back up"),
+        "{text}"
+    );
+    assert!(wal.exists(), "diagnosis alone changes nothing");
+
+    let (ok, text) = run(&["recover", "--move-wal"]);
+    assert!(ok, "{text}");
+    assert!(!wal.exists());
+    let kept = std::fs::read_dir(dir.path())
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .any(|e| {
+            e.file_name()
+                .to_string_lossy()
+                .contains("wal.unreplayable-")
+        });
+    assert!(kept, "the log is renamed, never deleted");
+
+    let app = TestApp::spawn_in(dir, |_| {}).await;
+    let (status, _) = app.ingest(batch(0, 5000)).await;
+    assert_eq!(status, StatusCode::OK, "devices can re-send what was lost");
+}

@@ -1,0 +1,124 @@
+//! `milepost recover`: diagnose a data directory that will not open, and, only when
+//! asked, take the one safe step that usually gets it running again.
+//!
+//! DuckDB can fail to replay its write-ahead log after a crash. Everything up to the
+//! last checkpoint is then intact in the database file; what the log holds is the
+//! readings since. Milepost never deletes or rewrites these files on its own.
+
+use std::path::{Path, PathBuf};
+
+use clap::Args;
+use duckdb::{AccessMode, Config, Connection};
+
+use crate::store::DB_FILE;
+
+/// `milepost recover` options.
+#[derive(Debug, Clone, Args)]
+pub struct RecoverArgs {
+    /// Data directory to examine.
+    #[arg(long, env = "MILEPOST_DATA_DIR", default_value = "./milepost-data")]
+    pub data_dir: PathBuf,
+    /// Move an unreplayable write-ahead log aside (renamed, never deleted) so the
+    /// database opens at its last checkpoint.
+    #[arg(long)]
+    pub move_wal: bool,
+}
+
+/// Outcome, for the exit code.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Recovery {
+    /// The database opens.
+    Healthy,
+    /// It does not; the report says what to do.
+    NeedsAction,
+}
+
+fn try_open(db: &Path) -> Result<(), String> {
+    let config = Config::default()
+        .access_mode(AccessMode::ReadOnly)
+        .and_then(|c| c.with("autoinstall_known_extensions", "false"))
+        .and_then(|c| c.with("autoload_known_extensions", "false"))
+        .map_err(|e| e.to_string())?;
+    let conn = Connection::open_with_flags(db, config).map_err(|e| e.to_string())?;
+    conn.query_row("SELECT count(*) FROM duckdb_tables()", [], |r| {
+        r.get::<_, i64>(0)
+    })
+    .map(|_| ())
+    .map_err(|e| e.to_string())
+}
+
+/// Examines `args.data_dir`, prints what it found and what to do.
+pub fn run(args: &RecoverArgs) -> anyhow::Result<Recovery> {
+    let dir = &args.data_dir;
+    let db = dir.join(DB_FILE);
+    let wal = dir.join(format!("{DB_FILE}.wal"));
+    if !db.exists() {
+        println!(
+            "{} does not exist: nothing to recover (a new database is created on start).",
+            db.display()
+        );
+        return Ok(Recovery::Healthy);
+    }
+    let lock = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(dir.join("milepost.lock"));
+    if let Ok(f) = &lock
+        && f.try_lock().is_err()
+    {
+        anyhow::bail!(
+            "a milepost process is using {}: stop it first",
+            dir.display()
+        );
+    }
+    match try_open(&db) {
+        Ok(()) => {
+            println!("{} opens cleanly: nothing to recover.", db.display());
+            return Ok(Recovery::Healthy);
+        }
+        Err(e) => println!("DuckDB cannot open {}:\n  {e}\n", db.display()),
+    }
+    if !wal.exists() {
+        println!(
+            "There is no write-ahead log, so the database file itself is damaged. Milepost \
+             changed nothing. Restore {} from a backup, or start with a new data directory \
+             and re-import the daily dumps or let devices replay their buffers.",
+            db.display()
+        );
+        return Ok(Recovery::NeedsAction);
+    }
+    let aside = wal.with_extension(format!(
+        "wal.unreplayable-{}",
+        chrono::Utc::now().format("%Y%m%dT%H%M%SZ")
+    ));
+    if !args.move_wal {
+        println!(
+            "A write-ahead log is present ({}). If DuckDB failed replaying it, everything up \
+             to the last checkpoint is intact in the database file; the log holds the \
+             readings written since.\n\nSafe steps:\n  1. Back up the directory: cp -a {dir} {dir}.backup\n  \
+             2. Run `milepost recover --data-dir {dir} --move-wal`: the log is renamed to \
+             {}, never deleted, and the database opens at its last checkpoint.\n  \
+             3. Ask devices to re-send their buffered readings for the lost period (duplicates \
+             are dropped, so re-sending everything is safe).",
+            wal.display(),
+            aside.display(),
+            dir = dir.display()
+        );
+        return Ok(Recovery::NeedsAction);
+    }
+    std::fs::rename(&wal, &aside)?;
+    println!("Moved the write-ahead log to {}.", aside.display());
+    match try_open(&db) {
+        Ok(()) => {
+            println!("The database now opens at its last checkpoint. Start milepost again.");
+            Ok(Recovery::Healthy)
+        }
+        Err(e) => {
+            println!(
+                "The database still does not open ({e}); the file itself is damaged. \
+                 Restore it from a backup."
+            );
+            Ok(Recovery::NeedsAction)
+        }
+    }
+}
