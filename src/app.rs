@@ -12,7 +12,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::api::{self, ApiKeys, AppState, Limits};
 use crate::config::ServeArgs;
-use crate::store::{Store, StoreConfig, WriterConfig};
+use crate::store::{Store, WriterConfig, WriterHandle};
 
 /// A running server.
 pub struct Server {
@@ -25,11 +25,7 @@ impl Server {
     /// Opens the database, starts the writer and binds the listener. Returns once the
     /// server accepts connections.
     pub async fn start(args: ServeArgs) -> anyhow::Result<Self> {
-        let storage = StoreConfig {
-            data_dir: args.storage.data_dir.clone(),
-            memory_limit: args.storage.memory_limit.clone(),
-            threads: args.storage.threads,
-        };
+        let storage = args.storage.store_config();
         let store = tokio::task::spawn_blocking(move || Store::open(&storage))
             .await
             .context("opening the database")??;
@@ -73,10 +69,20 @@ impl Server {
         let token = shutdown.clone();
         let app = api::app(state, args.dashboard_dir.clone());
         let grace = args.shutdown_timeout;
+        let compactor = (!args.compact_interval.is_zero()).then(|| {
+            tokio::spawn(compact_periodically(
+                writer.handle(),
+                args.compact_interval,
+                shutdown.clone(),
+            ))
+        });
         let task = tokio::spawn(async move {
             let served = poem::Server::new_with_acceptor(acceptor)
                 .run_with_graceful_shutdown(app, token.cancelled_owned(), Some(grace))
                 .await;
+            if let Some(c) = compactor {
+                c.await.ok();
+            }
             tracing::info!("HTTP listener stopped; draining the writer");
             let drained = writer.shutdown().await;
             served.context("HTTP server failed")?;
@@ -110,6 +116,35 @@ impl Server {
     pub async fn stop(self) -> anyhow::Result<()> {
         self.shutdown.cancel();
         self.wait().await
+    }
+}
+
+/// Asks the writer to compact finished days every `every`, until `stop`.
+async fn compact_periodically(
+    writer: WriterHandle,
+    every: std::time::Duration,
+    stop: CancellationToken,
+) {
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    tick.tick().await; // the first tick is immediate: leave start-up alone
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tick.tick() => {
+                // One day per writer turn, so ingest keeps flowing in between.
+                loop {
+                    match writer.compact().await {
+                        Ok(done) if done.days > 0 && !stop.is_cancelled() => continue,
+                        Ok(_) => break,
+                        Err(e) => {
+                            tracing::error!(error = %e, "compaction failed");
+                            break;
+                        }
+                    }
+                }
+            }
+        }
     }
 }
 

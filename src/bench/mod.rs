@@ -92,6 +92,15 @@ pub struct Report {
     pub db_bytes: u64,
     /// `db_bytes / readings`.
     pub bytes_per_reading: f64,
+    /// Used blocks of the database after compacting every finished day, bytes (the
+    /// file keeps the freed blocks of the unsorted copies for later writes).
+    pub db_bytes_compacted: u64,
+    /// File size after compaction, bytes.
+    pub db_file_bytes_compacted: u64,
+    /// `db_bytes_compacted / readings`.
+    pub bytes_per_reading_compacted: f64,
+    /// Time to compact every finished day (`milepost compact`), seconds.
+    pub compact_seconds: f64,
     /// Server start-up to ready on the loaded file, ms.
     pub restart_ms: f64,
     /// HTTP plain ingest readings/s divided by the native limit.
@@ -145,9 +154,27 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<Report> {
     phases.extend(queries(&server.base, &gen_, args.query_runs).await?);
     let peak_rss = server.peak_rss_mib();
     server.stop()?;
-    let db_bytes = std::fs::metadata(work.join("http").join(crate::store::DB_FILE))?.len();
+    let db_path = work.join("http").join(crate::store::DB_FILE);
+    let db_bytes = std::fs::metadata(&db_path)?.len();
 
-    eprintln!("bench: restart on the loaded file");
+    eprintln!("bench: compacting finished days");
+    let compaction = {
+        let cfg = crate::store::StoreConfig {
+            data_dir: work.join("http"),
+            memory_limit: args.memory_limit.clone(),
+            threads: 2,
+        };
+        tokio::task::spawn_blocking(move || {
+            let store = crate::store::Store::open(&cfg)?;
+            let done = store.compact()?;
+            Ok::<_, crate::store::StoreError>((done, store.used_bytes()?))
+        })
+        .await??
+    };
+    let (compaction, db_bytes_compacted) = compaction;
+    let db_file_bytes_compacted = std::fs::metadata(&db_path)?.len();
+
+    eprintln!("bench: restart on the loaded, compacted file");
     let started = Instant::now();
     let server = BenchServer::start(&work.join("http"), &args.memory_limit)?;
     let restart_ms = started.elapsed().as_secs_f64() * 1e3;
@@ -166,6 +193,10 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<Report> {
         server_peak_rss_mib: peak_rss,
         db_bytes,
         bytes_per_reading: db_bytes as f64 / gen_.total as f64,
+        db_bytes_compacted,
+        db_file_bytes_compacted,
+        bytes_per_reading_compacted: db_bytes_compacted as f64 / gen_.total as f64,
+        compact_seconds: compaction.elapsed.as_secs_f64(),
         restart_ms,
         ratio_http_to_native: plain.readings_per_sec / native.readings_per_sec,
     };
@@ -214,6 +245,14 @@ fn print_report(r: &Report) {
         r.db_bytes as f64 / (1 << 20) as f64,
         r.bytes_per_reading,
         r.restart_ms
+    );
+    println!(
+        "compacted (sorted finished days) in {:.2} s: data {:.1} MiB = {:.2} bytes/reading \
+         (file {:.1} MiB; freed blocks are reused by later writes)",
+        r.compact_seconds,
+        r.db_bytes_compacted as f64 / (1 << 20) as f64,
+        r.bytes_per_reading_compacted,
+        r.db_file_bytes_compacted as f64 / (1 << 20) as f64,
     );
     println!("http_ingest / native_limit = {:.2}", r.ratio_http_to_native);
 }

@@ -34,6 +34,17 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             server.wait().await
         }
         Command::Bench(args) => crate::bench::run(args).await.map(|_| ()),
+        Command::Compact(storage) => {
+            let store = crate::store::Store::open(&storage.store_config())?;
+            let done = tokio::task::spawn_blocking(move || store.compact()).await??;
+            println!(
+                "compacted {} day(s), {} readings, in {:.2} s",
+                done.days,
+                done.readings,
+                done.elapsed.as_secs_f64()
+            );
+            Ok(())
+        }
         Command::Recover(args) => match recover::run(&args)? {
             recover::Recovery::Healthy => Ok(()),
             recover::Recovery::NeedsAction => anyhow::bail!("the database needs the steps above"),

@@ -6,6 +6,7 @@
 //! [`Writer`] thread, which owns the write connection, and a [`Reader`] with its own
 //! pool of connections. Everything outside sees typed functions.
 
+mod compact;
 mod error;
 mod migrations;
 mod reader;
@@ -19,6 +20,7 @@ use std::sync::Arc;
 
 use duckdb::{Config, Connection};
 
+pub use compact::Compaction;
 pub use error::StoreError;
 pub use reader::{ReadStore, Reader};
 pub use state::{SeriesEntry, SeriesStats, Shared};
@@ -83,6 +85,21 @@ impl Store {
     /// Path of the DuckDB file.
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// Compacts finished days (for `milepost compact`, with no server running).
+    pub fn compact(&self) -> Result<Compaction, StoreError> {
+        compact::compact_finished_days(&self.conn, chrono::Utc::now().date_naive(), usize::MAX)
+    }
+
+    /// Bytes of the file that hold data: used blocks times block size. The file itself
+    /// does not shrink; freed blocks are reused by later writes.
+    pub fn used_bytes(&self) -> Result<u64, StoreError> {
+        Ok(self.conn.query_row(
+            "SELECT used_blocks * block_size FROM pragma_database_size()",
+            [],
+            |r| r.get::<_, i64>(0),
+        )? as u64)
     }
 
     /// A reader with `pool` connections at most idle.

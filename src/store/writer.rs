@@ -33,6 +33,7 @@ use duckdb::arrow::record_batch::RecordBatch;
 use duckdb::types::{TimeUnit, Value};
 use tokio::sync::{mpsc, oneshot};
 
+use super::compact::{self, Compaction};
 use super::{SeriesEntry, SeriesStats, Shared, StoreError};
 use crate::domain::{Batch, Device, DeviceId, Row, SensorId, Timestamp};
 
@@ -83,6 +84,7 @@ pub enum WriteError {
 
 enum Msg {
     Append(Job),
+    Compact(oneshot::Sender<Result<Compaction, StoreError>>),
     Shutdown(oneshot::Sender<Result<(), StoreError>>),
 }
 
@@ -124,6 +126,17 @@ impl WriterHandle {
     /// Submits a batch and waits for its commit.
     pub async fn append(&self, batch: Batch) -> Result<Committed, WriteError> {
         self.submit(batch).await?.wait().await
+    }
+
+    /// Compacts one finished day between commits (see [`super::compact`]); call
+    /// again while it reports a day done.
+    pub async fn compact(&self) -> Result<Compaction, StoreError> {
+        let (reply, rx) = oneshot::channel();
+        self.tx
+            .send(Msg::Compact(reply))
+            .await
+            .map_err(|_| StoreError::WriterGone)?;
+        rx.await.unwrap_or(Err(StoreError::WriterGone))
     }
 
     /// True while the writer thread accepts work.
@@ -199,31 +212,34 @@ fn run(mut state: State, mut rx: mpsc::Receiver<Msg>, max_rows: usize) {
     while let Some(first) = rx.blocking_recv() {
         let mut group = Vec::new();
         let mut shutdown = None;
+        let mut compact = None;
         let mut rows = 0;
-        match first {
-            Msg::Append(job) => {
-                rows += job.batch.len();
-                group.push(job);
-            }
-            Msg::Shutdown(ack) => shutdown = Some(ack),
-        }
-        while shutdown.is_none() && rows < max_rows {
-            match rx.try_recv() {
-                Ok(Msg::Append(job)) => {
+        let mut next = Some(first);
+        while let Some(msg) = next.take() {
+            match msg {
+                Msg::Append(job) => {
                     rows += job.batch.len();
                     group.push(job);
                 }
-                Ok(Msg::Shutdown(ack)) => shutdown = Some(ack),
-                Err(_) => break,
+                Msg::Compact(reply) => compact = Some(reply),
+                Msg::Shutdown(ack) => shutdown = Some(ack),
+            }
+            if shutdown.is_none() && compact.is_none() && rows < max_rows {
+                next = rx.try_recv().ok();
             }
         }
         state.commit_group(group);
+        if let Some(reply) = compact {
+            let today = chrono::Utc::now().date_naive();
+            let _ = reply.send(compact::compact_finished_days(&state.conn, today, 1));
+        }
         if let Some(ack) = shutdown {
             rx.close();
             let mut rest = Vec::new();
             while let Ok(msg) = rx.try_recv() {
                 match msg {
                     Msg::Append(job) => rest.push(job),
+                    Msg::Compact(reply) => drop(reply.send(Err(StoreError::WriterGone))),
                     Msg::Shutdown(other) => drop(other.send(Ok(()))),
                 }
             }
