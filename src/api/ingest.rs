@@ -85,7 +85,8 @@ pub enum IngestResponse {
     /// Missing or invalid API key.
     #[oai(status = 401)]
     Unauthorized(Json<ErrorBody>, #[oai(header = "WWW-Authenticate")] String),
-    /// Body larger than the configured limit; lines before the limit were stored.
+    /// Body larger than the configured limit (lines before the limit were stored), or
+    /// lines longer than the line limit (listed in `errors`; all other lines stored).
     #[oai(status = 413)]
     TooLarge(Json<IngestSummary>),
     /// Content type or encoding not supported.
@@ -344,6 +345,7 @@ impl Ingestion<'_> {
         match failure {
             Some((true, _)) => IngestResponse::TooLarge(Json(done)),
             Some((false, _)) => IngestResponse::Rejected(Json(done)),
+            None if self.parser.oversize_lines() > 0 => IngestResponse::TooLarge(Json(done)),
             None if done.rejected > 0 => IngestResponse::Rejected(Json(done)),
             None => IngestResponse::Ok(Json(done)),
         }

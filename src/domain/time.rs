@@ -51,7 +51,7 @@ impl Timestamp {
             return Err(TimestampError::Zero);
         }
         if t > latest {
-            let skew = (latest.0 - Self::now().0).max(0) / MICROS_PER_SEC;
+            let skew = ((latest.0 - Self::now().0).max(0) + MICROS_PER_SEC - 1) / MICROS_PER_SEC;
             return Err(TimestampError::Future(skew));
         }
         Ok(t)

@@ -712,3 +712,87 @@ pub(super) fn sql_ts(micros: i64) -> String {
     let t = Timestamp::from_micros(micros).to_datetime();
     format!("TIMESTAMP '{}'", t.format("%Y-%m-%d %H:%M:%S%.6f"))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::domain::{Device, Row, SensorId, Timestamp};
+    use crate::store::{Store, StoreConfig};
+
+    fn batch(from: i64, n: i64) -> Batch {
+        Batch {
+            devices: vec![Device::default_device()],
+            rows: (from..from + n)
+                .map(|i| Row {
+                    device: 0,
+                    sensor: SensorId(1),
+                    ts: Timestamp::from_micros(1_600_000_000_000_000 + i * 1000),
+                    value: i as f64,
+                })
+                .collect(),
+        }
+    }
+
+    fn writer(dir: &std::path::Path, cfg: WriterConfig) -> Writer {
+        let store = Store::open(&StoreConfig {
+            data_dir: dir.to_owned(),
+            memory_limit: "128MB".into(),
+            threads: 1,
+        })
+        .unwrap();
+        store.start_writer(cfg).unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_full_queue_answers_overloaded_instead_of_waiting_forever() {
+        let dir = tempfile::tempdir().unwrap();
+        let w = writer(
+            dir.path(),
+            WriterConfig {
+                queue_capacity: 1,
+                queue_timeout: Duration::from_millis(5),
+                max_group_rows: 1,
+            },
+        );
+        let h = w.handle();
+        // A big batch keeps the writer busy for a while; one more fills the queue.
+        let busy = h.submit(batch(0, 3_000_000)).await.unwrap();
+        let queued = loop {
+            // The writer may not have taken the first batch off the queue yet.
+            match h.submit(batch(3_000_000, 10)).await {
+                Ok(p) => break p,
+                Err(WriteError::Overloaded) => tokio::task::yield_now().await,
+                Err(e) => panic!("{e}"),
+            }
+        };
+        let third = h.submit(batch(4_000_000, 10)).await;
+        assert!(
+            matches!(third, Err(WriteError::Overloaded)),
+            "queue full must not block"
+        );
+        assert_eq!(busy.wait().await.unwrap().accepted, 3_000_000);
+        assert_eq!(queued.wait().await.unwrap().accepted, 10);
+        w.shutdown().await.unwrap();
+        assert!(matches!(
+            h.submit(batch(0, 1)).await,
+            Err(WriteError::Stopped)
+        ));
+    }
+
+    #[tokio::test]
+    async fn group_commit_dedupes_across_requests_first_write_wins() {
+        let dir = tempfile::tempdir().unwrap();
+        let w = writer(dir.path(), WriterConfig::default());
+        let h = w.handle();
+        let mut first = batch(0, 100);
+        first.rows[5].value = -1.0;
+        let a = h.submit(first).await.unwrap();
+        let b = h.submit(batch(50, 100)).await.unwrap(); // 50 overlap
+        let (a, b) = (a.wait().await.unwrap(), b.wait().await.unwrap());
+        assert_eq!((a.accepted, a.duplicates), (100, 0));
+        assert_eq!((b.accepted, b.duplicates), (50, 50));
+        let again = h.append(batch(0, 150)).await.unwrap();
+        assert_eq!((again.accepted, again.duplicates), (0, 150));
+        w.shutdown().await.unwrap();
+    }
+}
