@@ -176,7 +176,15 @@ impl StreamParser {
     }
 
     fn reading(&mut self, line: &[u8]) -> Result<(), String> {
-        let wire: Wire<'_> = serde_json::from_slice(line).map_err(describe_json_error)?;
+        if line.trim_ascii_start().first() != Some(&b'{') {
+            return Err(
+                "a reading must be a JSON object: {\"sensor\": …, \"value\": …, \"timestamp\": …}"
+                    .into(),
+            );
+        }
+        // sonic-rs: SIMD JSON with serde support, about twice serde_json's speed here;
+        // it validates UTF-8 like serde_json.
+        let wire: Wire<'_> = sonic_rs::from_slice(line).map_err(describe_json_error)?;
         let sensor = self
             .catalog
             .get(&wire.sensor)
@@ -224,14 +232,14 @@ fn device_index(batch: &mut Batch, last: &mut u16, device: &str) -> Result<u16, 
     Ok(i)
 }
 
-fn describe_json_error(e: serde_json::Error) -> String {
-    use serde_json::error::Category;
+fn describe_json_error(e: sonic_rs::Error) -> String {
+    use sonic_rs::error::Category;
     let kind = match e.classify() {
-        Category::Data => "invalid reading",
         Category::Eof => "malformed JSON (line ends early)",
         Category::Syntax | Category::Io => "malformed JSON",
+        _ => "invalid reading",
     };
-    // serde_json appends "at line 1 column N"; the line is ours to number.
+    // The parser appends "at line 1 column N"; the line is ours to number.
     let msg = e.to_string();
     let msg = msg.split(" at line ").next().unwrap_or(&msg);
     format!("{kind}: {msg} (column {})", e.column())
@@ -336,7 +344,7 @@ mod tests {
             r#"{"sensor":"location_latitude","value":91,"timestamp":"2020-01-01T00:00:06Z"}"#,
             r#"{"sensor":"speed","value":1,"timestamp":"0001-01-01T00:00:00Z"}"#,
             r#"{"sensor":"speed","value":1,"timestamp":"2999-01-01T00:00:00Z"}"#,
-            r#"not json"#,
+            r#"[1, 2]"#,
             r#"{"sensor":"fuel","value":2.5e1,"timestamp":"2020-01-01T00:00:07+01:00"}"#,
             r#"{"sensor":"fuel","value":1,"timestamp":"2020-01-01T00:00:08Z","device":"a b"}"#,
             r#"{"sensor":"fuel","value":1e999,"timestamp":"2020-01-01T00:00:09Z"}"#,
@@ -357,7 +365,7 @@ mod tests {
         assert!(msg(9).contains("valid range"));
         assert!(msg(10).contains("zero time"));
         assert!(msg(11).contains("future"));
-        assert!(msg(12).starts_with("malformed JSON"));
+        assert!(msg(12).contains("must be a JSON object"), "{}", msg(12));
         assert!(msg(14).contains("invalid device"));
         assert!(msg(16).contains("ends early"), "{}", msg(16));
     }
