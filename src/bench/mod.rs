@@ -167,7 +167,9 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<Report> {
         tokio::task::spawn_blocking(move || {
             let store = crate::store::Store::open(&cfg)?;
             let done = store.compact()?;
-            Ok::<_, crate::store::StoreError>((done, store.used_bytes()?))
+            let used = store.used_bytes()?;
+            store.close()?;
+            Ok::<_, crate::store::StoreError>((done, used))
         })
         .await??
     };

@@ -36,7 +36,12 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Bench(args) => crate::bench::run(args).await.map(|_| ()),
         Command::Compact(storage) => {
             let store = crate::store::Store::open(&storage.store_config())?;
-            let done = tokio::task::spawn_blocking(move || store.compact()).await??;
+            let done = tokio::task::spawn_blocking(move || {
+                let done = store.compact()?;
+                store.close()?;
+                Ok::<_, crate::store::StoreError>(done)
+            })
+            .await??;
             println!(
                 "compacted {} day(s), {} readings, in {:.2} s",
                 done.days,

@@ -92,6 +92,13 @@ impl Store {
         compact::compact_finished_days(&self.conn, chrono::Utc::now().date_naive(), usize::MAX)
     }
 
+    /// Closes the database ready for a fast next start (series snapshot, checkpoint).
+    /// Offline commands call this; a dropped store leaves the next start to recompute
+    /// the series statistics.
+    pub fn close(self) -> Result<(), StoreError> {
+        close(&self.conn, &self.shared)
+    }
+
     /// Bytes of the file that hold data: used blocks times block size. The file itself
     /// does not shrink; freed blocks are reused by later writes.
     pub fn used_bytes(&self) -> Result<u64, StoreError> {
@@ -118,6 +125,41 @@ impl Store {
         } = self;
         Writer::start(conn, shared, cfg, lock)
     }
+}
+
+/// Leaves the database ready for a fast start: writes the in-memory series statistics
+/// as the snapshot the next start reads, marks it valid and checkpoints. Called by the
+/// writer at shutdown and by offline commands when they are done.
+fn close(conn: &Connection, shared: &Shared) -> Result<(), StoreError> {
+    use duckdb::types::{TimeUnit, Value};
+    let _span = tracing::info_span!("checkpoint").entered();
+    let series = shared.all_series();
+    conn.execute_batch("BEGIN TRANSACTION; DELETE FROM series;")?;
+    let written = (|| {
+        let mut app = conn.appender("series")?;
+        for ((device, sensor), s) in &series {
+            app.append_row(duckdb::params![
+                device.0 as i32,
+                sensor.0 as i16,
+                s.readings as i64,
+                Value::Timestamp(TimeUnit::Microsecond, s.first.as_micros()),
+                Value::Timestamp(TimeUnit::Microsecond, s.last.as_micros()),
+                s.last_value,
+            ])?;
+        }
+        app.flush()?;
+        drop(app);
+        conn.execute_batch(
+            "INSERT OR REPLACE INTO meta VALUES ('series_snapshot', 'valid'); COMMIT;",
+        )?;
+        Ok::<_, StoreError>(())
+    })();
+    if let Err(e) = written {
+        conn.execute_batch("ROLLBACK").ok();
+        return Err(e);
+    }
+    conn.execute_batch("CHECKPOINT")?;
+    Ok(())
 }
 
 /// Takes an exclusive lock on the data directory so that a second process is refused

@@ -30,7 +30,6 @@ use duckdb::arrow::array::{
 };
 use duckdb::arrow::datatypes::{DataType, Field, Schema, TimeUnit as ArrowTimeUnit};
 use duckdb::arrow::record_batch::RecordBatch;
-use duckdb::types::{TimeUnit, Value};
 use tokio::sync::{mpsc, oneshot};
 
 use super::compact::{self, Compaction};
@@ -497,9 +496,9 @@ impl State {
         // The range predicate on r.ts lets zone maps skip every row group outside
         // the staged span; without it this is a scan of the whole table.
         let sql = format!(
-            "SELECT s.seq FROM staging s SEMI JOIN readings r
-               ON r.device_id = s.device_id AND r.sensor_id = s.sensor_id AND r.ts = s.ts
-              AND r.ts BETWEEN {} AND {}",
+            "SELECT s.seq FROM staging s SEMI JOIN (
+                 SELECT device_id, sensor_id, ts FROM readings WHERE ts BETWEEN {} AND {}
+             ) r ON r.device_id = s.device_id AND r.sensor_id = s.sensor_id AND r.ts = s.ts",
             sql_ts(lo),
             sql_ts(hi)
         );
@@ -524,38 +523,8 @@ impl State {
         Ok(dups)
     }
 
-    /// Writes the in-memory series statistics as the snapshot the next start reads,
-    /// then checkpoints. Called at shutdown, when no commit can follow.
     fn checkpoint(&self) -> Result<(), StoreError> {
-        let _span = tracing::info_span!("checkpoint").entered();
-        let series = self.shared.all_series();
-        self.conn
-            .execute_batch("BEGIN TRANSACTION; DELETE FROM series;")?;
-        let written = (|| {
-            let mut app = self.conn.appender("series")?;
-            for ((device, sensor), s) in &series {
-                app.append_row(duckdb::params![
-                    device.0 as i32,
-                    sensor.0 as i16,
-                    s.readings as i64,
-                    Value::Timestamp(TimeUnit::Microsecond, s.first.as_micros()),
-                    Value::Timestamp(TimeUnit::Microsecond, s.last.as_micros()),
-                    s.last_value,
-                ])?;
-            }
-            app.flush()?;
-            drop(app);
-            self.conn.execute_batch(
-                "INSERT OR REPLACE INTO meta VALUES ('series_snapshot', 'valid'); COMMIT;",
-            )?;
-            Ok::<_, StoreError>(())
-        })();
-        if let Err(e) = written {
-            self.conn.execute_batch("ROLLBACK").ok();
-            return Err(e);
-        }
-        self.conn.execute_batch("CHECKPOINT")?;
-        Ok(())
+        super::close(&self.conn, &self.shared)
     }
 }
 
