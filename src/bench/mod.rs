@@ -15,19 +15,19 @@
 //! 5. Peak RSS of the server process and database bytes per reading after checkpoint.
 
 mod generate;
+pub mod process;
 
-use std::io::{BufRead as _, BufReader};
 use std::os::unix::fs::FileExt as _;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::Instant;
 
-use anyhow::{Context as _, bail};
+use anyhow::bail;
 use clap::Args;
 use serde::Serialize;
 
 use generate::{Generated, Stream};
+use process::ServerProcess;
 
 /// `milepost bench` options.
 #[derive(Debug, Clone, Args)]
@@ -146,12 +146,12 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<Report> {
 
     eprintln!("bench: HTTP ingest, plain");
     let server = BenchServer::start(&work.join("http"), &args.memory_limit)?;
-    let plain = push(&server.base, &gen_, false, "http ingest (plain NDJSON)").await?;
+    let plain = push(server.base(), &gen_, false, "http ingest (plain NDJSON)").await?;
     phases.push(plain.clone());
     eprintln!("bench: HTTP replay (all duplicates)");
-    phases.push(push(&server.base, &gen_, false, "http replay (all duplicates)").await?);
+    phases.push(push(server.base(), &gen_, false, "http replay (all duplicates)").await?);
     eprintln!("bench: queries");
-    phases.extend(queries(&server.base, &gen_, args.query_runs).await?);
+    phases.extend(queries(server.base(), &gen_, args.query_runs).await?);
     let peak_rss = server.peak_rss_mib();
     server.stop()?;
     let db_path = work.join("http").join(crate::store::DB_FILE);
@@ -184,7 +184,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<Report> {
 
     eprintln!("bench: HTTP ingest, gzip");
     let server = BenchServer::start(&work.join("http-gzip"), &args.memory_limit)?;
-    phases.push(push(&server.base, &gen_, true, "http ingest (gzip NDJSON)").await?);
+    phases.push(push(server.base(), &gen_, true, "http ingest (gzip NDJSON)").await?);
     server.stop()?;
 
     let report = Report {
@@ -317,72 +317,28 @@ fn native_load(dir: &Path, g: &Generated, memory_limit: &str) -> anyhow::Result<
     })
 }
 
-/// A `milepost serve` child process.
-struct BenchServer {
-    child: Child,
-    base: String,
-}
-
 const BENCH_KEY: &str = "bench-key";
+
+/// The benchmarked server: a child process running this same binary.
+struct BenchServer(ServerProcess);
 
 impl BenchServer {
     fn start(dir: &Path, memory_limit: &str) -> anyhow::Result<Self> {
         let exe = std::env::current_exe()?;
-        let mut child = Command::new(exe)
-            .args([
-                "serve",
-                "--listen",
-                "127.0.0.1:0",
-                "--log-format",
-                "json",
-                "--log",
-                "warn,milepost::app=info",
-            ])
-            .args(["--api-key", BENCH_KEY, "--memory-limit", memory_limit])
-            .arg("--data-dir")
-            .arg(dir)
-            .env_remove("MILEPOST_API_KEY")
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .context("starting milepost serve")?;
-        let mut lines = BufReader::new(child.stderr.take().expect("piped")).lines();
-        let addr = loop {
-            let Some(line) = lines.next() else {
-                bail!("milepost serve exited before listening");
-            };
-            let line = line?;
-            let v: serde_json::Value = serde_json::from_str(&line).unwrap_or_default();
-            if v["fields"]["message"] == "public HTTP API listening" {
-                break v["fields"]["addr"].as_str().unwrap_or_default().to_owned();
-            }
-            eprintln!("server: {line}");
-        };
-        std::thread::spawn(move || {
-            for line in lines.map_while(Result::ok) {
-                eprintln!("server: {line}");
-            }
-        });
-        Ok(Self {
-            child,
-            base: format!("http://{addr}"),
-        })
+        let extra = ["--api-key", BENCH_KEY, "--memory-limit", memory_limit];
+        ServerProcess::start(&exe, dir, &extra, true).map(Self)
+    }
+
+    fn base(&self) -> &str {
+        &self.0.base
     }
 
     fn peak_rss_mib(&self) -> f64 {
-        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))
-            .unwrap_or_default();
-        status
-            .lines()
-            .find_map(|l| l.strip_prefix("VmHWM:"))
-            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
-            .map_or(0.0, |kb| kb / 1024.0)
+        self.0.peak_rss_mib()
     }
 
-    fn stop(mut self) -> anyhow::Result<()> {
-        let pid = self.child.id().to_string();
-        Command::new("kill").args(["-TERM", &pid]).status()?;
-        let status = self.child.wait()?;
+    fn stop(self) -> anyhow::Result<()> {
+        let status = self.0.terminate()?;
         if !status.success() {
             bail!("milepost serve exited with {status}");
         }

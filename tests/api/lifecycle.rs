@@ -1,53 +1,19 @@
 //! Whole-process behaviour with the real binary: SIGTERM, SIGKILL, a second process.
 
-use std::io::{BufRead, BufReader};
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::Duration;
+
+use milepost::bench::process::ServerProcess;
 
 use reqwest::StatusCode;
 
 use crate::helpers::*;
 
-struct Proc {
-    child: Child,
-    base: String,
-}
-
-/// Starts `milepost serve` on port 0 and reads the bound address from its JSON log.
-fn start_binary(dir: &Path) -> Proc {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_milepost"))
-        .args([
-            "serve",
-            "--listen",
-            "127.0.0.1:0",
-            "--log-format",
-            "json",
-            "--api-key",
-            KEY,
-        ])
-        .arg("--data-dir")
-        .arg(dir)
-        .env_remove("MILEPOST_API_KEY")
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("binary starts");
-    let stderr = child.stderr.take().unwrap();
-    let mut lines = BufReader::new(stderr).lines();
-    let addr = loop {
-        let line = lines.next().expect("server logs before exiting").unwrap();
-        let v: serde_json::Value = serde_json::from_str(&line).unwrap_or_default();
-        if v["fields"]["message"] == "public HTTP API listening" {
-            break v["fields"]["addr"].as_str().unwrap().to_owned();
-        }
-    };
-    // Keep draining the log so the child never blocks on a full pipe.
-    std::thread::spawn(move || for _ in lines {});
-    Proc {
-        child,
-        base: format!("http://{addr}"),
-    }
+/// Starts the real binary on port 0.
+fn start_binary(dir: &Path) -> ServerProcess {
+    let exe = Path::new(env!("CARGO_BIN_EXE_milepost"));
+    ServerProcess::start(exe, dir, &["--api-key", KEY], false).expect("binary starts")
 }
 
 async fn ingest(
@@ -77,19 +43,11 @@ fn batch(from: u32, n: u32) -> String {
 #[tokio::test]
 async fn sigterm_stops_cleanly_and_data_survives() {
     let dir = tempfile::tempdir().unwrap();
-    let mut p = start_binary(dir.path());
+    let p = start_binary(dir.path());
     let client = reqwest::Client::new();
     let (status, r) = ingest(&client, &p.base, batch(0, 500)).await.unwrap();
     assert_eq!((status, num(&r, "accepted")), (StatusCode::OK, 500));
-    let pid = p.child.id().to_string();
-    assert!(
-        Command::new("kill")
-            .args(["-TERM", &pid])
-            .status()
-            .unwrap()
-            .success()
-    );
-    let code = tokio::task::spawn_blocking(move || p.child.wait().unwrap())
+    let code = tokio::task::spawn_blocking(move || p.terminate().unwrap())
         .await
         .unwrap();
     assert!(code.success(), "exit status {code:?}");

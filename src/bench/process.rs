@@ -1,0 +1,79 @@
+//! A `milepost serve` child process on 127.0.0.1:0, for the benchmark and for tests
+//! that need a real process (signals, crashes, peak RSS).
+
+use std::io::{BufRead as _, BufReader};
+use std::path::Path;
+use std::process::{Child, Command, ExitStatus, Stdio};
+
+use anyhow::{Context as _, bail};
+
+/// A running `milepost serve`.
+pub struct ServerProcess {
+    /// The process.
+    pub child: Child,
+    /// `http://127.0.0.1:PORT`.
+    pub base: String,
+}
+
+impl ServerProcess {
+    /// Starts `exe serve` on an ephemeral port with `data_dir` and `extra` flags, and
+    /// waits until it listens (it reads the address from the JSON log). With `echo`,
+    /// the server's log is copied to stderr; otherwise it is drained silently.
+    pub fn start(exe: &Path, data_dir: &Path, extra: &[&str], echo: bool) -> anyhow::Result<Self> {
+        let mut child = Command::new(exe)
+            .args(["serve", "--listen", "127.0.0.1:0", "--log-format", "json"])
+            .args(["--log", "warn,milepost::app=info"])
+            .args(extra)
+            .arg("--data-dir")
+            .arg(data_dir)
+            .env_remove("MILEPOST_API_KEY")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .context("starting milepost serve")?;
+        let mut lines = BufReader::new(child.stderr.take().expect("piped")).lines();
+        let addr = loop {
+            let Some(line) = lines.next() else {
+                bail!("milepost serve exited before listening");
+            };
+            let line = line?;
+            let v: serde_json::Value = serde_json::from_str(&line).unwrap_or_default();
+            if v["fields"]["message"] == "public HTTP API listening" {
+                break v["fields"]["addr"].as_str().unwrap_or_default().to_owned();
+            }
+            if echo {
+                eprintln!("server: {line}");
+            }
+        };
+        // Keep draining the log so the child never blocks on a full pipe.
+        std::thread::spawn(move || {
+            for line in lines.map_while(Result::ok) {
+                if echo {
+                    eprintln!("server: {line}");
+                }
+            }
+        });
+        Ok(Self {
+            child,
+            base: format!("http://{addr}"),
+        })
+    }
+
+    /// Peak resident set size so far (VmHWM), MiB.
+    pub fn peak_rss_mib(&self) -> f64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))
+            .unwrap_or_default();
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmHWM:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
+            .map_or(0.0, |kb| kb / 1024.0)
+    }
+
+    /// Sends SIGTERM and waits for the exit.
+    pub fn terminate(mut self) -> anyhow::Result<ExitStatus> {
+        let pid = self.child.id().to_string();
+        Command::new("kill").args(["-TERM", &pid]).status()?;
+        Ok(self.child.wait()?)
+    }
+}
