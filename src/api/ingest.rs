@@ -305,8 +305,9 @@ impl Ingestion<'_> {
             if n >= 16 * 1024 {
                 // Big chunks are parsed off the async executor.
                 let mut parser = self.parser;
+                let span = tracing::Span::current();
                 let (p, b) = tokio::task::spawn_blocking(move || {
-                    parser.feed(&buf[..n]);
+                    span.in_scope(|| parser.feed(&buf[..n]));
                     (parser, buf)
                 })
                 .await

@@ -153,10 +153,12 @@ pub async fn day_chart(
         .map_err(|e| ApiError::bad_request(e.to_string()))?;
     let window = day.window(tz, Duration::minutes(15));
     let reads = state.reads.clone();
-    let averages =
-        tokio::task::spawn_blocking(move || reads.bucket_averages(&device, sensor_id, &window))
-            .await
-            .expect("query task does not panic")?;
+    let span = tracing::Span::current();
+    let averages = tokio::task::spawn_blocking(move || {
+        span.in_scope(|| reads.bucket_averages(&device, sensor_id, &window))
+    })
+    .await
+    .expect("query task does not panic")?;
     Ok(averages
         .into_iter()
         .enumerate()

@@ -72,8 +72,8 @@ impl ServerProcess {
 
     /// Sends SIGTERM and waits for the exit.
     pub fn terminate(mut self) -> anyhow::Result<ExitStatus> {
-        let pid = self.child.id().to_string();
-        Command::new("kill").args(["-TERM", &pid]).status()?;
+        let pid = nix::unistd::Pid::from_raw(self.child.id() as i32);
+        nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM)?;
         Ok(self.child.wait()?)
     }
 }
