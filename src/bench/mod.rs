@@ -293,7 +293,8 @@ fn native_load(dir: &Path, g: &Generated, memory_limit: &str) -> anyhow::Result<
         .collect();
     let sql = format!(
         "INSERT INTO readings
-         SELECT d.id, s.id, CAST(r.timestamp AS TIMESTAMP), r.value
+         SELECT d.id, s.id, epoch_ms(CAST(r.timestamp AS TIMESTAMP)),
+                CAST(epoch_us(CAST(r.timestamp AS TIMESTAMP)) % 1000 AS SMALLINT), r.value
          FROM read_json([{}], format = 'newline_delimited',
               columns = {{sensor: 'VARCHAR', value: 'DOUBLE', timestamp: 'VARCHAR', device: 'VARCHAR'}}) r
          JOIN sensors s ON s.name = r.sensor

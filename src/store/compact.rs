@@ -33,7 +33,8 @@ pub(super) fn compact_finished_days(
     let started = Instant::now();
     let mut stmt = conn.prepare(
         "SELECT strftime(d.day, '%Y-%m-%d'), d.n FROM (
-             SELECT CAST(ts AS DATE) AS day, count(*) AS n FROM readings GROUP BY 1
+             SELECT CAST(make_timestamp(ts_ms * 1000) AS DATE) AS day, count(*) AS n
+             FROM readings GROUP BY 1
          ) d LEFT JOIN compacted_days c ON c.day = d.day
          WHERE d.day < CAST(? AS DATE) AND (c.readings IS NULL OR c.readings <> d.n)
          ORDER BY d.day",
@@ -46,11 +47,17 @@ pub(super) fn compact_finished_days(
     let mut done = Compaction::default();
     for (day, n) in due.into_iter().take(max_days) {
         let _span = tracing::info_span!("compact_day", %day, readings = n).entered();
-        let range = format!("ts >= DATE '{day}' AND ts < DATE '{day}' + INTERVAL 1 DAY");
+        let start = chrono::NaiveDate::parse_from_str(&day, "%Y-%m-%d")
+            .map_err(|e| StoreError::Corrupt(format!("day '{day}': {e}")))?
+            .and_hms_opt(0, 0, 0)
+            .expect("midnight")
+            .and_utc()
+            .timestamp_millis();
+        let range = format!("ts_ms >= {start} AND ts_ms < {}", start + 86_400_000);
         conn.execute_batch("BEGIN TRANSACTION")?;
         let rewritten = conn.execute_batch(&format!(
             "CREATE OR REPLACE TEMP TABLE compact_day AS
-                 SELECT * FROM readings WHERE {range} ORDER BY device_id, sensor_id, ts;
+                 SELECT * FROM readings WHERE {range} ORDER BY device_id, sensor_id, ts_ms, ts_us;
              DELETE FROM readings WHERE {range};
              INSERT INTO readings SELECT * FROM compact_day;
              INSERT OR REPLACE INTO compacted_days VALUES (DATE '{day}', {n});

@@ -228,7 +228,8 @@ fn load_series(conn: &Connection) -> Result<Vec<SeriesEntry>, StoreError> {
         tracing::warn!(
             "no clean-shutdown snapshot of series statistics: recomputing from readings"
         );
-        "SELECT device_id, sensor_id, count(*), epoch_us(min(ts)), epoch_us(max(ts)), arg_max(value, ts)
+        "SELECT device_id, sensor_id, count(*), min(ts_ms * 1000 + ts_us), max(ts_ms * 1000 + ts_us),
+                arg_max(value, ts_ms * 1000 + ts_us)
          FROM readings GROUP BY device_id, sensor_id"
     };
     let started = std::time::Instant::now();

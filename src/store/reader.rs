@@ -5,7 +5,6 @@ use std::sync::{Arc, Mutex};
 
 use duckdb::Connection;
 
-use super::writer::sql_ts;
 use super::{SeriesStats, Shared, StoreError};
 use crate::domain::{Catalog, DayWindow, Device, SensorId};
 
@@ -86,18 +85,19 @@ impl ReadStore for Reader {
         let Some(device) = self.shared.device_id(device) else {
             return Ok(out);
         };
-        let start = window.start.as_micros();
+        // Day starts and bucket widths are whole milliseconds, so `ts_ms` alone decides
+        // the bucket, and the filter is on a plain column that zone maps can prune.
+        let start_ms = window.start.as_micros().div_euclid(1000);
         let sql = format!(
-            "SELECT (epoch_us(ts) - {start}) // {width} AS b, avg(value)
+            "SELECT (ts_ms - {start_ms}) // {width_ms} AS b, avg(value)
              FROM readings
              WHERE device_id = {dev} AND sensor_id = {sensor}
-               AND ts >= {from} AND ts < {to}
+               AND ts_ms >= {start_ms} AND ts_ms < {end_ms}
              GROUP BY b",
-            width = window.bucket_micros(),
+            width_ms = window.bucket_micros() / 1000,
             dev = device.0,
             sensor = sensor.0,
-            from = sql_ts(start),
-            to = sql_ts(window.end.as_micros()),
+            end_ms = window.end.as_micros().div_euclid(1000),
         );
         self.with_conn(|c| {
             let mut stmt = c.prepare(&sql)?;

@@ -26,15 +26,15 @@ use std::time::{Duration, Instant};
 
 use duckdb::Connection;
 use duckdb::arrow::array::{
-    ArrayRef, Float64Array, Int16Array, Int32Array, TimestampMicrosecondArray, UInt32Array,
+    ArrayRef, Float64Array, Int16Array, Int32Array, Int64Array, UInt32Array,
 };
-use duckdb::arrow::datatypes::{DataType, Field, Schema, TimeUnit as ArrowTimeUnit};
+use duckdb::arrow::datatypes::{DataType, Field, Schema};
 use duckdb::arrow::record_batch::RecordBatch;
 use tokio::sync::{mpsc, oneshot};
 
 use super::compact::{self, Compaction};
 use super::{SeriesEntry, SeriesStats, Shared, StoreError};
-use crate::domain::{Batch, Device, DeviceId, Row, SensorId, Timestamp};
+use crate::domain::{Batch, Device, DeviceId, Row, SensorId};
 
 /// Writer tuning.
 #[derive(Debug, Clone)]
@@ -287,7 +287,8 @@ impl State {
     fn new(conn: Connection, shared: Arc<Shared>) -> Result<Self, StoreError> {
         conn.execute_batch(
             "CREATE TEMP TABLE staging (
-                seq UINTEGER, device_id INTEGER, sensor_id SMALLINT, ts TIMESTAMP, value DOUBLE
+                seq UINTEGER, device_id INTEGER, sensor_id SMALLINT,
+                ts_ms BIGINT, ts_us SMALLINT, value DOUBLE
             )",
         )?;
         let next_device = shared
@@ -493,14 +494,16 @@ impl State {
         app.append_record_batch(staged.record_batch(true)?)?;
         app.flush()?;
         drop(app);
-        // The range predicate on r.ts lets zone maps skip every row group outside
-        // the staged span; without it this is a scan of the whole table.
+        // The range predicate, inside the subquery, lets zone maps skip every row group
+        // outside the staged span; without it this is a scan of the whole table.
         let sql = format!(
             "SELECT s.seq FROM staging s SEMI JOIN (
-                 SELECT device_id, sensor_id, ts FROM readings WHERE ts BETWEEN {} AND {}
-             ) r ON r.device_id = s.device_id AND r.sensor_id = s.sensor_id AND r.ts = s.ts",
-            sql_ts(lo),
-            sql_ts(hi)
+                 SELECT device_id, sensor_id, ts_ms, ts_us FROM readings
+                 WHERE ts_ms BETWEEN {} AND {}
+             ) r ON r.device_id = s.device_id AND r.sensor_id = s.sensor_id
+                AND r.ts_ms = s.ts_ms AND r.ts_us = s.ts_us",
+            lo.div_euclid(1000),
+            hi.div_euclid(1000)
         );
         let mut dups = HashSet::new();
         let mut stmt = self.conn.prepare(&sql)?;
@@ -650,7 +653,7 @@ impl Columns {
         self.value.push(value);
     }
 
-    /// Columns in table order: `(seq,)? device_id, sensor_id, ts, value`.
+    /// Columns in table order: `(seq,)? device_id, sensor_id, ts_ms, ts_us, value`.
     fn record_batch(&self, with_seq: bool) -> Result<RecordBatch, StoreError> {
         let mut fields = Vec::with_capacity(5);
         let mut arrays: Vec<ArrayRef> = Vec::with_capacity(5);
@@ -662,24 +665,19 @@ impl Columns {
         arrays.push(Arc::new(Int32Array::from(self.device.clone())));
         fields.push(Field::new("sensor_id", DataType::Int16, false));
         arrays.push(Arc::new(Int16Array::from(self.sensor.clone())));
-        fields.push(Field::new(
-            "ts",
-            DataType::Timestamp(ArrowTimeUnit::Microsecond, None),
-            false,
-        ));
-        arrays.push(Arc::new(TimestampMicrosecondArray::from(self.ts.clone())));
+        fields.push(Field::new("ts_ms", DataType::Int64, false));
+        arrays.push(Arc::new(Int64Array::from_iter_values(
+            self.ts.iter().map(|t| t.div_euclid(1000)),
+        )));
+        fields.push(Field::new("ts_us", DataType::Int16, false));
+        arrays.push(Arc::new(Int16Array::from_iter_values(
+            self.ts.iter().map(|t| t.rem_euclid(1000) as i16),
+        )));
         fields.push(Field::new("value", DataType::Float64, false));
         arrays.push(Arc::new(Float64Array::from(self.value.clone())));
         RecordBatch::try_new(Arc::new(Schema::new(fields)), arrays)
             .map_err(|e| StoreError::Config(format!("building an append batch: {e}")))
     }
-}
-
-/// A timestamp as a SQL literal, so the planner sees a constant it can push into
-/// zone-map filters.
-pub(super) fn sql_ts(micros: i64) -> String {
-    let t = Timestamp::from_micros(micros).to_datetime();
-    format!("TIMESTAMP '{}'", t.format("%Y-%m-%d %H:%M:%S%.6f"))
 }
 
 #[cfg(test)]

@@ -115,7 +115,7 @@ pub fn stored_rows(dir: &Path) -> Vec<(String, String, i64, f64)> {
     let conn = duckdb::Connection::open(dir.join("milepost.duckdb")).unwrap();
     let mut stmt = conn
         .prepare(
-            "SELECT d.name, s.name, epoch_us(r.ts), r.value FROM readings r
+            "SELECT d.name, s.name, r.ts_ms * 1000 + r.ts_us, r.value FROM readings r
              JOIN devices d ON d.id = r.device_id JOIN sensors s ON s.id = r.sensor_id
              ORDER BY 1, 2, 3",
         )

@@ -25,11 +25,34 @@ async fn seed_sample_is_stored_and_replay_is_all_duplicates() {
 
     let (_, latest) = app.get("/api/statistics/latest").await;
     assert_eq!(latest["speed"], 61.9);
+    // Microseconds survive, and so do times before the Unix epoch.
+    let (_, r) = app
+        .ingest(
+            [
+                line("fuel", 1.0, "2012-04-23T18:25:43.511999Z"),
+                line("fuel", 2.0, "1969-12-31T23:59:59.999999Z"),
+            ]
+            .join("\n"),
+        )
+        .await;
+    assert_eq!(num(&r, "accepted"), 2);
     let dir = app.stop().await;
     let rows = stored_rows(dir.path());
-    let values: Vec<f64> = rows.iter().map(|r| r.3).collect();
-    assert_eq!(values, [55.5, 60.2, 61.9]);
-    assert_eq!(rows[0].2, 1_335_205_543_511_000);
+    let speed: Vec<(i64, f64)> = rows
+        .iter()
+        .filter(|r| r.1 == "speed")
+        .map(|r| (r.2, r.3))
+        .collect();
+    assert_eq!(
+        speed,
+        [
+            (1_335_205_543_511_000, 55.5),
+            (1_335_205_603_511_000, 60.2),
+            (1_335_205_663_511_000, 61.9)
+        ]
+    );
+    let fuel: Vec<i64> = rows.iter().filter(|r| r.1 == "fuel").map(|r| r.2).collect();
+    assert_eq!(fuel, [-1, 1_335_205_543_511_999]);
 }
 
 #[tokio::test]
