@@ -109,7 +109,7 @@ impl Store {
         )? as u64)
     }
 
-    /// A reader with `pool` connections at most idle.
+    /// A reader with its own connections to the database.
     pub fn reader(&self) -> Result<Reader, StoreError> {
         Reader::new(self.conn.try_clone()?, self.shared.clone())
     }

@@ -395,7 +395,6 @@ impl State {
         }
         let mut verdicts = Vec::with_capacity(row_keys.len());
         let mut maybe = 0usize;
-        let (mut lo, mut hi) = (i64::MAX, i64::MIN);
         let mut seq = 0usize;
         for job in jobs {
             for row in &job.batch.rows {
@@ -407,8 +406,6 @@ impl State {
                     Verdict::Fresh
                 } else {
                     maybe += 1;
-                    lo = lo.min(ts);
-                    hi = hi.max(ts);
                     Verdict::Maybe
                 };
                 verdicts.push(v);
@@ -429,7 +426,7 @@ impl State {
             let stored_dups = if staged.is_empty() {
                 HashSet::new()
             } else {
-                self.dedupe_staged(&staged, &mut fresh, lo, hi)?
+                self.dedupe_staged(&staged, &mut fresh)?
             };
             let (results, updated) = tally(
                 jobs,
@@ -484,8 +481,6 @@ impl State {
         &self,
         staged: &Columns,
         fresh: &mut Columns,
-        lo: i64,
-        hi: i64,
     ) -> Result<HashSet<u32>, StoreError> {
         let _span = tracing::debug_span!("dedupe", rows = staged.ts.len()).entered();
         let mut app = self
@@ -495,21 +490,24 @@ impl State {
         app.flush()?;
         drop(app);
         // The range predicate, inside the subquery, lets zone maps skip every row group
-        // outside the staged span; without it this is a scan of the whole table.
-        let sql = format!(
-            "SELECT s.seq FROM staging s SEMI JOIN (
-                 SELECT device_id, sensor_id, ts_ms, ts_us FROM readings
-                 WHERE ts_ms BETWEEN {} AND {}
-             ) r ON r.device_id = s.device_id AND r.sensor_id = s.sensor_id
-                AND r.ts_ms = s.ts_ms AND r.ts_us = s.ts_us",
-            lo.div_euclid(1000),
-            hi.div_euclid(1000)
-        );
+        // outside the staged span; without it this is a scan of the whole table. A late
+        // upload mixed with a replay would make one span cover months, so the staged
+        // times are cut into clusters and each cluster is checked on its own.
         let mut dups = HashSet::new();
-        let mut stmt = self.conn.prepare(&sql)?;
-        let mut rows = stmt.query([])?;
-        while let Some(r) = rows.next()? {
-            dups.insert(r.get::<_, u32>(0)?);
+        for (lo, hi) in time_clusters(staged.ts.iter().map(|t| t.div_euclid(1000)).collect()) {
+            let sql = format!(
+                "SELECT s.seq FROM staging s SEMI JOIN (
+                     SELECT device_id, sensor_id, ts_ms, ts_us FROM readings
+                     WHERE ts_ms BETWEEN {lo} AND {hi}
+                 ) r ON r.device_id = s.device_id AND r.sensor_id = s.sensor_id
+                    AND r.ts_ms = s.ts_ms AND r.ts_us = s.ts_us
+                 WHERE s.ts_ms BETWEEN {lo} AND {hi}"
+            );
+            let mut stmt = self.conn.prepare(&sql)?;
+            let mut rows = stmt.query([])?;
+            while let Some(r) = rows.next()? {
+                dups.insert(r.get::<_, u32>(0)?);
+            }
         }
         self.conn.execute_batch("DELETE FROM staging")?;
         for i in 0..staged.ts.len() {
@@ -529,6 +527,39 @@ impl State {
     fn checkpoint(&self) -> Result<(), StoreError> {
         super::close(&self.conn, &self.shared)
     }
+}
+
+/// Gap between staged timestamps (ms) that starts a new cluster.
+const CLUSTER_GAP_MS: i64 = 3_600_000;
+/// Most separate range queries per group; the closest clusters are merged beyond it.
+const MAX_CLUSTERS: usize = 8;
+
+/// Cuts timestamps (ms) into `[lo, hi]` spans separated by gaps of more than an hour,
+/// at most [`MAX_CLUSTERS`] of them (merging across the smallest gaps), so each range
+/// query scans only the row groups near the staged readings.
+fn time_clusters(mut ts: Vec<i64>) -> Vec<(i64, i64)> {
+    ts.sort_unstable();
+    ts.dedup();
+    let Some(&first) = ts.first() else {
+        return Vec::new();
+    };
+    let mut spans = vec![(first, first)];
+    for &t in &ts[1..] {
+        let last = spans.last_mut().expect("non-empty");
+        if t - last.1 > CLUSTER_GAP_MS {
+            spans.push((t, t));
+        } else {
+            last.1 = t;
+        }
+    }
+    while spans.len() > MAX_CLUSTERS {
+        let i = (1..spans.len())
+            .min_by_key(|&i| spans[i].0 - spans[i - 1].1)
+            .expect("more than one span");
+        spans[i - 1].1 = spans[i].1;
+        spans.remove(i);
+    }
+    spans
 }
 
 /// Counts per request and the merged statistics of every series that got rows.
@@ -744,6 +775,59 @@ mod tests {
             h.submit(batch(0, 1)).await,
             Err(WriteError::Stopped)
         ));
+    }
+
+    #[test]
+    fn time_clusters_stay_narrow_and_bounded() {
+        let h = CLUSTER_GAP_MS;
+        assert_eq!(time_clusters(vec![]), vec![]);
+        assert_eq!(time_clusters(vec![5, 1, 3]), vec![(1, 5)]);
+        assert_eq!(
+            time_clusters(vec![0, 10, 10 + h + 1, 20 * h]),
+            vec![(0, 10), (10 + h + 1, 10 + h + 1), (20 * h, 20 * h)]
+        );
+        let many: Vec<i64> = (0..20).map(|i| i * 10 * h + i).collect();
+        let c = time_clusters(many.clone());
+        assert_eq!(c.len(), MAX_CLUSTERS);
+        assert!(
+            many.iter()
+                .all(|t| c.iter().any(|(lo, hi)| lo <= t && t <= hi))
+        );
+    }
+
+    #[tokio::test]
+    async fn late_uploads_far_apart_are_deduped_exactly() {
+        let dir = tempfile::tempdir().unwrap();
+        let w = writer(dir.path(), WriterConfig::default());
+        let h = w.handle();
+        // Stored: a year apart; then a replay touching both ends plus new rows between.
+        let year = 365 * 86_400_000_000i64;
+        let at = |t: i64, v: f64| Row {
+            device: 0,
+            sensor: SensorId(2),
+            ts: Timestamp::from_micros(1_600_000_000_000_000 + t),
+            value: v,
+        };
+        let b = |rows: Vec<Row>| Batch {
+            devices: vec![Device::default_device()],
+            rows,
+        };
+        let first = h
+            .append(b(vec![at(0, 1.0), at(year, 2.0), at(2 * year, 3.0)]))
+            .await
+            .unwrap();
+        assert_eq!(first.accepted, 3);
+        let again = h
+            .append(b(vec![
+                at(0, 9.0),
+                at(1, 4.0),
+                at(year, 9.0),
+                at(year + 1, 5.0),
+            ]))
+            .await
+            .unwrap();
+        assert_eq!((again.accepted, again.duplicates), (2, 2));
+        w.shutdown().await.unwrap();
     }
 
     #[tokio::test]
