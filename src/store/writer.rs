@@ -494,14 +494,21 @@ impl State {
         // upload mixed with a replay would make one span cover months, so the staged
         // times are cut into clusters and each cluster is checked on its own.
         let mut dups = HashSet::new();
-        for (lo, hi) in time_clusters(staged.ts.iter().map(|t| t.div_euclid(1000)).collect()) {
+        let clusters = time_clusters(staged.ts.iter().map(|t| t.div_euclid(1000)).collect());
+        let several = clusters.len() > 1;
+        for (lo, hi) in clusters {
+            let own = if several {
+                format!("WHERE s.ts_ms BETWEEN {lo} AND {hi}")
+            } else {
+                String::new()
+            };
             let sql = format!(
                 "SELECT s.seq FROM staging s SEMI JOIN (
                      SELECT device_id, sensor_id, ts_ms, ts_us FROM readings
                      WHERE ts_ms BETWEEN {lo} AND {hi}
                  ) r ON r.device_id = s.device_id AND r.sensor_id = s.sensor_id
                     AND r.ts_ms = s.ts_ms AND r.ts_us = s.ts_us
-                 WHERE s.ts_ms BETWEEN {lo} AND {hi}"
+                 {own}"
             );
             let mut stmt = self.conn.prepare(&sql)?;
             let mut rows = stmt.query([])?;
