@@ -210,11 +210,13 @@ pub async fn handle(state: &Arc<AppState>, req: &Request, body: Body) -> IngestR
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u64>().ok());
     if declared.is_some_and(|n| n > limits.max_body_bytes) {
-        return IngestResponse::TooLarge(Json(summary(
-            &StreamParser::new(state.reads.catalog(), options(state, None)),
-            Committed::default(),
-            Some(too_large(limits.max_body_bytes)),
-        )));
+        return IngestResponse::TooLarge(Json(IngestSummary {
+            accepted: 0,
+            duplicates: 0,
+            rejected: 0,
+            errors: Vec::new(),
+            error: Some(too_large(limits.max_body_bytes)),
+        }));
     }
 
     let raw = body.into_async_read();
