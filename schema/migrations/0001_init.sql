@@ -67,3 +67,6 @@ CREATE TABLE compacted_days (
     day      DATE PRIMARY KEY,
     readings BIGINT NOT NULL
 );
+
+-- An empty database has a valid (empty) series snapshot.
+INSERT INTO meta VALUES ('series_snapshot', 'valid');

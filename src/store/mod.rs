@@ -226,7 +226,7 @@ fn load_series(conn: &Connection) -> Result<Vec<SeriesEntry>, StoreError> {
         "SELECT device_id, sensor_id, readings, epoch_us(first_ts), epoch_us(last_ts), last_value FROM series"
     } else {
         tracing::warn!(
-            "no clean-shutdown snapshot of series statistics: recomputing from readings"
+            "the last shutdown was not clean: recomputing series statistics from readings"
         );
         "SELECT device_id, sensor_id, count(*), min(ts_ms * 1000 + ts_us), max(ts_ms * 1000 + ts_us),
                 arg_max(value, ts_ms * 1000 + ts_us)
