@@ -50,6 +50,9 @@ pub enum StoreError {
     /// Any other DuckDB failure.
     #[error("database error: {0}")]
     Duckdb(#[from] duckdb::Error),
+    /// A failure inside Milepost itself (thread start, batch construction).
+    #[error("internal error: {0}")]
+    Internal(String),
     /// The writer has stopped.
     #[error("the writer has stopped")]
     WriterGone,

@@ -111,7 +111,7 @@ impl Store {
 
     /// A reader with its own connections to the database.
     pub fn reader(&self) -> Result<Reader, StoreError> {
-        Reader::new(self.conn.try_clone()?, self.shared.clone())
+        Ok(Reader::new(self.conn.try_clone()?, self.shared.clone()))
     }
 
     /// Starts the writer thread; the store's lock moves with it and is released

@@ -36,12 +36,12 @@ pub struct Reader {
 const MAX_IDLE: usize = 8;
 
 impl Reader {
-    pub(super) fn new(base: Connection, shared: Arc<Shared>) -> Result<Self, StoreError> {
-        Ok(Self {
+    pub(super) fn new(base: Connection, shared: Arc<Shared>) -> Self {
+        Self {
             base: Mutex::new(base),
             idle: Mutex::new(Vec::new()),
             shared,
-        })
+        }
     }
 
     fn with_conn<T>(

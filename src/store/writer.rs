@@ -175,7 +175,7 @@ impl Writer {
                 // The data directory stays locked until the database is closed.
                 drop(lock);
             })
-            .map_err(|e| StoreError::Config(format!("cannot start writer thread: {e}")))?;
+            .map_err(|e| StoreError::Internal(format!("cannot start writer thread: {e}")))?;
         Ok(Self {
             handle: WriterHandle {
                 tx,
@@ -438,7 +438,7 @@ impl State {
             );
             if !fresh.is_empty() {
                 let mut app = self.conn.appender("readings")?;
-                app.append_record_batch(fresh.record_batch(false)?)?;
+                app.append_record_batch(fresh.into_record_batch(false)?)?;
                 app.flush()?;
             }
             let before_commit = Instant::now();
@@ -486,7 +486,8 @@ impl State {
         let mut app = self
             .conn
             .appender_to_catalog_and_db("staging", "temp", "main")?;
-        app.append_record_batch(staged.record_batch(true)?)?;
+        // The staged rows are still needed below to move the new ones to `fresh`.
+        app.append_record_batch(staged.clone().into_record_batch(true)?)?;
         app.flush()?;
         drop(app);
         // The range predicate, inside the subquery, lets zone maps skip every row group
@@ -650,6 +651,7 @@ fn split_columns(
 }
 
 /// Rows to append, column by column.
+#[derive(Clone)]
 struct Columns {
     seq: Vec<u32>,
     device: Vec<i32>,
@@ -692,17 +694,18 @@ impl Columns {
     }
 
     /// Columns in table order: `(seq,)? device_id, sensor_id, ts_ms, ts_us, value`.
-    fn record_batch(&self, with_seq: bool) -> Result<RecordBatch, StoreError> {
+    /// Consumes the buffers, so the hot path moves them into Arrow without a copy.
+    fn into_record_batch(self, with_seq: bool) -> Result<RecordBatch, StoreError> {
         let mut fields = Vec::with_capacity(5);
         let mut arrays: Vec<ArrayRef> = Vec::with_capacity(5);
         if with_seq {
             fields.push(Field::new("seq", DataType::UInt32, false));
-            arrays.push(Arc::new(UInt32Array::from(self.seq.clone())));
+            arrays.push(Arc::new(UInt32Array::from(self.seq)));
         }
         fields.push(Field::new("device_id", DataType::Int32, false));
-        arrays.push(Arc::new(Int32Array::from(self.device.clone())));
+        arrays.push(Arc::new(Int32Array::from(self.device)));
         fields.push(Field::new("sensor_id", DataType::Int16, false));
-        arrays.push(Arc::new(Int16Array::from(self.sensor.clone())));
+        arrays.push(Arc::new(Int16Array::from(self.sensor)));
         fields.push(Field::new("ts_ms", DataType::Int64, false));
         arrays.push(Arc::new(Int64Array::from_iter_values(
             self.ts.iter().map(|t| t.div_euclid(1000)),
@@ -712,9 +715,9 @@ impl Columns {
             self.ts.iter().map(|t| t.rem_euclid(1000) as i16),
         )));
         fields.push(Field::new("value", DataType::Float64, false));
-        arrays.push(Arc::new(Float64Array::from(self.value.clone())));
+        arrays.push(Arc::new(Float64Array::from(self.value)));
         RecordBatch::try_new(Arc::new(Schema::new(fields)), arrays)
-            .map_err(|e| StoreError::Config(format!("building an append batch: {e}")))
+            .map_err(|e| StoreError::Internal(format!("building an append batch: {e}")))
     }
 }
 
