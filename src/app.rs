@@ -12,6 +12,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::api::{self, ApiKeys, AppState, Limits};
 use crate::config::ServeArgs;
+use crate::metrics::Metrics;
 use crate::store::{Store, WriterConfig, WriterHandle};
 
 /// A running server.
@@ -35,14 +36,19 @@ impl Server {
             &args.storage.data_dir,
         )?;
         let reader = store.reader()?;
+        let db_path = store.path().to_owned();
+        let metrics = Arc::new(Metrics::new());
         let writer = store.start_writer(WriterConfig {
             queue_capacity: args.queue_capacity,
             queue_timeout: args.queue_timeout,
+            metrics: metrics.clone(),
             ..WriterConfig::default()
         })?;
         let state = Arc::new(AppState {
             reads: Arc::new(reader),
             writer: writer.handle(),
+            metrics,
+            db_path,
             keys,
             limits: Limits {
                 max_body_bytes: args.max_body_bytes,
@@ -67,7 +73,7 @@ impl Server {
 
         let shutdown = CancellationToken::new();
         let token = shutdown.clone();
-        let app = api::app(state, args.dashboard_dir.clone());
+        let app = api::app(state, args.dashboard_dir.clone(), args.cors_origins.clone());
         let grace = args.shutdown_timeout;
         let compactor = (!args.compact_interval.is_zero()).then(|| {
             tokio::spawn(compact_periodically(

@@ -13,14 +13,17 @@
 //!                        store::Writer  (one thread owns the write connection;
 //!                              │         bounded queue → 503; Appender; group commit;
 //!                              ▼         exact dedupe without an index)
-//!                     DuckDB file  ◀── store::Reader (own connections) ◀── api::seed
+//!                     DuckDB file  ◀── store::Reader (own connections) ◀── api::seed, api::v1
 //! ```
 //!
 //! - [`domain`]: types that are valid by construction (`Device`, `Reading` rows,
 //!   `Timestamp`, `Day`, the sensor `Catalog`).
 //! - [`ingest`]: pure, synchronous NDJSON parsing with per-line errors.
 //! - [`store`]: the only module that speaks SQL — migrations, the writer, the reader.
-//! - [`api`]: poem-openapi handlers; thin, and errors map to JSON in one place.
+//! - [`api`]: poem-openapi handlers; thin, and errors map to JSON in one place. The
+//!   seed's endpoints in `api::seed`, the richer `/api/v1` reads in `api::v1`
+//!   (statistics buckets, streamed exports, GPS track).
+//! - [`metrics`]: the Prometheus registry behind `GET /metrics`.
 //! - [`app`]: wiring and the ordered graceful shutdown.
 //! - [`config`] and [`cli`]: flags with `MILEPOST_*` environment fallbacks, logging.
 //! - [`bench`]: `milepost bench`, ingest and query speed against DuckDB's own limit.
@@ -32,4 +35,5 @@ pub mod cli;
 pub mod config;
 pub mod domain;
 pub mod ingest;
+pub mod metrics;
 pub mod store;

@@ -36,6 +36,12 @@ pub enum ApiError {
     /// Something the client sent is invalid.
     #[oai(status = 400)]
     BadRequest(Json<ErrorBody>),
+    /// The sensor named in the path is not in the catalog.
+    #[oai(status = 404)]
+    NotFound(Json<ErrorBody>),
+    /// None of the media types in `Accept` can be produced.
+    #[oai(status = 406)]
+    NotAcceptable(Json<ErrorBody>),
     /// Storage failed; details are in the server log.
     #[oai(status = 500)]
     Internal(Json<ErrorBody>),
@@ -46,12 +52,27 @@ impl ApiError {
     pub fn bad_request(message: impl Into<String>) -> Self {
         Self::BadRequest(Json(ErrorBody::new(message)))
     }
+
+    /// A 404 with `message`.
+    pub fn not_found(message: impl Into<String>) -> Self {
+        Self::NotFound(Json(ErrorBody::new(message)))
+    }
+
+    /// A 406 with `message`.
+    pub fn not_acceptable(message: impl Into<String>) -> Self {
+        Self::NotAcceptable(Json(ErrorBody::new(message)))
+    }
+
+    /// A 500 whose details went to the log.
+    pub fn internal() -> Self {
+        Self::Internal(Json(ErrorBody::new("internal error; see the server log")))
+    }
 }
 
 impl From<StoreError> for ApiError {
     fn from(e: StoreError) -> Self {
         tracing::error!(error = %e, "storage error");
-        Self::Internal(Json(ErrorBody::new("internal error; see the server log")))
+        Self::internal()
     }
 }
 

@@ -11,7 +11,10 @@ pub async fn revalidate<E: Endpoint>(
     ep: std::sync::Arc<E>,
     req: Request,
 ) -> poem::Result<Response> {
-    let cacheable = req.method() == Method::GET && req.uri().path().starts_with("/api/");
+    // Raw readings are streamed (an export can be gigabytes): never buffered here.
+    let path = req.uri().path();
+    let cacheable =
+        req.method() == Method::GET && path.starts_with("/api/") && !path.ends_with("/readings");
     let if_none_match = req
         .headers()
         .get(header::IF_NONE_MATCH)

@@ -15,7 +15,9 @@ use tokio::io::{AsyncRead, AsyncReadExt, BufReader};
 use super::AppState;
 use super::auth::AuthError;
 use super::error::ErrorBody;
+use crate::domain::Catalog;
 use crate::ingest::{IngestOptions, StreamParser};
+use crate::metrics::{Metrics, StatusLabel, UNKNOWN_SENSOR};
 use crate::store::{Committed, PendingCommit, WriteError};
 
 /// Readings handed to the writer at a time for large bodies.
@@ -155,8 +157,36 @@ fn unsupported(msg: String) -> IngestResponse {
     IngestResponse::UnsupportedMediaType(Json(ErrorBody::new(msg)))
 }
 
-/// Handles one ingest request.
+/// Handles one ingest request and records its outcome in the metrics.
 pub async fn handle(state: &Arc<AppState>, req: &Request, body: Body) -> IngestResponse {
+    let started = std::time::Instant::now();
+    let response = respond(state, req, body).await;
+    let m = &state.metrics;
+    m.ingest_seconds.observe(started.elapsed().as_secs_f64());
+    m.ingest_requests
+        .get_or_create(&StatusLabel {
+            status: response.status(),
+        })
+        .inc();
+    response
+}
+
+impl IngestResponse {
+    /// The HTTP status this response is sent with.
+    fn status(&self) -> u16 {
+        match self {
+            Self::Ok(_) => 200,
+            Self::Rejected(_) => 400,
+            Self::Unauthorized(..) => 401,
+            Self::TooLarge(_) => 413,
+            Self::UnsupportedMediaType(_) => 415,
+            Self::StorageFailed(_) => 500,
+            Self::Busy(..) => 503,
+        }
+    }
+}
+
+async fn respond(state: &Arc<AppState>, req: &Request, body: Body) -> IngestResponse {
     let auth = req
         .headers()
         .get(header::AUTHORIZATION)
@@ -236,6 +266,21 @@ pub async fn handle(state: &Arc<AppState>, req: &Request, body: Body) -> IngestR
         pending: None,
     };
     run.drive(&mut reader, gzip).await
+}
+
+/// Refused lines per sensor; lines that named no catalogued sensor count as `unknown`.
+fn count_rejected(metrics: &Metrics, catalog: &Catalog, parser: &StreamParser) {
+    let mut named = 0;
+    for (id, n) in parser.rejected_by_sensor() {
+        named += n;
+        let name = catalog.by_id(*id).map_or(UNKNOWN_SENSOR, |s| s.name.as_str());
+        Metrics::add(&metrics.readings_rejected, name, *n);
+    }
+    Metrics::add(
+        &metrics.readings_rejected,
+        UNKNOWN_SENSOR,
+        parser.rejected() - named,
+    );
 }
 
 fn options(state: &AppState, bound: Option<crate::domain::Device>) -> IngestOptions {
@@ -322,17 +367,17 @@ impl Ingestion<'_> {
             if self.parser.pending() >= BATCH_ROWS
                 && let Err(r) = self.flush().await
             {
-                return r;
+                return self.answer(r);
             }
         }
         if failure.is_none() {
             self.parser.finish();
         }
         if let Err(r) = self.flush().await {
-            return r;
+            return self.answer(r);
         }
         if let Err(r) = self.settle().await {
-            return r;
+            return self.answer(r);
         }
         let done = summary(
             &self.parser,
@@ -345,13 +390,20 @@ impl Ingestion<'_> {
             rejected = done.rejected,
             "ingest request done"
         );
-        match failure {
+        let response = match failure {
             Some((true, _)) => IngestResponse::TooLarge(Json(done)),
             Some((false, _)) => IngestResponse::Rejected(Json(done)),
             None if self.parser.oversize_lines() > 0 => IngestResponse::TooLarge(Json(done)),
             None if done.rejected > 0 => IngestResponse::Rejected(Json(done)),
             None => IngestResponse::Ok(Json(done)),
-        }
+        };
+        self.answer(response)
+    }
+
+    /// Every way out of [`Self::drive`]: counts the refused lines, then answers.
+    fn answer(&self, response: IngestResponse) -> IngestResponse {
+        count_rejected(&self.state.metrics, &self.state.reads.catalog(), &self.parser);
+        response
     }
 
     /// Hands the parsed readings to the writer, after the previous batch committed.

@@ -5,17 +5,21 @@ pub mod auth;
 pub mod error;
 mod etag;
 pub mod ingest;
+mod readings;
 pub mod seed;
+mod track;
+pub mod v1;
 
-use std::path::PathBuf;
+use std::path::{Path as FsPath, PathBuf};
 use std::sync::Arc;
 
 use poem::endpoint::StaticFilesEndpoint;
-use poem::middleware::Tracing;
+use poem::http::{Method, header};
+use poem::middleware::{Cors, Tracing};
 use poem::web::Data;
 use poem::{Endpoint, EndpointExt, IntoEndpoint, Request, Response, Route};
 use poem_openapi::param::{Path, Query};
-use poem_openapi::payload::Json;
+use poem_openapi::payload::{Json, PlainText};
 use poem_openapi::{ApiResponse, Object, OpenApi, OpenApiService, Tags};
 
 pub use auth::ApiKeys;
@@ -24,7 +28,8 @@ use ingest::{IngestBody, IngestResponse};
 use seed::{LatestLocation, LatestStatistics, Statistic, Status};
 
 use crate::domain::Device;
-use crate::store::{ReadStore, WriterHandle};
+use crate::metrics::Metrics;
+use crate::store::{ReadStore, StoreError, WriterHandle};
 
 /// Request limits of `POST /ingest`.
 #[derive(Debug, Clone)]
@@ -43,6 +48,10 @@ pub struct AppState {
     pub reads: Arc<dyn ReadStore>,
     /// Ingest.
     pub writer: WriterHandle,
+    /// Counters and histograms behind `/metrics`.
+    pub metrics: Arc<Metrics>,
+    /// The database file, for its size in `/metrics`.
+    pub db_path: PathBuf,
     /// Valid API keys.
     pub keys: ApiKeys,
     /// Ingest limits.
@@ -57,7 +66,9 @@ enum Tag {
     Ingest,
     /// Endpoints the cloud-lada dashboard polls (wire-compatible with the seed).
     Dashboard,
-    /// Liveness and readiness.
+    /// Devices, sensors, statistics, raw readings and the GPS track.
+    Readings,
+    /// Liveness, readiness and metrics.
     Operations,
 }
 
@@ -81,7 +92,31 @@ enum ReadyResponse {
     NotReady(Json<Health>),
 }
 
+#[derive(ApiResponse)]
+enum MetricsResponse {
+    /// Prometheus / OpenMetrics text exposition.
+    #[oai(
+        status = 200,
+        content_type = "application/openmetrics-text; version=1.0.0; charset=utf-8"
+    )]
+    Ok(PlainText<String>),
+}
+
 type ApiResult<T> = Result<Json<T>, ApiError>;
+
+/// Runs a blocking store call off the async executor, inside the request's span.
+pub(crate) async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, StoreError> + Send + 'static,
+) -> Result<T, ApiError> {
+    let span = tracing::Span::current();
+    match tokio::task::spawn_blocking(move || span.in_scope(f)).await {
+        Ok(r) => r.map_err(ApiError::from),
+        Err(e) => {
+            tracing::error!(error = %e, "query task failed");
+            Err(ApiError::internal())
+        }
+    }
+}
 
 #[OpenApi]
 impl PublicApi {
@@ -201,10 +236,46 @@ impl PublicApi {
             }))
         }
     }
+
+    /// Prometheus metrics
+    ///
+    /// Readings accepted, duplicate and rejected per sensor, ingest requests and
+    /// latency, group commit time, write queue depth, database size, stored readings.
+    #[oai(path = "/metrics", method = "get", tag = "Tag::Operations")]
+    async fn metrics(&self, state: Data<&Arc<AppState>>) -> MetricsResponse {
+        let m = &state.metrics;
+        m.queue_depth.set(state.writer.queue_depth() as i64);
+        m.database_bytes.set(database_bytes(&state.db_path) as i64);
+        let mut stored = 0u64;
+        let mut newest = None;
+        let devices = state.reads.devices();
+        for d in &devices {
+            for (_, s) in state.reads.series_of(d) {
+                stored += s.readings;
+                newest = newest.max(Some(s.last));
+            }
+        }
+        m.stored_readings.set(stored as i64);
+        m.devices.set(devices.len() as i64);
+        if let Some(t) = newest {
+            m.last_reading_seconds.set(t.as_micros() as f64 / 1e6);
+        }
+        MetricsResponse::Ok(PlainText(m.render()))
+    }
 }
 
-fn service() -> OpenApiService<PublicApi, ()> {
-    OpenApiService::new(PublicApi, "Milepost", env!("CARGO_PKG_VERSION"))
+/// Bytes of the database file and its WAL.
+fn database_bytes(db: &FsPath) -> u64 {
+    let wal = db.with_extension("duckdb.wal");
+    [db, wal.as_path()]
+        .iter()
+        .filter_map(|p| std::fs::metadata(p).ok())
+        .map(|m| m.len())
+        .sum()
+}
+
+fn service() -> OpenApiService<(PublicApi, v1::V1Api), ()> {
+    OpenApiService::new((PublicApi, v1::V1Api), "Milepost", env!("CARGO_PKG_VERSION"))
         .description(
             "Self-hosted telemetry: NDJSON sensor readings into an embedded DuckDB, \
              statistics over HTTP. Wire-compatible with the cloud-lada devices and dashboard.",
@@ -228,10 +299,12 @@ const API_PREFIXES: [&str; 7] = [
     "/readyz",
 ];
 
-/// The complete HTTP application.
+/// The complete HTTP application. `cors_origins` are the browser origins allowed to
+/// call it cross-origin (`*` for any); empty means no CORS headers at all.
 pub fn app(
     state: Arc<AppState>,
     dashboard_dir: Option<PathBuf>,
+    cors_origins: Vec<String>,
 ) -> impl Endpoint<Output = Response> {
     let service = service();
     let spec = service.spec_endpoint();
@@ -243,8 +316,14 @@ pub fn app(
         .around(etag::revalidate)
         .data(state)
         .catch_all_error(error::to_json)
-        .map_to_response();
+        .map_to_response()
+        .boxed();
     let api = Arc::new(api);
+    // Requests from origins that are not allowed get no CORS headers (the browser then
+    // withholds the answer) rather than an error: same-origin pages keep working.
+    let allowed = cors_origins;
+    let with_cors = (!allowed.is_empty())
+        .then(|| Arc::new(api.clone().with(cors(&allowed)).map_to_response().boxed()));
     let dashboard = dashboard_dir.map(|dir| {
         Arc::new(
             StaticFilesEndpoint::new(dir)
@@ -255,7 +334,15 @@ pub fn app(
         )
     });
     poem::endpoint::make(move |req: Request| {
-        let api = api.clone();
+        let origin_allowed = req
+            .headers()
+            .get(header::ORIGIN)
+            .and_then(|o| o.to_str().ok())
+            .is_some_and(|o| allowed.iter().any(|a| a == "*" || a == o));
+        let api = match &with_cors {
+            Some(c) if origin_allowed => c.clone(),
+            _ => api.clone(),
+        };
         let dashboard = dashboard.clone();
         async move {
             let path = req.uri().path();
@@ -273,4 +360,31 @@ pub fn app(
     })
     .with(Tracing)
     .into_endpoint()
+}
+
+/// CORS for other browser clients: GETs of the read API and `POST /ingest`, with the
+/// headers they need to send and the ones they may read (`ETag` for revalidation,
+/// `X-Next-Cursor` for paging).
+fn cors(origins: &[String]) -> Cors {
+    let any = origins.iter().any(|o| o == "*");
+    let cors = Cors::new()
+        .allow_methods([Method::GET, Method::HEAD, Method::POST])
+        .allow_headers([
+            header::AUTHORIZATION,
+            header::CONTENT_TYPE,
+            header::CONTENT_ENCODING,
+            header::IF_NONE_MATCH,
+            header::ACCEPT,
+        ])
+        .expose_headers([
+            header::ETAG,
+            header::RETRY_AFTER,
+            header::HeaderName::from_static("x-next-cursor"),
+        ])
+        .max_age(3600);
+    if any {
+        cors
+    } else {
+        cors.allow_origins(origins.iter().map(String::as_str))
+    }
 }

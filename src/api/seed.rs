@@ -151,21 +151,17 @@ pub async fn day_chart(
         .map(parse_tz)
         .transpose()
         .map_err(|e| ApiError::bad_request(e.to_string()))?;
-    let window = day.window(tz, Duration::minutes(15));
+    let buckets = Arc::new(day.buckets(tz, Duration::minutes(15)));
     let reads = state.reads.clone();
-    let span = tracing::Span::current();
-    let averages = tokio::task::spawn_blocking(move || {
-        span.in_scope(|| reads.bucket_averages(&device, sensor_id, &window))
-    })
-    .await
-    .expect("query task does not panic")?;
-    Ok(averages
-        .into_iter()
+    let b = buckets.clone();
+    let stats = super::blocking(move || reads.bucket_stats(&device, sensor_id, &b)).await?;
+    Ok(stats
+        .iter()
         .enumerate()
-        .map(|(i, avg)| Statistic {
+        .map(|(i, agg)| Statistic {
             sensor: sensor.to_owned(),
-            value: avg.unwrap_or(0.0),
-            timestamp: window.bucket_start(i).to_string(),
+            value: agg.avg().unwrap_or(0.0),
+            timestamp: buckets.start(i).to_string(),
         })
         .collect())
 }

@@ -2,12 +2,14 @@
 //! a [`Reading`] that exists has a catalogued sensor, a finite in-range value, a sane
 //! timestamp and a well-formed device name.
 
+mod buckets;
 mod device;
 mod reading;
 mod sensor;
 mod time;
 
+pub use buckets::{Aggregate, BucketError, BucketWidth, Buckets, RangeError, TimeRange};
 pub use device::{Device, DeviceError, DeviceId};
 pub use reading::{Batch, Row};
 pub use sensor::{Catalog, Sensor, SensorId, SensorName, SensorNameError, ValueError};
-pub use time::{Day, DayError, DayWindow, Timestamp, TimestampError, TzError, parse_tz};
+pub use time::{Day, DayError, Timestamp, TimestampError, TzError, parse_tz};

@@ -3,6 +3,8 @@ use std::fmt;
 use chrono::{DateTime, Duration, LocalResult, NaiveDate, SecondsFormat, TimeZone, Utc};
 use chrono_tz::Tz;
 
+use super::Buckets;
+
 /// A UTC instant with microsecond precision, as stored.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct Timestamp(i64);
@@ -69,10 +71,65 @@ impl Timestamp {
         Self(self.0 + d.num_microseconds().unwrap_or(i64::MAX / 2))
     }
 
+    /// Appends the same text as `Display` (RFC 3339, UTC, `Z`, 0/3/6 fraction digits)
+    /// to `out`, without going through `fmt`: exports write millions of these.
+    pub fn write_rfc3339(self, out: &mut Vec<u8>) {
+        let secs = self.0.div_euclid(MICROS_PER_SEC);
+        let frac = self.0.rem_euclid(MICROS_PER_SEC) as u32;
+        let (year, month, day) = civil_from_days(secs.div_euclid(86_400));
+        if !(0..=9999).contains(&year) {
+            out.extend_from_slice(self.to_string().as_bytes());
+            return;
+        }
+        let sod = secs.rem_euclid(86_400) as u32;
+        let mut buf = *b"0000-00-00T00:00:00";
+        put_digits(&mut buf[0..4], year as u32);
+        put_digits(&mut buf[5..7], month);
+        put_digits(&mut buf[8..10], day);
+        put_digits(&mut buf[11..13], sod / 3600);
+        put_digits(&mut buf[14..16], sod / 60 % 60);
+        put_digits(&mut buf[17..19], sod % 60);
+        out.extend_from_slice(&buf);
+        if frac != 0 {
+            let mut f = *b".000000";
+            if frac % 1000 == 0 {
+                put_digits(&mut f[1..4], frac / 1000);
+                out.extend_from_slice(&f[..4]);
+            } else {
+                put_digits(&mut f[1..7], frac);
+                out.extend_from_slice(&f);
+            }
+        }
+        out.push(b'Z');
+    }
+
     /// As a chrono UTC date-time.
     pub fn to_datetime(self) -> DateTime<Utc> {
         DateTime::from_timestamp_micros(self.0).unwrap_or_default()
     }
+}
+
+/// Writes `v` as zero-padded decimal filling `out`.
+fn put_digits(out: &mut [u8], mut v: u32) {
+    for slot in out.iter_mut().rev() {
+        *slot = b'0' + (v % 10) as u8;
+        v /= 10;
+    }
+}
+
+/// Proleptic Gregorian (year, month, day) of a day count since 1970-01-01
+/// (Howard Hinnant's `civil_from_days`).
+fn civil_from_days(days: i64) -> (i64, u32, u32) {
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = (doy - (153 * mp + 2) / 5 + 1) as u32;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    (year, month, day)
 }
 
 impl fmt::Display for Timestamp {
@@ -129,12 +186,31 @@ impl Day {
     }
 
     /// The instants this day covers in `tz` (UTC when `None`), cut into buckets of
-    /// `bucket`. A daylight-saving day has 23 or 25 hours, so 92 or 100 buckets of 15
-    /// minutes.
-    pub fn window(self, tz: Option<Tz>, bucket: Duration) -> DayWindow {
-        let start = local_midnight(self.0, tz);
-        let end = local_midnight(self.0.succ_opt().unwrap_or(self.0), tz);
-        DayWindow { start, end, bucket }
+    /// `width` from local midnight. A daylight-saving day has 23 or 25 hours, so 92
+    /// or 100 buckets of 15 minutes.
+    pub fn buckets(self, tz: Option<Tz>, width: Duration) -> Buckets {
+        let from = local_midnight(self.0, tz);
+        let to = local_midnight(self.0.succ_opt().unwrap_or(self.0), tz);
+        Buckets::fixed_from(from, to, width.num_microseconds().expect("width fits"))
+    }
+
+    /// The first instant of this day in `tz` (UTC when `None`).
+    pub fn start(self, tz: Option<Tz>) -> Timestamp {
+        local_midnight(self.0, tz)
+    }
+
+    /// The day after.
+    pub fn next(self) -> Self {
+        Self(self.0.succ_opt().unwrap_or(self.0))
+    }
+
+    /// The calendar day in `tz` (UTC when `None`) that contains `t`.
+    pub fn containing(t: Timestamp, tz: Option<Tz>) -> Self {
+        let utc = t.to_datetime();
+        Self(match tz {
+            Some(tz) => utc.with_timezone(&tz).date_naive(),
+            None => utc.date_naive(),
+        })
     }
 }
 
@@ -146,7 +222,7 @@ impl fmt::Display for Day {
 
 /// The first instant of `date` in `tz`. Where local midnight does not exist (a
 /// daylight-saving jump at midnight), the day starts at the first local time that does.
-fn local_midnight(date: NaiveDate, tz: Option<Tz>) -> Timestamp {
+pub(super) fn local_midnight(date: NaiveDate, tz: Option<Tz>) -> Timestamp {
     let midnight = date.and_hms_opt(0, 0, 0).expect("midnight is valid");
     let Some(tz) = tz else {
         return Timestamp(midnight.and_utc().timestamp_micros());
@@ -160,35 +236,6 @@ fn local_midnight(date: NaiveDate, tz: Option<Tz>) -> Timestamp {
         }
     }
     Timestamp(midnight.and_utc().timestamp_micros())
-}
-
-/// A day's span `[start, end)` cut into equal buckets.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct DayWindow {
-    /// First instant of the day.
-    pub start: Timestamp,
-    /// First instant of the next day.
-    pub end: Timestamp,
-    /// Bucket width.
-    pub bucket: Duration,
-}
-
-impl DayWindow {
-    /// Width of one bucket in microseconds.
-    pub fn bucket_micros(&self) -> i64 {
-        self.bucket.num_microseconds().expect("bucket fits")
-    }
-
-    /// How many buckets the day has (the last one may be short on odd offsets).
-    pub fn buckets(&self) -> usize {
-        let w = self.bucket_micros();
-        ((self.end.0 - self.start.0 + w - 1) / w) as usize
-    }
-
-    /// Start of bucket `i`.
-    pub fn bucket_start(&self, i: usize) -> Timestamp {
-        Timestamp(self.start.0 + i as i64 * self.bucket_micros())
-    }
 }
 
 #[cfg(test)]
@@ -212,6 +259,24 @@ mod tests {
             Timestamp::from_micros(0).to_string(),
             "1970-01-01T00:00:00Z"
         );
+    }
+
+    #[test]
+    fn fast_formatting_equals_display() {
+        use rand::{Rng, SeedableRng};
+        let mut rng = rand::rngs::StdRng::seed_from_u64(7);
+        let mut samples = vec![0, -1, 1, 999, 1000, 951_782_400_000_000, 4_102_444_799_999_999];
+        for _ in 0..20_000 {
+            samples.push(rng.random_range(-62_135_596_800_000_000..253_402_300_799_999_999));
+            samples.push(rng.random_range(0..2_000_000_000i64) * 1000);
+        }
+        let mut out = Vec::new();
+        for m in samples {
+            let t = Timestamp::from_micros(m);
+            out.clear();
+            t.write_rfc3339(&mut out);
+            assert_eq!(std::str::from_utf8(&out).unwrap(), t.to_string(), "{m}");
+        }
     }
 
     #[test]
@@ -256,14 +321,15 @@ mod tests {
     fn daylight_saving_days_have_92_and_100_buckets() {
         let q = Duration::minutes(15);
         let berlin = parse_tz("Europe/Berlin").unwrap();
-        let spring = Day::parse("2026-03-29").unwrap().window(Some(berlin), q);
-        assert_eq!(spring.buckets(), 92);
-        assert_eq!(spring.start.to_string(), "2026-03-28T23:00:00Z");
-        let autumn = Day::parse("2026-10-25").unwrap().window(Some(berlin), q);
-        assert_eq!(autumn.buckets(), 100);
-        let utc = Day::parse("2026-10-25").unwrap().window(None, q);
-        assert_eq!(utc.buckets(), 96);
-        assert_eq!(utc.bucket_start(95).to_string(), "2026-10-25T23:45:00Z");
+        let spring = Day::parse("2026-03-29").unwrap().buckets(Some(berlin), q);
+        assert_eq!(spring.len(), 92);
+        assert_eq!(spring.start(0).to_string(), "2026-03-28T23:00:00Z");
+        let autumn = Day::parse("2026-10-25").unwrap().buckets(Some(berlin), q);
+        assert_eq!(autumn.len(), 100);
+        let utc = Day::parse("2026-10-25").unwrap().buckets(None, q);
+        assert_eq!(utc.len(), 96);
+        assert_eq!(utc.start(95).to_string(), "2026-10-25T23:45:00Z");
+        assert_eq!(utc.end(95).to_string(), "2026-10-26T00:00:00Z");
         assert!(parse_tz("Mars/Olympus").is_err());
     }
 }

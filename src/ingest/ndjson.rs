@@ -7,13 +7,14 @@
 //! configured maximum length) plus the current batch.
 
 use std::borrow::Cow;
+use std::collections::HashMap;
 use std::fmt;
 use std::sync::Arc;
 
 use serde::Deserialize;
 use serde::de::{self, Visitor};
 
-use crate::domain::{Batch, Catalog, Device, Row, Timestamp};
+use crate::domain::{Batch, Catalog, Device, Row, SensorId, Timestamp};
 
 /// How readings are judged.
 #[derive(Debug, Clone)]
@@ -53,6 +54,8 @@ pub struct StreamParser {
     last_device: u16,
     errors: Vec<LineError>,
     rejected: u64,
+    /// Refused lines per sensor id; lines without a catalogued sensor are not here.
+    rejected_by_sensor: HashMap<SensorId, u64>,
     oversize_lines: u64,
 }
 
@@ -69,6 +72,7 @@ impl StreamParser {
             last_device: 0,
             errors: Vec::new(),
             rejected: 0,
+            rejected_by_sensor: HashMap::new(),
             oversize_lines: 0,
         }
     }
@@ -132,6 +136,12 @@ impl StreamParser {
         self.rejected
     }
 
+    /// Refused lines that named a catalogued sensor, per sensor; the rest of
+    /// [`Self::rejected`] named none.
+    pub fn rejected_by_sensor(&self) -> &HashMap<SensorId, u64> {
+        &self.rejected_by_sensor
+    }
+
     /// Lines refused for exceeding the length limit.
     pub fn oversize_lines(&self) -> u64 {
         self.oversize_lines
@@ -170,42 +180,51 @@ impl StreamParser {
             self.oversize();
             return;
         }
-        if let Err(e) = self.reading(line) {
+        if let Err((sensor, e)) = self.reading(line) {
+            if let Some(id) = sensor {
+                *self.rejected_by_sensor.entry(id).or_default() += 1;
+            }
             self.reject(e);
         }
     }
 
-    fn reading(&mut self, line: &[u8]) -> Result<(), String> {
+    /// Parses one line into the batch, or says why not (and which sensor the line
+    /// was for, when it named a catalogued one).
+    fn reading(&mut self, line: &[u8]) -> Result<(), (Option<SensorId>, String)> {
         if line.trim_ascii_start().first() != Some(&b'{') {
-            return Err(
+            return Err((
+                None,
                 "a reading must be a JSON object: {\"sensor\": …, \"value\": …, \"timestamp\": …}"
                     .into(),
-            );
+            ));
         }
         // sonic-rs: SIMD JSON with serde support, about twice serde_json's speed here;
         // it validates UTF-8 like serde_json.
-        let wire: Wire<'_> = sonic_rs::from_slice(line).map_err(describe_json_error)?;
+        let wire: Wire<'_> =
+            sonic_rs::from_slice(line).map_err(|e| (None, describe_json_error(e)))?;
         let sensor = self
             .catalog
             .get(&wire.sensor)
-            .ok_or_else(|| format!("unknown sensor '{}'", wire.sensor))?;
+            .ok_or_else(|| (None, format!("unknown sensor '{}'", wire.sensor)))?;
+        let id = sensor.id;
+        let fail = |e: String| (Some(id), e);
         let value = sensor
             .check_value(wire.value.0)
-            .map_err(|e| e.to_string())?;
+            .map_err(|e| fail(e.to_string()))?;
         let ts = Timestamp::parse_reading(&wire.timestamp, self.opts.latest)
-            .map_err(|e| e.to_string())?;
+            .map_err(|e| fail(e.to_string()))?;
         let device = match (&wire.device, &self.opts.bound_device) {
             (None, None) => "default",
             (None, Some(bound)) => bound.as_str(),
             (Some(d), None) => d,
             (Some(d), Some(bound)) if d == bound.as_str() => d,
             (Some(d), Some(bound)) => {
-                return Err(format!(
+                return Err(fail(format!(
                     "device '{d}' is not allowed: this API key is bound to device '{bound}'"
-                ));
+                )));
             }
         };
-        let device = device_index(&mut self.batch, &mut self.last_device, device)?;
+        let device = device_index(&mut self.batch, &mut self.last_device, device).map_err(fail)?;
         self.batch.rows.push(Row {
             device,
             sensor: sensor.id,

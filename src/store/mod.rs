@@ -22,7 +22,7 @@ use duckdb::{Config, Connection};
 
 pub use compact::Compaction;
 pub use error::StoreError;
-pub use reader::{ReadStore, Reader};
+pub use reader::{ReadStore, Reader, ScanChunk, ScanSink};
 pub use state::{SeriesEntry, SeriesStats, Shared};
 pub use writer::{Committed, PendingCommit, WriteError, Writer, WriterConfig, WriterHandle};
 

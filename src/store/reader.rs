@@ -1,12 +1,32 @@
 //! Read side: a pool of DuckDB connections separate from the writer's, plus the
 //! in-memory [`Shared`] view for answers that need no query at all.
+//!
+//! Queries filter on `ts_ms` with plain comparisons so DuckDB's zone maps skip every
+//! row group outside the range; the sub-millisecond column only enters the filter
+//! when a bound itself has microseconds.
 
+use std::ops::ControlFlow;
 use std::sync::{Arc, Mutex};
 
 use duckdb::Connection;
+use duckdb::arrow::array::{Array, Float64Array, Int16Array, Int64Array};
+use duckdb::arrow::record_batch::RecordBatch;
 
 use super::{SeriesStats, Shared, StoreError};
-use crate::domain::{Catalog, DayWindow, Device, SensorId};
+use crate::domain::{Aggregate, Buckets, Catalog, Device, DeviceId, SensorId, TimeRange, Timestamp};
+
+/// A slice of readings from a time-ordered scan. `ts` are µs since the epoch.
+pub struct ScanChunk<'a> {
+    /// Sensor of each reading.
+    pub sensors: &'a [SensorId],
+    /// Timestamps, ascending (ties, across sensors only, ordered by sensor).
+    pub ts: &'a [i64],
+    /// Values.
+    pub values: &'a [f64],
+}
+
+/// Receives scanned readings; `Break` stops the scan (e.g. the client went away).
+pub type ScanSink<'a> = dyn FnMut(ScanChunk<'_>) -> ControlFlow<()> + 'a;
 
 /// What the HTTP layer needs from storage. Methods may block (they run queries):
 /// call them from `spawn_blocking`.
@@ -14,16 +34,39 @@ pub trait ReadStore: Send + Sync + 'static {
     /// The sensor catalog.
     fn catalog(&self) -> Arc<Catalog>;
 
+    /// Every known device.
+    fn devices(&self) -> Vec<Device>;
+
     /// Statistics of every series of `device` (empty for an unknown device).
     fn series_of(&self, device: &Device) -> Vec<(SensorId, SeriesStats)>;
 
-    /// Average value per bucket of `window`, `None` for empty buckets.
-    fn bucket_averages(
+    /// Aggregate of every bucket (count 0 where empty), in bucket order.
+    fn bucket_stats(
         &self,
         device: &Device,
         sensor: SensorId,
-        window: &DayWindow,
-    ) -> Result<Vec<Option<f64>>, StoreError>;
+        buckets: &Buckets,
+    ) -> Result<Vec<Aggregate>, StoreError>;
+
+    /// Number of readings of `sensors` in `range`.
+    fn count(
+        &self,
+        device: &Device,
+        sensors: &[SensorId],
+        range: TimeRange,
+    ) -> Result<u64, StoreError>;
+
+    /// Streams the readings of `sensors` in `range` in time order, at most `limit`,
+    /// to `sink`, with bounded memory however long the range. Returns how many were
+    /// delivered.
+    fn scan(
+        &self,
+        device: &Device,
+        sensors: &[SensorId],
+        range: TimeRange,
+        limit: Option<u64>,
+        sink: &mut ScanSink<'_>,
+    ) -> Result<u64, StoreError>;
 }
 
 /// Connections for queries. Idle connections are kept for reuse.
@@ -62,9 +105,17 @@ impl Reader {
     }
 }
 
+/// Rows a scan aims to sort per query: big enough to amortise the per-query cost,
+/// small enough that the sort stays in memory on a small VM.
+const SCAN_TARGET_ROWS: i64 = 256 * 1024;
+
 impl ReadStore for Reader {
     fn catalog(&self) -> Arc<Catalog> {
         self.shared.catalog()
+    }
+
+    fn devices(&self) -> Vec<Device> {
+        self.shared.devices().into_iter().map(|(_, d)| d).collect()
     }
 
     fn series_of(&self, device: &Device) -> Vec<(SensorId, SeriesStats)> {
@@ -74,42 +125,225 @@ impl ReadStore for Reader {
             .unwrap_or_default()
     }
 
-    fn bucket_averages(
+    fn bucket_stats(
         &self,
         device: &Device,
         sensor: SensorId,
-        window: &DayWindow,
-    ) -> Result<Vec<Option<f64>>, StoreError> {
-        let _span = tracing::debug_span!("bucket_averages", %device, sensor = sensor.0).entered();
-        let mut out = vec![None; window.buckets()];
+        buckets: &Buckets,
+    ) -> Result<Vec<Aggregate>, StoreError> {
+        let _span = tracing::debug_span!("bucket_stats", %device, sensor = sensor.0, buckets = buckets.len()).entered();
+        let mut out = vec![Aggregate::default(); buckets.len()];
         let Some(device) = self.shared.device_id(device) else {
             return Ok(out);
         };
-        // Day starts and bucket widths are whole milliseconds, so `ts_ms` alone decides
-        // the bucket, and the filter is on a plain column that zone maps can prune.
-        let start_ms = window.start.as_micros().div_euclid(1000);
+        if buckets.is_empty() {
+            return Ok(out);
+        }
+        let covered = TimeRange {
+            from: buckets.start(0),
+            to: buckets.end(buckets.len() - 1),
+        };
+        let Some(range) = buckets.range().intersect(covered) else {
+            return Ok(out);
+        };
+        // Bounds and grain are whole milliseconds (see `domain::buckets`), so the
+        // millisecond column alone decides the group.
+        let origin_ms = buckets.start(0).as_micros() / 1000;
+        let grain_ms = buckets.grain_micros() / 1000;
         let sql = format!(
-            "SELECT (ts_ms - {start_ms}) // {width_ms} AS b, avg(value)
-             FROM readings
-             WHERE device_id = {dev} AND sensor_id = {sensor}
-               AND ts_ms >= {start_ms} AND ts_ms < {end_ms}
-             GROUP BY b",
-            width_ms = window.bucket_micros() / 1000,
-            dev = device.0,
-            sensor = sensor.0,
-            end_ms = window.end.as_micros().div_euclid(1000),
+            "SELECT (ts_ms - {origin_ms}) // {grain_ms} AS g, count(*), min(value), max(value),
+                    sum(value), arg_min(value, ts_ms * 1000 + ts_us),
+                    arg_max(value, ts_ms * 1000 + ts_us)
+             FROM readings WHERE {filter}
+             GROUP BY g ORDER BY g",
+            filter = series_filter(device, &[sensor], range),
         );
         self.with_conn(|c| {
             let mut stmt = c.prepare(&sql)?;
-            let rows = stmt.query_map([], |r| Ok((r.get::<_, i64>(0)?, r.get::<_, f64>(1)?)))?;
-            for row in rows {
-                let (b, avg) = row?;
-                if let Some(slot) = out.get_mut(b as usize) {
-                    *slot = Some(avg);
+            let mut rows = stmt.query([])?;
+            while let Some(r) = rows.next()? {
+                let g: i64 = r.get(0)?;
+                let part = Aggregate {
+                    count: r.get::<_, i64>(1)? as u64,
+                    min: r.get(2)?,
+                    max: r.get(3)?,
+                    sum: r.get(4)?,
+                    first: r.get(5)?,
+                    last: r.get(6)?,
+                };
+                let t = Timestamp::from_micros((origin_ms + g * grain_ms) * 1000);
+                if let Some(i) = buckets.index_of(t) {
+                    out[i].merge_later(&part);
                 }
             }
             Ok(())
         })?;
         Ok(out)
+    }
+
+    fn count(
+        &self,
+        device: &Device,
+        sensors: &[SensorId],
+        range: TimeRange,
+    ) -> Result<u64, StoreError> {
+        let Some((device, range)) = self.span_of(device, sensors, range) else {
+            return Ok(0);
+        };
+        let sql = format!(
+            "SELECT count(*) FROM readings WHERE {}",
+            series_filter(device, sensors, range)
+        );
+        self.with_conn(|c| Ok(c.query_row(&sql, [], |r| r.get::<_, i64>(0))? as u64))
+    }
+
+    fn scan(
+        &self,
+        device: &Device,
+        sensors: &[SensorId],
+        range: TimeRange,
+        limit: Option<u64>,
+        sink: &mut ScanSink<'_>,
+    ) -> Result<u64, StoreError> {
+        let span = tracing::debug_span!("scan", %device, sensors = sensors.len(), ?limit);
+        let _enter = span.enter();
+        let Some((device, range)) = self.span_of(device, sensors, range) else {
+            return Ok(0);
+        };
+        // Sort window by window: each query sorts about SCAN_TARGET_ROWS rows, sized
+        // from the series' average density and adapted to what each window returned.
+        let readings: u64 = sensors
+            .iter()
+            .filter_map(|s| self.shared.series(device, *s))
+            .map(|s| s.readings)
+            .sum();
+        let span_us = range.to.as_micros() - range.from.as_micros();
+        let per_row = (span_us / (readings.max(1) as i64)).max(1);
+        let mut window = per_row.saturating_mul(SCAN_TARGET_ROWS).clamp(60_000_000, span_us.max(1));
+        let mut lo = range.from;
+        let mut delivered = 0u64;
+        self.with_conn(|c| {
+            let mut buf = ScanBuffers::default();
+            while lo < range.to {
+                let hi = Timestamp::from_micros(lo.as_micros().saturating_add(window)).min(range.to);
+                let limit_sql = match limit {
+                    Some(l) => format!(" LIMIT {}", l - delivered),
+                    None => String::new(),
+                };
+                let sql = format!(
+                    "SELECT ts_ms, ts_us, value, sensor_id FROM readings WHERE {}
+                     ORDER BY ts_ms, ts_us, sensor_id{limit_sql}",
+                    series_filter(device, sensors, TimeRange { from: lo, to: hi })
+                );
+                let mut stmt = c.prepare(&sql)?;
+                let mut in_window = 0i64;
+                for batch in stmt.query_arrow([])? {
+                    buf.fill(&batch)?;
+                    in_window += buf.ts.len() as i64;
+                    delivered += buf.ts.len() as u64;
+                    let chunk = ScanChunk {
+                        sensors: &buf.sensors,
+                        ts: &buf.ts,
+                        values: &buf.values,
+                    };
+                    if sink(chunk).is_break() {
+                        return Ok(());
+                    }
+                }
+                if limit.is_some_and(|l| delivered >= l) {
+                    break;
+                }
+                lo = hi;
+                if in_window < SCAN_TARGET_ROWS / 4 {
+                    window = window.saturating_mul(2);
+                } else if in_window > SCAN_TARGET_ROWS * 2 {
+                    window = (window / 2).max(1_000_000);
+                }
+            }
+            Ok(())
+        })?;
+        Ok(delivered)
+    }
+}
+
+impl Reader {
+    /// The device id and the part of `range` where `sensors` have readings at all,
+    /// from the in-memory series statistics.
+    fn span_of(
+        &self,
+        device: &Device,
+        sensors: &[SensorId],
+        range: TimeRange,
+    ) -> Option<(DeviceId, TimeRange)> {
+        let id = self.shared.device_id(device)?;
+        let stats: Vec<SeriesStats> = sensors
+            .iter()
+            .filter_map(|s| self.shared.series(id, *s))
+            .collect();
+        let first = stats.iter().map(|s| s.first).min()?;
+        let last = stats.iter().map(|s| s.last).max()?;
+        let stored = TimeRange {
+            from: first,
+            to: Timestamp::from_micros(last.as_micros() + 1),
+        };
+        Some((id, range.intersect(stored)?))
+    }
+}
+
+/// `WHERE` clause for readings of `sensors` of `device` in `range`.
+fn series_filter(device: DeviceId, sensors: &[SensorId], range: TimeRange) -> String {
+    let (from, to) = (range.from.as_micros(), range.to.as_micros());
+    let ids: Vec<String> = sensors.iter().map(|s| s.0.to_string()).collect();
+    let mut sql = format!(
+        "device_id = {} AND sensor_id IN ({}) AND ts_ms BETWEEN {} AND {}",
+        device.0,
+        ids.join(", "),
+        from.div_euclid(1000),
+        (to - 1).div_euclid(1000),
+    );
+    if from.rem_euclid(1000) != 0 {
+        sql.push_str(&format!(" AND ts_ms * 1000 + ts_us >= {from}"));
+    }
+    if to.rem_euclid(1000) != 0 {
+        sql.push_str(&format!(" AND ts_ms * 1000 + ts_us < {to}"));
+    }
+    sql
+}
+
+/// Column buffers reused across the record batches of a scan.
+#[derive(Default)]
+struct ScanBuffers {
+    ts: Vec<i64>,
+    values: Vec<f64>,
+    sensors: Vec<SensorId>,
+}
+
+impl ScanBuffers {
+    fn fill(&mut self, batch: &RecordBatch) -> Result<(), StoreError> {
+        fn col<'b, T: 'static>(batch: &'b RecordBatch, i: usize) -> Result<&'b T, StoreError> {
+            batch
+                .column(i)
+                .as_any()
+                .downcast_ref::<T>()
+                .ok_or_else(|| StoreError::Internal(format!("unexpected type of scan column {i}")))
+        }
+        let ms = col::<Int64Array>(batch, 0)?;
+        let us = col::<Int16Array>(batch, 1)?;
+        let value = col::<Float64Array>(batch, 2)?;
+        let sensor = col::<Int16Array>(batch, 3)?;
+        self.ts.clear();
+        self.ts.extend(
+            ms.values()
+                .iter()
+                .zip(us.values().iter())
+                .map(|(m, u)| m * 1000 + i64::from(*u)),
+        );
+        self.values.clear();
+        self.values.extend_from_slice(value.values());
+        self.sensors.clear();
+        self.sensors
+            .extend(sensor.values().iter().map(|s| SensorId(*s as u16)));
+        debug_assert_eq!(ms.null_count(), 0);
+        Ok(())
     }
 }

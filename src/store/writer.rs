@@ -35,6 +35,7 @@ use tokio::sync::{mpsc, oneshot};
 use super::compact::{self, Compaction};
 use super::{SeriesEntry, SeriesStats, Shared, StoreError};
 use crate::domain::{Batch, Device, DeviceId, Row, SensorId};
+use crate::metrics::{Metrics, UNKNOWN_SENSOR};
 
 /// Writer tuning.
 #[derive(Debug, Clone)]
@@ -45,6 +46,8 @@ pub struct WriterConfig {
     pub queue_timeout: Duration,
     /// Most readings committed in one transaction.
     pub max_group_rows: usize,
+    /// Where commit times and per-sensor accepted/duplicate counts are recorded.
+    pub metrics: Arc<Metrics>,
 }
 
 impl Default for WriterConfig {
@@ -53,6 +56,7 @@ impl Default for WriterConfig {
             queue_capacity: 64,
             queue_timeout: Duration::from_secs(2),
             max_group_rows: 512 * 1024,
+            metrics: Arc::new(Metrics::new()),
         }
     }
 }
@@ -162,7 +166,7 @@ impl Writer {
         cfg: WriterConfig,
         lock: File,
     ) -> Result<Self, StoreError> {
-        let state = State::new(conn, shared)?;
+        let state = State::new(conn, shared, cfg.metrics.clone())?;
         let (tx, rx) = mpsc::channel(cfg.queue_capacity.max(1));
         let running = Arc::new(AtomicBool::new(true));
         let flag = running.clone();
@@ -275,16 +279,22 @@ struct KeyAcc {
     monotonic: bool,
     seen: HashSet<i64>,
     delta: Option<SeriesStats>,
+    duplicates: u64,
 }
 
 struct State {
     conn: Connection,
     shared: Arc<Shared>,
+    metrics: Arc<Metrics>,
     next_device: u32,
 }
 
 impl State {
-    fn new(conn: Connection, shared: Arc<Shared>) -> Result<Self, StoreError> {
+    fn new(
+        conn: Connection,
+        shared: Arc<Shared>,
+        metrics: Arc<Metrics>,
+    ) -> Result<Self, StoreError> {
         conn.execute_batch(
             "CREATE TEMP TABLE staging (
                 seq UINTEGER, device_id INTEGER, sensor_id SMALLINT,
@@ -298,6 +308,7 @@ impl State {
         Ok(Self {
             conn,
             shared,
+            metrics,
             next_device,
         })
     }
@@ -312,10 +323,9 @@ impl State {
         let started = Instant::now();
         match self.commit(&jobs) {
             Ok(results) => {
-                tracing::debug!(
-                    elapsed_ms = started.elapsed().as_secs_f64() * 1e3,
-                    "committed"
-                );
+                let elapsed = started.elapsed();
+                self.metrics.commit_seconds.observe(elapsed.as_secs_f64());
+                tracing::debug!(elapsed_ms = elapsed.as_secs_f64() * 1e3, "committed");
                 for (job, r) in jobs.into_iter().zip(results) {
                     let _ = job.reply.send(Ok(r));
                 }
@@ -377,6 +387,7 @@ impl State {
                                 monotonic: true,
                                 seen: HashSet::new(),
                                 delta: None,
+                                duplicates: 0,
                             });
                             keys.len() - 1
                         });
@@ -462,7 +473,19 @@ impl State {
         self.next_device += new_devices.len() as u32;
         self.shared.add_devices(&new_devices);
         self.shared.set_series(&updated);
+        self.count(&keys);
         Ok(results)
+    }
+
+    /// Per-sensor accepted and duplicate counters.
+    fn count(&self, keys: &[KeyAcc]) {
+        let catalog = self.shared.catalog();
+        let m = &self.metrics;
+        for k in keys {
+            let name = catalog.by_id(k.sensor).map_or(UNKNOWN_SENSOR, |s| s.name.as_str());
+            Metrics::add(&m.readings_accepted, name, k.delta.map_or(0, |d| d.readings));
+            Metrics::add(&m.readings_duplicate, name, k.duplicates);
+        }
     }
 
     fn insert_devices(&self, new_devices: &[(DeviceId, Device)]) -> Result<(), StoreError> {
@@ -604,6 +627,7 @@ fn tally(
                 }
             } else {
                 c.duplicates += 1;
+                keys[row_keys[seq] as usize].duplicates += 1;
             }
             seq += 1;
         }
@@ -760,6 +784,7 @@ mod tests {
                 queue_capacity: 1,
                 queue_timeout: Duration::from_millis(5),
                 max_group_rows: 1,
+                ..WriterConfig::default()
             },
         );
         let h = w.handle();

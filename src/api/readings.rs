@@ -1,0 +1,330 @@
+//! Raw readings: content negotiation, the opaque keyset cursor, and fast writers for
+//! JSON, NDJSON and CSV.
+//!
+//! A *page* (`limit` given, or JSON) is read in full — at most [`MAX_PAGE`] readings —
+//! so its continuation cursor can go in a header before the body. An *export* (NDJSON
+//! or CSV without `limit`) streams the whole range from a blocking scan through a
+//! small channel: memory stays bounded however long the range, and a client that
+//! hangs up stops the scan.
+
+use std::ops::ControlFlow;
+
+use base64::Engine as _;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use bytes::Bytes;
+use poem::Body;
+
+use super::error::ApiError;
+use crate::domain::{Device, SensorName, Timestamp};
+use crate::store::ScanChunk;
+
+/// Largest page; also the default page size is [`DEFAULT_PAGE`].
+pub const MAX_PAGE: u64 = 100_000;
+/// Readings per page when `limit` is not given (JSON).
+pub const DEFAULT_PAGE: u64 = 1000;
+/// Bytes gathered before a chunk of an export is sent.
+const CHUNK_BYTES: usize = 256 * 1024;
+
+/// Representation of raw readings.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Format {
+    /// One JSON document with a `readings` array and `next_cursor`.
+    Json,
+    /// One reading per line, in the shape `POST /ingest` accepts.
+    Ndjson,
+    /// `timestamp,value` with a header row.
+    Csv,
+}
+
+impl Format {
+    /// Picks the format from `?format=` if given, else from `Accept` (in order of
+    /// preference, `q` honoured); JSON when the client accepts anything.
+    pub fn negotiate(format: Option<&str>, accept: Option<&str>) -> Result<Self, ApiError> {
+        if let Some(f) = format {
+            return match f {
+                "json" => Ok(Self::Json),
+                "ndjson" => Ok(Self::Ndjson),
+                "csv" => Ok(Self::Csv),
+                other => Err(ApiError::bad_request(format!(
+                    "unknown format '{other}': use json, ndjson or csv"
+                ))),
+            };
+        }
+        let Some(accept) = accept.filter(|a| !a.trim().is_empty()) else {
+            return Ok(Self::Json);
+        };
+        let mut ranges: Vec<(f32, usize, &str)> = accept
+            .split(',')
+            .enumerate()
+            .filter_map(|(i, part)| {
+                let mut it = part.split(';');
+                let media = it.next()?.trim();
+                let q = it
+                    .filter_map(|p| p.trim().strip_prefix("q="))
+                    .find_map(|q| q.trim().parse::<f32>().ok())
+                    .unwrap_or(1.0);
+                (q > 0.0).then_some((q, i, media))
+            })
+            .collect();
+        ranges.sort_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)));
+        for (_, _, media) in ranges {
+            let found = match media.to_ascii_lowercase().as_str() {
+                "application/json" | "application/*" | "*/*" => Some(Self::Json),
+                "application/x-ndjson" | "application/ndjson" | "application/jsonl" => {
+                    Some(Self::Ndjson)
+                }
+                "text/csv" | "text/*" => Some(Self::Csv),
+                _ => None,
+            };
+            if let Some(f) = found {
+                return Ok(f);
+            }
+        }
+        Err(ApiError::not_acceptable(format!(
+            "cannot produce any of '{accept}': use application/json, application/x-ndjson \
+             or text/csv"
+        )))
+    }
+}
+
+/// Where a page ended: the readings after `after` come next. Bound to one device
+/// and sensor.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Cursor {
+    /// Device it was issued for.
+    pub device: Device,
+    /// Sensor it was issued for.
+    pub sensor: SensorName,
+    /// Timestamp of the last reading returned.
+    pub after: Timestamp,
+}
+
+const CURSOR_VERSION: &str = "c1";
+
+impl Cursor {
+    /// The opaque text form.
+    pub fn encode(&self) -> String {
+        let raw = format!(
+            "{CURSOR_VERSION}:{}:{}:{}",
+            self.device,
+            self.sensor,
+            self.after.as_micros()
+        );
+        URL_SAFE_NO_PAD.encode(raw)
+    }
+
+    /// Parses a cursor and checks it belongs to `device` and `sensor`.
+    pub fn decode(s: &str, device: &Device, sensor: &SensorName) -> Result<Self, ApiError> {
+        let bad = || ApiError::bad_request("invalid cursor: pass next_cursor of a previous page unchanged");
+        let raw = URL_SAFE_NO_PAD.decode(s.trim()).map_err(|_| bad())?;
+        let raw = String::from_utf8(raw).map_err(|_| bad())?;
+        let mut parts = raw.split(':');
+        let (Some(CURSOR_VERSION), Some(d), Some(n), Some(t), None) = (
+            parts.next(),
+            parts.next(),
+            parts.next(),
+            parts.next(),
+            parts.next(),
+        ) else {
+            return Err(bad());
+        };
+        let cursor = Self {
+            device: Device::parse(d).map_err(|_| bad())?,
+            sensor: SensorName::parse(n).map_err(|_| bad())?,
+            after: Timestamp::from_micros(t.parse().map_err(|_| bad())?),
+        };
+        if &cursor.device != device || &cursor.sensor != sensor {
+            return Err(ApiError::bad_request(format!(
+                "the cursor belongs to sensor '{}' of device '{}', not to this request",
+                cursor.sensor, cursor.device
+            )));
+        }
+        Ok(cursor)
+    }
+}
+
+/// Formats readings of one series as NDJSON or CSV lines.
+pub struct LineWriter {
+    format: Format,
+    /// `{"sensor":"speed","value":`
+    head: Vec<u8>,
+    /// `,"device":"truck"}` or `}` for the default device.
+    tail: Vec<u8>,
+    buf: Vec<u8>,
+    floats: ryu::Buffer,
+}
+
+impl LineWriter {
+    /// A writer for `format` (NDJSON or CSV) of `sensor` of `device`.
+    pub fn new(format: Format, device: &Device, sensor: &SensorName) -> Self {
+        let head = format!("{{\"sensor\":\"{sensor}\",\"value\":").into_bytes();
+        // Names are restricted to characters that need no JSON escaping.
+        let tail = if device.as_str() == "default" {
+            b"}\n".to_vec()
+        } else {
+            format!(",\"device\":\"{device}\"}}\n").into_bytes()
+        };
+        let mut buf = Vec::with_capacity(CHUNK_BYTES + 1024);
+        if format == Format::Csv {
+            buf.extend_from_slice(b"timestamp,value\n");
+        }
+        Self {
+            format,
+            head,
+            tail,
+            buf,
+            floats: ryu::Buffer::new(),
+        }
+    }
+
+    /// Appends one reading.
+    pub fn push(&mut self, ts: i64, value: f64) {
+        let t = Timestamp::from_micros(ts);
+        match self.format {
+            Format::Csv => {
+                t.write_rfc3339(&mut self.buf);
+                self.buf.push(b',');
+                self.buf
+                    .extend_from_slice(self.floats.format_finite(value).as_bytes());
+                self.buf.push(b'\n');
+            }
+            _ => {
+                self.buf.extend_from_slice(&self.head);
+                self.buf
+                    .extend_from_slice(self.floats.format_finite(value).as_bytes());
+                self.buf.extend_from_slice(b",\"timestamp\":\"");
+                t.write_rfc3339(&mut self.buf);
+                self.buf.push(b'"');
+                self.buf.extend_from_slice(&self.tail);
+            }
+        }
+    }
+
+    /// Whether enough is buffered to send a chunk.
+    pub fn is_full(&self) -> bool {
+        self.buf.len() >= CHUNK_BYTES
+    }
+
+    /// Takes what is buffered.
+    pub fn take(&mut self) -> Bytes {
+        let out = Bytes::copy_from_slice(&self.buf);
+        self.buf.clear();
+        out
+    }
+}
+
+/// The sending half of a streamed export, fed by the blocking scan.
+pub struct ExportSink {
+    writer: LineWriter,
+    tx: tokio::sync::mpsc::Sender<Result<Bytes, std::io::Error>>,
+}
+
+impl ExportSink {
+    /// A response body and the sink that fills it.
+    pub fn new(writer: LineWriter) -> (Body, Self) {
+        let (tx, rx) = tokio::sync::mpsc::channel(4);
+        let stream = futures_util::stream::unfold(rx, |mut rx| async move {
+            rx.recv().await.map(|item| (item, rx))
+        });
+        (Body::from_bytes_stream(stream), Self { writer, tx })
+    }
+
+    /// Formats a chunk of the scan; `Break` once the client has hung up.
+    pub fn chunk(&mut self, c: ScanChunk<'_>) -> ControlFlow<()> {
+        for (ts, v) in c.ts.iter().zip(c.values) {
+            self.writer.push(*ts, *v);
+        }
+        if self.writer.is_full() {
+            self.send()
+        } else {
+            ControlFlow::Continue(())
+        }
+    }
+
+    /// Sends the rest; the body ends when the sink is dropped.
+    pub fn finish(mut self) {
+        let _ = self.send();
+    }
+
+    /// Aborts the body, so the client sees a broken transfer, not a short file.
+    pub fn fail(self, error: &str) {
+        let _ = self.tx.blocking_send(Err(std::io::Error::other(error.to_owned())));
+    }
+
+    fn send(&mut self) -> ControlFlow<()> {
+        if self.writer.buf.is_empty() {
+            return ControlFlow::Continue(());
+        }
+        match self.tx.blocking_send(Ok(self.writer.take())) {
+            Ok(()) => ControlFlow::Continue(()),
+            Err(_) => ControlFlow::Break(()),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn device(s: &str) -> Device {
+        Device::parse(s).unwrap()
+    }
+
+    fn sensor(s: &str) -> SensorName {
+        SensorName::parse(s).unwrap()
+    }
+
+    #[test]
+    fn accept_headers_pick_a_format() {
+        let n = |a: &str| Format::negotiate(None, Some(a)).map_err(|_| ());
+        assert_eq!(Format::negotiate(None, None).ok(), Some(Format::Json));
+        assert_eq!(n("application/x-ndjson"), Ok(Format::Ndjson));
+        assert_eq!(n("text/csv; charset=utf-8"), Ok(Format::Csv));
+        assert_eq!(n("text/html,application/xhtml+xml,*/*;q=0.8"), Ok(Format::Json));
+        assert_eq!(n("application/json;q=0.5, text/csv"), Ok(Format::Csv));
+        assert_eq!(n("image/png"), Err(()));
+        assert_eq!(
+            Format::negotiate(Some("csv"), Some("application/json")).ok(),
+            Some(Format::Csv)
+        );
+        assert!(Format::negotiate(Some("xml"), None).is_err());
+    }
+
+    #[test]
+    fn cursors_round_trip_and_stay_bound_to_their_series() {
+        let c = Cursor {
+            device: device("truck"),
+            sensor: sensor("speed"),
+            after: Timestamp::from_micros(1_767_225_600_123_456),
+        };
+        let text = c.encode();
+        assert_eq!(Cursor::decode(&text, &device("truck"), &sensor("speed")).unwrap(), c);
+        assert!(Cursor::decode(&text, &device("truck"), &sensor("fuel")).is_err());
+        assert!(Cursor::decode(&text, &device("car"), &sensor("speed")).is_err());
+        for bad in ["", "!!", "YWJj", &URL_SAFE_NO_PAD.encode("c1:truck:speed:x")] {
+            assert!(Cursor::decode(bad, &device("truck"), &sensor("speed")).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn lines_are_ingestable_ndjson_and_plain_csv() {
+        let mut w = LineWriter::new(Format::Ndjson, &device("truck"), &sensor("speed"));
+        w.push(1_335_205_543_511_000, 55.5);
+        w.push(1_335_205_544_000_001, 3.0);
+        let text = String::from_utf8(w.take().to_vec()).unwrap();
+        let lines: Vec<serde_json::Value> =
+            text.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+        assert_eq!(
+            lines[0],
+            serde_json::json!({"sensor": "speed", "value": 55.5,
+                "timestamp": "2012-04-23T18:25:43.511Z", "device": "truck"})
+        );
+        assert_eq!(lines[1]["timestamp"], "2012-04-23T18:25:44.000001Z");
+        let mut c = LineWriter::new(Format::Csv, &device("default"), &sensor("speed"));
+        c.push(1_335_205_543_511_000, -1.25);
+        assert_eq!(
+            c.take(),
+            Bytes::from("timestamp,value\n2012-04-23T18:25:43.511Z,-1.25\n")
+        );
+    }
+}

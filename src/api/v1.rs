@@ -1,0 +1,673 @@
+//! `/api/v1`: devices, the sensor catalog with statistics, bucketed statistics, raw
+//! readings (paged or streamed) and the GPS track. Every read takes `?device=`
+//! (default: the server's `--default-device`).
+
+use std::sync::Arc;
+
+use chrono::Duration;
+use poem::Request;
+use poem::http::header;
+use poem::web::Data;
+use poem_openapi::param::{Path, Query};
+use poem_openapi::payload::{Binary, Json};
+use poem_openapi::types::{Any, Example};
+use poem_openapi::{ApiResponse, Enum, Object, OpenApi, ResponseContent};
+
+use super::error::ApiError;
+use super::readings::{Cursor, DEFAULT_PAGE, ExportSink, Format, LineWriter, MAX_PAGE};
+use super::seed::device_param;
+use super::track::{Downsampler, Pairer, Point};
+use super::{AppState, Tag, blocking};
+use crate::domain::{
+    Aggregate, BucketWidth, Buckets, Device, Sensor, SensorId, TimeRange, Timestamp, parse_tz,
+};
+use crate::store::SeriesStats;
+
+/// Most buckets one statistics request may produce.
+pub const MAX_BUCKETS: usize = 10_000;
+/// Most points of a track.
+pub const MAX_TRACK_POINTS: u32 = 100_000;
+
+/// The `/api/v1` endpoints.
+pub struct V1Api;
+
+/// A device and its readings.
+#[derive(Debug, Clone, Object)]
+pub struct DeviceInfo {
+    /// Device name.
+    pub device: String,
+    /// Stored readings over all sensors.
+    pub readings: u64,
+    /// Oldest reading (RFC 3339 UTC).
+    pub first: Option<String>,
+    /// Newest reading (RFC 3339 UTC).
+    pub last: Option<String>,
+}
+
+/// Every device.
+#[derive(Debug, Clone, Object)]
+pub struct DeviceList {
+    /// Devices in the order they first sent data.
+    pub devices: Vec<DeviceInfo>,
+}
+
+/// A catalogued sensor and its series for one device.
+#[derive(Debug, Clone, Object)]
+pub struct SensorInfo {
+    /// Name readings use.
+    pub name: String,
+    /// Unit of the values.
+    pub unit: String,
+    /// What it measures.
+    pub description: String,
+    /// Lowest valid value, if bounded.
+    pub min: Option<f64>,
+    /// Highest valid value, if bounded.
+    pub max: Option<f64>,
+    /// Stored readings of the device.
+    pub readings: u64,
+    /// Oldest reading (RFC 3339 UTC).
+    pub first: Option<String>,
+    /// Newest reading (RFC 3339 UTC).
+    pub last: Option<String>,
+    /// Value of the newest reading.
+    pub last_value: Option<f64>,
+}
+
+/// The catalog with one device's statistics.
+#[derive(Debug, Clone, Object)]
+pub struct SensorList {
+    /// The device the counts are for.
+    pub device: String,
+    /// Every catalogued sensor.
+    pub sensors: Vec<SensorInfo>,
+}
+
+/// How empty buckets are reported.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Enum, Default)]
+#[oai(rename_all = "lowercase")]
+pub enum Fill {
+    /// Leave empty buckets out.
+    #[default]
+    None,
+    /// Include them with `count` 0 and `null` values.
+    Null,
+    /// Include them with `count` 0 and values 0.
+    Zero,
+    /// Include them with `count` 0 and the previous bucket's last value.
+    Previous,
+}
+
+/// Aggregates of one bucket.
+#[derive(Debug, Clone, PartialEq, Object)]
+pub struct BucketBody {
+    /// Start of the bucket (RFC 3339 UTC).
+    pub start: String,
+    /// End of the bucket, exclusive.
+    pub end: String,
+    /// Readings in the bucket (within `from`..`to`).
+    pub count: u64,
+    /// Smallest value.
+    pub min: Option<f64>,
+    /// Largest value.
+    pub max: Option<f64>,
+    /// Average value.
+    pub avg: Option<f64>,
+    /// Value of the oldest reading.
+    pub first: Option<f64>,
+    /// Value of the newest reading.
+    pub last: Option<f64>,
+}
+
+/// Bucketed statistics of one sensor.
+#[derive(Debug, Clone, Object)]
+#[oai(example)]
+pub struct StatisticsBody {
+    /// Device.
+    pub device: String,
+    /// Sensor.
+    pub sensor: String,
+    /// Bucket width as requested.
+    pub bucket: String,
+    /// Time zone buckets are aligned in.
+    pub tz: String,
+    /// Start of the range (RFC 3339 UTC).
+    pub from: String,
+    /// End of the range, exclusive.
+    pub to: String,
+    /// The buckets, oldest first.
+    pub buckets: Vec<BucketBody>,
+}
+
+impl Example for StatisticsBody {
+    fn example() -> Self {
+        Self {
+            device: "default".into(),
+            sensor: "speed".into(),
+            bucket: "1h".into(),
+            tz: "UTC".into(),
+            from: "2026-05-01T00:00:00Z".into(),
+            to: "2026-05-02T00:00:00Z".into(),
+            buckets: vec![BucketBody {
+                start: "2026-05-01T07:00:00Z".into(),
+                end: "2026-05-01T08:00:00Z".into(),
+                count: 3600,
+                min: Some(0.0),
+                max: Some(92.5),
+                avg: Some(48.2),
+                first: Some(0.0),
+                last: Some(61.0),
+            }],
+        }
+    }
+}
+
+/// One raw reading.
+#[derive(Debug, Clone, Object)]
+pub struct ReadingBody {
+    /// RFC 3339 UTC, with the precision it was sent with (up to µs).
+    pub timestamp: String,
+    /// Value.
+    pub value: f64,
+}
+
+/// A page of raw readings.
+#[derive(Debug, Clone, Object)]
+pub struct ReadingPage {
+    /// Device.
+    pub device: String,
+    /// Sensor.
+    pub sensor: String,
+    /// Readings in time order.
+    pub readings: Vec<ReadingBody>,
+    /// Pass as `cursor` (with the same `from`/`to`) for the next page; `null` when
+    /// this page reaches the end of the range.
+    pub next_cursor: Option<String>,
+}
+
+/// Raw readings in the negotiated format.
+#[derive(ResponseContent)]
+pub enum ReadingsContent {
+    /// A page as JSON.
+    Json(Json<ReadingPage>),
+    /// One reading per line, in the shape `POST /ingest` takes (so an export can be
+    /// re-imported as it is).
+    #[oai(content_type = "application/x-ndjson")]
+    Ndjson(Binary<poem::Body>),
+    /// `timestamp,value` with a header row.
+    #[oai(content_type = "text/csv; charset=utf-8")]
+    Csv(Binary<poem::Body>),
+}
+
+/// Answer of the raw readings endpoint.
+#[derive(ApiResponse)]
+pub enum ReadingsResponse {
+    /// The readings. `X-Next-Cursor` is set when a page stops before the end of the
+    /// range.
+    #[oai(status = 200)]
+    Ok(
+        ReadingsContent,
+        #[oai(header = "X-Next-Cursor")] Option<String>,
+    ),
+}
+
+/// GeoJSON of the route.
+#[derive(ApiResponse)]
+pub enum TrackResponse {
+    /// A FeatureCollection: one `LineString` feature (or a `Point` when there is a
+    /// single position, none when there is no position). `properties.timestamps`
+    /// holds the time of each coordinate.
+    #[oai(status = 200, content_type = "application/geo+json")]
+    Ok(Json<Any<serde_json::Value>>),
+}
+
+#[OpenApi(prefix_path = "/api/v1", tag = "Tag::Readings")]
+impl V1Api {
+    /// Devices
+    ///
+    /// Every device that has sent readings, with reading count and first/last
+    /// timestamp.
+    #[oai(path = "/devices", method = "get")]
+    async fn devices(&self, state: Data<&Arc<AppState>>) -> Json<DeviceList> {
+        let devices = state
+            .reads
+            .devices()
+            .into_iter()
+            .map(|d| {
+                let series = state.reads.series_of(&d);
+                let readings = series.iter().map(|(_, s)| s.readings).sum();
+                let first = series.iter().map(|(_, s)| s.first).min();
+                let last = series.iter().map(|(_, s)| s.last).max();
+                DeviceInfo {
+                    device: d.to_string(),
+                    readings,
+                    first: first.map(|t| t.to_string()),
+                    last: last.map(|t| t.to_string()),
+                }
+            })
+            .collect();
+        Json(DeviceList { devices })
+    }
+
+    /// Sensors
+    ///
+    /// The sensor catalog with unit, description and valid range, and for the
+    /// device: reading count, first/last timestamp and last value. Served from the
+    /// statistics the writer keeps in memory: no query per sensor.
+    #[oai(path = "/sensors", method = "get")]
+    async fn sensors(
+        &self,
+        state: Data<&Arc<AppState>>,
+        /// Device (default: the server's `--default-device`).
+        device: Query<Option<String>>,
+    ) -> Result<Json<SensorList>, ApiError> {
+        let device = device_param(&state, device.0)?;
+        let series = state.reads.series_of(&device);
+        let sensors = state
+            .reads
+            .catalog()
+            .iter()
+            .map(|s| sensor_info(s, series.iter().find(|(id, _)| *id == s.id).map(|x| &x.1)))
+            .collect();
+        Ok(Json(SensorList {
+            device: device.to_string(),
+            sensors,
+        }))
+    }
+
+    /// Statistics in time buckets
+    ///
+    /// Count, min, max, avg, first and last value per bucket. Sub-day buckets are
+    /// fixed widths aligned to local midnight in `tz`; `1d` buckets are calendar days
+    /// in `tz` (23 or 25 hours on daylight-saving days). The first and last bucket
+    /// only count readings within `from`..`to`. At most 10000 buckets.
+    #[oai(path = "/sensors/:sensor/statistics", method = "get")]
+    #[allow(clippy::too_many_arguments)]
+    async fn statistics(
+        &self,
+        state: Data<&Arc<AppState>>,
+        /// Sensor name, e.g. `speed`.
+        sensor: Path<String>,
+        /// Start, RFC 3339 (default: 24 hours before `to`).
+        #[oai(example = "from_example")]
+        from: Query<Option<String>>,
+        /// End, exclusive, RFC 3339 (default: now).
+        to: Query<Option<String>>,
+        /// Bucket width: 1m, 2m, 5m, 10m, 15m, 30m, 1h, 2h, 3h, 4h, 6h, 12h or 1d.
+        #[oai(default = "default_bucket")]
+        bucket: Query<String>,
+        /// IANA time zone the buckets are aligned in, e.g. `Europe/Berlin` (default UTC).
+        tz: Query<Option<String>>,
+        /// How empty buckets are reported (default: left out).
+        #[oai(default)]
+        fill: Query<Fill>,
+        /// Device (default: the server's `--default-device`).
+        device: Query<Option<String>>,
+    ) -> Result<Json<StatisticsBody>, ApiError> {
+        let device = device_param(&state, device.0)?;
+        let sensor = catalogued(&state, &sensor.0)?;
+        let range = range_param(from.0.as_deref(), to.0.as_deref(), Some(Duration::days(1)))?;
+        let width = BucketWidth::parse(&bucket.0).map_err(|e| ApiError::bad_request(e.to_string()))?;
+        let zone = tz
+            .0
+            .as_deref()
+            .map(parse_tz)
+            .transpose()
+            .map_err(|e| ApiError::bad_request(e.to_string()))?;
+        let buckets = Arc::new(
+            Buckets::new(range, width, zone, MAX_BUCKETS)
+                .map_err(|e| ApiError::bad_request(e.to_string()))?,
+        );
+        let reads = state.reads.clone();
+        let (b, dev, id) = (buckets.clone(), device.clone(), sensor.id);
+        let stats = blocking(move || reads.bucket_stats(&dev, id, &b)).await?;
+        Ok(Json(StatisticsBody {
+            device: device.to_string(),
+            sensor: sensor.name.to_string(),
+            bucket: width.to_string(),
+            tz: zone.map_or_else(|| "UTC".to_owned(), |z| z.name().to_owned()),
+            from: range.from.to_string(),
+            to: range.to.to_string(),
+            buckets: fill_buckets(&buckets, &stats, fill.0),
+        }))
+    }
+
+    /// Raw readings
+    ///
+    /// Readings of one sensor in time order. As JSON (default) a page of `limit`
+    /// readings (default 1000) with `next_cursor`; as NDJSON or CSV (`Accept:
+    /// application/x-ndjson` / `text/csv`, or `?format=`) the whole range is streamed
+    /// unless `limit` is given. Paging is by keyset: a cursor stays valid while new
+    /// readings arrive, and every reading of the range is returned exactly once.
+    #[oai(path = "/sensors/:sensor/readings", method = "get")]
+    #[allow(clippy::too_many_arguments)]
+    async fn readings(
+        &self,
+        state: Data<&Arc<AppState>>,
+        req: &Request,
+        /// Sensor name, e.g. `speed`.
+        sensor: Path<String>,
+        /// Start, RFC 3339 (default: the first reading).
+        #[oai(example = "from_example")]
+        from: Query<Option<String>>,
+        /// End, exclusive, RFC 3339 (default: after the last reading).
+        to: Query<Option<String>>,
+        /// Readings per page, 1 to 100000 (default 1000 for JSON; NDJSON and CSV
+        /// stream everything without it).
+        limit: Query<Option<u64>>,
+        /// `next_cursor` of the previous page.
+        cursor: Query<Option<String>>,
+        /// `json`, `ndjson` or `csv`; overrides `Accept`.
+        format: Query<Option<String>>,
+        /// Device (default: the server's `--default-device`).
+        device: Query<Option<String>>,
+    ) -> Result<ReadingsResponse, ApiError> {
+        let device = device_param(&state, device.0)?;
+        let sensor = catalogued(&state, &sensor.0)?;
+        let accept = req.headers().get(header::ACCEPT).and_then(|v| v.to_str().ok());
+        let format = Format::negotiate(format.0.as_deref(), accept)?;
+        let mut range = range_param(from.0.as_deref(), to.0.as_deref(), None)?;
+        if let Some(l) = limit.0
+            && !(1..=MAX_PAGE).contains(&l)
+        {
+            return Err(ApiError::bad_request(format!(
+                "limit must be between 1 and {MAX_PAGE}, got {l}"
+            )));
+        }
+        if let Some(c) = cursor.0.as_deref() {
+            let c = Cursor::decode(c, &device, &sensor.name)?;
+            range.from = range.from.max(Timestamp::from_micros(c.after.as_micros() + 1));
+        }
+        let page = match (format, limit.0) {
+            (Format::Json, l) => Some(l.unwrap_or(DEFAULT_PAGE)),
+            (_, l) => l,
+        };
+        let Some(limit) = page else {
+            return Ok(export(&state, device, &sensor, range, format));
+        };
+
+        // A page: read limit + 1 to know whether another page follows.
+        let reads = state.reads.clone();
+        let (dev, id) = (device.clone(), sensor.id);
+        let mut rows = blocking(move || {
+            let mut rows: Vec<(i64, f64)> = Vec::new();
+            if range.from < range.to {
+                reads.scan(&dev, &[id], range, Some(limit + 1), &mut |c| {
+                    rows.extend(c.ts.iter().copied().zip(c.values.iter().copied()));
+                    std::ops::ControlFlow::Continue(())
+                })?;
+            }
+            Ok(rows)
+        })
+        .await?;
+        let next = (rows.len() as u64 > limit).then(|| {
+            rows.truncate(limit as usize);
+            Cursor {
+                device: device.clone(),
+                sensor: sensor.name.clone(),
+                after: Timestamp::from_micros(rows.last().expect("limit ≥ 1").0),
+            }
+            .encode()
+        });
+        let content = match format {
+            Format::Json => ReadingsContent::Json(Json(ReadingPage {
+                device: device.to_string(),
+                sensor: sensor.name.to_string(),
+                readings: rows
+                    .iter()
+                    .map(|(ts, value)| ReadingBody {
+                        timestamp: Timestamp::from_micros(*ts).to_string(),
+                        value: *value,
+                    })
+                    .collect(),
+                next_cursor: next.clone(),
+            })),
+            f => {
+                let mut w = LineWriter::new(f, &device, &sensor.name);
+                for (ts, v) in &rows {
+                    w.push(*ts, *v);
+                }
+                let body = poem::Body::from_bytes(w.take());
+                if f == Format::Csv {
+                    ReadingsContent::Csv(Binary(body))
+                } else {
+                    ReadingsContent::Ndjson(Binary(body))
+                }
+            }
+        };
+        Ok(ReadingsResponse::Ok(content, next))
+    }
+
+    /// GPS track
+    ///
+    /// The route as GeoJSON: `location_latitude` and `location_longitude` readings
+    /// paired by timestamp (at most `tolerance_ms` apart), thinned to at most
+    /// `max_points` with largest-triangle-three-buckets, which keeps corners and
+    /// ends.
+    #[oai(path = "/location/track", method = "get")]
+    async fn track(
+        &self,
+        state: Data<&Arc<AppState>>,
+        /// Start, RFC 3339 (default: 24 hours before `to`).
+        #[oai(example = "from_example")]
+        from: Query<Option<String>>,
+        /// End, exclusive, RFC 3339 (default: now).
+        to: Query<Option<String>>,
+        /// Most points returned, 2 to 100000.
+        #[oai(default = "default_max_points")]
+        max_points: Query<u32>,
+        /// Largest time difference between a latitude and the longitude it is paired
+        /// with, in milliseconds (0 to 60000).
+        #[oai(default = "default_tolerance")]
+        tolerance_ms: Query<u32>,
+        /// Device (default: the server's `--default-device`).
+        device: Query<Option<String>>,
+    ) -> Result<TrackResponse, ApiError> {
+        let device = device_param(&state, device.0)?;
+        let range = range_param(from.0.as_deref(), to.0.as_deref(), Some(Duration::days(1)))?;
+        if !(2..=MAX_TRACK_POINTS).contains(&max_points.0) {
+            return Err(ApiError::bad_request(format!(
+                "max_points must be between 2 and {MAX_TRACK_POINTS}, got {}",
+                max_points.0
+            )));
+        }
+        if tolerance_ms.0 > 60_000 {
+            return Err(ApiError::bad_request(format!(
+                "tolerance_ms must be between 0 and 60000, got {}",
+                tolerance_ms.0
+            )));
+        }
+        let catalog = state.reads.catalog();
+        let (Some(lat), Some(lon)) = (
+            catalog.get("location_latitude").map(|s| s.id),
+            catalog.get("location_longitude").map(|s| s.id),
+        ) else {
+            return Err(ApiError::internal());
+        };
+        let reads = state.reads.clone();
+        let dev = device.clone();
+        let max = max_points.0 as usize;
+        let tolerance = i64::from(tolerance_ms.0) * 1000;
+        let (points, total) = blocking(move || {
+            let expected = reads.count(&dev, &[lat], range)?;
+            let mut thin = Downsampler::new(max, expected);
+            let mut pairs = Pairer::new(lat, tolerance);
+            reads.scan(&dev, &[lat, lon], range, None, &mut |c| {
+                pairs.feed(&c, |p| thin.push(p));
+                std::ops::ControlFlow::Continue(())
+            })?;
+            let total = thin.total();
+            Ok((thin.finish(), total))
+        })
+        .await?;
+        Ok(TrackResponse::Ok(Json(Any(geojson(&device, &points, total)))))
+    }
+}
+
+fn from_example() -> Option<String> {
+    Some("2026-05-01T00:00:00Z".to_owned())
+}
+
+fn default_bucket() -> String {
+    "1h".to_owned()
+}
+
+fn default_max_points() -> u32 {
+    1000
+}
+
+fn default_tolerance() -> u32 {
+    1000
+}
+
+/// A sensor named in the path: 404 when it is not catalogued.
+fn catalogued(state: &AppState, name: &str) -> Result<Sensor, ApiError> {
+    state
+        .reads
+        .catalog()
+        .get(name)
+        .cloned()
+        .ok_or_else(|| ApiError::not_found(format!("unknown sensor '{name}'")))
+}
+
+/// `from`/`to` query parameters. Without `to`: now (when `default_span` is given)
+/// or the end of time; without `from`: `to - default_span`, or the beginning.
+fn range_param(
+    from: Option<&str>,
+    to: Option<&str>,
+    default_span: Option<Duration>,
+) -> Result<TimeRange, ApiError> {
+    let parse = |name: &str, s: &str| {
+        Timestamp::parse_rfc3339(s).map_err(|e| ApiError::bad_request(format!("{name}: {e}")))
+    };
+    let to = match (to, default_span) {
+        (Some(t), _) => parse("to", t)?,
+        (None, Some(_)) => Timestamp::now(),
+        (None, None) => TimeRange::ALL.to,
+    };
+    let from = match (from, default_span) {
+        (Some(f), _) => parse("from", f)?,
+        (None, Some(span)) => to.plus(-span),
+        (None, None) => TimeRange::ALL.from,
+    };
+    TimeRange::new(from, to).map_err(|e| ApiError::bad_request(e.to_string()))
+}
+
+fn sensor_info(s: &Sensor, stats: Option<&SeriesStats>) -> SensorInfo {
+    SensorInfo {
+        name: s.name.to_string(),
+        unit: s.unit.clone(),
+        description: s.description.clone(),
+        min: s.min,
+        max: s.max,
+        readings: stats.map_or(0, |st| st.readings),
+        first: stats.map(|st| st.first.to_string()),
+        last: stats.map(|st| st.last.to_string()),
+        last_value: stats.map(|st| st.last_value),
+    }
+}
+
+/// The response buckets, with empty ones handled as `fill` says.
+fn fill_buckets(buckets: &Buckets, stats: &[Aggregate], fill: Fill) -> Vec<BucketBody> {
+    let mut previous: Option<f64> = None;
+    let mut out = Vec::new();
+    for (i, agg) in stats.iter().enumerate() {
+        let value = |v: f64| Some(v);
+        let body = |count, min, max, avg, first, last| BucketBody {
+            start: buckets.start(i).to_string(),
+            end: buckets.end(i).to_string(),
+            count,
+            min,
+            max,
+            avg,
+            first,
+            last,
+        };
+        if agg.count > 0 {
+            previous = Some(agg.last);
+            out.push(body(
+                agg.count,
+                value(agg.min),
+                value(agg.max),
+                agg.avg(),
+                value(agg.first),
+                value(agg.last),
+            ));
+            continue;
+        }
+        let empty = match fill {
+            Fill::None => continue,
+            Fill::Null => None,
+            Fill::Zero => Some(0.0),
+            Fill::Previous => previous,
+        };
+        out.push(body(0, empty, empty, empty, empty, empty));
+    }
+    out
+}
+
+/// Streams a whole range as NDJSON or CSV.
+fn export(
+    state: &Arc<AppState>,
+    device: Device,
+    sensor: &Sensor,
+    range: TimeRange,
+    format: Format,
+) -> ReadingsResponse {
+    let (body, mut sink) = ExportSink::new(LineWriter::new(format, &device, &sensor.name));
+    let reads = state.reads.clone();
+    let id: SensorId = sensor.id;
+    let span = tracing::info_span!("export", %device, sensor = %sensor.name, ?format);
+    tokio::task::spawn_blocking(move || {
+        let _enter = span.enter();
+        let scanned = if range.from < range.to {
+            reads.scan(&device, &[id], range, None, &mut |c| sink.chunk(c))
+        } else {
+            Ok(0)
+        };
+        match scanned {
+            Ok(n) => {
+                tracing::debug!(readings = n, "export done");
+                sink.finish();
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "export failed part-way");
+                sink.fail("export failed; see the server log");
+            }
+        }
+    });
+    let content = if format == Format::Csv {
+        ReadingsContent::Csv(Binary(body))
+    } else {
+        ReadingsContent::Ndjson(Binary(body))
+    };
+    ReadingsResponse::Ok(content, None)
+}
+
+/// The GeoJSON FeatureCollection of a thinned track.
+fn geojson(device: &Device, points: &[Point], source_points: u64) -> serde_json::Value {
+    use serde_json::json;
+    let coords: Vec<serde_json::Value> = points.iter().map(|p| json!([p.lon, p.lat])).collect();
+    let times: Vec<String> = points
+        .iter()
+        .map(|p| Timestamp::from_micros(p.ts).to_string())
+        .collect();
+    let geometry = match coords.len() {
+        0 => return json!({"type": "FeatureCollection", "features": []}),
+        1 => json!({"type": "Point", "coordinates": coords[0]}),
+        _ => json!({"type": "LineString", "coordinates": coords}),
+    };
+    json!({
+        "type": "FeatureCollection",
+        "features": [{
+            "type": "Feature",
+            "geometry": geometry,
+            "properties": {
+                "device": device.as_str(),
+                "timestamps": times,
+                "points": points.len(),
+                "source_points": source_points,
+            }
+        }]
+    })
+}
