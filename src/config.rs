@@ -111,7 +111,11 @@ pub struct ServeArgs {
     /// Browser origin (e.g. `https://grafana.example.com`) allowed to call the API
     /// cross-origin; `*` allows any. Repeatable; comma-separated in the environment.
     /// Without it no CORS headers are sent (the bundled dashboard is same-origin).
-    #[arg(long = "cors-origin", env = "MILEPOST_CORS_ORIGIN", value_delimiter = ',')]
+    #[arg(
+        long = "cors-origin",
+        env = "MILEPOST_CORS_ORIGIN",
+        value_delimiter = ','
+    )]
     pub cors_origins: Vec<String>,
     /// Largest accepted ingest body, after decompression (e.g. 1GiB, 500MB).
     #[arg(long, env = "MILEPOST_MAX_BODY_BYTES", default_value = "1GiB", value_parser = parse_size)]

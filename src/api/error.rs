@@ -88,6 +88,10 @@ pub fn json_error(status: StatusCode, message: &str) -> Response {
 /// Turns every error that reached the top (ours, poem's routing and parameter errors,
 /// poem-openapi's content-type errors) into a JSON body with the right status.
 pub async fn to_json(err: poem::Error) -> Response {
+    // Our own `ApiError`s arrive here already rendered as JSON: keep their message.
+    if err.is_from_response() {
+        return err.into_response();
+    }
     let status = err.status();
     let message = match status {
         StatusCode::NOT_FOUND => "not found".to_owned(),

@@ -273,7 +273,9 @@ fn count_rejected(metrics: &Metrics, catalog: &Catalog, parser: &StreamParser) {
     let mut named = 0;
     for (id, n) in parser.rejected_by_sensor() {
         named += n;
-        let name = catalog.by_id(*id).map_or(UNKNOWN_SENSOR, |s| s.name.as_str());
+        let name = catalog
+            .by_id(*id)
+            .map_or(UNKNOWN_SENSOR, |s| s.name.as_str());
         Metrics::add(&metrics.readings_rejected, name, *n);
     }
     Metrics::add(
@@ -402,7 +404,11 @@ impl Ingestion<'_> {
 
     /// Every way out of [`Self::drive`]: counts the refused lines, then answers.
     fn answer(&self, response: IngestResponse) -> IngestResponse {
-        count_rejected(&self.state.metrics, &self.state.reads.catalog(), &self.parser);
+        count_rejected(
+            &self.state.metrics,
+            &self.state.reads.catalog(),
+            &self.parser,
+        );
         response
     }
 

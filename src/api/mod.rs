@@ -275,12 +275,16 @@ fn database_bytes(db: &FsPath) -> u64 {
 }
 
 fn service() -> OpenApiService<(PublicApi, v1::V1Api), ()> {
-    OpenApiService::new((PublicApi, v1::V1Api), "Milepost", env!("CARGO_PKG_VERSION"))
-        .description(
-            "Self-hosted telemetry: NDJSON sensor readings into an embedded DuckDB, \
+    OpenApiService::new(
+        (PublicApi, v1::V1Api),
+        "Milepost",
+        env!("CARGO_PKG_VERSION"),
+    )
+    .description(
+        "Self-hosted telemetry: NDJSON sensor readings into an embedded DuckDB, \
              statistics over HTTP. Wire-compatible with the cloud-lada devices and dashboard.",
-        )
-        .server("/")
+    )
+    .server("/")
 }
 
 /// The OpenAPI document the server serves at `/openapi.json`.

@@ -115,7 +115,9 @@ impl Cursor {
 
     /// Parses a cursor and checks it belongs to `device` and `sensor`.
     pub fn decode(s: &str, device: &Device, sensor: &SensorName) -> Result<Self, ApiError> {
-        let bad = || ApiError::bad_request("invalid cursor: pass next_cursor of a previous page unchanged");
+        let bad = || {
+            ApiError::bad_request("invalid cursor: pass next_cursor of a previous page unchanged")
+        };
         let raw = URL_SAFE_NO_PAD.decode(s.trim()).map_err(|_| bad())?;
         let raw = String::from_utf8(raw).map_err(|_| bad())?;
         let mut parts = raw.split(':');
@@ -248,7 +250,9 @@ impl ExportSink {
 
     /// Aborts the body, so the client sees a broken transfer, not a short file.
     pub fn fail(self, error: &str) {
-        let _ = self.tx.blocking_send(Err(std::io::Error::other(error.to_owned())));
+        let _ = self
+            .tx
+            .blocking_send(Err(std::io::Error::other(error.to_owned())));
     }
 
     fn send(&mut self) -> ControlFlow<()> {
@@ -280,7 +284,10 @@ mod tests {
         assert_eq!(Format::negotiate(None, None).ok(), Some(Format::Json));
         assert_eq!(n("application/x-ndjson"), Ok(Format::Ndjson));
         assert_eq!(n("text/csv; charset=utf-8"), Ok(Format::Csv));
-        assert_eq!(n("text/html,application/xhtml+xml,*/*;q=0.8"), Ok(Format::Json));
+        assert_eq!(
+            n("text/html,application/xhtml+xml,*/*;q=0.8"),
+            Ok(Format::Json)
+        );
         assert_eq!(n("application/json;q=0.5, text/csv"), Ok(Format::Csv));
         assert_eq!(n("image/png"), Err(()));
         assert_eq!(
@@ -298,11 +305,22 @@ mod tests {
             after: Timestamp::from_micros(1_767_225_600_123_456),
         };
         let text = c.encode();
-        assert_eq!(Cursor::decode(&text, &device("truck"), &sensor("speed")).unwrap(), c);
+        assert_eq!(
+            Cursor::decode(&text, &device("truck"), &sensor("speed")).unwrap(),
+            c
+        );
         assert!(Cursor::decode(&text, &device("truck"), &sensor("fuel")).is_err());
         assert!(Cursor::decode(&text, &device("car"), &sensor("speed")).is_err());
-        for bad in ["", "!!", "YWJj", &URL_SAFE_NO_PAD.encode("c1:truck:speed:x")] {
-            assert!(Cursor::decode(bad, &device("truck"), &sensor("speed")).is_err(), "{bad}");
+        for bad in [
+            "",
+            "!!",
+            "YWJj",
+            &URL_SAFE_NO_PAD.encode("c1:truck:speed:x"),
+        ] {
+            assert!(
+                Cursor::decode(bad, &device("truck"), &sensor("speed")).is_err(),
+                "{bad}"
+            );
         }
     }
 
@@ -312,8 +330,10 @@ mod tests {
         w.push(1_335_205_543_511_000, 55.5);
         w.push(1_335_205_544_000_001, 3.0);
         let text = String::from_utf8(w.take().to_vec()).unwrap();
-        let lines: Vec<serde_json::Value> =
-            text.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+        let lines: Vec<serde_json::Value> = text
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
         assert_eq!(
             lines[0],
             serde_json::json!({"sensor": "speed", "value": 55.5,

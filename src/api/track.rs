@@ -149,12 +149,9 @@ impl Downsampler {
     /// point and `c`.
     fn select_from_cur(&mut self, c: (f64, f64)) {
         let a = *self.out.last().expect("the first point is kept");
-        let area = |p: &Point| ((a.lon - c.0) * (p.lat - a.lat) - (a.lon - p.lon) * (c.1 - a.lat)).abs();
-        if let Some(best) = self
-            .cur
-            .iter()
-            .max_by(|x, y| area(x).total_cmp(&area(y)))
-        {
+        let area =
+            |p: &Point| ((a.lon - c.0) * (p.lat - a.lat) - (a.lon - p.lon) * (c.1 - a.lat)).abs();
+        if let Some(best) = self.cur.iter().max_by(|x, y| area(x).total_cmp(&area(y))) {
             self.out.push(*best);
         }
         self.cur.clear();
@@ -248,7 +245,10 @@ mod tests {
                 let near_corner = out
                     .iter()
                     .any(|q| (q.lon - 5.0).abs() < 0.2 && q.lat.abs() < 0.2);
-                assert!(near_corner, "corner lost with max {max}, expected {expected}");
+                assert!(
+                    near_corner,
+                    "corner lost with max {max}, expected {expected}"
+                );
             }
         }
     }

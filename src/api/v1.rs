@@ -307,13 +307,13 @@ impl V1Api {
         let device = device_param(&state, device.0)?;
         let sensor = catalogued(&state, &sensor.0)?;
         let range = range_param(from.0.as_deref(), to.0.as_deref(), Some(Duration::days(1)))?;
-        let width = BucketWidth::parse(&bucket.0).map_err(|e| ApiError::bad_request(e.to_string()))?;
-        let zone = tz
-            .0
-            .as_deref()
-            .map(parse_tz)
-            .transpose()
-            .map_err(|e| ApiError::bad_request(e.to_string()))?;
+        let width =
+            BucketWidth::parse(&bucket.0).map_err(|e| ApiError::bad_request(e.to_string()))?;
+        let zone =
+            tz.0.as_deref()
+                .map(parse_tz)
+                .transpose()
+                .map_err(|e| ApiError::bad_request(e.to_string()))?;
         let buckets = Arc::new(
             Buckets::new(range, width, zone, MAX_BUCKETS)
                 .map_err(|e| ApiError::bad_request(e.to_string()))?,
@@ -364,7 +364,10 @@ impl V1Api {
     ) -> Result<ReadingsResponse, ApiError> {
         let device = device_param(&state, device.0)?;
         let sensor = catalogued(&state, &sensor.0)?;
-        let accept = req.headers().get(header::ACCEPT).and_then(|v| v.to_str().ok());
+        let accept = req
+            .headers()
+            .get(header::ACCEPT)
+            .and_then(|v| v.to_str().ok());
         let format = Format::negotiate(format.0.as_deref(), accept)?;
         let mut range = range_param(from.0.as_deref(), to.0.as_deref(), None)?;
         if let Some(l) = limit.0
@@ -376,7 +379,9 @@ impl V1Api {
         }
         if let Some(c) = cursor.0.as_deref() {
             let c = Cursor::decode(c, &device, &sensor.name)?;
-            range.from = range.from.max(Timestamp::from_micros(c.after.as_micros() + 1));
+            range.from = range
+                .from
+                .max(Timestamp::from_micros(c.after.as_micros() + 1));
         }
         let page = match (format, limit.0) {
             (Format::Json, l) => Some(l.unwrap_or(DEFAULT_PAGE)),
@@ -500,7 +505,9 @@ impl V1Api {
             Ok((thin.finish(), total))
         })
         .await?;
-        Ok(TrackResponse::Ok(Json(Any(geojson(&device, &points, total)))))
+        Ok(TrackResponse::Ok(Json(Any(geojson(
+            &device, &points, total,
+        )))))
     }
 }
 

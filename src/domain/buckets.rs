@@ -156,7 +156,8 @@ impl Buckets {
                 Ok(Self { bounds, range })
             }
             BucketWidth::Day => {
-                let last_day = Day::containing(Timestamp::from_micros(range.to.as_micros() - 1), tz);
+                let last_day =
+                    Day::containing(Timestamp::from_micros(range.to.as_micros() - 1), tz);
                 let needed = (last_day.date() - first_day.date()).num_days() as u64 + 1;
                 if needed > max as u64 {
                     return Err(too_many(needed));
@@ -294,7 +295,10 @@ mod tests {
         }
         assert_eq!(BucketWidth::parse("1h").unwrap(), BucketWidth::Minutes(60));
         let e = BucketWidth::parse("7m").unwrap_err().to_string();
-        assert!(e.contains("unknown bucket '7m'") && e.contains("15m"), "{e}");
+        assert!(
+            e.contains("unknown bucket '7m'") && e.contains("15m"),
+            "{e}"
+        );
     }
 
     #[test]
@@ -331,19 +335,46 @@ mod tests {
     fn too_many_buckets_are_refused() {
         let r = range("2026-01-01T00:00:00Z", "2026-02-01T00:00:00Z");
         let e = Buckets::new(r, BucketWidth::Minutes(1), None, 10_000).unwrap_err();
-        assert!(matches!(e, BucketError::TooMany { needed: 44_640, .. }), "{e}");
+        assert!(
+            matches!(e, BucketError::TooMany { needed: 44_640, .. }),
+            "{e}"
+        );
         assert!(Buckets::new(r, BucketWidth::Minutes(60), None, 10_000).is_ok());
     }
 
     #[test]
     fn aggregates_merge_in_time_order() {
         let mut a = Aggregate::default();
-        let x = Aggregate { count: 2, min: 1.0, max: 5.0, sum: 6.0, first: 5.0, last: 1.0 };
-        let y = Aggregate { count: 1, min: 7.0, max: 7.0, sum: 7.0, first: 7.0, last: 7.0 };
+        let x = Aggregate {
+            count: 2,
+            min: 1.0,
+            max: 5.0,
+            sum: 6.0,
+            first: 5.0,
+            last: 1.0,
+        };
+        let y = Aggregate {
+            count: 1,
+            min: 7.0,
+            max: 7.0,
+            sum: 7.0,
+            first: 7.0,
+            last: 7.0,
+        };
         a.merge_later(&x);
         a.merge_later(&Aggregate::default());
         a.merge_later(&y);
-        assert_eq!(a, Aggregate { count: 3, min: 1.0, max: 7.0, sum: 13.0, first: 5.0, last: 7.0 });
+        assert_eq!(
+            a,
+            Aggregate {
+                count: 3,
+                min: 1.0,
+                max: 7.0,
+                sum: 13.0,
+                first: 5.0,
+                last: 7.0
+            }
+        );
         assert_eq!(a.avg(), Some(13.0 / 3.0));
     }
 }

@@ -92,7 +92,7 @@ impl Timestamp {
         out.extend_from_slice(&buf);
         if frac != 0 {
             let mut f = *b".000000";
-            if frac % 1000 == 0 {
+            if frac.is_multiple_of(1000) {
                 put_digits(&mut f[1..4], frac / 1000);
                 out.extend_from_slice(&f[..4]);
             } else {
@@ -265,7 +265,15 @@ mod tests {
     fn fast_formatting_equals_display() {
         use rand::{Rng, SeedableRng};
         let mut rng = rand::rngs::StdRng::seed_from_u64(7);
-        let mut samples = vec![0, -1, 1, 999, 1000, 951_782_400_000_000, 4_102_444_799_999_999];
+        let mut samples = vec![
+            0,
+            -1,
+            1,
+            999,
+            1000,
+            951_782_400_000_000,
+            4_102_444_799_999_999,
+        ];
         for _ in 0..20_000 {
             samples.push(rng.random_range(-62_135_596_800_000_000..253_402_300_799_999_999));
             samples.push(rng.random_range(0..2_000_000_000i64) * 1000);

@@ -13,7 +13,9 @@ use duckdb::arrow::array::{Array, Float64Array, Int16Array, Int64Array};
 use duckdb::arrow::record_batch::RecordBatch;
 
 use super::{SeriesStats, Shared, StoreError};
-use crate::domain::{Aggregate, Buckets, Catalog, Device, DeviceId, SensorId, TimeRange, Timestamp};
+use crate::domain::{
+    Aggregate, Buckets, Catalog, Device, DeviceId, SensorId, TimeRange, Timestamp,
+};
 
 /// A slice of readings from a time-ordered scan. `ts` are µs since the epoch.
 pub struct ScanChunk<'a> {
@@ -219,13 +221,16 @@ impl ReadStore for Reader {
             .sum();
         let span_us = range.to.as_micros() - range.from.as_micros();
         let per_row = (span_us / (readings.max(1) as i64)).max(1);
-        let mut window = per_row.saturating_mul(SCAN_TARGET_ROWS).clamp(60_000_000, span_us.max(1));
+        let mut window = per_row
+            .saturating_mul(SCAN_TARGET_ROWS)
+            .clamp(60_000_000, span_us.max(1));
         let mut lo = range.from;
         let mut delivered = 0u64;
         self.with_conn(|c| {
             let mut buf = ScanBuffers::default();
             while lo < range.to {
-                let hi = Timestamp::from_micros(lo.as_micros().saturating_add(window)).min(range.to);
+                let hi =
+                    Timestamp::from_micros(lo.as_micros().saturating_add(window)).min(range.to);
                 let limit_sql = match limit {
                     Some(l) => format!(" LIMIT {}", l - delivered),
                     None => String::new(),
@@ -320,7 +325,7 @@ struct ScanBuffers {
 
 impl ScanBuffers {
     fn fill(&mut self, batch: &RecordBatch) -> Result<(), StoreError> {
-        fn col<'b, T: 'static>(batch: &'b RecordBatch, i: usize) -> Result<&'b T, StoreError> {
+        fn col<T: 'static>(batch: &RecordBatch, i: usize) -> Result<&T, StoreError> {
             batch
                 .column(i)
                 .as_any()

@@ -482,8 +482,14 @@ impl State {
         let catalog = self.shared.catalog();
         let m = &self.metrics;
         for k in keys {
-            let name = catalog.by_id(k.sensor).map_or(UNKNOWN_SENSOR, |s| s.name.as_str());
-            Metrics::add(&m.readings_accepted, name, k.delta.map_or(0, |d| d.readings));
+            let name = catalog
+                .by_id(k.sensor)
+                .map_or(UNKNOWN_SENSOR, |s| s.name.as_str());
+            Metrics::add(
+                &m.readings_accepted,
+                name,
+                k.delta.map_or(0, |d| d.readings),
+            );
             Metrics::add(&m.readings_duplicate, name, k.duplicates);
         }
     }

@@ -6,5 +6,7 @@ mod dashboard;
 mod helpers;
 mod ingest;
 mod lifecycle;
+mod metrics;
 mod openapi;
 mod reads;
+mod v1;

@@ -118,17 +118,26 @@ async fn day_chart_averages_every_15_minute_bucket() {
 #[tokio::test]
 async fn day_chart_errors_future_dates_and_other_sensors() {
     let app = TestApp::spawn().await;
-    for path in [
-        "/api/statistics/sensor/warp/date/2024-06-10",
-        "/api/statistics/sensor/speed/date/2024-13-01",
-        "/api/statistics/sensor/speed/date/10-06-2024",
-        "/api/statistics/sensor/speed/date/2024-06-10?tz=Mars/Base",
-        "/api/statistics/sensor/speed/date/2024-06-10?device=a%20b",
+    for (path, says) in [
+        (
+            "/api/statistics/sensor/warp/date/2024-06-10",
+            "unknown sensor 'warp'",
+        ),
+        ("/api/statistics/sensor/speed/date/2024-13-01", "YYYY-MM-DD"),
+        ("/api/statistics/sensor/speed/date/10-06-2024", "YYYY-MM-DD"),
+        (
+            "/api/statistics/sensor/speed/date/2024-06-10?tz=Mars/Base",
+            "unknown time zone 'Mars/Base'",
+        ),
+        (
+            "/api/statistics/sensor/speed/date/2024-06-10?device=a%20b",
+            "invalid device 'a b'",
+        ),
     ] {
         let (status, body) = app.get(path).await;
         assert_eq!(status, StatusCode::BAD_REQUEST, "{path}");
         assert!(
-            body["error"].as_str().is_some_and(|e| !e.is_empty()),
+            body["error"].as_str().is_some_and(|e| e.contains(says)),
             "{path}: {body}"
         );
     }

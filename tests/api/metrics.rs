@@ -1,0 +1,113 @@
+//! `GET /metrics`: counters move by exactly what a request did.
+
+use std::collections::HashMap;
+
+use reqwest::StatusCode;
+
+use crate::helpers::{TestApp, line};
+
+/// Samples of a scrape: `name{labels}` → value.
+async fn scrape(app: &TestApp) -> HashMap<String, f64> {
+    let resp = app.client.get(app.url("/metrics")).send().await.unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    let ct = resp.headers()["content-type"].to_str().unwrap().to_owned();
+    assert!(ct.starts_with("application/openmetrics-text"), "{ct}");
+    let text = resp.text().await.unwrap();
+    assert!(text.ends_with("# EOF\n"));
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .map(|l| {
+            let (name, value) = l.rsplit_once(' ').unwrap();
+            (name.to_owned(), value.parse().unwrap())
+        })
+        .collect()
+}
+
+fn get(m: &HashMap<String, f64>, key: &str) -> f64 {
+    m.get(key).copied().unwrap_or(0.0)
+}
+
+#[tokio::test]
+async fn counters_move_by_exactly_what_a_request_did() {
+    let app = TestApp::spawn().await;
+    app.ingest(line("speed", 1.0, "2026-05-01T00:00:00Z")).await;
+    let before = scrape(&app).await;
+
+    let body = [
+        line("speed", 2.0, "2026-05-01T00:00:01Z"),
+        line("speed", 3.0, "2026-05-01T00:00:02Z"),
+        line("fuel", 50.0, "2026-05-01T00:00:02Z"),
+        line("speed", 1.0, "2026-05-01T00:00:00Z"), // stored already
+        line("speed", 2.0, "2026-05-01T00:00:01Z"), // earlier in this request
+        line("warp", 9.0, "2026-05-01T00:00:00Z"),  // not in the catalog
+        line("location_latitude", 91.0, "2026-05-01T00:00:00Z"), // out of range
+        "not json".to_owned(),
+    ]
+    .join("\n");
+    let (status, _) = app.ingest(body).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    let after = scrape(&app).await;
+
+    let delta = |key: &str| get(&after, key) - get(&before, key);
+    assert_eq!(
+        delta(r#"milepost_readings_accepted_total{sensor="speed"}"#),
+        2.0
+    );
+    assert_eq!(
+        delta(r#"milepost_readings_accepted_total{sensor="fuel"}"#),
+        1.0
+    );
+    assert_eq!(
+        delta(r#"milepost_readings_duplicate_total{sensor="speed"}"#),
+        2.0
+    );
+    assert_eq!(
+        delta(r#"milepost_readings_rejected_total{sensor="unknown"}"#),
+        2.0
+    );
+    assert_eq!(
+        delta(r#"milepost_readings_rejected_total{sensor="location_latitude"}"#),
+        1.0
+    );
+    assert_eq!(
+        delta(r#"milepost_ingest_requests_total{status="400"}"#),
+        1.0
+    );
+    assert_eq!(
+        delta(r#"milepost_ingest_requests_total{status="200"}"#),
+        0.0
+    );
+    assert_eq!(delta("milepost_ingest_request_duration_seconds_count"), 1.0);
+    assert_eq!(delta("milepost_batch_commit_duration_seconds_count"), 1.0);
+    assert_eq!(get(&after, "milepost_stored_readings"), 4.0);
+    assert_eq!(get(&after, "milepost_devices"), 1.0);
+    assert_eq!(get(&after, "milepost_write_queue_depth"), 0.0);
+    assert!(get(&after, "milepost_database_size_bytes") > 0.0);
+    assert_eq!(
+        get(&after, "milepost_last_reading_timestamp_seconds"),
+        1_777_593_602.0
+    );
+
+    // A refused request is counted too.
+    let resp = app
+        .client
+        .post(app.url("/ingest"))
+        .header("content-type", "application/x-ndjson")
+        .body("{}")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::UNAUTHORIZED);
+    let last = scrape(&app).await;
+    assert_eq!(
+        get(&last, r#"milepost_ingest_requests_total{status="401"}"#),
+        1.0
+    );
+    assert_eq!(
+        get(&last, r#"milepost_readings_accepted_total{sensor="speed"}"#),
+        get(
+            &after,
+            r#"milepost_readings_accepted_total{sensor="speed"}"#
+        )
+    );
+}
