@@ -11,7 +11,9 @@
 //!    first byte to last acknowledgement (acknowledged = committed), request latency
 //!    p50/p99; again replaying everything (all duplicates); again with gzip bodies on
 //!    another fresh server.
-//! 4. Queries over HTTP on the loaded server, p50/p99.
+//! 4. Queries over HTTP on the loaded server, p50/p99: latest, location, a one-day
+//!    15-minute chart, 30-day hourly statistics, and a full NDJSON export of one
+//!    sensor (readings/s).
 //! 5. Peak RSS of the server process and database bytes per reading after checkpoint.
 
 mod generate;
@@ -26,6 +28,7 @@ use anyhow::bail;
 use clap::Args;
 use serde::Serialize;
 
+use crate::domain::Timestamp;
 use generate::{Generated, Stream};
 use process::ServerProcess;
 
@@ -151,7 +154,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<Report> {
     eprintln!("bench: HTTP replay (all duplicates)");
     phases.push(push(server.base(), &gen_, false, "http replay (all duplicates)").await?);
     eprintln!("bench: queries");
-    phases.extend(queries(server.base(), &gen_, args.query_runs).await?);
+    phases.extend(queries(server.base(), &gen_, args.query_runs, "").await?);
     let peak_rss = server.peak_rss_mib();
     server.stop()?;
     let db_path = work.join("http").join(crate::store::DB_FILE);
@@ -180,6 +183,10 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<Report> {
     let started = Instant::now();
     let server = BenchServer::start(&work.join("http"), &args.memory_limit)?;
     let restart_ms = started.elapsed().as_secs_f64() * 1e3;
+    // The steady state of a running server: the background compactor rewrites every
+    // finished day within `--compact-interval`.
+    eprintln!("bench: queries on the compacted file");
+    phases.extend(queries(server.base(), &gen_, args.query_runs, ", compacted").await?);
     server.stop()?;
 
     eprintln!("bench: HTTP ingest, gzip");
@@ -215,7 +222,7 @@ fn print_report(r: &Report) {
         r.readings, r.clients, r.chunk_lines
     );
     println!(
-        "{:<34} {:>12} {:>9} {:>14} {:>9} {:>9}",
+        "{:<46} {:>12} {:>9} {:>14} {:>9} {:>9}",
         "phase", "readings", "seconds", "readings/s", "p50 ms", "p99 ms"
     );
     for p in &r.phases {
@@ -232,7 +239,7 @@ fn print_report(r: &Report) {
             }
         };
         println!(
-            "{:<34} {:>12} {:>9.3} {:>14} {:>9} {:>9}",
+            "{:<46} {:>12} {:>9.3} {:>14} {:>9} {:>9}",
             p.name,
             p.readings,
             p.seconds,
@@ -455,7 +462,12 @@ async fn time_get(
     })
 }
 
-async fn queries(base: &str, g: &Generated, runs: usize) -> anyhow::Result<Vec<Phase>> {
+async fn queries(
+    base: &str,
+    g: &Generated,
+    runs: usize,
+    suffix: &str,
+) -> anyhow::Result<Vec<Phase>> {
     let client = reqwest::Client::new();
     let device = &g.streams[0].device;
     let mut out = vec![
@@ -463,14 +475,14 @@ async fn queries(base: &str, g: &Generated, runs: usize) -> anyhow::Result<Vec<P
             &client,
             &format!("{base}/api/statistics/latest?device={device}"),
             runs,
-            "query latest",
+            &format!("query latest{suffix}"),
         )
         .await?,
         time_get(
             &client,
             &format!("{base}/api/location/latest?device={device}"),
             runs,
-            "query location/latest",
+            &format!("query location/latest{suffix}"),
         )
         .await?,
     ];
@@ -484,9 +496,62 @@ async fn queries(base: &str, g: &Generated, runs: usize) -> anyhow::Result<Vec<P
             &client,
             &format!("{base}/api/statistics/sensor/speed/date/{day}?device={device}"),
             runs,
-            "query one-day 15-min chart",
+            &format!("query one-day 15-min chart{suffix}"),
         )
         .await?,
     );
+    // 30 days ending at the newest reading (or all there is), hourly.
+    let to = Timestamp::from_micros(g.last_ts + 1);
+    let from = Timestamp::from_micros((g.last_ts - 30 * 86_400_000_000).max(g.first_ts));
+    out.push(
+        time_get(
+            &client,
+            &format!(
+                "{base}/api/v1/sensors/speed/statistics?device={device}&bucket=1h&from={from}&to={to}"
+            ),
+            runs,
+            &format!("query 30-day 1-hour statistics{suffix}"),
+        )
+        .await?,
+    );
+    out.push(export(&client, base, device, runs.clamp(1, 5), suffix).await?);
     Ok(out)
+}
+
+/// Streams one sensor's whole series as NDJSON, `runs` times; readings/s from the
+/// lines received.
+async fn export(
+    client: &reqwest::Client,
+    base: &str,
+    device: &str,
+    runs: usize,
+    suffix: &str,
+) -> anyhow::Result<Phase> {
+    use futures_util::StreamExt as _;
+    let url = format!("{base}/api/v1/sensors/speed/readings?device={device}&format=ndjson");
+    let mut lat = Vec::with_capacity(runs);
+    let mut lines = 0u64;
+    let started = Instant::now();
+    for _ in 0..runs {
+        let t = Instant::now();
+        let r = client.get(&url).send().await?;
+        if !r.status().is_success() {
+            bail!("{url} answered {}", r.status());
+        }
+        let mut body = r.bytes_stream();
+        while let Some(chunk) = body.next().await {
+            lines += memchr::memchr_iter(b'\n', &chunk?).count() as u64;
+        }
+        lat.push(t.elapsed().as_secs_f64() * 1e3);
+    }
+    let seconds = started.elapsed().as_secs_f64();
+    lat.sort_by(f64::total_cmp);
+    Ok(Phase {
+        name: format!("export speed as NDJSON{suffix}"),
+        readings: lines,
+        seconds,
+        readings_per_sec: lines as f64 / seconds,
+        p50_ms: percentile(&lat, 0.5),
+        p99_ms: percentile(&lat, 0.99),
+    })
 }
