@@ -259,6 +259,7 @@ impl V1Api {
         &self,
         state: Data<&Arc<AppState>>,
         /// Device (default: the server's `--default-device`).
+        #[oai(example = "device_example")]
         device: Query<Option<String>>,
     ) -> Result<Json<SensorList>, ApiError> {
         let device = device_param(&state, device.0)?;
@@ -287,21 +288,25 @@ impl V1Api {
         &self,
         state: Data<&Arc<AppState>>,
         /// Sensor name, e.g. `speed`.
+        #[oai(example = "sensor_example")]
         sensor: Path<String>,
         /// Start, RFC 3339 (default: 24 hours before `to`).
         #[oai(example = "from_example")]
         from: Query<Option<String>>,
         /// End, exclusive, RFC 3339 (default: now).
+        #[oai(example = "to_example")]
         to: Query<Option<String>>,
         /// Bucket width: 1m, 2m, 5m, 10m, 15m, 30m, 1h, 2h, 3h, 4h, 6h, 12h or 1d.
         #[oai(default = "default_bucket")]
         bucket: Query<String>,
         /// IANA time zone the buckets are aligned in, e.g. `Europe/Berlin` (default UTC).
+        #[oai(example = "tz_example")]
         tz: Query<Option<String>>,
         /// How empty buckets are reported (default: left out).
         #[oai(default)]
         fill: Query<Fill>,
         /// Device (default: the server's `--default-device`).
+        #[oai(example = "device_example")]
         device: Query<Option<String>>,
     ) -> Result<Json<StatisticsBody>, ApiError> {
         let device = device_param(&state, device.0)?;
@@ -346,20 +351,25 @@ impl V1Api {
         state: Data<&Arc<AppState>>,
         req: &Request,
         /// Sensor name, e.g. `speed`.
+        #[oai(example = "sensor_example")]
         sensor: Path<String>,
         /// Start, RFC 3339 (default: the first reading).
         #[oai(example = "from_example")]
         from: Query<Option<String>>,
         /// End, exclusive, RFC 3339 (default: after the last reading).
+        #[oai(example = "to_example")]
         to: Query<Option<String>>,
         /// Readings per page, 1 to 100000 (default 1000 for JSON; NDJSON and CSV
         /// stream everything without it).
+        #[oai(example = "limit_example")]
         limit: Query<Option<u64>>,
         /// `next_cursor` of the previous page.
         cursor: Query<Option<String>>,
         /// `json`, `ndjson` or `csv`; overrides `Accept`.
+        #[oai(example = "format_example")]
         format: Query<Option<String>>,
         /// Device (default: the server's `--default-device`).
+        #[oai(example = "device_example")]
         device: Query<Option<String>>,
     ) -> Result<ReadingsResponse, ApiError> {
         let device = device_param(&state, device.0)?;
@@ -457,6 +467,7 @@ impl V1Api {
         #[oai(example = "from_example")]
         from: Query<Option<String>>,
         /// End, exclusive, RFC 3339 (default: now).
+        #[oai(example = "to_example")]
         to: Query<Option<String>>,
         /// Most points returned, 2 to 100000.
         #[oai(default = "default_max_points")]
@@ -466,6 +477,7 @@ impl V1Api {
         #[oai(default = "default_tolerance")]
         tolerance_ms: Query<u32>,
         /// Device (default: the server's `--default-device`).
+        #[oai(example = "device_example")]
         device: Query<Option<String>>,
     ) -> Result<TrackResponse, ApiError> {
         let device = device_param(&state, device.0)?;
@@ -513,6 +525,30 @@ impl V1Api {
 
 fn from_example() -> Option<String> {
     Some("2026-05-01T00:00:00Z".to_owned())
+}
+
+fn to_example() -> Option<String> {
+    Some("2026-05-02T00:00:00Z".to_owned())
+}
+
+fn sensor_example() -> String {
+    "speed".to_owned()
+}
+
+fn tz_example() -> Option<String> {
+    Some("Europe/Berlin".to_owned())
+}
+
+fn device_example() -> Option<String> {
+    Some("default".to_owned())
+}
+
+fn limit_example() -> Option<u64> {
+    Some(1000)
+}
+
+fn format_example() -> Option<String> {
+    Some("ndjson".to_owned())
 }
 
 fn default_bucket() -> String {
