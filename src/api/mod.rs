@@ -7,6 +7,7 @@ mod etag;
 pub mod ingest;
 mod readings;
 pub mod seed;
+mod trace;
 mod track;
 pub mod v1;
 
@@ -15,7 +16,7 @@ use std::sync::Arc;
 
 use poem::endpoint::StaticFilesEndpoint;
 use poem::http::{Method, header};
-use poem::middleware::{Cors, Tracing};
+use poem::middleware::Cors;
 use poem::web::Data;
 use poem::{Endpoint, EndpointExt, IntoEndpoint, Request, Response, Route};
 use poem_openapi::param::{Path, Query};
@@ -362,7 +363,7 @@ pub fn app(
             }
         }
     })
-    .with(Tracing)
+    .around(trace::request)
     .into_endpoint()
 }
 

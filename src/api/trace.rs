@@ -1,0 +1,33 @@
+//! One tracing span per request, and a completion event at a level that keeps a
+//! default (`info`) log quiet: the dashboard polls seven URLs every 10 s, so
+//! successful requests are logged at `debug`, server errors at `warn` (their cause
+//! is logged where it happened).
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use poem::{Endpoint, Request, Response};
+use tracing::Instrument as _;
+
+/// Middleware function for [`poem::EndpointExt::around`].
+pub async fn request<E: Endpoint>(ep: Arc<E>, req: Request) -> poem::Result<Response> {
+    let span = tracing::info_span!(
+        "request",
+        method = %req.method(),
+        path = %req.uri().path(),
+    );
+    async move {
+        let started = Instant::now();
+        let resp = ep.get_response(req).await;
+        let status = resp.status().as_u16();
+        let elapsed_ms = started.elapsed().as_secs_f64() * 1e3;
+        if status >= 500 {
+            tracing::warn!(status, elapsed_ms, "server error");
+        } else {
+            tracing::debug!(status, elapsed_ms, "response");
+        }
+        Ok(resp)
+    }
+    .instrument(span)
+    .await
+}
