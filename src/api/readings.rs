@@ -15,7 +15,7 @@ use bytes::Bytes;
 use poem::Body;
 
 use super::error::ApiError;
-use crate::domain::{Device, SensorName, Timestamp};
+use crate::domain::{Device, SensorName, TimeRange, Timestamp};
 use crate::store::ScanChunk;
 
 /// Largest page; also the default page size is [`DEFAULT_PAGE`].
@@ -135,6 +135,9 @@ impl Cursor {
             sensor: SensorName::parse(n).map_err(|_| bad())?,
             after: Timestamp::from_micros(t.parse().map_err(|_| bad())?),
         };
+        if !TimeRange::ALL.contains(cursor.after) {
+            return Err(bad());
+        }
         if &cursor.device != device || &cursor.sensor != sensor {
             return Err(ApiError::bad_request(format!(
                 "the cursor belongs to sensor '{}' of device '{}', not to this request",

@@ -389,9 +389,9 @@ impl V1Api {
         }
         if let Some(c) = cursor.0.as_deref() {
             let c = Cursor::decode(c, &device, &sensor.name)?;
-            range.from = range
-                .from
-                .max(Timestamp::from_micros(c.after.as_micros() + 1));
+            range.from = range.from.max(Timestamp::from_micros(
+                c.after.as_micros().saturating_add(1),
+            ));
         }
         let page = match (format, limit.0) {
             (Format::Json, l) => Some(l.unwrap_or(DEFAULT_PAGE)),

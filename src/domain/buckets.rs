@@ -165,7 +165,12 @@ impl Buckets {
                 let mut bounds = Vec::with_capacity(needed as usize + 1);
                 let mut day = first_day;
                 for _ in 0..=needed {
-                    bounds.push(day.start(tz));
+                    // Bounds must increase even where a zone skipped a whole day
+                    // (Pacific/Apia, 30 December 2011).
+                    let start = day.start(tz);
+                    if bounds.last().is_none_or(|b| *b < start) {
+                        bounds.push(start);
+                    }
                     day = day.next();
                 }
                 Ok(Self { bounds, range })

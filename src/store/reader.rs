@@ -151,7 +151,7 @@ impl ReadStore for Reader {
         // Bounds and grain are whole milliseconds (see `domain::buckets`), so the
         // millisecond column alone decides the group.
         let origin_ms = buckets.start(0).as_micros() / 1000;
-        let grain_ms = buckets.grain_micros() / 1000;
+        let grain_ms = (buckets.grain_micros() / 1000).max(1);
         let sql = format!(
             "SELECT (ts_ms - {origin_ms}) // {grain_ms} AS g, count(*), min(value), max(value),
                     sum(value), arg_min(value, ts_ms * 1000 + ts_us),
