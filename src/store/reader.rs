@@ -223,7 +223,8 @@ impl ReadStore for Reader {
         let per_row = (span_us / (readings.max(1) as i64)).max(1);
         let mut window = per_row
             .saturating_mul(SCAN_TARGET_ROWS)
-            .clamp(60_000_000, span_us.max(1));
+            .max(60_000_000)
+            .min(span_us.max(1));
         let mut lo = range.from;
         let mut delivered = 0u64;
         self.with_conn(|c| {

@@ -611,6 +611,23 @@ async fn every_bad_parameter_is_a_clear_4xx() {
         let msg = body["error"].as_str().unwrap_or_default();
         assert!(msg.contains(says), "{path}: {msg}");
     }
+    // Odd but valid requests answer 200, never a 5xx.
+    for path in [
+        format!(
+            "{s}/statistics?from=2011-12-28T00:00:00Z&to=2012-01-02T00:00:00Z&bucket=1d&tz=Pacific/Apia"
+        ),
+        format!(
+            "{s}/statistics?from=9999-12-30T00:00:00Z&to=9999-12-31T23:59:59Z&bucket=1d&tz=Pacific/Kiritimati"
+        ),
+        format!("{s}/statistics?from=0001-01-01T00:00:00Z&to=0001-01-02T00:00:00Z&bucket=1m"),
+        format!(
+            "{s}/readings?from=0001-01-01T00:00:00Z&to=9999-12-31T23:59:59.999999Z&limit=100000"
+        ),
+        "/api/v1/location/track?from=0001-01-01T00:00:00Z&to=9999-12-31T23:59:59Z".to_owned(),
+    ] {
+        let (got, body) = app.get(&path).await;
+        assert_eq!(got, StatusCode::OK, "{path}: {body}");
+    }
     // A cursor of another sensor is refused, not misread.
     let (_, page) = app.get("/api/v1/sensors/speed/readings?limit=1").await;
     assert!(
