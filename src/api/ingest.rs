@@ -314,6 +314,24 @@ fn summary(p: &StreamParser, c: Committed, error: Option<String>) -> IngestSumma
     }
 }
 
+/// Reads until `buf` is full or the body ends (or fails: the error comes with the
+/// bytes read before it). Whatever sizes the body arrives in — HTTP frames, or
+/// inflate's output — parse steps and hops to the blocking pool stay few and large.
+async fn fill(
+    reader: &mut Pin<Box<dyn AsyncRead + Send>>,
+    buf: &mut [u8],
+) -> (usize, Option<std::io::Error>) {
+    let mut filled = 0;
+    while filled < buf.len() {
+        match reader.read(&mut buf[filled..]).await {
+            Ok(0) => break,
+            Ok(n) => filled += n,
+            Err(e) => return (filled, Some(e)),
+        }
+    }
+    (filled, None)
+}
+
 /// One request's progress: at most one batch in the writer while the next is parsed.
 struct Ingestion<'a> {
     state: &'a Arc<AppState>,
@@ -333,24 +351,11 @@ impl Ingestion<'_> {
         let mut buf = vec![0u8; READ_CHUNK];
         let mut failure: Option<(bool, String)> = None; // (too large?, message)
         loop {
-            let n = match reader.read(&mut buf).await {
-                Ok(0) => break,
-                Ok(n) => n,
-                Err(e) => {
-                    let what = if gzip {
-                        "request body is not valid gzip"
-                    } else {
-                        "error reading request body"
-                    };
-                    failure = Some((false, format!("{what}: {e}")));
-                    break;
-                }
-            };
-            read += n as u64;
-            if read > max_body {
-                failure = Some((true, too_large(max_body)));
-                break;
-            }
+            let (filled, error) = fill(reader, &mut buf).await;
+            read += filled as u64;
+            // Lines wholly before the limit are still stored.
+            let over = read.saturating_sub(max_body) as usize;
+            let n = filled - over.min(filled);
             if n >= 16 * 1024 {
                 // Big chunks are parsed off the async executor.
                 let mut parser = self.parser;
@@ -370,6 +375,22 @@ impl Ingestion<'_> {
                 && let Err(r) = self.flush().await
             {
                 return self.answer(r);
+            }
+            if over > 0 {
+                failure = Some((true, too_large(max_body)));
+                break;
+            }
+            if let Some(e) = error {
+                let what = if gzip {
+                    "request body is not valid gzip"
+                } else {
+                    "error reading request body"
+                };
+                failure = Some((false, format!("{what}: {e}")));
+                break;
+            }
+            if filled < buf.len() {
+                break; // end of body
             }
         }
         if failure.is_none() {
