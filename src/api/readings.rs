@@ -222,6 +222,7 @@ impl LineWriter {
 pub struct ExportSink {
     writer: LineWriter,
     tx: tokio::sync::mpsc::Sender<Result<Bytes, std::io::Error>>,
+    hung_up: bool,
 }
 
 impl ExportSink {
@@ -231,7 +232,12 @@ impl ExportSink {
         let stream = futures_util::stream::unfold(rx, |mut rx| async move {
             rx.recv().await.map(|item| (item, rx))
         });
-        (Body::from_bytes_stream(stream), Self { writer, tx })
+        let sink = Self {
+            writer,
+            tx,
+            hung_up: false,
+        };
+        (Body::from_bytes_stream(stream), sink)
     }
 
     /// Formats a chunk of the scan; `Break` once the client has hung up.
@@ -244,6 +250,11 @@ impl ExportSink {
         } else {
             ControlFlow::Continue(())
         }
+    }
+
+    /// Whether the client went away before the end.
+    pub fn hung_up(&self) -> bool {
+        self.hung_up
     }
 
     /// Sends the rest; the body ends when the sink is dropped.
@@ -264,7 +275,10 @@ impl ExportSink {
         }
         match self.tx.blocking_send(Ok(self.writer.take())) {
             Ok(()) => ControlFlow::Continue(()),
-            Err(_) => ControlFlow::Break(()),
+            Err(_) => {
+                self.hung_up = true;
+                ControlFlow::Break(())
+            }
         }
     }
 }

@@ -669,6 +669,9 @@ fn export(
             Ok(0)
         };
         match scanned {
+            Ok(n) if sink.hung_up() => {
+                tracing::debug!(readings = n, "export stopped: the client went away");
+            }
             Ok(n) => {
                 tracing::debug!(readings = n, "export done");
                 sink.finish();
