@@ -79,6 +79,7 @@ impl Server {
             tokio::spawn(compact_periodically(
                 writer.handle(),
                 args.compact_interval,
+                args.compact_settle,
                 shutdown.clone(),
             ))
         });
@@ -125,10 +126,14 @@ impl Server {
     }
 }
 
-/// Asks the writer to compact finished days every `every`, until `stop`.
+/// Asks the writer to compact finished days every `every`, and `settle` after a
+/// burst of writes into finished days has ended (an import of history or a device's
+/// offline backlog: their days get the fast, sorted layout within a minute instead of
+/// at the next tick), until `stop`.
 async fn compact_periodically(
     writer: WriterHandle,
     every: std::time::Duration,
+    settle: std::time::Duration,
     stop: CancellationToken,
 ) {
     let mut tick = tokio::time::interval(every);
@@ -137,17 +142,28 @@ async fn compact_periodically(
     loop {
         tokio::select! {
             _ = stop.cancelled() => return,
-            _ = tick.tick() => {
-                // One day per writer turn, so ingest keeps flowing in between.
+            _ = tick.tick() => {}
+            _ = writer.wrote_past_days() => {
+                // Wait until such writes pause for `settle`, so an import is not
+                // interrupted day by day; a steady trickle still gets the tick.
                 loop {
-                    match writer.compact().await {
-                        Ok(done) if done.days > 0 && !stop.is_cancelled() => continue,
-                        Ok(_) => break,
-                        Err(e) => {
-                            tracing::error!(error = %e, "compaction failed");
-                            break;
-                        }
+                    tokio::select! {
+                        _ = stop.cancelled() => return,
+                        _ = tokio::time::sleep(settle) => break,
+                        _ = tick.tick() => break,
+                        _ = writer.wrote_past_days() => continue,
                     }
+                }
+            }
+        }
+        // One day per writer turn, so ingest keeps flowing in between.
+        loop {
+            match writer.compact().await {
+                Ok(done) if done.days > 0 && !stop.is_cancelled() => continue,
+                Ok(_) => break,
+                Err(e) => {
+                    tracing::error!(error = %e, "compaction failed");
+                    break;
                 }
             }
         }

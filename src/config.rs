@@ -136,6 +136,11 @@ pub struct ServeArgs {
     /// `0s` turns it off.
     #[arg(long, env = "MILEPOST_COMPACT_INTERVAL", default_value = "1h", value_parser = humantime::parse_duration)]
     pub compact_interval: Duration,
+    /// After readings of finished days were written (an import, a late upload),
+    /// compact once such writes have paused this long, without waiting for the next
+    /// interval.
+    #[arg(long, env = "MILEPOST_COMPACT_SETTLE", default_value = "1m", value_parser = humantime::parse_duration)]
+    pub compact_settle: Duration,
     /// How long shutdown waits for in-flight requests.
     #[arg(long, env = "MILEPOST_SHUTDOWN_TIMEOUT", default_value = "30s", value_parser = humantime::parse_duration)]
     pub shutdown_timeout: Duration,

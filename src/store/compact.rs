@@ -11,6 +11,17 @@ use chrono::NaiveDate;
 use duckdb::Connection;
 
 use super::StoreError;
+use crate::domain::Timestamp;
+
+/// The first instant of the current UTC day: readings before it belong to finished
+/// days.
+pub(super) fn today_start() -> Timestamp {
+    let midnight = chrono::Utc::now()
+        .date_naive()
+        .and_hms_opt(0, 0, 0)
+        .expect("midnight exists");
+    Timestamp::from_micros(midnight.and_utc().timestamp_micros())
+}
 
 /// What one compaction pass did.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]

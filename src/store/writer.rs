@@ -32,7 +32,7 @@ use duckdb::Connection;
 use duckdb::arrow::array::{ArrayRef, Float64Array, Int16Array, Int32Array, Int64Array};
 use duckdb::arrow::datatypes::{DataType, Field, Schema};
 use duckdb::arrow::record_batch::RecordBatch;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{Notify, mpsc, oneshot};
 
 use super::compact::{self, Compaction};
 use super::{SeriesEntry, SeriesStats, Shared, StoreError};
@@ -104,6 +104,7 @@ pub struct WriterHandle {
     tx: mpsc::Sender<Msg>,
     timeout: Duration,
     running: Arc<AtomicBool>,
+    past_days: Arc<Notify>,
 }
 
 /// A submitted batch; await [`PendingCommit::wait`] for its commit.
@@ -153,6 +154,12 @@ impl WriterHandle {
     pub fn queue_depth(&self) -> usize {
         self.tx.max_capacity() - self.tx.capacity()
     }
+
+    /// Completes after a commit stored readings of a finished (before today, UTC) day:
+    /// an import or a late upload that compaction should look at.
+    pub async fn wrote_past_days(&self) {
+        self.past_days.notified().await;
+    }
 }
 
 /// The running writer thread.
@@ -168,7 +175,8 @@ impl Writer {
         cfg: WriterConfig,
         lock: File,
     ) -> Result<Self, StoreError> {
-        let state = State::new(conn, shared, cfg.metrics.clone())?;
+        let past_days = Arc::new(Notify::new());
+        let state = State::new(conn, shared, cfg.metrics.clone(), past_days.clone())?;
         let (tx, rx) = mpsc::channel(cfg.queue_capacity.max(1));
         let running = Arc::new(AtomicBool::new(true));
         let flag = running.clone();
@@ -187,6 +195,7 @@ impl Writer {
                 tx,
                 timeout: cfg.queue_timeout,
                 running,
+                past_days,
             },
             thread: Some(thread),
         })
@@ -288,6 +297,7 @@ struct State {
     conn: Connection,
     shared: Arc<Shared>,
     metrics: Arc<Metrics>,
+    past_days: Arc<Notify>,
     next_device: u32,
 }
 
@@ -296,6 +306,7 @@ impl State {
         conn: Connection,
         shared: Arc<Shared>,
         metrics: Arc<Metrics>,
+        past_days: Arc<Notify>,
     ) -> Result<Self, StoreError> {
         let next_device = shared
             .devices()
@@ -305,6 +316,7 @@ impl State {
             conn,
             shared,
             metrics,
+            past_days,
             next_device,
         })
     }
@@ -470,6 +482,10 @@ impl State {
         self.shared.add_devices(&new_devices);
         self.shared.set_series(&updated);
         self.count(&keys);
+        let oldest = keys.iter().filter_map(|k| k.delta).map(|d| d.first).min();
+        if oldest.is_some_and(|t| t < compact::today_start()) {
+            self.past_days.notify_one();
+        }
         Ok(results)
     }
 
@@ -909,6 +925,32 @@ mod tests {
             h.submit(batch(0, 1)).await,
             Err(WriteError::Stopped)
         ));
+    }
+
+    #[tokio::test]
+    async fn writes_into_finished_days_are_announced_live_ones_are_not() {
+        let dir = tempfile::tempdir().unwrap();
+        let w = writer(dir.path(), WriterConfig::default());
+        let h = w.handle();
+        let announced = || tokio::time::timeout(Duration::from_millis(200), h.wrote_past_days());
+        let now = Timestamp::now().as_micros();
+        let live = Batch {
+            devices: vec![Device::default_device()],
+            rows: vec![Row {
+                device: 0,
+                sensor: SensorId(1),
+                ts: Timestamp::from_micros(now),
+                value: 1.0,
+            }],
+        };
+        h.append(live).await.unwrap();
+        assert!(
+            announced().await.is_err(),
+            "today's readings are not announced"
+        );
+        h.append(batch(0, 10)).await.unwrap(); // September 2020
+        assert!(announced().await.is_ok());
+        w.shutdown().await.unwrap();
     }
 
     #[test]

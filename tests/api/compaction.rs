@@ -82,3 +82,18 @@ async fn the_server_compacts_finished_days_in_the_background() {
     let dir = app.stop().await;
     assert!(compacted_days(dir.path()) >= 2);
 }
+
+#[tokio::test]
+async fn an_import_of_past_days_is_compacted_once_it_settles() {
+    let app = TestApp::spawn_with(|a| {
+        a.compact_interval = Duration::from_secs(3600);
+        a.compact_settle = Duration::from_millis(200);
+    })
+    .await;
+    let (status, _) = app.ingest(two_days()).await;
+    assert_eq!(status, StatusCode::OK);
+    // Well before the hourly tick, but after the import paused for `settle`.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let dir = app.stop().await;
+    assert!(compacted_days(dir.path()) >= 2);
+}
