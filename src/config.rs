@@ -25,7 +25,7 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Run the server: ingest, HTTP API, background jobs.
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
     /// Compact finished days now (the server does this hourly); the server must be stopped.
     Compact(StorageArgs),
     /// Diagnose a data directory that does not open, and offer the safe steps.
@@ -172,7 +172,7 @@ impl ServeArgs {
 impl Command {
     fn into_serve(self) -> Option<ServeArgs> {
         match self {
-            Command::Serve(s) => Some(s),
+            Command::Serve(s) => Some(*s),
             _ => None,
         }
     }

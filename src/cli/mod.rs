@@ -24,7 +24,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Serve(args) => {
             let signal = ShutdownSignal::install()?;
-            let server = Server::start(args).await?;
+            let server = Server::start(*args).await?;
             let token = server.shutdown_token();
             tokio::spawn(async move {
                 signal.recv().await;
