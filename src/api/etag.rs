@@ -1,9 +1,13 @@
 //! `ETag` + `Cache-Control: no-cache` on successful GETs under `/api`, and `304 Not
 //! Modified` when the client already has the same body. The dashboard polls every 10 s;
 //! late uploads still change past days, so revalidation instead of a long `max-age`.
+//! Only bodies of known size are tagged: a streamed body (a raw-readings export can be
+//! gigabytes) passes through untouched instead of being buffered to hash it.
 
+use http_body::Body as _;
+use http_body_util::combinators::BoxBody;
 use poem::http::{Method, StatusCode, header};
-use poem::{Endpoint, IntoResponse, Request, Response};
+use poem::{Body, Endpoint, IntoResponse, Request, Response};
 use sha2::{Digest, Sha256};
 
 /// Middleware function for [`poem::EndpointExt::around`].
@@ -11,10 +15,7 @@ pub async fn revalidate<E: Endpoint>(
     ep: std::sync::Arc<E>,
     req: Request,
 ) -> poem::Result<Response> {
-    // Raw readings are streamed (an export can be gigabytes): never buffered here.
-    let path = req.uri().path();
-    let cacheable =
-        req.method() == Method::GET && path.starts_with("/api/") && !path.ends_with("/readings");
+    let cacheable = req.method() == Method::GET && req.uri().path().starts_with("/api/");
     let if_none_match = req
         .headers()
         .get(header::IF_NONE_MATCH)
@@ -24,7 +25,12 @@ pub async fn revalidate<E: Endpoint>(
     if !cacheable || resp.status() != StatusCode::OK {
         return Ok(resp);
     }
-    let body = resp.take_body().into_bytes().await?;
+    let body = BoxBody::from(resp.take_body());
+    if body.size_hint().exact().is_none() {
+        resp.set_body(Body::from(body));
+        return Ok(resp);
+    }
+    let body = Body::from(body).into_bytes().await?;
     let digest = Sha256::digest(&body);
     let etag = format!("\"{}\"", hex::encode(&digest[..12]));
     let matches = if_none_match.is_some_and(|v| {

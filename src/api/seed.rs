@@ -3,6 +3,7 @@
 use std::sync::Arc;
 
 use chrono::Duration;
+use chrono_tz::Tz;
 use poem_openapi::Object;
 
 use super::AppState;
@@ -69,6 +70,13 @@ pub fn device_param(state: &AppState, device: Option<String>) -> Result<Device, 
         Some(d) => Device::parse(&d)
             .map_err(|e| ApiError::bad_request(format!("invalid device '{d}': {e}"))),
     }
+}
+
+/// `?tz=`: an IANA time zone, UTC when absent.
+pub fn tz_param(tz: Option<&str>) -> Result<Option<Tz>, ApiError> {
+    tz.map(parse_tz)
+        .transpose()
+        .map_err(|e| ApiError::bad_request(e.to_string()))
 }
 
 fn latest_of(state: &AppState, device: &Device, names: &[&str]) -> Vec<f64> {
@@ -147,11 +155,7 @@ pub async fn day_chart(
         .map(|s| s.id)
         .ok_or_else(|| ApiError::bad_request(format!("unknown sensor '{sensor}'")))?;
     let day = Day::parse(date).map_err(|e| ApiError::bad_request(e.to_string()))?;
-    let tz = tz
-        .map(parse_tz)
-        .transpose()
-        .map_err(|e| ApiError::bad_request(e.to_string()))?;
-    let buckets = Arc::new(day.buckets(tz, Duration::minutes(15)));
+    let buckets = Arc::new(day.buckets(tz_param(tz)?, Duration::minutes(15)));
     let reads = state.reads.clone();
     let b = buckets.clone();
     let stats = super::blocking(move || reads.bucket_stats(&device, sensor_id, &b)).await?;

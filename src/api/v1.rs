@@ -15,11 +15,11 @@ use poem_openapi::{ApiResponse, Enum, Object, OpenApi, ResponseContent};
 
 use super::error::ApiError;
 use super::readings::{Cursor, DEFAULT_PAGE, ExportSink, Format, LineWriter, MAX_PAGE};
-use super::seed::device_param;
+use super::seed::{device_param, tz_param};
 use super::track::{Downsampler, Pairer, Point};
 use super::{AppState, Tag, blocking};
 use crate::domain::{
-    Aggregate, BucketWidth, Buckets, Device, Sensor, SensorId, TimeRange, Timestamp, parse_tz,
+    Aggregate, BucketWidth, Buckets, Device, Sensor, SensorId, TimeRange, Timestamp,
 };
 use crate::store::SeriesStats;
 
@@ -199,6 +199,17 @@ pub enum ReadingsContent {
     Csv(Binary<poem::Body>),
 }
 
+impl ReadingsContent {
+    /// A body of NDJSON or CSV lines, labelled as `format`.
+    fn lines(format: Format, body: poem::Body) -> Self {
+        if format == Format::Csv {
+            Self::Csv(Binary(body))
+        } else {
+            Self::Ndjson(Binary(body))
+        }
+    }
+}
+
 /// Answer of the raw readings endpoint.
 #[derive(ApiResponse)]
 pub enum ReadingsResponse {
@@ -314,11 +325,7 @@ impl V1Api {
         let range = range_param(from.0.as_deref(), to.0.as_deref(), Some(Duration::days(1)))?;
         let width =
             BucketWidth::parse(&bucket.0).map_err(|e| ApiError::bad_request(e.to_string()))?;
-        let zone =
-            tz.0.as_deref()
-                .map(parse_tz)
-                .transpose()
-                .map_err(|e| ApiError::bad_request(e.to_string()))?;
+        let zone = tz_param(tz.0.as_deref())?;
         let buckets = Arc::new(
             Buckets::new(range, width, zone, MAX_BUCKETS)
                 .map_err(|e| ApiError::bad_request(e.to_string()))?,
@@ -442,12 +449,7 @@ impl V1Api {
                 for (ts, v) in &rows {
                     w.push(*ts, *v);
                 }
-                let body = poem::Body::from_bytes(w.take());
-                if f == Format::Csv {
-                    ReadingsContent::Csv(Binary(body))
-                } else {
-                    ReadingsContent::Ndjson(Binary(body))
-                }
+                ReadingsContent::lines(f, poem::Body::from_bytes(w.take()))
             }
         };
         Ok(ReadingsResponse::Ok(content, next))
@@ -615,36 +617,34 @@ fn fill_buckets(buckets: &Buckets, stats: &[Aggregate], fill: Fill) -> Vec<Bucke
     let mut previous: Option<f64> = None;
     let mut out = Vec::new();
     for (i, agg) in stats.iter().enumerate() {
-        let value = |v: f64| Some(v);
-        let body = |count, min, max, avg, first, last| BucketBody {
+        let [min, max, avg, first, last] = if agg.count > 0 {
+            previous = Some(agg.last);
+            [
+                Some(agg.min),
+                Some(agg.max),
+                agg.avg(),
+                Some(agg.first),
+                Some(agg.last),
+            ]
+        } else {
+            let empty = match fill {
+                Fill::None => continue,
+                Fill::Null => None,
+                Fill::Zero => Some(0.0),
+                Fill::Previous => previous,
+            };
+            [empty; 5]
+        };
+        out.push(BucketBody {
             start: buckets.start(i).to_string(),
             end: buckets.end(i).to_string(),
-            count,
+            count: agg.count,
             min,
             max,
             avg,
             first,
             last,
-        };
-        if agg.count > 0 {
-            previous = Some(agg.last);
-            out.push(body(
-                agg.count,
-                value(agg.min),
-                value(agg.max),
-                agg.avg(),
-                value(agg.first),
-                value(agg.last),
-            ));
-            continue;
-        }
-        let empty = match fill {
-            Fill::None => continue,
-            Fill::Null => None,
-            Fill::Zero => Some(0.0),
-            Fill::Previous => previous,
-        };
-        out.push(body(0, empty, empty, empty, empty, empty));
+        });
     }
     out
 }
@@ -682,12 +682,7 @@ fn export(
             }
         }
     });
-    let content = if format == Format::Csv {
-        ReadingsContent::Csv(Binary(body))
-    } else {
-        ReadingsContent::Ndjson(Binary(body))
-    };
-    ReadingsResponse::Ok(content, None)
+    ReadingsResponse::Ok(ReadingsContent::lines(format, body), None)
 }
 
 /// The GeoJSON FeatureCollection of a thinned track.

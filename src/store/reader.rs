@@ -189,7 +189,7 @@ impl ReadStore for Reader {
         sensors: &[SensorId],
         range: TimeRange,
     ) -> Result<u64, StoreError> {
-        let Some((device, range)) = self.span_of(device, sensors, range) else {
+        let Some((device, range, _)) = self.span_of(device, sensors, range) else {
             return Ok(0);
         };
         let sql = format!(
@@ -209,16 +209,11 @@ impl ReadStore for Reader {
     ) -> Result<u64, StoreError> {
         let span = tracing::debug_span!("scan", %device, sensors = sensors.len(), ?limit);
         let _enter = span.enter();
-        let Some((device, range)) = self.span_of(device, sensors, range) else {
+        let Some((device, range, readings)) = self.span_of(device, sensors, range) else {
             return Ok(0);
         };
         // Sort window by window: each query sorts about SCAN_TARGET_ROWS rows, sized
         // from the series' average density and adapted to what each window returned.
-        let readings: u64 = sensors
-            .iter()
-            .filter_map(|s| self.shared.series(device, *s))
-            .map(|s| s.readings)
-            .sum();
         let span_us = range.to.as_micros() - range.from.as_micros();
         let per_row = (span_us / (readings.max(1) as i64)).max(1);
         let mut window = per_row
@@ -273,14 +268,14 @@ impl ReadStore for Reader {
 }
 
 impl Reader {
-    /// The device id and the part of `range` where `sensors` have readings at all,
-    /// from the in-memory series statistics.
+    /// The device id, the part of `range` where `sensors` have readings at all, and
+    /// how many readings they have overall, from the in-memory series statistics.
     fn span_of(
         &self,
         device: &Device,
         sensors: &[SensorId],
         range: TimeRange,
-    ) -> Option<(DeviceId, TimeRange)> {
+    ) -> Option<(DeviceId, TimeRange, u64)> {
         let id = self.shared.device_id(device)?;
         let stats: Vec<SeriesStats> = sensors
             .iter()
@@ -292,7 +287,8 @@ impl Reader {
             from: first,
             to: Timestamp::from_micros(last.as_micros() + 1),
         };
-        Some((id, range.intersect(stored)?))
+        let readings = stats.iter().map(|s| s.readings).sum();
+        Some((id, range.intersect(stored)?, readings))
     }
 }
 

@@ -541,26 +541,8 @@ impl State {
                 staged.seq[i],
             );
         }
-        let list = |v: &[i64]| {
-            let mut v = v.to_vec();
-            v.sort_unstable();
-            v.dedup();
-            v.iter().map(i64::to_string).collect::<Vec<_>>().join(", ")
-        };
-        let devices = list(
-            &staged
-                .device
-                .iter()
-                .map(|d| i64::from(*d))
-                .collect::<Vec<_>>(),
-        );
-        let sensors = list(
-            &staged
-                .sensor
-                .iter()
-                .map(|s| i64::from(*s))
-                .collect::<Vec<_>>(),
-        );
+        let devices = sql_list(&staged.device);
+        let sensors = sql_list(&staged.sensor);
         // A late upload mixed with a replay would make one span cover months, so the
         // staged times are cut into clusters and each is read on its own.
         let last_seq = staged.seq.iter().max().map_or(0, |m| *m as usize + 1);
@@ -615,6 +597,14 @@ impl State {
     fn checkpoint(&self) -> Result<(), StoreError> {
         super::close(&self.conn, &self.shared)
     }
+}
+
+/// The distinct values of `ids`, sorted, as the body of an SQL `IN (…)`.
+fn sql_list<T: Ord + Copy + ToString>(ids: &[T]) -> String {
+    let mut v = ids.to_vec();
+    v.sort_unstable();
+    v.dedup();
+    v.iter().map(T::to_string).collect::<Vec<_>>().join(", ")
 }
 
 /// Gap between staged timestamps (ms) that starts a new cluster.
