@@ -140,6 +140,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<Report> {
     let gen_ = Arc::new(generated);
     let mut phases = Vec::new();
 
+    flush_page_cache();
     eprintln!("bench: native DuckDB read_json load");
     let native = {
         let (work, g, mem) = (work.clone(), gen_.clone(), args.memory_limit.clone());
@@ -147,10 +148,12 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<Report> {
     };
     phases.push(native.clone());
 
+    flush_page_cache();
     eprintln!("bench: HTTP ingest, plain");
     let server = BenchServer::start(&work.join("http"), &args.memory_limit)?;
     let plain = push(server.base(), &gen_, false, "http ingest (plain NDJSON)").await?;
     phases.push(plain.clone());
+    flush_page_cache();
     eprintln!("bench: HTTP replay (all duplicates)");
     phases.push(push(server.base(), &gen_, false, "http replay (all duplicates)").await?);
     eprintln!("bench: queries");
@@ -189,6 +192,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<Report> {
     phases.extend(queries(server.base(), &gen_, args.query_runs, ", compacted").await?);
     server.stop()?;
 
+    flush_page_cache();
     eprintln!("bench: HTTP ingest, gzip");
     let server = BenchServer::start(&work.join("http-gzip"), &args.memory_limit)?;
     phases.push(push(server.base(), &gen_, true, "http ingest (gzip NDJSON)").await?);
@@ -352,6 +356,14 @@ impl BenchServer {
         }
         Ok(())
     }
+}
+
+/// Writes every dirty page out before a timed phase, so the phase does not pay for
+/// the previous one's files (gigabytes of generated NDJSON, the native load's
+/// database): on ext4 the first fsyncs of a phase would otherwise wait for that
+/// writeback.
+fn flush_page_cache() {
+    nix::unistd::sync();
 }
 
 fn percentile(sorted: &[f64], p: f64) -> f64 {

@@ -1,6 +1,6 @@
 use std::fmt;
 
-use chrono::{DateTime, Duration, LocalResult, NaiveDate, SecondsFormat, TimeZone, Utc};
+use chrono::{DateTime, Datelike, Duration, LocalResult, NaiveDate, SecondsFormat, TimeZone, Utc};
 use chrono_tz::Tz;
 
 use super::Buckets;
@@ -61,9 +61,50 @@ impl Timestamp {
 
     /// Parses any RFC 3339 timestamp with an offset.
     pub fn parse_rfc3339(s: &str) -> Result<Self, TimestampError> {
+        if let Some(t) = Self::parse_utc_shortcut(s.as_bytes()) {
+            return Ok(t);
+        }
         // chrono also accepts a space for `T`, as RFC 3339 section 5.6 allows.
         let dt = DateTime::parse_from_rfc3339(s).map_err(|_| TimestampError::Format)?;
         Ok(Self(dt.timestamp_micros()))
+    }
+
+    /// `YYYY-MM-DDTHH:MM:SS[.fraction]Z`, what nearly every device sends, without
+    /// chrono's general parser (a few percent of ingest CPU); `None` for any other
+    /// form (offsets, lower case, leap seconds, …), which chrono then decides.
+    fn parse_utc_shortcut(b: &[u8]) -> Option<Self> {
+        if b.len() < 20 || b.len() > 30 || b[b.len() - 1] != b'Z' {
+            return None;
+        }
+        let num = |r: std::ops::Range<usize>| {
+            b[r].iter().try_fold(0u32, |n, &c| {
+                c.is_ascii_digit().then(|| n * 10 + u32::from(c - b'0'))
+            })
+        };
+        if [b[4], b[7], b[10], b[13], b[16]] != *b"--T::" {
+            return None;
+        }
+        let (year, month, day) = (num(0..4)?, num(5..7)?, num(8..10)?);
+        let (hour, minute, second) = (num(11..13)?, num(14..16)?, num(17..19)?);
+        let date = NaiveDate::from_ymd_opt(year as i32, month, day)?;
+        if hour > 23 || minute > 59 || second > 59 {
+            return None;
+        }
+        let micros = match &b[19..b.len() - 1] {
+            [] => 0,
+            // chrono reads up to nine digits (nanoseconds); microseconds truncate.
+            [b'.', frac @ ..] if (1..=9).contains(&frac.len()) => {
+                let digits = num(20..20 + frac.len().min(6))?;
+                if !frac.iter().all(u8::is_ascii_digit) {
+                    return None;
+                }
+                digits * 10u32.pow(6 - frac.len().min(6) as u32)
+            }
+            _ => return None,
+        };
+        let days = i64::from(date.num_days_from_ce()) - 719_163;
+        let secs = days * 86_400 + i64::from(hour * 3600 + minute * 60 + second);
+        Some(Self(secs * MICROS_PER_SEC + i64::from(micros)))
     }
 
     /// This instant plus `d`.
@@ -244,6 +285,59 @@ mod tests {
 
     fn far() -> Timestamp {
         Timestamp::now().plus(Duration::days(1))
+    }
+
+    /// The shortcut for `…Z` timestamps agrees with chrono on everything it takes, and
+    /// takes the usual forms. Valid timestamps are damaged at random (deterministic
+    /// generator, so a failure reproduces).
+    #[test]
+    fn utc_shortcut_never_disagrees_with_chrono() {
+        let chrono = |s: &str| {
+            DateTime::parse_from_rfc3339(s)
+                .ok()
+                .map(|d| d.timestamp_micros())
+        };
+        for s in [
+            "2012-04-23T18:25:43.511Z",
+            "2024-02-29T23:59:59Z",
+            "0001-01-01T00:00:00.5Z",
+        ] {
+            let t = Timestamp::parse_utc_shortcut(s.as_bytes()).map(Timestamp::as_micros);
+            assert!(t.is_some(), "not taken: {s}");
+            assert_eq!(t, chrono(s), "{s}");
+        }
+        let mut rng = fastrand::Rng::with_seed(11);
+        let (mut taken, mut refused) = (0, 0);
+        for _ in 0..200_000 {
+            let micros = rng.i64(-62_135_596_800_000_000..253_402_300_800_000_000);
+            let t = Timestamp(micros).to_datetime();
+            let digits = [0, 1, 3, 6, 9, 10][rng.usize(..6)];
+            let mut s = t.format("%Y-%m-%dT%H:%M:%S").to_string();
+            if digits > 0 {
+                s.push('.');
+                for _ in 0..digits {
+                    s.push(char::from(b'0' + rng.u8(0..10)));
+                }
+            }
+            s.push('Z');
+            let mut b = s.into_bytes();
+            for _ in 0..[0, 0, 1, 2][rng.usize(..4)] {
+                let at = rng.usize(..b.len());
+                b[at] = b"0123456789-:.TZtz +"[rng.usize(..19)];
+            }
+            let s = String::from_utf8(b).expect("ASCII");
+            match Timestamp::parse_utc_shortcut(s.as_bytes()) {
+                Some(t) => {
+                    taken += 1;
+                    assert_eq!(Some(t.as_micros()), chrono(&s), "{s}");
+                }
+                None => refused += 1,
+            }
+        }
+        assert!(
+            taken > 100_000 && refused > 10_000,
+            "{taken} taken, {refused} left"
+        );
     }
 
     #[test]

@@ -2,6 +2,7 @@
 //! [`Batch`](crate::domain::Batch) of valid readings and per-line errors out, no I/O, so
 //! it can be tested, fuzzed and benchmarked alone and run off the async executor.
 
+mod fast;
 pub mod ndjson;
 
 pub use ndjson::{IngestOptions, LineError, StreamParser};

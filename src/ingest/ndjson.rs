@@ -14,6 +14,7 @@ use std::sync::Arc;
 use serde::Deserialize;
 use serde::de::{self, Visitor};
 
+use super::fast;
 use crate::domain::{Batch, Catalog, Device, Row, SensorId, Timestamp};
 
 /// How readings are judged.
@@ -198,10 +199,12 @@ impl StreamParser {
                     .into(),
             ));
         }
-        // sonic-rs: SIMD JSON with serde support, about twice serde_json's speed here;
-        // it validates UTF-8 like serde_json.
-        let wire: Wire<'_> =
-            sonic_rs::from_slice(line).map_err(|e| (None, describe_json_error(e)))?;
+        // The common shape takes a shortcut; everything else goes through sonic-rs
+        // (SIMD JSON with serde support; it validates UTF-8 like serde_json).
+        let wire = match fast::scan(line) {
+            Some(wire) => wire,
+            None => sonic_rs::from_slice(line).map_err(|e| (None, describe_json_error(e)))?,
+        };
         let sensor = self
             .catalog
             .get(&wire.sensor)
@@ -266,18 +269,18 @@ fn describe_json_error(e: sonic_rs::Error) -> String {
 
 /// A reading as it arrives on the wire.
 #[derive(Deserialize)]
-struct Wire<'a> {
+pub(super) struct Wire<'a> {
     #[serde(borrow)]
-    sensor: Cow<'a, str>,
-    value: Number,
+    pub(super) sensor: Cow<'a, str>,
+    pub(super) value: Number,
     #[serde(borrow)]
-    timestamp: Cow<'a, str>,
+    pub(super) timestamp: Cow<'a, str>,
     #[serde(borrow, default)]
-    device: Option<Cow<'a, str>>,
+    pub(super) device: Option<Cow<'a, str>>,
 }
 
 /// A JSON number, and only that: strings, null and booleans are refused.
-struct Number(f64);
+pub(super) struct Number(pub(super) f64);
 
 impl<'de> Deserialize<'de> for Number {
     fn deserialize<D: de::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
