@@ -10,6 +10,7 @@ mod compact;
 mod error;
 mod migrations;
 mod reader;
+mod recent;
 mod state;
 mod writer;
 

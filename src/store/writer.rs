@@ -14,8 +14,9 @@
 //! - duplicates inside the group are found in memory: per series, rows that arrive in
 //!   strictly increasing time need no check, others go through a hash set;
 //! - only older readings ("maybe", i.e. replays and late uploads) are checked against
-//!   the stored keys of their own devices, sensors and time range, read back with a
-//!   plain range filter so DuckDB's zone maps skip all other row groups.
+//!   the stored keys of their own device and time range, read back with a plain range
+//!   filter so DuckDB's zone maps skip all other row groups, and read ahead so a
+//!   replay's next requests are checked in memory (see [`super::recent`]).
 //!
 //! Appended rows are sorted by (device, sensor, time) per group commit: runs of one
 //! series fill DuckDB's 1024-value compression vectors, which compress far better
@@ -35,6 +36,7 @@ use duckdb::arrow::record_batch::RecordBatch;
 use tokio::sync::{Notify, mpsc, oneshot};
 
 use super::compact::{self, Compaction};
+use super::recent::{RecentKeys, WINDOW_KEYS, Window};
 use super::{SeriesEntry, SeriesStats, Shared, StoreError};
 use crate::domain::{Batch, Device, DeviceId, Row, SensorId};
 use crate::metrics::{Metrics, UNKNOWN_SENSOR};
@@ -299,6 +301,7 @@ struct State {
     metrics: Arc<Metrics>,
     past_days: Arc<Notify>,
     next_device: u32,
+    recent: RecentKeys,
 }
 
 impl State {
@@ -318,6 +321,7 @@ impl State {
             metrics,
             past_days,
             next_device,
+            recent: RecentKeys::default(),
         })
     }
 
@@ -455,6 +459,12 @@ impl State {
                 &stored_dups,
                 &self.shared,
             );
+            if !self.recent.is_empty() {
+                for i in 0..fresh.ts.len() {
+                    self.recent
+                        .record(fresh.device[i], fresh.sensor[i], fresh.ts[i]);
+                }
+            }
             if !fresh.is_empty() {
                 let mut app = self.conn.appender("readings")?;
                 app.append_record_batch(fresh.into_record_batch(&keys)?)?;
@@ -473,6 +483,8 @@ impl State {
             Ok(r) => r,
             Err(e) => {
                 self.conn.execute_batch("ROLLBACK").ok();
+                // The key windows may hold rows that are not stored after all.
+                self.recent.clear();
                 return Err(e);
             }
         };
@@ -520,91 +532,96 @@ impl State {
     /// `fresh`; returns, indexed by `seq`, which were (shorter than the group when the
     /// last rows were not staged).
     ///
-    /// The stored keys of the staged devices and sensors near the staged times are
-    /// read back (a plain range filter on `ts_ms`, so zone maps skip every other row
-    /// group) and probed against a hash map of the staged keys. This costs one scan
-    /// of the nearby rows and no writes; staging the rows in a temp table and joining
-    /// there was ~40% slower per reading than appending fresh ones.
+    /// Per device and time cluster, the staged keys are probed against a window of
+    /// the device's stored keys (see [`super::recent`]), read when no kept window
+    /// covers the cluster: one scan of the nearby row groups (a plain range filter on
+    /// `ts_ms`, so zone maps skip the rest) serves the following requests of a replay
+    /// too. Staging the rows in a temp table and joining there was ~40% slower per
+    /// reading than appending fresh ones.
     fn dedupe_staged(
-        &self,
+        &mut self,
         staged: &Columns,
         fresh: &mut Columns,
     ) -> Result<Vec<bool>, StoreError> {
         let _span = tracing::debug_span!("dedupe", rows = staged.ts.len()).entered();
-        // FxHash: these keys are ours, not an attacker's, and SipHash was a third of
-        // the writer's time on replays.
-        let mut pending: FxHashMap<(i32, i16, i64), u32> =
-            FxHashMap::with_capacity_and_hasher(staged.ts.len(), Default::default());
-        for i in 0..staged.ts.len() {
-            pending.insert(
-                (staged.device[i], staged.sensor[i], staged.ts[i]),
-                staged.seq[i],
-            );
-        }
-        let devices = sql_list(&staged.device);
-        let sensors = sql_list(&staged.sensor);
-        // A late upload mixed with a replay would make one span cover months, so the
-        // staged times are cut into clusters and each is read on its own.
         let last_seq = staged.seq.iter().max().map_or(0, |m| *m as usize + 1);
         let mut dups = vec![false; last_seq];
-        for (lo, hi) in time_clusters(staged.ts.iter().map(|t| t.div_euclid(1000)).collect()) {
-            let sql = format!(
-                "SELECT device_id, sensor_id, ts_ms, ts_us FROM readings
-                 WHERE ts_ms BETWEEN {lo} AND {hi}
-                   AND device_id IN ({devices}) AND sensor_id IN ({sensors})"
-            );
-            let mut stmt = self.conn.prepare(&sql)?;
-            for batch in stmt.query_arrow([])? {
-                let col = |i: usize| batch.column(i).as_any();
-                let (Some(d), Some(s), Some(ms), Some(us)) = (
-                    col(0).downcast_ref::<Int32Array>(),
-                    col(1).downcast_ref::<Int16Array>(),
-                    col(2).downcast_ref::<Int64Array>(),
-                    col(3).downcast_ref::<Int16Array>(),
-                ) else {
-                    return Err(StoreError::Internal("unexpected key column types".into()));
-                };
-                for i in 0..batch.num_rows() {
-                    let key = (
-                        d.value(i),
-                        s.value(i),
-                        ms.value(i) * 1000 + i64::from(us.value(i)),
-                    );
-                    if let Some(seq) = pending.remove(&key) {
-                        dups[seq as usize] = true;
+        let mut order: Vec<usize> = (0..staged.ts.len()).collect();
+        order.sort_unstable_by_key(|&i| (staged.device[i], staged.ts[i]));
+        for run in order.chunk_by(|&a, &b| staged.device[a] == staged.device[b]) {
+            let device = staged.device[run[0]];
+            let ms = |i: usize| staged.ts[i].div_euclid(1000);
+            // A late upload mixed with a replay would make one span cover months, so
+            // the staged times are cut into clusters and each is looked up on its own.
+            for (lo, hi) in time_clusters(run.iter().map(|&i| ms(i)).collect()) {
+                if self.recent.covering(device, lo, hi).is_none() {
+                    let window = self.read_window(device, lo, hi)?;
+                    self.recent.keep(window);
+                }
+                let window = self
+                    .recent
+                    .covering(device, lo, hi)
+                    .ok_or_else(|| StoreError::Internal("key window not kept".into()))?;
+                for &i in run.iter().filter(|&&i| (lo..=hi).contains(&ms(i))) {
+                    if window.keys.contains(&(staged.sensor[i], staged.ts[i])) {
+                        dups[staged.seq[i] as usize] = true;
+                    } else {
+                        fresh.push_raw(
+                            staged.seq[i],
+                            staged.key[i],
+                            device,
+                            staged.sensor[i],
+                            staged.ts[i],
+                            staged.value[i],
+                        );
                     }
                 }
-            }
-            if pending.is_empty() {
-                break;
-            }
-        }
-        for i in 0..staged.ts.len() {
-            if !dups[staged.seq[i] as usize] {
-                fresh.push_raw(
-                    staged.seq[i],
-                    staged.key[i],
-                    staged.device[i],
-                    staged.sensor[i],
-                    staged.ts[i],
-                    staged.value[i],
-                );
             }
         }
         Ok(dups)
     }
 
+    /// Reads the stored keys of `device` from `lo_ms` on: at least to `hi_ms`, and on
+    /// as far as [`WINDOW_KEYS`] readings reach at the device's average density
+    /// (never past its newest reading, after which nothing is stored).
+    fn read_window(&self, device: i32, lo_ms: i64, hi_ms: i64) -> Result<Window, StoreError> {
+        let series = self.shared.series_of(DeviceId(device as u32));
+        let readings: u64 = series.iter().map(|(_, s)| s.readings).sum();
+        let first = series.iter().map(|(_, s)| s.first.as_micros() / 1000).min();
+        let newest = series.iter().map(|(_, s)| s.last.as_micros() / 1000).max();
+        let hi = match (first, newest) {
+            (Some(first), Some(newest)) if readings > 0 => {
+                let ahead = (newest - first).max(1) as f64 * WINDOW_KEYS as f64 / readings as f64;
+                (lo_ms.saturating_add(ahead as i64)).min(newest).max(hi_ms)
+            }
+            _ => hi_ms,
+        };
+        let sql = format!(
+            "SELECT sensor_id, ts_ms, ts_us FROM readings
+             WHERE device_id = {device} AND ts_ms BETWEEN {lo_ms} AND {hi}"
+        );
+        let mut keys = FxHashSet::default();
+        let mut stmt = self.conn.prepare(&sql)?;
+        for batch in stmt.query_arrow([])? {
+            let col = |i: usize| batch.column(i).as_any();
+            let (Some(s), Some(ms), Some(us)) = (
+                col(0).downcast_ref::<Int16Array>(),
+                col(1).downcast_ref::<Int64Array>(),
+                col(2).downcast_ref::<Int16Array>(),
+            ) else {
+                return Err(StoreError::Internal("unexpected key column types".into()));
+            };
+            keys.reserve(batch.num_rows());
+            for i in 0..batch.num_rows() {
+                keys.insert((s.value(i), ms.value(i) * 1000 + i64::from(us.value(i))));
+            }
+        }
+        Ok(Window::new(device, lo_ms, hi, keys))
+    }
+
     fn checkpoint(&self) -> Result<(), StoreError> {
         super::close(&self.conn, &self.shared)
     }
-}
-
-/// The distinct values of `ids`, sorted, as the body of an SQL `IN (…)`.
-fn sql_list<T: Ord + Copy + ToString>(ids: &[T]) -> String {
-    let mut v = ids.to_vec();
-    v.sort_unstable();
-    v.dedup();
-    v.iter().map(T::to_string).collect::<Vec<_>>().join(", ")
 }
 
 /// Gap between staged timestamps (ms) that starts a new cluster.
@@ -613,8 +630,8 @@ const CLUSTER_GAP_MS: i64 = 3_600_000;
 const MAX_CLUSTERS: usize = 8;
 
 /// Cuts timestamps (ms) into `[lo, hi]` spans separated by gaps of more than an hour,
-/// at most [`MAX_CLUSTERS`] of them (merging across the smallest gaps), so each range
-/// query scans only the row groups near the staged readings.
+/// at most [`MAX_CLUSTERS`] of them (merging across the smallest gaps), so each key
+/// window covers only the time near the staged readings.
 fn time_clusters(mut ts: Vec<i64>) -> Vec<(i64, i64)> {
     ts.sort_unstable();
     ts.dedup();
@@ -1041,6 +1058,60 @@ mod tests {
             .unwrap();
         assert_eq!((again.accepted, again.duplicates), (2, 2));
         w.shutdown().await.unwrap();
+    }
+
+    /// The key windows kept for replays must learn every row appended inside them,
+    /// also rows that took the fresh path: here sensor 1's window reaches past sensor
+    /// 2's newest reading, sensor 2 then gets new rows there, and replaying those must
+    /// find them.
+    #[tokio::test]
+    async fn replays_through_kept_key_windows_stay_exact() {
+        let dir = tempfile::tempdir().unwrap();
+        let w = writer(dir.path(), WriterConfig::default());
+        let h = w.handle();
+        let sec = 1_000_000i64;
+        let rows = |sensor: u16, from: i64, to: i64, v: f64| Batch {
+            devices: vec![Device::default_device()],
+            rows: (from..to)
+                .map(|i| Row {
+                    device: 0,
+                    sensor: SensorId(sensor),
+                    ts: Timestamp::from_micros(1_600_000_000_000_000 + i * sec),
+                    value: v,
+                })
+                .collect(),
+        };
+        let counts = |c: Committed| (c.accepted, c.duplicates);
+        assert_eq!(counts(h.append(rows(1, 0, 1000, 1.0)).await.unwrap()), (1000, 0));
+        assert_eq!(counts(h.append(rows(2, 0, 500, 1.0)).await.unwrap()), (500, 0));
+        // A replay of sensor 1 in small requests, one new reading in each.
+        for from in (0..1000).step_by(100) {
+            let mut b = rows(1, from, from + 100, 2.0);
+            b.rows[10].ts = Timestamp::from_micros(b.rows[10].ts.as_micros() + 1);
+            assert_eq!(counts(h.append(b).await.unwrap()), (1, 99), "from {from}");
+        }
+        // Sensor 2 grows past its newest reading, inside sensor 1's window: fresh rows.
+        assert_eq!(counts(h.append(rows(2, 500, 800, 1.0)).await.unwrap()), (300, 0));
+        assert_eq!(counts(h.append(rows(2, 400, 800, 3.0)).await.unwrap()), (0, 400));
+        assert_eq!(counts(h.append(rows(1, 0, 1000, 3.0)).await.unwrap()), (0, 1000));
+        w.shutdown().await.unwrap();
+        let store = Store::open(&StoreConfig {
+            data_dir: dir.path().to_owned(),
+            memory_limit: "128MB".into(),
+            threads: 1,
+        })
+        .unwrap();
+        let reader = store.reader().unwrap();
+        let stored = |sensor| {
+            crate::store::ReadStore::count(
+                &reader,
+                &Device::default_device(),
+                &[SensorId(sensor)],
+                crate::domain::TimeRange::ALL,
+            )
+            .unwrap()
+        };
+        assert_eq!((stored(1), stored(2)), (1010, 800));
     }
 
     #[tokio::test]
