@@ -34,50 +34,110 @@ pub struct Compaction {
     pub elapsed: Duration,
 }
 
-/// Compacts up to `max_days` days before `today` that are not compacted at their
-/// current size, then checkpoints so the space of the unsorted copies is reclaimed.
-pub(super) fn compact_finished_days(
-    conn: &Connection,
-    today: NaiveDate,
-    max_days: usize,
-) -> Result<Compaction, StoreError> {
-    let started = Instant::now();
+/// Finished days not compacted at their current size, oldest first. Counts every
+/// stored reading by day: one scan of the whole table, so the writer keeps the
+/// answer ([`DueDays`]) instead of asking again for every day.
+pub(super) fn due_days(conn: &Connection, today: NaiveDate) -> Result<Vec<NaiveDate>, StoreError> {
     let mut stmt = conn.prepare(
-        "SELECT strftime(d.day, '%Y-%m-%d'), d.n FROM (
+        "SELECT strftime(d.day, '%Y-%m-%d') FROM (
              SELECT CAST(make_timestamp(ts_ms * 1000) AS DATE) AS day, count(*) AS n
              FROM readings GROUP BY 1
          ) d LEFT JOIN compacted_days c ON c.day = d.day
          WHERE d.day < CAST(? AS DATE) AND (c.readings IS NULL OR c.readings <> d.n)
          ORDER BY d.day",
     )?;
-    let due = stmt
+    let days = stmt
         .query_map([today.format("%Y-%m-%d").to_string()], |r| {
-            Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?))
+            r.get::<_, String>(0)
         })?
         .collect::<Result<Vec<_>, _>>()?;
+    days.iter()
+        .map(|d| {
+            NaiveDate::parse_from_str(d, "%Y-%m-%d")
+                .map_err(|e| StoreError::Corrupt(format!("day '{d}': {e}")))
+        })
+        .collect()
+}
+
+/// The writer's list of days due for compaction, computed once per UTC day and again
+/// only after readings were written into finished days.
+#[derive(Default)]
+pub(super) struct DueDays {
+    /// `(today, days due before it)` when known.
+    known: Option<(NaiveDate, Vec<NaiveDate>)>,
+}
+
+impl DueDays {
+    /// Readings went into finished days: the list must be computed again.
+    pub(super) fn invalidate(&mut self) {
+        self.known = None;
+    }
+
+    /// Compacts the oldest due day, if any.
+    pub(super) fn compact_next(
+        &mut self,
+        conn: &Connection,
+        today: NaiveDate,
+    ) -> Result<Compaction, StoreError> {
+        let mut days = match self.known.take() {
+            Some((known_today, days)) if known_today == today => days,
+            _ => due_days(conn, today)?,
+        };
+        let next = (!days.is_empty()).then(|| days.remove(0));
+        let done = compact_days(conn, next)?;
+        self.known = Some((today, days));
+        Ok(done)
+    }
+}
+
+/// Compacts every day before `today` that is not compacted at its current size (for
+/// `milepost compact`, with no server running).
+pub(super) fn compact_finished_days(
+    conn: &Connection,
+    today: NaiveDate,
+) -> Result<Compaction, StoreError> {
+    compact_days(conn, due_days(conn, today)?)
+}
+
+/// Rewrites each of `days` sorted by (device, sensor, time), one transaction per day,
+/// then checkpoints so the space of the unsorted copies is reclaimed.
+fn compact_days(
+    conn: &Connection,
+    days: impl IntoIterator<Item = NaiveDate>,
+) -> Result<Compaction, StoreError> {
+    let started = Instant::now();
     let mut done = Compaction::default();
-    for (day, n) in due.into_iter().take(max_days) {
-        let _span = tracing::info_span!("compact_day", %day, readings = n).entered();
-        let start = chrono::NaiveDate::parse_from_str(&day, "%Y-%m-%d")
-            .map_err(|e| StoreError::Corrupt(format!("day '{day}': {e}")))?
+    for day in days {
+        let _span = tracing::info_span!("compact_day", %day).entered();
+        let start = day
             .and_hms_opt(0, 0, 0)
             .expect("midnight")
             .and_utc()
             .timestamp_millis();
         let range = format!("ts_ms >= {start} AND ts_ms < {}", start + 86_400_000);
         conn.execute_batch("BEGIN TRANSACTION")?;
-        let rewritten = conn.execute_batch(&format!(
-            "CREATE OR REPLACE TEMP TABLE compact_day AS
-                 SELECT * FROM readings WHERE {range} ORDER BY device_id, sensor_id, ts_ms, ts_us;
-             DELETE FROM readings WHERE {range};
-             INSERT INTO readings SELECT * FROM compact_day;
-             INSERT OR REPLACE INTO compacted_days VALUES (DATE '{day}', {n});
-             COMMIT;"
-        ));
-        if let Err(e) = rewritten {
-            conn.execute_batch("ROLLBACK").ok();
-            return Err(e.into());
-        }
+        let rewritten = (|| {
+            conn.execute_batch(&format!(
+                "CREATE OR REPLACE TEMP TABLE compact_day AS
+                     SELECT * FROM readings WHERE {range}
+                     ORDER BY device_id, sensor_id, ts_ms, ts_us"
+            ))?;
+            let n: i64 = conn.query_row("SELECT count(*) FROM compact_day", [], |r| r.get(0))?;
+            conn.execute_batch(&format!(
+                "DELETE FROM readings WHERE {range};
+                 INSERT INTO readings SELECT * FROM compact_day;
+                 INSERT OR REPLACE INTO compacted_days VALUES (DATE '{day}', {n});
+                 COMMIT;"
+            ))?;
+            Ok::<_, duckdb::Error>(n)
+        })();
+        let n = match rewritten {
+            Ok(n) => n,
+            Err(e) => {
+                conn.execute_batch("ROLLBACK").ok();
+                return Err(e.into());
+            }
+        };
         conn.execute_batch("DROP TABLE IF EXISTS temp.compact_day")?;
         done.days += 1;
         done.readings += n as u64;

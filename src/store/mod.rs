@@ -90,7 +90,7 @@ impl Store {
 
     /// Compacts finished days (for `milepost compact`, with no server running).
     pub fn compact(&self) -> Result<Compaction, StoreError> {
-        compact::compact_finished_days(&self.conn, chrono::Utc::now().date_naive(), usize::MAX)
+        compact::compact_finished_days(&self.conn, chrono::Utc::now().date_naive())
     }
 
     /// Closes the database ready for a fast next start (series snapshot, checkpoint).

@@ -35,8 +35,8 @@ use duckdb::arrow::datatypes::{DataType, Field, Schema};
 use duckdb::arrow::record_batch::RecordBatch;
 use tokio::sync::{Notify, mpsc, oneshot};
 
-use super::compact::{self, Compaction};
-use super::recent::{RecentKeys, WINDOW_KEYS, Window};
+use super::compact::{self, Compaction, DueDays};
+use super::recent::{MAX_SPAN_MS, RecentKeys, WINDOW_KEYS, Window};
 use super::{SeriesEntry, SeriesStats, Shared, StoreError};
 use crate::domain::{Batch, Device, DeviceId, Row, SensorId};
 use crate::metrics::{Metrics, UNKNOWN_SENSOR};
@@ -247,7 +247,7 @@ fn run(mut state: State, mut rx: mpsc::Receiver<Msg>, max_rows: usize) {
         state.commit_group(group);
         if let Some(reply) = compact {
             let today = chrono::Utc::now().date_naive();
-            let _ = reply.send(compact::compact_finished_days(&state.conn, today, 1));
+            let _ = reply.send(state.due.compact_next(&state.conn, today));
         }
         if let Some(ack) = shutdown {
             rx.close();
@@ -302,6 +302,7 @@ struct State {
     past_days: Arc<Notify>,
     next_device: u32,
     recent: RecentKeys,
+    due: DueDays,
 }
 
 impl State {
@@ -322,6 +323,7 @@ impl State {
             past_days,
             next_device,
             recent: RecentKeys::default(),
+            due: DueDays::default(),
         })
     }
 
@@ -496,6 +498,7 @@ impl State {
         self.count(&keys);
         let oldest = keys.iter().filter_map(|k| k.delta).map(|d| d.first).min();
         if oldest.is_some_and(|t| t < compact::today_start()) {
+            self.due.invalidate();
             self.past_days.notify_one();
         }
         Ok(results)
@@ -553,7 +556,8 @@ impl State {
             let ms = |i: usize| staged.ts[i].div_euclid(1000);
             // A late upload mixed with a replay would make one span cover months, so
             // the staged times are cut into clusters and each is looked up on its own.
-            for (lo, hi) in time_clusters(run.iter().map(|&i| ms(i)).collect()) {
+            let clusters = time_clusters(run.iter().map(|&i| ms(i)).collect());
+            for (lo, hi) in clusters.into_iter().flat_map(window_spans) {
                 if self.recent.covering(device, lo, hi).is_none() {
                     let window = self.read_window(device, lo, hi)?;
                     self.recent.keep(window);
@@ -563,7 +567,7 @@ impl State {
                     .covering(device, lo, hi)
                     .ok_or_else(|| StoreError::Internal("key window not kept".into()))?;
                 for &i in run.iter().filter(|&&i| (lo..=hi).contains(&ms(i))) {
-                    if window.keys.contains(&(staged.sensor[i], staged.ts[i])) {
+                    if window.contains(staged.sensor[i], staged.ts[i]) {
                         dups[staged.seq[i] as usize] = true;
                     } else {
                         fresh.push_raw(
@@ -592,7 +596,10 @@ impl State {
         let hi = match (first, newest) {
             (Some(first), Some(newest)) if readings > 0 => {
                 let ahead = (newest - first).max(1) as f64 * WINDOW_KEYS as f64 / readings as f64;
-                (lo_ms.saturating_add(ahead as i64)).min(newest).max(hi_ms)
+                (lo_ms.saturating_add(ahead as i64))
+                    .min(newest)
+                    .min(lo_ms + MAX_SPAN_MS)
+                    .max(hi_ms)
             }
             _ => hi_ms,
         };
@@ -600,7 +607,7 @@ impl State {
             "SELECT sensor_id, ts_ms, ts_us FROM readings
              WHERE device_id = {device} AND ts_ms BETWEEN {lo_ms} AND {hi}"
         );
-        let mut keys = FxHashSet::default();
+        let mut window = Window::new(device, lo_ms, hi);
         let mut stmt = self.conn.prepare(&sql)?;
         for batch in stmt.query_arrow([])? {
             let col = |i: usize| batch.column(i).as_any();
@@ -611,12 +618,12 @@ impl State {
             ) else {
                 return Err(StoreError::Internal("unexpected key column types".into()));
             };
-            keys.reserve(batch.num_rows());
+            window.reserve(batch.num_rows());
             for i in 0..batch.num_rows() {
-                keys.insert((s.value(i), ms.value(i) * 1000 + i64::from(us.value(i))));
+                window.insert(s.value(i), ms.value(i) * 1000 + i64::from(us.value(i)));
             }
         }
-        Ok(Window::new(device, lo_ms, hi, keys))
+        Ok(window)
     }
 
     fn checkpoint(&self) -> Result<(), StoreError> {
@@ -655,6 +662,14 @@ fn time_clusters(mut ts: Vec<i64>) -> Vec<(i64, i64)> {
         spans.remove(i);
     }
     spans
+}
+
+/// `[lo, hi]` (ms) cut into pieces a key window can span.
+fn window_spans((lo, hi): (i64, i64)) -> impl Iterator<Item = (i64, i64)> {
+    (0..)
+        .map(move |i| lo.saturating_add(i * (MAX_SPAN_MS + 1)))
+        .take_while(move |&start| start <= hi)
+        .map(move |start| (start, hi.min(start + MAX_SPAN_MS)))
 }
 
 /// Counts per request and the merged statistics of every series that got rows.
@@ -1025,6 +1040,16 @@ mod tests {
         );
     }
 
+    #[test]
+    fn window_spans_cover_the_range_in_pieces() {
+        assert_eq!(window_spans((5, 9)).collect::<Vec<_>>(), vec![(5, 9)]);
+        let m = MAX_SPAN_MS;
+        assert_eq!(
+            window_spans((0, 2 * m + 5)).collect::<Vec<_>>(),
+            vec![(0, m), (m + 1, 2 * m + 1), (2 * m + 2, 2 * m + 5)]
+        );
+    }
+
     #[tokio::test]
     async fn late_uploads_far_apart_are_deduped_exactly() {
         let dir = tempfile::tempdir().unwrap();
@@ -1057,6 +1082,16 @@ mod tests {
             .await
             .unwrap();
         assert_eq!((again.accepted, again.duplicates), (2, 2));
+        // More clusters than are read separately, spanning a century: the merged
+        // spans are longer than one key window can be.
+        let decade = 10 * year;
+        let old: Vec<Row> = (-6..6).map(|i| at(i * decade, 1.0)).collect();
+        let stored = h.append(b(old.clone())).await.unwrap();
+        assert_eq!((stored.accepted, stored.duplicates), (11, 1));
+        let mut replay = old;
+        replay.extend((-6..6).map(|i| at(i * decade + 7, 2.0)));
+        let replayed = h.append(b(replay)).await.unwrap();
+        assert_eq!((replayed.accepted, replayed.duplicates), (12, 12));
         w.shutdown().await.unwrap();
     }
 
@@ -1082,8 +1117,14 @@ mod tests {
                 .collect(),
         };
         let counts = |c: Committed| (c.accepted, c.duplicates);
-        assert_eq!(counts(h.append(rows(1, 0, 1000, 1.0)).await.unwrap()), (1000, 0));
-        assert_eq!(counts(h.append(rows(2, 0, 500, 1.0)).await.unwrap()), (500, 0));
+        assert_eq!(
+            counts(h.append(rows(1, 0, 1000, 1.0)).await.unwrap()),
+            (1000, 0)
+        );
+        assert_eq!(
+            counts(h.append(rows(2, 0, 500, 1.0)).await.unwrap()),
+            (500, 0)
+        );
         // A replay of sensor 1 in small requests, one new reading in each.
         for from in (0..1000).step_by(100) {
             let mut b = rows(1, from, from + 100, 2.0);
@@ -1091,9 +1132,18 @@ mod tests {
             assert_eq!(counts(h.append(b).await.unwrap()), (1, 99), "from {from}");
         }
         // Sensor 2 grows past its newest reading, inside sensor 1's window: fresh rows.
-        assert_eq!(counts(h.append(rows(2, 500, 800, 1.0)).await.unwrap()), (300, 0));
-        assert_eq!(counts(h.append(rows(2, 400, 800, 3.0)).await.unwrap()), (0, 400));
-        assert_eq!(counts(h.append(rows(1, 0, 1000, 3.0)).await.unwrap()), (0, 1000));
+        assert_eq!(
+            counts(h.append(rows(2, 500, 800, 1.0)).await.unwrap()),
+            (300, 0)
+        );
+        assert_eq!(
+            counts(h.append(rows(2, 400, 800, 3.0)).await.unwrap()),
+            (0, 400)
+        );
+        assert_eq!(
+            counts(h.append(rows(1, 0, 1000, 3.0)).await.unwrap()),
+            (0, 1000)
+        );
         w.shutdown().await.unwrap();
         let store = Store::open(&StoreConfig {
             data_dir: dir.path().to_owned(),
