@@ -76,6 +76,8 @@ pub struct Phase {
     pub p50_ms: f64,
     /// 99th percentile request latency, ms.
     pub p99_ms: f64,
+    /// The server's peak RSS during this phase, MiB (HTTP ingest phases only).
+    pub peak_rss_mib: Option<f64>,
 }
 
 /// The whole run.
@@ -151,11 +153,17 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<Report> {
     flush_page_cache();
     eprintln!("bench: HTTP ingest, plain");
     let server = BenchServer::start(&work.join("http"), &args.memory_limit)?;
-    let plain = push(server.base(), &gen_, false, "http ingest (plain NDJSON)").await?;
+    let plain = server
+        .push(&gen_, false, "http ingest (plain NDJSON)")
+        .await?;
     phases.push(plain.clone());
     flush_page_cache();
     eprintln!("bench: HTTP replay (all duplicates)");
-    phases.push(push(server.base(), &gen_, false, "http replay (all duplicates)").await?);
+    phases.push(
+        server
+            .push(&gen_, false, "http replay (all duplicates)")
+            .await?,
+    );
     eprintln!("bench: queries");
     phases.extend(queries(server.base(), &gen_, args.query_runs, "").await?);
     let peak_rss = server.peak_rss_mib();
@@ -195,7 +203,11 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<Report> {
     flush_page_cache();
     eprintln!("bench: HTTP ingest, gzip");
     let server = BenchServer::start(&work.join("http-gzip"), &args.memory_limit)?;
-    phases.push(push(server.base(), &gen_, true, "http ingest (gzip NDJSON)").await?);
+    phases.push(
+        server
+            .push(&gen_, true, "http ingest (gzip NDJSON)")
+            .await?,
+    );
     server.stop()?;
 
     let report = Report {
@@ -226,8 +238,8 @@ fn print_report(r: &Report) {
         r.readings, r.clients, r.chunk_lines
     );
     println!(
-        "{:<46} {:>12} {:>9} {:>14} {:>9} {:>9}",
-        "phase", "readings", "seconds", "readings/s", "p50 ms", "p99 ms"
+        "{:<46} {:>12} {:>9} {:>14} {:>9} {:>9} {:>8}",
+        "phase", "readings", "seconds", "readings/s", "p50 ms", "p99 ms", "RSS MiB"
     );
     for p in &r.phases {
         let rate = if p.readings_per_sec > 0.0 {
@@ -242,14 +254,16 @@ fn print_report(r: &Report) {
                 "-".into()
             }
         };
+        let rss = p.peak_rss_mib.map_or("-".into(), |m| format!("{m:.0}"));
         println!(
-            "{:<46} {:>12} {:>9.3} {:>14} {:>9} {:>9}",
+            "{:<46} {:>12} {:>9.3} {:>14} {:>9} {:>9} {:>8}",
             p.name,
             p.readings,
             p.seconds,
             rate,
             lat(p.p50_ms),
-            lat(p.p99_ms)
+            lat(p.p99_ms),
+            rss
         );
     }
     println!(
@@ -326,6 +340,7 @@ fn native_load(dir: &Path, g: &Generated, memory_limit: &str) -> anyhow::Result<
         readings_per_sec: g.total as f64 / secs,
         p50_ms: 0.0,
         p99_ms: 0.0,
+        peak_rss_mib: None,
     })
 }
 
@@ -335,14 +350,33 @@ const BENCH_KEY: &str = "bench-key";
 struct BenchServer(ServerProcess);
 
 impl BenchServer {
+    /// Default settings except that background compaction is held off: an import
+    /// is compacted a minute after it settles, which would otherwise land somewhere
+    /// in the replay or the queries and blur both. The bench measures the loaded file
+    /// as it arrived, then compacts it explicitly and measures again.
     fn start(dir: &Path, memory_limit: &str) -> anyhow::Result<Self> {
         let exe = std::env::current_exe()?;
-        let extra = ["--api-key", BENCH_KEY, "--memory-limit", memory_limit];
+        let extra = [
+            "--api-key",
+            BENCH_KEY,
+            "--memory-limit",
+            memory_limit,
+            "--compact-interval",
+            "0s",
+        ];
         ServerProcess::start(&exe, dir, &extra, true).map(Self)
     }
 
     fn base(&self) -> &str {
         &self.0.base
+    }
+
+    /// [`push`] with the server's peak RSS during it.
+    async fn push(&self, g: &Arc<Generated>, gzip: bool, name: &str) -> anyhow::Result<Phase> {
+        self.0.reset_peak_rss()?;
+        let mut phase = push(self.base(), g, gzip, name).await?;
+        phase.peak_rss_mib = Some(self.0.peak_rss_mib());
+        Ok(phase)
     }
 
     fn peak_rss_mib(&self) -> f64 {
@@ -406,6 +440,7 @@ async fn push(base: &str, g: &Arc<Generated>, gzip: bool, name: &str) -> anyhow:
         readings_per_sec: g.total as f64 / secs,
         p50_ms: percentile(&latencies, 0.5),
         p99_ms: percentile(&latencies, 0.99),
+        peak_rss_mib: None,
     })
 }
 
@@ -471,6 +506,7 @@ async fn time_get(
         readings_per_sec: 0.0,
         p50_ms: percentile(&lat, 0.5),
         p99_ms: percentile(&lat, 0.99),
+        peak_rss_mib: None,
     })
 }
 
@@ -565,5 +601,6 @@ async fn export(
         readings_per_sec: lines as f64 / seconds,
         p50_ms: percentile(&lat, 0.5),
         p99_ms: percentile(&lat, 0.99),
+        peak_rss_mib: None,
     })
 }

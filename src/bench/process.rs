@@ -70,6 +70,13 @@ impl ServerProcess {
             .map_or(0.0, |kb| kb / 1024.0)
     }
 
+    /// Starts [`Self::peak_rss_mib`] over from the current resident size, so a phase
+    /// can be measured on its own.
+    pub fn reset_peak_rss(&self) -> anyhow::Result<()> {
+        std::fs::write(format!("/proc/{}/clear_refs", self.child.id()), "5")
+            .context("resetting the peak RSS (/proc/PID/clear_refs)")
+    }
+
     /// Sends SIGTERM and waits for the exit.
     pub fn terminate(mut self) -> anyhow::Result<ExitStatus> {
         let pid = nix::unistd::Pid::from_raw(self.child.id() as i32);

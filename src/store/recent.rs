@@ -17,11 +17,13 @@
 use rustc_hash::FxHashSet;
 
 /// Keys one window aims to hold (the window's time span follows from the device's
-/// stored density): at one reading per second of six sensors, twelve hours. At 100 M
-/// stored readings a replay ran at 1.05 M readings/s without windows, 1.31 with 64 Ki
-/// keys and 1.80 with 256 Ki keys per window.
-pub(super) const WINDOW_KEYS: u64 = 256 * 1024;
-/// Keys held by all windows together, enough for 8 devices replaying at once; least
+/// stored density): at one reading per second of six sensors, six hours. Replaying
+/// the bench's 100 M readings into a file holding them ran at 1.05 M readings/s
+/// without windows, 1.31 with 64 Ki keys, 2.08–2.27 with 128 Ki and 1.77–2.10 with
+/// 256 Ki keys per window (more reading ahead than a request needs, and ~12 MB more
+/// peak memory).
+pub(super) const WINDOW_KEYS: u64 = 128 * 1024;
+/// Keys held by all windows together, enough for 16 devices replaying at once; least
 /// recently used windows go beyond it. A key takes 8 bytes in the hash set (9 with
 /// its control byte, up to twice that in spare capacity): ~40 MB at most.
 const BUDGET_KEYS: usize = 2 * 1024 * 1024;

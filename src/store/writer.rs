@@ -593,21 +593,28 @@ impl State {
         let readings: u64 = series.iter().map(|(_, s)| s.readings).sum();
         let first = series.iter().map(|(_, s)| s.first.as_micros() / 1000).min();
         let newest = series.iter().map(|(_, s)| s.last.as_micros() / 1000).max();
-        let hi = match (first, newest) {
-            (Some(first), Some(newest)) if readings > 0 => {
-                let ahead = (newest - first).max(1) as f64 * WINDOW_KEYS as f64 / readings as f64;
-                (lo_ms.saturating_add(ahead as i64))
-                    .min(newest)
-                    .min(lo_ms + MAX_SPAN_MS)
-                    .max(hi_ms)
-            }
+        // Stored readings per ms, on average.
+        let density = match (first, newest) {
+            (Some(first), Some(newest)) => readings as f64 / (newest - first).max(1) as f64,
+            _ => 0.0,
+        };
+        let hi = match newest {
+            Some(newest) if density > 0.0 => lo_ms
+                .saturating_add((WINDOW_KEYS as f64 / density) as i64)
+                .min(newest)
+                .min(lo_ms + MAX_SPAN_MS)
+                .max(hi_ms),
             _ => hi_ms,
         };
+        // Sized once for what the density predicts: growing the set while reading
+        // would hold the old and the new table at once.
+        let expected = ((hi - lo_ms + 1) as f64 * density) as usize;
+        let mut window = Window::new(device, lo_ms, hi);
+        window.reserve(expected.min(2 * WINDOW_KEYS as usize));
         let sql = format!(
             "SELECT sensor_id, ts_ms, ts_us FROM readings
              WHERE device_id = {device} AND ts_ms BETWEEN {lo_ms} AND {hi}"
         );
-        let mut window = Window::new(device, lo_ms, hi);
         let mut stmt = self.conn.prepare(&sql)?;
         for batch in stmt.query_arrow([])? {
             let col = |i: usize| batch.column(i).as_any();
@@ -618,7 +625,6 @@ impl State {
             ) else {
                 return Err(StoreError::Internal("unexpected key column types".into()));
             };
-            window.reserve(batch.num_rows());
             for i in 0..batch.num_rows() {
                 window.insert(s.value(i), ms.value(i) * 1000 + i64::from(us.value(i)));
             }
