@@ -1122,34 +1122,22 @@ mod tests {
                 })
                 .collect(),
         };
-        let counts = |c: Committed| (c.accepted, c.duplicates);
-        assert_eq!(
-            counts(h.append(rows(1, 0, 1000, 1.0)).await.unwrap()),
-            (1000, 0)
-        );
-        assert_eq!(
-            counts(h.append(rows(2, 0, 500, 1.0)).await.unwrap()),
-            (500, 0)
-        );
+        let put = async |b: Batch| {
+            let c = h.append(b).await.unwrap();
+            (c.accepted, c.duplicates)
+        };
+        assert_eq!(put(rows(1, 0, 1000, 1.0)).await, (1000, 0));
+        assert_eq!(put(rows(2, 0, 500, 1.0)).await, (500, 0));
         // A replay of sensor 1 in small requests, one new reading in each.
         for from in (0..1000).step_by(100) {
             let mut b = rows(1, from, from + 100, 2.0);
             b.rows[10].ts = Timestamp::from_micros(b.rows[10].ts.as_micros() + 1);
-            assert_eq!(counts(h.append(b).await.unwrap()), (1, 99), "from {from}");
+            assert_eq!(put(b).await, (1, 99), "from {from}");
         }
         // Sensor 2 grows past its newest reading, inside sensor 1's window: fresh rows.
-        assert_eq!(
-            counts(h.append(rows(2, 500, 800, 1.0)).await.unwrap()),
-            (300, 0)
-        );
-        assert_eq!(
-            counts(h.append(rows(2, 400, 800, 3.0)).await.unwrap()),
-            (0, 400)
-        );
-        assert_eq!(
-            counts(h.append(rows(1, 0, 1000, 3.0)).await.unwrap()),
-            (0, 1000)
-        );
+        assert_eq!(put(rows(2, 500, 800, 1.0)).await, (300, 0));
+        assert_eq!(put(rows(2, 400, 800, 3.0)).await, (0, 400));
+        assert_eq!(put(rows(1, 0, 1000, 3.0)).await, (0, 1000));
         w.shutdown().await.unwrap();
         let store = Store::open(&StoreConfig {
             data_dir: dir.path().to_owned(),
