@@ -110,6 +110,9 @@ pub struct Report {
     pub restart_ms: f64,
     /// HTTP plain ingest readings/s divided by the native limit.
     pub ratio_http_to_native: f64,
+    /// Series whose stored readings were found identical to the native load's (the
+    /// run fails otherwise).
+    pub verified_series: usize,
 }
 
 /// Runs the benchmark and prints the table.
@@ -171,6 +174,23 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<Report> {
     let db_path = work.join("http").join(crate::store::DB_FILE);
     let db_bytes = std::fs::metadata(&db_path)?.len();
 
+    eprintln!("bench: comparing what was stored with the native load");
+    let verified_series = {
+        let (native_db, http_db) = (
+            work.join("native").join(crate::store::DB_FILE),
+            db_path.clone(),
+        );
+        let mem = args.memory_limit.clone();
+        tokio::task::spawn_blocking(move || {
+            let (native, http) = (fingerprint(&native_db, &mem)?, fingerprint(&http_db, &mem)?);
+            if native != http {
+                bail!("the server stored other readings than DuckDB's own load:\n native {native:?}\n http   {http:?}");
+            }
+            Ok(native.len())
+        })
+        .await??
+    };
+
     eprintln!("bench: compacting finished days");
     let compaction = {
         let cfg = crate::store::StoreConfig {
@@ -224,6 +244,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<Report> {
         compact_seconds: compaction.elapsed.as_secs_f64(),
         restart_ms,
         ratio_http_to_native: plain.readings_per_sec / native.readings_per_sec,
+        verified_series,
     };
     print_report(&report);
     if let Some(path) = &args.json {
@@ -280,6 +301,11 @@ fn print_report(r: &Report) {
         r.db_bytes_compacted as f64 / (1 << 20) as f64,
         r.bytes_per_reading_compacted,
         r.db_file_bytes_compacted as f64 / (1 << 20) as f64,
+    );
+    println!(
+        "stored readings identical to the native load in all {} series \
+         (count, time range, hash of every timestamp and value)",
+        r.verified_series
     );
     println!("http_ingest / native_limit = {:.2}", r.ratio_http_to_native);
 }
@@ -342,6 +368,40 @@ fn native_load(dir: &Path, g: &Generated, memory_limit: &str) -> anyhow::Result<
         p99_ms: 0.0,
         peak_rss_mib: None,
     })
+}
+
+/// Per series: readings, first and last timestamp, and a sum of hashes of every
+/// `(timestamp, value)` — equal for two files only if they hold the same readings
+/// (up to a hash collision). Compares the server's parsing, dedupe and storage with
+/// DuckDB's own `read_json` of the same files.
+fn fingerprint(db: &Path, memory_limit: &str) -> anyhow::Result<Vec<[String; 6]>> {
+    let conn = duckdb::Connection::open_with_flags(
+        db,
+        duckdb::Config::default()
+            .max_memory(memory_limit)?
+            .access_mode(duckdb::AccessMode::ReadOnly)?
+            .with("autoinstall_known_extensions", "false")?
+            .with("autoload_known_extensions", "false")?,
+    )?;
+    let mut stmt = conn.prepare(
+        "SELECT d.name, CAST(r.sensor_id AS VARCHAR), CAST(count(*) AS VARCHAR),
+                CAST(min(ts_ms * 1000 + ts_us) AS VARCHAR),
+                CAST(max(ts_ms * 1000 + ts_us) AS VARCHAR),
+                CAST(sum(hash(ts_ms, ts_us, value)) AS VARCHAR)
+         FROM readings r JOIN devices d ON d.id = r.device_id
+         GROUP BY ALL ORDER BY ALL",
+    )?;
+    let rows = stmt.query_map([], |r| {
+        Ok([
+            r.get(0)?,
+            r.get(1)?,
+            r.get(2)?,
+            r.get(3)?,
+            r.get(4)?,
+            r.get(5)?,
+        ])
+    })?;
+    Ok(rows.collect::<Result<_, _>>()?)
 }
 
 const BENCH_KEY: &str = "bench-key";
