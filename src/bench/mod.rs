@@ -431,8 +431,9 @@ impl BenchServer {
         &self.0.base
     }
 
-    /// [`push`] with the server's peak RSS during it.
+    /// [`push`] with the server's peak RSS during it, inputs warmed first.
     async fn push(&self, g: &Arc<Generated>, gzip: bool, name: &str) -> anyhow::Result<Phase> {
+        warm_inputs(g, gzip).await?;
         self.0.reset_peak_rss()?;
         let mut phase = push(self.base(), g, gzip, name).await?;
         phase.peak_rss_mib = Some(self.0.peak_rss_mib());
@@ -458,6 +459,23 @@ impl BenchServer {
 /// writeback.
 fn flush_page_cache() {
     nix::unistd::sync();
+}
+
+/// Reads the clients' input files once before a timed phase, so the clients read
+/// them from the page cache. Some VMs reclaim idle page cache within minutes (this
+/// one runs DAMON's `kdamond`): the gzip phase, minutes after generation, had read its
+/// input from disk and measured at half speed with 600 ms stalls.
+async fn warm_inputs(g: &Arc<Generated>, gzip: bool) -> anyhow::Result<()> {
+    let g = g.clone();
+    tokio::task::spawn_blocking(move || {
+        let mut buf = vec![0u8; 1 << 20];
+        for s in &g.streams {
+            let mut f = std::fs::File::open(if gzip { &s.gz } else { &s.plain })?;
+            while std::io::Read::read(&mut f, &mut buf)? > 0 {}
+        }
+        Ok(())
+    })
+    .await?
 }
 
 fn percentile(sorted: &[f64], p: f64) -> f64 {
