@@ -323,14 +323,7 @@ fn native_load(dir: &Path, g: &Generated, memory_limit: &str) -> anyhow::Result<
     // Same schema as the server, created by the same migrations.
     drop(crate::store::Store::open(&cfg)?);
     std::fs::remove_file(dir.join("milepost.lock")).ok();
-    let conn = duckdb::Connection::open_with_flags(
-        dir.join(crate::store::DB_FILE),
-        duckdb::Config::default()
-            .max_memory(memory_limit)?
-            .threads(2)?
-            .with("autoinstall_known_extensions", "false")?
-            .with("autoload_known_extensions", "false")?,
-    )?;
+    let conn = open_db(&dir.join(crate::store::DB_FILE), memory_limit, false)?;
     for (i, s) in g.streams.iter().enumerate() {
         conn.execute(
             "INSERT INTO devices VALUES (?, ?)",
@@ -370,19 +363,28 @@ fn native_load(dir: &Path, g: &Generated, memory_limit: &str) -> anyhow::Result<
     })
 }
 
+/// A direct connection to a bench database, with the server's limits and no
+/// extension downloads.
+fn open_db(db: &Path, memory_limit: &str, read_only: bool) -> anyhow::Result<duckdb::Connection> {
+    let mode = match read_only {
+        true => duckdb::AccessMode::ReadOnly,
+        false => duckdb::AccessMode::ReadWrite,
+    };
+    let config = duckdb::Config::default()
+        .max_memory(memory_limit)?
+        .threads(2)?
+        .access_mode(mode)?
+        .with("autoinstall_known_extensions", "false")?
+        .with("autoload_known_extensions", "false")?;
+    Ok(duckdb::Connection::open_with_flags(db, config)?)
+}
+
 /// Per series: readings, first and last timestamp, and a sum of hashes of every
 /// `(timestamp, value)` — equal for two files only if they hold the same readings
 /// (up to a hash collision). Compares the server's parsing, dedupe and storage with
 /// DuckDB's own `read_json` of the same files.
 fn fingerprint(db: &Path, memory_limit: &str) -> anyhow::Result<Vec<[String; 6]>> {
-    let conn = duckdb::Connection::open_with_flags(
-        db,
-        duckdb::Config::default()
-            .max_memory(memory_limit)?
-            .access_mode(duckdb::AccessMode::ReadOnly)?
-            .with("autoinstall_known_extensions", "false")?
-            .with("autoload_known_extensions", "false")?,
-    )?;
+    let conn = open_db(db, memory_limit, true)?;
     let mut stmt = conn.prepare(
         "SELECT d.name, CAST(r.sensor_id AS VARCHAR), CAST(count(*) AS VARCHAR),
                 CAST(min(ts_ms * 1000 + ts_us) AS VARCHAR),

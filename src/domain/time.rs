@@ -93,12 +93,11 @@ impl Timestamp {
         let micros = match &b[19..b.len() - 1] {
             [] => 0,
             // chrono reads up to nine digits (nanoseconds); microseconds truncate.
-            [b'.', frac @ ..] if (1..=9).contains(&frac.len()) => {
-                let digits = num(20..20 + frac.len().min(6))?;
-                if !frac.iter().all(u8::is_ascii_digit) {
-                    return None;
-                }
-                digits * 10u32.pow(6 - frac.len().min(6) as u32)
+            [b'.', frac @ ..]
+                if (1..=9).contains(&frac.len()) && frac.iter().all(u8::is_ascii_digit) =>
+            {
+                let n = frac.len().min(6);
+                num(20..20 + n)? * 10u32.pow(6 - n as u32)
             }
             _ => return None,
         };

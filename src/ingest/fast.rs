@@ -19,11 +19,7 @@ pub(super) fn scan(line: &[u8]) -> Option<Wire<'_>> {
     // One UTF-8 check for the whole line; strings are then cut at ASCII quotes, which
     // are always character boundaries.
     let text = std::str::from_utf8(line).ok()?;
-    let mut c = Cursor {
-        s: text,
-        b: line,
-        i: 0,
-    };
+    let mut c = Cursor { s: text, i: 0 };
     c.ws();
     c.eat(b'{')?;
     let (mut sensor, mut value, mut timestamp, mut device) = (None, None, None, None);
@@ -78,13 +74,16 @@ enum Key {
 
 struct Cursor<'a> {
     s: &'a str,
-    b: &'a [u8],
     i: usize,
 }
 
 impl<'a> Cursor<'a> {
+    fn peek(&self) -> Option<u8> {
+        self.s.as_bytes().get(self.i).copied()
+    }
+
     fn next(&mut self) -> Option<u8> {
-        let c = *self.b.get(self.i)?;
+        let c = self.peek()?;
         self.i += 1;
         Some(c)
     }
@@ -94,14 +93,14 @@ impl<'a> Cursor<'a> {
     }
 
     fn ws(&mut self) {
-        while let Some(b' ' | b'\t' | b'\r' | b'\n') = self.b.get(self.i) {
+        while let Some(b' ' | b'\t' | b'\r' | b'\n') = self.peek() {
             self.i += 1;
         }
     }
 
     /// One of the four keys, quotes included, compared whole rather than scanned.
     fn key(&mut self) -> Option<Key> {
-        let rest = &self.b[self.i..];
+        let rest = &self.s.as_bytes()[self.i..];
         let (key, len) = [
             (Key::Sensor, &b"\"sensor\""[..]),
             (Key::Value, b"\"value\""),
@@ -120,7 +119,7 @@ impl<'a> Cursor<'a> {
         let start = self.i;
         // Strings here are a few dozen bytes: a plain loop beats memchr's set-up.
         loop {
-            match *self.b.get(self.i)? {
+            match self.peek()? {
                 b'"' => break,
                 // An escape or a raw control character: the full parser decides.
                 b'\\' | 0..0x20 => return None,
@@ -138,30 +137,30 @@ impl<'a> Cursor<'a> {
         let start = self.i;
         let digits = |c: &mut Self| {
             let from = c.i;
-            while c.b.get(c.i).is_some_and(u8::is_ascii_digit) {
+            while c.peek().is_some_and(|b| b.is_ascii_digit()) {
                 c.i += 1;
             }
             c.i - from
         };
-        if self.b.get(self.i) == Some(&b'-') {
+        if self.peek() == Some(b'-') {
             self.i += 1;
         }
         let int_start = self.i;
         let int_digits = digits(self);
-        if int_digits == 0 || (int_digits > 1 && self.b[int_start] == b'0') {
+        if int_digits == 0 || (int_digits > 1 && self.s.as_bytes()[int_start] == b'0') {
             return None;
         }
         let (mut integer, mut exponent) = (true, false);
-        if self.b.get(self.i) == Some(&b'.') {
+        if self.peek() == Some(b'.') {
             self.i += 1;
             if digits(self) == 0 {
                 return None;
             }
             integer = false;
         }
-        if let Some(b'e' | b'E') = self.b.get(self.i) {
+        if let Some(b'e' | b'E') = self.peek() {
             self.i += 1;
-            if let Some(b'+' | b'-') = self.b.get(self.i) {
+            if let Some(b'+' | b'-') = self.peek() {
                 self.i += 1;
             }
             if digits(self) == 0 {
