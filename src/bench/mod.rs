@@ -110,8 +110,8 @@ pub struct Report {
     pub restart_ms: f64,
     /// HTTP plain ingest readings/s divided by the native limit.
     pub ratio_http_to_native: f64,
-    /// Series whose stored readings were found identical to the native load's (the
-    /// run fails otherwise).
+    /// Series whose stored readings were found identical to the native load's, with
+    /// rollups that agree with them (the run fails otherwise).
     pub verified_series: usize,
 }
 
@@ -185,6 +185,10 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<Report> {
             let (native, http) = (fingerprint(&native_db, &mem)?, fingerprint(&http_db, &mem)?);
             if native != http {
                 bail!("the server stored other readings than DuckDB's own load:\n native {native:?}\n http   {http:?}");
+            }
+            let off = rollup_mismatches(&http_db, &mem)?;
+            if off > 0 {
+                bail!("{off} rollup slots disagree with the readings stored in them");
             }
             Ok(native.len())
         })
@@ -404,6 +408,29 @@ fn fingerprint(db: &Path, memory_limit: &str) -> anyhow::Result<Vec<[String; 6]>
         ])
     })?;
     Ok(rows.collect::<Result<_, _>>()?)
+}
+
+/// Rollup slots of the server's database whose count, extremes, first or last
+/// instant differ from the readings stored in them (0 when the writer kept them right).
+fn rollup_mismatches(db: &Path, memory_limit: &str) -> anyhow::Result<i64> {
+    let conn = open_db(db, memory_limit, true)?;
+    Ok(conn.query_row(
+        "WITH r AS (
+             SELECT device_id, sensor_id, ts_ms - ((ts_ms % 900000) + 900000) % 900000 AS slot_ms,
+                    count(*) AS n, min(value) AS lo, max(value) AS hi,
+                    min(ts_ms * 1000 + ts_us) AS a, max(ts_ms * 1000 + ts_us) AS b
+             FROM readings GROUP BY ALL
+         ), u AS (
+             SELECT device_id, sensor_id, slot_ms, sum(readings) AS n, min(min_value) AS lo,
+                    max(max_value) AS hi, min(first_us) AS a, max(last_us) AS b
+             FROM rollups GROUP BY ALL
+         )
+         SELECT count(*) FROM r FULL JOIN u USING (device_id, sensor_id, slot_ms)
+         WHERE r.n IS DISTINCT FROM u.n OR r.lo IS DISTINCT FROM u.lo
+            OR r.hi IS DISTINCT FROM u.hi OR r.a IS DISTINCT FROM u.a OR r.b IS DISTINCT FROM u.b",
+        [],
+        |r| r.get(0),
+    )?)
 }
 
 const BENCH_KEY: &str = "bench-key";

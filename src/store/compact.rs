@@ -3,14 +3,15 @@
 //! Readings arrive interleaved (sensors and devices mixed), which DuckDB's bitpacking
 //! and ALP compress poorly: ~7 bytes per reading. Sorted, the same day takes ~4: each
 //! series' timestamps and values sit together. A day is compacted once it is over;
-//! if late uploads add readings to it afterwards, it is compacted again.
+//! if late uploads add readings to it afterwards, it is compacted again. Its rollups
+//! are recomputed from the rewritten readings in the same transaction.
 
 use std::time::{Duration, Instant};
 
 use chrono::NaiveDate;
 use duckdb::Connection;
 
-use super::StoreError;
+use super::{StoreError, rollup};
 use crate::domain::Timestamp;
 
 /// The first instant of the current UTC day: readings before it belong to finished
@@ -126,9 +127,11 @@ fn compact_days(
             conn.execute_batch(&format!(
                 "DELETE FROM readings WHERE {range};
                  INSERT INTO readings SELECT * FROM compact_day;
-                 INSERT OR REPLACE INTO compacted_days VALUES (DATE '{day}', {n});
-                 COMMIT;"
+                 INSERT OR REPLACE INTO compacted_days VALUES (DATE '{day}', {n});"
             ))?;
+            // The day's rollups, consolidated and recomputed from what is stored.
+            rollup::rebuild(conn, "compact_day", start, start + 86_400_000)?;
+            conn.execute_batch("COMMIT")?;
             Ok::<_, duckdb::Error>(n)
         })();
         let n = match rewritten {

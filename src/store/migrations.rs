@@ -6,11 +6,18 @@ use duckdb::Connection;
 use super::StoreError;
 
 /// Every migration this binary knows, in order: (version, name, SQL).
-const MIGRATIONS: &[(i64, &str, &str)] = &[(
-    1,
-    "init",
-    include_str!("../../schema/migrations/0001_init.sql"),
-)];
+const MIGRATIONS: &[(i64, &str, &str)] = &[
+    (
+        1,
+        "init",
+        include_str!("../../schema/migrations/0001_init.sql"),
+    ),
+    (
+        2,
+        "rollups",
+        include_str!("../../schema/migrations/0002_rollups.sql"),
+    ),
+];
 
 /// Newest schema version this binary knows.
 pub fn latest_version() -> i64 {

@@ -11,6 +11,7 @@ mod error;
 mod migrations;
 mod reader;
 mod recent;
+mod rollup;
 mod state;
 mod writer;
 

@@ -12,6 +12,7 @@ use duckdb::Connection;
 use duckdb::arrow::array::{Array, Float64Array, Int16Array, Int64Array};
 use duckdb::arrow::record_batch::RecordBatch;
 
+use super::rollup::{self, SLOT_MS};
 use super::{SeriesStats, Shared, StoreError};
 use crate::domain::{
     Aggregate, Buckets, Catalog, Device, DeviceId, SensorId, TimeRange, Timestamp,
@@ -133,54 +134,7 @@ impl ReadStore for Reader {
         sensor: SensorId,
         buckets: &Buckets,
     ) -> Result<Vec<Aggregate>, StoreError> {
-        let _span = tracing::debug_span!("bucket_stats", %device, sensor = sensor.0, buckets = buckets.len()).entered();
-        let mut out = vec![Aggregate::default(); buckets.len()];
-        let Some(device) = self.shared.device_id(device) else {
-            return Ok(out);
-        };
-        if buckets.is_empty() {
-            return Ok(out);
-        }
-        let covered = TimeRange {
-            from: buckets.start(0),
-            to: buckets.end(buckets.len() - 1),
-        };
-        let Some(range) = buckets.range().intersect(covered) else {
-            return Ok(out);
-        };
-        // Bounds and grain are whole milliseconds (see `domain::buckets`), so the
-        // millisecond column alone decides the group.
-        let origin_ms = buckets.start(0).as_micros() / 1000;
-        let grain_ms = (buckets.grain_micros() / 1000).max(1);
-        let sql = format!(
-            "SELECT (ts_ms - {origin_ms}) // {grain_ms} AS g, count(*), min(value), max(value),
-                    sum(value), arg_min(value, ts_ms * 1000 + ts_us),
-                    arg_max(value, ts_ms * 1000 + ts_us)
-             FROM readings WHERE {filter}
-             GROUP BY g ORDER BY g",
-            filter = series_filter(device, &[sensor], range),
-        );
-        self.with_conn(|c| {
-            let mut stmt = c.prepare(&sql)?;
-            let mut rows = stmt.query([])?;
-            while let Some(r) = rows.next()? {
-                let g: i64 = r.get(0)?;
-                let part = Aggregate {
-                    count: r.get::<_, i64>(1)? as u64,
-                    min: r.get(2)?,
-                    max: r.get(3)?,
-                    sum: r.get(4)?,
-                    first: r.get(5)?,
-                    last: r.get(6)?,
-                };
-                let t = Timestamp::from_micros((origin_ms + g * grain_ms) * 1000);
-                if let Some(i) = buckets.index_of(t) {
-                    out[i].merge_later(&part);
-                }
-            }
-            Ok(())
-        })?;
-        Ok(out)
+        self.aggregate(device, sensor, buckets, true)
     }
 
     fn count(
@@ -268,6 +222,97 @@ impl ReadStore for Reader {
 }
 
 impl Reader {
+    /// [`ReadStore::bucket_stats`]; with `rollups` off, from raw readings alone.
+    ///
+    /// When every bucket bound falls on a rollup slot bound, the whole slots of the
+    /// range are read from the rollups and only the partial slots at its ends from
+    /// readings; the parts arrive in time order, as `merge_later` needs.
+    pub(super) fn aggregate(
+        &self,
+        device: &Device,
+        sensor: SensorId,
+        buckets: &Buckets,
+        rollups: bool,
+    ) -> Result<Vec<Aggregate>, StoreError> {
+        let _span = tracing::debug_span!("bucket_stats", %device, sensor = sensor.0, buckets = buckets.len()).entered();
+        let mut out = vec![Aggregate::default(); buckets.len()];
+        let Some(device) = self.shared.device_id(device) else {
+            return Ok(out);
+        };
+        if buckets.is_empty() {
+            return Ok(out);
+        }
+        let covered = TimeRange {
+            from: buckets.start(0),
+            to: buckets.end(buckets.len() - 1),
+        };
+        let Some(range) = buckets.range().intersect(covered) else {
+            return Ok(out);
+        };
+        // Bounds and grain are whole milliseconds (see `domain::buckets`), so the
+        // millisecond column alone decides the group.
+        let origin_ms = buckets.start(0).as_micros() / 1000;
+        let grain_ms = (buckets.grain_micros() / 1000).max(1);
+        let mut fold = |g: i64, part: Aggregate| {
+            let t = Timestamp::from_micros((origin_ms + g * grain_ms) * 1000);
+            if let Some(i) = buckets.index_of(t) {
+                out[i].merge_later(&part);
+            }
+        };
+        let raw = |c: &Connection, r: TimeRange, fold: &mut dyn FnMut(i64, Aggregate)| {
+            let sql = format!(
+                "SELECT (ts_ms - {origin_ms}) // {grain_ms} AS g, count(*), min(value),
+                        max(value), sum(value), arg_min(value, ts_ms * 1000 + ts_us),
+                        arg_max(value, ts_ms * 1000 + ts_us)
+                 FROM readings WHERE {filter}
+                 GROUP BY g ORDER BY g",
+                filter = series_filter(device, &[sensor], r),
+            );
+            rollup::aggregate_rows(c, &sql, fold)
+        };
+        let aligned = grain_ms % SLOT_MS == 0 && origin_ms.rem_euclid(SLOT_MS) == 0;
+        let (first_slot, end_slot) = whole_slots(range);
+        self.with_conn(|c| {
+            if !(rollups && aligned && first_slot < end_slot) {
+                return raw(c, range, &mut fold);
+            }
+            let (head_end, tail_start) = (
+                Timestamp::from_micros(first_slot * 1000),
+                Timestamp::from_micros(end_slot * 1000),
+            );
+            if range.from < head_end {
+                raw(
+                    c,
+                    TimeRange {
+                        from: range.from,
+                        to: head_end,
+                    },
+                    &mut fold,
+                )?;
+            }
+            rollup::bucket_parts(
+                c,
+                device.0,
+                sensor.0 as i16,
+                (first_slot, end_slot),
+                (origin_ms, grain_ms),
+                &mut fold,
+            )?;
+            if tail_start < range.to {
+                raw(
+                    c,
+                    TimeRange {
+                        from: tail_start,
+                        to: range.to,
+                    },
+                    &mut fold,
+                )?;
+            }
+            Ok(())
+        })?;
+        Ok(out)
+    }
+
     /// The device id, the part of `range` where `sensors` have readings at all, and
     /// how many readings they have overall, from the in-memory series statistics.
     fn span_of(
@@ -290,6 +335,17 @@ impl Reader {
         let readings = stats.iter().map(|s| s.readings).sum();
         Some((id, range.intersect(stored)?, readings))
     }
+}
+
+/// The first and the end (exclusive) slot start, in ms, of the rollup slots lying
+/// wholly inside `range`; `first >= end` when there are none.
+fn whole_slots(range: TimeRange) -> (i64, i64) {
+    let from_ms = -(-range.from.as_micros()).div_euclid(1000); // rounded up
+    let to_ms = range.to.as_micros().div_euclid(1000); // rounded down
+    (
+        rollup::slot_of(from_ms + SLOT_MS - 1),
+        rollup::slot_of(to_ms),
+    )
 }
 
 /// `WHERE` clause for readings of `sensors` of `device` in `range`.

@@ -37,6 +37,7 @@ use tokio::sync::{Notify, mpsc, oneshot};
 
 use super::compact::{self, Compaction, DueDays};
 use super::recent::{MAX_SPAN_MS, RecentKeys, WINDOW_KEYS, Window};
+use super::rollup::{self, Partials};
 use super::{SeriesEntry, SeriesStats, Shared, StoreError};
 use crate::domain::{Batch, Device, DeviceId, Row, SensorId};
 use crate::metrics::{Metrics, UNKNOWN_SENSOR};
@@ -52,6 +53,9 @@ pub struct WriterConfig {
     pub max_group_rows: usize,
     /// Where commit times and per-sensor accepted/duplicate counts are recorded.
     pub metrics: Arc<Metrics>,
+    /// Rollup rows appended by commits before their slots are consolidated (see
+    /// [`super::rollup`]): a live device adds a few per commit.
+    pub rollup_merge_rows: usize,
 }
 
 impl Default for WriterConfig {
@@ -61,6 +65,7 @@ impl Default for WriterConfig {
             queue_timeout: Duration::from_secs(2),
             max_group_rows: 512 * 1024,
             metrics: Arc::new(Metrics::new()),
+            rollup_merge_rows: 20_000,
         }
     }
 }
@@ -178,7 +183,13 @@ impl Writer {
         lock: File,
     ) -> Result<Self, StoreError> {
         let past_days = Arc::new(Notify::new());
-        let state = State::new(conn, shared, cfg.metrics.clone(), past_days.clone())?;
+        let state = State::new(
+            conn,
+            shared,
+            cfg.metrics.clone(),
+            past_days.clone(),
+            cfg.rollup_merge_rows,
+        )?;
         let (tx, rx) = mpsc::channel(cfg.queue_capacity.max(1));
         let running = Arc::new(AtomicBool::new(true));
         let flag = running.clone();
@@ -303,6 +314,23 @@ struct State {
     next_device: u32,
     recent: RecentKeys,
     due: DueDays,
+    rollups: Unmerged,
+}
+
+/// Rollup rows appended since the last consolidation, and the slots they touched.
+struct Unmerged {
+    rows: usize,
+    span: Option<(i64, i64)>,
+    merge_at: usize,
+}
+
+impl Unmerged {
+    fn add(&mut self, partials: &Partials) {
+        self.rows += partials.len();
+        if let Some((lo, hi)) = partials.slot_span() {
+            self.span = Some(self.span.map_or((lo, hi), |(a, b)| (a.min(lo), b.max(hi))));
+        }
+    }
 }
 
 impl State {
@@ -311,6 +339,7 @@ impl State {
         shared: Arc<Shared>,
         metrics: Arc<Metrics>,
         past_days: Arc<Notify>,
+        rollup_merge_rows: usize,
     ) -> Result<Self, StoreError> {
         let next_device = shared
             .devices()
@@ -324,6 +353,11 @@ impl State {
             next_device,
             recent: RecentKeys::default(),
             due: DueDays::default(),
+            rollups: Unmerged {
+                rows: 0,
+                span: None,
+                merge_at: rollup_merge_rows.max(1),
+            },
         })
     }
 
@@ -467,10 +501,14 @@ impl State {
                         .record(fresh.device[i], fresh.sensor[i], fresh.ts[i]);
                 }
             }
+            let mut partials = Partials::default();
             if !fresh.is_empty() {
+                let batch = fresh.into_record_batch(&keys)?;
+                partials = Partials::of_sorted(&batch)?;
                 let mut app = self.conn.appender("readings")?;
-                app.append_record_batch(fresh.into_record_batch(&keys)?)?;
+                app.append_record_batch(batch)?;
                 app.flush()?;
+                partials.append(&self.conn)?;
             }
             let before_commit = Instant::now();
             self.conn.execute_batch("COMMIT")?;
@@ -479,9 +517,9 @@ impl State {
                 commit_ms = before_commit.elapsed().as_secs_f64() * 1e3,
                 "committed group"
             );
-            Ok::<_, StoreError>((results, updated))
+            Ok::<_, StoreError>((results, updated, partials))
         })();
-        let (results, updated) = match in_tx {
+        let (results, updated, partials) = match in_tx {
             Ok(r) => r,
             Err(e) => {
                 self.conn.execute_batch("ROLLBACK").ok();
@@ -501,7 +539,36 @@ impl State {
             self.due.invalidate();
             self.past_days.notify_one();
         }
+        self.rollups.add(&partials);
+        self.merge_rollups();
         Ok(results)
+    }
+
+    /// Consolidates the rollup slots recent commits touched once enough partial rows
+    /// have accumulated. A failure only leaves more rows to combine at query time.
+    fn merge_rollups(&mut self) {
+        let Some((lo, hi)) = self.rollups.span else {
+            return;
+        };
+        if self.rollups.rows < self.rollups.merge_at {
+            return;
+        }
+        let started = Instant::now();
+        match rollup::merge(&self.conn, lo, hi) {
+            Ok(replaced) => {
+                tracing::debug!(
+                    replaced,
+                    elapsed_ms = started.elapsed().as_secs_f64() * 1e3,
+                    "consolidated rollups"
+                );
+                self.rollups.rows = 0;
+                self.rollups.span = None;
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "consolidating rollups failed");
+                self.rollups.rows = 0;
+            }
+        }
     }
 
     /// Per-sensor accepted and duplicate counters.
