@@ -19,7 +19,8 @@
 //! - [`domain`]: types that are valid by construction (`Device`, `Reading` rows,
 //!   `Timestamp`, `Day`, the sensor `Catalog`).
 //! - [`ingest`]: pure, synchronous NDJSON parsing with per-line errors.
-//! - [`store`]: the only module that speaks SQL — migrations, the writer, the reader.
+//! - [`store`]: the only module that speaks SQL — migrations, the writer, the reader,
+//!   15-minute rollups for long-range statistics, compaction of finished days.
 //! - [`api`]: poem-openapi handlers; thin, and errors map to JSON in one place. The
 //!   seed's endpoints in `api::seed`, the richer `/api/v1` reads in `api::v1`
 //!   (statistics buckets, streamed exports, GPS track).

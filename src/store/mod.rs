@@ -5,6 +5,11 @@
 //! the small tables (sensors, devices, series) into memory. From it come one
 //! [`Writer`] thread, which owns the write connection, and a [`Reader`] with its own
 //! pool of connections. Everything outside sees typed functions.
+//!
+//! Besides `readings`, the writer keeps 15-minute rollups per series in the same
+//! transactions (`rollup.rs`), so statistics over long ranges do not depend on how the
+//! readings happen to be ordered on disk; compaction (`compact.rs`) rewrites finished
+//! days sorted for size and scan speed.
 
 mod compact;
 mod error;

@@ -20,7 +20,9 @@
 //!
 //! Appended rows are sorted by (device, sensor, time) per group commit: runs of one
 //! series fill DuckDB's 1024-value compression vectors, which compress far better
-//! than sensors interleaved in arrival order.
+//! than sensors interleaved in arrival order. The same pass over the sorted rows
+//! yields the commit's 15-minute rollup rows (see [`super::rollup`]), appended in the
+//! same transaction.
 
 use rustc_hash::{FxHashMap, FxHashSet};
 use std::fs::File;
@@ -355,7 +357,12 @@ impl State {
             due: DueDays::default(),
             rollups: Unmerged {
                 rows: 0,
-                span: None,
+                // The first consolidation also covers partials an earlier run left
+                // in slots since yesterday; older days are consolidated by compaction.
+                span: Some((
+                    rollup::slot_of(compact::today_start().as_micros() / 1000 - 86_400_000),
+                    i64::MAX,
+                )),
                 merge_at: rollup_merge_rows.max(1),
             },
         })
