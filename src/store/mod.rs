@@ -31,7 +31,7 @@ pub use compact::Compaction;
 pub use error::StoreError;
 pub use reader::{ReadStore, Reader, ScanChunk, ScanSink};
 pub use state::{SeriesEntry, SeriesStats, Shared};
-pub use writer::{Committed, PendingCommit, WriteError, Writer, WriterConfig, WriterHandle};
+pub use writer::{Clock, Committed, PendingCommit, WriteError, Writer, WriterConfig, WriterHandle};
 
 use crate::domain::{Catalog, Device, DeviceId, Sensor, SensorId, SensorName, Timestamp};
 

@@ -271,7 +271,9 @@ impl Reader {
             rollup::aggregate_rows(c, &sql, fold)
         };
         let aligned = grain_ms % SLOT_MS == 0 && origin_ms.rem_euclid(SLOT_MS) == 0;
+        // Live slots come from readings: the writer still holds their partials.
         let (first_slot, end_slot) = whole_slots(range);
+        let end_slot = end_slot.min(self.shared.rollups_from());
         self.with_conn(|c| {
             if !(rollups && aligned && first_slot < end_slot) {
                 return raw(c, range, &mut fold);

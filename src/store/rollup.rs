@@ -15,10 +15,21 @@
 //! and consolidated into one row by [`merge`] once enough have accumulated, and when
 //! compaction rewrites a day its rollups are recomputed from the sorted readings.
 //! Anything that deletes readings must delete or recompute their slots' rollups too.
+//!
+//! ## Live slots
+//! Writing a second table costs every transaction about as much again as a live
+//! device's few readings do, so partials of the *live* slots — the current and the
+//! previous quarter hour, and any later one — are held in memory ([`Live`]) and
+//! written with the first commit after their slot has ended. Readers take slots from
+//! [`Shared::rollups_from`](super::Shared) on from `readings` instead, a few minutes
+//! of data. That boundary is also kept in `meta` (`rollups_from`), and start-up
+//! recomputes the rollups from it on from `readings`: held partials die with a
+//! crashed process, the readings do not.
 
 use duckdb::Connection;
 use duckdb::arrow::array::{Array, Float64Array, Int16Array, Int32Array, Int64Array};
 use duckdb::arrow::record_batch::RecordBatch;
+use rustc_hash::FxHashMap;
 
 use super::StoreError;
 use crate::domain::Aggregate;
@@ -48,6 +59,22 @@ pub(super) struct Partial {
     first: f64,
     last_us: i64,
     last: f64,
+}
+
+impl Partial {
+    /// Folds in another partial of the same series and slot (any order in time).
+    fn combine(&mut self, o: &Partial) {
+        self.readings += o.readings;
+        self.min = self.min.min(o.min);
+        self.max = self.max.max(o.max);
+        self.sum += o.sum;
+        if o.first_us < self.first_us {
+            (self.first_us, self.first) = (o.first_us, o.first);
+        }
+        if o.last_us > self.last_us {
+            (self.last_us, self.last) = (o.last_us, o.last);
+        }
+    }
 }
 
 /// The partials of the rows a commit appends.
@@ -119,21 +146,89 @@ impl Partials {
         Some((lo, hi))
     }
 
+    /// Moves the partials of slots from `slot_ms` on out, into the returned list.
+    pub(super) fn split_off_from(&mut self, slot_ms: i64) -> Vec<Partial> {
+        let (later, earlier) = self.rows.drain(..).partition(|p| p.slot_ms >= slot_ms);
+        self.rows = earlier;
+        later
+    }
+
+    /// Adds partials (of other rows) to be written with these.
+    pub(super) fn extend(&mut self, more: Vec<Partial>) {
+        self.rows.extend(more);
+    }
+
     /// Appends the partials to `rollups` (inside the caller's transaction).
     pub(super) fn append(&self, conn: &Connection) -> Result<(), StoreError> {
-        if self.rows.is_empty() {
-            return Ok(());
-        }
-        let mut app = conn.appender("rollups")?;
-        for p in &self.rows {
-            app.append_row(duckdb::params![
-                p.device, p.sensor, p.slot_ms, p.readings, p.min, p.max, p.sum, p.first_us,
-                p.first, p.last_us, p.last
-            ])?;
-        }
-        app.flush()?;
-        Ok(())
+        append_rows(conn, &self.rows)
     }
+}
+
+/// Partials of live slots, held by the writer until their slot has ended; see the
+/// module documentation.
+#[derive(Debug)]
+pub(super) struct Live {
+    /// Slots from this one on are held; earlier ones are written with each commit.
+    pub(super) from: i64,
+    held: FxHashMap<(i32, i16, i64), Partial>,
+}
+
+impl Live {
+    /// Nothing held; slots from `from` on will be.
+    pub(super) fn new(from: i64) -> Self {
+        Self {
+            from,
+            held: FxHashMap::default(),
+        }
+    }
+
+    /// Holds the partials of a committed commit, one per series and slot.
+    pub(super) fn hold(&mut self, parts: Vec<Partial>) {
+        for p in parts {
+            self.held
+                .entry((p.device, p.sensor, p.slot_ms))
+                .and_modify(|h| h.combine(&p))
+                .or_insert(p);
+        }
+    }
+
+    /// Copies of the held partials of slots before `slot_ms`.
+    pub(super) fn before(&self, slot_ms: i64) -> Vec<Partial> {
+        self.held
+            .values()
+            .filter(|p| p.slot_ms < slot_ms)
+            .copied()
+            .collect()
+    }
+
+    /// Forgets the held partials of slots before `slot_ms` (once they are committed).
+    pub(super) fn release_before(&mut self, slot_ms: i64) {
+        self.held.retain(|_, p| p.slot_ms >= slot_ms);
+    }
+
+    /// Whether anything is held.
+    pub(super) fn is_empty(&self) -> bool {
+        self.held.is_empty()
+    }
+}
+
+/// Key in `meta` of the first slot whose rollups may be incomplete after a crash.
+pub(super) const META_FROM: &str = "rollups_from";
+
+/// Appends partials to `rollups` (inside the caller's transaction).
+pub(super) fn append_rows(conn: &Connection, rows: &[Partial]) -> Result<(), StoreError> {
+    if rows.is_empty() {
+        return Ok(());
+    }
+    let mut app = conn.appender("rollups")?;
+    for p in rows {
+        app.append_row(duckdb::params![
+            p.device, p.sensor, p.slot_ms, p.readings, p.min, p.max, p.sum, p.first_us, p.first,
+            p.last_us, p.last
+        ])?;
+    }
+    app.flush()?;
+    Ok(())
 }
 
 /// Combines the partials of each slot in `[lo_slot, hi_slot]` into one row, in its own
@@ -180,8 +275,8 @@ pub(super) fn merge(conn: &Connection, lo_slot: i64, hi_slot: i64) -> Result<u64
 }
 
 /// Replaces the rollups of the slots in `[from_ms, to_ms)` (whole slots) with ones
-/// computed from `source`, a table shaped like `readings` holding exactly the
-/// readings of that span (compaction's sorted copy of a day). Runs in the caller's
+/// computed from the readings of that span in `source`, a table shaped like
+/// `readings` (itself, or compaction's sorted copy of a day). Runs in the caller's
 /// transaction.
 pub(super) fn rebuild(
     conn: &Connection,
@@ -189,7 +284,7 @@ pub(super) fn rebuild(
     from_ms: i64,
     to_ms: i64,
 ) -> Result<(), duckdb::Error> {
-    debug_assert!(from_ms % SLOT_MS == 0 && to_ms % SLOT_MS == 0);
+    debug_assert!(from_ms.rem_euclid(SLOT_MS) == 0);
     conn.execute_batch(&format!(
         "DELETE FROM rollups WHERE slot_ms >= {from_ms} AND slot_ms < {to_ms};
          INSERT INTO rollups
@@ -197,10 +292,45 @@ pub(super) fn rebuild(
                     min(value), max(value), sum(value),
                     min(ts_ms * 1000 + ts_us), arg_min(value, ts_ms * 1000 + ts_us),
                     max(ts_ms * 1000 + ts_us), arg_max(value, ts_ms * 1000 + ts_us)
-             FROM {source}
+             FROM {source} WHERE ts_ms >= {from_ms} AND ts_ms < {to_ms}
              GROUP BY device_id, sensor_id, slot_ms
              ORDER BY device_id, sensor_id, slot_ms;"
     ))
+}
+
+/// At writer start: recomputes the rollups from the boundary a previous run left in
+/// `meta` on (the partials it held in memory may be lost), then records `from`, the
+/// new boundary. Returns how many slots were recomputed from.
+pub(super) fn recover(conn: &Connection, from: i64) -> Result<Option<i64>, StoreError> {
+    let _span = tracing::info_span!("rollup_recover").entered();
+    let stored: Option<String> = conn
+        .query_row(
+            &format!("SELECT value FROM meta WHERE key = '{META_FROM}'"),
+            [],
+            |r| r.get(0),
+        )
+        .ok();
+    let previous = match stored {
+        Some(v) => Some(
+            v.parse::<i64>()
+                .map_err(|e| StoreError::Corrupt(format!("meta {META_FROM} '{v}': {e}")))?,
+        ),
+        None => None,
+    };
+    conn.execute_batch("BEGIN TRANSACTION")?;
+    let done = (|| {
+        if let Some(p) = previous {
+            rebuild(conn, "readings", p, i64::MAX)?;
+        }
+        conn.execute_batch(&format!(
+            "INSERT OR REPLACE INTO meta VALUES ('{META_FROM}', '{from}'); COMMIT;"
+        ))
+    })();
+    if let Err(e) = done {
+        conn.execute_batch("ROLLBACK").ok();
+        return Err(e.into());
+    }
+    Ok(previous)
 }
 
 /// Per-group aggregates of one series over the slots in `[from_ms, to_ms)` (both slot
@@ -256,7 +386,9 @@ mod tests {
     use crate::domain::{
         Batch, BucketWidth, Buckets, Device, Row, SensorId, TimeRange, Timestamp, parse_tz,
     };
-    use crate::store::{Reader, Store, StoreConfig, WriterConfig, WriterHandle};
+    use crate::store::{Clock, Reader, Store, StoreConfig, WriterConfig, WriterHandle};
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicI64, Ordering};
 
     /// 2024-03-30T00:00:00Z: the history spans the spring daylight-saving change in
     /// Europe.
@@ -293,8 +425,11 @@ mod tests {
 
     /// Out-of-order history in many commits (readings of one slot spread over many
     /// of them), re-sent readings with other values, in-batch duplicates, then a live
-    /// tail of tiny commits.
-    async fn write_history(h: &WriterHandle, rng: &mut fastrand::Rng) {
+    /// tail of tiny commits while the clock moves on (held partials, released as
+    /// their slots end).
+    async fn write_history(h: &WriterHandle, rng: &mut fastrand::Rng, clock: &AtomicI64) {
+        // "Now" is the end of the history: its last quarter hours are live.
+        clock.store((BASE_US + SPAN_US) / 1000, Ordering::SeqCst);
         let mut sent: Vec<Row> = Vec::new();
         for _ in 0..40 {
             let mut rows = Vec::new();
@@ -320,6 +455,7 @@ mod tests {
         }
         for i in 0..300 {
             let ts = BASE_US + SPAN_US + i * 7_000_123;
+            clock.store(ts / 1000 + 1_000, Ordering::SeqCst);
             let rows = (0..rng.usize(1..4))
                 .map(|d| row(rng, (d % 2) as u16, ts + d as i64))
                 .collect();
@@ -344,8 +480,9 @@ mod tests {
             for sensor in [SensorId(1), SensorId(2)] {
                 for width in widths {
                     for zone in zones {
+                        // The history and the live tail after it.
                         let from = BASE_US - 3_600_000_000 + rng.i64(0..SPAN_US);
-                        let to = from + rng.i64(1..SPAN_US);
+                        let to = from + rng.i64(1..SPAN_US + 2 * 3_600_000_000);
                         let range = TimeRange::new(
                             Timestamp::from_micros(from),
                             Timestamp::from_micros(to),
@@ -376,18 +513,28 @@ mod tests {
             let dir = tempfile::tempdir().unwrap();
             let store = open(dir.path());
             let reader = store.reader().unwrap();
+            let clock = Arc::new(AtomicI64::new(0));
+            let c = clock.clone();
             let writer = store
                 .start_writer(WriterConfig {
                     rollup_merge_rows: merge_at,
+                    clock: Clock::from_fn(move || c.load(Ordering::SeqCst)),
                     ..WriterConfig::default()
                 })
                 .unwrap();
             let h = writer.handle();
             let mut rng = fastrand::Rng::with_seed(seed);
-            write_history(&h, &mut rng).await;
+            write_history(&h, &mut rng, &clock).await;
             assert_same_as_raw(&reader, &mut rng, "as written");
             while h.compact().await.unwrap().days > 0 {}
             assert_same_as_raw(&reader, &mut rng, "compacted");
+            writer.shutdown().await.unwrap();
+            drop(reader);
+            // Reopened: the live slots were recomputed from their readings.
+            let store = open(dir.path());
+            let reader = store.reader().unwrap();
+            let writer = store.start_writer(WriterConfig::default()).unwrap();
+            assert_same_as_raw(&reader, &mut rng, "reopened");
             writer.shutdown().await.unwrap();
         }
     }
@@ -438,6 +585,60 @@ mod tests {
         assert_eq!((first.last_us, first.last), (-1, -3.0));
         assert_eq!((p.rows[1].slot_ms, p.rows[1].readings), (0, 1));
         assert_eq!((p.rows[2].sensor, p.rows[2].slot_ms), (2, -900_000));
+    }
+
+    /// What a crash leaves: readings committed whose partials were held in memory.
+    #[test]
+    fn recovery_recomputes_the_slots_a_crashed_run_held() {
+        let dir = tempfile::tempdir().unwrap();
+        let conn = duckdb::Connection::open(dir.path().join("x.duckdb")).unwrap();
+        conn.execute_batch(include_str!("../../schema/migrations/0001_init.sql"))
+            .unwrap();
+        conn.execute_batch(include_str!("../../schema/migrations/0002_rollups.sql"))
+            .unwrap();
+        let t0 = 1_711_756_800_000; // ms, on a slot bound
+        // Four slots of one reading per second; rollups stored for the first two only,
+        // the boundary the crashed run recorded at the third.
+        let mut app = conn.appender("readings").unwrap();
+        for s in 0..3_600 {
+            app.append_row(duckdb::params![1, 1i16, t0 + s * 1000, 0i16, s as f64])
+                .unwrap();
+        }
+        app.flush().unwrap();
+        drop(app);
+        rebuild(&conn, "readings", t0, t0 + 2 * SLOT_MS).unwrap();
+        conn.execute_batch(&format!(
+            "INSERT INTO meta VALUES ('{META_FROM}', '{}')",
+            t0 + 2 * SLOT_MS
+        ))
+        .unwrap();
+        let slots = |conn: &duckdb::Connection| -> Vec<(i64, i64, f64)> {
+            let mut stmt = conn
+                .prepare("SELECT slot_ms, readings, last_value FROM rollups ORDER BY slot_ms")
+                .unwrap();
+            stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+                .unwrap()
+                .collect::<Result<_, _>>()
+                .unwrap()
+        };
+        assert_eq!(slots(&conn).len(), 2);
+        let now_from = t0 + 10 * SLOT_MS;
+        assert_eq!(recover(&conn, now_from).unwrap(), Some(t0 + 2 * SLOT_MS));
+        let expected: Vec<(i64, i64, f64)> = (0..4)
+            .map(|i| (t0 + i * SLOT_MS, 900, (i * 900 + 899) as f64))
+            .collect();
+        assert_eq!(slots(&conn), expected);
+        let recorded: String = conn
+            .query_row(
+                &format!("SELECT value FROM meta WHERE key = '{META_FROM}'"),
+                [],
+                |r| r.get(0),
+            )
+            .unwrap();
+        assert_eq!(recorded, now_from.to_string());
+        // Running it again changes nothing.
+        recover(&conn, now_from).unwrap();
+        assert_eq!(slots(&conn), expected);
     }
 
     #[tokio::test]

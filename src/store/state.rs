@@ -3,6 +3,7 @@
 //! "latest" answers never touch DuckDB.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::{Arc, RwLock};
 
 use crate::domain::{Catalog, Device, DeviceId, SensorId, Timestamp};
@@ -40,6 +41,10 @@ pub struct Shared {
     catalog: RwLock<Arc<Catalog>>,
     devices: RwLock<Devices>,
     series: RwLock<HashMap<(DeviceId, SensorId), SeriesStats>>,
+    /// Rollup slots from this one (ms) on may still lack readings the writer holds
+    /// back (see `rollup::Live`); readers take them from `readings`. Starts at the
+    /// earliest instant — everything raw — until the writer has started.
+    rollups_from: AtomicI64,
 }
 
 #[derive(Default)]
@@ -63,7 +68,19 @@ impl Shared {
             catalog: RwLock::new(Arc::new(catalog)),
             devices: RwLock::new(d),
             series: RwLock::new(series.into_iter().collect()),
+            rollups_from: AtomicI64::new(i64::MIN),
         }
+    }
+
+    /// First rollup slot (ms) readers must not take from `rollups`.
+    pub(super) fn rollups_from(&self) -> i64 {
+        self.rollups_from.load(Ordering::Acquire)
+    }
+
+    /// Published by the writer only after every partial of an earlier slot is
+    /// committed, so a reader that sees the new value also sees those rows.
+    pub(super) fn set_rollups_from(&self, slot_ms: i64) {
+        self.rollups_from.store(slot_ms, Ordering::Release);
     }
 
     /// The current sensor catalog.

@@ -39,7 +39,7 @@ use tokio::sync::{Notify, mpsc, oneshot};
 
 use super::compact::{self, Compaction, DueDays};
 use super::recent::{MAX_SPAN_MS, RecentKeys, WINDOW_KEYS, Window};
-use super::rollup::{self, Partials};
+use super::rollup::{self, Live, Partials};
 use super::{SeriesEntry, SeriesStats, Shared, StoreError};
 use crate::domain::{Batch, Device, DeviceId, Row, SensorId};
 use crate::metrics::{Metrics, UNKNOWN_SENSOR};
@@ -56,8 +56,36 @@ pub struct WriterConfig {
     /// Where commit times and per-sensor accepted/duplicate counts are recorded.
     pub metrics: Arc<Metrics>,
     /// Rollup rows appended by commits before their slots are consolidated (see
-    /// [`super::rollup`]): a live device adds a few per commit.
+    /// [`super::rollup`]).
     pub rollup_merge_rows: usize,
+    /// Decides which rollup slots are live; the system clock but in tests.
+    pub clock: Clock,
+}
+
+/// Wall-clock time in epoch milliseconds.
+#[derive(Clone)]
+pub struct Clock(Arc<dyn Fn() -> i64 + Send + Sync>);
+
+impl Clock {
+    /// The system clock.
+    pub fn system() -> Self {
+        Self(Arc::new(|| chrono::Utc::now().timestamp_millis()))
+    }
+
+    /// Any source of time (for tests).
+    pub fn from_fn(f: impl Fn() -> i64 + Send + Sync + 'static) -> Self {
+        Self(Arc::new(f))
+    }
+
+    fn now_ms(&self) -> i64 {
+        (self.0)()
+    }
+}
+
+impl std::fmt::Debug for Clock {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Clock({})", self.now_ms())
+    }
 }
 
 impl Default for WriterConfig {
@@ -68,6 +96,7 @@ impl Default for WriterConfig {
             max_group_rows: 512 * 1024,
             metrics: Arc::new(Metrics::new()),
             rollup_merge_rows: 20_000,
+            clock: Clock::system(),
         }
     }
 }
@@ -191,6 +220,7 @@ impl Writer {
             cfg.metrics.clone(),
             past_days.clone(),
             cfg.rollup_merge_rows,
+            cfg.clock.clone(),
         )?;
         let (tx, rx) = mpsc::channel(cfg.queue_capacity.max(1));
         let running = Arc::new(AtomicBool::new(true));
@@ -260,7 +290,12 @@ fn run(mut state: State, mut rx: mpsc::Receiver<Msg>, max_rows: usize) {
         state.commit_group(group);
         if let Some(reply) = compact {
             let today = chrono::Utc::now().date_naive();
-            let _ = reply.send(state.due.compact_next(&state.conn, today));
+            // Held rollup partials go first: compaction recomputes its days' rollups
+            // from the readings, and they must not be added on top later.
+            let done = state
+                .flush_live()
+                .and_then(|()| state.due.compact_next(&state.conn, today));
+            let _ = reply.send(done);
         }
         if let Some(ack) = shutdown {
             rx.close();
@@ -317,6 +352,13 @@ struct State {
     recent: RecentKeys,
     due: DueDays,
     rollups: Unmerged,
+    live: Live,
+    clock: Clock,
+}
+
+/// The first live rollup slot at `now_ms`: the previous quarter hour's.
+fn live_from(now_ms: i64) -> i64 {
+    rollup::slot_of(now_ms) - rollup::SLOT_MS
 }
 
 /// Rollup rows appended since the last consolidation, and the slots they touched.
@@ -342,11 +384,17 @@ impl State {
         metrics: Arc<Metrics>,
         past_days: Arc<Notify>,
         rollup_merge_rows: usize,
+        clock: Clock,
     ) -> Result<Self, StoreError> {
         let next_device = shared
             .devices()
             .last()
             .map_or(1, |(id, _)| id.0.saturating_add(1));
+        let from = live_from(clock.now_ms());
+        if let Some(previous) = rollup::recover(&conn, from)? {
+            tracing::debug!(from = previous, "recomputed the rollups of recent slots");
+        }
+        shared.set_rollups_from(from);
         Ok(Self {
             conn,
             shared,
@@ -365,6 +413,8 @@ impl State {
                 )),
                 merge_at: rollup_merge_rows.max(1),
             },
+            live: Live::new(from),
+            clock,
         })
     }
 
@@ -483,7 +533,10 @@ impl State {
         let (fresh, staged) = split_columns(jobs, &device_maps, &verdicts, &row_keys, maybe);
 
         // 4. One transaction for the whole group: devices, dedupe of older rows, series
-        //    statistics, then the fresh rows.
+        //    statistics, then the fresh rows and the rollups of ended slots.
+        let now_from = live_from(self.clock.now_ms());
+        let advance = (now_from > self.live.from).then_some(now_from);
+        let hold_from = advance.unwrap_or(self.live.from);
         let started = Instant::now();
         self.conn.execute_batch("BEGIN TRANSACTION")?;
         let in_tx = (|| {
@@ -509,14 +562,23 @@ impl State {
                 }
             }
             let mut partials = Partials::default();
+            let mut held = Vec::new();
             if !fresh.is_empty() {
                 let batch = fresh.into_record_batch(&keys)?;
                 partials = Partials::of_sorted(&batch)?;
                 let mut app = self.conn.appender("readings")?;
                 app.append_record_batch(batch)?;
                 app.flush()?;
-                partials.append(&self.conn)?;
+                held = partials.split_off_from(hold_from);
             }
+            if let Some(to) = advance {
+                partials.extend(self.live.before(to));
+                self.conn.execute(
+                    "INSERT OR REPLACE INTO meta VALUES (?, ?)",
+                    duckdb::params![rollup::META_FROM, to.to_string()],
+                )?;
+            }
+            partials.append(&self.conn)?;
             let before_commit = Instant::now();
             self.conn.execute_batch("COMMIT")?;
             tracing::debug!(
@@ -524,9 +586,9 @@ impl State {
                 commit_ms = before_commit.elapsed().as_secs_f64() * 1e3,
                 "committed group"
             );
-            Ok::<_, StoreError>((results, updated, partials))
+            Ok::<_, StoreError>((results, updated, partials, held))
         })();
-        let (results, updated, partials) = match in_tx {
+        let (results, updated, partials, held) = match in_tx {
             Ok(r) => r,
             Err(e) => {
                 self.conn.execute_batch("ROLLBACK").ok();
@@ -546,9 +608,33 @@ impl State {
             self.due.invalidate();
             self.past_days.notify_one();
         }
+        if let Some(to) = advance {
+            self.live.release_before(to);
+            self.live.from = to;
+            self.shared.set_rollups_from(to);
+        }
+        self.live.hold(held);
         self.rollups.add(&partials);
         self.merge_rollups();
         Ok(results)
+    }
+
+    /// Writes every held rollup partial, in its own transaction. The boundary
+    /// readers use stays: these slots may still get readings.
+    fn flush_live(&mut self) -> Result<(), StoreError> {
+        if self.live.is_empty() {
+            return Ok(());
+        }
+        let rows = self.live.before(i64::MAX);
+        self.conn.execute_batch("BEGIN TRANSACTION")?;
+        let written = rollup::append_rows(&self.conn, &rows)
+            .and_then(|()| Ok(self.conn.execute_batch("COMMIT")?));
+        if let Err(e) = written {
+            self.conn.execute_batch("ROLLBACK").ok();
+            return Err(e);
+        }
+        self.live.release_before(i64::MAX);
+        Ok(())
     }
 
     /// Consolidates the rollup slots recent commits touched once enough partial rows
@@ -706,7 +792,12 @@ impl State {
         Ok(window)
     }
 
-    fn checkpoint(&self) -> Result<(), StoreError> {
+    fn checkpoint(&mut self) -> Result<(), StoreError> {
+        // Not needed for correctness (the next start recomputes the live slots) but
+        // leaves a file whose rollups are whole for offline tools.
+        if let Err(e) = self.flush_live() {
+            tracing::warn!(error = %e, "writing held rollups at shutdown failed");
+        }
         super::close(&self.conn, &self.shared)
     }
 }
