@@ -1,5 +1,5 @@
 //! 15-minute rollups: count, extremes, sum, first and last value of every series per
-//! UTC quarter hour, kept in `rollups` in the same transaction as the readings.
+//! UTC quarter hour, kept in `rollups` by the writer.
 //!
 //! Statistics whose buckets are whole quarter hours (15m and wider, aligned to local
 //! midnight in any zone whose offset is a multiple of 15 minutes — all of today's)
@@ -9,9 +9,9 @@
 //! (arrival order before compaction mixes every series into every row group, so zone
 //! maps cannot skip any of them).
 //!
-//! Every commit appends one row per (series, slot) it stored readings in — a
-//! *partial* — computed from the rows it appends (only readings that were stored, so
-//! duplicates never count). Several partials of one slot are combined at query time
+//! Every commit appends, in its own transaction, one row per (series, slot) it
+//! stored readings in — a *partial* — computed from the rows it appends (only
+//! readings that were stored, so duplicates never count); live slots wait, below. Several partials of one slot are combined at query time
 //! and consolidated into one row by [`merge`] once enough have accumulated, and when
 //! compaction rewrites a day its rollups are recomputed from the sorted readings.
 //! Anything that deletes readings must delete or recompute their slots' rollups too.
@@ -24,7 +24,8 @@
 //! [`Shared::rollups_from`](super::Shared) on from `readings` instead, a few minutes
 //! of data. That boundary is also kept in `meta` (`rollups_from`), and start-up
 //! recomputes the rollups from it on from `readings`: held partials die with a
-//! crashed process, the readings do not.
+//! crashed process, the readings do not. What is held is bounded by the live slots
+//! plus those of future timestamps, which ingest limits (`--max-future-skew`, 24 h).
 
 use duckdb::Connection;
 use duckdb::arrow::array::{Array, Float64Array, Int16Array, Int32Array, Int64Array};
