@@ -185,6 +185,30 @@ async fn statistics_match_aggregates_computed_from_the_data() {
     assert_eq!(body["buckets"][1]["start"], "2026-03-28T00:30:00Z");
 }
 
+/// Readings up to now and on into the next hours: the writer holds the rollups of
+/// live (and future) quarter hours in memory and statistics read those from the
+/// readings; every bucket must still be exact, before and after a restart.
+#[tokio::test]
+async fn statistics_cover_live_and_future_readings() {
+    let mut app = TestApp::spawn().await;
+    let start = chrono::Utc::now().timestamp_micros() - 2 * 3_600_000_000;
+    // One day from two hours ago: within the default 24 h future skew.
+    let rows = series(&rfc3339(start), 1, 7);
+    let (status, _) = app.ingest(body_of("speed", &rows)).await;
+    assert_eq!(status, StatusCode::OK);
+    let from = rfc3339(start - 3_600_000_000);
+    let to = rfc3339(start + 25 * 3_600_000_000);
+    for round in ["running", "restarted"] {
+        for (bucket, w) in [("1h", 3_600_000_000i64), ("15m", 900_000_000)] {
+            let params = format!("bucket={bucket}");
+            check(&app, &rows, (&from, &to), &params, |t| t - t.rem_euclid(w)).await;
+        }
+        if round == "running" {
+            app = app.restart().await;
+        }
+    }
+}
+
 /// Asks for statistics over `range` with `params` and compares every bucket with the
 /// aggregates of `rows` grouped by `key` (a reading's bucket start).
 async fn check(
