@@ -116,8 +116,7 @@ fn compact_days(
             .and_utc()
             .timestamp_millis();
         let range = format!("ts_ms >= {start} AND ts_ms < {}", start + 86_400_000);
-        conn.execute_batch("BEGIN TRANSACTION")?;
-        let rewritten = (|| {
+        let n = super::in_transaction(conn, || {
             conn.execute_batch(&format!(
                 "CREATE OR REPLACE TEMP TABLE compact_day AS
                      SELECT * FROM readings WHERE {range}
@@ -131,16 +130,8 @@ fn compact_days(
             ))?;
             // The day's rollups, consolidated and recomputed from what is stored.
             rollup::rebuild(conn, "compact_day", start, start + 86_400_000)?;
-            conn.execute_batch("COMMIT")?;
             Ok::<_, duckdb::Error>(n)
-        })();
-        let n = match rewritten {
-            Ok(n) => n,
-            Err(e) => {
-                conn.execute_batch("ROLLBACK").ok();
-                return Err(e.into());
-            }
-        };
+        })?;
         conn.execute_batch("DROP TABLE IF EXISTS temp.compact_day")?;
         done.days += 1;
         done.readings += n as u64;

@@ -48,20 +48,13 @@ pub fn apply(conn: &Connection) -> Result<(), StoreError> {
     let pending: Vec<_> = MIGRATIONS.iter().filter(|m| m.0 > current).collect();
     for &&(version, name, sql) in &pending {
         let _span = tracing::info_span!("migration", version, name).entered();
-        conn.execute_batch("BEGIN TRANSACTION")?;
-        let applied = conn.execute_batch(sql).and_then(|()| {
+        super::in_transaction(conn, || {
+            conn.execute_batch(sql)?;
             conn.execute(
                 "INSERT INTO schema_migrations VALUES (?, ?, make_timestamp(?))",
                 duckdb::params![version, name, chrono::Utc::now().timestamp_micros()],
             )
-        });
-        match applied {
-            Ok(_) => conn.execute_batch("COMMIT")?,
-            Err(e) => {
-                conn.execute_batch("ROLLBACK").ok();
-                return Err(e.into());
-            }
-        }
+        })?;
         tracing::info!(version, name, "applied migration");
     }
     if !pending.is_empty() {

@@ -134,6 +134,23 @@ impl Store {
     }
 }
 
+/// Runs `f` in one transaction: committed when it returns `Ok`, rolled back when it
+/// or the commit fails.
+fn in_transaction<T, E: From<duckdb::Error>>(
+    conn: &Connection,
+    f: impl FnOnce() -> Result<T, E>,
+) -> Result<T, E> {
+    conn.execute_batch("BEGIN TRANSACTION")?;
+    let done = f().and_then(|v| {
+        conn.execute_batch("COMMIT")?;
+        Ok(v)
+    });
+    if done.is_err() {
+        conn.execute_batch("ROLLBACK").ok();
+    }
+    done
+}
+
 /// Leaves the database ready for a fast start: writes the in-memory series statistics
 /// as the snapshot the next start reads, marks it valid and checkpoints. Called by the
 /// writer at shutdown and by offline commands when they are done.

@@ -27,9 +27,9 @@
 //! crashed process, the readings do not. What is held is bounded by the live slots
 //! plus those of future timestamps, which ingest limits (`--max-future-skew`, 24 h).
 
-use duckdb::Connection;
 use duckdb::arrow::array::{Array, Float64Array, Int16Array, Int32Array, Int64Array};
 use duckdb::arrow::record_batch::RecordBatch;
+use duckdb::{Connection, OptionalExt};
 use rustc_hash::FxHashMap;
 
 use super::StoreError;
@@ -237,8 +237,7 @@ pub(super) fn append_rows(conn: &Connection, rows: &[Partial]) -> Result<(), Sto
 pub(super) fn merge(conn: &Connection, lo_slot: i64, hi_slot: i64) -> Result<u64, StoreError> {
     let _span = tracing::debug_span!("rollup_merge", lo_slot, hi_slot).entered();
     let range = format!("slot_ms BETWEEN {lo_slot} AND {hi_slot}");
-    conn.execute_batch("BEGIN TRANSACTION")?;
-    let merged = (|| {
+    super::in_transaction(conn, || {
         conn.execute_batch(&format!(
             "CREATE OR REPLACE TEMP TABLE rollup_merge AS
                  SELECT device_id, sensor_id, slot_ms,
@@ -261,18 +260,10 @@ pub(super) fn merge(conn: &Connection, lo_slot: i64, hi_slot: i64) -> Result<u64
         conn.execute_batch(
             "INSERT INTO rollups SELECT * FROM rollup_merge
                  ORDER BY device_id, sensor_id, slot_ms;
-             DROP TABLE temp.rollup_merge;
-             COMMIT;",
+             DROP TABLE temp.rollup_merge;",
         )?;
-        Ok::<_, duckdb::Error>(removed as u64)
-    })();
-    match merged {
-        Ok(n) => Ok(n),
-        Err(e) => {
-            conn.execute_batch("ROLLBACK").ok();
-            Err(e.into())
-        }
-    }
+        Ok(removed as u64)
+    })
 }
 
 /// Replaces the rollups of the slots in `[from_ms, to_ms)` (whole slots) with ones
@@ -301,7 +292,7 @@ pub(super) fn rebuild(
 
 /// At writer start: recomputes the rollups from the boundary a previous run left in
 /// `meta` on (the partials it held in memory may be lost), then records `from`, the
-/// new boundary. Returns how many slots were recomputed from.
+/// new boundary. Returns the boundary it recomputed from, if there was one.
 pub(super) fn recover(conn: &Connection, from: i64) -> Result<Option<i64>, StoreError> {
     let _span = tracing::info_span!("rollup_recover").entered();
     let stored: Option<String> = conn
@@ -310,7 +301,7 @@ pub(super) fn recover(conn: &Connection, from: i64) -> Result<Option<i64>, Store
             [],
             |r| r.get(0),
         )
-        .ok();
+        .optional()?;
     let previous = match stored {
         Some(v) => Some(
             v.parse::<i64>()
@@ -318,19 +309,14 @@ pub(super) fn recover(conn: &Connection, from: i64) -> Result<Option<i64>, Store
         ),
         None => None,
     };
-    conn.execute_batch("BEGIN TRANSACTION")?;
-    let done = (|| {
+    super::in_transaction(conn, || {
         if let Some(p) = previous {
             rebuild(conn, "readings", p, i64::MAX)?;
         }
         conn.execute_batch(&format!(
-            "INSERT OR REPLACE INTO meta VALUES ('{META_FROM}', '{from}'); COMMIT;"
+            "INSERT OR REPLACE INTO meta VALUES ('{META_FROM}', '{from}')"
         ))
-    })();
-    if let Err(e) = done {
-        conn.execute_batch("ROLLBACK").ok();
-        return Err(e.into());
-    }
+    })?;
     Ok(previous)
 }
 

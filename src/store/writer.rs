@@ -626,13 +626,7 @@ impl State {
             return Ok(());
         }
         let rows = self.live.before(i64::MAX);
-        self.conn.execute_batch("BEGIN TRANSACTION")?;
-        let written = rollup::append_rows(&self.conn, &rows)
-            .and_then(|()| Ok(self.conn.execute_batch("COMMIT")?));
-        if let Err(e) = written {
-            self.conn.execute_batch("ROLLBACK").ok();
-            return Err(e);
-        }
+        super::in_transaction(&self.conn, || rollup::append_rows(&self.conn, &rows))?;
         self.live.release_before(i64::MAX);
         Ok(())
     }
