@@ -11,15 +11,43 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use crate::api::{self, ApiKeys, AppState, Limits};
-use crate::config::ServeArgs;
+use crate::config::{BlobArgs, ServeArgs};
+use crate::export::{BlobStore, DumpSettings, Dumper};
+use crate::jobs::{DumpJobs, Retention};
 use crate::metrics::Metrics;
-use crate::store::{Store, WriterConfig, WriterHandle};
+use crate::store::{DumpSource, Store, WriterConfig, WriterHandle};
 
 /// A running server.
 pub struct Server {
     addr: SocketAddr,
     shutdown: CancellationToken,
     task: JoinHandle<anyhow::Result<()>>,
+    dumper: Arc<Dumper>,
+    writer: WriterHandle,
+    retention: Option<Retention>,
+    metrics: Arc<Metrics>,
+}
+
+/// Opens and probes the blob store, and reads what was dumped to it before. A bad
+/// URL or an unreachable store stops the start with the reason.
+pub async fn open_dumper(
+    blob: &BlobArgs,
+    data_dir: &std::path::Path,
+    source: DumpSource,
+    metrics: Arc<Metrics>,
+    max_days_per_run: usize,
+) -> anyhow::Result<Dumper> {
+    let store = BlobStore::open(&blob.blob_config(data_dir))?;
+    let node = blob.node();
+    store.probe(&node).await?;
+    tracing::info!(store = store.display(), node, "dumps go to the blob store");
+    let settings = DumpSettings {
+        formats: blob.dump_format.formats(),
+        node,
+        work_dir: data_dir.join("dump-tmp"),
+        max_days_per_run: max_days_per_run.max(1),
+    };
+    Ok(Dumper::new(source, store, settings, metrics).await?)
 }
 
 impl Server {
@@ -38,6 +66,16 @@ impl Server {
         let reader = store.reader()?;
         let db_path = store.path().to_owned();
         let metrics = Arc::new(Metrics::new());
+        let dumper = Arc::new(
+            open_dumper(
+                &args.blob,
+                &args.storage.data_dir,
+                store.dump_source()?,
+                metrics.clone(),
+                args.dump_max_days,
+            )
+            .await?,
+        );
         let writer = store.start_writer(WriterConfig {
             queue_capacity: args.queue_capacity,
             queue_timeout: args.queue_timeout,
@@ -57,6 +95,8 @@ impl Server {
                     .context("--max-future-skew is too large")?,
             },
             default_device: args.default_device.clone(),
+            dumps: Some(dumper.clone()),
+            dump_public_url: args.dump_public_url.clone(),
         });
 
         let listen = args.listen_addr();
@@ -73,6 +113,9 @@ impl Server {
 
         let shutdown = CancellationToken::new();
         let token = shutdown.clone();
+        let state_metrics = state.metrics.clone();
+        let retention = args.retention_days.map(|days| Retention { days });
+        let writer_handle = writer.handle();
         let app = api::app(state, args.dashboard_dir.clone(), args.cors_origins.clone());
         let grace = args.shutdown_timeout;
         let compactor = (!args.compact_interval.is_zero()).then(|| {
@@ -83,12 +126,30 @@ impl Server {
                 shutdown.clone(),
             ))
         });
+        let jobs = if args.dump_schedule.trim().eq_ignore_ascii_case("off") {
+            None
+        } else {
+            Some(
+                DumpJobs::start(
+                    &args.dump_schedule,
+                    dumper.clone(),
+                    writer.handle(),
+                    retention,
+                    state_metrics.clone(),
+                    shutdown.clone(),
+                )
+                .await?,
+            )
+        };
         let task = tokio::spawn(async move {
             let served = poem::Server::new_with_acceptor(acceptor)
                 .run_with_graceful_shutdown(app, token.cancelled_owned(), Some(grace))
                 .await;
             if let Some(c) = compactor {
                 c.await.ok();
+            }
+            if let Some(j) = jobs {
+                j.stop().await;
             }
             tracing::info!("HTTP listener stopped; draining the writer");
             let drained = writer.shutdown().await;
@@ -101,7 +162,22 @@ impl Server {
             addr,
             shutdown,
             task,
+            dumper,
+            writer: writer_handle,
+            retention,
+            metrics: state_metrics,
         })
+    }
+
+    /// One dump run and the retention after it, as the schedule would start them
+    /// (tests use this instead of waiting for the clock).
+    pub async fn run_jobs_once(&self) {
+        crate::jobs::run_once(&self.dumper, &self.writer, self.retention, &self.metrics).await;
+    }
+
+    /// The dumper (tests run dumps without waiting for the schedule).
+    pub fn dumper(&self) -> Arc<Dumper> {
+        self.dumper.clone()
     }
 
     /// The bound address (useful with port 0).

@@ -7,7 +7,9 @@ use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
-use crate::domain::Device;
+use chrono::NaiveDate;
+
+use crate::domain::{Device, DumpFormat};
 
 /// `milepost`: a self-hosted telemetry appliance.
 #[derive(Debug, Parser)]
@@ -28,6 +30,9 @@ pub enum Command {
     Serve(Box<ServeArgs>),
     /// Compact finished days now (the server does this hourly); the server must be stopped.
     Compact(StorageArgs),
+    /// Dump days to the blob store now (the server does this on its schedule); the
+    /// server must be stopped.
+    Dump(Box<DumpArgs>),
     /// Diagnose a data directory that does not open, and offer the safe steps.
     Recover(crate::cli::recover::RecoverArgs),
     /// Print the OpenAPI document of the public API.
@@ -141,9 +146,163 @@ pub struct ServeArgs {
     /// interval.
     #[arg(long, env = "MILEPOST_COMPACT_SETTLE", default_value = "1m", value_parser = humantime::parse_duration)]
     pub compact_settle: Duration,
+    /// Daily dumps.
+    #[command(flatten)]
+    pub blob: BlobArgs,
+    /// When dump runs start: cron with seconds, in UTC (`sec min hour day month
+    /// weekday`). Each run dumps every finished day that has no dump or changed
+    /// since its dump; a run also starts with the server. `off`: no dumps.
+    #[arg(long, env = "MILEPOST_DUMP_SCHEDULE", default_value = "0 0 6 * * *")]
+    pub dump_schedule: String,
+    /// Most days one dump run writes; a longer backlog goes on in the next runs.
+    #[arg(long, env = "MILEPOST_DUMP_MAX_DAYS", default_value_t = 31)]
+    pub dump_max_days: usize,
+    /// Delete local readings older than this many days once their day's dumps are in
+    /// the manifest (never an undumped day). Unset: keep everything.
+    #[arg(long, env = "MILEPOST_RETENTION_DAYS", value_parser = clap::value_parser!(u32).range(1..))]
+    pub retention_days: Option<u32>,
+    /// Public base URL of the blob store's prefix (e.g. a CDN or a public bucket):
+    /// `GET /api/v1/dumps/{name}` redirects there instead of streaming the object.
+    #[arg(long, env = "MILEPOST_DUMP_PUBLIC_URL")]
+    pub dump_public_url: Option<String>,
     /// How long shutdown waits for in-flight requests.
     #[arg(long, env = "MILEPOST_SHUTDOWN_TIMEOUT", default_value = "30s", value_parser = humantime::parse_duration)]
     pub shutdown_timeout: Duration,
+}
+
+/// Where and how daily dumps are written.
+#[derive(Debug, Clone, Args)]
+pub struct BlobArgs {
+    /// Blob store for daily dumps: `file:///path`, `s3://bucket/prefix`,
+    /// `gs://bucket/prefix`, `az://container/prefix` or `memory://` (tests).
+    /// Default: `file://<data-dir>/dumps`. Credentials come from the provider's usual
+    /// environment variables (`AWS_ACCESS_KEY_ID`, …).
+    #[arg(long, env = "MILEPOST_BLOB_STORE_URL")]
+    pub blob_store_url: Option<String>,
+    /// Endpoint of an S3-compatible store (MinIO, Ceph…), e.g.
+    /// `http://127.0.0.1:9000`: path-style requests, plain HTTP allowed.
+    #[arg(long, env = "MILEPOST_S3_ENDPOINT")]
+    pub s3_endpoint: Option<String>,
+    /// S3 region (default: `AWS_REGION`, else us-east-1).
+    #[arg(long, env = "MILEPOST_S3_REGION")]
+    pub s3_region: Option<String>,
+    /// Name of this appliance in the Parquet lake (`parquet/date=…/<node>.parquet`),
+    /// so several can publish into one lake. Default: the host name.
+    #[arg(long, env = "MILEPOST_NODE_NAME", value_parser = parse_node)]
+    pub node_name: Option<String>,
+    /// Formats each day is dumped in.
+    #[arg(long, env = "MILEPOST_DUMP_FORMAT", value_enum, default_value_t = DumpFormats::Both)]
+    pub dump_format: DumpFormats,
+}
+
+/// `--dump-format`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum DumpFormats {
+    /// `YYYY-MM-DD.json.gz` only.
+    Json,
+    /// The Parquet lake only.
+    Parquet,
+    /// Both.
+    Both,
+}
+
+impl DumpFormats {
+    /// The formats selected.
+    pub fn formats(self) -> Vec<DumpFormat> {
+        match self {
+            DumpFormats::Json => vec![DumpFormat::Json],
+            DumpFormats::Parquet => vec![DumpFormat::Parquet],
+            DumpFormats::Both => DumpFormat::ALL.to_vec(),
+        }
+    }
+}
+
+impl BlobArgs {
+    /// The blob store settings, with the default under `data_dir`.
+    pub fn blob_config(&self, data_dir: &std::path::Path) -> crate::export::BlobConfig {
+        let url = self.blob_store_url.clone().unwrap_or_else(|| {
+            let dir = std::path::absolute(data_dir.join("dumps"))
+                .unwrap_or_else(|_| data_dir.join("dumps"));
+            url::Url::from_directory_path(&dir)
+                .map(|u| u.to_string())
+                .unwrap_or_else(|()| format!("file://{}", dir.display()))
+        });
+        crate::export::BlobConfig {
+            url,
+            s3_endpoint: self.s3_endpoint.clone(),
+            s3_region: self.s3_region.clone(),
+        }
+    }
+
+    /// `--node-name`, or the host name made safe for an object key.
+    pub fn node(&self) -> String {
+        if let Some(n) = &self.node_name {
+            return n.clone();
+        }
+        let host = nix::unistd::gethostname()
+            .ok()
+            .and_then(|h| h.into_string().ok())
+            .unwrap_or_default();
+        let safe: String = host
+            .chars()
+            .map(|c| {
+                if c.is_ascii_alphanumeric() || "-_.".contains(c) {
+                    c
+                } else {
+                    '_'
+                }
+            })
+            .take(64)
+            .collect();
+        if safe.is_empty() {
+            "milepost".into()
+        } else {
+            safe
+        }
+    }
+}
+
+/// Node names become file names in the lake.
+fn parse_node(s: &str) -> Result<String, String> {
+    let ok = !s.is_empty()
+        && s.len() <= 64
+        && s.chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+        && !s.starts_with('.');
+    if ok {
+        Ok(s.to_owned())
+    } else {
+        Err(format!(
+            "'{s}' is not a node name: 1-64 of A-Z a-z 0-9 _ . -, not starting with '.'"
+        ))
+    }
+}
+
+/// `milepost dump`.
+#[derive(Debug, Clone, Args)]
+pub struct DumpArgs {
+    /// Storage.
+    #[command(flatten)]
+    pub storage: StorageArgs,
+    /// Blob store and formats.
+    #[command(flatten)]
+    pub blob: BlobArgs,
+    /// The UTC day to dump, `YYYY-MM-DD` (seed flag: `--dump-date`).
+    #[arg(long, alias = "dump-date", value_parser = parse_day, required_unless_present = "since", conflicts_with = "since")]
+    pub date: Option<NaiveDate>,
+    /// First day of a range to dump.
+    #[arg(long, value_parser = parse_day)]
+    pub since: Option<NaiveDate>,
+    /// Last day of the range (default: yesterday, UTC).
+    #[arg(long, value_parser = parse_day, requires = "since")]
+    pub until: Option<NaiveDate>,
+}
+
+/// Parses `YYYY-MM-DD`.
+pub fn parse_day(s: &str) -> Result<NaiveDate, String> {
+    crate::domain::Day::parse(s)
+        .map(|d| d.date())
+        .map_err(|e| e.to_string())
 }
 
 impl ServeArgs {
@@ -163,6 +322,8 @@ impl ServeArgs {
             .into_serve()
             .map(|mut s| {
                 s.storage.data_dir = data_dir;
+                // Tests that dump turn it on; the others should not pay for it.
+                s.dump_schedule = "off".into();
                 s
             })
             .expect("serve")

@@ -14,6 +14,9 @@
 //!                              │         bounded queue → 503; Appender; group commit;
 //!                              ▼         exact dedupe without an index)
 //!                     DuckDB file  ◀── store::Reader (own connections) ◀── api::seed, api::v1
+//!                              ▲
+//!   jobs (cron) ──▶ export::Dumper ──▶ store::DumpSource (own connection, COPY … TO)
+//!                              └──▶ object_store (file, S3, GCS, Azure) + manifest.json
 //! ```
 //!
 //! - [`domain`]: types that are valid by construction (`Device`, `Reading` rows,
@@ -24,6 +27,9 @@
 //! - [`api`]: poem-openapi handlers; thin, and errors map to JSON in one place. The
 //!   seed's endpoints in `api::seed`, the richer `/api/v1` reads in `api::v1`
 //!   (statistics buckets, streamed exports, GPS track).
+//! - [`export`]: daily dumps (gzip NDJSON and a Hive-partitioned Parquet lake) to a
+//!   blob store, the manifest, which days are due.
+//! - [`jobs`]: the dump schedule (tokio-cron-scheduler) and retention after it.
 //! - [`metrics`]: the Prometheus registry behind `GET /metrics`.
 //! - [`app`]: wiring and the ordered graceful shutdown.
 //! - [`config`] and [`cli`]: flags with `MILEPOST_*` environment fallbacks, logging.
@@ -35,6 +41,8 @@ pub mod bench;
 pub mod cli;
 pub mod config;
 pub mod domain;
+pub mod export;
 pub mod ingest;
+pub mod jobs;
 pub mod metrics;
 pub mod store;

@@ -57,6 +57,18 @@ pub struct Metrics {
     pub devices: Gauge,
     /// Seconds since the Unix epoch of the newest stored reading (set when scraped).
     pub last_reading_seconds: Gauge<f64, AtomicU64>,
+    /// Dump objects written and recorded.
+    pub dumps_ok: Counter,
+    /// Days whose dump failed (retried by the next run).
+    pub dumps_failed: Counter,
+    /// Bytes of dump objects written.
+    pub dump_bytes: Counter,
+    /// Time to dump one day (copy, upload, record, manifest).
+    pub dump_seconds: Histogram,
+    /// Finished days still waiting for a dump after the last run.
+    pub dump_days_pending: Gauge,
+    /// Readings deleted by retention after their days were dumped.
+    pub retention_deleted_readings: Counter,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -142,7 +154,52 @@ impl Metrics {
             "Timestamp of the newest stored reading",
             last_reading_seconds.clone(),
         );
+        let dumps_ok = Counter::default();
+        registry.register(
+            "dumps_ok",
+            "Daily dump objects written to the blob store",
+            dumps_ok.clone(),
+        );
+        let dumps_failed = Counter::default();
+        registry.register(
+            "dumps_failed",
+            "Days whose dump failed (retried by the next run)",
+            dumps_failed.clone(),
+        );
+        let dump_bytes = Counter::default();
+        registry.register_with_unit(
+            "dump",
+            "Bytes of dump objects written",
+            Unit::Bytes,
+            dump_bytes.clone(),
+        );
+        // 10 ms .. ~5 min.
+        let dump_seconds = Histogram::new(exponential_buckets(0.01, 2.0, 15));
+        registry.register_with_unit(
+            "dump_day_duration",
+            "Time to dump one day (copy, upload, record, manifest)",
+            Unit::Seconds,
+            dump_seconds.clone(),
+        );
+        let dump_days_pending = Gauge::default();
+        registry.register(
+            "dump_days_pending",
+            "Finished days still waiting for a dump after the last run",
+            dump_days_pending.clone(),
+        );
+        let retention_deleted_readings = Counter::default();
+        registry.register(
+            "retention_deleted_readings",
+            "Readings deleted by retention after their days were dumped",
+            retention_deleted_readings.clone(),
+        );
         Self {
+            dumps_ok,
+            dumps_failed,
+            dump_bytes,
+            dump_seconds,
+            dump_days_pending,
+            retention_deleted_readings,
             registry,
             readings_accepted,
             readings_duplicate,

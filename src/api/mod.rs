@@ -2,6 +2,7 @@
 //! encode. Errors become JSON in [`error`], once.
 
 pub mod auth;
+mod dumps;
 pub mod error;
 mod etag;
 pub mod ingest;
@@ -59,6 +60,10 @@ pub struct AppState {
     pub limits: Limits,
     /// Device of reads that name none (`--default-device`).
     pub default_device: Device,
+    /// Daily dumps, when configured.
+    pub dumps: Option<Arc<crate::export::Dumper>>,
+    /// `--dump-public-url`: downloads redirect there.
+    pub dump_public_url: Option<String>,
 }
 
 #[derive(Tags)]
@@ -69,6 +74,8 @@ enum Tag {
     Dashboard,
     /// Devices, sensors, statistics, raw readings and the GPS track.
     Readings,
+    /// Daily dumps to blob storage (gzip NDJSON and the Parquet lake).
+    Dumps,
     /// Liveness, readiness and metrics.
     Operations,
 }
@@ -275,9 +282,9 @@ fn database_bytes(db: &FsPath) -> u64 {
         .sum()
 }
 
-fn service() -> OpenApiService<(PublicApi, v1::V1Api), ()> {
+fn service() -> OpenApiService<(PublicApi, v1::V1Api, dumps::DumpsApi), ()> {
     OpenApiService::new(
-        (PublicApi, v1::V1Api),
+        (PublicApi, v1::V1Api, dumps::DumpsApi),
         "Milepost",
         env!("CARGO_PKG_VERSION"),
     )

@@ -16,6 +16,7 @@
 //!    sensor (readings/s).
 //! 5. Peak RSS of the server process and database bytes per reading after checkpoint.
 
+pub mod dump;
 mod generate;
 pub mod process;
 
@@ -59,6 +60,10 @@ pub struct BenchArgs {
     /// Calls per query measurement.
     #[arg(long, default_value_t = 200)]
     pub query_runs: usize,
+    /// Measure dumping a day instead (see `bench::dump`); e.g. `--dump --readings
+    /// 10368000 --clients 20` is one day of 10.4 M readings.
+    #[arg(long)]
+    pub dump: bool,
 }
 
 /// One measured phase.
@@ -370,17 +375,14 @@ fn native_load(dir: &Path, g: &Generated, memory_limit: &str) -> anyhow::Result<
 /// A direct connection to a bench database, with the server's limits and no
 /// extension downloads.
 fn open_db(db: &Path, memory_limit: &str, read_only: bool) -> anyhow::Result<duckdb::Connection> {
-    let mode = match read_only {
-        true => duckdb::AccessMode::ReadOnly,
-        false => duckdb::AccessMode::ReadWrite,
-    };
-    let config = duckdb::Config::default()
-        .max_memory(memory_limit)?
-        .threads(2)?
-        .access_mode(mode)?
-        .with("autoinstall_known_extensions", "false")?
-        .with("autoload_known_extensions", "false")?;
-    Ok(duckdb::Connection::open_with_flags(db, config)?)
+    Ok(crate::store::open_connection(
+        db,
+        &crate::store::DuckSettings {
+            memory_limit: memory_limit.to_owned(),
+            threads: 2,
+            read_only,
+        },
+    )?)
 }
 
 /// Per series: readings, first and last timestamp, and a sum of hashes of every
@@ -439,7 +441,7 @@ const BENCH_KEY: &str = "bench-key";
 struct BenchServer(ServerProcess);
 
 impl BenchServer {
-    /// Default settings except that background compaction is held off: an import
+    /// Default settings except that background compaction and dumps are held off: an import
     /// is compacted a minute after it settles, which would otherwise land somewhere
     /// in the replay or the queries and blur both. The bench measures the loaded file
     /// as it arrived, then compacts it explicitly and measures again.
@@ -452,6 +454,9 @@ impl BenchServer {
             memory_limit,
             "--compact-interval",
             "0s",
+            // Likewise dumps: a run at start would dump the imported history.
+            "--dump-schedule",
+            "off",
         ];
         ServerProcess::start(&exe, dir, &extra, true).map(Self)
     }

@@ -20,6 +20,17 @@ impl ServerProcess {
     /// waits until it listens (it reads the address from the JSON log). With `echo`,
     /// the server's log is copied to stderr; otherwise it is drained silently.
     pub fn start(exe: &Path, data_dir: &Path, extra: &[&str], echo: bool) -> anyhow::Result<Self> {
+        Self::start_with_env(exe, data_dir, extra, &[], echo)
+    }
+
+    /// [`Self::start`] with extra environment variables (credentials of a blob store).
+    pub fn start_with_env(
+        exe: &Path,
+        data_dir: &Path,
+        extra: &[&str],
+        env: &[(&str, &str)],
+        echo: bool,
+    ) -> anyhow::Result<Self> {
         let mut child = Command::new(exe)
             .args(["serve", "--listen", "127.0.0.1:0", "--log-format", "json"])
             .args(["--log", "warn,milepost::app=info"])
@@ -27,6 +38,7 @@ impl ServerProcess {
             .arg("--data-dir")
             .arg(data_dir)
             .env_remove("MILEPOST_API_KEY")
+            .envs(env.iter().copied())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .spawn()

@@ -5,7 +5,7 @@ pub mod recover;
 use tracing_subscriber::EnvFilter;
 
 use crate::app::{Server, ShutdownSignal};
-use crate::config::{Cli, Command, LogArgs, LogFormat};
+use crate::config::{Cli, Command, DumpArgs, LogArgs, LogFormat};
 
 /// Installs the global `tracing` subscriber.
 pub fn init_tracing(log: &LogArgs) {
@@ -33,6 +33,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             });
             server.wait().await
         }
+        Command::Bench(args) if args.dump => crate::bench::dump::run(args).await.map(|_| ()),
         Command::Bench(args) => crate::bench::run(args).await.map(|_| ()),
         Command::Compact(storage) => {
             let store = crate::store::Store::open(&storage.store_config())?;
@@ -50,6 +51,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             );
             Ok(())
         }
+        Command::Dump(args) => dump(*args).await,
         Command::Recover(args) => match recover::run(&args)? {
             recover::Recovery::Healthy => Ok(()),
             recover::Recovery::NeedsAction => anyhow::bail!("the database needs the steps above"),
@@ -59,4 +61,46 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
     }
+}
+
+/// `milepost dump`: dumps the given days with the server stopped (it holds the data
+/// directory; a running server dumps on its own schedule and catches up at start).
+async fn dump(args: DumpArgs) -> anyhow::Result<()> {
+    let yesterday = chrono::Utc::now().date_naive() - chrono::Days::new(1);
+    let (first, last) = match (args.date, args.since) {
+        (Some(d), _) => (d, d),
+        (None, Some(since)) => (since, args.until.unwrap_or(yesterday)),
+        (None, None) => anyhow::bail!("give --date DAY or --since DAY"),
+    };
+    anyhow::ensure!(first <= last, "--since {first} is after --until {last}");
+    let store = crate::store::Store::open(&args.storage.store_config())?;
+    let dumper = crate::app::open_dumper(
+        &args.blob,
+        &args.storage.data_dir,
+        store.dump_source()?,
+        std::sync::Arc::new(crate::metrics::Metrics::new()),
+        usize::MAX,
+    )
+    .await?;
+    let mut failed = 0;
+    for day in first.iter_days().take_while(|d| *d <= last) {
+        match dumper.dump_day(day).await {
+            Ok(records) => {
+                for r in records {
+                    println!(
+                        "{day} {:<7} {:>10} readings {:>12} bytes  {}",
+                        r.format, r.readings, r.bytes, r.key
+                    );
+                }
+            }
+            Err(e) => {
+                eprintln!("{day}: {e}");
+                failed += 1;
+            }
+        }
+    }
+    drop(dumper);
+    tokio::task::spawn_blocking(move || store.close()).await??;
+    anyhow::ensure!(failed == 0, "{failed} day(s) failed");
+    Ok(())
 }

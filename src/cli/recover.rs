@@ -8,9 +8,8 @@
 use std::path::{Path, PathBuf};
 
 use clap::Args;
-use duckdb::{AccessMode, Config, Connection};
 
-use crate::store::DB_FILE;
+use crate::store::{DB_FILE, DuckSettings, open_connection};
 
 /// `milepost recover` options.
 #[derive(Debug, Clone, Args)]
@@ -34,12 +33,15 @@ pub enum Recovery {
 }
 
 fn try_open(db: &Path) -> Result<(), String> {
-    let config = Config::default()
-        .access_mode(AccessMode::ReadOnly)
-        .and_then(|c| c.with("autoinstall_known_extensions", "false"))
-        .and_then(|c| c.with("autoload_known_extensions", "false"))
-        .map_err(|e| e.to_string())?;
-    let conn = Connection::open_with_flags(db, config).map_err(|e| e.to_string())?;
+    let settings = DuckSettings {
+        memory_limit: "128MB".into(),
+        threads: 1,
+        read_only: true,
+    };
+    let conn = open_connection(db, &settings).map_err(|e| match e {
+        crate::store::StoreError::Open { message, .. } => message,
+        other => other.to_string(),
+    })?;
     conn.query_row("SELECT count(*) FROM duckdb_tables()", [], |r| {
         r.get::<_, i64>(0)
     })

@@ -4,12 +4,14 @@
 
 mod buckets;
 mod device;
+mod dump;
 mod reading;
 mod sensor;
 mod time;
 
 pub use buckets::{Aggregate, BucketError, BucketWidth, Buckets, RangeError, TimeRange};
 pub use device::{Device, DeviceError, DeviceId};
+pub use dump::DumpFormat;
 pub use reading::{Batch, Row};
 pub use sensor::{Catalog, Sensor, SensorId, SensorName, SensorNameError, ValueError};
 pub use time::{Day, DayError, Timestamp, TimestampError, TzError, parse_tz};

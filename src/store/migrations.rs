@@ -17,6 +17,11 @@ const MIGRATIONS: &[(i64, &str, &str)] = &[
         "rollups",
         include_str!("../../schema/migrations/0002_rollups.sql"),
     ),
+    (
+        3,
+        "dumps",
+        include_str!("../../schema/migrations/0003_dumps.sql"),
+    ),
 ];
 
 /// Newest schema version this binary knows.

@@ -12,10 +12,12 @@
 //! days sorted for size and scan speed.
 
 mod compact;
+mod dump;
 mod error;
 mod migrations;
 mod reader;
 mod recent;
+mod retention;
 mod rollup;
 mod state;
 mod writer;
@@ -28,8 +30,10 @@ use std::sync::Arc;
 use duckdb::{Config, Connection};
 
 pub use compact::Compaction;
+pub use dump::{DaySnapshot, DumpRecord, DumpSource};
 pub use error::StoreError;
 pub use reader::{ReadStore, Reader, ScanChunk, ScanSink};
+pub use retention::Retired;
 pub use state::{SeriesEntry, SeriesStats, Shared};
 pub use writer::{Clock, Committed, PendingCommit, WriteError, Writer, WriterConfig, WriterHandle};
 
@@ -114,6 +118,11 @@ impl Store {
             [],
             |r| r.get::<_, i64>(0),
         )? as u64)
+    }
+
+    /// A connection of its own for daily dumps (see [`DumpSource`]).
+    pub fn dump_source(&self) -> Result<DumpSource, StoreError> {
+        Ok(DumpSource::new(self.conn.try_clone()?, self.shared.clone()))
     }
 
     /// A reader with its own connections to the database.
@@ -219,9 +228,41 @@ fn lock_data_dir(dir: &Path) -> Result<File, StoreError> {
 }
 
 fn open_duckdb(path: &Path, cfg: &StoreConfig) -> Result<Connection, StoreError> {
+    open_connection(
+        path,
+        &DuckSettings {
+            memory_limit: cfg.memory_limit.clone(),
+            threads: cfg.threads,
+            read_only: false,
+        },
+    )
+}
+
+/// How DuckDB is opened, for the tools that open a database file themselves
+/// (`milepost recover`, the benchmark's reference loads).
+#[derive(Debug, Clone)]
+pub struct DuckSettings {
+    /// DuckDB `memory_limit`, e.g. `128MB`.
+    pub memory_limit: String,
+    /// DuckDB worker threads.
+    pub threads: usize,
+    /// Open read-only (never writes, not even a checkpoint).
+    pub read_only: bool,
+}
+
+/// Opens a DuckDB file with Milepost's settings: the memory limit and threads given,
+/// and the built-in extensions only (nothing is ever fetched or loaded from the
+/// network). The one place a DuckDB connection is configured.
+pub fn open_connection(path: &Path, s: &DuckSettings) -> Result<Connection, StoreError> {
+    let mode = if s.read_only {
+        duckdb::AccessMode::ReadOnly
+    } else {
+        duckdb::AccessMode::ReadWrite
+    };
     let config = Config::default()
-        .max_memory(&cfg.memory_limit)
-        .and_then(|c| c.threads(cfg.threads.max(1) as i64))
+        .max_memory(&s.memory_limit)
+        .and_then(|c| c.threads(s.threads.max(1) as i64))
+        .and_then(|c| c.access_mode(mode))
         // Extensions are compiled in; never fetch or load anything from the network.
         .and_then(|c| c.with("autoinstall_known_extensions", "false"))
         .and_then(|c| c.with("autoload_known_extensions", "false"))

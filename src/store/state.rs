@@ -151,6 +151,17 @@ impl Shared {
         }
     }
 
+    /// Forgets series whose readings were all deleted (retention).
+    pub(super) fn remove_series(&self, gone: &[(DeviceId, SensorId)]) {
+        if gone.is_empty() {
+            return;
+        }
+        let mut s = self.series.write().expect("series lock");
+        for k in gone {
+            s.remove(k);
+        }
+    }
+
     pub(super) fn set_series(&self, updated: &[SeriesEntry]) {
         let mut s = self.series.write().expect("series lock");
         for (k, v) in updated {

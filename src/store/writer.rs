@@ -25,12 +25,14 @@
 //! same transaction.
 
 use rustc_hash::{FxHashMap, FxHashSet};
+use std::collections::BTreeMap;
 use std::fs::File;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use chrono::NaiveDate;
 use duckdb::Connection;
 use duckdb::arrow::array::{ArrayRef, Float64Array, Int16Array, Int32Array, Int64Array};
 use duckdb::arrow::datatypes::{DataType, Field, Schema};
@@ -39,6 +41,7 @@ use tokio::sync::{Notify, mpsc, oneshot};
 
 use super::compact::{self, Compaction, DueDays};
 use super::recent::{MAX_SPAN_MS, RecentKeys, WINDOW_KEYS, Window};
+use super::retention::{self, Retired};
 use super::rollup::{self, Live, Partials};
 use super::{SeriesEntry, SeriesStats, Shared, StoreError};
 use crate::domain::{Batch, Device, DeviceId, Row, SensorId};
@@ -128,7 +131,13 @@ pub enum WriteError {
 enum Msg {
     Append(Job),
     Compact(oneshot::Sender<Result<Compaction, StoreError>>),
+    Retire(RetireJob),
     Shutdown(oneshot::Sender<Result<(), StoreError>>),
+}
+
+struct RetireJob {
+    days: BTreeMap<NaiveDate, u64>,
+    reply: oneshot::Sender<Result<Retired, StoreError>>,
 }
 
 struct Job {
@@ -178,6 +187,18 @@ impl WriterHandle {
         let (reply, rx) = oneshot::channel();
         self.tx
             .send(Msg::Compact(reply))
+            .await
+            .map_err(|_| StoreError::WriterGone)?;
+        rx.await.unwrap_or(Err(StoreError::WriterGone))
+    }
+
+    /// Deletes the readings of `days` (with the reading count each had when it was
+    /// dumped) between commits; a day whose count has changed since is kept (see
+    /// [`super::retention`]).
+    pub async fn retire(&self, days: BTreeMap<NaiveDate, u64>) -> Result<Retired, StoreError> {
+        let (reply, rx) = oneshot::channel();
+        self.tx
+            .send(Msg::Retire(RetireJob { days, reply }))
             .await
             .map_err(|_| StoreError::WriterGone)?;
         rx.await.unwrap_or(Err(StoreError::WriterGone))
@@ -272,6 +293,7 @@ fn run(mut state: State, mut rx: mpsc::Receiver<Msg>, max_rows: usize) {
         let mut group = Vec::new();
         let mut shutdown = None;
         let mut compact = None;
+        let mut retire = None;
         let mut rows = 0;
         let mut next = Some(first);
         while let Some(msg) = next.take() {
@@ -281,9 +303,10 @@ fn run(mut state: State, mut rx: mpsc::Receiver<Msg>, max_rows: usize) {
                     group.push(job);
                 }
                 Msg::Compact(reply) => compact = Some(reply),
+                Msg::Retire(job) => retire = Some(job),
                 Msg::Shutdown(ack) => shutdown = Some(ack),
             }
-            if shutdown.is_none() && compact.is_none() && rows < max_rows {
+            if shutdown.is_none() && compact.is_none() && retire.is_none() && rows < max_rows {
                 next = rx.try_recv().ok();
             }
         }
@@ -297,6 +320,9 @@ fn run(mut state: State, mut rx: mpsc::Receiver<Msg>, max_rows: usize) {
                 .and_then(|()| state.due.compact_next(&state.conn, today));
             let _ = reply.send(done);
         }
+        if let Some(job) = retire {
+            let _ = job.reply.send(state.retire(&job.days));
+        }
         if let Some(ack) = shutdown {
             rx.close();
             let mut rest = Vec::new();
@@ -304,6 +330,7 @@ fn run(mut state: State, mut rx: mpsc::Receiver<Msg>, max_rows: usize) {
                 match msg {
                     Msg::Append(job) => rest.push(job),
                     Msg::Compact(reply) => drop(reply.send(Err(StoreError::WriterGone))),
+                    Msg::Retire(job) => drop(job.reply.send(Err(StoreError::WriterGone))),
                     Msg::Shutdown(other) => drop(other.send(Ok(()))),
                 }
             }
@@ -784,6 +811,17 @@ impl State {
             }
         }
         Ok(window)
+    }
+
+    /// Runs [`retention::retire`]; the key windows and the list of days due for
+    /// compaction describe what was stored before, so both are dropped.
+    fn retire(&mut self, days: &BTreeMap<NaiveDate, u64>) -> Result<Retired, StoreError> {
+        let done = retention::retire(&self.conn, &self.shared, days, self.live.from)?;
+        if !done.days.is_empty() {
+            self.recent.clear();
+            self.due.invalidate();
+        }
+        Ok(done)
     }
 
     fn checkpoint(&mut self) -> Result<(), StoreError> {

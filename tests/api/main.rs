@@ -3,10 +3,12 @@
 
 mod compaction;
 mod dashboard;
+mod dumps;
 mod helpers;
 mod ingest;
 mod lifecycle;
 mod metrics;
 mod openapi;
 mod reads;
+mod s3;
 mod v1;

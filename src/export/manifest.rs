@@ -1,0 +1,88 @@
+//! `manifest.json`: every dump of this store, for people and for tools.
+//!
+//! ```json
+//! {
+//!   "version": 1,
+//!   "node": "appliance-1",
+//!   "generated_at": "2026-12-02T06:00:03.120Z",
+//!   "dumps": [
+//!     {"date": "2026-11-30", "format": "json", "key": "2026-11-30.json.gz",
+//!      "rows": 518400, "bytes": 4012345, "sha256": "…",
+//!      "min_timestamp": "2026-11-30T00:00:00.000Z",
+//!      "max_timestamp": "2026-11-30T23:59:59.000Z",
+//!      "generated_at": "2026-12-01T06:00:01.512Z"}
+//!   ]
+//! }
+//! ```
+
+use serde::{Deserialize, Serialize};
+
+use crate::store::DumpRecord;
+
+/// Version of the manifest layout.
+pub const MANIFEST_VERSION: u32 = 1;
+
+/// The whole manifest.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Manifest {
+    /// Layout version (1).
+    pub version: u32,
+    /// `--node-name` of the appliance that wrote it.
+    pub node: String,
+    /// When it was written (RFC 3339 UTC).
+    pub generated_at: String,
+    /// Every dump, by date then format.
+    pub dumps: Vec<ManifestEntry>,
+}
+
+/// One dumped object.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ManifestEntry {
+    /// UTC day, `YYYY-MM-DD`.
+    pub date: String,
+    /// `json` or `parquet`.
+    pub format: String,
+    /// Object key relative to the store's prefix.
+    pub key: String,
+    /// Readings in the object.
+    pub rows: u64,
+    /// Object size in bytes.
+    pub bytes: u64,
+    /// SHA-256 of the object, lowercase hex.
+    pub sha256: String,
+    /// Oldest reading (RFC 3339 UTC), absent for an empty day.
+    pub min_timestamp: Option<String>,
+    /// Newest reading (RFC 3339 UTC), absent for an empty day.
+    pub max_timestamp: Option<String>,
+    /// When the object was written (RFC 3339 UTC).
+    pub generated_at: String,
+}
+
+impl ManifestEntry {
+    /// The manifest's view of a recorded dump.
+    pub fn of(r: &DumpRecord) -> Self {
+        Self {
+            date: r.day.format("%Y-%m-%d").to_string(),
+            format: r.format.as_str().to_owned(),
+            key: r.key.clone(),
+            rows: r.readings,
+            bytes: r.bytes,
+            sha256: r.sha256.clone(),
+            min_timestamp: r.min_ts.map(|t| t.to_string()),
+            max_timestamp: r.max_ts.map(|t| t.to_string()),
+            generated_at: r.generated_at.to_string(),
+        }
+    }
+}
+
+impl Manifest {
+    /// The manifest of `records`.
+    pub fn of(node: &str, records: &[DumpRecord]) -> Self {
+        Self {
+            version: MANIFEST_VERSION,
+            node: node.to_owned(),
+            generated_at: crate::domain::Timestamp::now().to_string(),
+            dumps: records.iter().map(ManifestEntry::of).collect(),
+        }
+    }
+}

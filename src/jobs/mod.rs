@@ -1,0 +1,123 @@
+//! Background jobs of `milepost serve` that run on a schedule: daily dumps and,
+//! after them, retention.
+//!
+//! tokio-cron-scheduler only rings the bell (`--dump-schedule`, UTC); one task does
+//! the work, so runs never overlap and a ring during a run just means "once more
+//! when done". A run also starts with the server: days missed while it was down are
+//! caught up without waiting for the next 06:00.
+
+use std::sync::Arc;
+
+use anyhow::Context as _;
+use tokio::sync::Notify;
+use tokio::task::JoinHandle;
+use tokio_cron_scheduler::{Job, JobScheduler};
+use tokio_util::sync::CancellationToken;
+
+use crate::export::Dumper;
+use crate::metrics::Metrics;
+use crate::store::WriterHandle;
+
+/// The dump schedule, started.
+pub struct DumpJobs {
+    scheduler: JobScheduler,
+    task: JoinHandle<()>,
+}
+
+/// What runs after each dump.
+#[derive(Debug, Clone, Copy)]
+pub struct Retention {
+    /// Readings of days older than this many days may go once dumped.
+    pub days: u32,
+}
+
+impl DumpJobs {
+    /// Validates `schedule` (cron with seconds), then starts the scheduler and the
+    /// dump task, which stops when `stop` is cancelled.
+    pub async fn start(
+        schedule: &str,
+        dumper: Arc<Dumper>,
+        writer: WriterHandle,
+        retention: Option<Retention>,
+        metrics: Arc<Metrics>,
+        stop: CancellationToken,
+    ) -> anyhow::Result<Self> {
+        let bell = Arc::new(Notify::new());
+        let ring = bell.clone();
+        let job = Job::new_async(schedule, move |_, _| {
+            let ring = ring.clone();
+            Box::pin(async move { ring.notify_one() })
+        })
+        .with_context(|| {
+            format!(
+                "--dump-schedule '{schedule}' is not a cron schedule with seconds \
+                 (e.g. '0 0 6 * * *' for 06:00 UTC daily), nor 'off'"
+            )
+        })?;
+        let scheduler = JobScheduler::new()
+            .await
+            .context("starting the job scheduler")?;
+        scheduler.add(job).await.context("scheduling dumps")?;
+        scheduler
+            .start()
+            .await
+            .context("starting the job scheduler")?;
+        bell.notify_one(); // catch up at start
+        let task = tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    _ = stop.cancelled() => return,
+                    _ = bell.notified() => {}
+                }
+                tokio::select! {
+                    _ = stop.cancelled() => return,
+                    _ = run_once(&dumper, &writer, retention, &metrics) => {}
+                }
+            }
+        });
+        Ok(Self { scheduler, task })
+    }
+
+    /// Stops the scheduler and waits for the dump task (which stops at once when
+    /// the token given to [`DumpJobs::start`] was cancelled).
+    pub async fn stop(mut self) {
+        self.scheduler.shutdown().await.ok();
+        self.task.await.ok();
+    }
+}
+
+/// One run: due dumps, then retention of what they made safe.
+pub async fn run_once(
+    dumper: &Dumper,
+    writer: &WriterHandle,
+    retention: Option<Retention>,
+    metrics: &Metrics,
+) {
+    let today = chrono::Utc::now().date_naive();
+    if let Err(e) = dumper.run_due(today).await {
+        tracing::error!(error = %e, "dump run failed; retried next run");
+        metrics.dumps_failed.inc();
+        return;
+    }
+    let Some(r) = retention else {
+        return;
+    };
+    let cutoff = today - chrono::Days::new(u64::from(r.days));
+    let days = match dumper.retirable(cutoff).await {
+        Ok(days) if days.is_empty() => return,
+        Ok(days) => days,
+        Err(e) => {
+            tracing::error!(error = %e, "retention: finding dumped days failed");
+            return;
+        }
+    };
+    match writer.retire(days).await {
+        Ok(done) => {
+            metrics.retention_deleted_readings.inc_by(done.readings);
+            for day in done.changed {
+                tracing::info!(%day, "retention kept a day that received readings after its dump");
+            }
+        }
+        Err(e) => tracing::error!(error = %e, "retention failed"),
+    }
+}

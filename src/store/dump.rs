@@ -1,0 +1,306 @@
+//! The SQL side of daily dumps: a day of every device copied to local files by
+//! DuckDB's columnar `COPY … TO` (gzip NDJSON and zstd Parquet) from one snapshot,
+//! each day's reading count (what decides whether a day is due), and the bookkeeping
+//! tables `dumps` and `retired_days`. Uploading and scheduling live in `export`.
+//!
+//! A [`DumpSource`] has its own connection: a dump reads a consistent snapshot while
+//! the writer goes on committing, and never holds the writer up.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Instant;
+
+use chrono::NaiveDate;
+use duckdb::Connection;
+use duckdb::types::{TimeUnit, Value};
+
+use super::rollup::SLOT_MS;
+use super::{Shared, StoreError};
+use crate::domain::{DumpFormat, Timestamp};
+
+const DAY_MS: i64 = 86_400_000;
+
+/// Rows per Parquet row group: large enough for good compression and few footers,
+/// what Spark, Trino and DuckDB read best (~1 M).
+const PARQUET_ROW_GROUP: u64 = 1 << 20;
+
+/// What one [`DumpSource::copy_day`] wrote.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DaySnapshot {
+    /// Readings of the day (in every file written).
+    pub readings: u64,
+    /// Oldest reading of the day.
+    pub min_ts: Option<Timestamp>,
+    /// Newest reading of the day.
+    pub max_ts: Option<Timestamp>,
+}
+
+/// One dumped object, as recorded in the database and listed in the manifest.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DumpRecord {
+    /// The blob store (its URL, without credentials) the object is in.
+    pub store: String,
+    /// The UTC day.
+    pub day: NaiveDate,
+    /// The format.
+    pub format: DumpFormat,
+    /// Object key relative to the store's prefix.
+    pub key: String,
+    /// Readings in the object.
+    pub readings: u64,
+    /// Object size.
+    pub bytes: u64,
+    /// SHA-256 of the object, lowercase hex.
+    pub sha256: String,
+    /// Oldest reading in the object.
+    pub min_ts: Option<Timestamp>,
+    /// Newest reading in the object.
+    pub max_ts: Option<Timestamp>,
+    /// When the object was written.
+    pub generated_at: Timestamp,
+}
+
+/// Reads days for dumps and keeps their bookkeeping, on a connection of its own.
+pub struct DumpSource {
+    conn: Connection,
+    shared: Arc<Shared>,
+}
+
+impl DumpSource {
+    pub(super) fn new(conn: Connection, shared: Arc<Shared>) -> Self {
+        Self { conn, shared }
+    }
+
+    /// Copies every reading of the UTC `day` into `json` (gzip NDJSON, time order)
+    /// and/or `parquet` (zstd, ordered by device, sensor, timestamp), both from one
+    /// snapshot so they hold exactly the same readings.
+    pub fn copy_day(
+        &self,
+        day: NaiveDate,
+        json: Option<&Path>,
+        parquet: Option<&Path>,
+    ) -> Result<DaySnapshot, StoreError> {
+        let _span = tracing::info_span!("copy_day", %day).entered();
+        let started = Instant::now();
+        let start = day_start_ms(day);
+        let range = format!("r.ts_ms >= {start} AND r.ts_ms < {}", start + DAY_MS);
+        let from = format!(
+            "FROM readings r JOIN devices d ON d.id = r.device_id
+                             JOIN sensors s ON s.id = r.sensor_id
+             WHERE {range}"
+        );
+        let snapshot = super::in_transaction(&self.conn, || {
+            if let Some(path) = json {
+                self.conn.execute_batch(&json_copy(&from, path))?;
+            }
+            if let Some(path) = parquet {
+                self.conn.execute_batch(&parquet_copy(&from, path))?;
+            }
+            let (n, lo, hi) = self.conn.query_row(
+                &format!(
+                    "SELECT count(*), min(ts_ms * 1000 + ts_us), max(ts_ms * 1000 + ts_us)
+                     FROM readings r WHERE {range}"
+                ),
+                [],
+                |r| {
+                    Ok((
+                        r.get::<_, i64>(0)?,
+                        r.get::<_, Option<i64>>(1)?,
+                        r.get::<_, Option<i64>>(2)?,
+                    ))
+                },
+            )?;
+            Ok::<_, StoreError>(DaySnapshot {
+                readings: n as u64,
+                min_ts: lo.map(Timestamp::from_micros),
+                max_ts: hi.map(Timestamp::from_micros),
+            })
+        })?;
+        tracing::debug!(
+            readings = snapshot.readings,
+            elapsed_ms = started.elapsed().as_secs_f64() * 1e3,
+            "day copied"
+        );
+        Ok(snapshot)
+    }
+
+    /// Stored readings per UTC day, for every day that has any. Whole quarter hours
+    /// are counted from the rollups (a few hundred rows per series and day), the
+    /// slots the writer still holds in memory from `readings`.
+    pub fn day_counts(&self) -> Result<BTreeMap<NaiveDate, u64>, StoreError> {
+        // Before the writer has started (`milepost dump`) this is the earliest
+        // instant: everything is counted from `readings`.
+        let boundary = self.shared.rollups_from();
+        let sql = format!(
+            "SELECT day, sum(n)::BIGINT FROM (
+                 SELECT CAST(floor(slot_ms / {DAY_MS}.0) AS BIGINT) AS day, sum(readings) AS n
+                 FROM rollups WHERE slot_ms < {boundary} GROUP BY 1
+                 UNION ALL
+                 SELECT CAST(floor(ts_ms / {DAY_MS}.0) AS BIGINT) AS day, count(*) AS n
+                 FROM readings WHERE ts_ms >= {boundary} GROUP BY 1
+             ) GROUP BY day ORDER BY day"
+        );
+        debug_assert_eq!(DAY_MS % SLOT_MS, 0);
+        let mut stmt = self.conn.prepare(&sql)?;
+        let rows = stmt
+            .query_map([], |r| Ok((r.get::<_, i64>(0)?, r.get::<_, i64>(1)?)))?
+            .collect::<Result<Vec<_>, _>>()?;
+        rows.into_iter()
+            .map(|(d, n)| Ok((day_of_index(d)?, n as u64)))
+            .collect()
+    }
+
+    /// Every dump recorded for `store`, by day and format.
+    pub fn records(&self, store: &str) -> Result<Vec<DumpRecord>, StoreError> {
+        let mut stmt = self.conn.prepare(
+            "SELECT strftime(day, '%Y-%m-%d'), format, object_key, readings, bytes, sha256,
+                    epoch_us(min_ts), epoch_us(max_ts), epoch_us(generated_at)
+             FROM dumps WHERE store = ? ORDER BY day, format",
+        )?;
+        let rows = stmt
+            .query_map([store], |r| {
+                Ok((
+                    r.get::<_, String>(0)?,
+                    r.get::<_, String>(1)?,
+                    r.get::<_, String>(2)?,
+                    r.get::<_, i64>(3)?,
+                    r.get::<_, i64>(4)?,
+                    r.get::<_, String>(5)?,
+                    r.get::<_, Option<i64>>(6)?,
+                    r.get::<_, Option<i64>>(7)?,
+                    r.get::<_, i64>(8)?,
+                ))
+            })?
+            .collect::<Result<Vec<_>, _>>()?;
+        rows.into_iter()
+            .map(|(day, format, key, n, bytes, sha256, lo, hi, at)| {
+                Ok(DumpRecord {
+                    store: store.to_owned(),
+                    day: NaiveDate::parse_from_str(&day, "%Y-%m-%d")
+                        .map_err(|e| StoreError::Corrupt(format!("dump day '{day}': {e}")))?,
+                    format: DumpFormat::parse(&format)
+                        .ok_or_else(|| StoreError::Corrupt(format!("dump format '{format}'")))?,
+                    key,
+                    readings: n as u64,
+                    bytes: bytes as u64,
+                    sha256,
+                    min_ts: lo.map(Timestamp::from_micros),
+                    max_ts: hi.map(Timestamp::from_micros),
+                    generated_at: Timestamp::from_micros(at),
+                })
+            })
+            .collect()
+    }
+
+    /// Records (or replaces) the dumps of one day, all in one transaction.
+    pub fn record(&self, records: &[DumpRecord]) -> Result<(), StoreError> {
+        let ts = |t: Option<Timestamp>| {
+            t.map_or(Value::Null, |t| {
+                Value::Timestamp(TimeUnit::Microsecond, t.as_micros())
+            })
+        };
+        super::in_transaction(&self.conn, || {
+            let mut stmt = self.conn.prepare(
+                "INSERT OR REPLACE INTO dumps VALUES (?, CAST(? AS DATE), ?, ?, ?, ?, ?, ?, ?, ?)",
+            )?;
+            for r in records {
+                stmt.execute(duckdb::params![
+                    r.store,
+                    r.day.format("%Y-%m-%d").to_string(),
+                    r.format.as_str(),
+                    r.key,
+                    r.readings as i64,
+                    r.bytes as i64,
+                    r.sha256,
+                    ts(r.min_ts),
+                    ts(r.max_ts),
+                    ts(Some(r.generated_at)),
+                ])?;
+            }
+            Ok::<_, StoreError>(())
+        })
+    }
+
+    /// Days whose readings retention has deleted, with the count they had.
+    pub fn retired_days(&self) -> Result<BTreeMap<NaiveDate, u64>, StoreError> {
+        let mut stmt = self
+            .conn
+            .prepare("SELECT strftime(day, '%Y-%m-%d'), readings FROM retired_days ORDER BY day")?;
+        let rows = stmt
+            .query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?)))?
+            .collect::<Result<Vec<_>, _>>()?;
+        rows.into_iter()
+            .map(|(d, n)| {
+                let day = NaiveDate::parse_from_str(&d, "%Y-%m-%d")
+                    .map_err(|e| StoreError::Corrupt(format!("retired day '{d}': {e}")))?;
+                Ok((day, n as u64))
+            })
+            .collect()
+    }
+}
+
+/// The gzip NDJSON of a day: one `{"sensor","value","timestamp"}` object per line, as
+/// the seed's dumper wrote them, `"device"` only for devices other than `default`;
+/// timestamps RFC 3339 UTC in milliseconds, or microseconds where a reading has them.
+///
+/// Each line is concatenated in SQL and written as a one-column CSV without quoting.
+/// DuckDB's JSON writer (and `json_object`) would print `"device":null` for the
+/// default device, which the ingest parser rightly refuses, and prints doubles with
+/// 16 significant digits, which does not round-trip (7.4790243257493065 came back as
+/// …307); a DOUBLE cast to VARCHAR is the shortest text that reads back as the same
+/// double. The text needs no escaping: device and sensor names are `[A-Za-z0-9_.-]`,
+/// and a line holds no tab or newline, so it goes out as it is.
+fn json_copy(from: &str, path: &Path) -> String {
+    let ts = "CASE WHEN r.ts_us = 0
+                   THEN strftime(make_timestamp(r.ts_ms * 1000), '%Y-%m-%dT%H:%M:%S.%gZ')
+                   ELSE strftime(make_timestamp(r.ts_ms * 1000 + r.ts_us), '%Y-%m-%dT%H:%M:%S.%fZ')
+              END";
+    format!(
+        "COPY (
+             SELECT '{{\"sensor\":\"' || s.name || '\",\"value\":' || CAST(r.value AS VARCHAR)
+                 || ',\"timestamp\":\"' || {ts} || '\"'
+                 || CASE WHEN d.name = 'default' THEN '' ELSE ',\"device\":\"' || d.name || '\"' END
+                 || '}}'
+             {from}
+             ORDER BY r.ts_ms, r.ts_us, d.name, s.name
+         ) TO {} (FORMAT csv, HEADER false, QUOTE '', ESCAPE '', DELIMITER '\t',
+                  COMPRESSION gzip)",
+        sql_path(path)
+    )
+}
+
+/// The Parquet of a day: `device`, `sensor` (dictionary-encoded strings),
+/// `timestamp` (µs, adjusted to UTC), `value`, ordered by device, sensor, timestamp.
+fn parquet_copy(from: &str, path: &Path) -> String {
+    format!(
+        "COPY (
+             SELECT d.name AS device, s.name AS sensor,
+                    CAST(make_timestamp(r.ts_ms * 1000 + r.ts_us) AS TIMESTAMPTZ) AS timestamp,
+                    r.value AS value
+             {from}
+             ORDER BY d.name, s.name, r.ts_ms, r.ts_us
+         ) TO {} (FORMAT parquet, COMPRESSION zstd, ROW_GROUP_SIZE {PARQUET_ROW_GROUP})",
+        sql_path(path)
+    )
+}
+
+/// A file path as an SQL string literal.
+fn sql_path(path: &Path) -> String {
+    format!("'{}'", path.display().to_string().replace('\'', "''"))
+}
+
+/// First instant of a UTC day, epoch ms.
+pub(super) fn day_start_ms(day: NaiveDate) -> i64 {
+    day.and_hms_opt(0, 0, 0)
+        .expect("midnight")
+        .and_utc()
+        .timestamp_millis()
+}
+
+/// The UTC day with index `d` (days since 1970-01-01).
+fn day_of_index(d: i64) -> Result<NaiveDate, StoreError> {
+    chrono::DateTime::from_timestamp_millis(d.saturating_mul(DAY_MS))
+        .map(|t| t.date_naive())
+        .ok_or_else(|| StoreError::Corrupt(format!("day index {d}")))
+}
