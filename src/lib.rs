@@ -15,7 +15,7 @@
 //!                              ▼         exact dedupe without an index)
 //!                     DuckDB file  ◀── store::Reader (own connections) ◀── api::seed, api::v1
 //!                              ▲
-//!   jobs (cron) ──▶ export::Dumper ──▶ store::DumpSource (own connection, COPY … TO)
+//!   jobs (cron) ──▶ export::Dumper ──▶ store::DumpSource (own connection, Arrow batches)
 //!                              └──▶ object_store (file, S3, GCS, Azure) + manifest.json
 //! ```
 //!

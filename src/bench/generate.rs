@@ -47,9 +47,11 @@ const SENSORS: [&str; 6] = [
     "location_longitude",
 ];
 
-/// Writes `total` readings split over `devices` streams under `dir`.
+/// Writes `total` readings split over `devices` streams under `dir`, devices named
+/// `<prefix>-<i>`.
 pub fn generate(
     dir: &Path,
+    prefix: &str,
     total: u64,
     devices: usize,
     chunk_lines: usize,
@@ -64,7 +66,7 @@ pub fn generate(
         let handles: Vec<_> = counts
             .iter()
             .enumerate()
-            .map(|(i, &n)| s.spawn(move || write_stream(dir, i, n, chunk_lines, seed)))
+            .map(|(i, &n)| s.spawn(move || write_stream(dir, prefix, i, n, chunk_lines, seed)))
             .collect();
         handles
             .into_iter()
@@ -82,12 +84,13 @@ pub fn generate(
 
 fn write_stream(
     dir: &Path,
+    prefix: &str,
     index: usize,
     n: u64,
     chunk_lines: usize,
     seed: u64,
 ) -> anyhow::Result<Stream> {
-    let device = format!("bench-{index}");
+    let device = format!("{prefix}-{index}");
     let plain_path = dir.join(format!("{device}.ndjson"));
     let gz_path = dir.join(format!("{device}.chunks.gz"));
     let mut plain = std::io::BufWriter::with_capacity(1 << 20, std::fs::File::create(&plain_path)?);

@@ -143,7 +143,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<Report> {
     let generated = {
         let (work, a) = (work.clone(), args.clone());
         tokio::task::spawn_blocking(move || {
-            generate::generate(&work, a.readings, a.clients, a.chunk_lines, a.seed)
+            generate::generate(&work, "bench", a.readings, a.clients, a.chunk_lines, a.seed)
         })
         .await??
     };
@@ -441,11 +441,17 @@ const BENCH_KEY: &str = "bench-key";
 struct BenchServer(ServerProcess);
 
 impl BenchServer {
-    /// Default settings except that background compaction and dumps are held off: an import
-    /// is compacted a minute after it settles, which would otherwise land somewhere
-    /// in the replay or the queries and blur both. The bench measures the loaded file
-    /// as it arrived, then compacts it explicitly and measures again.
+    /// Default settings except that background compaction and dumps are held off: an
+    /// import is compacted a minute after it settles, and a dump run at start would
+    /// dump the imported history, either of which would land somewhere in the replay
+    /// or the queries and blur both. The bench measures the loaded file as it
+    /// arrived, then compacts it explicitly and measures again.
     fn start(dir: &Path, memory_limit: &str) -> anyhow::Result<Self> {
+        Self::start_with(dir, memory_limit, &["--dump-schedule", "off"])
+    }
+
+    /// [`Self::start`] with `more` flags (which may set a dump schedule).
+    fn start_with(dir: &Path, memory_limit: &str, more: &[&str]) -> anyhow::Result<Self> {
         let exe = std::env::current_exe()?;
         let extra = [
             "--api-key",
@@ -454,11 +460,9 @@ impl BenchServer {
             memory_limit,
             "--compact-interval",
             "0s",
-            // Likewise dumps: a run at start would dump the imported history.
-            "--dump-schedule",
-            "off",
         ];
-        ServerProcess::start(&exe, dir, &extra, true).map(Self)
+        let flags: Vec<&str> = extra.iter().chain(more).copied().collect();
+        ServerProcess::start(&exe, dir, &flags, true).map(Self)
     }
 
     fn base(&self) -> &str {

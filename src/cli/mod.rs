@@ -73,7 +73,15 @@ async fn dump(args: DumpArgs) -> anyhow::Result<()> {
         (None, None) => anyhow::bail!("give --date DAY or --since DAY"),
     };
     anyhow::ensure!(first <= last, "--since {first} is after --until {last}");
-    let store = crate::store::Store::open(&args.storage.store_config())?;
+    let store = crate::store::Store::open(&args.storage.store_config()).map_err(|e| {
+        let hint = if matches!(e, crate::store::StoreError::Locked { .. }) {
+            " (milepost dump works with the server stopped; a running server dumps on \
+             --dump-schedule and catches up every missing or changed day at start)"
+        } else {
+            ""
+        };
+        anyhow::anyhow!("{e}{hint}")
+    })?;
     let dumper = crate::app::open_dumper(
         &args.blob,
         &args.storage.data_dir,

@@ -7,8 +7,9 @@
 //! <prefix>/manifest.json                            every dump: key, rows, bytes, sha256…
 //! ```
 //!
-//! A day is written by DuckDB's `COPY … TO` into local files (`store::DumpSource`,
-//! one snapshot for both formats), uploaded through `object_store` (multipart when
+//! A day is written into local files from Arrow batches of DuckDB queries
+//! (`store::DumpSource`, one snapshot for both formats), uploaded through
+//! `object_store` (multipart when
 //! large, so no reader ever sees half an object under its final name), recorded in
 //! the database, and only then listed in a newly written manifest.
 //!

@@ -1,7 +1,8 @@
-//! The SQL side of daily dumps: a day of every device copied to local files by
-//! DuckDB's columnar `COPY … TO` (gzip NDJSON and zstd Parquet) from one snapshot,
-//! each day's reading count (what decides whether a day is due), and the bookkeeping
-//! tables `dumps` and `retired_days`. Uploading and scheduling live in `export`.
+//! The SQL side of daily dumps: a day of every device written to local files (gzip
+//! NDJSON and zstd Parquet, from Arrow batches of bounded queries: `dump_files.rs`)
+//! from one snapshot, each day's reading count (what decides whether a day is due),
+//! and the bookkeeping tables `dumps` and `retired_days`. Uploading and scheduling
+//! live in `export`.
 //!
 //! A [`DumpSource`] has its own connection: a dump reads a consistent snapshot while
 //! the writer goes on committing, and never holds the writer up.
@@ -20,10 +21,6 @@ use super::{Shared, StoreError};
 use crate::domain::{DumpFormat, Timestamp};
 
 const DAY_MS: i64 = 86_400_000;
-
-/// Rows per Parquet row group: large enough for good compression and few footers,
-/// what Spark, Trino and DuckDB read best (~1 M).
-const PARQUET_ROW_GROUP: u64 = 1 << 20;
 
 /// What one [`DumpSource::copy_day`] wrote.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -85,17 +82,12 @@ impl DumpSource {
         let started = Instant::now();
         let start = day_start_ms(day);
         let range = format!("r.ts_ms >= {start} AND r.ts_ms < {}", start + DAY_MS);
-        let from = format!(
-            "FROM readings r JOIN devices d ON d.id = r.device_id
-                             JOIN sensors s ON s.id = r.sensor_id
-             WHERE {range}"
-        );
         let snapshot = super::in_transaction(&self.conn, || {
             if let Some(path) = json {
-                self.conn.execute_batch(&json_copy(&from, path))?;
+                super::dump_files::write_json_day(&self.conn, start, path)?;
             }
             if let Some(path) = parquet {
-                self.conn.execute_batch(&parquet_copy(&from, path))?;
+                super::dump_files::write_parquet_day(&self.conn, start, path)?;
             }
             let (n, lo, hi) = self.conn.query_row(
                 &format!(
@@ -238,56 +230,6 @@ impl DumpSource {
             })
             .collect()
     }
-}
-
-/// The gzip NDJSON of a day: one `{"sensor","value","timestamp"}` object per line, as
-/// the seed's dumper wrote them, `"device"` only for devices other than `default`;
-/// timestamps RFC 3339 UTC in milliseconds, or microseconds where a reading has them.
-///
-/// Each line is concatenated in SQL and written as a one-column CSV without quoting.
-/// DuckDB's JSON writer (and `json_object`) would print `"device":null` for the
-/// default device, which the ingest parser rightly refuses, and prints doubles with
-/// 16 significant digits, which does not round-trip (7.4790243257493065 came back as
-/// …307); a DOUBLE cast to VARCHAR is the shortest text that reads back as the same
-/// double. The text needs no escaping: device and sensor names are `[A-Za-z0-9_.-]`,
-/// and a line holds no tab or newline, so it goes out as it is.
-fn json_copy(from: &str, path: &Path) -> String {
-    let ts = "CASE WHEN r.ts_us = 0
-                   THEN strftime(make_timestamp(r.ts_ms * 1000), '%Y-%m-%dT%H:%M:%S.%gZ')
-                   ELSE strftime(make_timestamp(r.ts_ms * 1000 + r.ts_us), '%Y-%m-%dT%H:%M:%S.%fZ')
-              END";
-    format!(
-        "COPY (
-             SELECT '{{\"sensor\":\"' || s.name || '\",\"value\":' || CAST(r.value AS VARCHAR)
-                 || ',\"timestamp\":\"' || {ts} || '\"'
-                 || CASE WHEN d.name = 'default' THEN '' ELSE ',\"device\":\"' || d.name || '\"' END
-                 || '}}'
-             {from}
-             ORDER BY r.ts_ms, r.ts_us, d.name, s.name
-         ) TO {} (FORMAT csv, HEADER false, QUOTE '', ESCAPE '', DELIMITER '\t',
-                  COMPRESSION gzip)",
-        sql_path(path)
-    )
-}
-
-/// The Parquet of a day: `device`, `sensor` (dictionary-encoded strings),
-/// `timestamp` (µs, adjusted to UTC), `value`, ordered by device, sensor, timestamp.
-fn parquet_copy(from: &str, path: &Path) -> String {
-    format!(
-        "COPY (
-             SELECT d.name AS device, s.name AS sensor,
-                    CAST(make_timestamp(r.ts_ms * 1000 + r.ts_us) AS TIMESTAMPTZ) AS timestamp,
-                    r.value AS value
-             {from}
-             ORDER BY d.name, s.name, r.ts_ms, r.ts_us
-         ) TO {} (FORMAT parquet, COMPRESSION zstd, ROW_GROUP_SIZE {PARQUET_ROW_GROUP})",
-        sql_path(path)
-    )
-}
-
-/// A file path as an SQL string literal.
-fn sql_path(path: &Path) -> String {
-    format!("'{}'", path.display().to_string().replace('\'', "''"))
 }
 
 /// First instant of a UTC day, epoch ms.

@@ -13,6 +13,7 @@
 
 mod compact;
 mod dump;
+mod dump_files;
 mod error;
 mod migrations;
 mod reader;

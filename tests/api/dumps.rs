@@ -217,19 +217,42 @@ async fn dumps_hold_exactly_what_was_ingested_and_reingest_to_the_same_day() {
     // Column types and compression as documented.
     let conn = duckdb::Connection::open_in_memory().unwrap();
     let file = dumps.join("parquet/date=2026-11-01/node-a.parquet");
-    let (ts_type, codecs): (String, String) = conn
+    let (ts_type, codecs, name_encodings): (String, String, String) = conn
         .query_row(
             &format!(
                 "SELECT (SELECT typeof(timestamp) FROM read_parquet('{0}') LIMIT 1),
-                        (SELECT string_agg(DISTINCT compression, ',') FROM parquet_metadata('{0}'))",
+                        (SELECT string_agg(DISTINCT compression, ',') FROM parquet_metadata('{0}')),
+                        (SELECT string_agg(encodings, ',') FROM parquet_metadata('{0}')
+                         WHERE path_in_schema IN ('device', 'sensor'))",
                 file.display()
             ),
             [],
-            |r| Ok((r.get(0)?, r.get(1)?)),
+            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
         )
         .unwrap();
     assert_eq!(ts_type, "TIMESTAMP WITH TIME ZONE");
     assert_eq!(codecs, "ZSTD");
+    assert!(name_encodings.contains("DICTIONARY"), "{name_encodings}");
+    // Each file is in (device, sensor, time) order as it lies on disk.
+    for d in ["2026-11-01", "2026-11-02", "2026-11-03"] {
+        let file = dumps.join(format!("parquet/date={d}/node-a.parquet"));
+        let mut stmt = conn
+            .prepare(&format!(
+                "SELECT device, sensor, epoch_us(timestamp) FROM read_parquet('{}')",
+                file.display()
+            ))
+            .unwrap();
+        let keys: Vec<(String, String, i64)> = stmt
+            .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap();
+        assert!(
+            keys.is_sorted(),
+            "{d} is not sorted by device, sensor, time"
+        );
+        assert!(!keys.is_empty());
+    }
 
     // The seed's NDJSON: exactly the stored readings, `device` only where it is not
     // the default, timestamps RFC 3339 UTC.

@@ -97,6 +97,17 @@ fn manifest_dates(m: &Value) -> Vec<String> {
         .collect()
 }
 
+/// When the manifest says the Parquet file of `date` was written.
+fn generated_at(manifest: &Value, date: &str) -> Value {
+    manifest["dumps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|d| d["date"] == date && d["format"] == "parquet")
+        .unwrap_or_else(|| panic!("no parquet dump of {date} in {manifest}"))["generated_at"]
+        .clone()
+}
+
 #[tokio::test]
 async fn scheduled_dumps_land_in_s3_and_a_day_is_redone_by_hand() {
     let moto = start_moto().await;
@@ -176,13 +187,7 @@ async fn scheduled_dumps_land_in_s3_and_a_day_is_redone_by_hand() {
     assert_rows_eq(&lake, &stored, "lake from S3");
 
     // By hand, with the server stopped (and the seed's flag name).
-    let before = manifest["dumps"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|d| d["date"] == "2026-11-02" && d["format"] == "parquet")
-        .unwrap()["generated_at"]
-        .clone();
+    let before = generated_at(&manifest, "2026-11-02");
     let out = Command::new(exe)
         .args([
             "dump",
@@ -214,13 +219,7 @@ async fn scheduled_dumps_land_in_s3_and_a_day_is_redone_by_hand() {
     );
     let m: Value =
         serde_json::from_slice(&get(&store, "trip/manifest.json").await.unwrap()).unwrap();
-    let after = m["dumps"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|d| d["date"] == "2026-11-02" && d["format"] == "parquet")
-        .unwrap()["generated_at"]
-        .clone();
+    let after = generated_at(&m, "2026-11-02");
     assert_ne!(before, after);
 
     // A bucket that does not exist: refused before anything is done, exit non-zero.
