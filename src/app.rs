@@ -141,6 +141,7 @@ impl Server {
                 .await?,
             )
         };
+        let shutdown_dumper = dumper.clone();
         let task = tokio::spawn(async move {
             let served = poem::Server::new_with_acceptor(acceptor)
                 .run_with_graceful_shutdown(app, token.cancelled_owned(), Some(grace))
@@ -151,6 +152,8 @@ impl Server {
             if let Some(j) = jobs {
                 j.stop().await;
             }
+            // A dump's snapshot would keep the writer from checkpointing.
+            shutdown_dumper.shutdown().await;
             tracing::info!("HTTP listener stopped; draining the writer");
             let drained = writer.shutdown().await;
             served.context("HTTP server failed")?;

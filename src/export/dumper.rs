@@ -53,6 +53,8 @@ pub struct Dumper {
     manifest_stale: AtomicBool,
     /// Held for a whole run or hand-started dump: runs never overlap.
     running: tokio::sync::Mutex<()>,
+    /// Set at shutdown: a day being written gives up.
+    stop: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl Dumper {
@@ -65,6 +67,7 @@ impl Dumper {
     ) -> Result<Self, ExportError> {
         std::fs::create_dir_all(&settings.work_dir).map_err(ExportError::Io)?;
         clean_work_dir(&settings.work_dir);
+        let stop = source.stop_flag();
         let source = Arc::new(Mutex::new(source));
         let store = blob.display().to_owned();
         let records = blocking(&source, move |s| s.records(&store)).await?;
@@ -81,7 +84,17 @@ impl Dumper {
             ),
             manifest_stale: AtomicBool::new(false),
             running: tokio::sync::Mutex::new(()),
+            stop,
         })
+    }
+
+    /// Stops a day being written (it is retried by the next run) and waits until the
+    /// dump connection is idle, so the database can be checkpointed and closed.
+    pub async fn shutdown(&self) {
+        self.stop.store(true, Ordering::Release);
+        let source = self.source.clone();
+        let idle = tokio::task::spawn_blocking(move || drop(source.lock()));
+        idle.await.ok();
     }
 
     /// The blob store.

@@ -10,6 +10,7 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
 use std::time::Instant;
 
 use chrono::NaiveDate;
@@ -62,11 +63,23 @@ pub struct DumpRecord {
 pub struct DumpSource {
     conn: Connection,
     shared: Arc<Shared>,
+    stop: Arc<AtomicBool>,
 }
 
 impl DumpSource {
     pub(super) fn new(conn: Connection, shared: Arc<Shared>) -> Self {
-        Self { conn, shared }
+        Self {
+            conn,
+            shared,
+            stop: Arc::new(AtomicBool::new(false)),
+        }
+    }
+
+    /// A flag that, once set, makes a running [`DumpSource::copy_day`] give up
+    /// between two of its queries (within a second): shutdown must not wait for a
+    /// whole day to be written, nor checkpoint while its snapshot is open.
+    pub fn stop_flag(&self) -> Arc<AtomicBool> {
+        self.stop.clone()
     }
 
     /// Copies every reading of the UTC `day` into `json` (gzip NDJSON, time order)
@@ -84,10 +97,10 @@ impl DumpSource {
         let range = format!("r.ts_ms >= {start} AND r.ts_ms < {}", start + DAY_MS);
         let snapshot = super::in_transaction(&self.conn, || {
             if let Some(path) = json {
-                super::dump_files::write_json_day(&self.conn, start, path)?;
+                super::dump_files::write_json_day(&self.conn, start, path, &self.stop)?;
             }
             if let Some(path) = parquet {
-                super::dump_files::write_parquet_day(&self.conn, start, path)?;
+                super::dump_files::write_parquet_day(&self.conn, start, path, &self.stop)?;
             }
             let (n, lo, hi) = self.conn.query_row(
                 &format!(

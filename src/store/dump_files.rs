@@ -6,6 +6,7 @@
 use std::collections::HashMap;
 use std::path::Path;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use duckdb::Connection;
 use duckdb::arrow::array::{
@@ -44,33 +45,29 @@ pub(super) fn write_json_day(
     conn: &Connection,
     start_ms: i64,
     path: &Path,
+    stop: &AtomicBool,
 ) -> Result<(), StoreError> {
     use std::io::Write as _;
 
-    let io = |e: std::io::Error| StoreError::DataDir {
-        path: path.to_owned(),
-        source: e,
-    };
-    let mut heads: HashMap<i16, Vec<u8>> = HashMap::new();
-    let mut stmt = conn.prepare("SELECT id, name FROM sensors")?;
-    for row in stmt.query_map([], |r| Ok((r.get::<_, i16>(0)?, r.get::<_, String>(1)?)))? {
-        let (id, name) = row?;
-        heads.insert(
-            id,
-            format!("{{\"sensor\":\"{name}\",\"value\":").into_bytes(),
-        );
-    }
-    let mut tails: HashMap<i32, Vec<u8>> = HashMap::new();
-    let mut stmt = conn.prepare("SELECT id, name FROM devices")?;
-    for row in stmt.query_map([], |r| Ok((r.get::<_, i32>(0)?, r.get::<_, String>(1)?)))? {
-        let (id, name) = row?;
-        let tail = if name == "default" {
-            b"\"}\n".to_vec()
-        } else {
-            format!("\",\"device\":\"{name}\"}}\n").into_bytes()
-        };
-        tails.insert(id, tail);
-    }
+    let io = io_error(path);
+    let heads: HashMap<i16, Vec<u8>> = names(conn, "SELECT id, name FROM sensors")?
+        .into_iter()
+        .map(|(id, name)| {
+            let head = format!("{{\"sensor\":\"{name}\",\"value\":");
+            (id as i16, head.into_bytes())
+        })
+        .collect();
+    let tails: HashMap<i32, Vec<u8>> = names(conn, "SELECT id, name FROM devices")?
+        .into_iter()
+        .map(|(id, name)| {
+            let tail = if name == "default" {
+                "\"}\n".to_owned()
+            } else {
+                format!("\",\"device\":\"{name}\"}}\n")
+            };
+            (id as i32, tail.into_bytes())
+        })
+        .collect();
     let file = std::fs::File::create(path).map_err(io)?;
     let mut gz = flate2::write::GzEncoder::new(
         std::io::BufWriter::with_capacity(1 << 20, file),
@@ -80,6 +77,7 @@ pub(super) fn write_json_day(
     let mut floats = ryu::Buffer::new();
     let unknown = || StoreError::Corrupt("a reading names an unknown device or sensor".into());
     for lo in (start_ms..start_ms + DAY_MS).step_by(JSON_WINDOW_MS as usize) {
+        stopped(stop)?;
         let sql = format!(
             "SELECT device_id, sensor_id, ts_ms, ts_us, value FROM readings
              WHERE ts_ms >= {lo} AND ts_ms < {}
@@ -126,16 +124,14 @@ pub(super) fn write_parquet_day(
     conn: &Connection,
     start_ms: i64,
     path: &Path,
+    stop: &AtomicBool,
 ) -> Result<(), StoreError> {
     use parquet::arrow::ArrowWriter;
     use parquet::basic::{Compression, ZstdLevel};
     use parquet::file::properties::WriterProperties;
     use parquet::schema::types::ColumnPath;
 
-    let io = |e: std::io::Error| StoreError::DataDir {
-        path: path.to_owned(),
-        source: e,
-    };
+    let io = io_error(path);
     let pq =
         |e: parquet::errors::ParquetError| StoreError::Internal(format!("writing Parquet: {e}"));
     let range = format!("ts_ms >= {start_ms} AND ts_ms < {}", start_ms + DAY_MS);
@@ -226,6 +222,7 @@ pub(super) fn write_parquet_day(
     )
     .map_err(pq)?;
     for group in &groups {
+        stopped(stop)?;
         let order = group
             .iter()
             .map(|(d, s, i)| format!("({d}, {s}, {i})"))
@@ -316,6 +313,24 @@ impl<'a> DayColumns<'a> {
             }),
             _ => Err(StoreError::Internal("unexpected dump column types".into())),
         }
+    }
+}
+
+/// An error once `stop` is set.
+fn stopped(stop: &AtomicBool) -> Result<(), StoreError> {
+    if stop.load(Ordering::Acquire) {
+        return Err(StoreError::Internal(
+            "dump stopped: the server is shutting down".into(),
+        ));
+    }
+    Ok(())
+}
+
+/// Maps a local file error to the file's path.
+fn io_error(path: &Path) -> impl Fn(std::io::Error) -> StoreError + Copy + '_ {
+    move |e| StoreError::DataDir {
+        path: path.to_owned(),
+        source: e,
     }
 }
 

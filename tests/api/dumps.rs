@@ -364,6 +364,45 @@ async fn downloads_stream_the_objects_and_unknown_names_are_404() {
 }
 
 #[tokio::test]
+async fn with_a_public_url_downloads_redirect_there() {
+    let app = TestApp::spawn_with(|a| {
+        a.blob.blob_store_url = Some("memory:///".into());
+        a.dump_public_url = Some("https://cdn.example.com/trip/".into());
+    })
+    .await;
+    app.ingest(three_days()).await;
+    app.server()
+        .dumper()
+        .dump_day(day("2026-11-01"))
+        .await
+        .unwrap();
+    let (_, list) = app.get("/api/v1/dumps").await;
+    let parquet = list["dumps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|d| d["format"] == "parquet")
+        .unwrap()
+        .clone();
+    let want = format!(
+        "https://cdn.example.com/trip/parquet/date=2026-11-01/{}.parquet",
+        list["node"].as_str().unwrap()
+    );
+    assert_eq!(parquet["url"], want.as_str());
+    let no_follow = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .unwrap();
+    let resp = no_follow
+        .get(app.url("/api/v1/dumps/2026-11-01.parquet"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::FOUND);
+    assert_eq!(resp.headers()["location"], want.as_str());
+}
+
+#[tokio::test]
 async fn a_late_reading_triggers_exactly_one_redump() {
     let app = with_dumps("n").await;
     app.ingest(three_days()).await;
