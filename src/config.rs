@@ -190,8 +190,8 @@ pub struct BlobArgs {
     /// so several can publish into one lake. Default: the host name.
     #[arg(long, env = "MILEPOST_NODE_NAME", value_parser = parse_node)]
     pub node_name: Option<String>,
-    /// Formats each day is dumped in.
-    #[arg(long, env = "MILEPOST_DUMP_FORMAT", value_enum, default_value_t = DumpFormats::Both)]
+    /// Formats each day is dumped in (`--format` for `milepost dump`).
+    #[arg(long, alias = "format", env = "MILEPOST_DUMP_FORMAT", value_enum, default_value_t = DumpFormats::Both)]
     pub dump_format: DumpFormats,
 }
 
@@ -373,6 +373,30 @@ mod tests {
         assert_eq!(parse_size("123"), Ok(123));
         assert!(parse_size("1.5GiB").is_err());
         assert!(parse_size("lots").is_err());
+    }
+
+    #[test]
+    fn dump_takes_the_seed_flag_names_and_a_format() {
+        let cli = Cli::parse_from([
+            "milepost",
+            "dump",
+            "--dump-date",
+            "2026-11-30",
+            "--format",
+            "parquet",
+            "--blob-store-url",
+            "memory:///",
+        ]);
+        let Command::Dump(d) = cli.command else {
+            panic!()
+        };
+        assert_eq!(d.date, Some(parse_day("2026-11-30").unwrap()));
+        assert_eq!(d.blob.dump_format.formats(), vec![DumpFormat::Parquet]);
+        assert!(
+            Cli::try_parse_from(["milepost", "dump"]).is_err(),
+            "a day is required"
+        );
+        assert!(parse_node("../x").is_err() && parse_node("car-1").is_ok());
     }
 
     #[test]
