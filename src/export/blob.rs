@@ -343,33 +343,6 @@ impl BlobStore {
             source: e,
         })
     }
-
-    /// Keys under the prefix (for tests and diagnostics).
-    pub async fn list(&self) -> Result<Vec<String>, ExportError> {
-        let prefix = self.prefix.clone();
-        let metas: Vec<_> = self
-            .store
-            .list(Some(&prefix))
-            .try_collect()
-            .await
-            .map_err(|e| ExportError::Store {
-                key: prefix.to_string(),
-                source: e,
-            })?;
-        let strip = |p: &Path| {
-            let s = p.to_string();
-            match prefix.as_ref() {
-                "" => s,
-                pre => s
-                    .strip_prefix(pre)
-                    .map(|r| r.trim_start_matches('/').to_owned())
-                    .unwrap_or(s),
-            }
-        };
-        let mut keys: Vec<String> = metas.iter().map(|m| strip(&m.location)).collect();
-        keys.sort();
-        Ok(keys)
-    }
 }
 
 fn retry_config() -> object_store::RetryConfig {

@@ -70,7 +70,7 @@ impl Dumper {
         let stop = source.stop_flag();
         let source = Arc::new(Mutex::new(source));
         let store = blob.display().to_owned();
-        let records = blocking(&source, move |s| s.records(&store)).await?;
+        let records = background(&source, move |s| s.records(&store)).await?;
         Ok(Self {
             source,
             blob,
@@ -133,7 +133,7 @@ impl Dumper {
     /// readings retention deleted are done for good.
     pub async fn due_days(&self, today: NaiveDate) -> Result<Vec<NaiveDate>, ExportError> {
         let (counts, retired) =
-            blocking(&self.source, |s| Ok((s.day_counts()?, s.retired_days()?))).await?;
+            background(&self.source, |s| Ok((s.day_counts()?, s.retired_days()?))).await?;
         let records = self.records.read().expect("records lock").clone();
         Ok(due(
             &counts,
@@ -152,7 +152,7 @@ impl Dumper {
         cutoff: NaiveDate,
     ) -> Result<BTreeMap<NaiveDate, u64>, ExportError> {
         let (counts, retired) =
-            blocking(&self.source, |s| Ok((s.day_counts()?, s.retired_days()?))).await?;
+            background(&self.source, |s| Ok((s.day_counts()?, s.retired_days()?))).await?;
         let records = self.records.read().expect("records lock");
         Ok(counts
             .range(..cutoff)
@@ -277,7 +277,7 @@ impl Dumper {
         }
         drop(files);
         let recorded = records.clone();
-        blocking(&self.source, move |s| s.record(&recorded)).await?;
+        background(&self.source, move |s| s.record(&recorded)).await?;
         {
             let mut all = self.records.write().expect("records lock");
             for r in &records {
@@ -330,41 +330,26 @@ fn due(
         .collect()
 }
 
-/// Runs a blocking call on the dump connection off the async executor.
-async fn blocking<T: Send + 'static>(
-    source: &Arc<Mutex<DumpSource>>,
-    f: impl FnOnce(&DumpSource) -> Result<T, StoreError> + Send + 'static,
-) -> Result<T, ExportError> {
-    let source = source.clone();
-    let span = tracing::Span::current();
-    tokio::task::spawn_blocking(move || {
-        let _enter = span.enter();
-        let s = source.lock().expect("dump source lock");
-        f(&s)
-    })
-    .await
-    .map_err(|e| ExportError::Task(e.to_string()))?
-    .map_err(ExportError::Db)
-}
-
 /// Niceness of the thread that writes a day's files: on a small VM a dump must not
 /// take the CPU from ingest. Measured on 2 cores while a 10 M-reading day was dumped
 /// (`milepost bench --dump`): ingest ran 41% slower at the default priority, 28% at
 /// niceness 10.
 const DUMP_NICENESS: i32 = 19;
 
-/// Runs the heavy part of a dump (formatting and compressing a day) on a thread of
-/// its own at a lower CPU priority, so ingest keeps its pace while a day is written
-/// and the dump takes the time that is left.
+/// Runs a call on the dump connection on a thread of its own at a lower CPU priority
+/// (off the async executor): writing a day is heavy, and ingest must keep its pace
+/// while the dump takes the time that is left.
 async fn background<T: Send + 'static>(
     source: &Arc<Mutex<DumpSource>>,
     f: impl FnOnce(&DumpSource) -> Result<T, StoreError> + Send + 'static,
 ) -> Result<T, ExportError> {
     let source = source.clone();
+    let span = tracing::Span::current();
     let (tx, rx) = tokio::sync::oneshot::channel();
     std::thread::Builder::new()
         .name("milepost-dump".into())
         .spawn(move || {
+            let _enter = span.enter();
             // On Linux a thread is a task: `who = 0` means this thread only.
             // SAFETY: setpriority has no memory-safety preconditions.
             let r = unsafe { nix::libc::setpriority(nix::libc::PRIO_PROCESS, 0, DUMP_NICENESS) };

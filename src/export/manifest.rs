@@ -51,8 +51,10 @@ pub struct ManifestEntry {
     /// SHA-256 of the object, lowercase hex.
     pub sha256: String,
     /// Oldest reading (RFC 3339 UTC), absent for an empty day.
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub min_timestamp: Option<String>,
     /// Newest reading (RFC 3339 UTC), absent for an empty day.
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub max_timestamp: Option<String>,
     /// When the object was written (RFC 3339 UTC).
     pub generated_at: String,

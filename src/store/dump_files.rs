@@ -84,16 +84,15 @@ pub(super) fn write_json_day(
              ORDER BY ts_ms, ts_us, device_id, sensor_id",
             lo + JSON_WINDOW_MS
         );
-        let mut stmt = conn.prepare(&sql)?;
-        for batch in stmt.query_arrow([])? {
+        each_batch(conn, &sql, |c| {
             let DayColumns {
                 dev,
                 sen,
                 ms,
                 us,
                 val,
-            } = DayColumns::of(&batch)?;
-            for i in 0..batch.num_rows() {
+            } = c;
+            for i in 0..dev.len() {
                 buf.extend_from_slice(heads.get(&sen.value(i)).ok_or_else(unknown)?);
                 buf.extend_from_slice(floats.format_finite(val.value(i)).as_bytes());
                 buf.extend_from_slice(b",\"timestamp\":\"");
@@ -105,7 +104,8 @@ pub(super) fn write_json_day(
                 gz.write_all(&buf).map_err(io)?;
                 buf.clear();
             }
-        }
+            Ok(())
+        })?;
     }
     gz.write_all(&buf).map_err(io)?;
     gz.finish().map_err(io)?.flush().map_err(io)?;
@@ -235,15 +235,14 @@ pub(super) fn write_parquet_day(
              WHERE {range}
              ORDER BY o.pos, r.ts_ms, r.ts_us"
         );
-        let mut stmt = conn.prepare(&sql)?;
-        for batch in stmt.query_arrow([])? {
+        each_batch(conn, &sql, |c| {
             let DayColumns {
                 dev,
                 sen,
                 ms,
                 us,
                 val,
-            } = DayColumns::of(&batch)?;
+            } = c;
             let dev_keys = dev
                 .iter()
                 .map(|d| d.and_then(|d| device_rank.get(&d).copied()))
@@ -277,10 +276,23 @@ pub(super) fn write_parquet_day(
                 ],
             )
             .map_err(arrow_err)?;
-            writer.write(&out).map_err(pq)?;
-        }
+            writer.write(&out).map_err(pq)
+        })?;
     }
     writer.close().map_err(pq)?;
+    Ok(())
+}
+
+/// Runs `sql` (which selects [`DayColumns`]) and hands each Arrow batch to `f`.
+fn each_batch(
+    conn: &Connection,
+    sql: &str,
+    mut f: impl FnMut(DayColumns<'_>) -> Result<(), StoreError>,
+) -> Result<(), StoreError> {
+    let mut stmt = conn.prepare(sql)?;
+    for batch in stmt.query_arrow([])? {
+        f(DayColumns::of(&batch)?)?;
+    }
     Ok(())
 }
 

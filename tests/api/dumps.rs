@@ -496,6 +496,16 @@ async fn catch_up_covers_every_day_since_the_first_reading_a_bounded_number_per_
     assert_eq!(n, 0);
     let (_, list) = app.get("/api/v1/dumps").await;
     assert_eq!(list["dumps"].as_array().unwrap().len(), 12);
+    // An empty day has no first or last reading: the fields are absent, not null.
+    let empty_date = empty.format("%Y-%m-%d").to_string();
+    let empty_entry = list["dumps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|d| d["date"] == empty_date.as_str())
+        .unwrap();
+    assert_eq!(empty_entry["rows"], 0);
+    assert!(empty_entry.get("min_timestamp").is_none(), "{empty_entry}");
 }
 
 /// A real local store whose multipart uploads fail after their first part while
@@ -639,7 +649,7 @@ async fn a_store_failing_mid_upload_leaves_no_object_and_the_day_is_retried() {
         threads: 1,
     })
     .unwrap();
-    let settings = DumpSettings {
+    let settings = || DumpSettings {
         formats: DumpFormat::ALL.to_vec(),
         node: "n".into(),
         work_dir: data.path().join("dump-tmp"),
@@ -649,7 +659,7 @@ async fn a_store_failing_mid_upload_leaves_no_object_and_the_day_is_retried() {
     let dumper = Dumper::new(
         store.dump_source().unwrap(),
         blob,
-        settings,
+        settings(),
         metrics.clone(),
     )
     .await
@@ -686,19 +696,9 @@ async fn a_store_failing_mid_upload_leaves_no_object_and_the_day_is_retried() {
         s3_region: None,
     })
     .unwrap();
-    let dumper = Dumper::new(
-        store.dump_source().unwrap(),
-        blob,
-        DumpSettings {
-            formats: DumpFormat::ALL.to_vec(),
-            node: "n".into(),
-            work_dir: data.path().join("dump-tmp"),
-            max_days_per_run: 3,
-        },
-        metrics,
-    )
-    .await
-    .unwrap();
+    let dumper = Dumper::new(store.dump_source().unwrap(), blob, settings(), metrics)
+        .await
+        .unwrap();
     // Another store (URL) has no dumps yet: every day is due there.
     assert_eq!(
         dumper.due_days(day("2026-11-04")).await.unwrap().len(),
