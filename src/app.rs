@@ -11,11 +11,14 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use crate::api::{self, ApiKeys, AppState, Limits};
+use crate::backend::{Backend, Context, JobLimits, Tokens};
 use crate::config::{BlobArgs, ServeArgs};
 use crate::export::{BlobStore, DumpSettings, Dumper};
+use crate::jobs::detection::{self, DetectSettings};
+use crate::jobs::notify::{self, NotifySettings};
 use crate::jobs::{DumpJobs, Retention};
 use crate::metrics::Metrics;
-use crate::store::{DumpSource, Store, WriterConfig, WriterHandle};
+use crate::store::{AlertStore, DumpSource, Store, WriterConfig, WriterHandle};
 
 /// A running server.
 pub struct Server {
@@ -26,6 +29,8 @@ pub struct Server {
     writer: WriterHandle,
     retention: Option<Retention>,
     metrics: Arc<Metrics>,
+    backend_addr: Option<SocketAddr>,
+    alerts: Arc<AlertStore>,
 }
 
 /// Opens and probes the blob store, and reads what was dumped to it before. A bad
@@ -64,6 +69,7 @@ impl Server {
             &args.storage.data_dir,
         )?;
         let reader = store.reader()?;
+        let alerts = Arc::new(store.alert_store()?);
         let db_path = store.path().to_owned();
         let metrics = Arc::new(Metrics::new());
         let dumper = Arc::new(
@@ -82,8 +88,10 @@ impl Server {
             metrics: metrics.clone(),
             ..WriterConfig::default()
         })?;
+        let reads: Arc<dyn crate::store::ReadStore> = Arc::new(reader);
         let state = Arc::new(AppState {
-            reads: Arc::new(reader),
+            reads: reads.clone(),
+            alerts: alerts.clone(),
             writer: writer.handle(),
             metrics,
             db_path,
@@ -98,18 +106,6 @@ impl Server {
             dumps: Some(dumper.clone()),
             dump_public_url: args.dump_public_url.clone(),
         });
-
-        let listen = args.listen_addr();
-        let acceptor = TcpListener::bind(listen.to_string())
-            .into_acceptor()
-            .await
-            .with_context(|| format!("cannot listen on {listen}"))?;
-        let addr = acceptor
-            .local_addr()
-            .first()
-            .and_then(|a| a.as_socket_addr().copied())
-            .unwrap_or(listen);
-        tracing::info!(%addr, "public HTTP API listening");
 
         let shutdown = CancellationToken::new();
         let token = shutdown.clone();
@@ -141,11 +137,81 @@ impl Server {
                 .await?,
             )
         };
+        // Step detection after commits, and the webhooks of what it finds.
+        let wake_notifier = Arc::new(tokio::sync::Notify::new());
+        let detector = tokio::spawn(detection::run_background(
+            writer.handle(),
+            reads.clone(),
+            alerts.clone(),
+            DetectSettings {
+                debounce: args.backend.detect_debounce,
+            },
+            wake_notifier.clone(),
+            shutdown.clone(),
+        ));
+        let notifier = tokio::spawn(notify::run(
+            alerts.clone(),
+            NotifySettings {
+                attempts: args.backend.webhook_attempts,
+                backoff: args.backend.webhook_backoff,
+                ..NotifySettings::default()
+            },
+            wake_notifier.clone(),
+            shutdown.clone(),
+        ));
+        let backend = match args.backend.backend_addr.0 {
+            None => None,
+            Some(addr) => {
+                let ctx = Arc::new(Context {
+                    reads: reads.clone(),
+                    alerts: alerts.clone(),
+                    dumper: Some(dumper.clone()),
+                    notify: wake_notifier,
+                    jobs: JobLimits {
+                        per_minute: args.backend.job_rate_per_minute,
+                        burst: args.backend.job_burst,
+                    },
+                    dry_run_max_results: args.backend.dry_run_max_results.max(1),
+                });
+                let tokens = Arc::new(Tokens::new(&args.storage.data_dir));
+                match Backend::start(addr, ctx, tokens, shutdown.clone(), grace).await {
+                    Ok(b) => Some(b),
+                    Err(e) => {
+                        shutdown.cancel();
+                        return Err(e);
+                    }
+                }
+            }
+        };
+        let backend_addr = backend.as_ref().map(Backend::local_addr);
+
+        // The public listener last: once it is announced, everything else runs.
+        let listen = args.listen_addr();
+        let acceptor = match TcpListener::bind(listen.to_string()).into_acceptor().await {
+            Ok(a) => a,
+            Err(e) => {
+                shutdown.cancel();
+                return Err(e).with_context(|| format!("cannot listen on {listen}"));
+            }
+        };
+        let addr = acceptor
+            .local_addr()
+            .first()
+            .and_then(|a| a.as_socket_addr().copied())
+            .unwrap_or(listen);
+        tracing::info!(%addr, "public HTTP API listening");
         let shutdown_dumper = dumper.clone();
         let task = tokio::spawn(async move {
             let served = poem::Server::new_with_acceptor(acceptor)
                 .run_with_graceful_shutdown(app, token.cancelled_owned(), Some(grace))
                 .await;
+            // The backend and the detection jobs stop with the same token; their
+            // database calls end before the writer's last checkpoint.
+            if let Some(b) = backend {
+                b.wait().await;
+            }
+            detector.await.ok();
+            notifier.await.ok();
             if let Some(c) = compactor {
                 c.await.ok();
             }
@@ -169,6 +235,8 @@ impl Server {
             writer: writer_handle,
             retention,
             metrics: state_metrics,
+            backend_addr,
+            alerts,
         })
     }
 
@@ -181,6 +249,16 @@ impl Server {
     /// The dumper (tests run dumps without waiting for the schedule).
     pub fn dumper(&self) -> Arc<Dumper> {
         self.dumper.clone()
+    }
+
+    /// The bound address of the internal gRPC backend, when it runs.
+    pub fn backend_addr(&self) -> Option<SocketAddr> {
+        self.backend_addr
+    }
+
+    /// The backend's tables (tests look at what detection stored).
+    pub fn alerts(&self) -> Arc<AlertStore> {
+        self.alerts.clone()
     }
 
     /// The bound address (useful with port 0).

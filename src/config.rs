@@ -35,6 +35,33 @@ pub enum Command {
     Dump(Box<DumpArgs>),
     /// Diagnose a data directory that does not open, and offer the safe steps.
     Recover(crate::cli::recover::RecoverArgs),
+    /// Manage the internal backend's tokens (works while the server runs).
+    Token {
+        /// Directory of the data (the tokens file lives there).
+        #[arg(long, env = "MILEPOST_DATA_DIR", default_value = "./milepost-data")]
+        data_dir: PathBuf,
+        /// What to do.
+        #[command(subcommand)]
+        command: TokenCommand,
+    },
+    /// Alerts (step detection) on a running server, over its backend.
+    Alert {
+        /// The backend and the token.
+        #[command(flatten)]
+        client: crate::backend::client::ClientArgs,
+        /// What to do.
+        #[command(subcommand)]
+        command: crate::backend::client::AlertCommand,
+    },
+    /// Anomalies the alerts found, over the backend.
+    Anomaly {
+        /// The backend and the token.
+        #[command(flatten)]
+        client: crate::backend::client::ClientArgs,
+        /// What to do.
+        #[command(subcommand)]
+        command: crate::backend::client::AnomalyCommand,
+    },
     /// Print the OpenAPI document of the public API.
     Openapi,
     /// Measure ingest and query speed against DuckDB's own load (see docs/performance.md).
@@ -165,6 +192,9 @@ pub struct ServeArgs {
     /// `GET /api/v1/dumps/{name}` redirects there instead of streaming the object.
     #[arg(long, env = "MILEPOST_DUMP_PUBLIC_URL")]
     pub dump_public_url: Option<String>,
+    /// Internal backend.
+    #[command(flatten)]
+    pub backend: BackendArgs,
     /// How long shutdown waits for in-flight requests.
     #[arg(long, env = "MILEPOST_SHUTDOWN_TIMEOUT", default_value = "30s", value_parser = humantime::parse_duration)]
     pub shutdown_timeout: Duration,
@@ -278,6 +308,67 @@ fn parse_node(s: &str) -> Result<String, String> {
     }
 }
 
+/// The internal gRPC backend, step detection and its notifications.
+#[derive(Debug, Clone, Args)]
+pub struct BackendArgs {
+    /// Address of the internal gRPC backend (alerts, anomalies, jobs). Loopback by
+    /// default: it is for operators and other services, not the internet. `off`: none.
+    #[arg(long, env = "MILEPOST_BACKEND_ADDR", default_value = "127.0.0.1:8005", value_parser = parse_backend_addr)]
+    pub backend_addr: BackendAddr,
+    /// Quiet time after commits before background detection runs (once per burst).
+    #[arg(long, env = "MILEPOST_DETECT_DEBOUNCE", default_value = "2s", value_parser = humantime::parse_duration)]
+    pub detect_debounce: Duration,
+    /// Calls per minute of each backend job method (Redump, Backfill) — a token bucket.
+    #[arg(long, env = "MILEPOST_JOB_RATE", default_value_t = 2, value_parser = clap::value_parser!(u32).range(1..))]
+    pub job_rate_per_minute: u32,
+    /// Job calls that may come at once before the rate applies.
+    #[arg(long, env = "MILEPOST_JOB_BURST", default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..))]
+    pub job_burst: u32,
+    /// Most steps a dry run returns.
+    #[arg(long, env = "MILEPOST_DRY_RUN_MAX_RESULTS", default_value_t = 1000)]
+    pub dry_run_max_results: usize,
+    /// Attempts per webhook notification, the first included.
+    #[arg(long, env = "MILEPOST_WEBHOOK_ATTEMPTS", default_value_t = 5, value_parser = clap::value_parser!(u32).range(1..=20))]
+    pub webhook_attempts: u32,
+    /// Wait before the second webhook attempt; doubles after each failure.
+    #[arg(long, env = "MILEPOST_WEBHOOK_BACKOFF", default_value = "2s", value_parser = humantime::parse_duration)]
+    pub webhook_backoff: Duration,
+}
+
+/// `--backend-addr`: an address, or none (`off`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BackendAddr(pub Option<SocketAddr>);
+
+fn parse_backend_addr(s: &str) -> Result<BackendAddr, String> {
+    if s.eq_ignore_ascii_case("off") {
+        return Ok(BackendAddr(None));
+    }
+    s.parse()
+        .map(|a| BackendAddr(Some(a)))
+        .map_err(|e| format!("'{s}' is not an address like 127.0.0.1:8005 (or off): {e}"))
+}
+
+/// `milepost token`.
+#[derive(Debug, Clone, Subcommand)]
+pub enum TokenCommand {
+    /// Make a backend token; it is printed once and only its hash is kept.
+    Create {
+        /// What it may do.
+        #[arg(long, value_enum)]
+        role: crate::backend::Role,
+        /// Who or what uses it.
+        #[arg(long, default_value = "")]
+        name: String,
+    },
+    /// List tokens (ids, names, roles; never the tokens).
+    List,
+    /// Revoke the token(s) with this id or name; the server refuses them at once.
+    Revoke {
+        /// Id (from `token list`) or name.
+        which: String,
+    },
+}
+
 /// `milepost dump`.
 #[derive(Debug, Clone, Args)]
 pub struct DumpArgs {
@@ -324,6 +415,7 @@ impl ServeArgs {
                 s.storage.data_dir = data_dir;
                 // Tests that dump turn it on; the others should not pay for it.
                 s.dump_schedule = "off".into();
+                s.backend.backend_addr = BackendAddr(Some(SocketAddr::from(([127, 0, 0, 1], 0))));
                 s
             })
             .expect("serve")

@@ -17,6 +17,13 @@
 //!                              ▲
 //!   jobs (cron) ──▶ export::Dumper ──▶ store::DumpSource (own connection, Arrow batches)
 //!                              └──▶ object_store (file, S3, GCS, Azure) + manifest.json
+//!
+//! writer ──series it committed──▶ jobs::detection ──▶ detect (pure step fit)
+//!                                        │                 over Reader's bucket means
+//!                                        ▼
+//!                        store::AlertStore (own connection) ──▶ jobs::notify (webhooks)
+//!                                        ▲
+//! operator ──gRPC, bearer token──▶ backend (authz ▶ services) ──▶ Redump, DryRun, Backfill
 //! ```
 //!
 //! - [`domain`]: types that are valid by construction (`Device`, `Reading` rows,
@@ -29,7 +36,11 @@
 //!   (statistics buckets, streamed exports, GPS track).
 //! - [`export`]: daily dumps (gzip NDJSON and a Hive-partitioned Parquet lake) to a
 //!   blob store, the manifest, which days are due.
-//! - [`jobs`]: the dump schedule (tokio-cron-scheduler) and retention after it.
+//! - [`detect`]: step detection math (SPEC 5), pure: bucket means in, steps out.
+//! - [`jobs`]: the dump schedule (tokio-cron-scheduler) and retention after it;
+//!   background step detection after commits and the webhooks of what it finds.
+//! - [`backend`]: the internal gRPC listener (poem-grpc) — services, each with its
+//!   authorization policy, hashed tokens, reflection, and its command-line client.
 //! - [`metrics`]: the Prometheus registry behind `GET /metrics`.
 //! - [`app`]: wiring and the ordered graceful shutdown.
 //! - [`config`] and [`cli`]: flags with `MILEPOST_*` environment fallbacks, logging.
@@ -37,9 +48,11 @@
 
 pub mod api;
 pub mod app;
+pub mod backend;
 pub mod bench;
 pub mod cli;
 pub mod config;
+pub mod detect;
 pub mod domain;
 pub mod export;
 pub mod ingest;

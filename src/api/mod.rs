@@ -1,6 +1,7 @@
 //! Public HTTP API (poem + poem-openapi). Thin: decode, call the store or writer,
 //! encode. Errors become JSON in [`error`], once.
 
+mod anomalies;
 pub mod auth;
 mod dumps;
 pub mod error;
@@ -48,6 +49,8 @@ pub struct Limits {
 pub struct AppState {
     /// Queries.
     pub reads: Arc<dyn ReadStore>,
+    /// Anomalies step detection found (read-only here).
+    pub alerts: Arc<crate::store::AlertStore>,
     /// Ingest.
     pub writer: WriterHandle,
     /// Counters and histograms behind `/metrics`.
@@ -282,9 +285,22 @@ fn database_bytes(db: &FsPath) -> u64 {
         .sum()
 }
 
-fn service() -> OpenApiService<(PublicApi, v1::V1Api, dumps::DumpsApi), ()> {
+fn service() -> OpenApiService<
+    (
+        PublicApi,
+        v1::V1Api,
+        dumps::DumpsApi,
+        anomalies::AnomaliesApi,
+    ),
+    (),
+> {
     OpenApiService::new(
-        (PublicApi, v1::V1Api, dumps::DumpsApi),
+        (
+            PublicApi,
+            v1::V1Api,
+            dumps::DumpsApi,
+            anomalies::AnomaliesApi,
+        ),
         "Milepost",
         env!("CARGO_PKG_VERSION"),
     )

@@ -38,7 +38,7 @@ pub struct Generated {
 
 /// 2026-01-01T00:00:00Z.
 const START: i64 = 1_767_225_600;
-const SENSORS: [&str; 6] = [
+pub(crate) const SENSORS: [&str; 6] = [
     "speed",
     "revolution",
     "engine_temperature",

@@ -16,6 +16,7 @@
 //!    sensor (readings/s).
 //! 5. Peak RSS of the server process and database bytes per reading after checkpoint.
 
+pub mod detect;
 pub mod dump;
 mod generate;
 pub mod process;
@@ -64,6 +65,10 @@ pub struct BenchArgs {
     /// 10368000 --clients 20` is one day of 10.4 M readings.
     #[arg(long)]
     pub dump: bool,
+    /// Measure step detection instead (see `bench::detect`): the pure scan and
+    /// DryRun over a year of minutes, and ingest with alerts on every series.
+    #[arg(long, conflicts_with = "dump")]
+    pub detect: bool,
 }
 
 /// One measured phase.

@@ -13,6 +13,8 @@ pub struct ServerProcess {
     pub child: Child,
     /// `http://127.0.0.1:PORT`.
     pub base: String,
+    /// The internal gRPC backend's `127.0.0.1:PORT`, when it runs.
+    pub backend: Option<String>,
 }
 
 impl ServerProcess {
@@ -33,7 +35,9 @@ impl ServerProcess {
     ) -> anyhow::Result<Self> {
         let mut child = Command::new(exe)
             .args(["serve", "--listen", "127.0.0.1:0", "--log-format", "json"])
-            .args(["--log", "warn,milepost::app=info"])
+            .args(["--log", "warn,milepost::app=info,milepost::backend=info"])
+            // Many servers may run at once (tests): the backend on a free port too.
+            .args(["--backend-addr", "127.0.0.1:0"])
             .args(extra)
             .arg("--data-dir")
             .arg(data_dir)
@@ -44,12 +48,16 @@ impl ServerProcess {
             .spawn()
             .context("starting milepost serve")?;
         let mut lines = BufReader::new(child.stderr.take().expect("piped")).lines();
+        let mut backend = None;
         let addr = loop {
             let Some(line) = lines.next() else {
                 bail!("milepost serve exited before listening");
             };
             let line = line?;
             let v: serde_json::Value = serde_json::from_str(&line).unwrap_or_default();
+            if v["fields"]["message"] == "internal gRPC backend listening" {
+                backend = v["fields"]["addr"].as_str().map(str::to_owned);
+            }
             if v["fields"]["message"] == "public HTTP API listening" {
                 break v["fields"]["addr"].as_str().unwrap_or_default().to_owned();
             }
@@ -68,6 +76,7 @@ impl ServerProcess {
         Ok(Self {
             child,
             base: format!("http://{addr}"),
+            backend,
         })
     }
 

@@ -33,6 +33,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             });
             server.wait().await
         }
+        Command::Bench(args) if args.detect => crate::bench::detect::run(args).await.map(|_| ()),
         Command::Bench(args) if args.dump => crate::bench::dump::run(args).await.map(|_| ()),
         Command::Bench(args) => crate::bench::run(args).await.map(|_| ()),
         Command::Compact(storage) => {
@@ -56,6 +57,11 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             recover::Recovery::Healthy => Ok(()),
             recover::Recovery::NeedsAction => anyhow::bail!("the database needs the steps above"),
         },
+        Command::Token { data_dir, command } => token(&data_dir, command),
+        Command::Alert { client, command } => crate::backend::client::alert(&client, command).await,
+        Command::Anomaly { client, command } => {
+            crate::backend::client::anomaly(&client, command).await
+        }
         Command::Openapi => {
             println!("{}", crate::api::openapi_json());
             Ok(())
@@ -110,5 +116,40 @@ async fn dump(args: DumpArgs) -> anyhow::Result<()> {
     drop(dumper);
     tokio::task::spawn_blocking(move || store.close()).await??;
     anyhow::ensure!(failed == 0, "{failed} day(s) failed");
+    Ok(())
+}
+
+/// `milepost token …`.
+fn token(data_dir: &std::path::Path, command: crate::config::TokenCommand) -> anyhow::Result<()> {
+    use crate::config::TokenCommand;
+    let admin = crate::backend::TokenAdmin::new(data_dir);
+    match command {
+        TokenCommand::Create { role, name } => {
+            let (token, entry) = admin.create(role, &name)?;
+            eprintln!(
+                "token {} ({}, role {}): shown this once; only its hash is kept",
+                entry.id,
+                if name.is_empty() { "no name" } else { &name },
+                role.as_str()
+            );
+            println!("{token}");
+        }
+        TokenCommand::List => {
+            for t in admin.list()? {
+                println!(
+                    "{}\t{}\t{}\t{}",
+                    t.id,
+                    t.role.as_str(),
+                    t.created_at,
+                    t.name
+                );
+            }
+        }
+        TokenCommand::Revoke { which } => {
+            for t in admin.revoke(&which)? {
+                println!("revoked {} ({})", t.id, t.name);
+            }
+        }
+    }
     Ok(())
 }

@@ -2,6 +2,7 @@
 //! a [`Reading`] that exists has a catalogued sensor, a finite in-range value, a sane
 //! timestamp and a well-formed device name.
 
+mod alert;
 mod buckets;
 mod device;
 mod dump;
@@ -9,6 +10,10 @@ mod reading;
 mod sensor;
 mod time;
 
+pub use alert::{
+    Alert, AlertSpec, AlertSpecError, Anomaly, AnomalyFilter, AnomalyGroup, Delivery, FoundStep,
+    GroupAction, TriageStatus, UnknownValue,
+};
 pub use buckets::{Aggregate, BucketError, BucketWidth, Buckets, RangeError, TimeRange};
 pub use device::{Device, DeviceError, DeviceId};
 pub use dump::DumpFormat;

@@ -1,10 +1,14 @@
-//! Background jobs of `milepost serve` that run on a schedule: daily dumps and,
-//! after them, retention.
+//! Background jobs of `milepost serve`: daily dumps and, after them, retention, on
+//! a schedule; step detection after commits ([`detection`]) and the webhooks of
+//! what it finds ([`notify`]).
 //!
 //! tokio-cron-scheduler only rings the bell (`--dump-schedule`, UTC); one task does
 //! the work, so runs never overlap and a ring during a run just means "once more
 //! when done". A run also starts with the server: days missed while it was down are
 //! caught up without waiting for the next 06:00.
+
+pub mod detection;
+pub mod notify;
 
 use std::sync::Arc;
 

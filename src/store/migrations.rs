@@ -22,6 +22,11 @@ const MIGRATIONS: &[(i64, &str, &str)] = &[
         "dumps",
         include_str!("../../schema/migrations/0003_dumps.sql"),
     ),
+    (
+        4,
+        "alerts",
+        include_str!("../../schema/migrations/0004_alerts.sql"),
+    ),
 ];
 
 /// Newest schema version this binary knows.

@@ -11,6 +11,7 @@
 //! readings happen to be ordered on disk; compaction (`compact.rs`) rewrites finished
 //! days sorted for size and scan speed.
 
+mod alerts;
 mod compact;
 mod dump;
 mod dump_files;
@@ -30,6 +31,7 @@ use std::sync::Arc;
 
 use duckdb::{Config, Connection};
 
+pub use alerts::{AlertStore, AlertStoreError};
 pub use compact::Compaction;
 pub use dump::{DaySnapshot, DumpRecord, DumpSource};
 pub use error::StoreError;
@@ -124,6 +126,11 @@ impl Store {
     /// A connection of its own for daily dumps (see [`DumpSource`]).
     pub fn dump_source(&self) -> Result<DumpSource, StoreError> {
         Ok(DumpSource::new(self.conn.try_clone()?, self.shared.clone()))
+    }
+
+    /// The backend's tables (alerts, anomalies, …) on a connection of their own.
+    pub fn alert_store(&self) -> Result<AlertStore, StoreError> {
+        Ok(AlertStore::new(self.conn.try_clone()?, self.shared.clone()))
     }
 
     /// A reader with its own connections to the database.

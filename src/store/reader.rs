@@ -40,6 +40,9 @@ pub trait ReadStore: Send + Sync + 'static {
     /// Every known device.
     fn devices(&self) -> Vec<Device>;
 
+    /// The store's id of `device`, if it has sent anything.
+    fn device_id(&self, device: &Device) -> Option<DeviceId>;
+
     /// Statistics of every series of `device` (empty for an unknown device).
     fn series_of(&self, device: &Device) -> Vec<(SensorId, SeriesStats)>;
 
@@ -119,6 +122,10 @@ impl ReadStore for Reader {
 
     fn devices(&self) -> Vec<Device> {
         self.shared.devices().into_iter().map(|(_, d)| d).collect()
+    }
+
+    fn device_id(&self, device: &Device) -> Option<DeviceId> {
+        self.shared.device_id(device)
     }
 
     fn series_of(&self, device: &Device) -> Vec<(SensorId, SeriesStats)> {

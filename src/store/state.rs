@@ -72,6 +72,11 @@ impl Shared {
         }
     }
 
+    /// Replaces the sensor catalog (an operator changed it).
+    pub(super) fn set_catalog(&self, catalog: Catalog) {
+        *self.catalog.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(catalog);
+    }
+
     /// First rollup slot (ms) readers must not take from `rollups`.
     pub(super) fn rollups_from(&self) -> i64 {
         self.rollups_from.load(Ordering::Acquire)

@@ -151,7 +151,7 @@ pub struct WriterHandle {
     tx: mpsc::Sender<Msg>,
     timeout: Duration,
     running: Arc<AtomicBool>,
-    past_days: Arc<Notify>,
+    signals: Arc<Signals>,
 }
 
 /// A submitted batch; await [`PendingCommit::wait`] for its commit.
@@ -217,7 +217,49 @@ impl WriterHandle {
     /// Completes after a commit stored readings of a finished (before today, UTC) day:
     /// an import or a late upload that compaction should look at.
     pub async fn wrote_past_days(&self) {
-        self.past_days.notified().await;
+        self.signals.past_days.notified().await;
+    }
+
+    /// Waits until commits have stored readings, then returns the series they went
+    /// to (each once) since the last call. One consumer: background detection.
+    pub async fn committed_series(&self) -> Vec<(DeviceId, SensorId)> {
+        loop {
+            let notified = self.signals.touched_notify.notified();
+            {
+                let mut touched = self
+                    .signals
+                    .touched
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner());
+                if !touched.is_empty() {
+                    return touched.drain().collect();
+                }
+            }
+            notified.await;
+        }
+    }
+}
+
+/// What the writer tells the rest of the server after its commits.
+#[derive(Default)]
+struct Signals {
+    /// A commit stored readings of a finished day (compaction wants to know).
+    past_days: Notify,
+    /// Series that got readings since `committed_series` last looked.
+    touched: std::sync::Mutex<FxHashSet<(DeviceId, SensorId)>>,
+    touched_notify: Notify,
+}
+
+impl Signals {
+    /// Publishes the series a commit stored readings in: a few hash inserts per
+    /// commit, one lock, no allocation once the set has grown.
+    fn touched(&self, series: impl Iterator<Item = (DeviceId, SensorId)>) {
+        let mut touched = self.touched.lock().unwrap_or_else(|p| p.into_inner());
+        touched.extend(series);
+        if !touched.is_empty() {
+            drop(touched);
+            self.touched_notify.notify_one();
+        }
     }
 }
 
@@ -234,12 +276,12 @@ impl Writer {
         cfg: WriterConfig,
         lock: File,
     ) -> Result<Self, StoreError> {
-        let past_days = Arc::new(Notify::new());
+        let signals = Arc::new(Signals::default());
         let state = State::new(
             conn,
             shared,
             cfg.metrics.clone(),
-            past_days.clone(),
+            signals.clone(),
             cfg.rollup_merge_rows,
             cfg.clock.clone(),
         )?;
@@ -261,7 +303,7 @@ impl Writer {
                 tx,
                 timeout: cfg.queue_timeout,
                 running,
-                past_days,
+                signals,
             },
             thread: Some(thread),
         })
@@ -374,7 +416,7 @@ struct State {
     conn: Connection,
     shared: Arc<Shared>,
     metrics: Arc<Metrics>,
-    past_days: Arc<Notify>,
+    signals: Arc<Signals>,
     next_device: u32,
     recent: RecentKeys,
     due: DueDays,
@@ -409,7 +451,7 @@ impl State {
         conn: Connection,
         shared: Arc<Shared>,
         metrics: Arc<Metrics>,
-        past_days: Arc<Notify>,
+        signals: Arc<Signals>,
         rollup_merge_rows: usize,
         clock: Clock,
     ) -> Result<Self, StoreError> {
@@ -426,7 +468,7 @@ impl State {
             conn,
             shared,
             metrics,
-            past_days,
+            signals,
             next_device,
             recent: RecentKeys::default(),
             due: DueDays::default(),
@@ -633,8 +675,13 @@ impl State {
         let oldest = keys.iter().filter_map(|k| k.delta).map(|d| d.first).min();
         if oldest.is_some_and(|t| t < compact::today_start()) {
             self.due.invalidate();
-            self.past_days.notify_one();
+            self.signals.past_days.notify_one();
         }
+        self.signals.touched(
+            keys.iter()
+                .filter(|k| k.delta.is_some())
+                .map(|k| (k.device, k.sensor)),
+        );
         if let Some(to) = advance {
             self.live.release_before(to);
             self.live.from = to;

@@ -1,6 +1,7 @@
 //! Black-box tests: the real server on 127.0.0.1:0, a real DuckDB file in a temp
 //! directory, real HTTP. One test binary (modules below) to keep link time down.
 
+mod backend;
 mod compaction;
 mod dashboard;
 mod dumps;
