@@ -42,6 +42,7 @@
 //! - [`backend`]: the internal gRPC listener (poem-grpc) — services, each with its
 //!   authorization policy, hashed tokens, reflection, and its command-line client.
 //! - [`metrics`]: the Prometheus registry behind `GET /metrics`.
+//! - [`background`]: low-priority threads for dumps and detection.
 //! - [`app`]: wiring and the ordered graceful shutdown.
 //! - [`config`] and [`cli`]: flags with `MILEPOST_*` environment fallbacks, logging.
 //! - [`bench`]: `milepost bench`, ingest and query speed against DuckDB's own limit.
@@ -49,6 +50,7 @@
 pub mod api;
 pub mod app;
 pub mod backend;
+pub mod background;
 pub mod bench;
 pub mod cli;
 pub mod config;

@@ -330,39 +330,21 @@ fn due(
         .collect()
 }
 
-/// Niceness of the thread that writes a day's files: on a small VM a dump must not
-/// take the CPU from ingest. Measured on 2 cores while a 10 M-reading day was dumped
-/// (`milepost bench --dump`): ingest ran 41% slower at the default priority, 28% at
-/// niceness 10.
-const DUMP_NICENESS: i32 = 19;
-
-/// Runs a call on the dump connection on a thread of its own at a lower CPU priority
-/// (off the async executor): writing a day is heavy, and ingest must keep its pace
-/// while the dump takes the time that is left.
+/// Runs a call on the dump connection on a low-priority thread of its own (off the
+/// async executor; see [`crate::background`]): writing a day is heavy, and ingest
+/// must keep its pace while the dump takes the time that is left.
 async fn background<T: Send + 'static>(
     source: &Arc<Mutex<DumpSource>>,
     f: impl FnOnce(&DumpSource) -> Result<T, StoreError> + Send + 'static,
 ) -> Result<T, ExportError> {
     let source = source.clone();
-    let span = tracing::Span::current();
-    let (tx, rx) = tokio::sync::oneshot::channel();
-    std::thread::Builder::new()
-        .name("milepost-dump".into())
-        .spawn(move || {
-            let _enter = span.enter();
-            // On Linux a thread is a task: `who = 0` means this thread only.
-            // SAFETY: setpriority has no memory-safety preconditions.
-            let r = unsafe { nix::libc::setpriority(nix::libc::PRIO_PROCESS, 0, DUMP_NICENESS) };
-            if r != 0 {
-                tracing::debug!("could not lower the dump thread's priority");
-            }
-            let s = source.lock().expect("dump source lock");
-            let _ = tx.send(f(&s));
-        })
-        .map_err(|e| ExportError::Task(e.to_string()))?;
-    rx.await
-        .map_err(|_| ExportError::Task("the dump thread died".into()))?
-        .map_err(ExportError::Db)
+    crate::background::run("milepost-dump", move || {
+        let s = source.lock().expect("dump source lock");
+        f(&s)
+    })
+    .await
+    .ok_or_else(|| ExportError::Task("the dump thread died".into()))?
+    .map_err(ExportError::Db)
 }
 
 /// The local files of one day's dump, removed when dropped.

@@ -70,7 +70,7 @@ pub fn series_points(
         return Err(DetectError::UnknownSensor(sensor.to_string()));
     };
     let buckets = Buckets::new(range, bucket, None, MAX_BUCKETS).map_err(DetectError::Range)?;
-    let aggs = reads.bucket_stats(device, sensor_id, &buckets)?;
+    let aggs = reads.bucket_sums(device, sensor_id, &buckets)?;
     Ok(aggs
         .iter()
         .enumerate()
@@ -315,7 +315,9 @@ pub async fn run_background(
             touched.extend(more);
         }
         let (reads, alerts) = (reads.clone(), alerts.clone());
-        let ran = tokio::task::spawn_blocking(move || {
+        // At low priority: measured on 2 cores with an alert on every series of a
+        // 1 M readings/s import, ingest lost 17 % with detection at normal priority.
+        let ran = crate::background::run("milepost-detect", move || {
             let catalog = reads.catalog();
             let mut stored = 0usize;
             for alert in alerts.alerts(false)? {
@@ -342,10 +344,10 @@ pub async fn run_background(
         })
         .await;
         match ran {
-            Ok(Ok(n)) if n > 0 => notify.notify_one(),
-            Ok(Ok(_)) => {}
-            Ok(Err(e)) => tracing::warn!(error = %e, "background detection failed"),
-            Err(e) => tracing::error!(error = %e, "background detection panicked"),
+            Some(Ok(n)) if n > 0 => notify.notify_one(),
+            Some(Ok(_)) => {}
+            Some(Err(e)) => tracing::warn!(error = %e, "background detection failed"),
+            None => tracing::error!("background detection panicked"),
         }
     }
 }
