@@ -206,6 +206,13 @@ pub fn found_proto(spec: &AlertSpec, f: &FoundStep) -> proto::Anomaly {
     proto::Anomaly {
         device: spec.device.to_string(),
         sensor: spec.sensor.to_string(),
+        ..step_proto_fields(f)
+    }
+}
+
+/// The fields of an anomaly that describe its step.
+fn step_proto_fields(f: &FoundStep) -> proto::Anomaly {
+    proto::Anomaly {
         step_at: f.at.to_string(),
         window_start: f.window_start.to_string(),
         window_end: f.window_end.to_string(),
@@ -221,26 +228,18 @@ pub fn found_proto(spec: &AlertSpec, f: &FoundStep) -> proto::Anomaly {
 
 /// A stored anomaly for the wire.
 pub fn anomaly_proto(a: &Anomaly) -> proto::Anomaly {
-    let f = &a.found;
     proto::Anomaly {
         id: a.id,
         alert_id: a.alert_id,
         device: a.device.clone(),
         sensor: a.sensor.clone(),
-        step_at: f.at.to_string(),
-        window_start: f.window_start.to_string(),
-        window_end: f.window_end.to_string(),
-        before_mean: f.before_mean,
-        after_mean: f.after_mean,
-        statistic: f.statistic,
-        direction: step_proto(f.step) as i32,
         status: triage_proto(a.status) as i32,
         message: a.message.clone(),
         detected_at: a.detected.to_string(),
         triaged_at: opt_time(a.triaged),
         triaged_by: a.triaged_by.clone().unwrap_or_default(),
         group_id: a.group_id,
-        percent_change: f.percent_change(),
+        ..step_proto_fields(&a.found)
     }
 }
 

@@ -85,6 +85,22 @@ pub fn series_points(
         .collect())
 }
 
+/// The series of an alert's spec in `range`.
+fn spec_points(
+    reads: &dyn ReadStore,
+    spec: &AlertSpec,
+    range: TimeRange,
+) -> Result<Vec<Point>, DetectError> {
+    series_points(
+        reads,
+        &spec.device,
+        &spec.sensor,
+        spec.bucket,
+        range,
+        spec.min_bucket_readings,
+    )
+}
+
 /// The step `f` of `points` as the store records it.
 fn found_step(points: &[Point], f: &Found, radius: usize) -> FoundStep {
     FoundStep {
@@ -136,14 +152,7 @@ pub fn dry_run(
 ) -> Result<DryRun, DetectError> {
     let _span =
         tracing::info_span!("dry_run", device = %spec.device, sensor = %spec.sensor).entered();
-    let points = series_points(
-        reads,
-        &spec.device,
-        &spec.sensor,
-        spec.bucket,
-        range,
-        spec.min_bucket_readings,
-    )?;
+    let points = spec_points(reads, spec, range)?;
     let means: Vec<f64> = points.iter().map(|p| p.mean).collect();
     let scan = detect::find_steps(&means, &spec.step, 0, true);
     let truncated = scan.steps.len() > max_results;
@@ -187,14 +196,7 @@ pub fn backfill(
         from: Timestamp::from_micros(floor_to(range.from.as_micros(), w) - margin),
         to: Timestamp::from_micros(range.to.as_micros() + margin),
     };
-    let points = series_points(
-        reads,
-        &spec.device,
-        &spec.sensor,
-        spec.bucket,
-        wide,
-        spec.min_bucket_readings,
-    )?;
+    let points = spec_points(reads, spec, wide)?;
     let means: Vec<f64> = points.iter().map(|p| p.mean).collect();
     let steps: Vec<FoundStep> = detect::find_steps(&means, &spec.step, 0, false)
         .steps
@@ -251,14 +253,7 @@ pub fn detect_new(
             from: Timestamp::from_micros(from),
             to: Timestamp::from_micros(full_end),
         };
-        let points = series_points(
-            reads,
-            &spec.device,
-            &spec.sensor,
-            spec.bucket,
-            range,
-            spec.min_bucket_readings,
-        )?;
+        let points = spec_points(reads, spec, range)?;
         let start = points.partition_point(|p| p.start.as_micros() < resume);
         if start >= spec.step.radius() || from == first || lookback > w * MAX_BUCKETS as i64 / 2 {
             break (points, start);
