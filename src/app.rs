@@ -147,6 +147,7 @@ impl Server {
                 debounce: args.backend.detect_debounce,
             },
             wake_notifier.clone(),
+            state_metrics.clone(),
             shutdown.clone(),
         ));
         let notifier = tokio::spawn(notify::run(
@@ -157,6 +158,7 @@ impl Server {
                 ..NotifySettings::default()
             },
             wake_notifier.clone(),
+            state_metrics.clone(),
             shutdown.clone(),
         ));
         let backend = match args.backend.backend_addr.0 {

@@ -69,6 +69,14 @@ pub struct Metrics {
     pub dump_days_pending: Gauge,
     /// Readings deleted by retention after their days were dumped.
     pub retention_deleted_readings: Counter,
+    /// Anomalies background step detection stored.
+    pub anomalies_found: Counter,
+    /// Time of one background detection pass over the alerts of the touched series.
+    pub detection_seconds: Histogram,
+    /// Webhook attempts the receiver answered with 2xx.
+    pub webhook_ok: Counter,
+    /// Webhook attempts that failed (retried, up to `--webhook-attempts`).
+    pub webhook_failed: Counter,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -193,7 +201,37 @@ impl Metrics {
             "Readings deleted by retention after their days were dumped",
             retention_deleted_readings.clone(),
         );
+        let anomalies_found = Counter::default();
+        registry.register(
+            "anomalies_found",
+            "Anomalies background step detection stored",
+            anomalies_found.clone(),
+        );
+        // 1 ms .. ~30 s.
+        let detection_seconds = Histogram::new(exponential_buckets(0.001, 2.0, 15));
+        registry.register_with_unit(
+            "detection_pass_duration",
+            "Time of one background detection pass",
+            Unit::Seconds,
+            detection_seconds.clone(),
+        );
+        let webhook_ok = Counter::default();
+        registry.register(
+            "webhook_deliveries_ok",
+            "Webhook attempts answered with 2xx",
+            webhook_ok.clone(),
+        );
+        let webhook_failed = Counter::default();
+        registry.register(
+            "webhook_deliveries_failed",
+            "Webhook attempts that failed",
+            webhook_failed.clone(),
+        );
         Self {
+            anomalies_found,
+            detection_seconds,
+            webhook_ok,
+            webhook_failed,
             dumps_ok,
             dumps_failed,
             dump_bytes,

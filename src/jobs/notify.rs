@@ -16,6 +16,7 @@ use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 use crate::domain::{Alert, Anomaly, Delivery, Timestamp};
+use crate::metrics::Metrics;
 use crate::store::AlertStore;
 
 /// How webhooks are sent.
@@ -119,6 +120,7 @@ pub async fn run(
     alerts: Arc<AlertStore>,
     settings: NotifySettings,
     wake: Arc<Notify>,
+    metrics: Arc<Metrics>,
     stop: CancellationToken,
 ) {
     let client = match reqwest::Client::builder()
@@ -133,7 +135,7 @@ pub async fn run(
         }
     };
     loop {
-        send_pending(&alerts, &client, settings, &stop).await;
+        send_pending(&alerts, &client, settings, &metrics, &stop).await;
         tokio::select! {
             _ = stop.cancelled() => return,
             _ = wake.notified() => {}
@@ -145,6 +147,7 @@ async fn send_pending(
     alerts: &Arc<AlertStore>,
     client: &reqwest::Client,
     settings: NotifySettings,
+    metrics: &Metrics,
     stop: &CancellationToken,
 ) {
     let store = alerts.clone();
@@ -173,7 +176,7 @@ async fn send_pending(
         if stop.is_cancelled() {
             return;
         }
-        deliver(alerts, client, settings, &alert, &anomalies, stop).await;
+        deliver(alerts, client, settings, metrics, &alert, &anomalies, stop).await;
     }
 }
 
@@ -182,6 +185,7 @@ async fn deliver(
     alerts: &Arc<AlertStore>,
     client: &reqwest::Client,
     settings: NotifySettings,
+    metrics: &Metrics,
     alert: &Alert,
     anomalies: &[Anomaly],
     stop: &CancellationToken,
@@ -228,9 +232,11 @@ async fn deliver(
         let store = alerts.clone();
         let _ = tokio::task::spawn_blocking(move || store.log_delivery(&delivery)).await;
         if ok {
+            metrics.webhook_ok.inc();
             tracing::info!(attempt, "webhook delivered");
             break;
         }
+        metrics.webhook_failed.inc();
         tracing::warn!(attempt, error, "webhook delivery failed");
         if attempt == settings.attempts.max(1) {
             tracing::error!("webhook gave up after {attempt} attempts; see the delivery log");

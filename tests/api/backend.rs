@@ -550,6 +550,22 @@ async fn a_step_ingested_over_http_is_found_once_grouped_triaged_and_notified() 
         !log[1].ok && log[1].attempt == 1 && log[1].status_code == 503,
         "{log:?}"
     );
+    let metrics = app
+        .client
+        .get(app.url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    for line in [
+        "milepost_anomalies_found_total 1",
+        "milepost_webhook_deliveries_ok_total 1",
+        "milepost_webhook_deliveries_failed_total 1",
+    ] {
+        assert!(metrics.contains(line), "{line} missing from /metrics");
+    }
 
     // More data after it, and a backfill over everything: still one anomaly.
     let (status, _) = app.ingest(readings(t0, 90, 120)).await;
