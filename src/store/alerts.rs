@@ -627,6 +627,15 @@ mod tests {
     use super::*;
     use crate::store::{Store, StoreConfig};
 
+    fn open(dir: &std::path::Path) -> Store {
+        Store::open(&StoreConfig {
+            data_dir: dir.to_owned(),
+            memory_limit: "128MB".into(),
+            threads: 1,
+        })
+        .unwrap()
+    }
+
     fn spec(webhook: &str) -> AlertSpec {
         AlertSpec::new(
             "coolant",
@@ -656,12 +665,7 @@ mod tests {
     #[test]
     fn steps_are_stored_once_and_grouped_by_overlapping_windows() {
         let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(&StoreConfig {
-            data_dir: dir.path().to_owned(),
-            memory_limit: "128MB".into(),
-            threads: 1,
-        })
-        .unwrap();
+        let store = open(dir.path());
         let alerts = store.alert_store().unwrap();
         let a = alerts
             .create_alert(&spec("http://127.0.0.1:9/hook"))
@@ -731,12 +735,7 @@ mod tests {
     #[test]
     fn the_sensor_catalog_grows_and_changes() {
         let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(&StoreConfig {
-            data_dir: dir.path().to_owned(),
-            memory_limit: "128MB".into(),
-            threads: 1,
-        })
-        .unwrap();
+        let store = open(dir.path());
         let alerts = store.alert_store().unwrap();
         let oil = SensorName::parse("oil_pressure").unwrap();
         let s = alerts
@@ -760,12 +759,7 @@ mod tests {
         drop(alerts);
         drop(store);
         // And it is what the next start reads.
-        let store = Store::open(&StoreConfig {
-            data_dir: dir.path().to_owned(),
-            memory_limit: "128MB".into(),
-            threads: 1,
-        })
-        .unwrap();
+        let store = open(dir.path());
         let c = store.shared().catalog();
         assert_eq!(c.get("speed").unwrap().unit, "mph");
         assert_eq!(c.get("oil_pressure").unwrap().max, Some(1000.0));
