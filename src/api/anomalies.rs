@@ -61,10 +61,7 @@ pub struct AnomalyList {
 }
 
 fn time(name: &str, v: Option<String>) -> Result<Option<Timestamp>, ApiError> {
-    v.map(|s| {
-        Timestamp::parse_rfc3339(&s).map_err(|e| ApiError::bad_request(format!("{name}: {e}")))
-    })
-    .transpose()
+    v.map(|s| super::v1::time_param(name, &s)).transpose()
 }
 
 #[OpenApi(prefix_path = "/api/v1", tag = "Tag::Readings")]

@@ -575,6 +575,11 @@ fn catalogued(state: &AppState, name: &str) -> Result<Sensor, ApiError> {
         .ok_or_else(|| ApiError::not_found(format!("unknown sensor '{name}'")))
 }
 
+/// An RFC 3339 query parameter; a 400 naming it when it is not one.
+pub(super) fn time_param(name: &str, s: &str) -> Result<Timestamp, ApiError> {
+    Timestamp::parse_rfc3339(s).map_err(|e| ApiError::bad_request(format!("{name}: {e}")))
+}
+
 /// `from`/`to` query parameters. Without `to`: now (when `default_span` is given)
 /// or the end of time; without `from`: `to - default_span`, or the beginning.
 fn range_param(
@@ -582,9 +587,7 @@ fn range_param(
     to: Option<&str>,
     default_span: Option<Duration>,
 ) -> Result<TimeRange, ApiError> {
-    let parse = |name: &str, s: &str| {
-        Timestamp::parse_rfc3339(s).map_err(|e| ApiError::bad_request(format!("{name}: {e}")))
-    };
+    let parse = time_param;
     let to = match (to, default_span) {
         (Some(t), _) => parse("to", t)?,
         (None, Some(_)) => Timestamp::now(),

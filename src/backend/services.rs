@@ -10,7 +10,7 @@ use super::authz::AuthorizationPolicy;
 use super::convert::{self, BackendError};
 use super::proto;
 use super::tokens::{Caller, Role};
-use crate::domain::{AnomalyFilter, SensorName, TimeRange};
+use crate::domain::{AlertSpec, AnomalyFilter, SensorName, TimeRange};
 use crate::export::Dumper;
 use crate::jobs::detection;
 use crate::store::{AlertStore, ReadStore};
@@ -236,12 +236,25 @@ hosted!(
     }
 );
 
+impl AlertsService {
+    /// An alert on a sensor the catalog does not have would never see a reading.
+    fn known_sensor(&self, spec: AlertSpec) -> Result<AlertSpec, BackendError> {
+        if self.0.reads.catalog().get(spec.sensor.as_str()).is_none() {
+            return Err(BackendError::InvalidArgument(format!(
+                "sensor '{}' is not in the catalog (SensorCatalog.UpsertSensor adds one)",
+                spec.sensor
+            )));
+        }
+        Ok(spec)
+    }
+}
+
 impl proto::Alerts for AlertsService {
     async fn create_alert(
         &self,
         req: Request<proto::AlertConfig>,
     ) -> Result<Response<proto::AlertConfig>, Status> {
-        let spec = convert::alert_spec(&req)?;
+        let spec = self.known_sensor(convert::alert_spec(&req)?)?;
         let alerts = self.0.alerts.clone();
         let alert = blocking(move || Ok(alerts.create_alert(&spec)?)).await?;
         tracing::info!(alert = alert.id, name = %alert.spec.name, "alert created");
@@ -253,7 +266,7 @@ impl proto::Alerts for AlertsService {
         req: Request<proto::AlertConfig>,
     ) -> Result<Response<proto::AlertConfig>, Status> {
         let c = req.into_inner();
-        let spec = convert::alert_spec(&c)?;
+        let spec = self.known_sensor(convert::alert_spec(&c)?)?;
         let alerts = self.0.alerts.clone();
         let alert = blocking(move || Ok(alerts.update_alert(c.id, c.revision, &spec)?)).await?;
         Ok(Response::new(convert::alert_proto(&alert)))

@@ -20,7 +20,7 @@ use std::time::Duration;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
-use crate::detect::{self, Found, StepConfig};
+use crate::detect::{self, Found};
 use crate::domain::{
     Alert, AlertSpec, Anomaly, BucketWidth, Buckets, Device, FoundStep, SensorName, TimeRange,
     Timestamp,
@@ -353,20 +353,4 @@ pub async fn run_background(
             None => tracing::error!("background detection panicked"),
         }
     }
-}
-
-/// Checks a step configuration from its parts (for the backend and the CLI).
-pub fn step_config(
-    algorithm: &str,
-    radius: u32,
-    threshold: f64,
-    direction: &str,
-) -> Result<StepConfig, String> {
-    let algorithm = algorithm
-        .parse()
-        .map_err(|e: detect::UnknownName| e.to_string())?;
-    let direction = direction
-        .parse()
-        .map_err(|e: detect::UnknownName| e.to_string())?;
-    StepConfig::new(algorithm, radius as usize, threshold, direction).map_err(|e| e.to_string())
 }

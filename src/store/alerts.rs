@@ -625,15 +625,10 @@ impl AlertStore {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::store::{Store, StoreConfig};
+    use crate::store::Store;
 
     fn open(dir: &std::path::Path) -> Store {
-        Store::open(&StoreConfig {
-            data_dir: dir.to_owned(),
-            memory_limit: "128MB".into(),
-            threads: 1,
-        })
-        .unwrap()
+        crate::store::open_for_tests(dir)
     }
 
     fn spec(webhook: &str) -> AlertSpec {

@@ -151,6 +151,17 @@ impl Store {
     }
 }
 
+/// A store in `dir` with small settings, for tests.
+#[cfg(test)]
+pub(crate) fn open_for_tests(dir: &Path) -> Store {
+    Store::open(&StoreConfig {
+        data_dir: dir.to_owned(),
+        memory_limit: "128MB".into(),
+        threads: 1,
+    })
+    .expect("test store opens")
+}
+
 /// Runs `f` in one transaction: committed when it returns `Ok`, rolled back when it
 /// or the commit fails.
 fn in_transaction<T, E: From<duckdb::Error>>(

@@ -373,7 +373,7 @@ mod tests {
     use crate::domain::{
         Batch, BucketWidth, Buckets, Device, Row, SensorId, TimeRange, Timestamp, parse_tz,
     };
-    use crate::store::{Clock, Reader, Store, StoreConfig, WriterConfig, WriterHandle};
+    use crate::store::{Clock, Reader, Store, WriterConfig, WriterHandle};
     use std::sync::Arc;
     use std::sync::atomic::{AtomicI64, Ordering};
 
@@ -384,12 +384,7 @@ mod tests {
     const DEVICES: [&str; 2] = ["a", "b"];
 
     fn open(dir: &std::path::Path) -> Store {
-        Store::open(&StoreConfig {
-            data_dir: dir.to_owned(),
-            memory_limit: "128MB".into(),
-            threads: 1,
-        })
-        .unwrap()
+        crate::store::open_for_tests(dir)
     }
 
     /// Values are multiples of 1/4, so every sum is exact in any order and the two

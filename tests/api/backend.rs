@@ -210,6 +210,11 @@ async fn every_service_enforces_its_policy() {
     // The same revision again is stale.
     let e = alerts.update_alert(req(update, editor)).await.unwrap_err();
     assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
+    let mut unknown = alert_config("x", "");
+    unknown.sensor = "tyre_pressure".into();
+    let e = alerts.create_alert(req(unknown, editor)).await.unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
+    assert!(e.message().unwrap().contains("not in the catalog"), "{e:?}");
     let mut invalid = alert_config("x", "");
     invalid.radius = 0;
     let e = alerts.create_alert(req(invalid, editor)).await.unwrap_err();
