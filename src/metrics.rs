@@ -45,8 +45,11 @@ pub struct Metrics {
     pub ingest_requests: Family<StatusLabel, Counter>,
     /// Time from request start to answer of `POST /ingest`.
     pub ingest_seconds: Histogram,
-    /// Time of one group commit in the writer.
+    /// Time of one group commit in the writer (an ingest-log append or a DuckDB
+    /// transaction).
     pub commit_seconds: Histogram,
+    /// Time of moving the ingest log into DuckDB.
+    pub log_flush_seconds: Histogram,
     /// Batches waiting for the writer (set when scraped).
     pub queue_depth: Gauge,
     /// Size of the database file plus its WAL (set when scraped).
@@ -127,13 +130,20 @@ impl Metrics {
             Unit::Seconds,
             ingest_seconds.clone(),
         );
-        // 0.5 ms .. ~8 s.
-        let commit_seconds = Histogram::new(exponential_buckets(0.0005, 2.0, 15));
+        // 0.1 ms .. ~6.5 s.
+        let commit_seconds = Histogram::new(exponential_buckets(0.0001, 2.0, 17));
         registry.register_with_unit(
             "batch_commit_duration",
-            "Time of one group commit (dedupe, append, COMMIT)",
+            "Time of one group commit (ingest-log append and fdatasync, or dedupe, append and COMMIT in DuckDB)",
             Unit::Seconds,
             commit_seconds.clone(),
+        );
+        let log_flush_seconds = Histogram::new(exponential_buckets(0.0005, 2.0, 15));
+        registry.register_with_unit(
+            "ingest_log_flush_duration",
+            "Time of moving the readings acknowledged through the ingest log into the database",
+            Unit::Seconds,
+            log_flush_seconds.clone(),
         );
         let queue_depth = Gauge::default();
         registry.register(
@@ -245,6 +255,7 @@ impl Metrics {
             ingest_requests,
             ingest_seconds,
             commit_seconds,
+            log_flush_seconds,
             queue_depth,
             database_bytes,
             stored_readings,

@@ -265,7 +265,13 @@ async fn respond(state: &Arc<AppState>, req: &Request, body: Body) -> IngestResp
         total: Committed::default(),
         pending: None,
     };
-    run.drive(&mut reader, gzip).await
+    // A small body is read into a buffer of its size: zeroing a 256 KiB buffer per
+    // request was a quarter of the server's CPU time under a fleet of small requests.
+    let chunk = match declared {
+        Some(n) if !gzip => (n as usize).clamp(1, READ_CHUNK),
+        _ => READ_CHUNK,
+    };
+    run.drive(&mut reader, gzip, chunk).await
 }
 
 /// Refused lines per sensor; lines that named no catalogued sensor count as `unknown`.
@@ -345,10 +351,11 @@ impl Ingestion<'_> {
         mut self,
         reader: &mut Pin<Box<dyn AsyncRead + Send>>,
         gzip: bool,
+        chunk: usize,
     ) -> IngestResponse {
         let max_body = self.state.limits.max_body_bytes;
         let mut read = 0u64;
-        let mut buf = vec![0u8; READ_CHUNK];
+        let mut buf = vec![0u8; chunk];
         let mut failure: Option<(bool, String)> = None; // (too large?, message)
         loop {
             let (filled, error) = fill(reader, &mut buf).await;

@@ -95,6 +95,7 @@ impl DumpSource {
         let started = Instant::now();
         let start = day_start_ms(day);
         let range = format!("r.ts_ms >= {start} AND r.ts_ms < {}", start + DAY_MS);
+        self.shared.await_visible();
         let snapshot = super::in_transaction(&self.conn, || {
             if let Some(path) = json {
                 super::dump_files::write_json_day(&self.conn, start, path, &self.stop)?;
@@ -136,6 +137,7 @@ impl DumpSource {
     pub fn day_counts(&self) -> Result<BTreeMap<NaiveDate, u64>, StoreError> {
         // Before the writer has started (`milepost dump`) this is the earliest
         // instant: everything is counted from `readings`.
+        self.shared.await_visible();
         let boundary = self.shared.rollups_from();
         let sql = format!(
             "SELECT day, sum(n)::BIGINT FROM (

@@ -12,10 +12,12 @@
 //! days sorted for size and scan speed.
 
 mod alerts;
+mod columns;
 mod compact;
 mod dump;
 mod dump_files;
 mod error;
+mod ingest_log;
 mod migrations;
 mod reader;
 mod recent;
@@ -35,6 +37,7 @@ pub use alerts::{AlertStore, AlertStoreError};
 pub use compact::Compaction;
 pub use dump::{DaySnapshot, DumpRecord, DumpSource};
 pub use error::StoreError;
+pub use ingest_log::{IngestLog, LOG_FILE};
 pub use reader::{ReadStore, Reader, ScanChunk, ScanSink};
 pub use retention::Retired;
 pub use state::{SeriesEntry, SeriesStats, Shared};
@@ -57,6 +60,7 @@ pub struct StoreConfig {
 pub struct Store {
     conn: Connection,
     shared: Arc<Shared>,
+    log: IngestLog,
     path: PathBuf,
     _lock: File,
 }
@@ -77,6 +81,9 @@ impl Store {
         let path = cfg.data_dir.join(DB_FILE);
         let conn = open_duckdb(&path, cfg)?;
         migrations::apply(&conn)?;
+        // Readings acknowledged through the ingest log before a crash go into DuckDB
+        // before anything reads it.
+        let log = ingest_log::replay(&conn, &cfg.data_dir)?;
         let shared = Arc::new(load_shared(&conn)?);
         tracing::info!(
             path = %path.display(),
@@ -86,6 +93,7 @@ impl Store {
         Ok(Self {
             conn,
             shared,
+            log,
             path,
             _lock: lock,
         })
@@ -144,10 +152,11 @@ impl Store {
         let Self {
             conn,
             shared,
+            log,
             _lock: lock,
             ..
         } = self;
-        Writer::start(conn, shared, cfg, lock)
+        Writer::start(conn, shared, cfg, log, lock)
     }
 }
 

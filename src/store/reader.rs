@@ -106,6 +106,8 @@ impl Reader {
         &self,
         f: impl FnOnce(&Connection) -> Result<T, StoreError>,
     ) -> Result<T, StoreError> {
+        // Every query sees every reading acknowledged before it started.
+        self.shared.await_visible();
         let conn = self.idle.lock().expect("pool lock").pop();
         let conn = match conn {
             Some(c) => c,

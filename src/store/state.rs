@@ -2,9 +2,10 @@
 //! and per-series statistics. The writer updates it right after each commit, so
 //! "latest" answers never touch DuckDB.
 
-use std::collections::HashMap;
-use std::sync::atomic::{AtomicI64, Ordering};
-use std::sync::{Arc, RwLock};
+use rustc_hash::FxHashMap as HashMap;
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex, OnceLock, RwLock};
+use std::time::{Duration, Instant};
 
 use crate::domain::{Catalog, Device, DeviceId, SensorId, Timestamp};
 
@@ -45,7 +46,24 @@ pub struct Shared {
     /// back (see `rollup::Live`); readers take them from `readings`. Starts at the
     /// earliest instant — everything raw — until the writer has started.
     rollups_from: AtomicI64,
+    /// How far DuckDB has caught up with the ingest log.
+    visible: Visibility,
 }
+
+/// Ingest-log sequence numbers: acknowledged, and held by DuckDB (queries see them).
+/// See `ingest_log` for why the two differ.
+struct Visibility {
+    acked: AtomicU64,
+    requested: AtomicU64,
+    flushed: Mutex<u64>,
+    changed: Condvar,
+    /// Wakes the writer to move the log into DuckDB now.
+    wake: OnceLock<Box<dyn Fn() + Send + Sync>>,
+}
+
+/// Longest a query waits for the writer to move acknowledged readings into DuckDB
+/// before it answers from what DuckDB has (only ever reached if the writer is stuck).
+const VISIBLE_WAIT: Duration = Duration::from_secs(30);
 
 #[derive(Default)]
 struct Devices {
@@ -69,7 +87,74 @@ impl Shared {
             devices: RwLock::new(d),
             series: RwLock::new(series.into_iter().collect()),
             rollups_from: AtomicI64::new(i64::MIN),
+            visible: Visibility {
+                acked: AtomicU64::new(0),
+                requested: AtomicU64::new(0),
+                flushed: Mutex::new(0),
+                changed: Condvar::new(),
+                wake: OnceLock::new(),
+            },
         }
+    }
+
+    /// Blocks until DuckDB holds every reading acknowledged so far, so that a query
+    /// sees everything whose request was answered (read-your-writes). Free when
+    /// nothing is waiting in the ingest log; otherwise asks the writer to move it now.
+    pub fn await_visible(&self) {
+        let v = &self.visible;
+        let target = v.acked.load(Ordering::Acquire);
+        let mut flushed = v.flushed.lock().unwrap_or_else(|p| p.into_inner());
+        if *flushed >= target {
+            return;
+        }
+        v.requested.fetch_max(target, Ordering::AcqRel);
+        if let Some(wake) = v.wake.get() {
+            wake();
+        }
+        let deadline = Instant::now() + VISIBLE_WAIT;
+        while *flushed < target {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                tracing::warn!(
+                    target,
+                    flushed = *flushed,
+                    "acknowledged readings are not in the database yet; answering without them"
+                );
+                return;
+            }
+            flushed = v
+                .changed
+                .wait_timeout(flushed, left)
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
+        }
+    }
+
+    /// The writer's side of [`Self::await_visible`]: how to wake it, and where the
+    /// log stands when it starts.
+    pub(super) fn start_visibility(&self, through: u64, wake: Box<dyn Fn() + Send + Sync>) {
+        let v = &self.visible;
+        v.acked.store(through, Ordering::Release);
+        *v.flushed.lock().unwrap_or_else(|p| p.into_inner()) = through;
+        let _ = v.wake.set(wake);
+    }
+
+    /// A log record is durable and answered: queries must wait for it.
+    pub(super) fn acked(&self, seq: u64) {
+        self.visible.acked.store(seq, Ordering::Release);
+    }
+
+    /// DuckDB holds the log through `seq`: waiting queries go on.
+    pub(super) fn flushed(&self, seq: u64) {
+        let v = &self.visible;
+        *v.flushed.lock().unwrap_or_else(|p| p.into_inner()) = seq;
+        v.changed.notify_all();
+    }
+
+    /// Whether a query is waiting for readings only the ingest log holds.
+    pub(super) fn flush_requested(&self) -> bool {
+        let v = &self.visible;
+        v.requested.load(Ordering::Acquire) > *v.flushed.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Replaces the sensor catalog (an operator changed it).

@@ -34,17 +34,17 @@ use std::time::{Duration, Instant};
 
 use chrono::NaiveDate;
 use duckdb::Connection;
-use duckdb::arrow::array::{ArrayRef, Float64Array, Int16Array, Int32Array, Int64Array};
-use duckdb::arrow::datatypes::{DataType, Field, Schema};
-use duckdb::arrow::record_batch::RecordBatch;
+use duckdb::arrow::array::{Int16Array, Int64Array};
 use tokio::sync::{Notify, mpsc, oneshot};
 
+use super::columns::Columns;
 use super::compact::{self, Compaction, DueDays};
 use super::recent::{MAX_SPAN_MS, RecentKeys, WINDOW_KEYS, Window};
 use super::retention::{self, Retired};
-use super::rollup::{self, Live, Partials};
+use super::ingest_log::{self, IngestLog};
+use super::rollup::{self, Live, Partial, Partials};
 use super::{SeriesEntry, SeriesStats, Shared, StoreError};
-use crate::domain::{Batch, Device, DeviceId, Row, SensorId};
+use crate::domain::{Batch, Device, DeviceId, SensorId};
 use crate::metrics::{Metrics, UNKNOWN_SENSOR};
 
 /// Writer tuning.
@@ -133,6 +133,8 @@ enum Msg {
     Compact(oneshot::Sender<Result<Compaction, StoreError>>),
     Retire(RetireJob),
     Shutdown(oneshot::Sender<Result<(), StoreError>>),
+    /// Time to look at the ingest log (a query waits for it, or it has aged).
+    Tick,
 }
 
 struct RetireJob {
@@ -274,9 +276,11 @@ impl Writer {
         conn: Connection,
         shared: Arc<Shared>,
         cfg: WriterConfig,
+        log: IngestLog,
         lock: File,
     ) -> Result<Self, StoreError> {
         let signals = Arc::new(Signals::default());
+        let through = log.next_seq() - 1;
         let state = State::new(
             conn,
             shared,
@@ -284,8 +288,33 @@ impl Writer {
             signals.clone(),
             cfg.rollup_merge_rows,
             cfg.clock.clone(),
+            log,
         )?;
         let (tx, rx) = mpsc::channel(cfg.queue_capacity.max(1));
+        // Queries wake the writer to move the ingest log into DuckDB; a ticker makes
+        // an idle one look at its age. Neither keeps the writer alive.
+        let weak = tx.downgrade();
+        state.shared.start_visibility(
+            through,
+            Box::new(move || {
+                if let Some(tx) = weak.upgrade() {
+                    let _ = tx.try_send(Msg::Tick);
+                }
+            }),
+        );
+        let weak = tx.downgrade();
+        std::thread::Builder::new()
+            .name("milepost-tick".into())
+            .spawn(move || {
+                loop {
+                    std::thread::sleep(TICK);
+                    match weak.upgrade() {
+                        Some(tx) => drop(tx.try_send(Msg::Tick)),
+                        None => return,
+                    }
+                }
+            })
+            .map_err(|e| StoreError::Internal(format!("cannot start writer ticker: {e}")))?;
         let running = Arc::new(AtomicBool::new(true));
         let flag = running.clone();
         let max_rows = cfg.max_group_rows.max(1);
@@ -347,23 +376,29 @@ fn run(mut state: State, mut rx: mpsc::Receiver<Msg>, max_rows: usize) {
                 Msg::Compact(reply) => compact = Some(reply),
                 Msg::Retire(job) => retire = Some(job),
                 Msg::Shutdown(ack) => shutdown = Some(ack),
+                Msg::Tick => {}
             }
             if shutdown.is_none() && compact.is_none() && retire.is_none() && rows < max_rows {
                 next = rx.try_recv().ok();
             }
         }
         state.commit_group(group);
+        state.maybe_flush();
         if let Some(reply) = compact {
             let today = chrono::Utc::now().date_naive();
             // Held rollup partials go first: compaction recomputes its days' rollups
             // from the readings, and they must not be added on top later.
             let done = state
-                .flush_live()
+                .flush_pending()
+                .and_then(|()| state.flush_live())
                 .and_then(|()| state.due.compact_next(&state.conn, today));
             let _ = reply.send(done);
         }
         if let Some(job) = retire {
-            let _ = job.reply.send(state.retire(&job.days));
+            let done = state
+                .flush_pending()
+                .and_then(|()| state.retire(&job.days));
+            let _ = job.reply.send(done);
         }
         if let Some(ack) = shutdown {
             rx.close();
@@ -374,6 +409,7 @@ fn run(mut state: State, mut rx: mpsc::Receiver<Msg>, max_rows: usize) {
                     Msg::Compact(reply) => drop(reply.send(Err(StoreError::WriterGone))),
                     Msg::Retire(job) => drop(job.reply.send(Err(StoreError::WriterGone))),
                     Msg::Shutdown(other) => drop(other.send(Ok(()))),
+                    Msg::Tick => {}
                 }
             }
             state.commit_group(rest);
@@ -400,6 +436,69 @@ enum Verdict {
     Maybe,
 }
 
+/// A group's rows classified, before anything is written.
+struct Plan {
+    new_devices: Vec<(DeviceId, Device)>,
+    /// Per job: its batch's device indices → ids.
+    device_maps: Vec<Vec<DeviceId>>,
+    keys: Vec<KeyAcc>,
+    /// Per row (in group order): index into `keys`.
+    row_keys: Vec<u32>,
+    verdicts: Vec<Verdict>,
+    maybe: usize,
+    rows: usize,
+}
+
+/// The live rollup slots' move with the next append (see [`super::rollup`]).
+struct SlotMove {
+    /// The first live slot moves here; held partials before it are written.
+    advance: Option<i64>,
+    /// Partials of slots from here on are held.
+    hold_from: i64,
+}
+
+/// Largest group that goes through the ingest log; larger ones (bulk imports) cost
+/// DuckDB little per reading and go there directly rather than being written twice.
+const LOG_GROUP_ROWS: usize = 16 * 1024;
+/// The ingest log is moved into DuckDB once it holds this many readings…
+const FLUSH_ROWS: usize = 64 * 1024;
+/// …or once its oldest reading has waited this long (or a query asks for it).
+const FLUSH_AGE: Duration = Duration::from_millis(1000);
+/// How often an idle writer checks [`FLUSH_AGE`].
+const TICK: Duration = Duration::from_millis(250);
+
+/// Readings acknowledged through the ingest log, not yet in DuckDB.
+#[derive(Default)]
+struct Pending {
+    rows: Columns,
+    series: ingest_log::Series,
+    devices: Vec<(DeviceId, Device)>,
+    /// Sequence number of the last record they came with.
+    through: u64,
+    /// When the oldest of them was acknowledged.
+    since: Option<Instant>,
+}
+
+impl Pending {
+    fn add(&mut self, rows: Columns, devices: &[(DeviceId, Device)], seq: u64) {
+        self.series.add(rows, &mut self.rows);
+        self.devices.extend_from_slice(devices);
+        self.through = seq;
+        self.since.get_or_insert_with(Instant::now);
+    }
+
+    fn is_empty(&self) -> bool {
+        self.since.is_none()
+    }
+
+    fn clear(&mut self) {
+        self.rows = Columns::default();
+        self.series.clear();
+        self.devices.clear();
+        self.since = None;
+    }
+}
+
 /// Per-series bookkeeping while classifying a group.
 struct KeyAcc {
     device: DeviceId,
@@ -423,6 +522,8 @@ struct State {
     rollups: Unmerged,
     live: Live,
     clock: Clock,
+    log: IngestLog,
+    pending: Pending,
 }
 
 /// The first live rollup slot at `now_ms`: the previous quarter hour's.
@@ -454,6 +555,7 @@ impl State {
         signals: Arc<Signals>,
         rollup_merge_rows: usize,
         clock: Clock,
+        log: IngestLog,
     ) -> Result<Self, StoreError> {
         let next_device = shared
             .devices()
@@ -484,6 +586,8 @@ impl State {
             },
             live: Live::new(from),
             clock,
+            log,
+            pending: Pending::default(),
         })
     }
 
@@ -515,7 +619,20 @@ impl State {
     }
 
     fn commit(&mut self, jobs: &[Job]) -> Result<Vec<Committed>, StoreError> {
-        // 1. Device names → ids, new ones numbered now and inserted in the transaction.
+        let plan = self.classify(jobs);
+        if plan.maybe == 0 && plan.rows <= LOG_GROUP_ROWS {
+            return self.commit_logged(jobs, plan);
+        }
+        // Older readings are checked against DuckDB, and large groups go there
+        // directly (logging them would write them twice): both after everything the
+        // log holds, so DuckDB sees the readings in the order they were acknowledged.
+        self.flush_pending()?;
+        self.commit_direct(jobs, plan)
+    }
+
+    /// Device ids and a verdict for every row of the group.
+    fn classify(&self, jobs: &[Job]) -> Plan {
+        // 1. Device names → ids, new ones numbered now and stored with the readings.
         let mut new_devices: Vec<(DeviceId, Device)> = Vec::new();
         let mut device_maps = Vec::with_capacity(jobs.len());
         for job in jobs {
@@ -539,9 +656,10 @@ impl State {
         }
 
         // 2. Classify every row: duplicate within the group, fresh, or maybe.
+        let rows = jobs.iter().map(|j| j.batch.len()).sum();
         let mut keys: Vec<KeyAcc> = Vec::new();
         let mut key_index: FxHashMap<(DeviceId, SensorId), usize> = FxHashMap::default();
-        let mut row_keys: Vec<u32> = Vec::with_capacity(jobs.iter().map(|j| j.batch.len()).sum());
+        let mut row_keys: Vec<u32> = Vec::with_capacity(rows);
         let mut last: Option<((DeviceId, SensorId), usize)> = None;
         for (job, ids) in jobs.iter().zip(&device_maps) {
             for row in &job.batch.rows {
@@ -597,19 +715,60 @@ impl State {
                 seq += 1;
             }
         }
+        Plan {
+            new_devices,
+            device_maps,
+            keys,
+            row_keys,
+            verdicts,
+            maybe,
+            rows,
+        }
+    }
 
+    /// A group of new readings only: into the ingest log, acknowledged once it is on
+    /// disk; DuckDB gets them with the next [`Self::flush_pending`].
+    fn commit_logged(&mut self, jobs: &[Job], mut plan: Plan) -> Result<Vec<Committed>, StoreError> {
+        let (fresh, _) = split_columns(jobs, &plan.device_maps, &plan.verdicts, &plan.row_keys, 0);
+        let seq = {
+            let _span = tracing::debug_span!("log_append", rows = fresh.len()).entered();
+            self.log.append(&plan.new_devices, &fresh)?
+        };
+        let (results, updated) = tally(
+            jobs,
+            &plan.verdicts,
+            &plan.row_keys,
+            &mut plan.keys,
+            &[],
+            &self.shared,
+        );
+        self.pending.add(fresh, &plan.new_devices, seq);
+        self.publish(&plan.new_devices, &updated, &plan.keys);
+        self.shared.acked(seq);
+        Ok(results)
+    }
+
+    /// A group with older readings or many readings: deduplicated against DuckDB and
+    /// committed there in one transaction.
+    fn commit_direct(&mut self, jobs: &[Job], mut plan: Plan) -> Result<Vec<Committed>, StoreError> {
         // 3. Column buffers for the Appender, built before the transaction opens.
-        let (fresh, staged) = split_columns(jobs, &device_maps, &verdicts, &row_keys, maybe);
+        let (fresh, staged) = split_columns(
+            jobs,
+            &plan.device_maps,
+            &plan.verdicts,
+            &plan.row_keys,
+            plan.maybe,
+        );
+        let series: Vec<(DeviceId, SensorId)> =
+            plan.keys.iter().map(|k| (k.device, k.sensor)).collect();
 
         // 4. One transaction for the whole group: devices, dedupe of older rows, series
         //    statistics, then the fresh rows and the rollups of ended slots.
-        let now_from = live_from(self.clock.now_ms());
-        let advance = (now_from > self.live.from).then_some(now_from);
-        let hold_from = advance.unwrap_or(self.live.from);
+        let slots = self.slot_move();
         let started = Instant::now();
         self.conn.execute_batch("BEGIN TRANSACTION")?;
         let in_tx = (|| {
-            self.insert_devices(&new_devices)?;
+            ingest_log::insert_devices(&self.conn, &plan.new_devices)?;
             let mut fresh = fresh;
             let stored_dups = if staged.is_empty() {
                 Vec::new()
@@ -618,36 +777,13 @@ impl State {
             };
             let (results, updated) = tally(
                 jobs,
-                &verdicts,
-                &row_keys,
-                &mut keys,
+                &plan.verdicts,
+                &plan.row_keys,
+                &mut plan.keys,
                 &stored_dups,
                 &self.shared,
             );
-            if !self.recent.is_empty() {
-                for i in 0..fresh.ts.len() {
-                    self.recent
-                        .record(fresh.device[i], fresh.sensor[i], fresh.ts[i]);
-                }
-            }
-            let mut partials = Partials::default();
-            let mut held = Vec::new();
-            if !fresh.is_empty() {
-                let batch = fresh.into_record_batch(&keys)?;
-                partials = Partials::of_sorted(&batch)?;
-                let mut app = self.conn.appender("readings")?;
-                app.append_record_batch(batch)?;
-                app.flush()?;
-                held = partials.split_off_from(hold_from);
-            }
-            if let Some(to) = advance {
-                partials.extend(self.live.before(to));
-                self.conn.execute(
-                    "INSERT OR REPLACE INTO meta VALUES (?, ?)",
-                    duckdb::params![rollup::META_FROM, to.to_string()],
-                )?;
-            }
-            partials.append(&self.conn)?;
+            let (partials, held) = self.append_fresh(fresh, &series, &slots)?;
             let before_commit = Instant::now();
             self.conn.execute_batch("COMMIT")?;
             tracing::debug!(
@@ -668,10 +804,136 @@ impl State {
         };
 
         // 5. Only now, with the data durable, show it to readers.
+        self.publish(&plan.new_devices, &updated, &plan.keys);
+        self.after_append(slots, partials, held);
+        Ok(results)
+    }
+
+    /// Moves everything the ingest log holds into DuckDB in one transaction, records
+    /// how far, and empties the log. Queries waiting for it go on.
+    fn flush_pending(&mut self) -> Result<(), StoreError> {
+        if self.pending.is_empty() {
+            return Ok(());
+        }
+        let through = self.pending.through;
+        let rows = self.pending.rows.len();
+        let _span = tracing::debug_span!("log_flush", rows, through).entered();
+        let started = Instant::now();
+        let slots = self.slot_move();
+        self.conn.execute_batch("BEGIN TRANSACTION")?;
+        let in_tx = (|| {
+            ingest_log::insert_devices(&self.conn, &self.pending.devices)?;
+            // A copy: on failure the readings stay pending (and in the log).
+            let fresh = self.pending.rows.clone();
+            let series = std::mem::take(&mut self.pending.series.keys);
+            let appended = self.append_fresh(fresh, &series, &slots);
+            self.pending.series.keys = series;
+            let appended = appended?;
+            ingest_log::set_through(&self.conn, through)?;
+            self.conn.execute_batch("COMMIT")?;
+            Ok::<_, StoreError>(appended)
+        })();
+        let (partials, held) = match in_tx {
+            Ok(r) => r,
+            Err(e) => {
+                self.conn.execute_batch("ROLLBACK").ok();
+                self.recent.clear();
+                return Err(e);
+            }
+        };
+        self.pending.clear();
+        if let Err(e) = self.log.reset() {
+            // Harmless: start-up skips records DuckDB already holds.
+            tracing::warn!(error = %e, "emptying the ingest log failed");
+        }
+        self.shared.flushed(through);
+        self.after_append(slots, partials, held);
+        let elapsed = started.elapsed();
+        self.metrics.log_flush_seconds.observe(elapsed.as_secs_f64());
+        tracing::debug!(elapsed_ms = elapsed.as_secs_f64() * 1e3, "flushed the ingest log");
+        Ok(())
+    }
+
+    /// Flushes the ingest log when a query waits for it, when it holds many
+    /// readings, or when its oldest reading has waited long enough. A failure leaves
+    /// the readings pending (they are in the log) and is retried at the next chance.
+    fn maybe_flush(&mut self) {
+        let Some(since) = self.pending.since else {
+            return;
+        };
+        if self.shared.flush_requested()
+            || self.pending.rows.len() >= FLUSH_ROWS
+            || since.elapsed() >= FLUSH_AGE
+        {
+            if let Err(e) = self.flush_pending() {
+                tracing::error!(error = %e, "moving the ingest log into the database failed; retrying later");
+                // Not again at once: the next tick or group.
+                self.pending.since = Some(Instant::now());
+            }
+        }
+    }
+
+    /// Where the live rollup slots stand for the next append.
+    fn slot_move(&self) -> SlotMove {
+        let now_from = live_from(self.clock.now_ms());
+        let advance = (now_from > self.live.from).then_some(now_from);
+        SlotMove {
+            advance,
+            hold_from: advance.unwrap_or(self.live.from),
+        }
+    }
+
+    /// Inside the caller's transaction: appends fresh rows (sorted by series), their
+    /// rollup partials except those of live slots (returned, to be held), and the
+    /// held partials of slots that have ended.
+    fn append_fresh(
+        &mut self,
+        fresh: Columns,
+        series: &[(DeviceId, SensorId)],
+        slots: &SlotMove,
+    ) -> Result<(Partials, Vec<Partial>), StoreError> {
+        if !self.recent.is_empty() {
+            for i in 0..fresh.len() {
+                self.recent
+                    .record(fresh.device[i], fresh.sensor[i], fresh.ts[i]);
+            }
+        }
+        let mut partials = ingest_log::append_readings(&self.conn, fresh, series)?;
+        let held = partials.split_off_from(slots.hold_from);
+        if let Some(to) = slots.advance {
+            partials.extend(self.live.before(to));
+            self.conn.execute(
+                "INSERT OR REPLACE INTO meta VALUES (?, ?)",
+                duckdb::params![rollup::META_FROM, to.to_string()],
+            )?;
+        }
+        partials.append(&self.conn)?;
+        Ok((partials, held))
+    }
+
+    /// After the commit of [`Self::append_fresh`]: the live slots move on.
+    fn after_append(&mut self, slots: SlotMove, partials: Partials, held: Vec<Partial>) {
+        if let Some(to) = slots.advance {
+            self.live.release_before(to);
+            self.live.from = to;
+            self.shared.set_rollups_from(to);
+        }
+        self.live.hold(held);
+        self.rollups.add(&partials);
+        self.merge_rollups();
+    }
+
+    /// Shows acknowledged readings to readers and counts them.
+    fn publish(
+        &mut self,
+        new_devices: &[(DeviceId, Device)],
+        updated: &[SeriesEntry],
+        keys: &[KeyAcc],
+    ) {
         self.next_device += new_devices.len() as u32;
-        self.shared.add_devices(&new_devices);
-        self.shared.set_series(&updated);
-        self.count(&keys);
+        self.shared.add_devices(new_devices);
+        self.shared.set_series(updated);
+        self.count(keys);
         let oldest = keys.iter().filter_map(|k| k.delta).map(|d| d.first).min();
         if oldest.is_some_and(|t| t < compact::today_start()) {
             self.due.invalidate();
@@ -682,15 +944,6 @@ impl State {
                 .filter(|k| k.delta.is_some())
                 .map(|k| (k.device, k.sensor)),
         );
-        if let Some(to) = advance {
-            self.live.release_before(to);
-            self.live.from = to;
-            self.shared.set_rollups_from(to);
-        }
-        self.live.hold(held);
-        self.rollups.add(&partials);
-        self.merge_rollups();
-        Ok(results)
     }
 
     /// Writes every held rollup partial, in its own transaction. The boundary
@@ -747,16 +1000,6 @@ impl State {
             );
             Metrics::add(&m.readings_duplicate, name, k.duplicates);
         }
-    }
-
-    fn insert_devices(&self, new_devices: &[(DeviceId, Device)]) -> Result<(), StoreError> {
-        for (id, name) in new_devices {
-            self.conn.execute(
-                "INSERT INTO devices VALUES (?, ?)",
-                duckdb::params![id.0 as i32, name.as_str()],
-            )?;
-        }
-        Ok(())
     }
 
     /// Checks the "maybe" rows against stored readings: those not stored yet move to
@@ -872,6 +1115,8 @@ impl State {
     }
 
     fn checkpoint(&mut self) -> Result<(), StoreError> {
+        // Whatever fails here stays in the ingest log for the next start.
+        self.flush_pending()?;
         // Not needed for correctness (the next start recomputes the live slots) but
         // leaves a file whose rollups are whole for offline tools.
         if let Err(e) = self.flush_live() {
@@ -1008,130 +1253,6 @@ fn split_columns(
     (fresh, staged)
 }
 
-/// Rows to append, column by column.
-#[derive(Clone)]
-struct Columns {
-    seq: Vec<u32>,
-    /// Index of the row's series in the group's `KeyAcc` list.
-    key: Vec<u32>,
-    device: Vec<i32>,
-    sensor: Vec<i16>,
-    ts: Vec<i64>,
-    value: Vec<f64>,
-}
-
-impl Columns {
-    fn with_capacity(n: usize) -> Self {
-        Self {
-            seq: Vec::with_capacity(n),
-            key: Vec::with_capacity(n),
-            device: Vec::with_capacity(n),
-            sensor: Vec::with_capacity(n),
-            ts: Vec::with_capacity(n),
-            value: Vec::with_capacity(n),
-        }
-    }
-
-    fn is_empty(&self) -> bool {
-        self.ts.is_empty()
-    }
-
-    fn push(&mut self, seq: u32, key: u32, device: DeviceId, row: &Row) {
-        self.push_raw(
-            seq,
-            key,
-            device.0 as i32,
-            row.sensor.0 as i16,
-            row.ts.as_micros(),
-            row.value,
-        );
-    }
-
-    #[allow(clippy::too_many_arguments)]
-    fn push_raw(&mut self, seq: u32, key: u32, device: i32, sensor: i16, ts: i64, value: f64) {
-        self.seq.push(seq);
-        self.key.push(key);
-        self.device.push(device);
-        self.sensor.push(sensor);
-        self.ts.push(ts);
-        self.value.push(value);
-    }
-
-    /// Row order grouped by series (ordered by device, sensor) and time: a counting
-    /// sort on the series index the classification already computed, then a time sort
-    /// only of the series whose rows arrived out of order. `None` when the rows are
-    /// already in that order.
-    fn series_order(&self, keys: &[KeyAcc]) -> Option<Vec<u32>> {
-        let mut rank: Vec<usize> = (0..keys.len()).collect();
-        rank.sort_unstable_by_key(|&k| (keys[k].device, keys[k].sensor));
-        let mut start = vec![0usize; keys.len() + 1];
-        let mut pos_of = vec![0usize; keys.len()];
-        let mut counts = vec![0usize; keys.len()];
-        for &k in &self.key {
-            counts[k as usize] += 1;
-        }
-        for (r, &k) in rank.iter().enumerate() {
-            start[r + 1] = start[r] + counts[k];
-            pos_of[k] = start[r];
-        }
-        let mut order = vec![0u32; self.key.len()];
-        for (i, &k) in self.key.iter().enumerate() {
-            order[pos_of[k as usize]] = i as u32;
-            pos_of[k as usize] += 1;
-        }
-        for w in start.windows(2) {
-            let seg = &mut order[w[0]..w[1]];
-            if !seg
-                .windows(2)
-                .all(|p| self.ts[p[0] as usize] < self.ts[p[1] as usize])
-            {
-                seg.sort_unstable_by_key(|&i| self.ts[i as usize]);
-            }
-        }
-        let identity = order.iter().enumerate().all(|(i, &o)| i as u32 == o);
-        (!identity).then_some(order)
-    }
-
-    /// Columns in table order (`device_id, sensor_id, ts_ms, ts_us, value`), sorted
-    /// by series and time. Already-sorted buffers move into Arrow without a copy.
-    fn into_record_batch(self, keys: &[KeyAcc]) -> Result<RecordBatch, StoreError> {
-        let cols = match self.series_order(keys) {
-            None => self,
-            Some(order) => {
-                let at = |i: &u32| *i as usize;
-                Columns {
-                    seq: Vec::new(),
-                    key: Vec::new(),
-                    device: order.iter().map(|i| self.device[at(i)]).collect(),
-                    sensor: order.iter().map(|i| self.sensor[at(i)]).collect(),
-                    ts: order.iter().map(|i| self.ts[at(i)]).collect(),
-                    value: order.iter().map(|i| self.value[at(i)]).collect(),
-                }
-            }
-        };
-        let fields = vec![
-            Field::new("device_id", DataType::Int32, false),
-            Field::new("sensor_id", DataType::Int16, false),
-            Field::new("ts_ms", DataType::Int64, false),
-            Field::new("ts_us", DataType::Int16, false),
-            Field::new("value", DataType::Float64, false),
-        ];
-        let arrays: Vec<ArrayRef> = vec![
-            Arc::new(Int32Array::from(cols.device)),
-            Arc::new(Int16Array::from(cols.sensor)),
-            Arc::new(Int64Array::from_iter_values(
-                cols.ts.iter().map(|t| t.div_euclid(1000)),
-            )),
-            Arc::new(Int16Array::from_iter_values(
-                cols.ts.iter().map(|t| t.rem_euclid(1000) as i16),
-            )),
-            Arc::new(Float64Array::from(cols.value)),
-        ];
-        RecordBatch::try_new(Arc::new(Schema::new(fields)), arrays)
-            .map_err(|e| StoreError::Internal(format!("building an append batch: {e}")))
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1223,53 +1344,6 @@ mod tests {
         h.append(batch(0, 10)).await.unwrap(); // September 2020
         assert!(announced().await.is_ok());
         w.shutdown().await.unwrap();
-    }
-
-    #[test]
-    fn appends_are_grouped_by_series_then_time() {
-        let key = |device, sensor| KeyAcc {
-            device: DeviceId(device),
-            sensor: SensorId(sensor),
-            stored_last: None,
-            prev: 0,
-            monotonic: true,
-            seen: FxHashSet::default(),
-            delta: None,
-            duplicates: 0,
-        };
-        let keys = vec![key(2, 1), key(1, 3), key(1, 1)];
-        let columns = |rows: &[(usize, i64)]| {
-            let mut c = Columns::with_capacity(rows.len());
-            for (i, (k, ts)) in rows.iter().enumerate() {
-                let acc = &keys[*k];
-                let (d, s) = (acc.device.0 as i32, acc.sensor.0 as i16);
-                c.push_raw(i as u32, *k as u32, d, s, *ts, i as f64);
-            }
-            c
-        };
-        // Arrival order interleaves series, and series (1, 1) arrives out of order.
-        let c = columns(&[(0, 10), (1, 10), (2, 30), (0, 11), (2, 20), (1, 11)]);
-        let order = c.series_order(&keys).expect("needs reordering");
-        let got: Vec<(i32, i16, i64, f64)> = order
-            .iter()
-            .map(|&i| {
-                let i = i as usize;
-                (c.device[i], c.sensor[i], c.ts[i], c.value[i])
-            })
-            .collect();
-        assert_eq!(
-            got,
-            vec![
-                (1, 1, 20, 4.0),
-                (1, 1, 30, 2.0),
-                (1, 3, 10, 1.0),
-                (1, 3, 11, 5.0),
-                (2, 1, 10, 0.0),
-                (2, 1, 11, 3.0),
-            ]
-        );
-        let sorted = columns(&[(2, 1), (2, 2), (1, 5), (0, 0)]);
-        assert!(sorted.series_order(&keys).is_none());
     }
 
     #[test]
