@@ -71,7 +71,8 @@ impl Columns {
     /// Moves every row of `other` here, its series indices shifted by `key_offset`.
     pub fn append(&mut self, other: Columns, key_offset: u32) {
         self.seq.extend(other.seq);
-        self.key.extend(other.key.into_iter().map(|k| k + key_offset));
+        self.key
+            .extend(other.key.into_iter().map(|k| k + key_offset));
         self.device.extend(other.device);
         self.sensor.extend(other.sensor);
         self.ts.extend(other.ts);

@@ -7,16 +7,20 @@
 //! commits per second. Instead, groups of small requests whose readings are all new
 //! for their series (the live-stream case; see `writer.rs`) are appended here — one
 //! `write` plus one `fdatasync` — and acknowledged; the writer moves them into DuckDB
-//! in large batches later (see `Pending` in the writer), recording in the same
+//! in large batches later, on a thread of their own, recording in the same
 //! transaction the sequence number they came with (`meta.ingest_log_through`). After a
-//! crash, [`replay`] appends every record past that number before anything else opens
-//! the database; the file is emptied after each batch reaches DuckDB.
+//! crash, [`replay`] appends every record past that number before anything else uses
+//! the database.
+//!
+//! The log is a directory of segment files named by their first sequence number. The
+//! writer closes the current segment each time it hands the readings in it to the
+//! flusher and starts a new one; the flusher deletes a segment once DuckDB holds it.
 //!
 //! Readers never see the log: every query first waits until DuckDB holds everything
 //! acknowledged (`Shared::await_visible`), which asks the writer for a batch early.
 //!
 //! ## Format
-//! A 12-byte header (`MPINGLOG`, version `u32`), then records: payload length `u32`,
+//! Each segment: a 12-byte header (`MPINGLOG`, version `u32`), then records: payload length `u32`,
 //! CRC-32 of the payload `u32`, payload. The payload: sequence `u64`; new devices
 //! (`u32` count, then id `u32`, name length `u16`, UTF-8 name each); readings (`u32`
 //! count, then device `i32`, sensor `i16`, µs `i64`, value `f64` each, 22 bytes). All
@@ -25,18 +29,18 @@
 //! cut off.
 
 use std::fs::{File, OpenOptions};
-use std::io::{Read as _, Seek as _, SeekFrom, Write as _};
+use std::io::{Seek as _, SeekFrom, Write as _};
 use std::path::{Path, PathBuf};
 
 use duckdb::{Connection, OptionalExt as _};
 
-use super::StoreError;
 use super::columns::Columns;
 use super::rollup::{self, Partials};
+use super::{StoreError, in_transaction};
 use crate::domain::{Device, DeviceId, SensorId};
 
-/// File name of the log inside the data directory.
-pub const LOG_FILE: &str = "ingest.log";
+/// Directory of the log's segment files inside the data directory.
+pub const LOG_DIR: &str = "ingest-log";
 const MAGIC: &[u8; 8] = b"MPINGLOG";
 const VERSION: u32 = 1;
 const HEADER_LEN: u64 = 12;
@@ -56,6 +60,8 @@ pub(super) struct Record {
 /// The open log file.
 pub struct IngestLog {
     file: File,
+    dir: PathBuf,
+    /// The current segment.
     path: PathBuf,
     len: u64,
     /// Sequence number of the next record.
@@ -107,21 +113,7 @@ impl IngestLog {
         Ok(seq)
     }
 
-    /// Empties the log once DuckDB holds every record in it.
-    pub(super) fn reset(&mut self) -> Result<(), StoreError> {
-        if self.len == HEADER_LEN {
-            return Ok(());
-        }
-        self.file
-            .set_len(HEADER_LEN)
-            .and_then(|()| self.file.seek(SeekFrom::Start(HEADER_LEN)).map(drop))
-            .and_then(|()| self.file.sync_data())
-            .map_err(|e| io_err(&self.path, e))?;
-        self.len = HEADER_LEN;
-        Ok(())
-    }
-
-    /// Bytes in the file.
+    /// Bytes in the current segment.
     pub fn len(&self) -> u64 {
         self.len
     }
@@ -195,110 +187,124 @@ fn decode(payload: &[u8]) -> Option<Record> {
     Some(Record { seq, devices, rows })
 }
 
-/// Opens (creating) the log in `dir` and reads its complete records. A torn or
-/// corrupt tail is cut off; a file that is not an ingest log is refused untouched.
-fn open(dir: &Path) -> Result<(IngestLog, Vec<Record>), StoreError> {
-    let path = dir.join(LOG_FILE);
-    let mut file = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(false)
-        .open(&path)
-        .map_err(|e| io_err(&path, e))?;
-    let mut bytes = Vec::new();
-    file.read_to_end(&mut bytes)
-        .map_err(|e| io_err(&path, e))?;
-    let mut records = Vec::new();
-    let mut good = HEADER_LEN as usize;
+/// Reads the complete records of one segment. A torn or corrupt tail is reported
+/// (and left for [`replay`] to delete with the segment); a file that is not a
+/// segment is refused untouched.
+fn read_segment(path: &Path) -> Result<Vec<Record>, StoreError> {
+    let bytes = std::fs::read(path).map_err(|e| io_err(path, e))?;
     if bytes.len() < HEADER_LEN as usize {
+        // A crash while the segment was created: it holds nothing.
         if !MAGIC.starts_with(&bytes[..bytes.len().min(MAGIC.len())]) {
-            return Err(not_a_log(&path));
+            return Err(not_a_log(path));
         }
-        // New, or a crash while the header was written: start afresh.
-        let mut header = MAGIC.to_vec();
-        header.extend_from_slice(&VERSION.to_le_bytes());
-        file.set_len(0)
-            .and_then(|()| file.seek(SeekFrom::Start(0)).map(drop))
-            .and_then(|()| file.write_all(&header))
-            .and_then(|()| file.sync_all())
-            .map_err(|e| io_err(&path, e))?;
-        if let Some(parent) = path.parent() {
-            File::open(parent)
-                .and_then(|d| d.sync_all())
-                .map_err(|e| io_err(&path, e))?;
-        }
-    } else {
-        if &bytes[..8] != MAGIC {
-            return Err(not_a_log(&path));
-        }
-        let version = u32::from_le_bytes(bytes[8..12].try_into().expect("4 bytes"));
-        if version != VERSION {
-            return Err(StoreError::Corrupt(format!(
-                "{} is an ingest log of version {version}; this build reads version {VERSION}. \
-                 Run the Milepost version that wrote it to apply it, or move the file away \
-                 (its readings are then lost)",
-                path.display()
-            )));
-        }
-        let mut at = good;
-        while bytes.len() - at >= 8 {
-            let len = u32::from_le_bytes(bytes[at..at + 4].try_into().expect("4 bytes")) as usize;
-            let crc = u32::from_le_bytes(bytes[at + 4..at + 8].try_into().expect("4 bytes"));
-            let Some(payload) = bytes.get(at + 8..at + 8 + len) else {
-                break;
-            };
-            if crc32fast::hash(payload) != crc {
-                break;
-            }
-            let Some(record) = decode(payload) else {
-                break;
-            };
-            records.push(record);
-            at += 8 + len;
-            good = at;
-        }
-        if good < bytes.len() {
-            tracing::warn!(
-                path = %path.display(),
-                cut = bytes.len() - good,
-                "cutting off an incomplete ingest log record (written during a crash, never acknowledged)"
-            );
-            file.set_len(good as u64)
-                .and_then(|()| file.sync_all())
-                .map_err(|e| io_err(&path, e))?;
-        }
+        return Ok(Vec::new());
     }
-    file.seek(SeekFrom::Start(good as u64))
-        .map_err(|e| io_err(&path, e))?;
-    let next_seq = records.last().map_or(1, |r| r.seq + 1);
-    Ok((
-        IngestLog {
-            file,
-            path,
-            len: good as u64,
-            next_seq,
-            buf: Vec::new(),
-        },
-        records,
-    ))
+    if &bytes[..8] != MAGIC {
+        return Err(not_a_log(path));
+    }
+    let version = u32::from_le_bytes(bytes[8..12].try_into().expect("4 bytes"));
+    if version != VERSION {
+        return Err(StoreError::Corrupt(format!(
+            "{} is an ingest log segment of version {version}; this build reads version \
+             {VERSION}. Start the Milepost version that wrote it once to apply it, or move \
+             the file away (its readings are then lost)",
+            path.display()
+        )));
+    }
+    let mut records = Vec::new();
+    let mut at = HEADER_LEN as usize;
+    while bytes.len() - at >= 8 {
+        let len = u32::from_le_bytes(bytes[at..at + 4].try_into().expect("4 bytes")) as usize;
+        let crc = u32::from_le_bytes(bytes[at + 4..at + 8].try_into().expect("4 bytes"));
+        let Some(payload) = bytes.get(at + 8..at + 8 + len) else {
+            break;
+        };
+        if crc32fast::hash(payload) != crc {
+            break;
+        }
+        let Some(record) = decode(payload) else {
+            break;
+        };
+        records.push(record);
+        at += 8 + len;
+    }
+    if at < bytes.len() {
+        tracing::warn!(
+            path = %path.display(),
+            cut = bytes.len() - at,
+            "ignoring an incomplete ingest log record (written during a crash, never acknowledged)"
+        );
+    }
+    Ok(records)
 }
 
 fn not_a_log(path: &Path) -> StoreError {
     StoreError::Corrupt(format!(
-        "{} is not a Milepost ingest log; move it out of the data directory",
+        "{} is not a Milepost ingest log segment; move it out of {LOG_DIR}",
         path.display()
     ))
 }
 
-/// Opens the log in `dir` and moves every record DuckDB lacks into it, in one
-/// transaction, before the database is used for anything else. Returns the log,
-/// emptied, with sequence numbers continuing after everything seen.
-pub(super) fn replay(conn: &Connection, dir: &Path) -> Result<IngestLog, StoreError> {
-    let (mut log, records) = open(dir)?;
+/// Segment files in `dir`, oldest first (names are the first sequence number).
+fn segments(dir: &Path) -> Result<Vec<PathBuf>, StoreError> {
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir(dir).map_err(|e| io_err(dir, e))? {
+        let path = entry.map_err(|e| io_err(dir, e))?.path();
+        if path.extension().is_some_and(|e| e == "log") {
+            found.push(path);
+        }
+    }
+    found.sort();
+    Ok(found)
+}
+
+/// Creates an empty segment for records from `seq` on, durably (file and entry).
+fn create_segment(dir: &Path, seq: u64) -> Result<(File, PathBuf), StoreError> {
+    let path = dir.join(format!("{seq:020}.log"));
+    let mut file = OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(&path)
+        .map_err(|e| io_err(&path, e))?;
+    let mut header = MAGIC.to_vec();
+    header.extend_from_slice(&VERSION.to_le_bytes());
+    file.write_all(&header)
+        .and_then(|()| file.sync_all())
+        .and_then(|()| File::open(dir)?.sync_all())
+        .map_err(|e| io_err(&path, e))?;
+    Ok((file, path))
+}
+
+impl IngestLog {
+    /// Closes the current segment if it holds records and starts the next one.
+    /// Returns the closed segment: it may be deleted once DuckDB holds its records.
+    pub(super) fn rotate(&mut self) -> Result<Option<PathBuf>, StoreError> {
+        if self.len == HEADER_LEN {
+            return Ok(None);
+        }
+        let (file, path) = create_segment(&self.dir, self.next_seq)?;
+        let old = std::mem::replace(&mut self.path, path);
+        self.file = file;
+        self.len = HEADER_LEN;
+        Ok(Some(old))
+    }
+}
+
+/// Opens the log in `<data_dir>/ingest-log` and moves every record DuckDB lacks into
+/// it, in one transaction, before the database is used for anything else. Returns
+/// the log with one empty segment, numbering on after everything seen.
+pub(super) fn replay(conn: &Connection, data_dir: &Path) -> Result<IngestLog, StoreError> {
+    let dir = data_dir.join(LOG_DIR);
+    std::fs::create_dir_all(&dir).map_err(|e| io_err(&dir, e))?;
+    let old = segments(&dir)?;
+    let mut records = Vec::new();
+    for path in &old {
+        records.extend(read_segment(path)?);
+    }
     let through = through(conn)?;
+    let next_seq = records.last().map_or(1, |r| r.seq + 1).max(through + 1);
     let todo: Vec<Record> = records.into_iter().filter(|r| r.seq > through).collect();
-    log.next_seq = log.next_seq.max(through + 1);
     if let Some(last) = todo.last().map(|r| r.seq) {
         let _span = tracing::info_span!("ingest_log_replay", records = todo.len()).entered();
         let started = std::time::Instant::now();
@@ -322,7 +328,7 @@ pub(super) fn replay(conn: &Connection, dir: &Path) -> Result<IngestLog, StoreEr
                 |r| r.get(0),
             )
             .optional()?;
-        super::in_transaction(conn, || {
+        in_transaction(conn, || {
             insert_devices(conn, &devices)?;
             let mut partials = append_readings(conn, rows, &series.keys)?;
             if let Some(from) = live_from {
@@ -338,8 +344,19 @@ pub(super) fn replay(conn: &Connection, dir: &Path) -> Result<IngestLog, StoreEr
             "replayed acknowledged readings from the ingest log"
         );
     }
-    log.reset()?;
-    Ok(log)
+    // Everything is in DuckDB now: start a new segment, then drop the old ones.
+    let (file, path) = create_segment(&dir, next_seq)?;
+    for p in old.iter().filter(|p| **p != path) {
+        std::fs::remove_file(p).map_err(|e| io_err(p, e))?;
+    }
+    Ok(IngestLog {
+        file,
+        dir,
+        path,
+        len: HEADER_LEN,
+        next_seq,
+        buf: Vec::new(),
+    })
 }
 
 /// Series of rows gathered from several groups, indexed for [`Columns::series_order`].
@@ -437,11 +454,13 @@ pub(super) fn append_readings(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::domain::{Device, SensorId, TimeRange};
+    use crate::store::{ReadStore as _, open_for_tests};
 
-    fn rows(n: i64, base: i64) -> Columns {
+    fn rows(n: i64, device: i32, base_us: i64) -> Columns {
         let mut c = Columns::default();
         for i in 0..n {
-            c.push_raw(0, 0, 1 + (i % 3) as i32, 2, base + i, i as f64 * 0.5);
+            c.push_raw(0, 0, device, 2, base_us + i * 1000, i as f64 * 0.5);
         }
         c
     }
@@ -450,59 +469,101 @@ mod tests {
         (DeviceId(id), Device::parse(name).unwrap())
     }
 
+    const T0: i64 = 1_700_000_000_000_000;
+
     #[test]
-    fn records_survive_a_reopen_and_a_torn_tail_is_cut_off() {
+    fn records_read_back_and_a_torn_tail_is_ignored() {
         let dir = tempfile::tempdir().unwrap();
-        let (mut log, none) = open(dir.path()).unwrap();
-        assert!(none.is_empty());
-        assert_eq!(log.append(&[dev(7, "van-7")], &rows(5, 100)).unwrap(), 1);
-        assert_eq!(log.append(&[], &rows(3, 200)).unwrap(), 2);
-        let good = log.len();
+        let (file, path) = create_segment(dir.path(), 1).unwrap();
+        let mut log = IngestLog {
+            file,
+            dir: dir.path().to_owned(),
+            path: path.clone(),
+            len: HEADER_LEN,
+            next_seq: 1,
+            buf: Vec::new(),
+        };
+        assert_eq!(log.append(&[dev(7, "van-7")], &rows(5, 7, T0)).unwrap(), 1);
+        assert_eq!(log.append(&[], &rows(3, 7, T0 + 10_000)).unwrap(), 2);
         drop(log);
         // A crash in the middle of a third append.
-        let mut f = OpenOptions::new()
-            .append(true)
-            .open(dir.path().join(LOG_FILE))
-            .unwrap();
         let mut torn = Vec::new();
-        encode(&mut torn, 3, &[], &rows(4, 300));
+        encode(&mut torn, 3, &[], &rows(4, 7, T0 + 20_000));
+        let mut f = OpenOptions::new().append(true).open(&path).unwrap();
         f.write_all(&torn[..torn.len() - 5]).unwrap();
         drop(f);
 
-        let (log, records) = open(dir.path()).unwrap();
-        assert_eq!(log.len(), good, "the torn record is cut off");
-        assert_eq!(log.next_seq(), 3);
+        let records = read_segment(&path).unwrap();
         assert_eq!(records.len(), 2);
         assert_eq!(records[0].seq, 1);
         assert_eq!(records[0].devices, vec![dev(7, "van-7")]);
-        assert_eq!(records[0].rows.ts, rows(5, 100).ts);
-        assert_eq!(records[0].rows.device, rows(5, 100).device);
-        assert_eq!(records[0].rows.value, rows(5, 100).value);
-        assert_eq!(records[1].rows.ts, rows(3, 200).ts);
-    }
+        let want = rows(5, 7, T0);
+        assert_eq!(
+            (
+                &records[0].rows.device,
+                &records[0].rows.ts,
+                &records[0].rows.value
+            ),
+            (&want.device, &want.ts, &want.value)
+        );
+        assert_eq!(records[1].rows.ts, rows(3, 7, T0 + 10_000).ts);
 
-    #[test]
-    fn a_corrupt_record_ends_the_log_and_foreign_files_are_refused() {
-        let dir = tempfile::tempdir().unwrap();
-        let (mut log, _) = open(dir.path()).unwrap();
-        log.append(&[], &rows(2, 0)).unwrap();
-        let first = log.len();
-        log.append(&[], &rows(2, 10)).unwrap();
-        drop(log);
-        let path = dir.path().join(LOG_FILE);
+        // A flipped bit ends the readable part too.
         let mut bytes = std::fs::read(&path).unwrap();
-        let last = bytes.len() - 1;
-        bytes[last] ^= 0xff; // a flipped bit in the second record's payload
+        bytes[HEADER_LEN as usize + 20] ^= 0xff;
         std::fs::write(&path, &bytes).unwrap();
-        let (log, records) = open(dir.path()).unwrap();
-        assert_eq!((records.len(), log.len()), (1, first));
+        assert!(read_segment(&path).unwrap().is_empty());
 
         std::fs::write(&path, b"something else entirely").unwrap();
-        assert!(matches!(open(dir.path()), Err(StoreError::Corrupt(_))));
-        assert_eq!(
-            std::fs::read(&path).unwrap(),
-            b"something else entirely",
-            "left untouched"
-        );
+        assert!(matches!(read_segment(&path), Err(StoreError::Corrupt(_))));
+        assert_eq!(std::fs::read(&path).unwrap(), b"something else entirely");
+    }
+
+    /// What the writer acknowledged through the log but never moved into DuckDB (the
+    /// process died) is in DuckDB after the next open — once, also across a rotation
+    /// and when a record DuckDB already holds is still in the log.
+    #[test]
+    fn reopening_applies_what_only_the_log_holds() {
+        let dir = tempfile::tempdir().unwrap();
+        let device = Device::parse("van-1").unwrap();
+        let store = open_for_tests(dir.path());
+        let conn = store.conn.try_clone().unwrap();
+        let mut log = replay(&conn, dir.path()).unwrap();
+        let first = log
+            .append(&[(DeviceId(1), device.clone())], &rows(10, 1, T0))
+            .unwrap();
+        // The first record reached DuckDB (as a flush would), the rest did not.
+        in_transaction(&conn, || {
+            insert_devices(&conn, &[(DeviceId(1), device.clone())])?;
+            let mut series = Series::default();
+            let mut all = Columns::default();
+            series.add(rows(10, 1, T0), &mut all);
+            append_readings(&conn, all, &series.keys)?.append(&conn)?;
+            set_through(&conn, first)
+        })
+        .unwrap();
+        let sealed = log.rotate().unwrap().expect("the segment had records");
+        log.append(&[], &rows(5, 1, T0 + 100_000)).unwrap();
+        log.append(&[], &rows(5, 1, T0 + 200_000)).unwrap();
+        assert!(sealed.exists());
+        drop((log, conn, store));
+
+        let store = open_for_tests(dir.path());
+        let reader = store.reader().unwrap();
+        let n = reader
+            .count(&device, &[SensorId(2)], TimeRange::ALL)
+            .unwrap();
+        assert_eq!(n, 20, "10 flushed + 10 replayed, none twice");
+        assert_eq!(store.shared().device_id(&device), Some(DeviceId(1)));
+        assert_eq!(segments(&dir.path().join(LOG_DIR)).unwrap().len(), 1);
+        drop((reader, store));
+        // Nothing is applied twice on the next open.
+        let store = open_for_tests(dir.path());
+        let n = store
+            .reader()
+            .unwrap()
+            .count(&device, &[SensorId(2)], TimeRange::ALL)
+            .unwrap();
+        assert_eq!(n, 20);
     }
 }

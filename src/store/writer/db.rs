@@ -1,0 +1,326 @@
+//! The DuckDB side of the writer: the write connection and everything that must
+//! change with it in step — key windows for dedupe, held rollup partials, the days
+//! due for compaction. Used by one thread at a time (the writer's front for direct
+//! commits, compaction and retention; the flusher for the ingest log), behind a lock.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Instant;
+
+use chrono::NaiveDate;
+use duckdb::Connection;
+
+use super::classify::{Plan, split_columns, tally};
+use super::{Clock, Job, Sealed};
+use crate::domain::{DeviceId, SensorId};
+use crate::metrics::Metrics;
+use crate::store::columns::Columns;
+use crate::store::compact::{self, Compaction, DueDays};
+use crate::store::ingest_log;
+use crate::store::recent::RecentKeys;
+use crate::store::retention::{self, Retired};
+use crate::store::rollup::{self, Live, Partial, Partials};
+use crate::store::{Committed, SeriesEntry, Shared, StoreError};
+
+/// The write connection and its companions.
+pub(super) struct Db {
+    pub(super) conn: Connection,
+    pub(super) shared: Arc<Shared>,
+    metrics: Arc<Metrics>,
+    pub(super) recent: RecentKeys,
+    due: DueDays,
+    rollups: Unmerged,
+    live: Live,
+    clock: Clock,
+}
+
+/// The live rollup slots' move with the next append (see [`crate::store::rollup`]).
+pub(super) struct SlotMove {
+    /// The first live slot moves here; held partials before it are written.
+    advance: Option<i64>,
+    /// Partials of slots from here on are held.
+    hold_from: i64,
+}
+
+/// The first live rollup slot at `now_ms`: the previous quarter hour's.
+fn live_from(now_ms: i64) -> i64 {
+    rollup::slot_of(now_ms) - rollup::SLOT_MS
+}
+
+/// Rollup rows appended since the last consolidation, and the slots they touched.
+struct Unmerged {
+    rows: usize,
+    span: Option<(i64, i64)>,
+    merge_at: usize,
+}
+
+impl Unmerged {
+    fn add(&mut self, partials: &Partials) {
+        self.rows += partials.len();
+        if let Some((lo, hi)) = partials.slot_span() {
+            self.span = Some(self.span.map_or((lo, hi), |(a, b)| (a.min(lo), b.max(hi))));
+        }
+    }
+}
+
+impl Db {
+    pub(super) fn new(
+        conn: Connection,
+        shared: Arc<Shared>,
+        metrics: Arc<Metrics>,
+        rollup_merge_rows: usize,
+        clock: Clock,
+    ) -> Result<Self, StoreError> {
+        let from = live_from(clock.now_ms());
+        if let Some(previous) = rollup::recover(&conn, from)? {
+            tracing::debug!(from = previous, "recomputed the rollups of recent slots");
+        }
+        shared.set_rollups_from(from);
+        Ok(Self {
+            conn,
+            shared,
+            metrics,
+            recent: RecentKeys::default(),
+            due: DueDays::default(),
+            rollups: Unmerged {
+                rows: 0,
+                // The first consolidation also covers partials an earlier run left
+                // in slots since yesterday; older days are consolidated by compaction.
+                span: Some((
+                    rollup::slot_of(compact::today_start().as_micros() / 1000 - 86_400_000),
+                    i64::MAX,
+                )),
+                merge_at: rollup_merge_rows.max(1),
+            },
+            live: Live::new(from),
+            clock,
+        })
+    }
+
+    /// A group with older readings or many readings: deduplicated against DuckDB and
+    /// committed there in one transaction.
+    /// Returns the per-request counts and the series statistics to publish.
+    pub(super) fn commit_direct(
+        &mut self,
+        jobs: &[Job],
+        plan: &mut Plan,
+    ) -> Result<(Vec<Committed>, Vec<SeriesEntry>), StoreError> {
+        // 3. Column buffers for the Appender, built before the transaction opens.
+        let (fresh, staged) = split_columns(
+            jobs,
+            &plan.device_maps,
+            &plan.verdicts,
+            &plan.row_keys,
+            plan.maybe,
+        );
+        let series: Vec<(DeviceId, SensorId)> =
+            plan.keys.iter().map(|k| (k.device, k.sensor)).collect();
+
+        // 4. One transaction for the whole group: devices, dedupe of older rows, series
+        //    statistics, then the fresh rows and the rollups of ended slots.
+        let slots = self.slot_move();
+        let started = Instant::now();
+        self.conn.execute_batch("BEGIN TRANSACTION")?;
+        let in_tx = (|| {
+            ingest_log::insert_devices(&self.conn, &plan.new_devices)?;
+            let mut fresh = fresh;
+            let stored_dups = if staged.is_empty() {
+                Vec::new()
+            } else {
+                self.dedupe_staged(&staged, &mut fresh)?
+            };
+            let (results, updated) = tally(
+                jobs,
+                &plan.verdicts,
+                &plan.row_keys,
+                &mut plan.keys,
+                &stored_dups,
+                &self.shared,
+            );
+            let (partials, held) = self.append_fresh(fresh, &series, &slots)?;
+            let before_commit = Instant::now();
+            self.conn.execute_batch("COMMIT")?;
+            tracing::debug!(
+                write_ms = (before_commit - started).as_secs_f64() * 1e3,
+                commit_ms = before_commit.elapsed().as_secs_f64() * 1e3,
+                "committed group"
+            );
+            Ok::<_, StoreError>((results, updated, partials, held))
+        })();
+        let (results, updated, partials, held) = match in_tx {
+            Ok(r) => r,
+            Err(e) => {
+                self.conn.execute_batch("ROLLBACK").ok();
+                // The key windows may hold rows that are not stored after all.
+                self.recent.clear();
+                return Err(e);
+            }
+        };
+
+        self.after_append(slots, partials, held);
+        Ok((results, updated))
+    }
+
+    /// Moves one sealed part of the ingest log into DuckDB in one transaction and
+    /// records how far the log is applied (`meta.ingest_log_through`). On failure
+    /// nothing of it is stored; it stays in the log.
+    pub(super) fn flush(&mut self, part: &Sealed) -> Result<(), StoreError> {
+        let rows = part.rows.len();
+        let _span = tracing::debug_span!("log_flush", rows, through = part.through).entered();
+        let started = Instant::now();
+        let slots = self.slot_move();
+        self.conn.execute_batch("BEGIN TRANSACTION")?;
+        let in_tx = (|| {
+            ingest_log::insert_devices(&self.conn, &part.devices)?;
+            let appended = self.append_fresh(part.rows.clone(), &part.series, &slots)?;
+            ingest_log::set_through(&self.conn, part.through)?;
+            self.conn.execute_batch("COMMIT")?;
+            Ok::<_, StoreError>(appended)
+        })();
+        let (partials, held) = match in_tx {
+            Ok(r) => r,
+            Err(e) => {
+                self.conn.execute_batch("ROLLBACK").ok();
+                self.recent.clear();
+                return Err(e);
+            }
+        };
+        self.after_append(slots, partials, held);
+        let elapsed = started.elapsed();
+        self.metrics
+            .log_flush_seconds
+            .observe(elapsed.as_secs_f64());
+        tracing::debug!(
+            elapsed_ms = elapsed.as_secs_f64() * 1e3,
+            "moved ingest log into the database"
+        );
+        Ok(())
+    }
+
+    /// Compacts the next finished day due (see [`crate::store::compact`]).
+    pub(super) fn compact(&mut self) -> Result<Compaction, StoreError> {
+        let today = chrono::Utc::now().date_naive();
+        // Held rollup partials go first: compaction recomputes its days' rollups
+        // from the readings, and they must not be added on top later.
+        self.flush_live()?;
+        self.due.compact_next(&self.conn, today)
+    }
+
+    /// Readings of finished days were acknowledged: the days due for compaction
+    /// must be looked up again.
+    pub(super) fn past_days_written(&mut self) {
+        self.due.invalidate();
+    }
+
+    /// Where the live rollup slots stand for the next append.
+    pub(super) fn slot_move(&self) -> SlotMove {
+        let now_from = live_from(self.clock.now_ms());
+        let advance = (now_from > self.live.from).then_some(now_from);
+        SlotMove {
+            advance,
+            hold_from: advance.unwrap_or(self.live.from),
+        }
+    }
+
+    /// Inside the caller's transaction: appends fresh rows (sorted by series), their
+    /// rollup partials except those of live slots (returned, to be held), and the
+    /// held partials of slots that have ended.
+    fn append_fresh(
+        &mut self,
+        fresh: Columns,
+        series: &[(DeviceId, SensorId)],
+        slots: &SlotMove,
+    ) -> Result<(Partials, Vec<Partial>), StoreError> {
+        if !self.recent.is_empty() {
+            for i in 0..fresh.len() {
+                self.recent
+                    .record(fresh.device[i], fresh.sensor[i], fresh.ts[i]);
+            }
+        }
+        let mut partials = ingest_log::append_readings(&self.conn, fresh, series)?;
+        let held = partials.split_off_from(slots.hold_from);
+        if let Some(to) = slots.advance {
+            partials.extend(self.live.before(to));
+            self.conn.execute(
+                "INSERT OR REPLACE INTO meta VALUES (?, ?)",
+                duckdb::params![rollup::META_FROM, to.to_string()],
+            )?;
+        }
+        partials.append(&self.conn)?;
+        Ok((partials, held))
+    }
+
+    /// After the commit of [`Self::append_fresh`]: the live slots move on.
+    fn after_append(&mut self, slots: SlotMove, partials: Partials, held: Vec<Partial>) {
+        if let Some(to) = slots.advance {
+            self.live.release_before(to);
+            self.live.from = to;
+            self.shared.set_rollups_from(to);
+        }
+        self.live.hold(held);
+        self.rollups.add(&partials);
+        self.merge_rollups();
+    }
+
+    /// Writes every held rollup partial, in its own transaction. The boundary
+    /// readers use stays: these slots may still get readings.
+    pub(super) fn flush_live(&mut self) -> Result<(), StoreError> {
+        if self.live.is_empty() {
+            return Ok(());
+        }
+        let rows = self.live.before(i64::MAX);
+        crate::store::in_transaction(&self.conn, || rollup::append_rows(&self.conn, &rows))?;
+        self.live.release_before(i64::MAX);
+        Ok(())
+    }
+
+    /// Consolidates the rollup slots recent commits touched once enough partial rows
+    /// have accumulated. A failure only leaves more rows to combine at query time.
+    fn merge_rollups(&mut self) {
+        let Some((lo, hi)) = self.rollups.span else {
+            return;
+        };
+        if self.rollups.rows < self.rollups.merge_at {
+            return;
+        }
+        let started = Instant::now();
+        match rollup::merge(&self.conn, lo, hi) {
+            Ok(replaced) => {
+                tracing::debug!(
+                    replaced,
+                    elapsed_ms = started.elapsed().as_secs_f64() * 1e3,
+                    "consolidated rollups"
+                );
+                self.rollups.rows = 0;
+                self.rollups.span = None;
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "consolidating rollups failed");
+                self.rollups.rows = 0;
+            }
+        }
+    }
+
+    /// Runs [`retention::retire`]; the key windows and the list of days due for
+    /// compaction describe what was stored before, so both are dropped.
+    pub(super) fn retire(
+        &mut self,
+        days: &BTreeMap<NaiveDate, u64>,
+    ) -> Result<Retired, StoreError> {
+        let done = retention::retire(&self.conn, &self.shared, days, self.live.from)?;
+        if !done.days.is_empty() {
+            self.recent.clear();
+            self.due.invalidate();
+        }
+        Ok(done)
+    }
+
+    pub(super) fn checkpoint(&mut self) -> Result<(), StoreError> {
+        // Not needed for correctness (the next start recomputes the live slots) but
+        // leaves a file whose rollups are whole for offline tools.
+        if let Err(e) = self.flush_live() {
+            tracing::warn!(error = %e, "writing held rollups at shutdown failed");
+        }
+        crate::store::close(&self.conn, &self.shared)
+    }
+}
