@@ -101,6 +101,7 @@ impl Server {
                 max_line_bytes: args.max_line_bytes as usize,
                 max_future_skew: chrono::Duration::from_std(args.max_future_skew)
                     .context("--max-future-skew is too large")?,
+                parse_threads: std::thread::available_parallelism().map_or(1, |n| n.get().min(8)),
             },
             default_device: args.default_device.clone(),
             dumps: Some(dumper.clone()),

@@ -20,10 +20,14 @@ use crate::ingest::{IngestOptions, StreamParser};
 use crate::metrics::{Metrics, StatusLabel, UNKNOWN_SENSOR};
 use crate::store::{Committed, PendingCommit, WriteError};
 
-/// Readings handed to the writer at a time for large bodies.
-const BATCH_ROWS: usize = 64 * 1024;
-/// Bytes read from the body per parse step.
-const READ_CHUNK: usize = 256 * 1024;
+/// Readings handed to the writer at a time for large bodies. One request of 5 M
+/// readings: 1.36 M/s with 64 Ki-row batches and 256 KiB reads, 1.91 M/s with these
+/// (DuckDB's own load of the same file 2.5–2.7 M/s on the same 2 cores).
+const BATCH_ROWS: usize = 256 * 1024;
+/// Most bytes read from the body per parse step (parsed on every core).
+const READ_CHUNK: usize = 1024 * 1024;
+/// First read of a body of unknown size (chunked or gzip).
+const FIRST_CHUNK: usize = 64 * 1024;
 
 /// Media types `POST /ingest` accepts: all carry NDJSON.
 pub const INGEST_CONTENT_TYPES: [&str; 3] = [
@@ -267,9 +271,11 @@ async fn respond(state: &Arc<AppState>, req: &Request, body: Body) -> IngestResp
     };
     // A small body is read into a buffer of its size: zeroing a 256 KiB buffer per
     // request was a quarter of the server's CPU time under a fleet of small requests.
+    // Bodies of unknown size start small and grow while they keep coming, so
+    // that many slow uploads do not each hold a megabyte.
     let chunk = match declared {
         Some(n) if !gzip => (n as usize).clamp(1, READ_CHUNK),
-        _ => READ_CHUNK,
+        _ => FIRST_CHUNK,
     };
     run.drive(&mut reader, gzip, chunk).await
 }
@@ -364,11 +370,12 @@ impl Ingestion<'_> {
             let over = read.saturating_sub(max_body) as usize;
             let n = filled - over.min(filled);
             if n >= 16 * 1024 {
-                // Big chunks are parsed off the async executor.
+                // Big chunks are parsed off the async executor, on every core.
                 let mut parser = self.parser;
                 let span = tracing::Span::current();
+                let parts = self.state.limits.parse_threads;
                 let (p, b) = tokio::task::spawn_blocking(move || {
-                    span.in_scope(|| parser.feed(&buf[..n]));
+                    span.in_scope(|| parser.feed_parallel(&buf[..n], parts));
                     (parser, buf)
                 })
                 .await
@@ -398,6 +405,9 @@ impl Ingestion<'_> {
             }
             if filled < buf.len() {
                 break; // end of body
+            }
+            if buf.len() < READ_CHUNK {
+                buf.resize((buf.len() * 4).min(READ_CHUNK), 0);
             }
         }
         if failure.is_none() {

@@ -43,6 +43,8 @@ pub struct Limits {
     pub max_line_bytes: usize,
     /// How far in the future a timestamp may be.
     pub max_future_skew: chrono::Duration,
+    /// Threads one large body is parsed on (the machine's cores).
+    pub parse_threads: usize,
 }
 
 /// Everything handlers need, behind traits and handles (no DuckDB types).

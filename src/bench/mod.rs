@@ -18,6 +18,7 @@
 
 pub mod detect;
 pub mod dump;
+pub mod fleet;
 mod generate;
 pub mod process;
 
@@ -69,6 +70,34 @@ pub struct BenchArgs {
     /// DryRun over a year of minutes, and ingest with alerts on every series.
     #[arg(long, conflicts_with = "dump")]
     pub detect: bool,
+    /// `bulk`: the steps above. `fleet`: many devices sending small requests over
+    /// their own connections, plus one big request (see `bench::fleet`).
+    #[arg(long, value_enum, default_value_t = Scenario::Bulk)]
+    pub scenario: Scenario,
+    /// Fleet: devices sending.
+    #[arg(long, default_value_t = 2_000)]
+    pub devices: usize,
+    /// Fleet: connection counts to measure, one phase each.
+    #[arg(long, value_delimiter = ',', default_values_t = [8, 64, 256])]
+    pub connections: Vec<usize>,
+    /// Fleet: seconds per phase.
+    #[arg(long, default_value_t = 15.0)]
+    pub duration: f64,
+    /// Fleet: devices new to the server in the first-contact phase (0 skips it).
+    #[arg(long, default_value_t = 20_000)]
+    pub new_devices: usize,
+    /// Fleet: readings in the one big request (0 skips it).
+    #[arg(long, default_value_t = 5_000_000)]
+    pub big_readings: u64,
+}
+
+/// Which benchmark `milepost bench` runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Scenario {
+    /// Bulk ingest from a few clients, queries, compaction.
+    Bulk,
+    /// Many small requests from a fleet of devices.
+    Fleet,
 }
 
 /// One measured phase.

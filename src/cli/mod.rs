@@ -35,6 +35,9 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Bench(args) if args.detect => crate::bench::detect::run(args).await.map(|_| ()),
         Command::Bench(args) if args.dump => crate::bench::dump::run(args).await.map(|_| ()),
+        Command::Bench(args) if args.scenario == crate::bench::Scenario::Fleet => {
+            crate::bench::fleet::run(args).await.map(|_| ())
+        }
         Command::Bench(args) => crate::bench::run(args).await.map(|_| ()),
         Command::Compact(storage) => {
             let store = crate::store::Store::open(&storage.store_config())?;

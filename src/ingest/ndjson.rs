@@ -41,6 +41,10 @@ pub struct LineError {
 /// Errors kept in full per request; the count stays exact beyond this.
 pub const MAX_REPORTED_ERRORS: usize = 100;
 
+/// Whole lines below this many bytes are parsed on one thread: a thread costs more
+/// than it saves.
+const PARALLEL_MIN_BYTES: usize = 64 * 1024;
+
 /// Incremental parser for one request body.
 pub struct StreamParser {
     catalog: Arc<Catalog>,
@@ -109,6 +113,112 @@ impl StreamParser {
         } else {
             self.partial.extend_from_slice(chunk);
         }
+    }
+
+    /// [`Self::feed`] for a large chunk, its whole lines cut into `parts` pieces at
+    /// line boundaries and parsed on as many threads (NDJSON lines are independent);
+    /// the results are merged in order, so batch, counts and line numbers are exactly
+    /// those of [`Self::feed`].
+    pub fn feed_parallel(&mut self, chunk: &[u8], parts: usize) {
+        let (Some(first), Some(last)) =
+            (memchr::memchr(b'\n', chunk), memchr::memrchr(b'\n', chunk))
+        else {
+            return self.feed(chunk);
+        };
+        // Every piece may name new devices (one per reading at most; a reading that
+        // names one takes well over 32 bytes); the batch's table must hold them all.
+        let room = Batch::MAX_DEVICES.saturating_sub(self.batch.devices.len());
+        if parts < 2 || last - first < PARALLEL_MIN_BYTES || room < (last - first) / 32 {
+            return self.feed(chunk);
+        }
+        // The line carried over from the previous chunk ends at `first`; after it the
+        // parser holds no partial line and skips nothing.
+        self.feed(&chunk[..=first]);
+        let middle = &chunk[first + 1..=last];
+        let mut pieces = Vec::with_capacity(parts);
+        let mut rest = middle;
+        for k in (1..parts).rev() {
+            let target = rest.len() / (k + 1);
+            match memchr::memchr(b'\n', &rest[target..]) {
+                Some(nl) if target + nl + 1 < rest.len() => {
+                    let (head, tail) = rest.split_at(target + nl + 1);
+                    pieces.push(head);
+                    rest = tail;
+                }
+                _ => break,
+            }
+        }
+        pieces.push(rest);
+        let mut starts = Vec::with_capacity(pieces.len());
+        let mut line = self.line_no;
+        for piece in &pieces {
+            starts.push(line);
+            line += memchr::memchr_iter(b'\n', piece).count() as u64;
+        }
+        let parsed: Vec<StreamParser> = std::thread::scope(|scope| {
+            let handles: Vec<_> = pieces
+                .iter()
+                .zip(&starts)
+                .skip(1)
+                .map(|(piece, &start)| {
+                    let mut sub = self.sub_parser(start);
+                    let span = tracing::Span::current();
+                    scope.spawn(move || {
+                        span.in_scope(|| sub.feed(piece));
+                        sub
+                    })
+                })
+                .collect();
+            let mut head = self.sub_parser(starts[0]);
+            head.feed(pieces[0]);
+            let mut all = vec![head];
+            all.extend(
+                handles
+                    .into_iter()
+                    .map(|h| h.join().expect("parser does not panic")),
+            );
+            all
+        });
+        for sub in parsed {
+            self.absorb(sub);
+        }
+        self.line_no = line;
+        self.feed(&chunk[last + 1..]);
+    }
+
+    /// A parser for whole lines numbered from `line_no`, judging them as this one.
+    fn sub_parser(&self, line_no: u64) -> StreamParser {
+        let mut p = StreamParser::new(self.catalog.clone(), self.opts.clone());
+        p.line_no = line_no;
+        p
+    }
+
+    /// Appends the results of a sub-parser that parsed the lines after this one's.
+    fn absorb(&mut self, sub: StreamParser) {
+        let map: Vec<u16> = sub
+            .batch
+            .devices
+            .iter()
+            .map(|d| {
+                self.batch
+                    .device_index(d.as_str())
+                    .expect("room for the devices was checked")
+            })
+            .collect();
+        self.batch
+            .rows
+            .extend(sub.batch.rows.into_iter().map(|mut r| {
+                r.device = map[r.device as usize];
+                r
+            }));
+        let room = MAX_REPORTED_ERRORS.saturating_sub(self.errors.len());
+        self.errors.extend(sub.errors.into_iter().take(room));
+        self.rejected += sub.rejected;
+        for (id, n) in sub.rejected_by_sensor {
+            *self.rejected_by_sensor.entry(id).or_default() += n;
+        }
+        self.oversize_lines += sub.oversize_lines;
+        self.last_device = 0;
     }
 
     /// Parses the last line if the body did not end with a newline.
@@ -327,6 +437,101 @@ mod tests {
 {"sensor": "speed", "value": 60.2, "timestamp": "2012-04-23T18:26:43.511Z"}
 {"sensor": "speed", "value": 61.9, "timestamp": "2012-04-23T18:27:43.511Z"}
 "#;
+
+    /// Readings of a parser as (device name, sensor, µs, value).
+    fn readings(b: &Batch) -> Vec<(String, u16, i64, u64)> {
+        b.rows
+            .iter()
+            .map(|r| {
+                let d = b.devices[r.device as usize].as_str().to_owned();
+                (d, r.sensor.0, r.ts.as_micros(), r.value.to_bits())
+            })
+            .collect()
+    }
+
+    /// A body of good lines for several devices, with bad, blank, CRLF and oversize
+    /// lines among them; the same body parsed sequentially and in parallel, in chunks
+    /// of many sizes, gives the same readings in the same order, the same counts and
+    /// the same line numbers in the errors.
+    #[test]
+    fn parallel_parsing_matches_sequential_parsing_exactly() {
+        // Many bad lines (only the first 100 are listed), then few (all listed, so
+        // every piece's line numbers show).
+        parallel_matches_sequential(0..100, false);
+        parallel_matches_sequential(0..2_000, true);
+    }
+
+    fn parallel_matches_sequential(odds: std::ops::Range<u32>, sparse: bool) {
+        let mut body = String::new();
+        let mut rng = fastrand::Rng::with_seed(7);
+        for i in 0..40_000u32 {
+            let sensor = ["speed", "fuel", "revolution"][(i % 3) as usize];
+            match rng.u32(odds.clone()) {
+                0 => body.push_str("not json\n"),
+                1 => body.push_str("{\"sensor\": \"warp\", \"value\": 1, \"timestamp\": \"2020-01-01T00:00:00Z\"}\n"),
+                2 => body.push('\n'),
+                3 => body.push_str(&format!("{{\"sensor\": \"speed\", \"value\": 1, \"timestamp\": \"2020-01-01T00:00:00Z\", \"pad\": \"{}\"}}\n", "x".repeat(300))),
+                4 => body.push_str(&format!("{{\"sensor\": \"fuel\", \"value\": {i}, \"timestamp\": \"2020-01-01T00:00:{:02}Z\"}}\r\n", i % 60)),
+                _ => body.push_str(&format!(
+                    "{{\"device\": \"dev-{}\", \"sensor\": \"{sensor}\", \"value\": {}.25, \"timestamp\": \"2020-01-01T{:02}:{:02}:{:02}.{:03}Z\"}}\n",
+                    rng.u32(0..50),
+                    i,
+                    (i / 3600) % 24,
+                    (i / 60) % 60,
+                    i % 60,
+                    i % 1000
+                )),
+            }
+        }
+        body.push_str(
+            "{\"sensor\": \"speed\", \"value\": 2, \"timestamp\": \"2020-01-02T00:00:00Z\"}",
+        );
+        let run = |chunk: usize, parallel: bool| {
+            let mut p = parser();
+            let mut rows = Vec::new();
+            for c in body.as_bytes().chunks(chunk) {
+                if parallel {
+                    p.feed_parallel(c, 3);
+                } else {
+                    p.feed(c);
+                }
+                if p.pending() > 5_000 {
+                    rows.extend(readings(&p.take_batch()));
+                }
+            }
+            p.finish();
+            rows.extend(readings(&p.take_batch()));
+            let errors: Vec<(u64, String)> = p
+                .errors()
+                .iter()
+                .map(|e| (e.line, e.error.clone()))
+                .collect();
+            let mut by_sensor: Vec<_> = p
+                .rejected_by_sensor()
+                .iter()
+                .map(|(k, v)| (k.0, *v))
+                .collect();
+            by_sensor.sort();
+            (rows, errors, p.rejected(), p.oversize_lines(), by_sensor)
+        };
+        let want = run(body.len(), false);
+        if sparse {
+            assert!(want.2 > 20 && (want.2 as usize) < MAX_REPORTED_ERRORS && want.3 > 0);
+            assert!(
+                want.1.last().unwrap().0 > 30_000,
+                "errors all over the body"
+            );
+        } else {
+            assert!(
+                want.0.len() > 35_000 && want.2 > 1_000 && want.3 > 100,
+                "a varied body"
+            );
+            assert_eq!(want.1.len(), MAX_REPORTED_ERRORS);
+        }
+        for chunk in [100_003, 256 * 1024, 1 << 20, body.len()] {
+            assert!(run(chunk, true) == want, "chunks of {chunk} bytes");
+        }
+    }
 
     #[test]
     fn parses_the_seed_sample_in_any_chunking() {

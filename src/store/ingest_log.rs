@@ -114,7 +114,7 @@ impl IngestLog {
     }
 
     /// Bytes in the current segment.
-    pub fn len(&self) -> u64 {
+    pub fn segment_bytes(&self) -> u64 {
         self.len
     }
 }

@@ -408,7 +408,9 @@ async fn a_late_reading_triggers_exactly_one_redump() {
     app.ingest(three_days()).await;
     let dumper = app.server().dumper();
     let today = Utc::now().date_naive();
-    dumper.run_due(today).await.unwrap();
+    // Every day from the first reading on is due (empty ones too), at most
+    // `max_days_per_run` per run: as many runs as that takes, then none is due.
+    while dumper.run_due(today).await.unwrap().pending > 0 {}
     assert!(dumper.run_due(today).await.unwrap().dumped.is_empty());
     let before = dumper
         .records()

@@ -136,3 +136,10 @@ pub fn num(v: &Value, field: &str) -> u64 {
         .as_u64()
         .unwrap_or_else(|| panic!("no {field} in {v}"))
 }
+
+/// Microseconds since the epoch of an RFC 3339 timestamp.
+pub fn micros(s: &str) -> i64 {
+    chrono::DateTime::parse_from_rfc3339(s)
+        .unwrap()
+        .timestamp_micros()
+}

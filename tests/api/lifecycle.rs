@@ -140,7 +140,8 @@ async fn an_unreplayable_wal_stops_start_up_and_recover_offers_the_safe_step() {
     let dir = tempfile::tempdir().unwrap();
     let mut p = start_binary(dir.path());
     let client = reqwest::Client::new();
-    let (status, _) = ingest(&client, &p.base, batch(0, 5000)).await.unwrap();
+    // More than the ingest log takes per group: straight into DuckDB's WAL.
+    let (status, _) = ingest(&client, &p.base, batch(0, 20_000)).await.unwrap();
     assert_eq!(status, StatusCode::OK);
     p.child.kill().unwrap();
     p.child.wait().unwrap();

@@ -5,6 +5,7 @@ mod backend;
 mod compaction;
 mod dashboard;
 mod dumps;
+mod fleet;
 mod helpers;
 mod ingest;
 mod lifecycle;

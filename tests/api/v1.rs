@@ -9,7 +9,7 @@ use chrono_tz::Tz;
 use reqwest::StatusCode;
 use serde_json::Value;
 
-use crate::helpers::{KEY, TestApp, dline, json, line, num};
+use crate::helpers::{KEY, TestApp, dline, json, line, micros, num};
 
 /// Deterministic readings: (µs since epoch, value). About every 37 s, with
 /// microsecond jitter, over `days` days from `start`.
@@ -45,10 +45,6 @@ fn body_of(sensor: &str, rows: &[(i64, f64)]) -> String {
     rows.iter()
         .map(|(t, v)| line(sensor, *v, &rfc3339(*t)) + "\n")
         .collect()
-}
-
-fn micros(s: &str) -> i64 {
-    DateTime::parse_from_rfc3339(s).unwrap().timestamp_micros()
 }
 
 #[derive(Debug, Clone, Copy, PartialEq)]

@@ -624,20 +624,29 @@ impl Front {
         );
     }
 
-    /// Per-sensor accepted and duplicate counters.
+    /// Per-sensor accepted and duplicate counters, summed per sensor first: a group
+    /// of a fleet's requests has many series but few sensors, and every counter update
+    /// takes a lock and allocates its label.
     fn count(&self, keys: &[KeyAcc]) {
+        let mut per_sensor: Vec<(SensorId, u64, u64)> = Vec::new();
+        for k in keys {
+            let accepted = k.delta.map_or(0, |d| d.readings);
+            match per_sensor.iter_mut().find(|(s, ..)| *s == k.sensor) {
+                Some((_, a, d)) => {
+                    *a += accepted;
+                    *d += k.duplicates;
+                }
+                None => per_sensor.push((k.sensor, accepted, k.duplicates)),
+            }
+        }
         let catalog = self.shared.catalog();
         let m = &self.metrics;
-        for k in keys {
+        for (sensor, accepted, duplicates) in per_sensor {
             let name = catalog
-                .by_id(k.sensor)
+                .by_id(sensor)
                 .map_or(UNKNOWN_SENSOR, |s| s.name.as_str());
-            Metrics::add(
-                &m.readings_accepted,
-                name,
-                k.delta.map_or(0, |d| d.readings),
-            );
-            Metrics::add(&m.readings_duplicate, name, k.duplicates);
+            Metrics::add(&m.readings_accepted, name, accepted);
+            Metrics::add(&m.readings_duplicate, name, duplicates);
         }
     }
 
@@ -647,13 +656,11 @@ impl Front {
         let Some(since) = self.pending.since else {
             return;
         };
-        if self.shared.flush_requested()
+        let due = self.shared.flush_requested()
             || self.pending.rows.len() >= SEAL_ROWS
-            || since.elapsed() >= SEAL_AGE
-        {
-            if let Err(e) = self.seal() {
-                tracing::error!(error = %e, "cannot start a new ingest log segment; retrying");
-            }
+            || since.elapsed() >= SEAL_AGE;
+        if due && let Err(e) = self.seal() {
+            tracing::error!(error = %e, "cannot start a new ingest log segment; retrying");
         }
     }
 

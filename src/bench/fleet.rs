@@ -1,0 +1,404 @@
+//! `milepost bench --scenario fleet`: many devices sending small requests, each over
+//! its own keep-alive connection, the way a fleet of cars or sensor boxes does.
+//!
+//! 1. A fresh `milepost serve` child process; a lean HTTP/1.1 client (hyper, one task
+//!    per connection, no pool) so that the client takes as little of the machine's
+//!    CPU as it can — client and server share the cores.
+//! 2. First contact: `--new-devices` devices the server has never seen send one
+//!    request each (the first request of a device also registers it).
+//! 3. The fleet: `--devices` devices, each request one second of one device (six
+//!    readings, one per sensor, unique timestamps), for `--duration` at every count of
+//!    `--connections`; each device belongs to one connection, which cycles through
+//!    its devices, so a device's requests arrive in order as they would from the
+//!    device. Requests/s, readings/s, acknowledgement latency p50/p99/p99.9, and the
+//!    server's peak RSS per phase. Every request must be answered 200 with all six
+//!    readings accepted (exact counts are checked).
+//! 4. One big request: `--big-readings` readings in one body, against DuckDB's own
+//!    `read_json` load of the same file, in the same run.
+//! 5. Start-up time of the server with every device of the run known.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, bail};
+use bytes::Bytes;
+use http_body_util::{BodyExt as _, Full};
+use hyper_util::rt::TokioIo;
+use serde::Serialize;
+
+use super::{BENCH_KEY, BenchArgs, BenchServer, generate, native_load, percentile};
+use crate::domain::Timestamp;
+
+/// One measured fleet phase.
+#[derive(Debug, Clone, Serialize)]
+pub struct FleetPhase {
+    /// What was measured.
+    pub name: String,
+    /// Concurrent connections.
+    pub connections: usize,
+    /// Requests answered.
+    pub requests: u64,
+    /// Wall time, seconds.
+    pub seconds: f64,
+    /// Requests per second.
+    pub requests_per_sec: f64,
+    /// Readings acknowledged per second.
+    pub readings_per_sec: f64,
+    /// Acknowledgement latency percentiles, ms.
+    pub p50_ms: f64,
+    /// 99th percentile, ms.
+    pub p99_ms: f64,
+    /// 99.9th percentile, ms.
+    pub p999_ms: f64,
+    /// The server's peak RSS during the phase, MiB.
+    pub peak_rss_mib: f64,
+}
+
+/// The whole fleet run.
+#[derive(Debug, Clone, Serialize)]
+pub struct FleetReport {
+    /// Devices of the fleet phases.
+    pub devices: usize,
+    /// Readings per request.
+    pub readings_per_request: usize,
+    /// Phases in order.
+    pub phases: Vec<FleetPhase>,
+    /// Readings in the big request (0 when skipped).
+    pub big_readings: u64,
+    /// DuckDB's own `read_json` load of the big request's file, readings/s.
+    pub big_native_per_sec: f64,
+    /// The big request over HTTP, readings/s.
+    pub big_http_per_sec: f64,
+    /// `big_http_per_sec / big_native_per_sec`.
+    pub big_ratio: f64,
+    /// Devices known to the server at the restart.
+    pub devices_known: usize,
+    /// Server start-up to ready with all of them known, ms.
+    pub restart_ms: f64,
+}
+
+/// Sensors of every request, one reading each.
+const SENSORS: [&str; 6] = generate::SENSORS;
+
+/// The fleet: per device its name and the seconds it has sent so far.
+struct Fleet {
+    names: Vec<String>,
+    seconds: Vec<AtomicU32>,
+    /// Whole seconds (epoch) of every device's first reading.
+    base: i64,
+}
+
+impl Fleet {
+    fn new(prefix: &str, n: usize, base: i64) -> Self {
+        Self {
+            names: (0..n).map(|i| format!("{prefix}-{i}")).collect(),
+            seconds: (0..n).map(|_| AtomicU32::new(0)).collect(),
+            base,
+        }
+    }
+
+    /// The next second of device `d`: one reading per sensor.
+    fn body(&self, d: usize, buf: &mut String) {
+        use std::fmt::Write as _;
+        let sec = self.seconds[d].fetch_add(1, Ordering::Relaxed);
+        use chrono::{Datelike as _, Timelike as _};
+        let t = chrono::DateTime::from_timestamp(self.base + i64::from(sec), 0).unwrap_or_default();
+        let ts = format!(
+            "{:04}-{:02}-{:02}T{:02}:{:02}:{:02}",
+            t.year(),
+            t.month(),
+            t.day(),
+            t.hour(),
+            t.minute(),
+            t.second()
+        );
+        buf.clear();
+        for (i, s) in SENSORS.iter().enumerate() {
+            let value = ((d as u32 + sec + i as u32) % 90) as f64 + 0.5;
+            let _ = writeln!(
+                buf,
+                r#"{{"device":"{}","sensor":"{s}","value":{value},"timestamp":"{ts}.{:03}Z"}}"#,
+                self.names[d],
+                i * 100
+            );
+        }
+    }
+}
+
+/// Latencies (µs) and request count of one connection.
+struct ConnResult {
+    latencies_us: Vec<u32>,
+}
+
+/// One keep-alive connection sending requests for its devices until `until` (or
+/// until each of its devices has sent `once` requests, when given).
+async fn connection(
+    addr: std::net::SocketAddr,
+    fleet: Arc<Fleet>,
+    devices: Vec<usize>,
+    until: Option<Instant>,
+    sent: Arc<AtomicU64>,
+) -> anyhow::Result<ConnResult> {
+    let stream = tokio::net::TcpStream::connect(addr).await?;
+    stream.set_nodelay(true)?;
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
+    tokio::spawn(conn);
+    let auth = format!("Bearer {BENCH_KEY}");
+    let mut latencies_us = Vec::new();
+    let mut body = String::new();
+    let mut i = 0usize;
+    loop {
+        if devices.is_empty() {
+            break;
+        }
+        match until {
+            Some(t) if Instant::now() >= t => break,
+            None if i >= devices.len() => break,
+            _ => {}
+        }
+        let d = devices[i % devices.len()];
+        i += 1;
+        fleet.body(d, &mut body);
+        let req = hyper::Request::post("/ingest")
+            .header("host", "milepost")
+            .header("authorization", &auth)
+            .header("content-type", "application/x-ndjson")
+            .body(Full::new(Bytes::copy_from_slice(body.as_bytes())))?;
+        sender.ready().await?;
+        let t = Instant::now();
+        let resp = sender.send_request(req).await?;
+        let status = resp.status();
+        let bytes = resp.into_body().collect().await?.to_bytes();
+        latencies_us.push(t.elapsed().as_micros().min(u32::MAX as u128) as u32);
+        if status != 200 {
+            bail!(
+                "ingest answered {status}: {}",
+                String::from_utf8_lossy(&bytes)
+            );
+        }
+        // Exact counts: every reading of the request is new.
+        let v: serde_json::Value = serde_json::from_slice(&bytes)?;
+        if v["accepted"].as_u64() != Some(SENSORS.len() as u64) {
+            bail!("expected {} readings accepted, got {v}", SENSORS.len());
+        }
+        sent.fetch_add(1, Ordering::Relaxed);
+    }
+    Ok(ConnResult { latencies_us })
+}
+
+/// Runs `connections` connections over the fleet's devices (device `d` on
+/// connection `d % connections`).
+async fn phase(
+    server: &BenchServer,
+    name: &str,
+    fleet: &Arc<Fleet>,
+    connections: usize,
+    duration: Option<Duration>,
+) -> anyhow::Result<FleetPhase> {
+    let addr: std::net::SocketAddr = server
+        .base()
+        .trim_start_matches("http://")
+        .parse()
+        .context("server address")?;
+    server.0.reset_peak_rss()?;
+    let sent = Arc::new(AtomicU64::new(0));
+    let started = Instant::now();
+    let until = duration.map(|d| started + d);
+    let mut tasks = Vec::new();
+    for c in 0..connections {
+        let devices: Vec<usize> = (c..fleet.names.len()).step_by(connections).collect();
+        tasks.push(tokio::spawn(connection(
+            addr,
+            fleet.clone(),
+            devices,
+            until,
+            sent.clone(),
+        )));
+    }
+    let mut lat = Vec::new();
+    for t in tasks {
+        lat.extend(t.await??.latencies_us);
+    }
+    let seconds = started.elapsed().as_secs_f64();
+    let mut ms: Vec<f64> = lat.iter().map(|&u| f64::from(u) / 1e3).collect();
+    ms.sort_by(f64::total_cmp);
+    let requests = ms.len() as u64;
+    Ok(FleetPhase {
+        name: name.to_owned(),
+        connections,
+        requests,
+        seconds,
+        requests_per_sec: requests as f64 / seconds,
+        readings_per_sec: (requests * SENSORS.len() as u64) as f64 / seconds,
+        p50_ms: percentile(&ms, 0.5),
+        p99_ms: percentile(&ms, 0.99),
+        p999_ms: percentile(&ms, 0.999),
+        peak_rss_mib: server.peak_rss_mib(),
+    })
+}
+
+/// Runs the fleet scenario and prints its table.
+pub async fn run(args: BenchArgs) -> anyhow::Result<FleetReport> {
+    let _tmp;
+    let work = match &args.work_dir {
+        Some(d) => {
+            std::fs::create_dir_all(d)?;
+            d.clone()
+        }
+        None => {
+            _tmp = tempfile::Builder::new()
+                .prefix("milepost-bench-fleet-")
+                .tempdir()?;
+            _tmp.path().to_owned()
+        }
+    };
+    let duration = Duration::from_secs_f64(args.duration);
+    // Ten minutes ago: a live fleet. Each device runs ahead of the clock when it
+    // sends more than one second per second, within the allowed future skew.
+    let base = Timestamp::now().as_micros() / 1_000_000 - 600;
+    let mut phases = Vec::new();
+
+    let dir = work.join("fleet");
+    let server = BenchServer::start(&dir, &args.memory_limit)?;
+    if args.new_devices > 0 {
+        eprintln!("bench: first contact of {} new devices", args.new_devices);
+        let new = Arc::new(Fleet::new("new", args.new_devices, base));
+        phases.push(phase(&server, "first contact (new devices)", &new, 64, None).await?);
+    }
+    let fleet = Arc::new(Fleet::new("car", args.devices, base));
+    eprintln!("bench: {} devices say hello (not timed)", args.devices);
+    phase(&server, "warm-up", &fleet, 64, None).await?;
+    for &c in &args.connections {
+        eprintln!(
+            "bench: fleet of {} devices over {c} connections",
+            args.devices
+        );
+        phases.push(phase(&server, "fleet", &fleet, c, Some(duration)).await?);
+    }
+    server.stop()?;
+
+    eprintln!("bench: restart with every device known");
+    let known = args.devices + args.new_devices;
+    let started = Instant::now();
+    let server = BenchServer::start(&dir, &args.memory_limit)?;
+    let restart_ms = started.elapsed().as_secs_f64() * 1e3;
+    server.stop()?;
+
+    let (mut big_native, mut big_http) = (0.0, 0.0);
+    if args.big_readings > 0 {
+        eprintln!("bench: one request of {} readings", args.big_readings);
+        let g = {
+            let (work, n, seed) = (work.clone(), args.big_readings, args.seed);
+            tokio::task::spawn_blocking(move || {
+                let dir = work.join("big-input");
+                std::fs::create_dir_all(&dir)?;
+                generate::generate(&dir, "big", n, 1, n as usize, seed)
+            })
+            .await??
+        };
+        super::flush_page_cache();
+        let native = {
+            let (work, mem) = (work.clone(), args.memory_limit.clone());
+            tokio::task::spawn_blocking(move || {
+                native_load(&work.join("big-native"), &g, &mem).map(|p| (p, g))
+            })
+            .await??
+        };
+        let (native, g) = native;
+        big_native = native.readings_per_sec;
+        super::flush_page_cache();
+        let server = BenchServer::start(&work.join("big-http"), &args.memory_limit)?;
+        let path = g.streams[0].plain.clone();
+        // Read once so the request streams from the page cache, like the native load.
+        tokio::fs::read(&path).await.map(drop)?;
+        let file = tokio::fs::File::open(&path).await?;
+        let body =
+            reqwest::Body::wrap_stream(tokio_util::io::ReaderStream::with_capacity(file, 1 << 20));
+        let started = Instant::now();
+        let resp = reqwest::Client::new()
+            .post(format!("{}/ingest", server.base()))
+            .bearer_auth(BENCH_KEY)
+            .header("content-type", "application/x-ndjson")
+            .body(body)
+            .send()
+            .await?;
+        let status = resp.status();
+        let v: serde_json::Value = resp.json().await?;
+        let secs = started.elapsed().as_secs_f64();
+        if !status.is_success() || v["accepted"].as_u64() != Some(g.total) {
+            bail!("the big request answered {status}: {v}");
+        }
+        big_http = g.total as f64 / secs;
+        server.stop()?;
+    }
+
+    let report = FleetReport {
+        devices: args.devices,
+        readings_per_request: SENSORS.len(),
+        phases,
+        big_readings: args.big_readings,
+        big_native_per_sec: big_native,
+        big_http_per_sec: big_http,
+        big_ratio: if big_native > 0.0 {
+            big_http / big_native
+        } else {
+            0.0
+        },
+        devices_known: known,
+        restart_ms,
+    };
+    print_report(&report);
+    if let Some(path) = &args.json {
+        std::fs::write(path, serde_json::to_string_pretty(&report)?)?;
+    }
+    Ok(report)
+}
+
+fn print_report(r: &FleetReport) {
+    println!(
+        "milepost bench --scenario fleet: {} devices, {} readings per request",
+        r.devices, r.readings_per_request
+    );
+    println!(
+        "{:<30} {:>5} {:>9} {:>7} {:>9} {:>11} {:>8} {:>8} {:>9} {:>8}",
+        "phase",
+        "conns",
+        "requests",
+        "seconds",
+        "req/s",
+        "readings/s",
+        "p50 ms",
+        "p99 ms",
+        "p99.9 ms",
+        "RSS MiB"
+    );
+    for p in &r.phases {
+        println!(
+            "{:<30} {:>5} {:>9} {:>7.1} {:>9.0} {:>11.0} {:>8.2} {:>8.2} {:>9.2} {:>8.0}",
+            p.name,
+            p.connections,
+            p.requests,
+            p.seconds,
+            p.requests_per_sec,
+            p.readings_per_sec,
+            p.p50_ms,
+            p.p99_ms,
+            p.p999_ms,
+            p.peak_rss_mib
+        );
+    }
+    if r.big_readings > 0 {
+        println!(
+            "one request of {} readings: {:.2} M readings/s; DuckDB's own read_json load {:.2} M/s; ratio {:.2}",
+            r.big_readings,
+            r.big_http_per_sec / 1e6,
+            r.big_native_per_sec / 1e6,
+            r.big_ratio
+        );
+    }
+    println!(
+        "restart with {} devices known: ready in {:.0} ms",
+        r.devices_known, r.restart_ms
+    );
+}

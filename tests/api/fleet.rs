@@ -1,0 +1,341 @@
+//! The small-request path (ingest log, flusher) and large bodies parsed in parallel:
+//! durability under SIGKILL, read-your-writes, exact counts under many clients,
+//! exact line numbers.
+
+use std::collections::{BTreeMap, HashSet};
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use chrono::{DateTime, SecondsFormat, Utc};
+use milepost::bench::process::ServerProcess;
+use reqwest::StatusCode;
+
+use crate::helpers::*;
+
+const SENSORS: [&str; 6] = [
+    "speed",
+    "fuel",
+    "revolution",
+    "engine_temperature",
+    "location_latitude",
+    "location_longitude",
+];
+
+fn at(sec: i64) -> String {
+    DateTime::<Utc>::from_timestamp(sec, 0)
+        .unwrap()
+        .to_rfc3339_opts(SecondsFormat::Millis, true)
+}
+
+/// One second of one device: a reading of every sensor, all with `value`.
+fn second(device: &str, sec: i64, value: f64) -> String {
+    SENSORS
+        .iter()
+        .map(|s| dline(device, s, value, &at(sec)) + "\n")
+        .collect()
+}
+
+async fn post(
+    client: &reqwest::Client,
+    base: &str,
+    body: String,
+) -> reqwest::Result<(StatusCode, serde_json::Value)> {
+    let r = client
+        .post(format!("{base}/ingest"))
+        .bearer_auth(KEY)
+        .header("content-type", "application/x-ndjson")
+        .body(body)
+        .send()
+        .await?;
+    let status = r.status();
+    Ok((status, r.json().await?))
+}
+
+fn start_binary(dir: &Path) -> ServerProcess {
+    let exe = Path::new(env!("CARGO_BIN_EXE_milepost"));
+    ServerProcess::start(exe, dir, &["--api-key", KEY], false).expect("binary starts")
+}
+
+/// Acknowledged seconds per device, with the value sent.
+type Ledger = Arc<Mutex<BTreeMap<String, BTreeMap<i64, f64>>>>;
+
+/// Kills the real server with SIGKILL several times while 32 devices send one second
+/// each per request, concurrently; every request acknowledged before a kill must be
+/// stored, with its first-written value, once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sigkill_during_fleet_load_loses_no_acknowledged_reading_and_stores_none_twice() {
+    let dir = tempfile::tempdir().unwrap();
+    let start = Utc::now().timestamp() - 3 * 3600;
+    let devices: Vec<String> = (0..32).map(|d| format!("van-{d}")).collect();
+    let acked: Ledger = Arc::default();
+    let sent: Arc<Mutex<Vec<String>>> = Arc::default();
+    // Per device, the next second to send: carried across restarts.
+    let next: Arc<Vec<Mutex<i64>>> = Arc::new(devices.iter().map(|_| Mutex::new(start)).collect());
+    let mut rng = fastrand::Rng::with_seed(11);
+    let cycles = 4;
+    let mut before = 0;
+    for cycle in 0..cycles {
+        let mut p = start_binary(dir.path());
+        let client = reqwest::Client::new();
+        let mut tasks = Vec::new();
+        for (k, device) in devices.iter().enumerate() {
+            let (client, base, device) = (client.clone(), p.base.clone(), device.clone());
+            let (acked, sent, next) = (acked.clone(), sent.clone(), next.clone());
+            tasks.push(tokio::spawn(async move {
+                loop {
+                    let sec = {
+                        let mut n = next[k].lock().unwrap();
+                        *n += 1;
+                        *n
+                    };
+                    // Within every sensor's range (latitude ±90).
+                    let value = ((cycle * 37 + k) % 80) as f64 + (sec % 100) as f64 / 100.0;
+                    let body = second(&device, sec, value);
+                    sent.lock().unwrap().push(body.clone());
+                    match post(&client, &base, body).await {
+                        Ok((StatusCode::OK, r)) => {
+                            assert_eq!(num(&r, "accepted"), 6, "{r}");
+                            acked
+                                .lock()
+                                .unwrap()
+                                .entry(device.clone())
+                                .or_default()
+                                .insert(sec, value);
+                        }
+                        Ok((status, r)) => panic!("answered {status}: {r}"),
+                        // The kill: the connection breaks.
+                        Err(_) => return,
+                    }
+                }
+            }));
+        }
+        tokio::time::sleep(Duration::from_millis(rng.u64(400..1500))).await;
+        p.child.kill().unwrap();
+        p.child.wait().unwrap();
+        for t in tasks {
+            t.await.unwrap();
+        }
+        let n: usize = acked.lock().unwrap().values().map(BTreeMap::len).sum();
+        assert!(
+            n > before,
+            "cycle {cycle}: requests were acknowledged before the kill"
+        );
+        before = n;
+    }
+    let acked = acked.lock().unwrap().clone();
+    let acked_seconds: usize = acked.values().map(BTreeMap::len).sum();
+
+    // After the restart: every acknowledged request, sent again, is all duplicates.
+    let app = TestApp::spawn_in(dir, |_| {}).await;
+    let client = reqwest::Client::new();
+    let acked_bodies: HashSet<String> = acked
+        .iter()
+        .flat_map(|(d, secs)| secs.iter().map(move |(s, v)| second(d, *s, *v)))
+        .collect();
+    let sent = sent.lock().unwrap().clone();
+    for body in sent.iter().filter(|b| acked_bodies.contains(*b)) {
+        let (status, r) = post(&client, &app.url(""), body.clone()).await.unwrap();
+        assert_eq!((status, num(&r, "duplicates")), (StatusCode::OK, 6), "{r}");
+    }
+    // Statistics (rollups) agree with the readings stored, per device.
+    for device in devices.iter().take(4) {
+        let (status, stats) = app
+            .get(&format!(
+                "/api/v1/sensors/fuel/statistics?device={device}&from={}&to={}&bucket=15m",
+                at(start - 3600),
+                at(start + 6 * 3600)
+            ))
+            .await;
+        assert_eq!(status, StatusCode::OK, "{stats}");
+        let counted: u64 = stats["buckets"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|b| num(b, "count"))
+            .sum();
+        let (_, page) = app
+            .get(&format!(
+                "/api/v1/sensors/fuel/readings?device={device}&limit=100000"
+            ))
+            .await;
+        assert_eq!(counted, page["readings"].as_array().unwrap().len() as u64);
+    }
+    let rows = stored_rows(app.stop().await.path());
+
+    // Nothing stored twice; every acknowledged reading stored with its value.
+    let mut keys = HashSet::new();
+    for (device, sensor, ts, _) in &rows {
+        assert!(
+            keys.insert((device.clone(), sensor.clone(), *ts)),
+            "stored twice: {device} {sensor} {ts}"
+        );
+    }
+    let stored: BTreeMap<(String, String, i64), f64> = rows
+        .into_iter()
+        .map(|(d, s, ts, v)| ((d, s, ts), v))
+        .collect();
+    for (device, secs) in &acked {
+        for (sec, value) in secs {
+            for s in SENSORS {
+                let key = (device.clone(), s.to_owned(), sec * 1_000_000);
+                assert_eq!(
+                    stored.get(&key),
+                    Some(value),
+                    "acknowledged {key:?} lost or changed"
+                );
+            }
+        }
+    }
+    assert!(stored.len() >= acked_seconds * 6);
+}
+
+/// Right after each acknowledgement every read endpoint shows the reading: the ones
+/// answered from memory and the ones that query the database.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_read_endpoint_shows_a_reading_as_soon_as_it_is_acknowledged() {
+    let app = TestApp::spawn().await;
+    let start = Utc::now().timestamp() - 600;
+    let (from, to) = (at(start - 3600), at(start + 3600));
+    for i in 0..30i64 {
+        let ts = at(start + i);
+        let body: String = SENSORS
+            .iter()
+            .map(|s| line(s, 10.0 + i as f64, &ts) + "\n")
+            .collect();
+        let (status, r) = app.ingest(body).await;
+        assert_eq!((status, num(&r, "accepted")), (StatusCode::OK, 6), "{r}");
+
+        let (_, latest) = app.get("/api/statistics/latest").await;
+        assert_eq!(latest["speed"], 10.0 + i as f64, "latest after {i}");
+        let (_, status) = app.get("/api/status").await;
+        assert_eq!(
+            status["lastIngestTimestamp"].as_str().map(micros),
+            Some(micros(&ts))
+        );
+        let (_, v1) = app.get("/api/v1/sensors?").await;
+        let speed = v1["sensors"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|s| s["name"] == "speed")
+            .unwrap()
+            .clone();
+        assert_eq!(num(&speed, "readings"), i as u64 + 1);
+        let (_, page) = app
+            .get(&format!(
+                "/api/v1/sensors/speed/readings?from={from}&to={to}&limit=1000"
+            ))
+            .await;
+        let readings = page["readings"].as_array().unwrap();
+        assert_eq!(readings.len() as i64, i + 1, "raw readings after {i}");
+        assert_eq!(readings.last().unwrap()["value"], 10.0 + i as f64);
+        let (_, stats) = app
+            .get(&format!(
+                "/api/v1/sensors/fuel/statistics?from={from}&to={to}&bucket=1h"
+            ))
+            .await;
+        let counted: u64 = stats["buckets"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|b| num(b, "count"))
+            .sum();
+        assert_eq!(counted as i64, i + 1, "statistics after {i}: {stats}");
+    }
+}
+
+/// A thousand clients at once, each its own device and connection, each sending its
+/// second twice (the second time all duplicates, sometimes in the same group commit
+/// as the first): the counts are exact, per request and in total.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_thousand_concurrent_small_clients_are_counted_exactly() {
+    let app = TestApp::spawn().await;
+    let sec = Utc::now().timestamp() - 60;
+    let base = app.url("");
+    let mut tasks = Vec::new();
+    for d in 0..1000 {
+        let base = base.clone();
+        tasks.push(tokio::spawn(async move {
+            // One client each: its own connection.
+            let client = reqwest::Client::new();
+            let body = second(&format!("car-{d}"), sec, (d % 90) as f64);
+            let first = post(&client, &base, body.clone()).await.unwrap();
+            let again = post(&client, &base, body).await.unwrap();
+            (first, again)
+        }));
+    }
+    for t in tasks {
+        let ((s1, r1), (s2, r2)) = t.await.unwrap();
+        assert_eq!(
+            (s1, num(&r1, "accepted"), num(&r1, "duplicates")),
+            (StatusCode::OK, 6, 0)
+        );
+        assert_eq!(
+            (s2, num(&r2, "accepted"), num(&r2, "duplicates")),
+            (StatusCode::OK, 0, 6)
+        );
+    }
+    let (_, devices) = app.get("/api/v1/devices").await;
+    assert_eq!(
+        devices["devices"].as_array().unwrap().len(),
+        1000,
+        "{devices}"
+    );
+    let metrics = reqwest::get(app.url("/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let counter = |name: &str| -> u64 {
+        metrics
+            .lines()
+            .filter(|l| l.starts_with(name))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+            .sum()
+    };
+    assert_eq!(counter("milepost_readings_accepted_total"), 6000);
+    assert_eq!(counter("milepost_readings_duplicate_total"), 6000);
+    let rows = stored_rows(app.stop().await.path());
+    assert_eq!(rows.len(), 6000);
+}
+
+/// A body large enough to be parsed on several threads: refused lines anywhere in
+/// it are reported with their exact line numbers, everything else is stored.
+#[tokio::test]
+async fn a_large_body_parsed_in_parallel_reports_exact_line_numbers() {
+    let app = TestApp::spawn().await;
+    let start = 1_750_000_000i64;
+    let mut body = String::new();
+    let mut bad = Vec::new();
+    let lines = 120_000u64; // ~10 MB: several 1 MiB reads, each parsed in pieces
+    for n in 1..=lines {
+        if n % 3001 == 0 {
+            bad.push(n);
+            body.push_str(
+                "{\"sensor\": \"warp\", \"value\": 1, \"timestamp\": \"2025-01-01T00:00:00Z\"}\n",
+            );
+        } else {
+            body.push_str(&line("speed", n as f64, &at(start + n as i64)));
+            body.push('\n');
+        }
+    }
+    let (status, r) = app.ingest(body).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{r}");
+    assert_eq!(num(&r, "accepted"), lines - bad.len() as u64);
+    assert_eq!(num(&r, "rejected"), bad.len() as u64);
+    let reported: Vec<u64> = r["errors"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| num(e, "line"))
+        .collect();
+    assert_eq!(reported, bad);
+    assert!(
+        r["errors"][0]["error"]
+            .as_str()
+            .unwrap()
+            .contains("unknown sensor 'warp'")
+    );
+}
