@@ -291,8 +291,8 @@ pub(super) fn rebuild(
 }
 
 /// At writer start: recomputes the rollups from the boundary a previous run left in
-/// `meta` on (the partials it held in memory may be lost), then records `from`, the
-/// new boundary. Returns the boundary it recomputed from, if there was one.
+/// `meta` on (the partials it held in memory may be lost; a clean shutdown writes
+/// them and removes the boundary), then records `from`, the new boundary. Returns the boundary it recomputed from, if there was one.
 pub(super) fn recover(conn: &Connection, from: i64) -> Result<Option<i64>, StoreError> {
     let _span = tracing::info_span!("rollup_recover").entered();
     let stored: Option<String> = conn

@@ -41,7 +41,10 @@ impl SeriesStats {
 pub struct Shared {
     catalog: RwLock<Arc<Catalog>>,
     devices: RwLock<Devices>,
-    series: RwLock<HashMap<(DeviceId, SensorId), SeriesStats>>,
+    /// Per device, its series ordered by sensor: a device's statistics are one
+    /// lookup (the dashboard asks for them every few seconds), and a device costs
+    /// only what it sent.
+    series: RwLock<HashMap<DeviceId, Vec<(SensorId, SeriesStats)>>>,
     /// Rollup slots from this one (ms) on may still lack readings the writer holds
     /// back (see `rollup::Live`); readers take them from `readings`. Starts at the
     /// earliest instant — everything raw — until the writer has started.
@@ -82,10 +85,10 @@ impl Shared {
             d.by_name.insert(name.clone(), id);
             d.names.insert(id, name);
         }
-        Self {
+        let shared = Self {
             catalog: RwLock::new(Arc::new(catalog)),
             devices: RwLock::new(d),
-            series: RwLock::new(series.into_iter().collect()),
+            series: RwLock::new(HashMap::default()),
             rollups_from: AtomicI64::new(i64::MIN),
             visible: Visibility {
                 acked: AtomicU64::new(0),
@@ -94,7 +97,9 @@ impl Shared {
                 changed: Condvar::new(),
                 wake: OnceLock::new(),
             },
-        }
+        };
+        shared.set_series(&series);
+        shared
     }
 
     /// Blocks until DuckDB holds every reading acknowledged so far, so that a query
@@ -201,31 +206,26 @@ impl Shared {
         v
     }
 
-    /// Statistics of every series of `device`.
+    /// Statistics of every series of `device`, by sensor.
     pub fn series_of(&self, device: DeviceId) -> Vec<(SensorId, SeriesStats)> {
         let s = self.series.read().expect("series lock");
-        let mut v: Vec<_> = s
-            .iter()
-            .filter(|((d, _), _)| *d == device)
-            .map(|((_, sensor), st)| (*sensor, *st))
-            .collect();
-        v.sort_by_key(|(s, _)| *s);
-        v
+        s.get(&device).cloned().unwrap_or_default()
     }
 
     /// Statistics of one series.
     pub fn series(&self, device: DeviceId, sensor: SensorId) -> Option<SeriesStats> {
-        self.series
-            .read()
-            .expect("series lock")
-            .get(&(device, sensor))
-            .copied()
+        let s = self.series.read().expect("series lock");
+        let of = s.get(&device)?;
+        of.iter().find(|(id, _)| *id == sensor).map(|(_, st)| *st)
     }
 
-    /// Statistics of every series.
+    /// Statistics of every series, ordered by device and sensor.
     pub fn all_series(&self) -> Vec<SeriesEntry> {
         let s = self.series.read().expect("series lock");
-        let mut v: Vec<_> = s.iter().map(|(k, v)| (*k, *v)).collect();
+        let mut v: Vec<_> = s
+            .iter()
+            .flat_map(|(d, of)| of.iter().map(|(sensor, st)| ((*d, *sensor), *st)))
+            .collect();
         v.sort_by_key(|(k, _)| *k);
         v
     }
@@ -247,15 +247,28 @@ impl Shared {
             return;
         }
         let mut s = self.series.write().expect("series lock");
-        for k in gone {
-            s.remove(k);
+        for (device, sensor) in gone {
+            if let Some(of) = s.get_mut(device) {
+                of.retain(|(id, _)| id != sensor);
+                if of.is_empty() {
+                    s.remove(device);
+                }
+            }
         }
     }
 
     pub(super) fn set_series(&self, updated: &[SeriesEntry]) {
         let mut s = self.series.write().expect("series lock");
-        for (k, v) in updated {
-            s.insert(*k, *v);
+        for ((device, sensor), stats) in updated {
+            let of = s.entry(*device).or_default();
+            match of.binary_search_by_key(sensor, |(id, _)| *id) {
+                Ok(i) => of[i].1 = *stats,
+                Err(i) => {
+                    // A device's sensors arrive one by one: no spare capacity kept.
+                    of.reserve_exact(1);
+                    of.insert(i, (*sensor, *stats));
+                }
+            }
         }
     }
 }

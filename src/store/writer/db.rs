@@ -316,9 +316,18 @@ impl Db {
     }
 
     pub(super) fn checkpoint(&mut self) -> Result<(), StoreError> {
-        // Not needed for correctness (the next start recomputes the live slots) but
-        // leaves a file whose rollups are whole for offline tools.
-        if let Err(e) = self.flush_live() {
+        // Leaves a file whose rollups are whole, for offline tools and for the next
+        // start, which then need not recompute the live slots from `readings` (with
+        // 100,000 devices that was ~0.9 s of a 1.2 s start). If this fails the
+        // boundary stays and the next start recomputes them.
+        let whole = self.flush_live().and_then(|()| {
+            self.conn.execute(
+                "DELETE FROM meta WHERE key = ?",
+                duckdb::params![rollup::META_FROM],
+            )?;
+            Ok(())
+        });
+        if let Err(e) = whole {
             tracing::warn!(error = %e, "writing held rollups at shutdown failed");
         }
         crate::store::close(&self.conn, &self.shared)
