@@ -43,7 +43,7 @@ pub const MAX_REPORTED_ERRORS: usize = 100;
 
 /// Whole lines below this many bytes are parsed on one thread: a thread costs more
 /// than it saves.
-const PARALLEL_MIN_BYTES: usize = 64 * 1024;
+const PARALLEL_MIN_BYTES: usize = 512 * 1024;
 
 /// Incremental parser for one request body.
 pub struct StreamParser {

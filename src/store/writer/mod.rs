@@ -393,9 +393,10 @@ impl Writer {
     }
 }
 
-/// Largest group that goes through the ingest log; larger ones (bulk imports) cost
-/// DuckDB little per reading and go there directly rather than being written twice.
-const LOG_GROUP_ROWS: usize = 16 * 1024;
+/// Largest group that goes through the ingest log. In larger groups DuckDB's cost per
+/// transaction is small against its cost per reading, and writing them twice (log,
+/// then DuckDB) cost bulk imports (10,000-line requests) ~8 % at 16 Ki.
+const LOG_GROUP_ROWS: usize = 4 * 1024;
 /// The current log segment is handed to the flusher once it holds this many
 /// readings…
 const SEAL_ROWS: usize = 32 * 1024;
