@@ -240,19 +240,7 @@ async fn phase(
 
 /// Runs the fleet scenario and prints its table.
 pub async fn run(args: BenchArgs) -> anyhow::Result<FleetReport> {
-    let _tmp;
-    let work = match &args.work_dir {
-        Some(d) => {
-            std::fs::create_dir_all(d)?;
-            d.clone()
-        }
-        None => {
-            _tmp = tempfile::Builder::new()
-                .prefix("milepost-bench-fleet-")
-                .tempdir()?;
-            _tmp.path().to_owned()
-        }
-    };
+    let (work, _tmp) = super::work_dir(&args, "milepost-bench-fleet-")?;
     let duration = Duration::from_secs_f64(args.duration);
     // Ten minutes ago: a live fleet. Each device runs ahead of the clock when it
     // sends more than one second per second, within the allowed future skew.

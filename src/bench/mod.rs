@@ -154,21 +154,26 @@ pub struct Report {
     pub verified_series: usize,
 }
 
-/// Runs the benchmark and prints the table.
-pub async fn run(args: BenchArgs) -> anyhow::Result<Report> {
-    let _tmp;
-    let work = match &args.work_dir {
+/// `--work-dir`, or a new temporary directory (removed when the guard drops).
+fn work_dir(
+    args: &BenchArgs,
+    prefix: &str,
+) -> anyhow::Result<(PathBuf, Option<tempfile::TempDir>)> {
+    Ok(match &args.work_dir {
         Some(d) => {
             std::fs::create_dir_all(d)?;
-            d.clone()
+            (d.clone(), None)
         }
         None => {
-            _tmp = tempfile::Builder::new()
-                .prefix("milepost-bench-")
-                .tempdir()?;
-            _tmp.path().to_owned()
+            let tmp = tempfile::Builder::new().prefix(prefix).tempdir()?;
+            (tmp.path().to_owned(), Some(tmp))
         }
-    };
+    })
+}
+
+/// Runs the benchmark and prints the table.
+pub async fn run(args: BenchArgs) -> anyhow::Result<Report> {
+    let (work, _tmp) = work_dir(&args, "milepost-bench-")?;
     eprintln!(
         "bench: generating {} readings in {}",
         args.readings,

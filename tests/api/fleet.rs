@@ -36,22 +36,6 @@ fn second(device: &str, sec: i64, value: f64) -> String {
         .collect()
 }
 
-async fn post(
-    client: &reqwest::Client,
-    base: &str,
-    body: String,
-) -> reqwest::Result<(StatusCode, serde_json::Value)> {
-    let r = client
-        .post(format!("{base}/ingest"))
-        .bearer_auth(KEY)
-        .header("content-type", "application/x-ndjson")
-        .body(body)
-        .send()
-        .await?;
-    let status = r.status();
-    Ok((status, r.json().await?))
-}
-
 fn start_binary(dir: &Path) -> ServerProcess {
     let exe = Path::new(env!("CARGO_BIN_EXE_milepost"));
     ServerProcess::start(exe, dir, &["--api-key", KEY], false).expect("binary starts")
@@ -93,7 +77,7 @@ async fn sigkill_during_fleet_load_loses_no_acknowledged_reading_and_stores_none
                     let value = ((cycle * 37 + k) % 80) as f64 + (sec % 100) as f64 / 100.0;
                     let body = second(&device, sec, value);
                     sent.lock().unwrap().push(body.clone());
-                    match post(&client, &base, body).await {
+                    match post_ingest(&client, &base, body).await {
                         Ok((StatusCode::OK, r)) => {
                             assert_eq!(num(&r, "accepted"), 6, "{r}");
                             acked
@@ -135,7 +119,9 @@ async fn sigkill_during_fleet_load_loses_no_acknowledged_reading_and_stores_none
         .collect();
     let sent = sent.lock().unwrap().clone();
     for body in sent.iter().filter(|b| acked_bodies.contains(*b)) {
-        let (status, r) = post(&client, &app.url(""), body.clone()).await.unwrap();
+        let (status, r) = post_ingest(&client, &app.url(""), body.clone())
+            .await
+            .unwrap();
         assert_eq!((status, num(&r, "duplicates")), (StatusCode::OK, 6), "{r}");
     }
     // Statistics (rollups) agree with the readings stored, per device.
@@ -148,12 +134,7 @@ async fn sigkill_during_fleet_load_loses_no_acknowledged_reading_and_stores_none
             ))
             .await;
         assert_eq!(status, StatusCode::OK, "{stats}");
-        let counted: u64 = stats["buckets"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|b| num(b, "count"))
-            .sum();
+        let counted = bucket_count_sum(&stats);
         let (_, page) = app
             .get(&format!(
                 "/api/v1/sensors/fuel/readings?device={device}&limit=100000"
@@ -235,12 +216,7 @@ async fn every_read_endpoint_shows_a_reading_as_soon_as_it_is_acknowledged() {
                 "/api/v1/sensors/fuel/statistics?from={from}&to={to}&bucket=1h"
             ))
             .await;
-        let counted: u64 = stats["buckets"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|b| num(b, "count"))
-            .sum();
+        let counted = bucket_count_sum(&stats);
         assert_eq!(counted as i64, i + 1, "statistics after {i}: {stats}");
     }
 }
@@ -260,8 +236,8 @@ async fn a_thousand_concurrent_small_clients_are_counted_exactly() {
             // One client each: its own connection.
             let client = reqwest::Client::new();
             let body = second(&format!("car-{d}"), sec, (d % 90) as f64);
-            let first = post(&client, &base, body.clone()).await.unwrap();
-            let again = post(&client, &base, body).await.unwrap();
+            let first = post_ingest(&client, &base, body.clone()).await.unwrap();
+            let again = post_ingest(&client, &base, body).await.unwrap();
             (first, again)
         }));
     }

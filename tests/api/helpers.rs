@@ -143,3 +143,31 @@ pub fn micros(s: &str) -> i64 {
         .unwrap()
         .timestamp_micros()
 }
+
+/// `POST /ingest` from a client of the test's own (a separate process's server, or
+/// a connection of its own), with the test key.
+pub async fn post_ingest(
+    client: &reqwest::Client,
+    base: &str,
+    body: String,
+) -> reqwest::Result<(StatusCode, Value)> {
+    let r = client
+        .post(format!("{base}/ingest"))
+        .basic_auth(KEY, None::<&str>)
+        .header("content-type", "application/x-ndjson")
+        .body(body)
+        .send()
+        .await?;
+    let status = r.status();
+    Ok((status, r.json().await?))
+}
+
+/// Readings counted over every bucket of a statistics answer.
+pub fn bucket_count_sum(stats: &Value) -> u64 {
+    stats["buckets"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|b| num(b, "count"))
+        .sum()
+}

@@ -16,21 +16,6 @@ fn start_binary(dir: &Path) -> ServerProcess {
     ServerProcess::start(exe, dir, &["--api-key", KEY], false).expect("binary starts")
 }
 
-async fn ingest(
-    client: &reqwest::Client,
-    base: &str,
-    body: String,
-) -> reqwest::Result<(StatusCode, serde_json::Value)> {
-    let r = client
-        .post(format!("{base}/ingest"))
-        .basic_auth(KEY, None::<&str>)
-        .header("content-type", "application/x-ndjson")
-        .body(body)
-        .send()
-        .await?;
-    Ok((r.status(), r.json().await?))
-}
-
 fn batch(from: u32, n: u32) -> String {
     (from..from + n)
         .map(|i| {
@@ -45,7 +30,7 @@ async fn sigterm_stops_cleanly_and_data_survives() {
     let dir = tempfile::tempdir().unwrap();
     let p = start_binary(dir.path());
     let client = reqwest::Client::new();
-    let (status, r) = ingest(&client, &p.base, batch(0, 500)).await.unwrap();
+    let (status, r) = post_ingest(&client, &p.base, batch(0, 500)).await.unwrap();
     assert_eq!((status, num(&r, "accepted")), (StatusCode::OK, 500));
     let code = tokio::task::spawn_blocking(move || p.terminate().unwrap())
         .await
@@ -66,7 +51,7 @@ async fn sigkill_never_loses_an_acknowledged_reading() {
     let writer = tokio::spawn(async move {
         let mut acked = 0u32;
         for i in 0..400u32 {
-            match ingest(&client, &base, batch(i * 1000, 1000)).await {
+            match post_ingest(&client, &base, batch(i * 1000, 1000)).await {
                 Ok((StatusCode::OK, r)) if num(&r, "accepted") == 1000 => acked = (i + 1) * 1000,
                 _ => break,
             }
@@ -141,7 +126,9 @@ async fn an_unreplayable_wal_stops_start_up_and_recover_offers_the_safe_step() {
     let mut p = start_binary(dir.path());
     let client = reqwest::Client::new();
     // More than the ingest log takes per group: straight into DuckDB's WAL.
-    let (status, _) = ingest(&client, &p.base, batch(0, 20_000)).await.unwrap();
+    let (status, _) = post_ingest(&client, &p.base, batch(0, 20_000))
+        .await
+        .unwrap();
     assert_eq!(status, StatusCode::OK);
     p.child.kill().unwrap();
     p.child.wait().unwrap();

@@ -120,14 +120,13 @@ impl Db {
         //    statistics, then the fresh rows and the rollups of ended slots.
         let slots = self.slot_move();
         let started = Instant::now();
-        self.conn.execute_batch("BEGIN TRANSACTION")?;
-        let in_tx = (|| {
-            ingest_log::insert_devices(&self.conn, &plan.new_devices)?;
+        let (results, updated, partials, held) = self.in_transaction(|db| {
+            ingest_log::insert_devices(&db.conn, &plan.new_devices)?;
             let mut fresh = fresh;
             let stored_dups = if staged.is_empty() {
                 Vec::new()
             } else {
-                self.dedupe_staged(&staged, &mut fresh)?
+                db.dedupe_staged(&staged, &mut fresh)?
             };
             let (results, updated) = tally(
                 jobs,
@@ -135,27 +134,15 @@ impl Db {
                 &plan.row_keys,
                 &mut plan.keys,
                 &stored_dups,
-                &self.shared,
+                &db.shared,
             );
-            let (partials, held) = self.append_fresh(fresh, &series, &slots)?;
-            let before_commit = Instant::now();
-            self.conn.execute_batch("COMMIT")?;
-            tracing::debug!(
-                write_ms = (before_commit - started).as_secs_f64() * 1e3,
-                commit_ms = before_commit.elapsed().as_secs_f64() * 1e3,
-                "committed group"
-            );
-            Ok::<_, StoreError>((results, updated, partials, held))
-        })();
-        let (results, updated, partials, held) = match in_tx {
-            Ok(r) => r,
-            Err(e) => {
-                self.conn.execute_batch("ROLLBACK").ok();
-                // The key windows may hold rows that are not stored after all.
-                self.recent.clear();
-                return Err(e);
-            }
-        };
+            let (partials, held) = db.append_fresh(fresh, &series, &slots)?;
+            Ok((results, updated, partials, held))
+        })?;
+        tracing::debug!(
+            elapsed_ms = started.elapsed().as_secs_f64() * 1e3,
+            "committed group"
+        );
 
         self.after_append(slots, partials, held);
         Ok((results, updated))
@@ -169,22 +156,12 @@ impl Db {
         let _span = tracing::debug_span!("log_flush", rows, through = part.through).entered();
         let started = Instant::now();
         let slots = self.slot_move();
-        self.conn.execute_batch("BEGIN TRANSACTION")?;
-        let in_tx = (|| {
-            ingest_log::insert_devices(&self.conn, &part.devices)?;
-            let appended = self.append_fresh(part.rows.clone(), &part.series, &slots)?;
-            ingest_log::set_through(&self.conn, part.through)?;
-            self.conn.execute_batch("COMMIT")?;
-            Ok::<_, StoreError>(appended)
-        })();
-        let (partials, held) = match in_tx {
-            Ok(r) => r,
-            Err(e) => {
-                self.conn.execute_batch("ROLLBACK").ok();
-                self.recent.clear();
-                return Err(e);
-            }
-        };
+        let (partials, held) = self.in_transaction(|db| {
+            ingest_log::insert_devices(&db.conn, &part.devices)?;
+            let appended = db.append_fresh(part.rows.clone(), &part.series, &slots)?;
+            ingest_log::set_through(&db.conn, part.through)?;
+            Ok(appended)
+        })?;
         self.after_append(slots, partials, held);
         let elapsed = started.elapsed();
         self.metrics
@@ -195,6 +172,24 @@ impl Db {
             "moved ingest log into the database"
         );
         Ok(())
+    }
+
+    /// Runs `f` in one transaction on the write connection. On failure it is rolled
+    /// back and the key windows are dropped: they may hold rows that were not stored.
+    fn in_transaction<T>(
+        &mut self,
+        f: impl FnOnce(&mut Self) -> Result<T, StoreError>,
+    ) -> Result<T, StoreError> {
+        self.conn.execute_batch("BEGIN TRANSACTION")?;
+        let done = f(self).and_then(|v| {
+            self.conn.execute_batch("COMMIT")?;
+            Ok(v)
+        });
+        if done.is_err() {
+            self.conn.execute_batch("ROLLBACK").ok();
+            self.recent.clear();
+        }
+        done
     }
 
     /// Compacts the next finished day due (see [`crate::store::compact`]).
