@@ -315,6 +315,7 @@ pub(super) fn replay(conn: &Connection, data_dir: &Path) -> Result<IngestLog, St
             devices.extend(r.devices);
             series.add(r.rows, &mut rows);
         }
+        devices.extend(missing_devices(conn, &devices, &series.keys)?);
         let readings = rows.len();
         // Slots from the boundary on are recomputed from `readings` when the writer
         // starts (`rollup::recover`); only earlier ones get partials here.
@@ -357,6 +358,40 @@ pub(super) fn replay(conn: &Connection, data_dir: &Path) -> Result<IngestLog, St
         next_seq,
         buf: Vec::new(),
     })
+}
+
+/// Devices the replayed readings name by id that neither DuckDB nor the replayed
+/// records know. That happens only when DuckDB lost transactions the log had already
+/// handed over (its write-ahead log moved away by `milepost recover --move-wal`): the
+/// readings are kept under a placeholder name, and the id is never given to another
+/// device.
+fn missing_devices(
+    conn: &Connection,
+    replayed: &[(DeviceId, Device)],
+    series: &[(DeviceId, SensorId)],
+) -> Result<Vec<(DeviceId, Device)>, StoreError> {
+    let mut stmt = conn.prepare("SELECT id FROM devices")?;
+    let known: rustc_hash::FxHashSet<u32> = stmt
+        .query_map([], |r| r.get::<_, i32>(0))?
+        .map(|id| id.map(|id| id as u32))
+        .collect::<Result<_, _>>()?;
+    let mut missing: Vec<u32> = series
+        .iter()
+        .map(|(d, _)| d.0)
+        .filter(|id| !known.contains(id) && !replayed.iter().any(|(r, _)| r.0 == *id))
+        .collect();
+    missing.sort_unstable();
+    missing.dedup();
+    missing
+        .into_iter()
+        .map(|id| {
+            let name = format!("recovered-device-{id}");
+            tracing::warn!(id, %name, "replayed readings of a device the database lost; kept under a placeholder name");
+            Device::parse(&name)
+                .map(|d| (DeviceId(id), d))
+                .map_err(|e| StoreError::Internal(format!("placeholder device name: {e}")))
+        })
+        .collect()
 }
 
 /// Series of rows gathered from several groups, indexed for [`Columns::series_order`].
@@ -517,6 +552,27 @@ mod tests {
         std::fs::write(&path, b"something else entirely").unwrap();
         assert!(matches!(read_segment(&path), Err(StoreError::Corrupt(_))));
         assert_eq!(std::fs::read(&path).unwrap(), b"something else entirely");
+    }
+
+    /// A record naming a device by an id DuckDB lost (its WAL moved away after the
+    /// log had handed the device over): the readings are kept under a placeholder.
+    #[test]
+    fn readings_of_a_device_the_database_lost_are_kept_under_a_placeholder() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open_for_tests(dir.path());
+        let conn = store.conn.try_clone().unwrap();
+        let mut log = replay(&conn, dir.path()).unwrap();
+        log.append(&[], &rows(4, 9, T0)).unwrap();
+        drop((log, conn, store));
+        let store = open_for_tests(dir.path());
+        let lost = Device::parse("recovered-device-9").unwrap();
+        assert_eq!(store.shared().device_id(&lost), Some(DeviceId(9)));
+        let n = store
+            .reader()
+            .unwrap()
+            .count(&lost, &[SensorId(2)], TimeRange::ALL)
+            .unwrap();
+        assert_eq!(n, 4);
     }
 
     /// What the writer acknowledged through the log but never moved into DuckDB (the
