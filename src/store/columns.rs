@@ -68,11 +68,10 @@ impl Columns {
         self.value.push(value);
     }
 
-    /// Moves every row of `other` here, its series indices shifted by `key_offset`.
-    pub fn append(&mut self, other: Columns, key_offset: u32) {
+    /// Moves every row of `other` here.
+    pub fn append(&mut self, other: Columns) {
         self.seq.extend(other.seq);
-        self.key
-            .extend(other.key.into_iter().map(|k| k + key_offset));
+        self.key.extend(other.key);
         self.device.extend(other.device);
         self.sensor.extend(other.sensor);
         self.ts.extend(other.ts);

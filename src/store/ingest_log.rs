@@ -112,11 +112,6 @@ impl IngestLog {
         self.next_seq += 1;
         Ok(seq)
     }
-
-    /// Bytes in the current segment.
-    pub fn segment_bytes(&self) -> u64 {
-        self.len
-    }
 }
 
 fn encode(buf: &mut Vec<u8>, seq: u64, devices: &[(DeviceId, Device)], rows: &Columns) {
@@ -418,7 +413,7 @@ impl Series {
             rows.key.push(idx);
         }
         rows.seq.resize(rows.len(), 0);
-        into.append(rows, 0);
+        into.append(rows);
     }
 
     pub fn clear(&mut self) {

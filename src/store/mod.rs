@@ -37,7 +37,7 @@ pub use alerts::{AlertStore, AlertStoreError};
 pub use compact::Compaction;
 pub use dump::{DaySnapshot, DumpRecord, DumpSource};
 pub use error::StoreError;
-pub use ingest_log::{IngestLog, LOG_DIR};
+use ingest_log::IngestLog;
 pub use reader::{ReadStore, Reader, ScanChunk, ScanSink};
 pub use retention::Retired;
 pub use state::{SeriesEntry, SeriesStats, Shared};

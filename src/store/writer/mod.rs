@@ -691,13 +691,11 @@ impl Front {
     }
 
     /// Everything queued and logged into DuckDB, the flusher stopped, a checkpoint.
-    fn close(mut self, flusher: Option<JoinHandle<()>>) -> Result<(), StoreError> {
+    fn close(mut self, flusher: JoinHandle<()>) -> Result<(), StoreError> {
         let done = self.with_db(|db| db.checkpoint());
         self.queue.lock().stop = true;
         self.queue.changed.notify_all();
-        if let Some(t) = flusher {
-            let _ = t.join();
-        }
+        let _ = flusher.join();
         done
     }
 }
@@ -746,12 +744,12 @@ fn run(mut front: Front, mut rx: mpsc::Receiver<Msg>, max_rows: usize, flusher: 
                 }
             }
             front.commit_group(rest);
-            let _ = ack.send(front.close(Some(flusher)));
+            let _ = ack.send(front.close(flusher));
             return;
         }
     }
     // Every handle was dropped without a shutdown: still leave a checkpointed file.
-    if let Err(e) = front.close(Some(flusher)) {
+    if let Err(e) = front.close(flusher) {
         tracing::error!(error = %e, "checkpoint at writer exit failed");
     }
 }
