@@ -1,6 +1,7 @@
 //! Public HTTP API (poem + poem-openapi). Thin: decode, call the store or writer,
 //! encode. Errors become JSON in [`error`], once.
 
+mod allow;
 mod anomalies;
 pub mod auth;
 mod dumps;
@@ -337,6 +338,9 @@ pub fn app(
     cors_origins: Vec<String>,
 ) -> impl Endpoint<Output = Response> {
     let service = service();
+    let allow = Arc::new(allow::AllowedMethods::from_spec(
+        &serde_json::from_str(&service.spec()).unwrap_or_default(),
+    ));
     let spec = service.spec_endpoint();
     let docs = service.swagger_ui();
     let ingest_state = state.clone();
@@ -376,6 +380,7 @@ pub fn app(
         };
         let dashboard = dashboard.clone();
         let state = ingest_state.clone();
+        let allow = allow.clone();
         async move {
             // A fleet's small requests skip the routing and response layers of the
             // rest of the API (cross-origin ones keep them, for the CORS headers):
@@ -394,10 +399,12 @@ pub fn app(
                         .strip_prefix(p)
                         .is_some_and(|rest| rest.starts_with('/'))
             });
-            match dashboard {
+            let path = path.to_owned();
+            let resp = match dashboard {
                 Some(d) if !is_api => d.get_response(req).await,
                 _ => api.get_response(req).await,
-            }
+            };
+            allow.complete(&path, resp)
         }
     })
     .around(trace::request)

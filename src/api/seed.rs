@@ -60,6 +60,7 @@ impl poem_openapi::types::Example for Statistic {
 #[oai(rename_all = "camelCase")]
 pub struct Status {
     /// Timestamp of the newest stored reading (RFC 3339 UTC), `null` when there is none.
+    #[oai(nullable)]
     pub last_ingest_timestamp: Option<String>,
 }
 

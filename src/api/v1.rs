@@ -39,8 +39,10 @@ pub struct DeviceInfo {
     /// Stored readings over all sensors.
     pub readings: u64,
     /// Oldest reading (RFC 3339 UTC).
+    #[oai(nullable)]
     pub first: Option<String>,
     /// Newest reading (RFC 3339 UTC).
+    #[oai(nullable)]
     pub last: Option<String>,
 }
 
@@ -61,16 +63,21 @@ pub struct SensorInfo {
     /// What it measures.
     pub description: String,
     /// Lowest valid value, if bounded.
+    #[oai(nullable)]
     pub min: Option<f64>,
     /// Highest valid value, if bounded.
+    #[oai(nullable)]
     pub max: Option<f64>,
     /// Stored readings of the device.
     pub readings: u64,
     /// Oldest reading (RFC 3339 UTC).
+    #[oai(nullable)]
     pub first: Option<String>,
     /// Newest reading (RFC 3339 UTC).
+    #[oai(nullable)]
     pub last: Option<String>,
-    /// Value of the newest reading.
+    /// Value of the newest reading, `null` when there is none.
+    #[oai(nullable)]
     pub last_value: Option<f64>,
 }
 
@@ -107,15 +114,20 @@ pub struct BucketBody {
     pub end: String,
     /// Readings in the bucket (within `from`..`to`).
     pub count: u64,
-    /// Smallest value.
+    /// Smallest value; `null` in an empty bucket.
+    #[oai(nullable)]
     pub min: Option<f64>,
-    /// Largest value.
+    /// Largest value; `null` in an empty bucket.
+    #[oai(nullable)]
     pub max: Option<f64>,
-    /// Average value.
+    /// Average value; `null` in an empty bucket.
+    #[oai(nullable)]
     pub avg: Option<f64>,
-    /// Value of the oldest reading.
+    /// Value of the oldest reading; `null` in an empty bucket.
+    #[oai(nullable)]
     pub first: Option<f64>,
-    /// Value of the newest reading.
+    /// Value of the newest reading; `null` in an empty bucket.
+    #[oai(nullable)]
     pub last: Option<f64>,
 }
 
@@ -182,6 +194,7 @@ pub struct ReadingPage {
     pub readings: Vec<ReadingBody>,
     /// Pass as `cursor` (with the same `from`/`to`) for the next page; `null` when
     /// this page reaches the end of the range.
+    #[oai(nullable)]
     pub next_cursor: Option<String>,
 }
 
@@ -313,9 +326,10 @@ impl V1Api {
         /// IANA time zone the buckets are aligned in, e.g. `Europe/Berlin` (default UTC).
         #[oai(example = "tz_example")]
         tz: Query<Option<String>>,
-        /// How empty buckets are reported (default: left out).
-        #[oai(default)]
-        fill: Query<Fill>,
+        // Optional rather than `#[oai(default)]`: a defaulted enum parameter is
+        // published as `allOf: [$ref, {default}]`, which client generators reject.
+        /// How empty buckets are reported (default `none`: left out).
+        fill: Query<Option<Fill>>,
         /// Device (default: the server's `--default-device`).
         #[oai(example = "device_example")]
         device: Query<Option<String>>,
@@ -340,7 +354,7 @@ impl V1Api {
             tz: zone.map_or_else(|| "UTC".to_owned(), |z| z.name().to_owned()),
             from: range.from.to_string(),
             to: range.to.to_string(),
-            buckets: fill_buckets(&buckets, &stats, fill.0),
+            buckets: fill_buckets(&buckets, &stats, fill.0.unwrap_or_default()),
         }))
     }
 

@@ -2,6 +2,7 @@
 //! directory, real HTTP. One test binary (modules below) to keep link time down.
 
 mod backend;
+mod clients;
 mod compaction;
 mod dashboard;
 mod dumps;
