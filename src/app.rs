@@ -89,6 +89,10 @@ impl Server {
             ..WriterConfig::default()
         })?;
         let reads: Arc<dyn crate::store::ReadStore> = Arc::new(reader);
+        metrics.expose_at_zero(
+            reads.catalog().iter().map(|s| s.name.as_str()),
+            &api::ingest::STATUSES,
+        );
         let state = Arc::new(AppState {
             reads: reads.clone(),
             alerts: alerts.clone(),

@@ -275,6 +275,25 @@ impl Metrics {
         }
     }
 
+    /// Creates the per-sensor reading counters of `sensors` (and `unknown`'s refused
+    /// lines) and the ingest request counters of `statuses`, at 0. A series that
+    /// appears only with its first event is invisible to `increase()` and alerts on
+    /// that first event, and dashboards show "no data" instead of 0.
+    pub fn expose_at_zero<'a>(&self, sensors: impl IntoIterator<Item = &'a str>, statuses: &[u16]) {
+        let label = |sensor: &str| SensorLabel {
+            sensor: sensor.to_owned(),
+        };
+        for sensor in sensors {
+            self.readings_accepted.get_or_create(&label(sensor));
+            self.readings_duplicate.get_or_create(&label(sensor));
+            self.readings_rejected.get_or_create(&label(sensor));
+        }
+        self.readings_rejected.get_or_create(&label(UNKNOWN_SENSOR));
+        for &status in statuses {
+            self.ingest_requests.get_or_create(&StatusLabel { status });
+        }
+    }
+
     /// The text exposition (OpenMetrics, which Prometheus reads natively).
     pub fn render(&self) -> String {
         let mut out = String::new();

@@ -178,6 +178,10 @@ pub async fn handle(state: &Arc<AppState>, req: &Request, body: Body) -> IngestR
     response
 }
 
+/// Every status `POST /ingest` answers with (see [`IngestResponse::status`]):
+/// `milepost_ingest_requests_total` exports each of them from start, at 0.
+pub const STATUSES: [u16; 7] = [200, 400, 401, 413, 415, 500, 503];
+
 impl IngestResponse {
     /// The HTTP status this response is sent with.
     fn status(&self) -> u16 {

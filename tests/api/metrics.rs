@@ -111,3 +111,48 @@ async fn counters_move_by_exactly_what_a_request_did() {
         )
     );
 }
+
+/// Every series a dashboard or an alert uses is there from the first scrape, at 0:
+/// `increase()` sees the first event, and nothing shows "no data".
+#[tokio::test]
+async fn every_series_is_exported_at_zero_from_start() {
+    let app = TestApp::spawn().await;
+    let fresh = scrape(&app).await;
+    let (_, sensors) = app.get("/api/v1/sensors").await;
+    let names: Vec<&str> = sensors["sensors"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["name"].as_str().unwrap())
+        .collect();
+    assert!(names.contains(&"speed") && names.len() >= 6, "{names:?}");
+    let mut expected: Vec<String> = names
+        .iter()
+        .flat_map(|s| {
+            ["accepted", "duplicate", "rejected"]
+                .map(|kind| format!(r#"milepost_readings_{kind}_total{{sensor="{s}"}}"#))
+        })
+        .collect();
+    expected.push(r#"milepost_readings_rejected_total{sensor="unknown"}"#.into());
+    for status in [200, 400, 401, 413, 415, 500, 503] {
+        expected.push(format!(
+            r#"milepost_ingest_requests_total{{status="{status}"}}"#
+        ));
+    }
+    expected.extend(["milepost_devices", "milepost_stored_readings"].map(String::from));
+    for key in &expected {
+        assert_eq!(fresh.get(key), Some(&0.0), "{key} missing or not 0");
+    }
+    // And they count from there.
+    app.ingest(line("speed", 1.0, "2026-05-01T00:00:00Z")).await;
+    let after = scrape(&app).await;
+    assert_eq!(
+        after[r#"milepost_readings_accepted_total{sensor="speed"}"#],
+        1.0
+    );
+    assert_eq!(
+        after[r#"milepost_ingest_requests_total{status="200"}"#],
+        1.0
+    );
+    assert_eq!(after["milepost_devices"], 1.0);
+}
