@@ -6,11 +6,12 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use anyhow::Context as _;
-use poem::listener::{Acceptor, Listener, TcpListener};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-use crate::api::{self, ApiKeys, AppState, Limits};
+use crate::api::listener::{self, ListenerLimits};
+use crate::api::tls::TlsConfig;
+use crate::api::{self, AppState, KeyRing, Limits};
 use crate::backend::{Backend, Context, JobLimits, Tokens};
 use crate::config::{BlobArgs, ServeArgs};
 use crate::export::{BlobStore, DumpSettings, Dumper};
@@ -31,6 +32,39 @@ pub struct Server {
     metrics: Arc<Metrics>,
     backend_addr: Option<SocketAddr>,
     alerts: Arc<AlertStore>,
+    reloader: Reloader,
+}
+
+/// Re-reads what may change while the server runs (SIGHUP): the API keys and the
+/// TLS certificate. A source that fails to load keeps what was in use.
+#[derive(Clone, Debug)]
+pub struct Reloader {
+    keys: Arc<KeyRing>,
+    tls: Option<TlsConfig>,
+}
+
+impl Reloader {
+    /// Reloads keys and certificate, logging the outcome of each.
+    pub fn reload(&self) -> anyhow::Result<()> {
+        let keys = self.keys.reload();
+        match &keys {
+            Ok(n) => tracing::info!(keys = n, "API keys reloaded"),
+            Err(e) => {
+                tracing::error!(error = %e, "reloading API keys failed; the previous keys stay valid")
+            }
+        }
+        let tls = self.tls.as_ref().map(TlsConfig::reload).transpose();
+        match &tls {
+            Ok(Some(())) => tracing::info!("TLS certificate reloaded"),
+            Ok(None) => {}
+            Err(e) => {
+                tracing::error!(error = %e, "reloading the TLS certificate failed; the previous one stays in use")
+            }
+        }
+        keys?;
+        tls?;
+        Ok(())
+    }
 }
 
 /// Opens and probes the blob store, and reads what was dumped to it before. A bad
@@ -63,11 +97,16 @@ impl Server {
         let store = tokio::task::spawn_blocking(move || Store::open(&storage))
             .await
             .context("opening the database")??;
-        let keys = ApiKeys::load(
+        let keys = KeyRing::load(
             &args.api_keys,
             args.api_key_file.as_deref(),
             &args.storage.data_dir,
         )?;
+        let tls = match (&args.http.tls_cert, &args.http.tls_key) {
+            (Some(cert), Some(key)) => Some(TlsConfig::load(cert, key)?),
+            _ => None,
+        };
+        let keys = Arc::new(keys);
         let reader = store.reader()?;
         let alerts = Arc::new(store.alert_store()?);
         let db_path = store.path().to_owned();
@@ -99,13 +138,14 @@ impl Server {
             writer: writer.handle(),
             metrics,
             db_path,
-            keys,
+            keys: keys.clone(),
             limits: Limits {
                 max_body_bytes: args.max_body_bytes,
                 max_line_bytes: args.max_line_bytes as usize,
                 max_future_skew: chrono::Duration::from_std(args.max_future_skew)
                     .context("--max-future-skew is too large")?,
                 parse_threads: std::thread::available_parallelism().map_or(1, |n| n.get().min(8)),
+                body_read_timeout: args.http.body_read_timeout,
             },
             default_device: args.default_device.clone(),
             dumps: Some(dumper.clone()),
@@ -194,24 +234,29 @@ impl Server {
 
         // The public listener last: once it is announced, everything else runs.
         let listen = args.listen_addr();
-        let acceptor = match TcpListener::bind(listen.to_string()).into_acceptor().await {
-            Ok(a) => a,
+        let bound = tokio::net::TcpListener::bind(listen)
+            .await
+            .with_context(|| format!("cannot listen on {listen}"));
+        let socket = match bound {
+            Ok(l) => l,
             Err(e) => {
                 shutdown.cancel();
-                return Err(e).with_context(|| format!("cannot listen on {listen}"));
+                return Err(e);
             }
         };
-        let addr = acceptor
-            .local_addr()
-            .first()
-            .and_then(|a| a.as_socket_addr().copied())
-            .unwrap_or(listen);
-        tracing::info!(%addr, "public HTTP API listening");
+        let addr = socket.local_addr().unwrap_or(listen);
+        tracing::info!(%addr, tls = tls.is_some(), "public HTTP API listening");
+        let limits = ListenerLimits {
+            header_read_timeout: args.http.header_read_timeout,
+            max_connections: args.http.max_connections.max(1),
+            max_connections_per_client: args.http.max_connections_per_client.max(1),
+            max_header_bytes: args.http.max_header_bytes as usize,
+        };
         let shutdown_dumper = dumper.clone();
+        let listener_tls = tls.clone();
         let task = tokio::spawn(async move {
-            let served = poem::Server::new_with_acceptor(acceptor)
-                .run_with_graceful_shutdown(app, token.cancelled_owned(), Some(grace))
-                .await;
+            let served =
+                listener::serve(socket, listener_tls, app, limits, token.clone(), grace).await;
             // The backend and the detection jobs stop with the same token; their
             // database calls end before the writer's last checkpoint.
             if let Some(b) = backend {
@@ -244,6 +289,7 @@ impl Server {
             metrics: state_metrics,
             backend_addr,
             alerts,
+            reloader: Reloader { keys, tls },
         })
     }
 
@@ -266,6 +312,11 @@ impl Server {
     /// The backend's tables (tests look at what detection stored).
     pub fn alerts(&self) -> Arc<AlertStore> {
         self.alerts.clone()
+    }
+
+    /// What SIGHUP reloads.
+    pub fn reloader(&self) -> Reloader {
+        self.reloader.clone()
     }
 
     /// The bound address (useful with port 0).

@@ -195,9 +195,48 @@ pub struct ServeArgs {
     /// Internal backend.
     #[command(flatten)]
     pub backend: BackendArgs,
+    /// Connection limits and TLS of the public listener.
+    #[command(flatten)]
+    pub http: HttpArgs,
     /// How long shutdown waits for in-flight requests.
     #[arg(long, env = "MILEPOST_SHUTDOWN_TIMEOUT", default_value = "30s", value_parser = humantime::parse_duration)]
     pub shutdown_timeout: Duration,
+}
+
+/// Connection limits and TLS of the public HTTP listener.
+#[derive(Debug, Clone, Args)]
+pub struct HttpArgs {
+    /// Longest time a request's header may take to arrive; also how long an idle
+    /// keep-alive connection stays open (as nginx's `client_header_timeout`). Cuts
+    /// off clients that trickle their header (slowloris).
+    #[arg(long, env = "MILEPOST_HEADER_READ_TIMEOUT", default_value = "60s", value_parser = humantime::parse_duration)]
+    pub header_read_timeout: Duration,
+    /// Longest pause in an ingest body (no byte arriving) before the request is
+    /// answered 408 and the connection closed. Readings of lines received before the
+    /// pause are stored.
+    #[arg(long, env = "MILEPOST_BODY_READ_TIMEOUT", default_value = "30s", value_parser = humantime::parse_duration)]
+    pub body_read_timeout: Duration,
+    /// Open connections at most; more are closed as soon as they are accepted.
+    #[arg(long, env = "MILEPOST_MAX_CONNECTIONS", default_value_t = 10_000)]
+    pub max_connections: usize,
+    /// Open connections from one IP address at most (a fleet behind one NAT needs
+    /// it higher).
+    #[arg(
+        long,
+        env = "MILEPOST_MAX_CONNECTIONS_PER_CLIENT",
+        default_value_t = 256
+    )]
+    pub max_connections_per_client: usize,
+    /// Largest request header (request line plus fields); larger ones get 431.
+    #[arg(long, env = "MILEPOST_MAX_HEADER_BYTES", default_value = "64KiB", value_parser = parse_size)]
+    pub max_header_bytes: u64,
+    /// PEM certificate chain: serve HTTPS instead of HTTP (with `--tls-key`).
+    /// Re-read on SIGHUP.
+    #[arg(long, env = "MILEPOST_TLS_CERT", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key of `--tls-cert`. Re-read on SIGHUP.
+    #[arg(long, env = "MILEPOST_TLS_KEY", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
 }
 
 /// Where and how daily dumps are written.

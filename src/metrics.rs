@@ -284,13 +284,13 @@ impl Metrics {
             sensor: sensor.to_owned(),
         };
         for sensor in sensors {
-            self.readings_accepted.get_or_create(&label(sensor));
-            self.readings_duplicate.get_or_create(&label(sensor));
-            self.readings_rejected.get_or_create(&label(sensor));
+            let _ = self.readings_accepted.get_or_create(&label(sensor));
+            let _ = self.readings_duplicate.get_or_create(&label(sensor));
+            let _ = self.readings_rejected.get_or_create(&label(sensor));
         }
-        self.readings_rejected.get_or_create(&label(UNKNOWN_SENSOR));
+        let _ = self.readings_rejected.get_or_create(&label(UNKNOWN_SENSOR));
         for &status in statuses {
-            self.ingest_requests.get_or_create(&StatusLabel { status });
+            let _ = self.ingest_requests.get_or_create(&StatusLabel { status });
         }
     }
 

@@ -3,7 +3,9 @@
 //! Keys come from `--api-key` (repeatable, `KEY` or `KEY@DEVICE`), from a key file
 //! (one per line, same syntax, `#` comments), or — when neither is configured — from
 //! `<data-dir>/api-key`, generated with mode 0600 on first start. Only SHA-256 digests
-//! are kept in memory, so comparing never leaks a key through timing.
+//! are kept in memory and looked up by digest, so the time a check takes does not
+//! depend on how much of a guessed key is right (no byte-wise comparison of keys).
+//! Keys are never logged: errors show at most their first four characters.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -152,6 +154,55 @@ impl ApiKeys {
                 device: device.clone(),
             })
             .ok_or(AuthError::Invalid)
+    }
+}
+
+/// The valid keys, swappable at run time: [`KeyRing::reload`] (on SIGHUP) reads the
+/// configured sources again, so keys rotate without a restart. A failed reload keeps
+/// the keys in use.
+#[derive(Debug)]
+pub struct KeyRing {
+    current: std::sync::RwLock<std::sync::Arc<ApiKeys>>,
+    keys: Vec<String>,
+    key_file: Option<PathBuf>,
+    data_dir: PathBuf,
+}
+
+impl KeyRing {
+    /// Loads the keys as [`ApiKeys::load`] does and remembers where they came from.
+    pub fn load(
+        keys: &[String],
+        key_file: Option<&Path>,
+        data_dir: &Path,
+    ) -> Result<Self, KeyConfigError> {
+        let set = ApiKeys::load(keys, key_file, data_dir)?;
+        Ok(Self {
+            current: std::sync::RwLock::new(std::sync::Arc::new(set)),
+            keys: keys.to_vec(),
+            key_file: key_file.map(Path::to_owned),
+            data_dir: data_dir.to_owned(),
+        })
+    }
+
+    /// Reads the key sources again; returns how many keys are now valid.
+    pub fn reload(&self) -> Result<usize, KeyConfigError> {
+        let fresh = ApiKeys::load(&self.keys, self.key_file.as_deref(), &self.data_dir)?;
+        let n = fresh.len();
+        *self.current.write().expect("key lock") = std::sync::Arc::new(fresh);
+        Ok(n)
+    }
+
+    /// The keys in use now.
+    pub fn current(&self) -> std::sync::Arc<ApiKeys> {
+        self.current.read().expect("key lock").clone()
+    }
+
+    /// [`ApiKeys::authenticate`] against the keys in use now.
+    pub fn authenticate(&self, authorization: Option<&str>) -> Result<Grant, AuthError> {
+        self.current
+            .read()
+            .expect("key lock")
+            .authenticate(authorization)
     }
 }
 

@@ -98,6 +98,10 @@ pub enum IngestResponse {
     /// lines longer than the line limit (listed in `errors`; all other lines stored).
     #[oai(status = 413)]
     TooLarge(Json<IngestSummary>),
+    /// The body stalled: no byte arrived for `--body-read-timeout`. Lines received
+    /// before the pause were stored (see the counts); re-send the rest.
+    #[oai(status = 408)]
+    Timeout(Json<IngestSummary>),
     /// Content type or encoding not supported.
     #[oai(status = 415)]
     UnsupportedMediaType(Json<ErrorBody>),
@@ -180,7 +184,7 @@ pub async fn handle(state: &Arc<AppState>, req: &Request, body: Body) -> IngestR
 
 /// Every status `POST /ingest` answers with (see [`IngestResponse::status`]):
 /// `milepost_ingest_requests_total` exports each of them from start, at 0.
-pub const STATUSES: [u16; 7] = [200, 400, 401, 413, 415, 500, 503];
+pub const STATUSES: [u16; 8] = [200, 400, 401, 408, 413, 415, 500, 503];
 
 impl IngestResponse {
     /// The HTTP status this response is sent with.
@@ -189,6 +193,7 @@ impl IngestResponse {
             Self::Ok(_) => 200,
             Self::Rejected(_) => 400,
             Self::Unauthorized(..) => 401,
+            Self::Timeout(_) => 408,
             Self::TooLarge(_) => 413,
             Self::UnsupportedMediaType(_) => 415,
             Self::StorageFailed(_) => 500,
@@ -204,7 +209,7 @@ async fn respond(state: &Arc<AppState>, req: &Request, body: Body) -> IngestResp
         .and_then(|v| v.to_str().ok());
     let grant = match state.keys.authenticate(auth) {
         Ok(g) => g,
-        Err(e) => return unauthorized(e),
+        Err(e) => return refuse_early(state, body, unauthorized(e)).await,
     };
 
     let content_type = req
@@ -224,10 +229,11 @@ async fn respond(state: &Arc<AppState>, req: &Request, body: Body) -> IngestResp
         } else {
             format!("Content-Type '{content_type}'")
         };
-        return unsupported(format!(
+        let refusal = unsupported(format!(
             "{got} is not supported: send NDJSON as {}",
             INGEST_CONTENT_TYPES.join(", ")
         ));
+        return refuse_early(state, body, refusal).await;
     }
     let gzip = match req
         .headers()
@@ -239,9 +245,10 @@ async fn respond(state: &Arc<AppState>, req: &Request, body: Body) -> IngestResp
         None | Some("") | Some("identity") => false,
         Some("gzip") | Some("x-gzip") => true,
         Some(other) => {
-            return unsupported(format!(
+            let refusal = unsupported(format!(
                 "Content-Encoding '{other}' is not supported: use gzip or none"
             ));
+            return refuse_early(state, body, refusal).await;
         }
     };
     let limits = &state.limits;
@@ -285,6 +292,30 @@ async fn respond(state: &Arc<AppState>, req: &Request, body: Body) -> IngestResp
         _ => FIRST_CHUNK,
     };
     run.drive(&mut reader, gzip, chunk).await
+}
+
+/// Most body bytes read and dropped before an early refusal is answered.
+const DRAIN_LIMIT: u64 = 64 * 1024 * 1024;
+
+/// Reads and drops the body of a request refused before its body was needed (no or a
+/// wrong key, a wrong content type), then answers. Answering first and closing the
+/// connection with the body unread makes the kernel reset it, and a client still
+/// sending loses the answer: it saw "connection reset" or "broken pipe" instead of
+/// 401. Draining keeps the connection usable too. Bodies over [`DRAIN_LIMIT`], or
+/// that stall, are not waited for (the connection is then closed after the answer).
+async fn refuse_early(state: &AppState, body: Body, refusal: IngestResponse) -> IngestResponse {
+    let limit = DRAIN_LIMIT.min(state.limits.max_body_bytes);
+    let mut reader = body.into_async_read();
+    let mut scratch = vec![0u8; 16 * 1024];
+    let mut read = 0u64;
+    while read <= limit {
+        match tokio::time::timeout(state.limits.body_read_timeout, reader.read(&mut scratch)).await
+        {
+            Ok(Ok(0)) | Ok(Err(_)) | Err(_) => break,
+            Ok(Ok(n)) => read += n as u64,
+        }
+    }
+    refusal
 }
 
 /// Refused lines per sensor; lines that named no catalogued sensor count as `unknown`.
@@ -339,16 +370,37 @@ fn summary(p: &StreamParser, c: Committed, error: Option<String>) -> IngestSumma
 async fn fill(
     reader: &mut Pin<Box<dyn AsyncRead + Send>>,
     buf: &mut [u8],
+    stall: std::time::Duration,
 ) -> (usize, Option<std::io::Error>) {
     let mut filled = 0;
     while filled < buf.len() {
-        match reader.read(&mut buf[filled..]).await {
-            Ok(0) => break,
-            Ok(n) => filled += n,
-            Err(e) => return (filled, Some(e)),
+        match tokio::time::timeout(stall, reader.read(&mut buf[filled..])).await {
+            Ok(Ok(0)) => break,
+            Ok(Ok(n)) => filled += n,
+            Ok(Err(e)) => return (filled, Some(e)),
+            Err(_) => {
+                let e = std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    format!(
+                        "no body data for {} s (--body-read-timeout)",
+                        stall.as_secs_f64()
+                    ),
+                );
+                return (filled, Some(e));
+            }
         }
     }
     (filled, None)
+}
+
+/// Why a body was not read to its end.
+enum Failure {
+    /// Past `--max-body-bytes`.
+    TooLarge,
+    /// Broken gzip or a failed read.
+    Broken,
+    /// No data for `--body-read-timeout`.
+    Stalled,
 }
 
 /// One request's progress: at most one batch in the writer while the next is parsed.
@@ -369,9 +421,9 @@ impl Ingestion<'_> {
         let max_body = self.state.limits.max_body_bytes;
         let mut read = 0u64;
         let mut buf = vec![0u8; chunk];
-        let mut failure: Option<(bool, String)> = None; // (too large?, message)
+        let mut failure: Option<(Failure, String)> = None;
         loop {
-            let (filled, error) = fill(reader, &mut buf).await;
+            let (filled, error) = fill(reader, &mut buf, self.state.limits.body_read_timeout).await;
             read += filled as u64;
             // Lines wholly before the limit are still stored.
             let over = read.saturating_sub(max_body) as usize;
@@ -398,16 +450,20 @@ impl Ingestion<'_> {
                 return self.answer(r);
             }
             if over > 0 {
-                failure = Some((true, too_large(max_body)));
+                failure = Some((Failure::TooLarge, too_large(max_body)));
                 break;
             }
             if let Some(e) = error {
-                let what = if gzip {
-                    "request body is not valid gzip"
+                failure = Some(if e.kind() == std::io::ErrorKind::TimedOut {
+                    (Failure::Stalled, format!("request body stalled: {e}"))
+                } else if gzip {
+                    (
+                        Failure::Broken,
+                        format!("request body is not valid gzip: {e}"),
+                    )
                 } else {
-                    "error reading request body"
-                };
-                failure = Some((false, format!("{what}: {e}")));
+                    (Failure::Broken, format!("error reading request body: {e}"))
+                });
                 break;
             }
             if filled < buf.len() {
@@ -450,8 +506,9 @@ impl Ingestion<'_> {
             );
         }
         let response = match failure {
-            Some((true, _)) => IngestResponse::TooLarge(Json(done)),
-            Some((false, _)) => IngestResponse::Rejected(Json(done)),
+            Some((Failure::TooLarge, _)) => IngestResponse::TooLarge(Json(done)),
+            Some((Failure::Broken, _)) => IngestResponse::Rejected(Json(done)),
+            Some((Failure::Stalled, _)) => IngestResponse::Timeout(Json(done)),
             None if self.parser.oversize_lines() > 0 => IngestResponse::TooLarge(Json(done)),
             None if done.rejected > 0 => IngestResponse::Rejected(Json(done)),
             None => IngestResponse::Ok(Json(done)),

@@ -8,8 +8,10 @@ mod dumps;
 pub mod error;
 mod etag;
 pub mod ingest;
+pub mod listener;
 mod readings;
 pub mod seed;
+pub mod tls;
 mod trace;
 mod track;
 pub mod v1;
@@ -26,7 +28,7 @@ use poem_openapi::param::{Path, Query};
 use poem_openapi::payload::{Json, PlainText};
 use poem_openapi::{ApiResponse, Object, OpenApi, OpenApiService, Tags};
 
-pub use auth::ApiKeys;
+pub use auth::{ApiKeys, KeyRing};
 use error::ApiError;
 use ingest::{IngestBody, IngestResponse};
 use seed::{LatestLocation, LatestStatistics, Statistic, Status};
@@ -46,6 +48,8 @@ pub struct Limits {
     pub max_future_skew: chrono::Duration,
     /// Threads one large body is parsed on (the machine's cores).
     pub parse_threads: usize,
+    /// Longest pause in a body before the request is answered 408.
+    pub body_read_timeout: std::time::Duration,
 }
 
 /// Everything handlers need, behind traits and handles (no DuckDB types).
@@ -60,8 +64,8 @@ pub struct AppState {
     pub metrics: Arc<Metrics>,
     /// The database file, for its size in `/metrics`.
     pub db_path: PathBuf,
-    /// Valid API keys.
-    pub keys: ApiKeys,
+    /// Valid API keys (reloadable).
+    pub keys: Arc<KeyRing>,
     /// Ingest limits.
     pub limits: Limits,
     /// Device of reads that name none (`--default-device`).

@@ -24,6 +24,9 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Serve(args) => {
             let signal = ShutdownSignal::install()?;
+            // Installed before start-up too: SIGHUP's default action ends the process.
+            #[cfg(unix)]
+            let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())?;
             let server = Server::start(*args).await?;
             let token = server.shutdown_token();
             tokio::spawn(async move {
@@ -31,6 +34,16 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                 tracing::info!("shutdown requested");
                 token.cancel();
             });
+            #[cfg(unix)]
+            {
+                let reloader = server.reloader();
+                tokio::spawn(async move {
+                    while hup.recv().await.is_some() {
+                        tracing::info!("SIGHUP: reloading API keys and TLS certificate");
+                        reloader.reload().ok();
+                    }
+                });
+            }
             server.wait().await
         }
         Command::Bench(args) if args.detect => crate::bench::detect::run(args).await.map(|_| ()),

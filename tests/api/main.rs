@@ -8,6 +8,7 @@ mod dashboard;
 mod dumps;
 mod fleet;
 mod helpers;
+mod hostile;
 mod ingest;
 mod lifecycle;
 mod metrics;
