@@ -14,5 +14,6 @@ mod lifecycle;
 mod metrics;
 mod openapi;
 mod reads;
+mod reload;
 mod s3;
 mod v1;
