@@ -62,6 +62,9 @@ pub enum Command {
         #[command(subcommand)]
         command: crate::backend::client::AnomalyCommand,
     },
+    /// Probe `/readyz` of the server on this machine: exit 0 when ready, 1 if not
+    /// (container health checks; the runtime image has no curl).
+    Healthcheck(crate::cli::healthcheck::HealthcheckArgs),
     /// Print the OpenAPI document of the public API.
     Openapi,
     /// Measure ingest and query speed against DuckDB's own load (see docs/performance.md).

@@ -1,5 +1,6 @@
 //! Subcommand dispatch and process-wide setup (logging).
 
+pub mod healthcheck;
 pub mod recover;
 
 use tracing_subscriber::EnvFilter;
@@ -78,6 +79,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Anomaly { client, command } => {
             crate::backend::client::anomaly(&client, command).await
         }
+        Command::Healthcheck(args) => healthcheck::run(&args).await,
         Command::Openapi => {
             println!("{}", crate::api::openapi_json());
             Ok(())

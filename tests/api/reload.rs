@@ -185,6 +185,23 @@ async fn sighup_rotates_keys_and_certificate_and_keys_never_reach_the_log() {
         .unwrap();
     assert_eq!(status, 200);
 
+    // The container health probe speaks HTTPS to it.
+    let probe = |cert: &Path| {
+        Command::new(env!("CARGO_BIN_EXE_milepost"))
+            .args(["healthcheck", "--listen", &addr, "--tls-cert"])
+            .arg(cert)
+            .env_remove("MILEPOST_PORT")
+            .output()
+            .unwrap()
+    };
+    let out = probe(&cert_path);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("200"));
+
     // SIGTERM: a clean exit.
     signal(&proc.0, "-TERM");
     let deadline = Instant::now() + Duration::from_secs(30);
@@ -196,6 +213,12 @@ async fn sighup_rotates_keys_and_certificate_and_keys_never_reach_the_log() {
         std::thread::sleep(Duration::from_millis(50));
     };
     assert!(status.success(), "exit status {status}");
+    let out = probe(&cert_path);
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "a stopped server is not healthy"
+    );
     let text = std::fs::read_to_string(&log).unwrap();
     for secret in [old_key, new_key, "bad key with spaces"] {
         assert!(!text.contains(secret), "a key reached the log: {secret}");
