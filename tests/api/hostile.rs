@@ -238,3 +238,72 @@ async fn an_oversized_header_is_refused() {
     let (status, _) = app.get("/healthz").await;
     assert_eq!(status, reqwest::StatusCode::OK);
 }
+
+/// A gzip bomb: 10 MB on the wire that inflates to 10 GB (100 copies of a gzip member
+/// of 100 MB of zeros, which a decoder must read as one body). The real server reads
+/// it as a stream, refuses it with 413 once the decompressed body passes
+/// `--max-body-bytes`, and its memory stays bounded.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_gzip_bomb_is_refused_with_413_in_bounded_memory() {
+    use std::io::Write as _;
+    let member = {
+        let mut enc = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::best());
+        let zeros = vec![0u8; 1 << 20];
+        for _ in 0..100 {
+            enc.write_all(&zeros).unwrap();
+        }
+        enc.finish().unwrap()
+    };
+    let bomb = member.repeat(100);
+    assert!(bomb.len() < 12_000_000, "{}", bomb.len());
+
+    let dir = tempfile::tempdir().unwrap();
+    let mut server = milepost::bench::process::ServerProcess::start(
+        std::path::Path::new(env!("CARGO_BIN_EXE_milepost")),
+        dir.path(),
+        &[
+            "--api-key",
+            KEY,
+            "--max-body-bytes",
+            "256MiB",
+            "--dump-schedule",
+            "off",
+        ],
+        false,
+    )
+    .unwrap();
+    let resp = reqwest::Client::new()
+        .post(format!("{}/ingest", server.base))
+        .bearer_auth(KEY)
+        .header("Content-Type", "application/x-ndjson")
+        .header("Content-Encoding", "gzip")
+        .body(bomb)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), reqwest::StatusCode::PAYLOAD_TOO_LARGE);
+    let body: serde_json::Value = resp.json().await.unwrap();
+    assert!(
+        body["error"].as_str().unwrap().contains("exceeds"),
+        "{body}"
+    );
+    let status = std::fs::read_to_string(format!("/proc/{}/status", server.child.id())).unwrap();
+    let peak_kib: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap();
+    println!("gzip bomb: server peak RSS {} MiB", peak_kib / 1024);
+    assert!(
+        peak_kib < 200 * 1024,
+        "peak RSS {} MiB while refusing a gzip bomb",
+        peak_kib / 1024
+    );
+    // Still serving.
+    let ok = reqwest::get(format!("{}/readyz", server.base))
+        .await
+        .unwrap();
+    assert!(ok.status().is_success());
+    server.child.kill().ok();
+    server.child.wait().ok();
+}
