@@ -659,3 +659,135 @@ mod tests {
         assert_eq!(p.errors().len(), MAX_REPORTED_ERRORS);
     }
 }
+
+/// Property tests (proptest): arbitrary input never panics and parses the same however
+/// it is cut; every valid reading is accepted exactly.
+#[cfg(test)]
+mod props {
+    use super::*;
+    use crate::domain::Timestamp;
+    use proptest::prelude::*;
+
+    fn parser() -> StreamParser {
+        StreamParser::new(
+            Arc::new(Catalog::new(Catalog::builtin())),
+            IngestOptions {
+                latest: Timestamp::now().plus(chrono::Duration::hours(24)),
+                max_line_bytes: 512,
+                bound_device: None,
+            },
+        )
+    }
+
+    /// Readings (device, sensor, µs, value bits), refused lines, oversize lines and
+    /// the listed errors (line, reason).
+    type Outcome = (Vec<(String, u16, i64, u64)>, u64, u64, Vec<(u64, String)>);
+
+    /// Everything a parser produced.
+    fn outcome(mut p: StreamParser) -> Outcome {
+        p.finish();
+        let b = p.take_batch();
+        let rows = b
+            .rows
+            .iter()
+            .map(|r| {
+                let d = b.devices[r.device as usize].as_str().to_owned();
+                (d, r.sensor.0, r.ts.as_micros(), r.value.to_bits())
+            })
+            .collect();
+        let errors = p
+            .errors()
+            .iter()
+            .map(|e| (e.line, e.error.clone()))
+            .collect();
+        (rows, p.rejected(), p.oversize_lines(), errors)
+    }
+
+    /// Bytes that look like NDJSON readings often enough to reach every branch: whole
+    /// readings, fragments of them, and raw noise.
+    fn body() -> impl Strategy<Value = Vec<u8>> {
+        let piece = prop_oneof![
+            Just(br#"{"sensor":"speed","value":1.5,"timestamp":"2026-01-01T00:00:00Z"}"#.to_vec()),
+            Just(br#"{"sensor":"fuel","value":-1,"timestamp":"2026-01-01T00:00:01.5Z","device":"a"}"#.to_vec()),
+            Just(b"\n".to_vec()),
+            Just(b"\r\n".to_vec()),
+            Just(br#"{"sensor":"#.to_vec()),
+            Just(br#""value":1e999,"#.to_vec()),
+            prop::collection::vec(any::<u8>(), 0..40),
+        ];
+        prop::collection::vec(piece, 0..40).prop_map(|p| p.concat())
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 512, ..ProptestConfig::default() })]
+
+        /// No input panics, and one feed, any chunking and the parallel parse agree
+        /// on every reading, count and error line.
+        #[test]
+        fn any_bytes_parse_the_same_however_cut(
+            body in body(),
+            cuts in prop::collection::vec(1usize..64, 1..8),
+            parts in 1usize..5,
+        ) {
+            let mut whole = parser();
+            whole.feed(&body);
+            let whole = outcome(whole);
+            let mut chunked = parser();
+            let (mut at, mut i) = (0, 0);
+            while at < body.len() {
+                let n = cuts[i % cuts.len()].min(body.len() - at);
+                chunked.feed(&body[at..at + n]);
+                at += n;
+                i += 1;
+            }
+            prop_assert_eq!(&outcome(chunked), &whole);
+            let mut parallel = parser();
+            parallel.feed_parallel(&body, parts);
+            prop_assert_eq!(&outcome(parallel), &whole);
+        }
+
+        /// Every valid reading — any catalogued sensor, a value in its range, a
+        /// timestamp with up to µs precision, an optional device, keys in any order
+        /// with any spacing — is accepted with exactly its values.
+        #[test]
+        fn every_valid_reading_is_accepted_exactly(
+            readings in prop::collection::vec(
+                (0usize..64, any::<f64>(), 946_684_800_000_000i64..1_767_225_600_000_000, prop::option::of("[A-Za-z0-9_.-]{1,64}"), any::<u64>()),
+                1..40,
+            ),
+        ) {
+            let catalog = Catalog::new(Catalog::builtin());
+            let sensors: Vec<_> = catalog.iter().cloned().collect();
+            let mut body = String::new();
+            let mut expected = Vec::new();
+            for (s, raw, ts, device, shuffle) in readings {
+                let sensor = &sensors[s % sensors.len()];
+                // A finite value inside the sensor's range.
+                let (lo, hi) = (sensor.min.unwrap_or(-1e12), sensor.max.unwrap_or(1e12));
+                let unit = if raw.is_finite() { (raw.abs() % 1.0).clamp(0.0, 1.0) } else { 0.5 };
+                let value = lo + (hi - lo) * unit;
+                let t = chrono::DateTime::from_timestamp_micros(ts).unwrap();
+                let stamp = t.format("%Y-%m-%dT%H:%M:%S%.6fZ").to_string();
+                let mut fields = vec![
+                    format!("\"sensor\":\"{}\"", sensor.name),
+                    format!("\"value\":{}", serde_json::to_string(&value).unwrap()),
+                    format!("\"timestamp\":\"{stamp}\""),
+                ];
+                if let Some(d) = &device {
+                    fields.push(format!("\"device\":\"{d}\""));
+                }
+                let turn = (shuffle % fields.len() as u64) as usize;
+                fields.rotate_left(turn);
+                let space = if shuffle & 8 == 0 { "" } else { " " };
+                body.push_str(&format!("{{{space}{}}}\n", fields.join(&format!(",{space}"))));
+                let device = device.unwrap_or_else(|| "default".into());
+                expected.push((device, sensor.id.0, ts, value.to_bits()));
+            }
+            let mut p = parser();
+            p.feed(body.as_bytes());
+            let (rows, rejected, _, errors) = outcome(p);
+            prop_assert_eq!(rejected, 0, "{:?}", errors);
+            prop_assert_eq!(rows, expected);
+        }
+    }
+}
