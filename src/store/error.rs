@@ -33,9 +33,12 @@ pub enum StoreError {
     },
     /// The database was written by a newer Milepost.
     #[error(
-        "the database is at schema version {found}, newer than this milepost understands ({known}); upgrade milepost — the file was not modified"
+        "the database {} is at schema version {found}, newer than this milepost understands ({known}); upgrade milepost — the file was not modified",
+        path.display()
     )]
     TooNew {
+        /// The database file.
+        path: std::path::PathBuf,
         /// Version in the file.
         found: i64,
         /// Newest version this binary knows.
@@ -70,7 +73,13 @@ fn open_message(path: &std::path::Path, wal: bool, message: &str) -> String {
             path.parent().unwrap_or(path).display()
         ));
     } else {
-        s.push_str(" Milepost has not modified or deleted anything.");
+        s.push_str(&format!(
+            " Milepost has not modified or deleted anything. If the file is damaged \
+             (truncated, overwritten, not a DuckDB database), move it aside and restore \
+             it from a backup, or start with an empty data directory and re-ingest the \
+             daily dumps (`milepost recover --data-dir {}` shows the state).",
+            path.parent().unwrap_or(path).display()
+        ));
     }
     s
 }

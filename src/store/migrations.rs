@@ -36,7 +36,7 @@ pub fn latest_version() -> i64 {
 
 /// Brings the schema up to date, each migration in its own transaction. A database
 /// from a newer binary is refused before anything is written.
-pub fn apply(conn: &Connection) -> Result<(), StoreError> {
+pub fn apply(conn: &Connection, path: &std::path::Path) -> Result<(), StoreError> {
     conn.execute_batch(
         "CREATE TABLE IF NOT EXISTS schema_migrations (
             version    BIGINT PRIMARY KEY,
@@ -51,6 +51,7 @@ pub fn apply(conn: &Connection) -> Result<(), StoreError> {
     )?;
     if current > latest_version() {
         return Err(StoreError::TooNew {
+            path: path.to_owned(),
             found: current,
             known: latest_version(),
         });

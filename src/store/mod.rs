@@ -80,11 +80,21 @@ impl Store {
         let lock = lock_data_dir(&cfg.data_dir)?;
         let path = cfg.data_dir.join(DB_FILE);
         let conn = open_duckdb(&path, cfg)?;
-        migrations::apply(&conn)?;
+        // DuckDB opens a damaged file (truncated, overwritten) lazily: the first reads
+        // fail. Those failures get the same guidance as a refused open.
+        let damaged = |e: StoreError| match e {
+            StoreError::Duckdb(e) => StoreError::Open {
+                path: path.clone(),
+                wal_present: path.with_extension("duckdb.wal").exists(),
+                message: e.to_string(),
+            },
+            other => other,
+        };
+        migrations::apply(&conn, &path).map_err(damaged)?;
         // Readings acknowledged through the ingest log before a crash go into DuckDB
         // before anything reads it.
-        let log = ingest_log::replay(&conn, &cfg.data_dir)?;
-        let shared = Arc::new(load_shared(&conn)?);
+        let log = ingest_log::replay(&conn, &cfg.data_dir).map_err(damaged)?;
+        let shared = Arc::new(load_shared(&conn).map_err(damaged)?);
         tracing::info!(
             path = %path.display(),
             devices = shared.device_count(),

@@ -191,3 +191,138 @@ async fn an_unreplayable_wal_stops_start_up_and_recover_offers_the_safe_step() {
     let (status, _) = app.ingest(batch(0, 5000)).await;
     assert_eq!(status, StatusCode::OK, "devices can re-send what was lost");
 }
+
+/// A database file from a newer Milepost, a truncated database file and a write-ahead
+/// log of another database are each refused at start with a message that names the
+/// file and the safe next step; the files are left exactly as they were.
+#[tokio::test(flavor = "multi_thread")]
+async fn damaged_newer_or_foreign_files_are_refused_untouched() {
+    // A healthy data directory with some readings, stopped cleanly.
+    let healthy = tempfile::tempdir().unwrap();
+    let p = start_binary(healthy.path());
+    let (status, _) = post_ingest(&reqwest::Client::new(), &p.base, batch(0, 100))
+        .await
+        .unwrap();
+    assert_eq!(status, StatusCode::OK);
+    stop_gracefully(p);
+
+    let copy = |name: &str| {
+        let dir = healthy.path().parent().unwrap().join(format!(
+            "{}-{name}",
+            healthy.path().file_name().unwrap().to_string_lossy()
+        ));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::copy(
+            healthy.path().join("milepost.duckdb"),
+            dir.join("milepost.duckdb"),
+        )
+        .unwrap();
+        dir
+    };
+    let serve = |dir: &Path| {
+        let out = Command::new(env!("CARGO_BIN_EXE_milepost"))
+            .args([
+                "serve",
+                "--listen",
+                "127.0.0.1:0",
+                "--backend-addr",
+                "127.0.0.1:0",
+            ])
+            .args(["--api-key", KEY, "--dump-schedule", "off"])
+            .arg("--data-dir")
+            .arg(dir)
+            .output()
+            .unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stderr).to_string(),
+        )
+    };
+    let snapshot = |dir: &Path| -> Vec<(String, Vec<u8>)> {
+        let mut files: Vec<_> = std::fs::read_dir(dir)
+            .unwrap()
+            .flatten()
+            .filter(|e| e.path().is_file())
+            .map(|e| {
+                (
+                    e.file_name().to_string_lossy().to_string(),
+                    std::fs::read(e.path()).unwrap(),
+                )
+            })
+            .filter(|(n, _)| n.starts_with("milepost.duckdb"))
+            .collect();
+        files.sort();
+        files
+    };
+
+    // 1. A schema version from the future.
+    let newer = copy("newer");
+    {
+        let conn = duckdb::Connection::open(newer.join("milepost.duckdb")).unwrap();
+        conn.execute_batch(
+            "INSERT INTO schema_migrations VALUES (9999, 'from the future', now()::TIMESTAMP)",
+        )
+        .unwrap();
+    }
+    let before = snapshot(&newer);
+    let (ok, text) = serve(&newer);
+    assert!(!ok, "{text}");
+    assert!(
+        text.contains("9999") && text.contains("milepost.duckdb"),
+        "{text}"
+    );
+    assert_eq!(snapshot(&newer), before, "files changed");
+
+    // 2. A truncated database file.
+    let truncated = copy("truncated");
+    let db = truncated.join("milepost.duckdb");
+    let len = std::fs::metadata(&db).unwrap().len();
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&db)
+        .unwrap()
+        .set_len(len / 3)
+        .unwrap();
+    let before = snapshot(&truncated);
+    let (ok, text) = serve(&truncated);
+    assert!(!ok, "{text}");
+    assert!(
+        text.contains(&db.display().to_string()) && text.contains("backup"),
+        "{text}"
+    );
+    assert_eq!(snapshot(&truncated), before, "files changed");
+
+    // 3. The write-ahead log of another database beside ours.
+    let foreign = copy("foreign");
+    let other = tempfile::tempdir().unwrap();
+    {
+        let conn = duckdb::Connection::open(other.path().join("other.duckdb")).unwrap();
+        conn.execute_batch(
+            "PRAGMA disable_checkpoint_on_shutdown; SET wal_autocheckpoint = '1GB';
+             CREATE TABLE t (x INTEGER); INSERT INTO t SELECT range FROM range(1000);",
+        )
+        .unwrap();
+    }
+    let wal = other.path().join("other.duckdb.wal");
+    assert!(wal.exists(), "the other database left its WAL");
+    std::fs::copy(&wal, foreign.join("milepost.duckdb.wal")).unwrap();
+    let before = snapshot(&foreign);
+    let (ok, text) = serve(&foreign);
+    assert!(
+        !ok,
+        "a foreign WAL must not be replayed into our database: {text}"
+    );
+    assert!(text.contains("milepost recover"), "{text}");
+    assert_eq!(snapshot(&foreign), before, "files changed");
+}
+
+/// SIGTERM and wait for the exit.
+fn stop_gracefully(mut p: ServerProcess) {
+    let ok = Command::new("kill")
+        .args(["-TERM", &p.child.id().to_string()])
+        .status()
+        .unwrap()
+        .success();
+    assert!(ok);
+    assert!(p.child.wait().unwrap().success());
+}
