@@ -219,15 +219,15 @@ pub struct HttpArgs {
     /// pause are stored.
     #[arg(long, env = "MILEPOST_BODY_READ_TIMEOUT", default_value = "30s", value_parser = humantime::parse_duration)]
     pub body_read_timeout: Duration,
-    /// Open connections at most; more are closed as soon as they are accepted.
+    /// Open connections at most; more get 503 with Retry-After and are closed.
     #[arg(long, env = "MILEPOST_MAX_CONNECTIONS", default_value_t = 10_000)]
     pub max_connections: usize,
-    /// Open connections from one IP address at most (a fleet behind one NAT needs
-    /// it higher).
+    /// Open connections from one IP address at most. Devices on a mobile network
+    /// often share one address (carrier NAT): size it for the largest such group.
     #[arg(
         long,
         env = "MILEPOST_MAX_CONNECTIONS_PER_CLIENT",
-        default_value_t = 256
+        default_value_t = 1024
     )]
     pub max_connections_per_client: usize,
     /// Largest request header (request line plus fields); larger ones get 431.

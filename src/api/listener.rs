@@ -5,8 +5,9 @@
 //!
 //! - a request's header must arrive within `header_read_timeout` (slowloris);
 //! - at most `max_connections` connections, and `max_connections_per_client` from one
-//!   IP address; over either, new connections are closed at once (a client at its cap
-//!   cannot starve the others, and the accept loop never stalls);
+//!   IP address; a connection over either gets one `503` with `Retry-After` and is
+//!   closed (a client at its cap cannot starve the others, and the accept loop never
+//!   stalls);
 //! - headers larger than `max_header_bytes` are answered 431 by hyper;
 //! - optional TLS (see [`super::tls`]);
 //! - graceful shutdown: on the token, no new connections; each connection finishes
@@ -102,6 +103,7 @@ where
     let table = Arc::new(Mutex::new(Connections::default()));
     let tracker = TaskTracker::new();
     let limits = Arc::new(limits);
+    let refusals = Arc::new(tokio::sync::Semaphore::new(REFUSALS_AT_ONCE));
     loop {
         let (socket, peer) = tokio::select! {
             _ = shutdown.cancelled() => break,
@@ -116,8 +118,19 @@ where
             },
         };
         let Some(slot) = take_slot(&table, peer.ip(), &limits) else {
+            // Over the limit: one 503 with Retry-After (a device retries later rather
+            // than seeing a reset), from a small pool of its own; beyond that, closed.
+            match refusals.clone().try_acquire_owned() {
+                Ok(permit) if tls.is_none() => {
+                    let timeout = limits.header_read_timeout.min(Duration::from_secs(5));
+                    tracker.spawn(async move {
+                        refuse(socket, timeout).await;
+                        drop(permit);
+                    });
+                }
+                _ => drop(socket),
+            }
             tracing::debug!(%peer, "connection refused: at the connection limit");
-            drop(socket);
             continue;
         };
         socket.set_nodelay(true).ok();
@@ -150,6 +163,31 @@ where
 }
 
 type DynEp = Arc<dyn poem::endpoint::DynEndpoint<Output = Response>>;
+
+/// Connections over the limits answered 503 at the same time, at most.
+const REFUSALS_AT_ONCE: usize = 64;
+
+/// Reads one request (within `timeout`), answers 503 with `Retry-After`, closes.
+async fn refuse(socket: tokio::net::TcpStream, timeout: Duration) {
+    let service = hyper::service::service_fn(|_req| async {
+        let resp = super::error::json_error(
+            poem::http::StatusCode::SERVICE_UNAVAILABLE,
+            "too many connections (from this address, or in total); retry later",
+        );
+        let mut resp = poem::http::Response::from(resp);
+        resp.headers_mut().insert(
+            poem::http::header::RETRY_AFTER,
+            poem::http::HeaderValue::from_static("1"),
+        );
+        Ok::<_, std::convert::Infallible>(resp)
+    });
+    let conn = hyper::server::conn::http1::Builder::new()
+        .timer(TokioTimer::new())
+        .header_read_timeout(timeout)
+        .keep_alive(false)
+        .serve_connection(TokioIo::new(socket), service);
+    tokio::time::timeout(timeout * 2, conn).await.ok();
+}
 
 /// One connection: HTTP/1.1 (or HTTP/2 with prior knowledge) until the client
 /// closes it, a limit ends it, or the server shuts down.

@@ -379,12 +379,7 @@ async fn sigterm_under_load_exits_cleanly_and_keeps_every_acknowledged_reading()
         }));
     }
     tokio::time::sleep(Duration::from_millis(1500)).await;
-    let ok = std::process::Command::new("kill")
-        .args(["-TERM", &p.child.id().to_string()])
-        .status()
-        .unwrap()
-        .success();
-    assert!(ok);
+    send_signal(p.child.id(), "-TERM");
     let deadline = std::time::Instant::now() + Duration::from_secs(60);
     let status = loop {
         if let Some(s) = p.child.try_wait().unwrap() {

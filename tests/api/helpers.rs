@@ -171,3 +171,31 @@ pub fn bucket_count_sum(stats: &Value) -> u64 {
         .map(|b| num(b, "count"))
         .sum()
 }
+
+/// `milepost serve` of the real binary on ephemeral ports with `data_dir`, dumps off;
+/// callers add flags and run it.
+pub fn serve_command(data_dir: &Path) -> std::process::Command {
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_milepost"));
+    cmd.args([
+        "serve",
+        "--listen",
+        "127.0.0.1:0",
+        "--backend-addr",
+        "127.0.0.1:0",
+    ])
+    .args(["--dump-schedule", "off"])
+    .arg("--data-dir")
+    .arg(data_dir)
+    .env_remove("MILEPOST_API_KEY");
+    cmd
+}
+
+/// Sends `sig` (e.g. `-TERM`, `-HUP`) to process `pid` with kill(1).
+pub fn send_signal(pid: u32, sig: &str) {
+    let ok = std::process::Command::new("kill")
+        .args([sig, &pid.to_string()])
+        .status()
+        .unwrap()
+        .success();
+    assert!(ok, "kill {sig} {pid}");
+}

@@ -140,8 +140,8 @@ async fn clients_trickling_their_header_are_cut_off() {
     }
 }
 
-/// One address may hold `--max-connections-per-client` connections; more are closed
-/// at once, and a slot freed is usable again.
+/// One address may hold `--max-connections-per-client` connections; another one gets
+/// 503 with `Retry-After` and is closed, and a slot freed is usable again.
 #[tokio::test(flavor = "multi_thread")]
 async fn connections_per_client_are_capped() {
     let app = TestApp::spawn_with(|a| a.http.max_connections_per_client = 4).await;
@@ -158,18 +158,19 @@ async fn connections_per_client_are_capped() {
             .collect();
         let mut fifth = TcpStream::connect(&addr).unwrap();
         fifth.write_all(get).ok();
-        assert!(
-            read_response(&mut fifth).is_none(),
-            "a fifth connection from the same address was served"
+        let (status, body) = read_response(&mut fifth).expect("an answer, not a reset");
+        assert_eq!(
+            status, 503,
+            "a fifth connection from the same address: {body}"
         );
+        assert!(closed_within(&mut fifth, Duration::from_secs(5)));
         drop(held.pop());
         // The freed slot is given back when the server notices the close.
         let deadline = Instant::now() + Duration::from_secs(5);
         loop {
             let mut s = TcpStream::connect(&addr).unwrap();
             s.write_all(get).ok();
-            if let Some((status, _)) = read_response(&mut s) {
-                assert_eq!(status, 200);
+            if let Some((200, _)) = read_response(&mut s) {
                 break;
             }
             assert!(Instant::now() < deadline, "freed slot never usable");

@@ -220,17 +220,8 @@ async fn damaged_newer_or_foreign_files_are_refused_untouched() {
         dir
     };
     let serve = |dir: &Path| {
-        let out = Command::new(env!("CARGO_BIN_EXE_milepost"))
-            .args([
-                "serve",
-                "--listen",
-                "127.0.0.1:0",
-                "--backend-addr",
-                "127.0.0.1:0",
-            ])
-            .args(["--api-key", KEY, "--dump-schedule", "off"])
-            .arg("--data-dir")
-            .arg(dir)
+        let out = serve_command(dir)
+            .args(["--api-key", KEY])
             .output()
             .unwrap();
         (
@@ -318,11 +309,6 @@ async fn damaged_newer_or_foreign_files_are_refused_untouched() {
 
 /// SIGTERM and wait for the exit.
 fn stop_gracefully(mut p: ServerProcess) {
-    let ok = Command::new("kill")
-        .args(["-TERM", &p.child.id().to_string()])
-        .status()
-        .unwrap()
-        .success();
-    assert!(ok);
+    send_signal(p.child.id(), "-TERM");
     assert!(p.child.wait().unwrap().success());
 }

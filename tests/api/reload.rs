@@ -12,7 +12,7 @@ use rustls::pki_types::{CertificateDer, ServerName};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio_rustls::TlsConnector;
 
-use crate::helpers::line;
+use crate::helpers::{line, send_signal, serve_command};
 
 /// A self-signed certificate for 127.0.0.1: (certificate PEM, key PEM).
 fn certificate() -> (String, String) {
@@ -88,15 +88,6 @@ fn wait_for_log(log: &Path, needle: &str) -> String {
     }
 }
 
-fn signal(child: &Child, sig: &str) {
-    let ok = Command::new("kill")
-        .args([sig, &child.id().to_string()])
-        .status()
-        .unwrap()
-        .success();
-    assert!(ok, "kill {sig}");
-}
-
 #[tokio::test(flavor = "multi_thread")]
 async fn sighup_rotates_keys_and_certificate_and_keys_never_reach_the_log() {
     let dir = tempfile::tempdir().unwrap();
@@ -108,25 +99,14 @@ async fn sighup_rotates_keys_and_certificate_and_keys_never_reach_the_log() {
     std::fs::write(&cert_path, &cert1).unwrap();
     std::fs::write(&key_path, &key1).unwrap();
     let log = dir.path().join("server.log");
-    let child = Command::new(env!("CARGO_BIN_EXE_milepost"))
-        .args([
-            "serve",
-            "--listen",
-            "127.0.0.1:0",
-            "--backend-addr",
-            "127.0.0.1:0",
-        ])
+    let child = serve_command(&dir.path().join("data"))
         .args(["--log-format", "json", "--log", "debug"])
-        .args(["--dump-schedule", "off"])
-        .arg("--data-dir")
-        .arg(dir.path().join("data"))
         .arg("--api-key-file")
         .arg(&keys)
         .arg("--tls-cert")
         .arg(&cert_path)
         .arg("--tls-key")
         .arg(&key_path)
-        .env_remove("MILEPOST_API_KEY")
         .stdout(Stdio::null())
         .stderr(std::fs::File::create(&log).unwrap())
         .spawn()
@@ -155,7 +135,7 @@ async fn sighup_rotates_keys_and_certificate_and_keys_never_reach_the_log() {
     std::fs::write(&keys, format!("# rotated\n{new_key}\n")).unwrap();
     std::fs::write(&cert_path, &cert2).unwrap();
     std::fs::write(&key_path, &key2).unwrap();
-    signal(&proc.0, "-HUP");
+    send_signal(proc.0.id(), "-HUP");
     wait_for_log(&log, "TLS certificate reloaded");
 
     let (status, body) = https(&addr, &cert2, ingest_request(new_key, 3))
@@ -178,7 +158,7 @@ async fn sighup_rotates_keys_and_certificate_and_keys_never_reach_the_log() {
 
     // A broken key file on the next SIGHUP keeps the keys in use.
     std::fs::write(&keys, "bad key with spaces\n").unwrap();
-    signal(&proc.0, "-HUP");
+    send_signal(proc.0.id(), "-HUP");
     wait_for_log(&log, "reloading API keys failed");
     let (status, _) = https(&addr, &cert2, ingest_request(new_key, 6))
         .await
@@ -203,7 +183,7 @@ async fn sighup_rotates_keys_and_certificate_and_keys_never_reach_the_log() {
     assert!(String::from_utf8_lossy(&out.stdout).contains("200"));
 
     // SIGTERM: a clean exit.
-    signal(&proc.0, "-TERM");
+    send_signal(proc.0.id(), "-TERM");
     let deadline = Instant::now() + Duration::from_secs(30);
     let status = loop {
         if let Some(s) = proc.0.try_wait().unwrap() {
