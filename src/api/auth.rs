@@ -175,13 +175,14 @@ impl KeyRing {
         key_file: Option<&Path>,
         data_dir: &Path,
     ) -> Result<Self, KeyConfigError> {
-        let set = ApiKeys::load(keys, key_file, data_dir)?;
-        Ok(Self {
-            current: std::sync::RwLock::new(std::sync::Arc::new(set)),
+        let ring = Self {
+            current: std::sync::RwLock::default(),
             keys: keys.to_vec(),
             key_file: key_file.map(Path::to_owned),
             data_dir: data_dir.to_owned(),
-        })
+        };
+        ring.reload()?;
+        Ok(ring)
     }
 
     /// Reads the key sources again; returns how many keys are now valid.
@@ -190,11 +191,6 @@ impl KeyRing {
         let n = fresh.len();
         *self.current.write().expect("key lock") = std::sync::Arc::new(fresh);
         Ok(n)
-    }
-
-    /// The keys in use now.
-    pub fn current(&self) -> std::sync::Arc<ApiKeys> {
-        self.current.read().expect("key lock").clone()
     }
 
     /// [`ApiKeys::authenticate`] against the keys in use now.
