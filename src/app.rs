@@ -125,6 +125,7 @@ impl Server {
             queue_capacity: args.queue_capacity,
             queue_timeout: args.queue_timeout,
             metrics: metrics.clone(),
+            rollup_merge_rows: usize::try_from(args.rollup_merge_rows).unwrap_or(usize::MAX),
             ..WriterConfig::default()
         })?;
         let reads: Arc<dyn crate::store::ReadStore> = Arc::new(reader);

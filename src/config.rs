@@ -176,6 +176,10 @@ pub struct ServeArgs {
     /// interval.
     #[arg(long, env = "MILEPOST_COMPACT_SETTLE", default_value = "1m", value_parser = humantime::parse_duration)]
     pub compact_settle: Duration,
+    /// Rollup rows the writer appends before it consolidates their slots into one row
+    /// each; lower consolidates more often (smaller, more frequent transactions).
+    #[arg(long, env = "MILEPOST_ROLLUP_MERGE_ROWS", default_value_t = 20_000, value_parser = clap::value_parser!(u64).range(1..))]
+    pub rollup_merge_rows: u64,
     /// Daily dumps.
     #[command(flatten)]
     pub blob: BlobArgs,

@@ -71,6 +71,9 @@ impl Dumper {
         let source = Arc::new(Mutex::new(source));
         let store = blob.display().to_owned();
         let records = background(&source, move |s| s.records(&store)).await?;
+        // A process killed after recording a day but before writing the manifest
+        // left it behind the records: the first run writes it.
+        let manifest_stale = AtomicBool::new(!records.is_empty());
         Ok(Self {
             source,
             blob,
@@ -82,7 +85,7 @@ impl Dumper {
                     .map(|r| ((r.day, r.format), r))
                     .collect(),
             ),
-            manifest_stale: AtomicBool::new(false),
+            manifest_stale,
             running: tokio::sync::Mutex::new(()),
             stop,
         })
@@ -246,6 +249,7 @@ impl Dumper {
         day: NaiveDate,
         span: tracing::Span,
     ) -> Result<Vec<DumpRecord>, ExportError> {
+        tracing::debug!("dumping day");
         let formats = self.settings.formats.clone();
         let files = WorkFiles::new(&self.settings.work_dir, day);
         let json = formats

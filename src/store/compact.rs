@@ -110,6 +110,7 @@ fn compact_days(
     let mut done = Compaction::default();
     for day in days {
         let _span = tracing::info_span!("compact_day", %day).entered();
+        tracing::debug!("compacting day");
         let start = day
             .and_hms_opt(0, 0, 0)
             .expect("midnight")

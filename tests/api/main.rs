@@ -4,6 +4,7 @@
 mod backend;
 mod clients;
 mod compaction;
+mod crash;
 mod dashboard;
 mod dumps;
 mod fleet;

@@ -279,6 +279,7 @@ impl Db {
             return;
         }
         let started = Instant::now();
+        tracing::debug!(rows = self.rollups.rows, "consolidating rollups");
         match rollup::merge(&self.conn, lo, hi) {
             Ok(replaced) => {
                 tracing::debug!(

@@ -543,6 +543,7 @@ impl Front {
         let rows: usize = jobs.iter().map(|j| j.batch.len()).sum();
         let span = tracing::debug_span!("commit", requests = jobs.len(), rows);
         let _enter = span.enter();
+        tracing::debug!("committing group");
         let started = Instant::now();
         match self.commit(&jobs) {
             Ok(results) => {
