@@ -247,10 +247,10 @@ impl Backlog {
             n += 1;
             let (req, kind) = if let Some(p) = self.pending.take() {
                 (p, "pending")
-            } else if n % 4 == 0 && !self.history.is_empty() {
+            } else if n.is_multiple_of(4) && !self.history.is_empty() {
                 let i = self.rng.usize(0..self.history.len());
                 (self.history[i].replay(), "replay")
-            } else if n % 7 == 0 && !self.history.is_empty() {
+            } else if n.is_multiple_of(7) && !self.history.is_empty() {
                 let i = self.rng.usize(0..self.history.len());
                 let mut good = self.history[i].good.clone();
                 self.rng.shuffle(&mut good);
@@ -570,6 +570,14 @@ impl Load {
         tasks
     }
 
+    fn known(&self) -> Known {
+        let l = self.ledger.lock().unwrap();
+        Known {
+            sent: l.sent.clone(),
+            acked: l.acked.clone(),
+        }
+    }
+
     async fn join(&self, tasks: Vec<tokio::task::JoinHandle<()>>) {
         self.stop.store(true, Ordering::Relaxed);
         for t in tasks {
@@ -578,9 +586,15 @@ impl Load {
     }
 }
 
+/// What the clients sent and had acknowledged, copied while they are stopped.
+struct Known {
+    sent: HashSet<Key>,
+    acked: HashSet<Key>,
+}
+
 /// Every stored reading, read back through the API, checked against the ledger and
 /// against the statistics, devices and status answers. Returns the stored readings.
-async fn verify(client: &reqwest::Client, base: &str, ledger: &Ledger) -> BTreeMap<Key, f64> {
+async fn verify(client: &reqwest::Client, base: &str, ledger: &Known) -> BTreeMap<Key, f64> {
     let mut stored = BTreeMap::new();
     for (d, device) in DEVICES.iter().enumerate() {
         let mut series_total = 0u64;
@@ -861,10 +875,7 @@ async fn campaign(cycles: usize) {
     let mut manifest_entries = 0;
     for i in 0..cycles {
         let v = Victim::start(dir.path());
-        {
-            let ledger = load.ledger.lock().unwrap();
-            stored = verify(&load.client, &v.base, &ledger).await;
-        }
+        stored = verify(&load.client, &v.base, &load.known()).await;
         manifest_entries = check_manifest_lists_existing(dir.path());
         let aim = Aim::ALL[i % Aim::ALL.len()];
         let (inside, errors) = cycle(v, aim, &load, &mut rng).await;
@@ -884,10 +895,7 @@ async fn campaign(cycles: usize) {
 
     // The last cycle stops with SIGTERM under the same load: exit 0, no WAL.
     let v = Victim::start(dir.path());
-    {
-        let ledger = load.ledger.lock().unwrap();
-        verify(&load.client, &v.base, &ledger).await;
-    }
+    verify(&load.client, &v.base, &load.known()).await;
     let tasks = load.start(&v.base);
     tokio::time::sleep(Duration::from_millis(700)).await;
     send_signal(v.child.id(), "-TERM");
@@ -912,9 +920,9 @@ async fn campaign(cycles: usize) {
     // A full replay of everything ever sent: all duplicates but for what was sent,
     // never acknowledged and not stored.
     let v = Victim::start(dir.path());
-    let ledger = load.ledger.lock().unwrap();
-    let before = verify(&load.client, &v.base, &ledger).await;
-    let mut all: Vec<Key> = ledger.sent.iter().copied().collect();
+    let known = load.known();
+    let before = verify(&load.client, &v.base, &known).await;
+    let mut all: Vec<Key> = known.sent.iter().copied().collect();
     all.sort();
     let (mut accepted, mut duplicates) = (0, 0);
     for chunk in all.chunks(50_000) {
@@ -927,7 +935,7 @@ async fn campaign(cycles: usize) {
     }
     assert_eq!(duplicates, before.len() as u64);
     assert_eq!(accepted, (all.len() - before.len()) as u64);
-    let after = verify(&load.client, &v.base, &ledger).await;
+    let after = verify(&load.client, &v.base, &known).await;
     assert_eq!(after.len(), all.len());
     // The replay made past days due again: let the dump runs settle.
     let v = tokio::task::spawn_blocking(move || {
@@ -950,6 +958,7 @@ async fn campaign(cycles: usize) {
     check_database(dir.path(), &after);
     let dumped = check_dumps(dir.path(), &after);
 
+    let ledger = load.ledger.lock().unwrap();
     eprintln!(
         "crash campaign (seed {seed}): {cycles} SIGKILL cycles + SIGTERM under load in {:.1} s; \
          {} readings sent, {} acknowledged ({} requests, {} replays and {} conflicting re-sends \
