@@ -147,6 +147,10 @@ impl Server {
                     .context("--max-future-skew is too large")?,
                 parse_threads: std::thread::available_parallelism().map_or(1, |n| n.get().min(8)),
                 body_read_timeout: args.http.body_read_timeout,
+                ingest_slots: crate::api::slots::Slots::new(
+                    usize::MAX,
+                    usize::try_from(args.http.max_ingest_per_client).unwrap_or(usize::MAX),
+                ),
             },
             default_device: args.default_device.clone(),
             dumps: Some(dumper.clone()),

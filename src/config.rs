@@ -234,6 +234,16 @@ pub struct HttpArgs {
         default_value_t = 1024
     )]
     pub max_connections_per_client: usize,
+    /// `POST /ingest` requests in flight from one IP address at most; more get 429
+    /// with Retry-After. A device sends one at a time, but devices behind one NAT
+    /// share the cap: size it for the largest such group's bursts.
+    #[arg(
+        long,
+        env = "MILEPOST_MAX_INGEST_PER_CLIENT",
+        default_value_t = 128,
+        value_parser = clap::value_parser!(u64).range(1..)
+    )]
+    pub max_ingest_per_client: u64,
     /// Largest request header (request line plus fields); larger ones get 431.
     #[arg(long, env = "MILEPOST_MAX_HEADER_BYTES", default_value = "64KiB", value_parser = parse_size)]
     pub max_header_bytes: u64,

@@ -112,6 +112,16 @@ pub enum IngestResponse {
     /// `Retry-After` seconds; readings already stored count as duplicates then.
     #[oai(status = 503)]
     Busy(Json<ErrorBody>, #[oai(header = "Retry-After")] u64),
+    /// The disk holding the data directory is full: nothing of the failed batch was
+    /// stored (earlier batches of a large body may have been). Retry the whole
+    /// request after `Retry-After` seconds; the server accepts again once space is
+    /// freed, without a restart.
+    #[oai(status = 507)]
+    InsufficientStorage(Json<ErrorBody>, #[oai(header = "Retry-After")] u64),
+    /// This client address has `--max-ingest-per-client` requests in flight already.
+    /// Retry after `Retry-After` seconds (a device sends one request at a time).
+    #[oai(status = 429)]
+    TooManyRequests(Json<ErrorBody>, #[oai(header = "Retry-After")] u64),
 }
 
 /// The raw request body of `POST /ingest`. Content type and encoding are checked by
@@ -184,7 +194,7 @@ pub async fn handle(state: &Arc<AppState>, req: &Request, body: Body) -> IngestR
 
 /// Every status `POST /ingest` answers with (see [`IngestResponse::status`]):
 /// `milepost_ingest_requests_total` exports each of them from start, at 0.
-pub const STATUSES: [u16; 8] = [200, 400, 401, 408, 413, 415, 500, 503];
+pub const STATUSES: [u16; 10] = [200, 400, 401, 408, 413, 415, 429, 500, 503, 507];
 
 impl IngestResponse {
     /// The HTTP status this response is sent with.
@@ -198,6 +208,8 @@ impl IngestResponse {
             Self::UnsupportedMediaType(_) => 415,
             Self::StorageFailed(_) => 500,
             Self::Busy(..) => 503,
+            Self::InsufficientStorage(..) => 507,
+            Self::TooManyRequests(..) => 429,
         }
     }
 }
@@ -210,6 +222,22 @@ async fn respond(state: &Arc<AppState>, req: &Request, body: Body) -> IngestResp
     let grant = match state.keys.authenticate(auth) {
         Ok(g) => g,
         Err(e) => return refuse_early(state, body, unauthorized(e)).await,
+    };
+    // Held until the answer: one client cannot hold every writer slot.
+    let _slot = match req.remote_addr().as_socket_addr() {
+        Some(peer) => match state.limits.ingest_slots.take(peer.ip()) {
+            Some(slot) => Some(slot),
+            None => {
+                let refusal = IngestResponse::TooManyRequests(
+                    Json(ErrorBody::new(
+                        "too many ingest requests in flight from this address; retry later",
+                    )),
+                    1,
+                );
+                return refuse_early(state, body, refusal).await;
+            }
+        },
+        None => None,
     };
 
     let content_type = req
@@ -557,10 +585,18 @@ impl Ingestion<'_> {
     }
 }
 
+/// Seconds a client is asked to wait after a 507: freeing disk space takes a person.
+const DISK_FULL_RETRY_AFTER: u64 = 30;
+
 fn write_failed(e: WriteError) -> IngestResponse {
     match e {
         WriteError::Overloaded => IngestResponse::Busy(Json(ErrorBody::new(e.to_string())), 1),
         WriteError::Stopped => IngestResponse::Busy(Json(ErrorBody::new(e.to_string())), 5),
+        // The writer logs it (throttled): a full disk must not also fill the log.
+        WriteError::DiskFull => IngestResponse::InsufficientStorage(
+            Json(ErrorBody::new(format!("{e}; retry later"))),
+            DISK_FULL_RETRY_AFTER,
+        ),
         WriteError::Failed(_) => {
             tracing::error!(error = %e, "ingest commit failed");
             IngestResponse::StorageFailed(Json(ErrorBody::new(

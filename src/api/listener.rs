@@ -13,9 +13,8 @@
 //! - graceful shutdown: on the token, no new connections; each connection finishes
 //!   the request in flight and closes; after `grace`, whatever is left is dropped.
 
-use std::collections::HashMap;
-use std::net::{IpAddr, SocketAddr};
-use std::sync::{Arc, Mutex};
+use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
@@ -28,6 +27,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use super::slots::Slots;
 use super::tls::TlsConfig;
 
 /// Limits of the public listener.
@@ -42,46 +42,6 @@ pub struct ListenerLimits {
     pub max_connections_per_client: usize,
     /// Largest request header (request line and fields).
     pub max_header_bytes: usize,
-}
-
-/// Open connections, in total and per client address.
-#[derive(Debug, Default)]
-struct Connections {
-    total: usize,
-    per_ip: HashMap<IpAddr, usize>,
-}
-
-/// A slot in [`Connections`], given back when the connection ends.
-struct Slot {
-    table: Arc<Mutex<Connections>>,
-    ip: IpAddr,
-}
-
-impl Drop for Slot {
-    fn drop(&mut self) {
-        let mut t = self.table.lock().expect("connection table");
-        t.total -= 1;
-        if let Some(n) = t.per_ip.get_mut(&self.ip) {
-            *n -= 1;
-            if *n == 0 {
-                t.per_ip.remove(&self.ip);
-            }
-        }
-    }
-}
-
-fn take_slot(table: &Arc<Mutex<Connections>>, ip: IpAddr, limits: &ListenerLimits) -> Option<Slot> {
-    let mut t = table.lock().expect("connection table");
-    let mine = t.per_ip.get(&ip).copied().unwrap_or(0);
-    if t.total >= limits.max_connections || mine >= limits.max_connections_per_client {
-        return None;
-    }
-    t.total += 1;
-    *t.per_ip.entry(ip).or_default() += 1;
-    Some(Slot {
-        table: table.clone(),
-        ip,
-    })
 }
 
 /// Serves `ep` on `listener` until `shutdown`, then lets connections finish their
@@ -100,7 +60,7 @@ where
     let ep: Arc<dyn poem::endpoint::DynEndpoint<Output = Response>> =
         Arc::new(poem::endpoint::ToDynEndpoint(ep.map_to_response()));
     let local = listener.local_addr()?;
-    let table = Arc::new(Mutex::new(Connections::default()));
+    let connections = Slots::new(limits.max_connections, limits.max_connections_per_client);
     let tracker = TaskTracker::new();
     let limits = Arc::new(limits);
     let refusals = Arc::new(tokio::sync::Semaphore::new(REFUSALS_AT_ONCE));
@@ -117,7 +77,7 @@ where
                 }
             },
         };
-        let Some(slot) = take_slot(&table, peer.ip(), &limits) else {
+        let Some(slot) = connections.take(peer.ip()) else {
             // Over the limit: one 503 with Retry-After (a device retries later rather
             // than seeing a reset), from a small pool of its own; beyond that, closed.
             match refusals.clone().try_acquire_owned() {
@@ -155,7 +115,7 @@ where
     tracker.close();
     if tokio::time::timeout(grace, tracker.wait()).await.is_err() {
         tracing::warn!(
-            open = table.lock().expect("connection table").total,
+            open = connections.in_use(),
             "connections still open after the shutdown grace period; dropping them"
         );
     }

@@ -11,6 +11,7 @@ pub mod ingest;
 pub mod listener;
 mod readings;
 pub mod seed;
+pub mod slots;
 pub mod tls;
 mod trace;
 mod track;
@@ -50,6 +51,8 @@ pub struct Limits {
     pub parse_threads: usize,
     /// Longest pause in a body before the request is answered 408.
     pub body_read_timeout: std::time::Duration,
+    /// `POST /ingest` requests in flight, per client address (429 over the cap).
+    pub ingest_slots: Arc<slots::Slots>,
 }
 
 /// Everything handlers need, behind traits and handles (no DuckDB types).

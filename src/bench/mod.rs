@@ -499,6 +499,9 @@ impl BenchServer {
             memory_limit,
             "--compact-interval",
             "0s",
+            // Every simulated device connects from 127.0.0.1.
+            "--max-ingest-per-client",
+            "100000",
         ];
         let flags: Vec<&str> = extra.iter().chain(more).copied().collect();
         ServerProcess::start(&exe, dir, &flags, true).map(Self)

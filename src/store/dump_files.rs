@@ -342,7 +342,7 @@ fn stopped(stop: &AtomicBool) -> Result<(), StoreError> {
 fn io_error(path: &Path) -> impl Fn(std::io::Error) -> StoreError + Copy + '_ {
     move |e| StoreError::DataDir {
         path: path.to_owned(),
-        source: e,
+        error: e,
     }
 }
 

@@ -3,13 +3,14 @@ use std::path::PathBuf;
 /// Everything that can go wrong below the store's typed functions.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
-    /// The data directory or a file in it could not be created or opened.
-    #[error("cannot use {path}: {source}")]
+    /// The data directory or a file in it could not be created, opened or written.
+    #[error("cannot use {}: {error}{}", path.display(), data_dir_hint(error))]
     DataDir {
         /// The path.
         path: PathBuf,
-        /// The cause.
-        source: std::io::Error,
+        /// The cause (part of the message: not a `source`, so it is not printed
+        /// twice in an error chain).
+        error: std::io::Error,
     },
     /// Another process holds the data directory.
     #[error(
@@ -59,6 +60,42 @@ pub enum StoreError {
     /// The writer has stopped.
     #[error("the writer has stopped")]
     WriterGone,
+}
+
+impl StoreError {
+    /// The filesystem holding the data directory is full (or the user's quota is
+    /// used up): the write may succeed once space is freed.
+    pub fn is_disk_full(&self) -> bool {
+        match self {
+            StoreError::DataDir { error, .. } => matches!(
+                error.kind(),
+                std::io::ErrorKind::StorageFull | std::io::ErrorKind::QuotaExceeded
+            ),
+            // DuckDB reports I/O failures as text with the C library's words.
+            StoreError::Duckdb(e) => {
+                let text = e.to_string();
+                text.contains("No space left on device") || text.contains("Disk quota exceeded")
+            }
+            _ => false,
+        }
+    }
+}
+
+/// What to do about the common causes, in the user's terms.
+fn data_dir_hint(e: &std::io::Error) -> &'static str {
+    use std::io::ErrorKind::*;
+    match e.kind() {
+        ReadOnlyFilesystem => {
+            " — the data directory is on a read-only filesystem; give --data-dir a writable one (nothing was changed)"
+        }
+        PermissionDenied => {
+            " — the data directory must be writable by the user milepost runs as (nothing was changed)"
+        }
+        StorageFull | QuotaExceeded => {
+            " — the disk holding the data directory is full; free space (ingest resumes by itself)"
+        }
+        _ => "",
+    }
 }
 
 fn open_message(path: &std::path::Path, wal: bool, message: &str) -> String {

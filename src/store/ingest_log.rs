@@ -80,7 +80,10 @@ impl std::fmt::Debug for IngestLog {
 }
 
 fn io_err(path: &Path, e: std::io::Error) -> StoreError {
-    StoreError::Internal(format!("ingest log {}: {e}", path.display()))
+    StoreError::DataDir {
+        path: path.to_owned(),
+        error: e,
+    }
 }
 
 impl IngestLog {

@@ -75,7 +75,7 @@ impl Store {
     pub fn open(cfg: &StoreConfig) -> Result<Self, StoreError> {
         std::fs::create_dir_all(&cfg.data_dir).map_err(|e| StoreError::DataDir {
             path: cfg.data_dir.clone(),
-            source: e,
+            error: e,
         })?;
         let lock = lock_data_dir(&cfg.data_dir)?;
         let path = cfg.data_dir.join(DB_FILE);
@@ -245,7 +245,7 @@ fn lock_data_dir(dir: &Path) -> Result<File, StoreError> {
         .open(&path)
         .map_err(|e| StoreError::DataDir {
             path: path.clone(),
-            source: e,
+            error: e,
         })?;
     match file.try_lock() {
         Ok(()) => {}
@@ -257,7 +257,7 @@ fn lock_data_dir(dir: &Path) -> Result<File, StoreError> {
             });
         }
         Err(std::fs::TryLockError::Error(e)) => {
-            return Err(StoreError::DataDir { path, source: e });
+            return Err(StoreError::DataDir { path, error: e });
         }
     }
     file.set_len(0).ok();

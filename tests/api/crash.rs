@@ -202,6 +202,8 @@ struct Backlog {
     start_us: i64,
     pending: Option<Req>,
     history: Vec<Req>,
+    /// Requests so far.
+    n: u64,
 }
 
 impl Backlog {
@@ -215,6 +217,7 @@ impl Backlog {
             start_us: today_start_us() - 4 * DAY_US,
             pending: None,
             history: Vec::new(),
+            n: 0,
         }
     }
 
@@ -242,9 +245,9 @@ impl Backlog {
         ledger: Arc<Mutex<Ledger>>,
         stop: Arc<AtomicBool>,
     ) {
-        let mut n = 0u64;
         while !stop.load(Ordering::Relaxed) {
-            n += 1;
+            self.n += 1;
+            let n = self.n;
             let (req, kind) = if let Some(p) = self.pending.take() {
                 (p, "pending")
             } else if n.is_multiple_of(4) && !self.history.is_empty() {
@@ -436,6 +439,23 @@ impl Victim {
         let rest: Vec<String> = self.log.iter().collect();
         let errors = self.errors.lock().unwrap().clone();
         (rest, errors)
+    }
+
+    /// SIGTERM; the exit status and the errors it logged.
+    fn terminate(mut self) -> (std::process::ExitStatus, Vec<String>) {
+        send_signal(self.child.id(), "-TERM");
+        let code = self.child.wait().unwrap();
+        (code, self.errors.lock().unwrap().clone())
+    }
+}
+
+/// A failing test must not leave its server running.
+impl Drop for Victim {
+    fn drop(&mut self) {
+        if self.child.try_wait().ok().flatten().is_none() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
     }
 }
 
@@ -874,6 +894,13 @@ async fn campaign(cycles: usize) {
     let mut stored = BTreeMap::new();
     let mut manifest_entries = 0;
     for i in 0..cycles {
+        if i > 0 && i % 25 == 0 {
+            eprintln!(
+                "crash campaign: {i} cycles in {:.0} s, {} readings stored",
+                started.elapsed().as_secs_f64(),
+                stored.len()
+            );
+        }
         let v = Victim::start(dir.path());
         stored = verify(&load.client, &v.base, &load.known()).await;
         manifest_entries = check_manifest_lists_existing(dir.path());
@@ -898,20 +925,12 @@ async fn campaign(cycles: usize) {
     verify(&load.client, &v.base, &load.known()).await;
     let tasks = load.start(&v.base);
     tokio::time::sleep(Duration::from_millis(700)).await;
-    send_signal(v.child.id(), "-TERM");
-    let Victim {
-        mut child, errors, ..
-    } = v;
-    let code = tokio::task::spawn_blocking(move || child.wait().unwrap())
+    let (code, errors) = tokio::task::spawn_blocking(move || v.terminate())
         .await
         .unwrap();
     load.join(tasks).await;
     assert!(code.success(), "SIGTERM under load: {code:?}");
-    assert!(
-        errors.lock().unwrap().is_empty(),
-        "{:#?}",
-        errors.lock().unwrap()
-    );
+    assert!(errors.is_empty(), "{errors:#?}");
     assert!(
         !dir.path().join("milepost.duckdb.wal").exists(),
         "WAL left after SIGTERM"
@@ -952,9 +971,8 @@ async fn campaign(cycles: usize) {
     })
     .await
     .unwrap();
-    send_signal(v.child.id(), "-TERM");
-    let Victim { mut child, .. } = v;
-    assert!(child.wait().unwrap().success());
+    let (code, errors) = v.terminate();
+    assert!(code.success() && errors.is_empty(), "{code:?} {errors:#?}");
     check_database(dir.path(), &after);
     let dumped = check_dumps(dir.path(), &after);
 

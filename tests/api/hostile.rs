@@ -219,6 +219,65 @@ async fn a_stalled_body_gets_408_and_keeps_the_lines_before_the_pause() {
     assert_eq!(page["readings"].as_array().unwrap().len(), 2, "{page}");
 }
 
+/// One address may have `--max-ingest-per-client` ingest requests in flight; one more
+/// is answered 429 with `Retry-After` (its body read, so the connection stays usable),
+/// other addresses are not affected, and a finished request frees its slot.
+#[tokio::test(flavor = "multi_thread")]
+async fn ingest_requests_in_flight_per_client_are_capped() {
+    let app = TestApp::spawn_with(|a| {
+        a.http.max_ingest_per_client = 2;
+        a.listen = "0.0.0.0:0".parse().unwrap();
+    })
+    .await;
+    let port = app.base.rsplit(':').next().unwrap().to_owned();
+    let addr = format!("127.0.0.1:{port}");
+    // Another address: a socket bound to 127.0.0.2 (loopback too) before connecting.
+    let other = tokio::net::TcpSocket::new_v4().unwrap();
+    other.bind("127.0.0.2:0".parse().unwrap()).unwrap();
+    let other = other.connect(addr.parse().unwrap()).await.unwrap();
+    let mut other = other.into_std().unwrap();
+    other.set_nonblocking(false).unwrap();
+    tokio::task::spawn_blocking(move || {
+        let first = line("speed", 1.0, "2026-05-01T00:00:00Z") + "\n";
+        // Two uploads in flight: headers and a first line sent, the rest to come.
+        let mut slow: Vec<TcpStream> = (0..2)
+            .map(|_| {
+                let mut s = TcpStream::connect(&addr).unwrap();
+                let mut req = post(Some(KEY), first.len() * 2);
+                req.extend_from_slice(first.as_bytes());
+                s.write_all(&req).unwrap();
+                s
+            })
+            .collect();
+        std::thread::sleep(Duration::from_millis(300));
+        let body = line("speed", 2.0, "2026-05-01T00:00:01Z") + "\n";
+        let send = |s: &mut TcpStream| {
+            let mut req = post(Some(KEY), body.len());
+            req.extend_from_slice(body.as_bytes());
+            s.write_all(&req).unwrap();
+            read_response(s).expect("an answer, not a reset")
+        };
+        let mut third = TcpStream::connect(&addr).unwrap();
+        let (status, text) = send(&mut third);
+        assert_eq!(status, 429, "{text}");
+        assert!(text.contains("in flight"), "{text}");
+        // Another address is not limited by it.
+        assert_eq!(send(&mut other).0, 200);
+        // The uploads finish; their slots come back; the refused connection works.
+        for s in &mut slow {
+            s.write_all(first.as_bytes()).unwrap();
+            assert_eq!(read_response(s).unwrap().0, 200);
+        }
+        assert_eq!(send(&mut third).0, 200);
+    })
+    .await
+    .unwrap();
+    let (_, page) = app
+        .get("/api/v1/sensors/speed/readings?from=2026-05-01T00:00:00Z&to=2026-05-02T00:00:00Z")
+        .await;
+    assert_eq!(page["readings"].as_array().unwrap().len(), 2, "{page}");
+}
+
 /// A header larger than `--max-header-bytes` is refused with 431, and the server
 /// keeps serving.
 #[tokio::test(flavor = "multi_thread")]

@@ -135,9 +135,47 @@ pub enum WriteError {
     /// The writer has stopped (shutdown).
     #[error("the server is shutting down")]
     Stopped,
+    /// The filesystem of the data directory is full; nothing of the batch was stored.
+    #[error("the disk holding the data directory is full; nothing of this batch was stored")]
+    DiskFull,
     /// The database failed the commit; nothing of the batch was stored.
     #[error("commit failed: {0}")]
     Failed(String),
+}
+
+/// A failure that repeats while its cause lasts (a full disk): logged when it starts,
+/// then at most once a minute with the count, and once when it ends, so that it does
+/// not also fill the log.
+#[derive(Default)]
+struct Persisting {
+    /// Failures since the last success, and when one was last logged.
+    failing: Option<(u64, Instant)>,
+}
+
+impl Persisting {
+    const EVERY: Duration = Duration::from_secs(60);
+
+    fn failed(&mut self, what: &'static str, e: &StoreError) {
+        match &mut self.failing {
+            None => {
+                tracing::error!(error = %e, "{what}");
+                self.failing = Some((1, Instant::now()));
+            }
+            Some((n, logged)) => {
+                *n += 1;
+                if logged.elapsed() >= Self::EVERY {
+                    tracing::error!(error = %e, failures = *n, "{what} (still)");
+                    *logged = Instant::now();
+                }
+            }
+        }
+    }
+
+    fn succeeded(&mut self, what: &'static str) {
+        if let Some((n, _)) = self.failing.take() {
+            tracing::info!(failures = n, "{what}: works again");
+        }
+    }
 }
 
 enum Msg {
@@ -348,6 +386,8 @@ impl Writer {
             db,
             queue,
             past_days: false,
+            commit_failures: Persisting::default(),
+            seal_failures: Persisting::default(),
         };
         let running = Arc::new(AtomicBool::new(true));
         let flag = running.clone();
@@ -500,6 +540,7 @@ fn flush_queued(db: &mut Db, queue: &Queue) -> Result<(), StoreError> {
 /// acknowledging new ones (a DuckDB transaction of 30 k readings takes 20–40 ms here;
 /// done on the front, every request behind it waited that long).
 fn flusher(db: Arc<Mutex<Db>>, queue: Arc<Queue>) {
+    let mut failures = Persisting::default();
     loop {
         {
             let mut q = queue.lock();
@@ -511,10 +552,16 @@ fn flusher(db: Arc<Mutex<Db>>, queue: Arc<Queue>) {
             }
         }
         let mut db = db.lock().unwrap_or_else(|p| p.into_inner());
-        if let Err(e) = flush_queued(&mut db, &queue) {
-            drop(db);
-            tracing::error!(error = %e, "moving the ingest log into the database failed; retrying in 1 s");
-            std::thread::sleep(Duration::from_secs(1));
+        match flush_queued(&mut db, &queue) {
+            Ok(()) => failures.succeeded("moving the ingest log into the database"),
+            Err(e) => {
+                drop(db);
+                failures.failed(
+                    "moving the ingest log into the database failed; retrying every second",
+                    &e,
+                );
+                std::thread::sleep(Duration::from_secs(1));
+            }
         }
     }
 }
@@ -533,6 +580,10 @@ struct Front {
     /// Readings of finished days were acknowledged through the log since the front
     /// last used the database.
     past_days: bool,
+    /// Group commits failing in a row.
+    commit_failures: Persisting,
+    /// Segment rotations failing in a row.
+    seal_failures: Persisting,
 }
 
 impl Front {
@@ -550,15 +601,21 @@ impl Front {
                 let elapsed = started.elapsed();
                 self.metrics.commit_seconds.observe(elapsed.as_secs_f64());
                 tracing::debug!(elapsed_ms = elapsed.as_secs_f64() * 1e3, "committed");
+                self.commit_failures.succeeded("group commit");
                 for (job, r) in jobs.into_iter().zip(results) {
                     let _ = job.reply.send(Ok(r));
                 }
             }
             Err(e) => {
-                tracing::error!(error = %e, "group commit failed; nothing of it stored");
-                let msg = e.to_string();
+                self.commit_failures
+                    .failed("group commit failed; nothing of it stored", &e);
+                let err = if e.is_disk_full() {
+                    WriteError::DiskFull
+                } else {
+                    WriteError::Failed(e.to_string())
+                };
                 for job in jobs {
-                    let _ = job.reply.send(Err(WriteError::Failed(msg.clone())));
+                    let _ = job.reply.send(Err(err.clone()));
                 }
             }
         }
@@ -661,8 +718,15 @@ impl Front {
         let due = self.shared.flush_requested()
             || self.pending.rows.len() >= SEAL_ROWS
             || since.elapsed() >= SEAL_AGE;
-        if due && let Err(e) = self.seal() {
-            tracing::error!(error = %e, "cannot start a new ingest log segment; retrying");
+        if due {
+            match self.seal() {
+                Ok(()) => self
+                    .seal_failures
+                    .succeeded("starting a new ingest log segment"),
+                Err(e) => self
+                    .seal_failures
+                    .failed("cannot start a new ingest log segment; retrying", &e),
+            }
         }
     }
 

@@ -1,0 +1,258 @@
+//! Faults of the filesystem under the data directory: full while ingesting, read-only
+//! at start. Each test mounts a small tmpfs of its own, which needs root (or
+//! CAP_SYS_ADMIN); where mounting is not allowed it says so and passes without
+//! checking anything.
+
+use std::collections::BTreeSet;
+use std::io::Write as _;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use milepost::bench::process::ServerProcess;
+use reqwest::StatusCode;
+
+use crate::helpers::*;
+
+/// A tmpfs mounted on a temporary directory, unmounted on drop.
+struct Tmpfs {
+    dir: tempfile::TempDir,
+}
+
+impl Tmpfs {
+    /// Mounts a tmpfs of `size` (e.g. `64m`), or `None` with the reason printed.
+    fn mount(size: &str, test: &str) -> Option<Self> {
+        let dir = tempfile::tempdir().unwrap();
+        let out = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(dir.path())
+            .output();
+        match out {
+            Ok(o) if o.status.success() => Some(Self { dir }),
+            Ok(o) => {
+                eprintln!(
+                    "SKIPPED {test}: cannot mount a tmpfs here (needs root or CAP_SYS_ADMIN): {}",
+                    String::from_utf8_lossy(&o.stderr).trim()
+                );
+                None
+            }
+            Err(e) => {
+                eprintln!("SKIPPED {test}: no mount(8): {e}");
+                None
+            }
+        }
+    }
+
+    fn path(&self) -> &Path {
+        self.dir.path()
+    }
+
+    fn remount(&self, options: &str) {
+        let ok = Command::new("mount")
+            .args(["-o", &format!("remount,{options}")])
+            .arg(self.path())
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "remount {options}");
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount")
+            .arg("-l")
+            .arg(self.dir.path())
+            .status();
+    }
+}
+
+/// Fills the filesystem of `dir` with one file until a write fails; returns it.
+fn fill(dir: &Path) -> PathBuf {
+    let path = dir.join("filler");
+    let mut f = std::fs::File::create(&path).unwrap();
+    let chunk = vec![0u8; 64 * 1024];
+    loop {
+        if let Err(e) = f.write_all(&chunk).and_then(|()| f.sync_all()) {
+            assert_eq!(e.kind(), std::io::ErrorKind::StorageFull, "{e}");
+            break;
+        }
+    }
+    // Smaller pieces into what is left.
+    for size in [4096, 512, 1] {
+        while f.write_all(&vec![0u8; size]).is_ok() && f.sync_all().is_ok() {}
+    }
+    path
+}
+
+fn start(data: &Path) -> ServerProcess {
+    let exe = Path::new(env!("CARGO_BIN_EXE_milepost"));
+    ServerProcess::start(
+        exe,
+        data,
+        &["--api-key", KEY, "--dump-schedule", "off"],
+        false,
+    )
+    .expect("server starts")
+}
+
+/// `n` readings of `sensor` from second `from` on (2026-11-01 + `from` s).
+fn readings(sensor: &str, from: i64, n: i64) -> (String, Vec<i64>) {
+    let base = 1_793_491_200; // 2026-11-01T00:00:00Z
+    let mut body = String::new();
+    let mut keys = Vec::new();
+    for i in from..from + n {
+        let t = chrono::DateTime::from_timestamp(base + i, 0).unwrap();
+        body += &line(sensor, (i % 1000) as f64, &t.to_rfc3339());
+        body.push('\n');
+        keys.push(i);
+    }
+    (body, keys)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_full_disk_is_answered_507_and_ingest_resumes_when_space_returns() {
+    let Some(fs) = Tmpfs::mount("48m", "disk full") else {
+        return;
+    };
+    let data = fs.path().join("data");
+    let p = start(&data);
+    let client = reqwest::Client::new();
+    let (status, _) = post_ingest(&client, &p.base, readings("speed", 0, 1000).0)
+        .await
+        .unwrap();
+    assert_eq!(status, StatusCode::OK);
+    let mut acked: BTreeSet<i64> = (0..1000).collect();
+
+    let filler = fill(fs.path());
+    // Big requests (committed to DuckDB directly) and small ones (through the ingest
+    // log) until both have been refused a few times.
+    let mut unacked: Vec<(String, Vec<i64>)> = Vec::new();
+    let mut answers: Vec<StatusCode> = Vec::new();
+    let mut next = 1000;
+    let started = Instant::now();
+    while answers.iter().filter(|s| s.as_u16() == 507).count() < 6 {
+        assert!(started.elapsed() < Duration::from_secs(60), "{answers:?}");
+        let n = if answers.len().is_multiple_of(2) {
+            20_000
+        } else {
+            3
+        };
+        let (body, keys) = readings("speed", next, n);
+        next += n;
+        let resp = client
+            .post(format!("{}/ingest", p.base))
+            .basic_auth(KEY, None::<&str>)
+            .header("content-type", "application/x-ndjson")
+            .body(body.clone())
+            .send()
+            .await
+            .expect("an answer, never a dropped connection");
+        let status = resp.status();
+        let retry_after = resp.headers().get("retry-after").cloned();
+        let text = resp.text().await.unwrap();
+        answers.push(status);
+        match status.as_u16() {
+            200 => acked.extend(keys),
+            507 => {
+                assert!(retry_after.is_some(), "507 without Retry-After");
+                assert!(text.contains("disk"), "{text}");
+                unacked.push((body, keys));
+            }
+            other => panic!("{other} while the disk is full: {text}"),
+        }
+    }
+    let mut child = p.child;
+    assert!(child.try_wait().unwrap().is_none(), "the server died");
+
+    // Space returns: the same server accepts again, and everything refused can be
+    // sent again and is stored.
+    std::fs::remove_file(filler).unwrap();
+    for (body, keys) in unacked {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let (status, r) = post_ingest(&client, &p.base, body.clone()).await.unwrap();
+            if status == StatusCode::OK {
+                acked.extend(keys);
+                break;
+            }
+            assert_eq!(status.as_u16(), 507, "{r}");
+            assert!(
+                Instant::now() < deadline,
+                "still refused after space returned"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+    let (_, devices) = json(
+        client
+            .get(format!("{}/api/v1/devices", p.base))
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(num(&devices["devices"][0], "readings"), acked.len() as u64);
+    send_signal(child.id(), "-TERM");
+    assert!(child.wait().unwrap().success());
+
+    // After a restart: exactly the acknowledged readings.
+    let rows = stored_rows(&data);
+    let stored: BTreeSet<i64> = rows
+        .iter()
+        .map(|r| r.2 / 1_000_000 - 1_793_491_200)
+        .collect();
+    assert_eq!(rows.len(), stored.len(), "stored twice");
+    assert_eq!(stored, acked);
+    eprintln!(
+        "disk full: {} answers while full ({} × 507, the rest 200), {} readings stored",
+        answers.len(),
+        answers.iter().filter(|s| s.as_u16() == 507).count(),
+        acked.len()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_read_only_data_dir_stops_start_up_with_a_clear_message() {
+    let Some(fs) = Tmpfs::mount("16m", "read-only data dir") else {
+        return;
+    };
+    // A data directory with readings, then the filesystem goes read-only.
+    let data = fs.path().join("data");
+    let p = start(&data);
+    let (status, _) = post_ingest(&reqwest::Client::new(), &p.base, readings("fuel", 0, 100).0)
+        .await
+        .unwrap();
+    assert_eq!(status, StatusCode::OK);
+    let mut child = p.child;
+    send_signal(child.id(), "-TERM");
+    assert!(child.wait().unwrap().success());
+    fs.remount("ro");
+
+    let before = std::fs::read(data.join("milepost.duckdb")).unwrap();
+    let out = serve_command(&data)
+        .args(["--api-key", KEY])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{text}");
+    assert!(
+        text.contains(&data.display().to_string()) && text.contains("read-only"),
+        "{text}"
+    );
+    assert_eq!(std::fs::read(data.join("milepost.duckdb")).unwrap(), before);
+
+    // A data directory that does not exist yet on a read-only filesystem.
+    let fresh = fs.path().join("fresh");
+    let out = serve_command(&fresh)
+        .args(["--api-key", KEY])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{text}");
+    assert!(
+        text.contains(&fresh.display().to_string()) && text.contains("read-only"),
+        "{text}"
+    );
+    fs.remount("rw");
+}
