@@ -21,6 +21,7 @@ pub mod dump;
 pub mod fleet;
 mod generate;
 pub mod process;
+pub mod soak;
 
 use std::os::unix::fs::FileExt as _;
 use std::path::{Path, PathBuf};
@@ -71,7 +72,8 @@ pub struct BenchArgs {
     #[arg(long, conflicts_with = "dump")]
     pub detect: bool,
     /// `bulk`: the steps above. `fleet`: many devices sending small requests over
-    /// their own connections, plus one big request (see `bench::fleet`).
+    /// their own connections, plus one big request (see `bench::fleet`). `soak`:
+    /// minutes of devices, dashboards and exports at once (see `bench::soak`).
     #[arg(long, value_enum, default_value_t = Scenario::Bulk)]
     pub scenario: Scenario,
     /// Fleet: devices sending.
@@ -89,6 +91,18 @@ pub struct BenchArgs {
     /// Fleet: readings in the one big request (0 skips it).
     #[arg(long, default_value_t = 5_000_000)]
     pub big_readings: u64,
+    /// Soak: minutes of mixed traffic.
+    #[arg(long, default_value_t = 10)]
+    pub minutes: u64,
+    /// Soak: devices sending one request (six readings) per second.
+    #[arg(long, default_value_t = 100)]
+    pub soak_devices: usize,
+    /// Soak: browsers polling the dashboard's seven URLs every 10 s.
+    #[arg(long, default_value_t = 20)]
+    pub dashboards: usize,
+    /// Soak: days of the dashboard device's history loaded first.
+    #[arg(long, default_value_t = 2)]
+    pub history_days: u64,
 }
 
 /// Which benchmark `milepost bench` runs.
@@ -98,6 +112,9 @@ pub enum Scenario {
     Bulk,
     /// Many small requests from a fleet of devices.
     Fleet,
+    /// Minutes of mixed traffic (devices, dashboards, exports): drift in memory,
+    /// latency or errors.
+    Soak,
 }
 
 /// One measured phase.

@@ -122,7 +122,6 @@ impl Catalog {
 
     /// The six sensors of the cloud-lada car. The database gets them from
     /// `schema/migrations/0001_init.sql`; a store test checks the two agree.
-    #[cfg(test)]
     pub fn builtin() -> Vec<Sensor> {
         let s = |id, name: &str, unit: &str, description: &str, min, max| Sensor {
             id: SensorId(id),

@@ -3,6 +3,7 @@
 //! it can be tested, fuzzed and benchmarked alone and run off the async executor.
 
 mod fast;
+pub mod invariants;
 pub mod ndjson;
 
 pub use ndjson::{IngestOptions, LineError, StreamParser};

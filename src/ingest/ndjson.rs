@@ -665,43 +665,9 @@ mod tests {
 #[cfg(test)]
 mod props {
     use super::*;
-    use crate::domain::Timestamp;
     use proptest::prelude::*;
 
-    fn parser() -> StreamParser {
-        StreamParser::new(
-            Arc::new(Catalog::new(Catalog::builtin())),
-            IngestOptions {
-                latest: Timestamp::now().plus(chrono::Duration::hours(24)),
-                max_line_bytes: 512,
-                bound_device: None,
-            },
-        )
-    }
-
-    /// Readings (device, sensor, µs, value bits), refused lines, oversize lines and
-    /// the listed errors (line, reason).
-    type Outcome = (Vec<(String, u16, i64, u64)>, u64, u64, Vec<(u64, String)>);
-
-    /// Everything a parser produced.
-    fn outcome(mut p: StreamParser) -> Outcome {
-        p.finish();
-        let b = p.take_batch();
-        let rows = b
-            .rows
-            .iter()
-            .map(|r| {
-                let d = b.devices[r.device as usize].as_str().to_owned();
-                (d, r.sensor.0, r.ts.as_micros(), r.value.to_bits())
-            })
-            .collect();
-        let errors = p
-            .errors()
-            .iter()
-            .map(|e| (e.line, e.error.clone()))
-            .collect();
-        (rows, p.rejected(), p.oversize_lines(), errors)
-    }
+    use crate::ingest::invariants::{check, outcome, parser};
 
     /// Bytes that look like NDJSON readings often enough to reach every branch: whole
     /// readings, fragments of them, and raw noise.
@@ -729,21 +695,7 @@ mod props {
             cuts in prop::collection::vec(1usize..64, 1..8),
             parts in 1usize..5,
         ) {
-            let mut whole = parser();
-            whole.feed(&body);
-            let whole = outcome(whole);
-            let mut chunked = parser();
-            let (mut at, mut i) = (0, 0);
-            while at < body.len() {
-                let n = cuts[i % cuts.len()].min(body.len() - at);
-                chunked.feed(&body[at..at + n]);
-                at += n;
-                i += 1;
-            }
-            prop_assert_eq!(&outcome(chunked), &whole);
-            let mut parallel = parser();
-            parallel.feed_parallel(&body, parts);
-            prop_assert_eq!(&outcome(parallel), &whole);
+            check(&body, &cuts, parts);
         }
 
         /// Every valid reading — any catalogued sensor, a value in its range, a

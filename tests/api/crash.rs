@@ -238,13 +238,13 @@ impl Backlog {
         Req::new(good, bad, &mut self.rng)
     }
 
-    async fn run(
-        &mut self,
-        client: reqwest::Client,
-        base: String,
-        ledger: Arc<Mutex<Ledger>>,
-        stop: Arc<AtomicBool>,
-    ) {
+    async fn run(&mut self, to: Target) {
+        let Target {
+            client,
+            base,
+            ledger,
+            stop,
+        } = to;
         while !stop.load(Ordering::Relaxed) {
             self.n += 1;
             let n = self.n;
@@ -331,13 +331,13 @@ impl Live {
         Req::new(good, bad, &mut self.rng)
     }
 
-    async fn run(
-        &mut self,
-        client: reqwest::Client,
-        base: String,
-        ledger: Arc<Mutex<Ledger>>,
-        stop: Arc<AtomicBool>,
-    ) {
+    async fn run(&mut self, to: Target) {
+        let Target {
+            client,
+            base,
+            ledger,
+            stop,
+        } = to;
         while !stop.load(Ordering::Relaxed) {
             let req = if self.buffer.is_empty() {
                 self.fresh()
@@ -532,6 +532,15 @@ async fn cycle(
     (inside, errors)
 }
 
+/// Where a client sends, what it records into, and when it stops.
+#[derive(Clone)]
+struct Target {
+    client: reqwest::Client,
+    base: String,
+    ledger: Arc<Mutex<Ledger>>,
+    stop: Arc<AtomicBool>,
+}
+
 /// The three clients, kept across cycles (their ledgers, buffers and cursors).
 struct Load {
     client: reqwest::Client,
@@ -564,28 +573,20 @@ impl Load {
 
     fn start(&self, base: &str) -> Vec<tokio::task::JoinHandle<()>> {
         self.stop.store(false, Ordering::Relaxed);
-        let mut tasks = Vec::new();
-        let (c, b, l, s) = (
-            self.client.clone(),
-            base.to_owned(),
-            self.ledger.clone(),
-            self.stop.clone(),
-        );
+        let to = Target {
+            client: self.client.clone(),
+            base: base.to_owned(),
+            ledger: self.ledger.clone(),
+            stop: self.stop.clone(),
+        };
         let backlog = self.backlog.clone();
-        tasks.push(tokio::spawn(async move {
-            backlog.lock().await.run(c, b, l, s).await
-        }));
+        let t = to.clone();
+        let mut tasks = vec![tokio::spawn(
+            async move { backlog.lock().await.run(t).await },
+        )];
         for live in &self.live {
-            let (c, b, l, s) = (
-                self.client.clone(),
-                base.to_owned(),
-                self.ledger.clone(),
-                self.stop.clone(),
-            );
-            let live = live.clone();
-            tasks.push(tokio::spawn(async move {
-                live.lock().await.run(c, b, l, s).await
-            }));
+            let (live, t) = (live.clone(), to.clone());
+            tasks.push(tokio::spawn(async move { live.lock().await.run(t).await }));
         }
         tasks
     }

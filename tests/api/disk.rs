@@ -229,30 +229,23 @@ async fn a_read_only_data_dir_stops_start_up_with_a_clear_message() {
     assert!(child.wait().unwrap().success());
     fs.remount("ro");
 
+    // `serve` on `dir` exits non-zero naming the directory and the cause.
+    let refused = |dir: &Path| {
+        let out = serve_command(dir)
+            .args(["--api-key", KEY])
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{text}");
+        assert!(
+            text.contains(&dir.display().to_string()) && text.contains("read-only"),
+            "{text}"
+        );
+    };
     let before = std::fs::read(data.join("milepost.duckdb")).unwrap();
-    let out = serve_command(&data)
-        .args(["--api-key", KEY])
-        .output()
-        .unwrap();
-    let text = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success(), "{text}");
-    assert!(
-        text.contains(&data.display().to_string()) && text.contains("read-only"),
-        "{text}"
-    );
+    refused(&data);
     assert_eq!(std::fs::read(data.join("milepost.duckdb")).unwrap(), before);
-
     // A data directory that does not exist yet on a read-only filesystem.
-    let fresh = fs.path().join("fresh");
-    let out = serve_command(&fresh)
-        .args(["--api-key", KEY])
-        .output()
-        .unwrap();
-    let text = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success(), "{text}");
-    assert!(
-        text.contains(&fresh.display().to_string()) && text.contains("read-only"),
-        "{text}"
-    );
+    refused(&fs.path().join("fresh"));
     fs.remount("rw");
 }
