@@ -239,13 +239,7 @@ impl Backlog {
     }
 
     async fn run(&mut self, to: Target) {
-        let Target {
-            client,
-            base,
-            ledger,
-            stop,
-        } = to;
-        while !stop.load(Ordering::Relaxed) {
+        while !to.stopped() {
             self.n += 1;
             let n = self.n;
             let (req, kind) = if let Some(p) = self.pending.take() {
@@ -263,10 +257,10 @@ impl Backlog {
             } else {
                 (self.fresh(), "fresh")
             };
-            match send(&client, &base, &req, &ledger).await {
+            match to.send(&req).await {
                 Outcome::Acked => {
                     if kind == "conflict" {
-                        ledger.lock().unwrap().conflicts_acked += 1;
+                        to.ledger.lock().unwrap().conflicts_acked += 1;
                     }
                     if kind == "fresh" || kind == "pending" {
                         self.history.push(req);
@@ -332,19 +326,13 @@ impl Live {
     }
 
     async fn run(&mut self, to: Target) {
-        let Target {
-            client,
-            base,
-            ledger,
-            stop,
-        } = to;
-        while !stop.load(Ordering::Relaxed) {
+        while !to.stopped() {
             let req = if self.buffer.is_empty() {
                 self.fresh()
             } else {
                 self.buffer.remove(0)
             };
-            match send(&client, &base, &req, &ledger).await {
+            match to.send(&req).await {
                 Outcome::Acked => self.previous = Some(req),
                 Outcome::NotAcked => self.buffer.push(req),
                 Outcome::Down => {
@@ -539,6 +527,16 @@ struct Target {
     base: String,
     ledger: Arc<Mutex<Ledger>>,
     stop: Arc<AtomicBool>,
+}
+
+impl Target {
+    fn stopped(&self) -> bool {
+        self.stop.load(Ordering::Relaxed)
+    }
+
+    async fn send(&self, req: &Req) -> Outcome {
+        send(&self.client, &self.base, req, &self.ledger).await
+    }
 }
 
 /// The three clients, kept across cycles (their ledgers, buffers and cursors).
