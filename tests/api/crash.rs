@@ -780,6 +780,33 @@ fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
+/// Readings per finished UTC day (start, µs) of `stored`.
+fn finished_days(stored: &BTreeMap<Key, f64>) -> BTreeMap<i64, u64> {
+    let mut per_day = BTreeMap::new();
+    for k in stored.keys().filter(|k| k.2 < today_start_us()) {
+        *per_day.entry(k.2 - k.2.rem_euclid(DAY_US)).or_default() += 1;
+    }
+    per_day
+}
+
+/// Whether the manifest lists every finished day in both formats at its count.
+fn dumps_settled(dir: &Path, stored: &BTreeMap<Key, f64>) -> bool {
+    let Ok(text) = std::fs::read_to_string(dir.join("dumps/manifest.json")) else {
+        return false;
+    };
+    let Ok(manifest) = serde_json::from_str::<Value>(&text) else {
+        return false;
+    };
+    let entries = manifest["dumps"].as_array().cloned().unwrap_or_default();
+    finished_days(stored).iter().all(|(&day, &n)| {
+        ["json", "parquet"].iter().all(|format| {
+            entries.iter().any(|e| {
+                e["date"] == rfc3339(day)[..10] && e["format"] == *format && e["rows"] == n
+            })
+        })
+    })
+}
+
 /// Settled dumps: every finished day with readings is in the manifest in both formats,
 /// each object with its listed size and SHA-256, and each gzip NDJSON dump holds
 /// exactly the day's stored readings. Returns the readings checked.
@@ -789,11 +816,7 @@ fn check_dumps(dir: &Path, stored: &BTreeMap<Key, f64>) -> u64 {
         serde_json::from_str(&std::fs::read_to_string(dumps.join("manifest.json")).unwrap())
             .unwrap();
     let entries = manifest["dumps"].as_array().unwrap();
-    let mut per_day: BTreeMap<i64, u64> = BTreeMap::new();
-    for k in stored.keys().filter(|k| k.2 < today_start_us()) {
-        *per_day.entry(k.2 - k.2.rem_euclid(DAY_US)).or_default() += 1;
-    }
-    for (&day, &n) in &per_day {
+    for (&day, &n) in &finished_days(stored) {
         let date = &rfc3339(day)[..10];
         for format in ["json", "parquet"] {
             let e = entries
@@ -955,21 +978,13 @@ async fn campaign(cycles: usize) {
     assert_eq!(accepted, (all.len() - before.len()) as u64);
     let after = verify(&load.client, &v.base, &known).await;
     assert_eq!(after.len(), all.len());
-    // The replay made past days due again: let the dump runs settle.
-    let v = tokio::task::spawn_blocking(move || {
-        let mut quiet_since = Instant::now();
-        let deadline = Instant::now() + Duration::from_secs(60);
-        while quiet_since.elapsed() < Duration::from_secs(3) && Instant::now() < deadline {
-            if let Ok(m) = v.log.recv_timeout(Duration::from_millis(100))
-                && m == "dumping day"
-            {
-                quiet_since = Instant::now();
-            }
-        }
-        v
-    })
-    .await
-    .unwrap();
+    // The replay made past days due again: wait until the runs (every second, at
+    // low priority) have dumped every finished day at its final count.
+    let deadline = Instant::now() + Duration::from_secs(180);
+    while !dumps_settled(dir.path(), &after) {
+        assert!(Instant::now() < deadline, "dumps did not catch up in 180 s");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
     let (code, errors) = v.terminate();
     assert!(code.success() && errors.is_empty(), "{code:?} {errors:#?}");
     check_database(dir.path(), &after);
