@@ -191,19 +191,11 @@ impl<'a> Cursor<'a> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::ingest::invariants::fields;
 
     fn full(line: &[u8]) -> Option<(String, u64, String, Option<String>)> {
         let w: Wire<'_> = sonic_rs::from_slice(line).ok()?;
         Some(fields(&w))
-    }
-
-    fn fields(w: &Wire<'_>) -> (String, u64, String, Option<String>) {
-        (
-            w.sensor.to_string(),
-            w.value.0.to_bits(),
-            w.timestamp.to_string(),
-            w.device.as_ref().map(|d| d.to_string()),
-        )
     }
 
     #[test]

@@ -98,7 +98,7 @@ pub fn check(body: &[u8], cuts: &[usize], parts: usize) -> Outcome {
 }
 
 /// The fields of a parsed line, comparable.
-fn fields(w: &Wire<'_>) -> (String, u64, String, Option<String>) {
+pub(super) fn fields(w: &Wire<'_>) -> (String, u64, String, Option<String>) {
     (
         w.sensor.to_string(),
         w.value.0.to_bits(),
