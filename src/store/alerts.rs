@@ -578,6 +578,7 @@ impl AlertStore {
         min: Option<f64>,
         max: Option<f64>,
     ) -> Result<Sensor> {
+        let _update = self.shared.catalog_update();
         let catalog = self.shared.catalog();
         let id = match catalog.get(name.as_str()) {
             Some(s) => s.id,
@@ -655,6 +656,38 @@ mod tests {
             statistic: 20.0,
             step: Step::Up,
         }
+    }
+
+    #[test]
+    fn parallel_catalog_upserts_get_unique_ids_and_none_is_lost() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(dir.path());
+        let alerts = store.alert_store().unwrap();
+        let builtin = store.shared().catalog().iter().count();
+        std::thread::scope(|scope| {
+            for i in 0..24 {
+                let alerts = &alerts;
+                scope.spawn(move || {
+                    let name = SensorName::parse(&format!("probe_{i}")).unwrap();
+                    alerts
+                        .upsert_sensor(&name, "V", "a probe", None, Some(i as f64))
+                        .expect("upsert");
+                });
+            }
+        });
+        let catalog = store.shared().catalog();
+        assert_eq!(catalog.iter().count(), builtin + 24);
+        let ids: std::collections::BTreeSet<u16> = catalog.iter().map(|s| s.id.0).collect();
+        assert_eq!(ids.len(), builtin + 24, "ids are unique");
+        for i in 0..24 {
+            let s = catalog.get(&format!("probe_{i}")).expect("in memory");
+            assert_eq!(s.max, Some(i as f64));
+        }
+        drop(alerts);
+        drop(store);
+        // And in the database.
+        let store = open(dir.path());
+        assert_eq!(store.shared().catalog().iter().count(), builtin + 24);
     }
 
     #[test]

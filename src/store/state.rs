@@ -40,6 +40,10 @@ impl SeriesStats {
 /// Shared view of the small tables. Cheap reads, written only by the writer.
 pub struct Shared {
     catalog: RwLock<Arc<Catalog>>,
+    /// Held over a whole catalog change (read, write to the database, publish), so
+    /// two operators' changes at once never publish a snapshot without the other's
+    /// sensor, nor pick the same id.
+    catalog_update: Mutex<()>,
     devices: RwLock<Devices>,
     /// Per device, its series ordered by sensor: a device's statistics are one
     /// lookup (the dashboard asks for them every few seconds), and a device costs
@@ -87,6 +91,7 @@ impl Shared {
         }
         let shared = Self {
             catalog: RwLock::new(Arc::new(catalog)),
+            catalog_update: Mutex::new(()),
             devices: RwLock::new(d),
             series: RwLock::new(HashMap::default()),
             rollups_from: AtomicI64::new(i64::MIN),
@@ -160,6 +165,14 @@ impl Shared {
     pub(super) fn flush_requested(&self) -> bool {
         let v = &self.visible;
         v.requested.load(Ordering::Acquire) > *v.flushed.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The lock of a catalog change: read the catalog, write, and
+    /// [`Shared::set_catalog`] while holding it.
+    pub(super) fn catalog_update(&self) -> std::sync::MutexGuard<'_, ()> {
+        self.catalog_update
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
     }
 
     /// Replaces the sensor catalog (an operator changed it).
