@@ -14,7 +14,7 @@ use crate::api::tls::TlsConfig;
 use crate::api::{self, AppState, KeyRing, Limits};
 use crate::backend::{Backend, Context, JobLimits, Tokens};
 use crate::config::{BlobArgs, ServeArgs};
-use crate::export::{BlobStore, DumpSettings, Dumper};
+use crate::export::{BlobStore, DumpSettings, Dumper, Layout};
 use crate::jobs::detection::{self, DetectSettings};
 use crate::jobs::notify::{self, NotifySettings};
 use crate::jobs::{DumpJobs, Retention};
@@ -67,8 +67,9 @@ impl Reloader {
     }
 }
 
-/// Opens and probes the blob store, and reads what was dumped to it before. A bad
-/// URL or an unreachable store stops the start with the reason.
+/// Opens and probes the blob store, reads what was dumped to it before and joins the
+/// lake. A bad URL, an unreachable store, or a node name or root day files held by
+/// another appliance stop the start with the reason.
 pub async fn open_dumper(
     blob: &BlobArgs,
     data_dir: &std::path::Path,
@@ -79,10 +80,18 @@ pub async fn open_dumper(
     let store = BlobStore::open(&blob.blob_config(data_dir))?;
     let node = blob.node();
     store.probe(&node).await?;
-    tracing::info!(store = store.display(), node, "dumps go to the blob store");
+    tracing::info!(
+        store = store.display(),
+        node,
+        shared = blob.shared_lake,
+        "dumps go to the blob store"
+    );
     let settings = DumpSettings {
         formats: blob.dump_format.formats(),
-        node,
+        layout: Layout {
+            node,
+            shared: blob.shared_lake,
+        },
         work_dir: data_dir.join("dump-tmp"),
         max_days_per_run: max_days_per_run.max(1),
     };

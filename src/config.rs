@@ -272,10 +272,19 @@ pub struct BlobArgs {
     /// S3 region (default: `AWS_REGION`, else us-east-1).
     #[arg(long, env = "MILEPOST_S3_REGION")]
     pub s3_region: Option<String>,
-    /// Name of this appliance in the Parquet lake (`parquet/date=…/<node>.parquet`),
-    /// so several can publish into one lake. Default: the host name.
+    /// Name of this appliance in the lake: every key it writes holds it
+    /// (`parquet/date=…/<node>.parquet`, `manifests/<node>.json`), so several can
+    /// publish into one prefix. Keep it when the machine is replaced (restore the data
+    /// directory); see docs/dumps.md. Default: the host name.
     #[arg(long, env = "MILEPOST_NODE_NAME", value_parser = parse_node)]
     pub node_name: Option<String>,
+    /// The blob store's prefix is shared with other appliances: write each day's
+    /// NDJSON as `json/date=YYYY-MM-DD/<node>.json.gz` instead of the seed-named
+    /// `YYYY-MM-DD.json.gz` at the root, which only a lone appliance writes. Set it on
+    /// every node of a shared prefix (a node without it is refused at start when
+    /// another one writes the root files).
+    #[arg(long, env = "MILEPOST_SHARED_LAKE")]
+    pub shared_lake: bool,
     /// Formats each day is dumped in (`--format` for `milepost dump`).
     #[arg(long, alias = "format", env = "MILEPOST_DUMP_FORMAT", value_enum, default_value_t = DumpFormats::Both)]
     pub dump_format: DumpFormats,

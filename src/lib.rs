@@ -16,7 +16,8 @@
 //!                     DuckDB file  ◀── store::Reader (own connections) ◀── api::seed, api::v1
 //!                              ▲
 //!   jobs (cron) ──▶ export::Dumper ──▶ store::DumpSource (own connection, Arrow batches)
-//!                              └──▶ object_store (file, S3, GCS, Azure) + manifest.json
+//!                              └──▶ object_store (file, S3, GCS, Azure): per-node keys,
+//!                                   manifests/<node>.json (export::lake: who owns a key)
 //!
 //! writer ──series it committed──▶ jobs::detection ──▶ detect (pure step fit)
 //!                                        │                 over Reader's bucket means

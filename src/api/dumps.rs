@@ -117,7 +117,7 @@ impl DumpsApi {
             .collect();
         Ok(Json(DumpList {
             store: d.blob().display().to_owned(),
-            node: d.settings().node.clone(),
+            node: d.settings().layout.node.clone(),
             dumps,
         }))
     }

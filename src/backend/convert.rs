@@ -33,6 +33,21 @@ pub enum BackendError {
     Internal(String),
 }
 
+impl BackendError {
+    /// A failed dump of `date`: another appliance's object in the way is the lake's
+    /// state (FAILED_PRECONDITION, with what to do), anything else a failure here.
+    pub fn dump_failed(date: chrono::NaiveDate, e: crate::export::ExportError) -> Self {
+        let message = format!("dump of {date} failed: {e}");
+        match e {
+            crate::export::ExportError::Foreign { .. }
+            | crate::export::ExportError::Exists { .. } => {
+                BackendError::FailedPrecondition(message)
+            }
+            _ => BackendError::Internal(message),
+        }
+    }
+}
+
 impl From<BackendError> for Status {
     fn from(e: BackendError) -> Self {
         let code = match &e {

@@ -521,7 +521,7 @@ impl proto::Jobs for JobsService {
         let records = dumper
             .dump_day(date)
             .await
-            .map_err(|e| BackendError::Internal(format!("dump of {date} failed: {e}")))?;
+            .map_err(|e| BackendError::dump_failed(date, e))?;
         Ok(Response::new(proto::RedumpResponse {
             objects: records
                 .iter()

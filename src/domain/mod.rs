@@ -16,7 +16,7 @@ pub use alert::{
 };
 pub use buckets::{Aggregate, BucketError, BucketWidth, Buckets, RangeError, TimeRange};
 pub use device::{Device, DeviceError, DeviceId};
-pub use dump::DumpFormat;
+pub use dump::{DumpFormat, NodeIdentity};
 pub use reading::{Batch, Row};
 pub use sensor::{Catalog, Sensor, SensorId, SensorName, SensorNameError, ValueError};
 pub use time::{Day, DayError, Timestamp, TimestampError, TzError, parse_tz};

@@ -9,7 +9,7 @@ use futures_util::stream::BoxStream;
 use futures_util::stream::FuturesUnordered;
 use futures_util::{StreamExt as _, TryStreamExt as _};
 use object_store::path::Path;
-use object_store::{ObjectStore, PutPayload};
+use object_store::{ObjectStore, PutMode, PutOptions, PutPayload};
 use sha2::{Digest, Sha256};
 use tokio::io::AsyncReadExt as _;
 use url::Url;
@@ -62,6 +62,18 @@ impl Default for Retry {
 const PART_BYTES: usize = 8 << 20;
 /// Parts in flight per upload: bounds memory to a few parts.
 const PARTS_IN_FLIGHT: usize = 2;
+
+/// How a write treats an object already at its key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WriteMode {
+    /// Only if nothing is there: a conditional create where the store has one (local
+    /// files, S3, GCS, Azure, memory), answered [`ExportError::Exists`] when another
+    /// writer got there first. Multipart uploads and stores without conditional
+    /// writes fall back to a plain write: the caller checked the key just before.
+    Create,
+    /// Replace what is there (the caller made sure it is its own).
+    Replace,
+}
 
 /// What an upload wrote.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -211,13 +223,21 @@ impl BlobStore {
     /// Uploads a local file to `key`, hashing it on the way. Small files are one
     /// PUT, large ones a multipart upload; either way the object appears under its
     /// name only once complete, and a failed multipart upload is aborted. Retried
-    /// with backoff.
-    pub async fn upload_file(&self, file: &FsPath, key: &str) -> Result<Uploaded, ExportError> {
+    /// with backoff; [`ExportError::Exists`] is final (a retry after an attempt whose
+    /// answer was lost may see the object that attempt wrote: the caller checks whose
+    /// it is).
+    pub async fn upload_file(
+        &self,
+        file: &FsPath,
+        key: &str,
+        mode: WriteMode,
+    ) -> Result<Uploaded, ExportError> {
         let mut wait = self.retry.backoff;
         let mut attempt = 1;
         loop {
-            match self.upload_once(file, key).await {
+            match self.upload_once(file, key, mode).await {
                 Ok(u) => return Ok(u),
+                Err(e @ ExportError::Exists { .. }) => return Err(e),
                 Err(e) if attempt < self.retry.attempts => {
                     tracing::warn!(key, attempt, error = %e, "upload failed; retrying");
                     tokio::time::sleep(wait).await;
@@ -229,7 +249,12 @@ impl BlobStore {
         }
     }
 
-    async fn upload_once(&self, file: &FsPath, key: &str) -> Result<Uploaded, ExportError> {
+    async fn upload_once(
+        &self,
+        file: &FsPath,
+        key: &str,
+        mode: WriteMode,
+    ) -> Result<Uploaded, ExportError> {
         let mut src = tokio::fs::File::open(file).await.map_err(ExportError::Io)?;
         let size = src.metadata().await.map_err(ExportError::Io)?.len();
         let path = self.path(key);
@@ -243,10 +268,7 @@ impl BlobStore {
             src.read_to_end(&mut body).await.map_err(ExportError::Io)?;
             hash.update(&body);
             let bytes = body.len() as u64;
-            self.store
-                .put(&path, PutPayload::from(body))
-                .await
-                .map_err(fail)?;
+            self.put_mode(key, PutPayload::from(body), mode).await?;
             return Ok(Uploaded {
                 bytes,
                 sha256: hex::encode(hash.finalize()),
@@ -300,16 +322,106 @@ impl BlobStore {
         })
     }
 
-    /// Replaces a small object in one PUT (atomic on every store).
-    pub async fn put(&self, key: &str, body: Bytes) -> Result<(), ExportError> {
+    /// Writes a small object in one PUT (atomic on every store).
+    pub async fn put(&self, key: &str, body: Bytes, mode: WriteMode) -> Result<(), ExportError> {
+        self.put_mode(key, PutPayload::from_bytes(body), mode).await
+    }
+
+    async fn put_mode(
+        &self,
+        key: &str,
+        body: PutPayload,
+        mode: WriteMode,
+    ) -> Result<(), ExportError> {
+        let path = self.path(key);
+        let fail = |e: object_store::Error| ExportError::Store {
+            key: key.to_owned(),
+            source: e,
+        };
+        if mode == WriteMode::Create {
+            let opts = PutOptions {
+                mode: PutMode::Create,
+                ..PutOptions::default()
+            };
+            match self.store.put_opts(&path, body.clone(), opts).await {
+                Ok(_) => return Ok(()),
+                Err(object_store::Error::AlreadyExists { .. }) => {
+                    return Err(ExportError::Exists {
+                        key: key.to_owned(),
+                    });
+                }
+                // No conditional writes here (an S3-compatible store without
+                // If-None-Match, `AWS_CONDITIONAL_PUT=disabled`): a plain write.
+                Err(object_store::Error::NotImplemented) => {}
+                Err(e) => return Err(fail(e)),
+            }
+        }
+        self.store.put(&path, body).await.map(|_| ()).map_err(fail)
+    }
+
+    /// Size of the object at `key`; `None` when there is none.
+    pub async fn size(&self, key: &str) -> Result<Option<u64>, ExportError> {
+        match self.store.head(&self.path(key)).await {
+            Ok(meta) => Ok(Some(meta.size)),
+            Err(object_store::Error::NotFound { .. }) => Ok(None),
+            Err(e) => Err(ExportError::Store {
+                key: key.to_owned(),
+                source: e,
+            }),
+        }
+    }
+
+    /// Bytes `range` of the object at `key`.
+    pub async fn read_range(
+        &self,
+        key: &str,
+        range: std::ops::Range<u64>,
+    ) -> Result<Bytes, ExportError> {
         self.store
-            .put(&self.path(key), PutPayload::from_bytes(body))
+            .get_range(&self.path(key), range)
             .await
-            .map(|_| ())
             .map_err(|e| ExportError::Store {
                 key: key.to_owned(),
                 source: e,
             })
+    }
+
+    /// Keys (relative to the prefix) of every object under `folder`.
+    pub async fn list(&self, folder: &str) -> Result<Vec<String>, ExportError> {
+        let base = self.path(folder);
+        let fail = |e: object_store::Error| ExportError::Store {
+            key: format!("{folder}/"),
+            source: e,
+        };
+        let metas: Vec<_> = self
+            .store
+            .list(Some(&base))
+            .try_collect()
+            .await
+            .map_err(fail)?;
+        Ok(metas
+            .into_iter()
+            .filter_map(|m| {
+                let rest: Vec<_> = m.location.prefix_match(&self.prefix)?.collect();
+                Some(
+                    rest.iter()
+                        .map(|p| p.as_ref())
+                        .collect::<Vec<_>>()
+                        .join("/"),
+                )
+            })
+            .collect())
+    }
+
+    /// Deletes the object at `key`; one that is not there is fine.
+    pub async fn delete(&self, key: &str) -> Result<(), ExportError> {
+        match self.store.delete(&self.path(key)).await {
+            Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
+            Err(e) => Err(ExportError::Store {
+                key: key.to_owned(),
+                source: e,
+            }),
+        }
     }
 
     /// Streams an object; `None` when it does not exist.

@@ -10,10 +10,11 @@ use bytes::Bytes;
 use chrono::NaiveDate;
 use tracing::Instrument as _;
 
-use super::blob::BlobStore;
+use super::blob::{BlobStore, WriteMode};
+use super::lake::{self, Layout};
 use super::manifest::Manifest;
-use super::{ExportError, MANIFEST_KEY, download_name, object_key};
-use crate::domain::{DumpFormat, Timestamp};
+use super::{ExportError, download_name};
+use crate::domain::{DumpFormat, NodeIdentity, Timestamp};
 use crate::metrics::Metrics;
 use crate::store::{DumpRecord, DumpSource, StoreError};
 
@@ -22,8 +23,8 @@ use crate::store::{DumpRecord, DumpSource, StoreError};
 pub struct DumpSettings {
     /// Formats each day is written in.
     pub formats: Vec<DumpFormat>,
-    /// Name of this appliance in the Parquet lake (`<node>.parquet`).
-    pub node: String,
+    /// This appliance's name and keys in the lake.
+    pub layout: Layout,
     /// Local directory for the files DuckDB writes before they are uploaded.
     pub work_dir: PathBuf,
     /// Most days one run dumps (catch-up after downtime goes on in later runs).
@@ -46,6 +47,8 @@ pub struct Dumper {
     source: Arc<Mutex<DumpSource>>,
     blob: BlobStore,
     settings: DumpSettings,
+    /// Who this node is in the lake: what its objects say about their writer.
+    me: NodeIdentity,
     metrics: Arc<Metrics>,
     /// This store's dumps as recorded, by (day, format): what the manifest lists.
     records: RwLock<BTreeMap<(NaiveDate, DumpFormat), DumpRecord>>,
@@ -58,7 +61,10 @@ pub struct Dumper {
 }
 
 impl Dumper {
-    /// A dumper for `blob`; reads what was dumped there before from the database.
+    /// A dumper for `blob`; reads what was dumped there before from the database,
+    /// then joins the lake under `settings.layout` ([`lake`]: refused with the reason
+    /// when the name belongs to another appliance, or when the seed-named day files
+    /// of a shared prefix are another node's and this one is not in shared mode).
     pub async fn new(
         source: DumpSource,
         blob: BlobStore,
@@ -70,14 +76,23 @@ impl Dumper {
         let stop = source.stop_flag();
         let source = Arc::new(Mutex::new(source));
         let store = blob.display().to_owned();
-        let records = background(&source, move |s| s.records(&store)).await?;
-        // A process killed after recording a day but before writing the manifest
-        // left it behind the records: the first run writes it.
-        let manifest_stale = AtomicBool::new(!records.is_empty());
+        let (records, instance) = background(&source, move |s| {
+            Ok((s.records(&store)?, s.instance_id().to_owned()))
+        })
+        .await?;
+        let me = NodeIdentity {
+            node: settings.layout.node.clone(),
+            instance,
+        };
+        // Writes the manifest from the records: one that a process killed after
+        // recording a day but before writing the manifest left behind is current.
+        lake::claim(&blob, &settings.layout, &me, &records).await?;
+        let manifest_stale = AtomicBool::new(false);
         Ok(Self {
             source,
             blob,
             settings,
+            me,
             metrics,
             records: RwLock::new(
                 records
@@ -130,10 +145,16 @@ impl Dumper {
             .cloned()
     }
 
+    /// This node's identity in the lake.
+    pub fn identity(&self) -> &NodeIdentity {
+        &self.me
+    }
+
     /// Finished days (before `today`, UTC) that need a dump, oldest first: from the
     /// first day with readings on, every day without a dump in each configured
-    /// format, or whose reading count changed since it was dumped. Days whose
-    /// readings retention deleted are done for good.
+    /// format, whose reading count changed since it was dumped, or whose dump is
+    /// under another key than the layout gives now (a renamed node, a change of
+    /// `--shared-lake`). Days whose readings retention deleted are done for good.
     pub async fn due_days(&self, today: NaiveDate) -> Result<Vec<NaiveDate>, ExportError> {
         let (counts, retired) =
             background(&self.source, |s| Ok((s.day_counts()?, s.retired_days()?))).await?;
@@ -143,13 +164,15 @@ impl Dumper {
             &retired,
             &records,
             &self.settings.formats,
+            &self.settings.layout,
             today,
         ))
     }
 
     /// Days before `cutoff` whose readings may be deleted: dumped in every format
-    /// with exactly the readings stored now, and not retired yet. With their counts,
-    /// for the writer to check again when it deletes.
+    /// with exactly the readings stored now, under the key the layout gives now, and
+    /// not retired yet. With their counts, for the writer to check again when it
+    /// deletes.
     pub async fn retirable(
         &self,
         cutoff: NaiveDate,
@@ -161,10 +184,11 @@ impl Dumper {
             .range(..cutoff)
             .filter(|(day, _)| !retired.contains_key(day))
             .filter(|&(day, &n)| {
-                self.settings
-                    .formats
-                    .iter()
-                    .all(|f| records.get(&(*day, *f)).is_some_and(|r| r.readings == n))
+                self.settings.formats.iter().all(|f| {
+                    records.get(&(*day, *f)).is_some_and(|r| {
+                        r.readings == n && r.key == self.settings.layout.key(*day, *f)
+                    })
+                })
             })
             .map(|(d, n)| (*d, *n))
             .collect())
@@ -251,6 +275,17 @@ impl Dumper {
     ) -> Result<Vec<DumpRecord>, ExportError> {
         tracing::debug!("dumping day");
         let formats = self.settings.formats.clone();
+        // Whose the keys are is settled before the day is written: a key holding
+        // another appliance's object fails the day with nothing written.
+        let mut plan = Vec::with_capacity(formats.len());
+        for &format in &formats {
+            let key = self.settings.layout.key(day, format);
+            let recorded = self.record(day, format);
+            let moved = recorded.as_ref().filter(|r| r.key != key).cloned();
+            let same = recorded.filter(|r| r.key == key);
+            let mode = lake::write_mode(&self.blob, &key, &self.me, same.as_ref()).await?;
+            plan.push((format, key, mode, moved));
+        }
         let files = WorkFiles::new(&self.settings.work_dir, day);
         let json = formats
             .contains(&DumpFormat::Json)
@@ -258,14 +293,17 @@ impl Dumper {
         let parquet = formats
             .contains(&DumpFormat::Parquet)
             .then(|| files.path(DumpFormat::Parquet));
+        let me = self.me.clone();
         let snapshot = background(&self.source, move |s| {
-            span.in_scope(|| s.copy_day(day, json.as_deref(), parquet.as_deref()))
+            span.in_scope(|| s.copy_day(day, json.as_deref(), parquet.as_deref(), &me))
         })
         .await?;
         let mut records = Vec::new();
-        for format in formats {
-            let key = object_key(day, format, &self.settings.node);
-            let up = self.blob.upload_file(&files.path(format), &key).await?;
+        for (format, key, mode, moved) in plan {
+            if let Some(old) = moved {
+                self.remove_moved(&old).await?;
+            }
+            let up = self.upload(&files.path(format), &key, mode).await?;
             records.push(DumpRecord {
                 store: self.blob.display().to_owned(),
                 day,
@@ -292,21 +330,69 @@ impl Dumper {
         Ok(records)
     }
 
-    /// Writes `manifest.json` from the records (one PUT: readers see the old or the
-    /// new manifest, never a mix).
-    async fn write_manifest(&self) -> Result<(), ExportError> {
-        let manifest = Manifest::of(&self.settings.node, &self.records());
-        let body = serde_json::to_vec_pretty(&manifest).expect("manifest serializes");
-        match self.blob.put(MANIFEST_KEY, Bytes::from(body)).await {
-            Ok(()) => {
-                self.manifest_stale.store(false, Ordering::Release);
+    fn record(&self, day: NaiveDate, format: DumpFormat) -> Option<DumpRecord> {
+        self.records
+            .read()
+            .expect("records lock")
+            .get(&(day, format))
+            .cloned()
+    }
+
+    /// Uploads a day's file. A conditional create that finds an object there (another
+    /// writer got there first, or an attempt of this node whose answer was lost) is
+    /// replaced only when the object turns out to be this node's own.
+    async fn upload(
+        &self,
+        file: &Path,
+        key: &str,
+        mode: WriteMode,
+    ) -> Result<super::Uploaded, ExportError> {
+        match self.blob.upload_file(file, key, mode).await {
+            Err(ExportError::Exists { .. }) => {
+                let mode = lake::write_mode(&self.blob, key, &self.me, None).await?;
+                self.blob.upload_file(file, key, mode).await
+            }
+            r => r,
+        }
+    }
+
+    /// Deletes the object a day was dumped to under its previous key (the node was
+    /// renamed, or `--shared-lake` changed) before the day is written under the new
+    /// one, so the lake never holds the day twice. A process killed in between
+    /// leaves the day missing from the lake until the next run writes it: the record
+    /// still names the old key, so the day is still due (and retention keeps it).
+    /// An object there that is not this node's own is left alone.
+    async fn remove_moved(&self, old: &DumpRecord) -> Result<(), ExportError> {
+        match lake::write_mode(&self.blob, &old.key, &self.me, Some(old)).await {
+            Ok(WriteMode::Replace) => {
+                tracing::info!(
+                    key = old.key,
+                    "dump moves to a new key; the old object is deleted"
+                );
+                self.blob.delete(&old.key).await
+            }
+            Ok(WriteMode::Create) => Ok(()),
+            Err(e) => {
+                tracing::warn!(error = %e, "the object at a dump's previous key is left alone");
                 Ok(())
             }
-            Err(e) => {
-                self.manifest_stale.store(true, Ordering::Release);
-                Err(e)
-            }
         }
+    }
+
+    /// Writes this node's manifest from the records (one PUT: readers see the old or
+    /// the new manifest, never a mix), after checking that the manifest there is this
+    /// node's own.
+    async fn write_manifest(&self) -> Result<(), ExportError> {
+        let manifest = Manifest::of(&self.me, &self.settings.layout, &self.records());
+        let body = serde_json::to_vec_pretty(&manifest).expect("manifest serializes");
+        let key = self.settings.layout.manifest_key();
+        let written = match lake::write_mode(&self.blob, &key, &self.me, None).await {
+            Ok(mode) => self.blob.put(&key, Bytes::from(body), mode).await,
+            Err(e) => Err(e),
+        };
+        self.manifest_stale
+            .store(written.is_err(), Ordering::Release);
+        written
     }
 }
 
@@ -316,6 +402,7 @@ fn due(
     retired: &BTreeMap<NaiveDate, u64>,
     records: &BTreeMap<(NaiveDate, DumpFormat), DumpRecord>,
     formats: &[DumpFormat],
+    layout: &Layout,
     today: NaiveDate,
 ) -> Vec<NaiveDate> {
     let Some(&first) = counts.keys().next() else {
@@ -327,9 +414,11 @@ fn due(
         .filter(|d| !retired.contains_key(d))
         .filter(|d| {
             let n = counts.get(d).copied().unwrap_or(0);
-            formats
-                .iter()
-                .any(|f| records.get(&(*d, *f)).is_none_or(|r| r.readings != n))
+            formats.iter().any(|f| {
+                records
+                    .get(&(*d, *f))
+                    .is_none_or(|r| r.readings != n || r.key != layout.key(*d, *f))
+            })
         })
         .collect()
 }
@@ -400,6 +489,13 @@ mod tests {
         NaiveDate::parse_from_str(s, "%Y-%m-%d").unwrap()
     }
 
+    fn layout() -> Layout {
+        Layout {
+            node: "n".into(),
+            shared: false,
+        }
+    }
+
     fn rec(day: &str, format: DumpFormat, readings: u64) -> ((NaiveDate, DumpFormat), DumpRecord) {
         (
             (d(day), format),
@@ -407,7 +503,7 @@ mod tests {
                 store: "memory:///".into(),
                 day: d(day),
                 format,
-                key: String::new(),
+                key: layout().key(d(day), format),
                 readings,
                 bytes: 0,
                 sha256: String::new(),
@@ -440,7 +536,8 @@ mod tests {
         ]
         .into_iter()
         .collect();
-        let got = due(&counts, &retired, &records, &both, d("2026-11-06"));
+        let l = layout();
+        let got = due(&counts, &retired, &records, &both, &l, d("2026-11-06"));
         assert_eq!(got, vec![d("2026-11-04"), d("2026-11-05")]);
         // JSON only: 11-05 is complete.
         let got = due(
@@ -448,10 +545,74 @@ mod tests {
             &retired,
             &records,
             &[DumpFormat::Json],
+            &l,
             d("2026-11-07"),
         );
         assert_eq!(got, vec![d("2026-11-04"), d("2026-11-06")]);
         // Nothing stored: nothing due.
-        assert!(due(&BTreeMap::new(), &retired, &records, &both, d("2026-11-07")).is_empty());
+        assert!(
+            due(
+                &BTreeMap::new(),
+                &retired,
+                &records,
+                &both,
+                &l,
+                d("2026-11-07")
+            )
+            .is_empty()
+        );
+        // Under another name, or with the NDJSON moved to the node's key, every day
+        // still held is due again, and only the moved format's key changes.
+        let renamed = Layout {
+            node: "m".into(),
+            shared: false,
+        };
+        let got = due(
+            &counts,
+            &retired,
+            &records,
+            &both,
+            &renamed,
+            d("2026-11-06"),
+        );
+        assert_eq!(
+            got,
+            vec![
+                d("2026-11-01"),
+                d("2026-11-03"),
+                d("2026-11-04"),
+                d("2026-11-05")
+            ]
+        );
+        let shared = Layout {
+            node: "n".into(),
+            shared: true,
+        };
+        let got = due(
+            &counts,
+            &retired,
+            &records,
+            &[DumpFormat::Parquet],
+            &shared,
+            d("2026-11-06"),
+        );
+        assert_eq!(got, vec![d("2026-11-04"), d("2026-11-05")]);
+        let got = due(
+            &counts,
+            &retired,
+            &records,
+            &[DumpFormat::Json],
+            &shared,
+            d("2026-11-06"),
+        );
+        assert_eq!(
+            got,
+            vec![
+                d("2026-11-01"),
+                d("2026-11-03"),
+                d("2026-11-04"),
+                d("2026-11-05")
+            ]
+        );
     }
 }

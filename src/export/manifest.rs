@@ -1,9 +1,13 @@
-//! `manifest.json`: every dump of this store, for people and for tools.
+//! `manifests/<node>.json`: every dump of one node in this store, for people and for
+//! tools. One per node, so no two nodes ever write the same manifest; the lake's
+//! index is the folder.
 //!
 //! ```json
 //! {
-//!   "version": 1,
+//!   "version": 2,
 //!   "node": "appliance-1",
+//!   "instance": "5f0c…",
+//!   "root_day_files": true,
 //!   "generated_at": "2026-12-02T06:00:03.120Z",
 //!   "dumps": [
 //!     {"date": "2026-11-30", "format": "json", "key": "2026-11-30.json.gz",
@@ -17,10 +21,13 @@
 
 use serde::{Deserialize, Serialize};
 
+use super::lake::Layout;
+use crate::domain::NodeIdentity;
 use crate::store::DumpRecord;
 
-/// Version of the manifest layout.
-pub const MANIFEST_VERSION: u32 = 1;
+/// Version of the manifest layout: 2 added `instance` and `root_day_files`, and
+/// moved the manifest from the root `manifest.json` to `manifests/<node>.json`.
+pub const MANIFEST_VERSION: u32 = 2;
 
 /// The whole manifest.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -29,6 +36,13 @@ pub struct Manifest {
     pub version: u32,
     /// `--node-name` of the appliance that wrote it.
     pub node: String,
+    /// Instance id of the data directory that wrote it (absent in version 1).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub instance: Option<String>,
+    /// Whether this node writes the seed-named `YYYY-MM-DD.json.gz` at the prefix
+    /// root (no `--shared-lake`). Version 1 had no field: its node did.
+    #[serde(default = "version_1_wrote_root_files")]
+    pub root_day_files: bool,
     /// When it was written (RFC 3339 UTC).
     pub generated_at: String,
     /// Every dump, by date then format.
@@ -77,14 +91,28 @@ impl ManifestEntry {
     }
 }
 
+fn version_1_wrote_root_files() -> bool {
+    true
+}
+
 impl Manifest {
-    /// The manifest of `records`.
-    pub fn of(node: &str, records: &[DumpRecord]) -> Self {
+    /// The manifest of `records`, written by `me` with `layout`.
+    pub fn of(me: &NodeIdentity, layout: &Layout, records: &[DumpRecord]) -> Self {
         Self {
             version: MANIFEST_VERSION,
-            node: node.to_owned(),
+            node: me.node.clone(),
+            instance: Some(me.instance.clone()),
+            root_day_files: !layout.shared,
             generated_at: crate::domain::Timestamp::now().to_string(),
             dumps: records.iter().map(ManifestEntry::of).collect(),
         }
+    }
+
+    /// Who wrote it, when it says (version 2).
+    pub fn writer(&self) -> Option<NodeIdentity> {
+        self.instance.as_ref().map(|instance| NodeIdentity {
+            node: self.node.clone(),
+            instance: instance.clone(),
+        })
     }
 }

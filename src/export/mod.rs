@@ -2,10 +2,15 @@
 //! Parquet lake.
 //!
 //! ```text
-//! <prefix>/YYYY-MM-DD.json.gz                       seed-compatible, an ingest body
+//! <prefix>/YYYY-MM-DD.json.gz                       seed-compatible, an ingest body (a lone node)
+//! <prefix>/json/date=YYYY-MM-DD/<node>.json.gz      the same with --shared-lake
 //! <prefix>/parquet/date=YYYY-MM-DD/<node>.parquet   the lake (one file per node)
-//! <prefix>/manifest.json                            every dump: key, rows, bytes, sha256…
+//! <prefix>/manifests/<node>.json                    each node's dumps: key, rows, bytes, sha256…
 //! ```
+//!
+//! Several appliances publish into one prefix without a lock: every key a node
+//! writes is its own, and it never overwrites an object another one wrote
+//! ([`lake`]).
 //!
 //! A day is written into local files from Arrow batches of DuckDB queries
 //! (`store::DumpSource`, one snapshot for both formats), uploaded through
@@ -21,10 +26,12 @@
 
 mod blob;
 mod dumper;
+pub mod lake;
 mod manifest;
 
-pub use blob::{BlobConfig, BlobStore, Retry, Uploaded};
+pub use blob::{BlobConfig, BlobStore, Retry, Uploaded, WriteMode};
 pub use dumper::{DumpSettings, Dumper, RunSummary};
+pub use lake::Layout;
 pub use manifest::{Manifest, ManifestEntry};
 
 use chrono::NaiveDate;
@@ -32,16 +39,12 @@ use chrono::NaiveDate;
 use crate::domain::DumpFormat;
 use crate::store::StoreError;
 
-/// Object key of the manifest, relative to the prefix.
-pub const MANIFEST_KEY: &str = "manifest.json";
+/// Folder of the per-node manifests, relative to the prefix.
+pub const MANIFESTS_DIR: &str = "manifests";
 
-/// Object key of a day's dump, relative to the prefix.
-pub fn object_key(day: NaiveDate, format: DumpFormat, node: &str) -> String {
-    match format {
-        DumpFormat::Json => format!("{}.json.gz", day.format("%Y-%m-%d")),
-        DumpFormat::Parquet => format!("parquet/date={}/{node}.parquet", day.format("%Y-%m-%d")),
-    }
-}
+/// The version-1 manifest at the prefix root (one node per prefix), replaced by
+/// `manifests/<node>.json` when its node starts.
+pub const LEGACY_MANIFEST_KEY: &str = "manifest.json";
 
 /// The name `GET /api/v1/dumps/{name}` serves a dump under (keys contain `/`).
 pub fn download_name(day: NaiveDate, format: DumpFormat) -> String {
@@ -80,6 +83,30 @@ pub enum ExportError {
         /// The store's error.
         source: object_store::Error,
     },
+    /// A conditional create found an object already at the key.
+    #[error("an object appeared at {key} while this node was writing it")]
+    Exists {
+        /// Object key.
+        key: String,
+    },
+    /// An object this node is about to write was written by another appliance.
+    #[error(
+        "{key} in the lake was written by {owner}, not by this appliance (node '{node}'): \
+         not overwritten. {hint}"
+    )]
+    Foreign {
+        /// Object key.
+        key: String,
+        /// Who wrote it, as far as the object says.
+        owner: String,
+        /// This node's name.
+        node: String,
+        /// What to do about it.
+        hint: String,
+    },
+    /// This node cannot publish into the lake as configured (checked at start).
+    #[error("{0}")]
+    Lake(String),
     /// A local temporary file could not be written or read.
     #[error("local dump file: {0}")]
     Io(std::io::Error),

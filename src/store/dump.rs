@@ -19,7 +19,7 @@ use duckdb::types::{TimeUnit, Value};
 
 use super::rollup::SLOT_MS;
 use super::{Shared, StoreError};
-use crate::domain::{DumpFormat, Timestamp};
+use crate::domain::{DumpFormat, NodeIdentity, Timestamp};
 
 const DAY_MS: i64 = 86_400_000;
 
@@ -63,14 +63,16 @@ pub struct DumpRecord {
 pub struct DumpSource {
     conn: Connection,
     shared: Arc<Shared>,
+    instance: String,
     stop: Arc<AtomicBool>,
 }
 
 impl DumpSource {
-    pub(super) fn new(conn: Connection, shared: Arc<Shared>) -> Self {
+    pub(super) fn new(conn: Connection, shared: Arc<Shared>, instance: String) -> Self {
         Self {
             conn,
             shared,
+            instance,
             stop: Arc::new(AtomicBool::new(false)),
         }
     }
@@ -84,12 +86,14 @@ impl DumpSource {
 
     /// Copies every reading of the UTC `day` into `json` (gzip NDJSON, time order)
     /// and/or `parquet` (zstd, ordered by device, sensor, timestamp), both from one
-    /// snapshot so they hold exactly the same readings.
+    /// snapshot so they hold exactly the same readings. Both files name `writer`
+    /// (see [`NodeIdentity`]).
     pub fn copy_day(
         &self,
         day: NaiveDate,
         json: Option<&Path>,
         parquet: Option<&Path>,
+        writer: &NodeIdentity,
     ) -> Result<DaySnapshot, StoreError> {
         let _span = tracing::info_span!("copy_day", %day).entered();
         let started = Instant::now();
@@ -98,10 +102,10 @@ impl DumpSource {
         self.shared.await_visible();
         let snapshot = super::in_transaction(&self.conn, || {
             if let Some(path) = json {
-                super::dump_files::write_json_day(&self.conn, start, path, &self.stop)?;
+                super::dump_files::write_json_day(&self.conn, start, path, writer, &self.stop)?;
             }
             if let Some(path) = parquet {
-                super::dump_files::write_parquet_day(&self.conn, start, path, &self.stop)?;
+                super::dump_files::write_parquet_day(&self.conn, start, path, writer, &self.stop)?;
             }
             let (n, lo, hi) = self.conn.query_row(
                 &format!(
@@ -227,6 +231,14 @@ impl DumpSource {
             }
             Ok::<_, StoreError>(())
         })
+    }
+
+    /// The instance id of this data directory: random, made once and kept beside the
+    /// database (`instance-id`), so it moves with a restored backup of the directory
+    /// and differs on a new machine that reuses a node name. Lake objects carry it
+    /// ([`NodeIdentity`]).
+    pub fn instance_id(&self) -> &str {
+        &self.instance
     }
 
     /// Days whose readings retention has deleted, with the count they had.

@@ -17,7 +17,7 @@ use duckdb::arrow::datatypes::{DataType, Field, Int32Type, Schema, TimeUnit};
 use duckdb::arrow::record_batch::RecordBatch;
 
 use super::StoreError;
-use crate::domain::Timestamp;
+use crate::domain::{NodeIdentity, Timestamp};
 
 const DAY_MS: i64 = 86_400_000;
 
@@ -40,11 +40,13 @@ const JSON_WINDOW_MS: i64 = 3_600_000;
 /// significant digits; lines built in SQL and written as CSV ran out of a 128 MB
 /// memory limit when sorted, and took 33 s unsorted for 10 M readings (DuckDB's JSON
 /// writer: ~40 s), against ~16 s here. Names need no JSON escaping
-/// (`[A-Za-z0-9_.-]`).
+/// (`[A-Za-z0-9_.-]`). The gzip header's comment names the node that wrote the file
+/// ([`NodeIdentity::gzip_comment`]); gzip readers skip it.
 pub(super) fn write_json_day(
     conn: &Connection,
     start_ms: i64,
     path: &Path,
+    writer: &NodeIdentity,
     stop: &AtomicBool,
 ) -> Result<(), StoreError> {
     use std::io::Write as _;
@@ -69,10 +71,12 @@ pub(super) fn write_json_day(
         })
         .collect();
     let file = std::fs::File::create(path).map_err(io)?;
-    let mut gz = flate2::write::GzEncoder::new(
-        std::io::BufWriter::with_capacity(1 << 20, file),
-        flate2::Compression::default(),
-    );
+    let mut gz = flate2::GzBuilder::new()
+        .comment(writer.gzip_comment())
+        .write(
+            std::io::BufWriter::with_capacity(1 << 20, file),
+            flate2::Compression::default(),
+        );
     let mut buf: Vec<u8> = Vec::with_capacity(1 << 20);
     let mut floats = ryu::Buffer::new();
     let unknown = || StoreError::Corrupt("a reading names an unknown device or sensor".into());
@@ -112,9 +116,11 @@ pub(super) fn write_json_day(
     Ok(())
 }
 
-/// The Parquet of a day: `device`, `sensor` (dictionary-encoded strings),
-/// `timestamp` (µs, adjusted to UTC), `value`; zstd; ordered by device name, sensor
-/// name, time; row groups of ~1 M rows.
+/// The Parquet of a day: `node` (the writer's `--node-name` in every row, so a
+/// union of many nodes' files says where each reading was stored), `device`,
+/// `sensor` (dictionary-encoded strings), `timestamp` (µs, adjusted to UTC), `value`;
+/// zstd; ordered by device name, sensor name, time; row groups of ~1 M rows. The
+/// footer's key-value metadata names the writer ([`NodeIdentity`]).
 ///
 /// The day's series are taken in that order and cut into groups of about
 /// [`GROUP_ROWS`] readings (from one count per series); each group is one query
@@ -124,10 +130,13 @@ pub(super) fn write_parquet_day(
     conn: &Connection,
     start_ms: i64,
     path: &Path,
+    writer_id: &NodeIdentity,
     stop: &AtomicBool,
 ) -> Result<(), StoreError> {
     use parquet::arrow::ArrowWriter;
+    use parquet::arrow::arrow_writer::ArrowWriterOptions;
     use parquet::basic::{Compression, ZstdLevel};
+    use parquet::file::metadata::KeyValue;
     use parquet::file::properties::WriterProperties;
     use parquet::schema::types::ColumnPath;
 
@@ -184,17 +193,11 @@ pub(super) fn write_parquet_day(
         rows_in_last += n;
     }
 
+    let dictionary = || DataType::Dictionary(Box::new(DataType::Int32), Box::new(DataType::Utf8));
     let schema = Arc::new(Schema::new(vec![
-        Field::new(
-            "device",
-            DataType::Dictionary(Box::new(DataType::Int32), Box::new(DataType::Utf8)),
-            false,
-        ),
-        Field::new(
-            "sensor",
-            DataType::Dictionary(Box::new(DataType::Int32), Box::new(DataType::Utf8)),
-            false,
-        ),
+        Field::new("node", dictionary(), false),
+        Field::new("device", dictionary(), false),
+        Field::new("sensor", dictionary(), false),
         Field::new(
             "timestamp",
             DataType::Timestamp(TimeUnit::Microsecond, Some("UTC".into())),
@@ -207,7 +210,18 @@ pub(super) fn write_parquet_day(
         .set_max_row_group_row_count(Some(GROUP_ROWS as usize))
         .set_column_dictionary_enabled(ColumnPath::from("timestamp"), false)
         .set_column_dictionary_enabled(ColumnPath::from("value"), false)
+        .set_key_value_metadata(Some(vec![
+            KeyValue::new(
+                NodeIdentity::PARQUET_NODE.to_owned(),
+                writer_id.node.clone(),
+            ),
+            KeyValue::new(
+                NodeIdentity::PARQUET_INSTANCE.to_owned(),
+                writer_id.instance.clone(),
+            ),
+        ]))
         .build();
+    let node_name: ArrayRef = Arc::new(StringArray::from(vec![writer_id.node.as_str()]));
     let device_names: ArrayRef = Arc::new(StringArray::from_iter_values(
         devices.iter().map(|(_, n)| n.as_str()),
     ));
@@ -215,10 +229,17 @@ pub(super) fn write_parquet_day(
         sensors.iter().map(|(_, n)| n.as_str()),
     ));
     let file = std::fs::File::create(path).map_err(io)?;
-    let mut writer = ArrowWriter::try_new(
+    // Without the Arrow schema in the footer, readers take the names as plain
+    // strings (Parquet still stores them dictionary-encoded): Arrow dictionary
+    // columns whose dictionaries differ between files (every node has its own
+    // devices) made pyarrow refuse to group a multi-node lake ("Unifying differing
+    // dictionaries").
+    let mut writer = ArrowWriter::try_new_with_options(
         std::io::BufWriter::with_capacity(1 << 20, file),
         schema.clone(),
-        Some(props),
+        ArrowWriterOptions::new()
+            .with_properties(props)
+            .with_skip_arrow_metadata(true),
     )
     .map_err(pq)?;
     for group in &groups {
@@ -260,9 +281,14 @@ pub(super) fn write_parquet_day(
                 .map(|(ms, us)| ms * 1000 + i64::from(*us))
                 .collect::<Vec<i64>>()
                 .into();
+            let node_keys = Int32Array::from(vec![0; dev_keys.len()]);
             let out = RecordBatch::try_new(
                 schema.clone(),
                 vec![
+                    Arc::new(
+                        DictionaryArray::<Int32Type>::try_new(node_keys, node_name.clone())
+                            .map_err(arrow_err)?,
+                    ),
                     Arc::new(
                         DictionaryArray::<Int32Type>::try_new(dev_keys, device_names.clone())
                             .map_err(arrow_err)?,

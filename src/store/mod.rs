@@ -62,12 +62,15 @@ pub struct Store {
     shared: Arc<Shared>,
     log: IngestLog,
     path: PathBuf,
+    instance: String,
     _lock: File,
 }
 
 /// File name of the database inside the data directory.
 pub const DB_FILE: &str = "milepost.duckdb";
 const LOCK_FILE: &str = "milepost.lock";
+/// This data directory's instance id (see [`DumpSource::instance_id`]).
+const INSTANCE_FILE: &str = "instance-id";
 
 impl Store {
     /// Opens (creating if needed) the database in `cfg.data_dir`.
@@ -78,6 +81,7 @@ impl Store {
             error: e,
         })?;
         let lock = lock_data_dir(&cfg.data_dir)?;
+        let instance = instance_id(&cfg.data_dir)?;
         let path = cfg.data_dir.join(DB_FILE);
         let conn = open_duckdb(&path, cfg)?;
         // DuckDB opens a damaged file (truncated, overwritten) lazily: the first reads
@@ -105,6 +109,7 @@ impl Store {
             shared,
             log,
             path,
+            instance,
             _lock: lock,
         })
     }
@@ -143,7 +148,11 @@ impl Store {
 
     /// A connection of its own for daily dumps (see [`DumpSource`]).
     pub fn dump_source(&self) -> Result<DumpSource, StoreError> {
-        Ok(DumpSource::new(self.conn.try_clone()?, self.shared.clone()))
+        Ok(DumpSource::new(
+            self.conn.try_clone()?,
+            self.shared.clone(),
+            self.instance.clone(),
+        ))
     }
 
     /// The backend's tables (alerts, anomalies, …) on a connection of their own.
@@ -168,6 +177,32 @@ impl Store {
         } = self;
         Writer::start(conn, shared, cfg, log, lock)
     }
+}
+
+/// The instance id of the data directory `dir`: read from its file, or made (random,
+/// 128 bits, hex) and written durably on first use. A file rather than a database
+/// row, so that `milepost recover --move-wal`, which may drop the database's last
+/// writes, never changes it.
+fn instance_id(dir: &Path) -> Result<String, StoreError> {
+    let path = dir.join(INSTANCE_FILE);
+    let io = |error| StoreError::DataDir {
+        path: path.clone(),
+        error,
+    };
+    match std::fs::read_to_string(&path) {
+        Ok(text) if !text.trim().is_empty() => return Ok(text.trim().to_owned()),
+        Ok(_) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(io(e)),
+    }
+    let id = hex::encode(rand::random::<[u8; 16]>());
+    let tmp = dir.join(format!("{INSTANCE_FILE}.tmp"));
+    let mut f = File::create(&tmp).map_err(io)?;
+    writeln!(f, "{id}").map_err(io)?;
+    f.sync_all().map_err(io)?;
+    std::fs::rename(&tmp, &path).map_err(io)?;
+    File::open(dir).and_then(|d| d.sync_all()).map_err(io)?;
+    Ok(id)
 }
 
 /// A store in `dir` with small settings, for tests.

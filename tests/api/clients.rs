@@ -3,7 +3,7 @@
 //! read endpoint. Both are Python tools that `.ci/run` installs into a virtualenv
 //! (`$HOME/.cache/milepost/tools`) and puts on `PATH`.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Output;
 
 use chrono::{Duration, Utc};
@@ -15,23 +15,6 @@ use crate::helpers::*;
 /// run is the same every time (~850 requests, ~20 s).
 const EXAMPLES: &str = "30";
 const SEED: &str = "1";
-
-/// An executable on `PATH`, or a panic that says how to get it.
-fn tool(name: &str) -> PathBuf {
-    std::env::var_os("PATH")
-        .and_then(|paths| {
-            std::env::split_paths(&paths)
-                .map(|dir| dir.join(name))
-                .find(|p| p.is_file())
-        })
-        .unwrap_or_else(|| {
-            panic!(
-                "{name} is not on PATH: .ci/run installs it (python3 -m venv \
-                 ~/.cache/milepost/tools && ~/.cache/milepost/tools/bin/pip install \
-                 schemathesis openapi-python-client, then add its bin/ to PATH)"
-            )
-        })
-}
 
 async fn run(cmd: &mut tokio::process::Command) -> Output {
     let out = cmd.output().await.expect("tool runs");

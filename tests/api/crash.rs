@@ -760,11 +760,24 @@ async fn check_statistics(
     }
 }
 
-/// Every object `manifest.json` lists exists. (Its size and hash are checked once the
+/// The server's manifest (`manifests/<host name>.json`, the only one in the lake).
+fn manifest_text(dumps: &Path) -> Option<String> {
+    // (Skips the local store's staging files, `<name>.json#<n>`, of a write under way.)
+    let mut files = std::fs::read_dir(dumps.join("manifests"))
+        .ok()?
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|e| e == "json"));
+    let path = files.next()?;
+    assert!(files.next().is_none(), "one node, one manifest");
+    std::fs::read_to_string(path).ok()
+}
+
+/// Every object the manifest lists exists. (Its size and hash are checked once the
 /// dumps have settled: a re-dump overwrites a day's objects before the manifest.)
 fn check_manifest_lists_existing(dir: &Path) -> usize {
     let dumps = dir.join("dumps");
-    let Ok(text) = std::fs::read_to_string(dumps.join("manifest.json")) else {
+    let Some(text) = manifest_text(&dumps) else {
         return 0;
     };
     let manifest: Value = serde_json::from_str(&text).expect("the manifest is whole JSON");
@@ -791,7 +804,7 @@ fn finished_days(stored: &BTreeMap<Key, f64>) -> BTreeMap<i64, u64> {
 
 /// Whether the manifest lists every finished day in both formats at its count.
 fn dumps_settled(dir: &Path, stored: &BTreeMap<Key, f64>) -> bool {
-    let Ok(text) = std::fs::read_to_string(dir.join("dumps/manifest.json")) else {
+    let Some(text) = manifest_text(&dir.join("dumps")) else {
         return false;
     };
     let Ok(manifest) = serde_json::from_str::<Value>(&text) else {
@@ -813,8 +826,7 @@ fn dumps_settled(dir: &Path, stored: &BTreeMap<Key, f64>) -> bool {
 fn check_dumps(dir: &Path, stored: &BTreeMap<Key, f64>) -> u64 {
     let dumps = dir.join("dumps");
     let manifest: Value =
-        serde_json::from_str(&std::fs::read_to_string(dumps.join("manifest.json")).unwrap())
-            .unwrap();
+        serde_json::from_str(&manifest_text(&dumps).expect("a manifest")).unwrap();
     let entries = manifest["dumps"].as_array().unwrap();
     for (&day, &n) in &finished_days(stored) {
         let date = &rfc3339(day)[..10];

@@ -10,7 +10,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 
 use chrono::{Days, NaiveDate, Utc};
 use milepost::domain::DumpFormat;
-use milepost::export::{BlobStore, DumpSettings, Dumper, Retry};
+use milepost::export::{BlobStore, DumpSettings, Dumper, Layout, Retry};
 use milepost::metrics::Metrics;
 use milepost::store::{Store, StoreConfig};
 use reqwest::StatusCode;
@@ -118,7 +118,7 @@ pub(crate) fn read_json_gz(bytes: &[u8]) -> Vec<Value> {
         .collect()
 }
 
-fn json_rows(lines: &[Value]) -> Vec<Row> {
+pub(crate) fn json_rows(lines: &[Value]) -> Vec<Row> {
     let mut rows: Vec<Row> = lines
         .iter()
         .map(|v| {
@@ -286,7 +286,8 @@ async fn dumps_hold_exactly_what_was_ingested_and_reingest_to_the_same_day() {
     let listed = api["dumps"].as_array().unwrap();
     assert!(listed.len() >= 6, "{api}");
     let manifest: Value =
-        serde_json::from_slice(&std::fs::read(dumps.join("manifest.json")).unwrap()).unwrap();
+        serde_json::from_slice(&std::fs::read(dumps.join("manifests/node-a.json")).unwrap())
+            .unwrap();
     assert_eq!(manifest["node"], "node-a");
     assert_eq!(manifest["dumps"].as_array().unwrap().len(), listed.len());
     for entry in manifest["dumps"].as_array().unwrap() {
@@ -479,7 +480,7 @@ async fn catch_up_covers_every_day_since_the_first_reading_a_bounded_number_per_
         .read(&format!(
             "parquet/date={}/{}.parquet",
             empty.format("%Y-%m-%d"),
-            dumper.settings().node
+            dumper.settings().layout.node
         ))
         .await
         .unwrap()
@@ -653,7 +654,10 @@ async fn a_store_failing_mid_upload_leaves_no_object_and_the_day_is_retried() {
     .unwrap();
     let settings = || DumpSettings {
         formats: DumpFormat::ALL.to_vec(),
-        node: "n".into(),
+        layout: Layout {
+            node: "n".into(),
+            shared: false,
+        },
         work_dir: data.path().join("dump-tmp"),
         max_days_per_run: 3,
     };
@@ -669,9 +673,14 @@ async fn a_store_failing_mid_upload_leaves_no_object_and_the_day_is_retried() {
     let run = dumper.run_due(day("2026-11-04")).await.unwrap();
     assert!(run.dumped.is_empty(), "{run:?}");
     assert_eq!(run.failed.len(), 3);
-    // Nothing under a final name, nothing recorded, no manifest.
+    // Nothing under a final name, nothing recorded; the manifest (written at start,
+    // to claim the node's name) lists nothing.
     let names: Vec<String> = walk(lake.path());
-    assert!(names.is_empty(), "{names:?}");
+    assert_eq!(names, ["manifests/n.json"]);
+    let manifest: Value =
+        serde_json::from_slice(&std::fs::read(lake.path().join("manifests/n.json")).unwrap())
+            .unwrap();
+    assert_eq!(manifest["dumps"], serde_json::json!([]));
     assert!(dumper.records().is_empty());
     assert!(
         metrics.render().contains("milepost_dumps_failed_total 3"),
@@ -689,7 +698,7 @@ async fn a_store_failing_mid_upload_leaves_no_object_and_the_day_is_retried() {
         names.contains(&"2026-11-02.json.gz".to_owned()),
         "{names:?}"
     );
-    assert!(names.contains(&"manifest.json".to_owned()));
+    assert!(names.contains(&"manifests/n.json".to_owned()));
     // Survives a restart: the records are in the database.
     drop(dumper);
     let blob = BlobStore::open(&milepost::export::BlobConfig {

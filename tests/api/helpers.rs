@@ -95,6 +95,18 @@ impl TestApp {
     pub async fn get(&self, path: &str) -> (StatusCode, Value) {
         json(self.client.get(self.url(path)).send().await.unwrap()).await
     }
+
+    /// `GET path`: status and body bytes.
+    pub async fn get_bytes(&self, path: &str) -> (StatusCode, Vec<u8>) {
+        let resp = self.client.get(self.url(path)).send().await.unwrap();
+        (resp.status(), resp.bytes().await.unwrap().to_vec())
+    }
+
+    /// `GET path`: status and body text.
+    pub async fn get_text(&self, path: &str) -> (StatusCode, String) {
+        let (status, body) = self.get_bytes(path).await;
+        (status, String::from_utf8(body).unwrap())
+    }
 }
 
 pub async fn json(resp: reqwest::Response) -> (StatusCode, Value) {
@@ -198,4 +210,22 @@ pub fn send_signal(pid: u32, sig: &str) {
         .unwrap()
         .success();
     assert!(ok, "kill {sig} {pid}");
+}
+
+/// An executable on `PATH`, or a panic that says how to get it.
+pub fn tool(name: &str) -> std::path::PathBuf {
+    std::env::var_os("PATH")
+        .and_then(|paths| {
+            std::env::split_paths(&paths)
+                .map(|dir| dir.join(name))
+                .find(|p| p.is_file())
+        })
+        .unwrap_or_else(|| {
+            panic!(
+                "{name} is not on PATH: .ci/run installs it (python3 -m venv \
+                 ~/.cache/milepost/tools && ~/.cache/milepost/tools/bin/pip install \
+                 schemathesis openapi-python-client pyspark polars pyarrow, then add its \
+                 bin/ to PATH)"
+            )
+        })
 }

@@ -12,6 +12,7 @@ mod fleet;
 mod helpers;
 mod hostile;
 mod ingest;
+mod lake;
 mod lifecycle;
 mod metrics;
 mod openapi;

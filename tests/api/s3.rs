@@ -15,17 +15,17 @@ use serde_json::Value;
 use crate::dumps::{assert_rows_eq, read_json_gz, read_lake, sha256, three_days};
 use crate::helpers::*;
 
-const BUCKET: &str = "trip-bucket";
-const CREDS: [(&str, &str); 3] = [
+pub(crate) const BUCKET: &str = "trip-bucket";
+pub(crate) const CREDS: [(&str, &str); 3] = [
     ("AWS_ACCESS_KEY_ID", "testing"),
     ("AWS_SECRET_ACCESS_KEY", "testing"),
     ("AWS_REGION", "us-east-1"),
 ];
 
 /// A moto S3 server on a free loopback port, killed on drop.
-struct Moto {
+pub(crate) struct Moto {
     child: Child,
-    endpoint: String,
+    pub(crate) endpoint: String,
 }
 
 impl Drop for Moto {
@@ -35,7 +35,7 @@ impl Drop for Moto {
     }
 }
 
-async fn start_moto() -> Moto {
+pub(crate) async fn start_moto() -> Moto {
     let port = std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
@@ -67,7 +67,7 @@ async fn start_moto() -> Moto {
     }
 }
 
-fn s3(endpoint: &str) -> AmazonS3 {
+pub(crate) fn s3(endpoint: &str) -> AmazonS3 {
     AmazonS3Builder::new()
         .with_bucket_name(BUCKET)
         .with_endpoint(endpoint)
@@ -80,7 +80,7 @@ fn s3(endpoint: &str) -> AmazonS3 {
         .unwrap()
 }
 
-async fn get(s3: &AmazonS3, key: &str) -> Option<bytes::Bytes> {
+pub(crate) async fn get(s3: &AmazonS3, key: &str) -> Option<bytes::Bytes> {
     match s3.get(&Key::from(key)).await {
         Ok(r) => Some(r.bytes().await.unwrap()),
         Err(object_store::Error::NotFound { .. }) => None,
@@ -142,7 +142,7 @@ async fn scheduled_dumps_land_in_s3_and_a_day_is_redone_by_hand() {
     // The schedule (every second here) dumps the finished days.
     let deadline = Instant::now() + Duration::from_secs(120);
     let manifest: Value = loop {
-        if let Some(m) = get(&store, "trip/manifest.json").await {
+        if let Some(m) = get(&store, "trip/manifests/n1.json").await {
             let m: Value = serde_json::from_slice(&m).unwrap();
             if manifest_dates(&m)
                 .iter()
@@ -218,7 +218,7 @@ async fn scheduled_dumps_land_in_s3_and_a_day_is_redone_by_hand() {
         "{stdout}"
     );
     let m: Value =
-        serde_json::from_slice(&get(&store, "trip/manifest.json").await.unwrap()).unwrap();
+        serde_json::from_slice(&get(&store, "trip/manifests/n1.json").await.unwrap()).unwrap();
     let after = generated_at(&m, "2026-11-02");
     assert_ne!(before, after);
 
