@@ -48,8 +48,11 @@ pub struct DumpInfo {
 pub struct DumpList {
     /// The blob store (URL without credentials).
     pub store: String,
-    /// This appliance's name in the Parquet lake.
+    /// This appliance's name in the lake (every key it writes holds it, but for the
+    /// seed-named day files of a lone appliance).
     pub node: String,
+    /// Key of this appliance's manifest in the store (`manifests/<node>.json`).
+    pub manifest: String,
     /// Every dump, by date then format.
     pub dumps: Vec<DumpInfo>,
 }
@@ -118,6 +121,7 @@ impl DumpsApi {
         Ok(Json(DumpList {
             store: d.blob().display().to_owned(),
             node: d.settings().layout.node.clone(),
+            manifest: d.settings().layout.manifest_key(),
             dumps,
         }))
     }

@@ -145,11 +145,6 @@ impl Dumper {
             .cloned()
     }
 
-    /// This node's identity in the lake.
-    pub fn identity(&self) -> &NodeIdentity {
-        &self.me
-    }
-
     /// Finished days (before `today`, UTC) that need a dump, oldest first: from the
     /// first day with readings on, every day without a dump in each configured
     /// format, whose reading count changed since it was dumped, or whose dump is

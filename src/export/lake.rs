@@ -19,6 +19,8 @@
 //!   (which claims the name) and removes the manifests it wrote under an earlier name
 //!   and the version-1 root `manifest.json` it wrote before.
 
+use std::collections::BTreeSet;
+
 use bytes::Bytes;
 use chrono::NaiveDate;
 
@@ -204,12 +206,26 @@ pub(super) async fn claim(
     me: &NodeIdentity,
     records: &[DumpRecord],
 ) -> Result<(), ExportError> {
+    // A lone node reads every manifest (is another node writing the root files?);
+    // a node in shared mode only its own and those of names it wrote under before
+    // (its records' keys say which), so a fleet's start costs no fleet-sized reads.
+    let keys: BTreeSet<String> = if layout.shared {
+        records
+            .iter()
+            .filter_map(|r| node_of_key(&r.key))
+            .map(manifest_key)
+            .chain([layout.manifest_key()])
+            .collect()
+    } else {
+        blob.list(MANIFESTS_DIR)
+            .await?
+            .into_iter()
+            .filter(|k| k.ends_with(".json"))
+            .collect()
+    };
     let mut others = Vec::new();
     let mut mine = None;
-    for key in blob.list(MANIFESTS_DIR).await? {
-        if !key.ends_with(".json") {
-            continue;
-        }
+    for key in keys {
         let Some(body) = blob.read(&key).await? else {
             continue;
         };
@@ -302,6 +318,14 @@ pub(super) async fn claim(
     Ok(())
 }
 
+/// The node name in a day's key (`parquet/date=D/<node>.parquet`,
+/// `json/date=D/<node>.json.gz`); `None` for the seed-named root files.
+fn node_of_key(key: &str) -> Option<&str> {
+    let file = key.rsplit_once('/')?.1;
+    file.strip_suffix(".parquet")
+        .or_else(|| file.strip_suffix(".json.gz"))
+}
+
 fn name_taken(layout: &Layout, held: &Manifest, blob: &BlobStore) -> ExportError {
     ExportError::Lake(format!(
         "the node name '{}' in {} belongs to another appliance (instance {}, manifest written \
@@ -349,6 +373,13 @@ mod tests {
                 "parquet/date=2026-11-30/car-1.parquet"
             );
             assert_eq!(l.manifest_key(), "manifests/car-1.json");
+            for f in DumpFormat::ALL {
+                let key = l.key(day, f);
+                assert_eq!(
+                    node_of_key(&key),
+                    (l.shared || f == DumpFormat::Parquet).then_some("car-1")
+                );
+            }
         }
     }
 }

@@ -667,5 +667,41 @@ async fn a_renamed_node_moves_its_days_and_a_version_1_lake_is_migrated() {
         [days[0]]
     );
     assert_eq!(read_json_gz(&std::fs::read(&day_file).unwrap()).len(), 11);
-    app.stop().await;
+    let dir = app.stop().await;
+
+    // Renamed again and moved to shared mode: the seed-named root files go too.
+    let app = TestApp::spawn_in(dir, {
+        let url = url.clone();
+        move |a| {
+            a.blob.blob_store_url = Some(url);
+            a.blob.node_name = Some("moved".into());
+            a.blob.shared_lake = true;
+        }
+    })
+    .await;
+    assert_eq!(
+        app.server().dumper().run_due(today).await.unwrap().dumped,
+        days
+    );
+    let (_, list) = app.get("/api/v1/dumps").await;
+    assert_eq!(list["manifest"], "manifests/moved.json");
+    let dir = app.stop().await;
+    let all = objects(lake.path());
+    let mut want: BTreeSet<String> = days
+        .iter()
+        .flat_map(|d| {
+            let d = d.format("%Y-%m-%d");
+            [
+                format!("json/date={d}/moved.json.gz"),
+                format!("parquet/date={d}/moved.parquet"),
+            ]
+        })
+        .collect();
+    want.insert("manifests/moved.json".into());
+    assert_eq!(all, want);
+    let union: Vec<Row> = crate::dumps::read_lake(lake.path())
+        .into_iter()
+        .map(|(r, _)| r)
+        .collect();
+    assert_rows_eq(&union, &stored_rows(dir.path()), "after the move");
 }
