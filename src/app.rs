@@ -8,6 +8,7 @@ use std::sync::Arc;
 use anyhow::Context as _;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 use crate::api::listener::{self, ListenerLimits};
 use crate::api::tls::TlsConfig;
@@ -19,7 +20,7 @@ use crate::jobs::detection::{self, DetectSettings};
 use crate::jobs::notify::{self, NotifySettings};
 use crate::jobs::{DumpJobs, Retention};
 use crate::metrics::Metrics;
-use crate::store::{AlertStore, DumpSource, Store, WriterConfig, WriterHandle};
+use crate::store::{AlertStore, DumpSource, Store, Writer, WriterConfig, WriterHandle};
 
 /// A running server.
 pub struct Server {
@@ -98,25 +99,69 @@ pub async fn open_dumper(
     Ok(Dumper::new(source, store, settings, metrics).await?)
 }
 
+/// Everything of a server that runs besides the public listener, stopped by
+/// [`Running::stop`] in the one order that is safe: the token first (so nothing new
+/// starts), the backend and the background tasks (their database calls end before
+/// the writer's last checkpoint), the dump schedule, any dump in progress (its
+/// snapshot would keep the writer from checkpointing), and the writer last, which
+/// drains its queue, checkpoints and releases the data directory's lock. A start
+/// that fails half-way stops what it had started the same way.
+struct Running {
+    token: CancellationToken,
+    backend: Option<Backend>,
+    /// Detection, webhooks, periodic compaction.
+    tasks: TaskTracker,
+    jobs: Option<DumpJobs>,
+    dumper: Arc<Dumper>,
+    writer: Writer,
+}
+
+impl Running {
+    async fn stop(self) -> anyhow::Result<()> {
+        self.token.cancel();
+        if let Some(b) = self.backend {
+            b.wait().await;
+        }
+        self.tasks.close();
+        self.tasks.wait().await;
+        if let Some(j) = self.jobs {
+            j.stop().await;
+        }
+        self.dumper.shutdown().await;
+        tracing::info!("HTTP listener stopped; draining the writer");
+        self.writer
+            .shutdown()
+            .await
+            .context("closing the database")?;
+        tracing::info!("database checkpointed and closed");
+        Ok(())
+    }
+}
+
 impl Server {
-    /// Opens the database, starts the writer and binds the listener. Returns once the
-    /// server accepts connections.
+    /// Opens the database, starts the writer, the jobs and the backend, and binds the
+    /// listener. Returns once the server accepts connections. On an error nothing is
+    /// left running: what had started is stopped (see [`Running`]) and the data
+    /// directory is free again.
     pub async fn start(args: ServeArgs) -> anyhow::Result<Self> {
+        // 1. Open what the server reads and checks; nothing runs yet, so a failure
+        //    here drops the store and its lock.
         let storage = args.storage.store_config();
         let store = tokio::task::spawn_blocking(move || Store::open(&storage))
             .await
             .context("opening the database")??;
-        let keys = KeyRing::load(
+        let keys = Arc::new(KeyRing::load(
             &args.api_keys,
             args.api_key_file.as_deref(),
             &args.storage.data_dir,
-        )?;
+        )?);
         let tls = match (&args.http.tls_cert, &args.http.tls_key) {
             (Some(cert), Some(key)) => Some(TlsConfig::load(cert, key)?),
             _ => None,
         };
-        let keys = Arc::new(keys);
-        let reader = store.reader()?;
+        let max_future_skew = chrono::Duration::from_std(args.max_future_skew)
+            .context("--max-future-skew is too large")?;
+        let reads: Arc<dyn crate::store::ReadStore> = Arc::new(store.reader()?);
         let alerts = Arc::new(store.alert_store()?);
         let db_path = store.path().to_owned();
         let metrics = Arc::new(Metrics::new());
@@ -130,6 +175,8 @@ impl Server {
             )
             .await?,
         );
+
+        // 2. The writer. From here on a failure stops everything started so far.
         let writer = store.start_writer(WriterConfig {
             queue_capacity: args.queue_capacity,
             queue_timeout: args.queue_timeout,
@@ -137,23 +184,53 @@ impl Server {
             rollup_merge_rows: usize::try_from(args.rollup_merge_rows).unwrap_or(usize::MAX),
             ..WriterConfig::default()
         })?;
-        let reads: Arc<dyn crate::store::ReadStore> = Arc::new(reader);
+        let writer_handle = writer.handle();
+        let mut running = Running {
+            token: CancellationToken::new(),
+            backend: None,
+            tasks: TaskTracker::new(),
+            jobs: None,
+            dumper: dumper.clone(),
+            writer,
+        };
         metrics.expose_at_zero(
             reads.catalog().iter().map(|s| s.name.as_str()),
             &api::ingest::STATUSES,
         );
+        let retention = args.retention_days.map(|days| Retention { days });
+
+        // 3. Jobs and the backend, then 4. the public listener, last: once it is
+        //    announced, everything else runs.
+        let started = async {
+            start_jobs(&args, &mut running, &reads, &alerts, retention, &metrics).await?;
+            let listen = args.listen_addr();
+            let socket = tokio::net::TcpListener::bind(listen)
+                .await
+                .with_context(|| format!("cannot listen on {listen}"))?;
+            anyhow::Ok(socket)
+        }
+        .await;
+        let socket = match started {
+            Ok(socket) => socket,
+            Err(e) => {
+                if let Err(stop) = running.stop().await {
+                    tracing::error!(error = %stop, "stopping after a failed start");
+                }
+                return Err(e);
+            }
+        };
+        let backend_addr = running.backend.as_ref().map(Backend::local_addr);
         let state = Arc::new(AppState {
-            reads: reads.clone(),
+            reads,
             alerts: alerts.clone(),
-            writer: writer.handle(),
-            metrics,
+            writer: writer_handle.clone(),
+            metrics: metrics.clone(),
             db_path,
             keys: keys.clone(),
             limits: Limits {
                 max_body_bytes: args.max_body_bytes,
                 max_line_bytes: args.max_line_bytes as usize,
-                max_future_skew: chrono::Duration::from_std(args.max_future_skew)
-                    .context("--max-future-skew is too large")?,
+                max_future_skew,
                 parse_threads: std::thread::available_parallelism().map_or(1, |n| n.get().min(8)),
                 body_read_timeout: args.http.body_read_timeout,
                 ingest_slots: crate::api::slots::Slots::new(
@@ -165,100 +242,8 @@ impl Server {
             dumps: Some(dumper.clone()),
             dump_public_url: args.dump_public_url.clone(),
         });
-
-        let shutdown = CancellationToken::new();
-        let token = shutdown.clone();
-        let state_metrics = state.metrics.clone();
-        let retention = args.retention_days.map(|days| Retention { days });
-        let writer_handle = writer.handle();
         let app = api::app(state, args.dashboard_dir.clone(), args.cors_origins.clone());
-        let grace = args.shutdown_timeout;
-        let compactor = (!args.compact_interval.is_zero()).then(|| {
-            tokio::spawn(compact_periodically(
-                writer.handle(),
-                args.compact_interval,
-                args.compact_settle,
-                shutdown.clone(),
-            ))
-        });
-        let jobs = if args.dump_schedule.trim().eq_ignore_ascii_case("off") {
-            None
-        } else {
-            Some(
-                DumpJobs::start(
-                    &args.dump_schedule,
-                    dumper.clone(),
-                    writer.handle(),
-                    retention,
-                    state_metrics.clone(),
-                    shutdown.clone(),
-                )
-                .await?,
-            )
-        };
-        // Step detection after commits, and the webhooks of what it finds.
-        let wake_notifier = Arc::new(tokio::sync::Notify::new());
-        let detector = tokio::spawn(detection::run_background(
-            writer.handle(),
-            reads.clone(),
-            alerts.clone(),
-            DetectSettings {
-                debounce: args.backend.detect_debounce,
-            },
-            wake_notifier.clone(),
-            state_metrics.clone(),
-            shutdown.clone(),
-        ));
-        let notifier = tokio::spawn(notify::run(
-            alerts.clone(),
-            NotifySettings {
-                attempts: args.backend.webhook_attempts,
-                backoff: args.backend.webhook_backoff,
-                ..NotifySettings::default()
-            },
-            wake_notifier.clone(),
-            state_metrics.clone(),
-            shutdown.clone(),
-        ));
-        let backend = match args.backend.backend_addr.0 {
-            None => None,
-            Some(addr) => {
-                let ctx = Arc::new(Context {
-                    reads: reads.clone(),
-                    alerts: alerts.clone(),
-                    dumper: Some(dumper.clone()),
-                    notify: wake_notifier,
-                    jobs: JobLimits {
-                        per_minute: args.backend.job_rate_per_minute,
-                        burst: args.backend.job_burst,
-                    },
-                    dry_run_max_results: args.backend.dry_run_max_results.max(1),
-                });
-                let tokens = Arc::new(Tokens::new(&args.storage.data_dir));
-                match Backend::start(addr, ctx, tokens, shutdown.clone(), grace).await {
-                    Ok(b) => Some(b),
-                    Err(e) => {
-                        shutdown.cancel();
-                        return Err(e);
-                    }
-                }
-            }
-        };
-        let backend_addr = backend.as_ref().map(Backend::local_addr);
-
-        // The public listener last: once it is announced, everything else runs.
-        let listen = args.listen_addr();
-        let bound = tokio::net::TcpListener::bind(listen)
-            .await
-            .with_context(|| format!("cannot listen on {listen}"));
-        let socket = match bound {
-            Ok(l) => l,
-            Err(e) => {
-                shutdown.cancel();
-                return Err(e);
-            }
-        };
-        let addr = socket.local_addr().unwrap_or(listen);
+        let addr = socket.local_addr().unwrap_or_else(|_| args.listen_addr());
         tracing::info!(%addr, tls = tls.is_some(), "public HTTP API listening");
         let limits = ListenerLimits {
             header_read_timeout: args.http.header_read_timeout,
@@ -266,32 +251,15 @@ impl Server {
             max_connections_per_client: args.http.max_connections_per_client.max(1),
             max_header_bytes: args.http.max_header_bytes as usize,
         };
-        let shutdown_dumper = dumper.clone();
+        let shutdown = running.token.clone();
+        let grace = args.shutdown_timeout;
         let listener_tls = tls.clone();
         let task = tokio::spawn(async move {
-            let served =
-                listener::serve(socket, listener_tls, app, limits, token.clone(), grace).await;
-            // The backend and the detection jobs stop with the same token; their
-            // database calls end before the writer's last checkpoint.
-            if let Some(b) = backend {
-                b.wait().await;
-            }
-            detector.await.ok();
-            notifier.await.ok();
-            if let Some(c) = compactor {
-                c.await.ok();
-            }
-            if let Some(j) = jobs {
-                j.stop().await;
-            }
-            // A dump's snapshot would keep the writer from checkpointing.
-            shutdown_dumper.shutdown().await;
-            tracing::info!("HTTP listener stopped; draining the writer");
-            let drained = writer.shutdown().await;
+            let token = running.token.clone();
+            let served = listener::serve(socket, listener_tls, app, limits, token, grace).await;
+            let stopped = running.stop().await;
             served.context("HTTP server failed")?;
-            drained.context("closing the database")?;
-            tracing::info!("database checkpointed and closed");
-            Ok(())
+            stopped
         });
         Ok(Self {
             addr,
@@ -300,7 +268,7 @@ impl Server {
             dumper,
             writer: writer_handle,
             retention,
-            metrics: state_metrics,
+            metrics,
             backend_addr,
             alerts,
             reloader: Reloader { keys, tls },
@@ -353,6 +321,83 @@ impl Server {
         self.shutdown.cancel();
         self.wait().await
     }
+}
+
+/// Starts what runs in the background — periodic compaction, the dump schedule,
+/// step detection and its webhooks — and the internal gRPC backend, each recorded in
+/// `running` as soon as it runs, so a failure of a later one stops it again.
+async fn start_jobs(
+    args: &ServeArgs,
+    running: &mut Running,
+    reads: &Arc<dyn crate::store::ReadStore>,
+    alerts: &Arc<AlertStore>,
+    retention: Option<Retention>,
+    metrics: &Arc<Metrics>,
+) -> anyhow::Result<()> {
+    let token = running.token.clone();
+    let writer = running.writer.handle();
+    if !args.compact_interval.is_zero() {
+        running.tasks.spawn(compact_periodically(
+            writer.clone(),
+            args.compact_interval,
+            args.compact_settle,
+            token.clone(),
+        ));
+    }
+    if !args.dump_schedule.trim().eq_ignore_ascii_case("off") {
+        running.jobs = Some(
+            DumpJobs::start(
+                &args.dump_schedule,
+                running.dumper.clone(),
+                writer.clone(),
+                retention,
+                metrics.clone(),
+                token.clone(),
+            )
+            .await?,
+        );
+    }
+    // Step detection after commits, and the webhooks of what it finds.
+    let wake_notifier = Arc::new(tokio::sync::Notify::new());
+    running.tasks.spawn(detection::run_background(
+        writer.clone(),
+        reads.clone(),
+        alerts.clone(),
+        DetectSettings {
+            debounce: args.backend.detect_debounce,
+        },
+        wake_notifier.clone(),
+        metrics.clone(),
+        token.clone(),
+    ));
+    running.tasks.spawn(notify::run(
+        alerts.clone(),
+        NotifySettings {
+            attempts: args.backend.webhook_attempts,
+            backoff: args.backend.webhook_backoff,
+            ..NotifySettings::default()
+        },
+        wake_notifier.clone(),
+        metrics.clone(),
+        token.clone(),
+    ));
+    if let Some(addr) = args.backend.backend_addr.0 {
+        let ctx = Arc::new(Context {
+            reads: reads.clone(),
+            alerts: alerts.clone(),
+            dumper: Some(running.dumper.clone()),
+            notify: wake_notifier,
+            jobs: JobLimits {
+                per_minute: args.backend.job_rate_per_minute,
+                burst: args.backend.job_burst,
+            },
+            dry_run_max_results: args.backend.dry_run_max_results.max(1),
+        });
+        let tokens = Arc::new(Tokens::new(&args.storage.data_dir));
+        running.backend =
+            Some(Backend::start(addr, ctx, tokens, token, args.shutdown_timeout).await?);
+    }
+    Ok(())
 }
 
 /// Asks the writer to compact finished days every `every`, and `settle` after a

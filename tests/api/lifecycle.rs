@@ -312,3 +312,74 @@ fn stop_gracefully(mut p: ServerProcess) {
     send_signal(p.child.id(), "-TERM");
     assert!(p.child.wait().unwrap().success());
 }
+
+/// A start that fails after the writer runs (a bad `--dump-schedule`, a port in use,
+/// a backend address in use) stops what it had started: the same process can then
+/// start a server on the same data directory, and the readings of the first start
+/// are there. The real binary exits 1 with the reason.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_start_that_fails_half_way_frees_the_data_directory() {
+    use milepost::app::Server;
+    use milepost::config::ServeArgs;
+
+    let app = TestApp::spawn().await;
+    let (status, _) = app.ingest(batch(0, 50)).await;
+    assert_eq!(status, StatusCode::OK);
+    let dir = app.stop().await;
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let taken_addr = taken.local_addr().unwrap();
+    type Configure = Box<dyn Fn(&mut ServeArgs)>;
+    let failures: [(&str, Configure); 3] = [
+        (
+            "--dump-schedule",
+            Box::new(|a| a.dump_schedule = "every morning".into()),
+        ),
+        ("cannot listen", Box::new(move |a| a.listen = taken_addr)),
+        (
+            "",
+            Box::new(move |a| {
+                a.backend.backend_addr = milepost::config::BackendAddr(Some(taken_addr))
+            }),
+        ),
+    ];
+    for (want, configure) in failures {
+        let mut args = ServeArgs::for_tests(dir.path().to_owned());
+        args.api_keys = vec![KEY.into()];
+        args.dump_schedule = "0 0 6 * * *".into();
+        configure(&mut args);
+        let err = match Server::start(args).await {
+            Ok(_) => panic!("started despite '{want}'"),
+            Err(e) => format!("{e:#}"),
+        };
+        assert!(err.contains(want), "{err}");
+    }
+    // The data directory is free, and nothing was lost.
+    let app = TestApp::spawn_in(dir, |_| {}).await;
+    let (_, status) = app.get("/api/status").await;
+    assert!(status["lastIngestTimestamp"].is_string(), "{status}");
+    let dir = app.stop().await;
+    assert_eq!(stored_rows(dir.path()).len(), 50);
+
+    let out = Command::new(env!("CARGO_BIN_EXE_milepost"))
+        .args([
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--backend-addr",
+            "127.0.0.1:0",
+        ])
+        .args([
+            "--api-key",
+            KEY,
+            "--dump-schedule",
+            "every morning",
+            "--data-dir",
+        ])
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("is not a cron schedule"), "{err}");
+    drop(taken);
+}
