@@ -48,6 +48,9 @@ impl BackendError {
     }
 }
 
+/// What a caller is told of an internal failure.
+pub const INTERNAL_MESSAGE: &str = "internal error; see the server log";
+
 impl From<BackendError> for Status {
     fn from(e: BackendError) -> Self {
         let code = match &e {
@@ -57,8 +60,11 @@ impl From<BackendError> for Status {
             BackendError::Unimplemented(_) => Code::Unimplemented,
             BackendError::Internal(_) => Code::Internal,
         };
+        // Like the HTTP API: what failed inside (a database's or a blob store's
+        // error text, paths) goes to the log, the caller learns only that it did.
         if code == Code::Internal {
             tracing::error!(error = %e, "backend call failed");
+            return Status::new(code).with_message(INTERNAL_MESSAGE);
         }
         Status::new(code).with_message(e.to_string())
     }

@@ -764,3 +764,33 @@ async fn the_command_line_client_manages_tokens_alerts_and_anomalies() {
     assert!(!ok && err.contains("Unauthenticated"), "{err}");
     app.stop().await;
 }
+
+/// An internal failure (here the blob store: a file where the lake's `parquet/`
+/// folder should be) reaches a gRPC caller as INTERNAL with a generic message, as
+/// over HTTP: no error text of a store, no path of the server's.
+#[tokio::test]
+async fn internal_errors_reach_the_caller_without_their_details() {
+    let app = backend_app().await;
+    let t = tokens(&app);
+    let (status, _) = app
+        .ingest(dline("lada", "speed", 50.0, "2026-11-01T10:00:00Z") + "\n")
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    let lake = app.dir.path().join("dumps");
+    std::fs::write(lake.join("parquet"), b"not a folder").unwrap();
+
+    let jobs = proto::JobsClient::new(config(&app));
+    let e = jobs
+        .redump(req(
+            proto::RedumpRequest {
+                date: "2026-11-01".into(),
+            },
+            Some(&t.admin),
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::Internal, "{e:?}");
+    assert_eq!(e.message(), Some("internal error; see the server log"));
+    let dir = app.dir.path().display().to_string();
+    assert!(!format!("{e:?}").contains(&dir), "{e:?}");
+}
