@@ -10,6 +10,19 @@ use crate::helpers::*;
 /// Reads one HTTP/1.1 response with a Content-Length body; `None` if the connection
 /// was closed or reset first.
 fn read_response(s: &mut TcpStream) -> Option<(u16, String)> {
+    read_response_with_head(s).map(|(status, _, body)| (status, body))
+}
+
+/// The value of header `name` in a response head.
+fn header(head: &str, name: &str) -> Option<String> {
+    head.lines().find_map(|l| {
+        let (k, v) = l.split_once(':')?;
+        k.eq_ignore_ascii_case(name).then(|| v.trim().to_owned())
+    })
+}
+
+/// [`read_response`] with the response head (status line and fields).
+fn read_response_with_head(s: &mut TcpStream) -> Option<(u16, String, String)> {
     let mut buf = Vec::new();
     let mut chunk = [0u8; 4096];
     loop {
@@ -31,7 +44,7 @@ fn read_response(s: &mut TcpStream) -> Option<(u16, String)> {
             }
             let status = head.split_whitespace().nth(1)?.parse().ok()?;
             let body = String::from_utf8_lossy(&buf[end + 4..end + 4 + len]).to_string();
-            return Some((status, body));
+            return Some((status, head, body));
         }
         match s.read(&mut chunk) {
             Ok(0) | Err(_) => return None,
@@ -158,11 +171,13 @@ async fn connections_per_client_are_capped() {
             .collect();
         let mut fifth = TcpStream::connect(&addr).unwrap();
         fifth.write_all(get).ok();
-        let (status, body) = read_response(&mut fifth).expect("an answer, not a reset");
+        let (status, head, body) =
+            read_response_with_head(&mut fifth).expect("an answer, not a reset");
         assert_eq!(
             status, 503,
             "a fifth connection from the same address: {body}"
         );
+        assert_eq!(header(&head, "retry-after").as_deref(), Some("1"), "{head}");
         assert!(closed_within(&mut fifth, Duration::from_secs(5)));
         drop(held.pop());
         // The freed slot is given back when the server notices the close.
@@ -251,15 +266,20 @@ async fn ingest_requests_in_flight_per_client_are_capped() {
             .collect();
         std::thread::sleep(Duration::from_millis(300));
         let body = line("speed", 2.0, "2026-05-01T00:00:01Z") + "\n";
-        let send = |s: &mut TcpStream| {
+        let send_with_head = |s: &mut TcpStream| {
             let mut req = post(Some(KEY), body.len());
             req.extend_from_slice(body.as_bytes());
             s.write_all(&req).unwrap();
-            read_response(s).expect("an answer, not a reset")
+            read_response_with_head(s).expect("an answer, not a reset")
+        };
+        let send = |s: &mut TcpStream| {
+            let (status, _, body) = send_with_head(s);
+            (status, body)
         };
         let mut third = TcpStream::connect(&addr).unwrap();
-        let (status, text) = send(&mut third);
+        let (status, head, text) = send_with_head(&mut third);
         assert_eq!(status, 429, "{text}");
+        assert_eq!(header(&head, "retry-after").as_deref(), Some("1"), "{head}");
         assert!(text.contains("in flight"), "{text}");
         // Another address is not limited by it.
         assert_eq!(send(&mut other).0, 200);

@@ -478,3 +478,62 @@ fn ts(n: usize) -> String {
     let t = chrono::DateTime::from_timestamp(1_700_000_000 + n as i64, 0).unwrap();
     t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
 }
+
+/// A writer that cannot keep up answers 503 with `Retry-After: 1` and the reason,
+/// never queueing without bound; the refused requests store nothing and can be sent
+/// again. (A queue of one and no wait make a saturated writer out of a few clients.)
+#[tokio::test(flavor = "multi_thread")]
+async fn a_saturated_writer_answers_503_with_retry_after_1() {
+    let app = TestApp::spawn_with(|a| {
+        a.queue_capacity = 1;
+        a.queue_timeout = std::time::Duration::from_millis(1);
+    })
+    .await;
+    let body = |round: usize, client: usize| -> String {
+        (0..20_000)
+            .map(|i| {
+                let t = chrono::DateTime::from_timestamp(
+                    1_700_000_000 + (round * 16 + client) as i64 * 100_000 + i,
+                    0,
+                )
+                .unwrap();
+                line("speed", i as f64, &t.to_rfc3339()) + "\n"
+            })
+            .collect()
+    };
+    let mut busy = None;
+    for round in 0..20 {
+        let answers = futures_util::future::join_all((0..16).map(|c| {
+            let client = app.client.clone();
+            let url = app.url("/ingest");
+            let body = body(round, c);
+            async move {
+                let r = client
+                    .post(url)
+                    .basic_auth(KEY, None::<&str>)
+                    .header("content-type", "application/x-ndjson")
+                    .body(body.clone())
+                    .send()
+                    .await
+                    .unwrap();
+                let retry = r.headers().get("retry-after").cloned();
+                (r.status(), retry, r.text().await.unwrap(), body)
+            }
+        }))
+        .await;
+        if let Some(a) = answers
+            .into_iter()
+            .find(|a| a.0 == StatusCode::SERVICE_UNAVAILABLE)
+        {
+            busy = Some(a);
+            break;
+        }
+    }
+    let (_, retry, text, body) = busy.expect("16 clients at once saturate a queue of one");
+    assert_eq!(retry.as_ref().and_then(|v| v.to_str().ok()), Some("1"));
+    assert!(text.contains("busy"), "{text}");
+    // Sent again once the writer has room: every reading of it is new.
+    let (status, r) = app.ingest(body).await;
+    assert_eq!(status, StatusCode::OK, "{r}");
+    assert_eq!(r["accepted"], 20_000);
+}
