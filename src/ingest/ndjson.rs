@@ -91,7 +91,10 @@ impl StreamParser {
                 self.skipping = false;
             } else if self.partial.is_empty() {
                 self.line(line);
-            } else if self.partial.len() + line.len() > self.opts.max_line_bytes {
+            } else if self.over_limit(
+                self.partial.len() + line.len(),
+                line.last().or(self.partial.last()).copied(),
+            ) {
                 self.partial.clear();
                 self.oversize();
             } else {
@@ -106,13 +109,23 @@ impl StreamParser {
         if self.skipping || chunk.is_empty() {
             return;
         }
-        if self.partial.len() + chunk.len() > self.opts.max_line_bytes {
+        if self.over_limit(self.partial.len() + chunk.len(), chunk.last().copied()) {
             self.partial.clear();
             self.skipping = true;
             self.oversize();
         } else {
             self.partial.extend_from_slice(chunk);
         }
+    }
+
+    /// Whether `len` bytes of a line, the last of them `last`, are over the limit.
+    /// The limit is on the line without its line break, as [`Self::line`] applies it:
+    /// a `\r` just past the limit may still be the first half of a CRLF. (Without
+    /// this, a line of exactly the limit ending in CRLF was refused when the `\r` and
+    /// the `\n` came in different reads, and accepted when they came in one.)
+    fn over_limit(&self, len: usize, last: Option<u8>) -> bool {
+        let max = self.opts.max_line_bytes;
+        len > max && !(len == max + 1 && last == Some(b'\r'))
     }
 
     /// [`Self::feed`] for a large chunk, its whole lines cut into `parts` pieces at
@@ -615,6 +628,29 @@ mod tests {
             assert_eq!(p.oversize_lines(), 2);
             let lines: Vec<u64> = p.errors().iter().map(|e| e.line).collect();
             assert_eq!(lines, [2, 4]);
+        }
+    }
+
+    #[test]
+    fn a_line_of_exactly_the_limit_ending_in_crlf_is_accepted_however_cut() {
+        let limit = parser().opts.max_line_bytes;
+        let head = r#"{"sensor":"speed","value":2,"timestamp":"2020-01-01T00:00:01Z","pad":""#;
+        let line = format!("{head}{}\"}}", "x".repeat(limit - head.len() - 2));
+        assert_eq!(line.len(), limit);
+        let body = format!("{line}\r\n{line}x\r\n{line}\r\n");
+        // Every cut, including the one between a `\r` and its `\n`.
+        for cut in 1..body.len() {
+            let mut p = parser();
+            p.feed(&body.as_bytes()[..cut]);
+            p.feed(&body.as_bytes()[cut..]);
+            p.finish();
+            let lines: Vec<u64> = p.errors().iter().map(|e| e.line).collect();
+            assert_eq!(
+                lines,
+                [2],
+                "cut at {cut}: only the line one byte over is refused"
+            );
+            assert_eq!(p.oversize_lines(), 1, "cut at {cut}");
         }
     }
 
