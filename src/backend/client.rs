@@ -5,7 +5,7 @@
 use clap::{Args, Subcommand};
 use poem_grpc::{ClientConfig, Request};
 
-use super::proto;
+use super::{convert, proto};
 
 /// Where the backend is and who is calling.
 #[derive(Debug, Clone, Args)]
@@ -139,56 +139,18 @@ fn fail(s: poem_grpc::Status) -> anyhow::Error {
     )
 }
 
-fn parse_enum<T>(what: &str, s: &str, values: &[(&str, T)]) -> anyhow::Result<T>
-where
-    T: Copy,
-{
-    values
-        .iter()
-        .find(|(n, _)| n.eq_ignore_ascii_case(s))
-        .map(|(_, v)| *v)
-        .ok_or_else(|| {
-            let names: Vec<&str> = values.iter().map(|(n, _)| *n).collect();
-            anyhow::anyhow!("unknown {what} '{s}': use one of {}", names.join(", "))
-        })
-}
-
+// Names parse into the domain's enums (their one name table) and map to the proto's
+// in `convert`, the one place that maps them.
 fn algorithm(s: &str) -> anyhow::Result<proto::Algorithm> {
-    use proto::Algorithm as A;
-    parse_enum(
-        "algorithm",
-        s,
-        &[
-            ("absolute", A::Absolute),
-            ("percent", A::Percent),
-            ("cohen", A::Cohen),
-            ("original", A::Original),
-            ("mannwhitneyu", A::Mannwhitneyu),
-        ],
-    )
+    Ok(convert::algorithm_proto(s.parse()?))
 }
 
 fn direction(s: &str) -> anyhow::Result<proto::Direction> {
-    use proto::Direction as D;
-    parse_enum(
-        "direction",
-        s,
-        &[("up", D::Up), ("down", D::Down), ("both", D::Both)],
-    )
+    Ok(convert::direction_proto(s.parse()?))
 }
 
 fn status(s: &str) -> anyhow::Result<proto::TriageStatus> {
-    use proto::TriageStatus as T;
-    parse_enum(
-        "status",
-        s,
-        &[
-            ("untriaged", T::Untriaged),
-            ("positive", T::Positive),
-            ("negative", T::Negative),
-            ("ignored", T::Ignored),
-        ],
-    )
+    Ok(convert::triage_proto(s.parse()?))
 }
 
 /// `ALGORITHM_COHEN` → `cohen`: the proto enum name without its prefix.

@@ -5,11 +5,11 @@
 use poem_grpc::{Code, Status};
 
 use super::proto;
-use crate::detect::{Algorithm, Direction, Step, StepConfig};
 use crate::domain::{
     Alert, AlertSpec, Anomaly, AnomalyGroup, BucketWidth, Delivery, Device, FoundStep, GroupAction,
     SensorName, TimeRange, Timestamp, TriageStatus,
 };
+use crate::domain::{Algorithm, Direction, Step, StepConfig};
 use crate::jobs::detection::DetectError;
 use crate::store::AlertStoreError;
 
@@ -130,7 +130,7 @@ fn algorithm(a: i32) -> Result<Algorithm, BackendError> {
     })
 }
 
-fn algorithm_proto(a: Algorithm) -> proto::Algorithm {
+pub(super) fn algorithm_proto(a: Algorithm) -> proto::Algorithm {
     match a {
         Algorithm::Absolute => proto::Algorithm::Absolute,
         Algorithm::Percent => proto::Algorithm::Percent,
@@ -149,7 +149,7 @@ fn direction(d: i32) -> Direction {
     }
 }
 
-fn direction_proto(d: Direction) -> proto::Direction {
+pub(super) fn direction_proto(d: Direction) -> proto::Direction {
     match d {
         Direction::Up => proto::Direction::Up,
         Direction::Down => proto::Direction::Down,
@@ -276,7 +276,7 @@ pub fn triage(s: i32) -> Option<TriageStatus> {
     }
 }
 
-fn triage_proto(s: TriageStatus) -> proto::TriageStatus {
+pub(super) fn triage_proto(s: TriageStatus) -> proto::TriageStatus {
     match s {
         TriageStatus::Untriaged => proto::TriageStatus::Untriaged,
         TriageStatus::Positive => proto::TriageStatus::Positive,

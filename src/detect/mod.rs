@@ -18,240 +18,12 @@
 
 mod mannwhitney;
 
-use std::fmt;
-use std::str::FromStr;
-
 pub use mannwhitney::mann_whitney_u_p;
+
+pub use crate::domain::{Algorithm, ConfigError, Direction, Step, StepConfig, UnknownName};
 
 /// Smallest standard deviation / error the algorithms divide by (SPEC 5).
 pub const MIN_STDDEV: f64 = 0.001;
-
-/// How a window's two halves are compared.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Algorithm {
-    /// d = m1 − m0.
-    Absolute,
-    /// d = (m1 − m0) / |m0|; no verdict when m0 = 0.
-    Percent,
-    /// Cohen's d with the pooled sample standard deviation, floored at 0.001.
-    Cohen,
-    /// Skia Perf's original step fit: z-normalised window, step over the least
-    /// squares error.
-    Original,
-    /// Two-sided Mann–Whitney U test; the threshold is the largest p-value.
-    MannWhitneyU,
-}
-
-impl Algorithm {
-    /// Every algorithm, as written in configurations.
-    pub const NAMES: [&'static str; 5] =
-        ["absolute", "percent", "cohen", "original", "mannwhitneyu"];
-
-    /// The name used in configurations and the database.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Absolute => "absolute",
-            Self::Percent => "percent",
-            Self::Cohen => "cohen",
-            Self::Original => "original",
-            Self::MannWhitneyU => "mannwhitneyu",
-        }
-    }
-}
-
-/// Unknown name of an algorithm or direction.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("unknown {what} '{given}': use one of {allowed}")]
-pub struct UnknownName {
-    what: &'static str,
-    given: String,
-    allowed: String,
-}
-
-impl FromStr for Algorithm {
-    type Err = UnknownName;
-
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        Ok(match s.to_ascii_lowercase().as_str() {
-            "absolute" => Self::Absolute,
-            "percent" => Self::Percent,
-            "cohen" => Self::Cohen,
-            "original" => Self::Original,
-            "mannwhitneyu" => Self::MannWhitneyU,
-            _ => {
-                return Err(UnknownName {
-                    what: "algorithm",
-                    given: s.to_owned(),
-                    allowed: Self::NAMES.join(", "),
-                });
-            }
-        })
-    }
-}
-
-impl fmt::Display for Algorithm {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
-
-/// Which steps an alert is interested in.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Direction {
-    /// Only steps up.
-    Up,
-    /// Only steps down.
-    Down,
-    /// Both.
-    Both,
-}
-
-impl Direction {
-    /// The name used in configurations and the database.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Up => "up",
-            Self::Down => "down",
-            Self::Both => "both",
-        }
-    }
-
-    fn admits(self, step: Step) -> bool {
-        match self {
-            Self::Both => true,
-            Self::Up => step == Step::Up,
-            Self::Down => step == Step::Down,
-        }
-    }
-}
-
-impl FromStr for Direction {
-    type Err = UnknownName;
-
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        Ok(match s.to_ascii_lowercase().as_str() {
-            "up" => Self::Up,
-            "down" => Self::Down,
-            "both" => Self::Both,
-            _ => {
-                return Err(UnknownName {
-                    what: "direction",
-                    given: s.to_owned(),
-                    allowed: "up, down, both".into(),
-                });
-            }
-        })
-    }
-}
-
-impl fmt::Display for Direction {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
-
-/// The direction of a step that was found.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Step {
-    /// The after half is higher.
-    Up,
-    /// The after half is lower.
-    Down,
-}
-
-impl Step {
-    /// `up` or `down`.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Up => "up",
-            Self::Down => "down",
-        }
-    }
-}
-
-/// A detection configuration, valid by construction.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct StepConfig {
-    algorithm: Algorithm,
-    radius: usize,
-    threshold: f64,
-    direction: Direction,
-}
-
-/// Why a detection configuration was refused.
-#[derive(Debug, Clone, PartialEq, thiserror::Error)]
-pub enum ConfigError {
-    /// Radius out of range.
-    #[error("radius must be 1 to {max}, not {0}", max = StepConfig::MAX_RADIUS)]
-    Radius(usize),
-    /// Threshold not usable with the algorithm.
-    #[error("threshold {threshold} is not valid for {algorithm}: {why}")]
-    Threshold {
-        /// As given.
-        threshold: f64,
-        /// The algorithm.
-        algorithm: Algorithm,
-        /// What it must be.
-        why: &'static str,
-    },
-}
-
-impl StepConfig {
-    /// Largest radius accepted (a window of 2 × 1000 buckets).
-    pub const MAX_RADIUS: usize = 1000;
-
-    /// Checks and builds a configuration.
-    pub fn new(
-        algorithm: Algorithm,
-        radius: usize,
-        threshold: f64,
-        direction: Direction,
-    ) -> Result<Self, ConfigError> {
-        if radius == 0 || radius > Self::MAX_RADIUS {
-            return Err(ConfigError::Radius(radius));
-        }
-        let bad = |why| ConfigError::Threshold {
-            threshold,
-            algorithm,
-            why,
-        };
-        match algorithm {
-            _ if !threshold.is_finite() => return Err(bad("it must be a finite number")),
-            Algorithm::MannWhitneyU if !(threshold > 0.0 && threshold < 1.0) => {
-                return Err(bad("it is a p-value, between 0 and 1"));
-            }
-            Algorithm::MannWhitneyU => {}
-            _ if threshold <= 0.0 => return Err(bad("it must be greater than 0")),
-            _ => {}
-        }
-        Ok(Self {
-            algorithm,
-            radius,
-            threshold,
-            direction,
-        })
-    }
-
-    /// The algorithm.
-    pub fn algorithm(&self) -> Algorithm {
-        self.algorithm
-    }
-
-    /// Buckets on each side of a step.
-    pub fn radius(&self) -> usize {
-        self.radius
-    }
-
-    /// The threshold.
-    pub fn threshold(&self) -> f64 {
-        self.threshold
-    }
-
-    /// The direction filter.
-    pub fn direction(&self) -> Direction {
-        self.direction
-    }
-}
 
 /// The verdict on one window that is a step.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -332,12 +104,12 @@ pub fn statistic(algorithm: Algorithm, before: &[f64], after: &[f64]) -> Option<
 
 /// The verdict on one window of `2 · radius` bucket means: a step or not.
 pub fn judge(window: &[f64], cfg: &StepConfig) -> Option<Verdict> {
-    debug_assert_eq!(window.len(), 2 * cfg.radius);
+    debug_assert_eq!(window.len(), 2 * cfg.radius());
     let (before, after) = window.split_at(window.len() / 2);
     let (m0, m1) = (mean(before), mean(after));
-    let d = statistic(cfg.algorithm, before, after)?;
-    let step = match cfg.algorithm {
-        Algorithm::MannWhitneyU if d <= cfg.threshold && m1 != m0 => {
+    let d = statistic(cfg.algorithm(), before, after)?;
+    let step = match cfg.algorithm() {
+        Algorithm::MannWhitneyU if d <= cfg.threshold() && m1 != m0 => {
             if m1 > m0 {
                 Step::Up
             } else {
@@ -345,11 +117,11 @@ pub fn judge(window: &[f64], cfg: &StepConfig) -> Option<Verdict> {
             }
         }
         Algorithm::MannWhitneyU => return None,
-        _ if d >= cfg.threshold => Step::Up,
-        _ if d <= -cfg.threshold => Step::Down,
+        _ if d >= cfg.threshold() => Step::Up,
+        _ if d <= -cfg.threshold() => Step::Down,
         _ => return None,
     };
-    cfg.direction.admits(step).then_some(Verdict {
+    cfg.direction().admits(step).then_some(Verdict {
         before_mean: m0,
         after_mean: m1,
         statistic: d,
@@ -381,7 +153,7 @@ pub struct Scan {
 /// or backfill over a fixed range), so a run still going at the last position has
 /// ended too; otherwise it waits for more buckets.
 pub fn find_steps(means: &[f64], cfg: &StepConfig, start: usize, series_ends: bool) -> Scan {
-    let r = cfg.radius;
+    let r = cfg.radius();
     let first = start.max(r);
     let mut scan = Scan {
         steps: Vec::new(),
@@ -397,7 +169,7 @@ pub fn find_steps(means: &[f64], cfg: &StepConfig, start: usize, series_ends: bo
         let verdict = judge(&means[p - r..p + r], cfg);
         match (verdict, run) {
             (Some(v), Some(peak)) if v.step == peak.verdict.step => {
-                if v.strength(cfg.algorithm) > peak.verdict.strength(cfg.algorithm) {
+                if v.strength(cfg.algorithm()) > peak.verdict.strength(cfg.algorithm()) {
                     run = Some(Found {
                         position: p,
                         verdict: v,

@@ -1,11 +1,8 @@
 //! Alerts (what to watch for steps), the anomalies they find, and how people triage
 //! them. Parsed once at the edge (gRPC or CLI) into types that are valid.
 
-use std::fmt;
-use std::str::FromStr;
-
-use super::{BucketWidth, Device, SensorName, Timestamp};
-use crate::detect::{Step, StepConfig};
+use super::names::named_enum;
+use super::{BucketWidth, Device, SensorName, Step, StepConfig, Timestamp};
 
 /// What an alert watches and how: valid by construction.
 #[derive(Debug, Clone, PartialEq)]
@@ -93,100 +90,27 @@ pub struct Alert {
     pub detected_through: Option<Timestamp>,
 }
 
-/// Where people are with an anomaly.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum TriageStatus {
-    /// Nobody has looked yet.
-    Untriaged,
-    /// A real change.
-    Positive,
-    /// Not a real change.
-    Negative,
-    /// Not worth acting on.
-    Ignored,
-}
-
-/// Unknown triage status or group action.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("unknown {what} '{given}': use one of {allowed}")]
-pub struct UnknownValue {
-    what: &'static str,
-    given: String,
-    allowed: &'static str,
-}
-
-impl TriageStatus {
-    /// As stored and shown.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Untriaged => "untriaged",
-            Self::Positive => "positive",
-            Self::Negative => "negative",
-            Self::Ignored => "ignored",
-        }
+named_enum! {
+    /// Where people are with an anomaly.
+    pub enum TriageStatus as "triage status" {
+        /// Nobody has looked yet.
+        Untriaged = "untriaged",
+        /// A real change.
+        Positive = "positive",
+        /// Not a real change.
+        Negative = "negative",
+        /// Not worth acting on.
+        Ignored = "ignored",
     }
 }
 
-impl FromStr for TriageStatus {
-    type Err = UnknownValue;
-
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        Ok(match s.to_ascii_lowercase().as_str() {
-            "untriaged" => Self::Untriaged,
-            "positive" => Self::Positive,
-            "negative" => Self::Negative,
-            "ignored" => Self::Ignored,
-            _ => {
-                return Err(UnknownValue {
-                    what: "triage status",
-                    given: s.to_owned(),
-                    allowed: "untriaged, positive, negative, ignored",
-                });
-            }
-        })
-    }
-}
-
-impl fmt::Display for TriageStatus {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
-
-/// What to do about a group of anomalies.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum GroupAction {
-    /// Nothing (the default).
-    NoAction,
-    /// Report it.
-    Report,
-}
-
-impl GroupAction {
-    /// As stored and shown.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::NoAction => "noaction",
-            Self::Report => "report",
-        }
-    }
-}
-
-impl FromStr for GroupAction {
-    type Err = UnknownValue;
-
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        Ok(match s.to_ascii_lowercase().as_str() {
-            "noaction" => Self::NoAction,
-            "report" => Self::Report,
-            _ => {
-                return Err(UnknownValue {
-                    what: "group action",
-                    given: s.to_owned(),
-                    allowed: "noaction, report",
-                });
-            }
-        })
+named_enum! {
+    /// What to do about a group of anomalies.
+    pub enum GroupAction as "group action" {
+        /// Nothing (the default).
+        NoAction = "noaction",
+        /// Report it.
+        Report = "report",
     }
 }
 

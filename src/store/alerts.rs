@@ -12,11 +12,11 @@ use duckdb::types::Value;
 use duckdb::{Connection, OptionalExt, Row, params};
 
 use super::{Shared, StoreError};
-use crate::detect::{Algorithm, Direction, Step, StepConfig};
 use crate::domain::{
     Alert, AlertSpec, Anomaly, AnomalyFilter, AnomalyGroup, BucketWidth, Catalog, Delivery, Device,
     FoundStep, GroupAction, Sensor, SensorId, SensorName, Timestamp, TriageStatus,
 };
+use crate::domain::{Algorithm, Direction, Step, StepConfig};
 
 /// Why an alert-store call did not do what it was asked.
 #[derive(Debug, thiserror::Error)]

@@ -755,7 +755,7 @@ async fn the_command_line_client_manages_tokens_alerts_and_anomalies() {
         &["anomaly", "triage", "7", "--status", "maybe"],
         Some(&token),
     );
-    assert!(!ok && err.contains("unknown status"), "{err}");
+    assert!(!ok && err.contains("unknown triage status"), "{err}");
 
     // Revoked: refused on the next call.
     let (ok, _, err) = run(&["token", "revoke", "ops"], None);
