@@ -1,75 +1,17 @@
-//! Command line and environment. Every flag has a `MILEPOST_*` environment variable
-//! and a default that suits a small VM; seed flag names are accepted where they fit.
+//! Settings of the server and of the offline commands, as flags with `MILEPOST_*`
+//! environment fallbacks and defaults that suit a small VM; seed flag names are
+//! accepted where they fit. The subcommands that take them are `cli`'s: this module
+//! knows nothing of `cli`, `app` or `bench` (see the layering in `lib.rs`).
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use clap::{Args, Parser, Subcommand, ValueEnum};
+use clap::{Args, Parser, ValueEnum};
 
 use chrono::NaiveDate;
 
 use crate::domain::{Device, DumpFormat};
-
-/// `milepost`: a self-hosted telemetry appliance.
-#[derive(Debug, Parser)]
-#[command(name = "milepost", version, about, long_about = None)]
-pub struct Cli {
-    /// Logging.
-    #[command(flatten)]
-    pub log: LogArgs,
-    /// What to do.
-    #[command(subcommand)]
-    pub command: Command,
-}
-
-/// Subcommands.
-#[derive(Debug, Subcommand)]
-pub enum Command {
-    /// Run the server: ingest, HTTP API, background jobs.
-    Serve(Box<ServeArgs>),
-    /// Compact finished days now (the server does this hourly); the server must be stopped.
-    Compact(StorageArgs),
-    /// Dump days to the blob store now (the server does this on its schedule); the
-    /// server must be stopped.
-    Dump(Box<DumpArgs>),
-    /// Diagnose a data directory that does not open, and offer the safe steps.
-    Recover(crate::cli::recover::RecoverArgs),
-    /// Manage the internal backend's tokens (works while the server runs).
-    Token {
-        /// Directory of the data (the tokens file lives there).
-        #[arg(long, env = "MILEPOST_DATA_DIR", default_value = "./milepost-data")]
-        data_dir: PathBuf,
-        /// What to do.
-        #[command(subcommand)]
-        command: TokenCommand,
-    },
-    /// Alerts (step detection) on a running server, over its backend.
-    Alert {
-        /// The backend and the token.
-        #[command(flatten)]
-        client: crate::backend::client::ClientArgs,
-        /// What to do.
-        #[command(subcommand)]
-        command: crate::backend::client::AlertCommand,
-    },
-    /// Anomalies the alerts found, over the backend.
-    Anomaly {
-        /// The backend and the token.
-        #[command(flatten)]
-        client: crate::backend::client::ClientArgs,
-        /// What to do.
-        #[command(subcommand)]
-        command: crate::backend::client::AnomalyCommand,
-    },
-    /// Probe `/readyz` of the server on this machine: exit 0 when ready, 1 if not
-    /// (container health checks; the runtime image has no curl).
-    Healthcheck(crate::cli::healthcheck::HealthcheckArgs),
-    /// Print the OpenAPI document of the public API.
-    Openapi,
-    /// Measure ingest and query speed against DuckDB's own load (see docs/performance.md).
-    Bench(crate::bench::BenchArgs),
-}
 
 /// Log output.
 #[derive(Debug, Clone, Args)]
@@ -413,27 +355,6 @@ fn parse_backend_addr(s: &str) -> Result<BackendAddr, String> {
         .map_err(|e| format!("'{s}' is not an address like 127.0.0.1:8005 (or off): {e}"))
 }
 
-/// `milepost token`.
-#[derive(Debug, Clone, Subcommand)]
-pub enum TokenCommand {
-    /// Make a backend token; it is printed once and only its hash is kept.
-    Create {
-        /// What it may do.
-        #[arg(long, value_enum)]
-        role: crate::backend::Role,
-        /// Who or what uses it.
-        #[arg(long, default_value = "")]
-        name: String,
-    },
-    /// List tokens (ids, names, roles; never the tokens).
-    List,
-    /// Revoke the token(s) with this id or name; the server refuses them at once.
-    Revoke {
-        /// Id (from `token list`) or name.
-        which: String,
-    },
-}
-
 /// `milepost dump`.
 #[derive(Debug, Clone, Args)]
 pub struct DumpArgs {
@@ -471,28 +392,21 @@ impl ServeArgs {
         a
     }
 
-    /// Settings for a test or embedded server: loopback, ephemeral port, `data_dir`.
+    /// Settings for a test or embedded server: the defaults, on loopback with
+    /// ephemeral ports, in `data_dir`, without scheduled dumps.
     pub fn for_tests(data_dir: PathBuf) -> Self {
-        Cli::parse_from(["milepost", "serve", "--listen", "127.0.0.1:0"])
-            .command
-            .into_serve()
-            .map(|mut s| {
-                s.storage.data_dir = data_dir;
-                // Tests that dump turn it on; the others should not pay for it.
-                s.dump_schedule = "off".into();
-                s.backend.backend_addr = BackendAddr(Some(SocketAddr::from(([127, 0, 0, 1], 0))));
-                s
-            })
-            .expect("serve")
-    }
-}
-
-impl Command {
-    fn into_serve(self) -> Option<ServeArgs> {
-        match self {
-            Command::Serve(s) => Some(*s),
-            _ => None,
+        /// `ServeArgs` alone, parsed as the command line would (defaults and all).
+        #[derive(Parser)]
+        struct Serve {
+            #[command(flatten)]
+            args: ServeArgs,
         }
+        let mut s = Serve::parse_from(["milepost", "--listen", "127.0.0.1:0"]).args;
+        s.storage.data_dir = data_dir;
+        // Tests that dump turn it on; the others should not pay for it.
+        s.dump_schedule = "off".into();
+        s.backend.backend_addr = BackendAddr(Some(SocketAddr::from(([127, 0, 0, 1], 0))));
+        s
     }
 }
 
@@ -533,37 +447,8 @@ mod tests {
     }
 
     #[test]
-    fn dump_takes_the_seed_flag_names_and_a_format() {
-        let cli = Cli::parse_from([
-            "milepost",
-            "dump",
-            "--dump-date",
-            "2026-11-30",
-            "--format",
-            "parquet",
-            "--blob-store-url",
-            "memory:///",
-        ]);
-        let Command::Dump(d) = cli.command else {
-            panic!()
-        };
-        assert_eq!(d.date, Some(parse_day("2026-11-30").unwrap()));
-        assert_eq!(d.blob.dump_format.formats(), vec![DumpFormat::Parquet]);
-        assert!(
-            Cli::try_parse_from(["milepost", "dump"]).is_err(),
-            "a day is required"
-        );
-        assert!(parse_node("../x").is_err() && parse_node("car-1").is_ok());
-    }
-
-    #[test]
-    fn seed_port_flag_overrides_listen_port() {
-        let cli = Cli::parse_from(["milepost", "serve", "--port", "9999"]);
-        let Command::Serve(s) = cli.command else {
-            panic!()
-        };
-        assert_eq!(s.listen_addr().to_string(), "0.0.0.0:9999");
-        assert_eq!(s.max_line_bytes, 65536);
-        assert_eq!(s.default_device.as_str(), "default");
+    fn node_names_are_safe_file_names() {
+        assert!(parse_node("../x").is_err() && parse_node(".hidden").is_err());
+        assert!(parse_node("car-1").is_ok() && parse_node("car_1.eu").is_ok());
     }
 }

@@ -1,12 +1,15 @@
 //! Subcommand dispatch and process-wide setup (logging).
 
+mod args;
 pub mod healthcheck;
 pub mod recover;
+
+pub use args::{Cli, Command, TokenCommand};
 
 use tracing_subscriber::EnvFilter;
 
 use crate::app::{Server, ShutdownSignal};
-use crate::config::{Cli, Command, DumpArgs, LogArgs, LogFormat};
+use crate::config::{DumpArgs, LogArgs, LogFormat};
 
 /// Installs the global `tracing` subscriber.
 pub fn init_tracing(log: &LogArgs) {
@@ -141,8 +144,7 @@ async fn dump(args: DumpArgs) -> anyhow::Result<()> {
 }
 
 /// `milepost token …`.
-fn token(data_dir: &std::path::Path, command: crate::config::TokenCommand) -> anyhow::Result<()> {
-    use crate::config::TokenCommand;
+fn token(data_dir: &std::path::Path, command: TokenCommand) -> anyhow::Result<()> {
     let admin = crate::backend::TokenAdmin::new(data_dir);
     match command {
         TokenCommand::Create { role, name } => {
