@@ -2,25 +2,32 @@
 //!
 //! One binary that ingests NDJSON sensor readings into an embedded DuckDB file and
 //! serves them over an OpenAPI-documented HTTP API, wire-compatible with the
-//! cloud-lada devices and dashboard.
+//! cloud-lada devices and dashboard; it detects steps in the series and publishes
+//! every day to a Parquet / NDJSON lake.
 //!
 //! # Layout
 //!
 //! ```text
-//! device ──POST /ingest──▶ api::ingest ──▶ ingest::ndjson (bytes → Batch + line errors)
+//! device ──POST /ingest──▶ api::ingest ──▶ ingest (bytes → Batch + line errors; pure)
 //!                              │
 //!                              ▼
-//!                        store::Writer  (one thread owns the write connection;
-//!                              │         bounded queue → 503; Appender; group commit;
-//!                              ▼         exact dedupe without an index)
-//!                     DuckDB file  ◀── store::Reader (own connections) ◀── api::seed, api::v1
-//!                              ▲
-//!   jobs (cron) ──▶ export::Dumper ──▶ store::DumpSource (own connection, Arrow batches)
-//!                              └──▶ object_store (file, S3, GCS, Azure): per-node keys,
-//!                                   manifests/<node>.json (export::lake: who owns a key)
+//!                  store::Writer: the front thread takes whatever is queued as one
+//!                  group (bounded queue → 503) and acknowledges it once durable:
+//!                    small live groups ──▶ store::ingest_log (one fdatasync) ──▶ the
+//!                                          flusher thread moves segments into DuckDB
+//!                    everything else ───▶ DuckDB directly (Appender, exact dedupe
+//!                                          without an index, 15-minute rollups)
+//!                              │
+//!                              ▼
+//!                     DuckDB file ◀── store::Reader (own connections; waits until
+//!                              ▲       DuckDB holds what was acknowledged) ◀── api
+//!                              │
+//!   jobs (cron, compaction) ──▶ export::Dumper ──▶ store::DumpSource (own connection)
+//!                              └──▶ object_store: per-node keys and manifests
+//!                                   (export::lake: whose a key is)
 //!
 //! writer ──series it committed──▶ jobs::detection ──▶ detect (pure step fit)
-//!                                        │                 over Reader's bucket means
+//!                                        │
 //!                                        ▼
 //!                        store::AlertStore (own connection) ──▶ jobs::notify (webhooks)
 //!                                        ▲
@@ -28,25 +35,45 @@
 //! ```
 //!
 //! - [`domain`]: types that are valid by construction (`Device`, `Reading` rows,
-//!   `Timestamp`, `Day`, the sensor `Catalog`).
+//!   `Timestamp`, `Day`, the sensor `Catalog`, step configurations, alerts, dumps),
+//!   and the one name table per named enum.
 //! - [`ingest`]: pure, synchronous NDJSON parsing with per-line errors.
-//! - [`store`]: the only module that speaks SQL — migrations, the writer, the reader,
-//!   15-minute rollups for long-range statistics, compaction of finished days.
-//! - [`api`]: poem-openapi handlers; thin, and errors map to JSON in one place. The
-//!   seed's endpoints in `api::seed`, the richer `/api/v1` reads in `api::v1`
-//!   (statistics buckets, streamed exports, GPS track).
-//! - [`export`]: daily dumps (gzip NDJSON and a Hive-partitioned Parquet lake) to a
-//!   blob store, the manifest, which days are due.
+//! - [`store`]: everything that speaks SQL to the database and owns the data
+//!   directory — migrations, the writer (front, flusher and their ingest log), the
+//!   reader, rollups, compaction, retention, dumps' day files, alerts' tables.
+//!   (`bench` and `cli::recover` still run a few queries of their own; see issue 22.)
+//! - [`export`]: daily dumps to a blob store, which days are due, and the lake's
+//!   rules when several appliances share it (`export::lake`).
 //! - [`detect`]: step detection math (SPEC 5), pure: bucket means in, steps out.
-//! - [`jobs`]: the dump schedule (tokio-cron-scheduler) and retention after it;
-//!   background step detection after commits and the webhooks of what it finds.
-//! - [`backend`]: the internal gRPC listener (poem-grpc) — services, each with its
-//!   authorization policy, hashed tokens, reflection, and its command-line client.
-//! - [`metrics`]: the Prometheus registry behind `GET /metrics`.
-//! - [`background`]: low-priority threads for dumps and detection.
-//! - [`app`]: wiring and the ordered graceful shutdown.
-//! - [`config`] and [`cli`]: flags with `MILEPOST_*` environment fallbacks, logging.
-//! - [`bench`]: `milepost bench`, ingest and query speed against DuckDB's own limit.
+//! - [`jobs`]: what runs in the background — the dump schedule and retention,
+//!   detection after commits, webhooks. (Periodic compaction is started by `app`.)
+//! - [`api`]: the public HTTP API (poem-openapi on a hyper listener); thin, errors
+//!   map to JSON in one place.
+//! - [`backend`]: the internal gRPC listener — services, each with its authorization
+//!   policy, hashed tokens, reflection, and its command-line client.
+//! - [`metrics`], [`background`]: the Prometheus registry; low-priority threads.
+//! - [`config`]: the server's settings (flags with `MILEPOST_*` fallbacks).
+//! - [`app`]: start-up in steps and the one ordered shutdown.
+//! - [`bench`]: `milepost bench`. [`cli`]: the command line and its subcommands.
+//!
+//! # Layers
+//!
+//! A module may use (`crate::…`) only modules of a lower layer; one layer's modules
+//! do not use each other. `metrics` and `background` are leaves anyone may use.
+//! The test `layering` reads this block and checks every file against it.
+//!
+//! ```text
+//! 9  cli
+//! 8  bench
+//! 7  app
+//! 6  config
+//! 5  api backend
+//! 4  jobs
+//! 3  export
+//! 2  store
+//! 1  detect ingest
+//! 0  domain metrics background
+//! ```
 
 pub mod api;
 pub mod app;

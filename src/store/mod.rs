@@ -1,10 +1,13 @@
 //! The only module that speaks SQL.
 //!
 //! [`Store::open`] takes the data directory's lock, opens the DuckDB file with
-//! extensions built in and network auto-loading off, applies migrations, and loads
-//! the small tables (sensors, devices, series) into memory. From it come one
-//! [`Writer`] thread, which owns the write connection, and a [`Reader`] with its own
-//! pool of connections. Everything outside sees typed functions.
+//! extensions built in and network auto-loading off, applies migrations, replays what
+//! only the ingest log holds (`ingest_log.rs`), and loads the small tables (sensors,
+//! devices, series) into memory. From it come the [`Writer`] — a front thread that
+//! groups requests and acknowledges them through the ingest log or DuckDB, and a
+//! flusher thread that moves the log into DuckDB; the two share the write connection
+//! under one lock (`writer/mod.rs`) — and readers, the dump source and the alert
+//! store, each with connections of its own. Everything outside sees typed functions.
 //!
 //! Besides `readings`, the writer keeps 15-minute rollups per series in the same
 //! transactions (`rollup.rs`), so statistics over long ranges do not depend on how the

@@ -13,6 +13,7 @@ mod helpers;
 mod hostile;
 mod ingest;
 mod lake;
+mod layering;
 mod lifecycle;
 mod metrics;
 mod openapi;
