@@ -98,6 +98,36 @@ fn readings(t0: chrono::DateTime<chrono::Utc>, start_min: i64, end_min: i64) -> 
     body
 }
 
+/// Background detection passes so far (`/metrics`).
+async fn detection_passes(app: &TestApp) -> u64 {
+    let metrics = app
+        .client
+        .get(app.url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("milepost_detection_pass_duration_seconds_count "))
+        .map_or(0, |n| n.trim().parse().unwrap())
+}
+
+/// Waits until a detection pass has run after `before` passes (the pass the last
+/// ingest set off: the server was idle before it), instead of sleeping and hoping.
+async fn await_detection_pass(app: &TestApp, before: u64) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while detection_passes(app).await <= before {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no detection pass ran"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 fn recent_hour_start() -> chrono::DateTime<chrono::Utc> {
     use chrono::{DurationRound, Utc};
     (Utc::now() - chrono::Duration::hours(4))
@@ -573,9 +603,10 @@ async fn a_step_ingested_over_http_is_found_once_grouped_triaged_and_notified() 
     }
 
     // More data after it, and a backfill over everything: still one anomaly.
+    let passes = detection_passes(&app).await;
     let (status, _) = app.ingest(readings(t0, 90, 120)).await;
     assert_eq!(status, StatusCode::OK);
-    tokio::time::sleep(Duration::from_millis(600)).await;
+    await_detection_pass(&app, passes).await;
     let jobs = proto::JobsClient::new(config(&app));
     let filled = jobs
         .backfill(req(
@@ -659,9 +690,10 @@ async fn a_step_ingested_over_http_is_found_once_grouped_triaged_and_notified() 
 
     // Everything survives a restart, and detection does not find the step again.
     let app = TestApp::spawn_in(app.stop().await, fast_jobs).await;
+    let passes = detection_passes(&app).await;
     let (status, _) = app.ingest(readings(t0, 120, 130)).await;
     assert_eq!(status, StatusCode::OK);
-    tokio::time::sleep(Duration::from_millis(600)).await;
+    await_detection_pass(&app, passes).await;
     let (_, v) = app.get("/api/v1/anomalies").await;
     assert_eq!(v["anomalies"].as_array().unwrap().len(), 1, "{v}");
     assert_eq!(received.lock().unwrap().len(), 2, "no second notification");

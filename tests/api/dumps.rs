@@ -340,6 +340,15 @@ async fn downloads_stream_the_objects_and_unknown_names_are_404() {
             .await
             .unwrap();
         assert_eq!(resp.status(), StatusCode::OK);
+        // The ETag is the object's SHA-256, the file name its download name.
+        assert_eq!(
+            resp.headers()["etag"],
+            format!("\"{}\"", d["sha256"].as_str().unwrap()).as_str()
+        );
+        assert_eq!(
+            resp.headers()["content-disposition"],
+            format!("attachment; filename=\"{}\"", d["name"].as_str().unwrap()).as_str()
+        );
         let bytes = resp.bytes().await.unwrap();
         assert_eq!(sha256(&bytes), d["sha256"].as_str().unwrap());
         assert_eq!(bytes.len() as u64, d["bytes"].as_u64().unwrap());
@@ -362,6 +371,35 @@ async fn downloads_stream_the_objects_and_unknown_names_are_404() {
     );
     let (status, _) = app.get("/api/v1/dumps/..%2F..%2Fmilepost.duckdb").await;
     assert_eq!(status, StatusCode::NOT_FOUND);
+}
+
+/// A run starts with the server: days missed while it was down are dumped without
+/// waiting for the schedule (here 06:00 daily).
+#[tokio::test]
+async fn a_server_dumps_the_missed_days_when_it_starts() {
+    let app = TestApp::spawn().await;
+    app.ingest(three_days()).await;
+    let dir = app.stop().await;
+    let app = TestApp::spawn_in(dir, |a| a.dump_schedule = "0 0 6 * * *".into()).await;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    loop {
+        let (_, list) = app.get("/api/v1/dumps").await;
+        let dates: BTreeSet<String> = list["dumps"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|d| d["date"].as_str().unwrap().to_owned())
+            .collect();
+        if ["2026-11-01", "2026-11-02", "2026-11-03"]
+            .iter()
+            .all(|d| dates.contains(*d))
+        {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "{list}");
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    app.stop().await;
 }
 
 #[tokio::test]
@@ -692,9 +730,12 @@ async fn a_store_failing_mid_upload_leaves_no_object_and_the_day_is_retried() {
         metrics.render()
     );
 
-    // The store recovers: the next run dumps every day.
-    failures.store(0, Ordering::SeqCst);
+    // The store recovers, but for one more failed part: that upload is retried
+    // within the same run, and every day is dumped.
+    failures.store(1, Ordering::SeqCst);
     let run = dumper.run_due(day("2026-11-04")).await.unwrap();
+    assert_eq!(failures.load(Ordering::SeqCst), 0, "the failure happened");
+    assert!(run.failed.is_empty(), "{run:?}");
     assert_eq!(run.dumped.len(), 3);
     assert_eq!(dumper.records().len(), 6);
     let names = walk(lake.path());

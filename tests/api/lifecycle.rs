@@ -42,6 +42,23 @@ async fn sigterm_stops_cleanly_and_data_survives() {
 }
 
 #[tokio::test]
+async fn sigint_stops_as_cleanly_as_sigterm() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = start_binary(dir.path());
+    let client = reqwest::Client::new();
+    let (status, r) = post_ingest(&client, &p.base, batch(0, 300)).await.unwrap();
+    assert_eq!((status, num(&r, "accepted")), (StatusCode::OK, 300));
+    let mut child = p.child;
+    send_signal(child.id(), "-INT");
+    let code = tokio::task::spawn_blocking(move || child.wait().unwrap())
+        .await
+        .unwrap();
+    assert!(code.success(), "exit status {code:?}");
+    assert!(!dir.path().join("milepost.duckdb.wal").exists());
+    assert_eq!(stored_rows(dir.path()).len(), 300);
+}
+
+#[tokio::test]
 async fn sigkill_never_loses_an_acknowledged_reading() {
     let dir = tempfile::tempdir().unwrap();
     let mut p = start_binary(dir.path());

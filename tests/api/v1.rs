@@ -760,3 +760,33 @@ async fn cors_only_for_configured_origins() {
         .unwrap();
     assert!(resp.headers().get("access-control-allow-origin").is_none());
 }
+
+#[tokio::test]
+async fn cors_origin_star_allows_any_origin() {
+    let app = TestApp::spawn_with(|a| a.cors_origins = vec!["*".into()]).await;
+    for origin in ["https://a.example", "http://127.0.0.1:3000"] {
+        let resp = app
+            .client
+            .get(app.url("/api/statistics/latest"))
+            .header("origin", origin)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), StatusCode::OK);
+        let allowed = resp.headers()["access-control-allow-origin"]
+            .to_str()
+            .unwrap()
+            .to_owned();
+        assert!(allowed == "*" || allowed == origin, "{origin}: {allowed}");
+    }
+    // Without --cors-origin there are no CORS headers at all.
+    let plain = TestApp::spawn().await;
+    let resp = plain
+        .client
+        .get(plain.url("/api/statistics/latest"))
+        .header("origin", "https://a.example")
+        .send()
+        .await
+        .unwrap();
+    assert!(resp.headers().get("access-control-allow-origin").is_none());
+}
