@@ -1,7 +1,6 @@
 //! The published OpenAPI document against real tools: schemathesis fuzzes a live
 //! server from it, and a client generated from it by openapi-python-client calls every
-//! read endpoint. Both are Python tools that `.ci/run` installs into a virtualenv
-//! (`$HOME/.cache/milepost/tools`) and puts on `PATH`.
+//! read endpoint. Both are Python tools the tests install on first use (`tools.rs`).
 
 use std::path::Path;
 use std::process::Output;
@@ -58,20 +57,22 @@ async fn app_with_data() -> (TestApp, String) {
 async fn schemathesis_finds_no_server_error_or_spec_violation() {
     let (app, _) = app_with_data().await;
     let reports = tempfile::tempdir().unwrap();
-    let out = run(tokio::process::Command::new(tool("schemathesis"))
-        .arg("run")
-        .arg(app.url("/openapi.json"))
-        .args(["--seed", SEED, "--max-examples", EXAMPLES])
-        .args([
-            "--checks",
-            "all",
-            "--exclude-checks",
-            "positive_data_acceptance",
-        ])
-        .args(["--auth", &format!("{KEY}:")])
-        .args(["--generation-database", "none", "--no-color"])
-        .arg("--report-dir")
-        .arg(reports.path()))
+    let out = run(tokio::process::Command::new(
+        crate::tools::PYTHON_TOOLS.bin().join("schemathesis"),
+    )
+    .arg("run")
+    .arg(app.url("/openapi.json"))
+    .args(["--seed", SEED, "--max-examples", EXAMPLES])
+    .args([
+        "--checks",
+        "all",
+        "--exclude-checks",
+        "positive_data_acceptance",
+    ])
+    .args(["--auth", &format!("{KEY}:")])
+    .args(["--generation-database", "none", "--no-color"])
+    .arg("--report-dir")
+    .arg(reports.path()))
     .await;
     let stdout = String::from_utf8_lossy(&out.stdout);
     let summary = stdout
@@ -99,7 +100,9 @@ async fn a_generated_client_calls_every_read_endpoint() {
     let spec = work.path().join("openapi.json");
     let (_, served) = app.get("/openapi.json").await;
     std::fs::write(&spec, served.to_string()).unwrap();
-    let generator = tool("openapi-python-client");
+    let generator = crate::tools::PYTHON_TOOLS
+        .bin()
+        .join("openapi-python-client");
     run(tokio::process::Command::new(&generator)
         .args(["generate", "--meta", "none", "--path"])
         .arg(&spec)
@@ -107,10 +110,7 @@ async fn a_generated_client_calls_every_read_endpoint() {
         .arg(work.path().join("milepost_client")))
     .await;
     // The generator's own interpreter has the client's dependencies (httpx, attrs).
-    let python = generator.parent().map(|d| d.join("python3"));
-    let python = python
-        .filter(|p| p.is_file())
-        .unwrap_or_else(|| "python3".into());
+    let python = crate::tools::PYTHON_TOOLS.bin().join("python3");
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/clients/generated_client.py");
     let out = run(tokio::process::Command::new(python)
         .arg(script)

@@ -211,21 +211,3 @@ pub fn send_signal(pid: u32, sig: &str) {
         .success();
     assert!(ok, "kill {sig} {pid}");
 }
-
-/// An executable on `PATH`, or a panic that says how to get it.
-pub fn tool(name: &str) -> std::path::PathBuf {
-    std::env::var_os("PATH")
-        .and_then(|paths| {
-            std::env::split_paths(&paths)
-                .map(|dir| dir.join(name))
-                .find(|p| p.is_file())
-        })
-        .unwrap_or_else(|| {
-            panic!(
-                "{name} is not on PATH: .ci/run installs it (python3 -m venv \
-                 ~/.cache/milepost/tools && ~/.cache/milepost/tools/bin/pip install \
-                 schemathesis openapi-python-client pyspark polars pyarrow, then add its \
-                 bin/ to PATH)"
-            )
-        })
-}

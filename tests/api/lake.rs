@@ -305,7 +305,10 @@ fn check_lake(dir: &Path, nodes: &[Published]) {
 /// The lake through Python engines (tests/clients/lake_readers.py): per node and day
 /// the counts each node stored, names as strings, timestamps in UTC.
 async fn check_readers(dir: &Path, nodes: &[Published], engines: &[&str]) {
-    let python = tool("pyspark").parent().unwrap().join("python3");
+    let python = crate::tools::PYTHON_TOOLS.bin().join("python3");
+    if engines.contains(&"spark") {
+        crate::tools::ensure_java();
+    }
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/clients/lake_readers.py");
     let out = tokio::process::Command::new(&python)
         .arg(&script)

@@ -20,4 +20,5 @@ mod openapi;
 mod reads;
 mod reload;
 mod s3;
+mod tools;
 mod v1;

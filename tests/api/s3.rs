@@ -41,12 +41,12 @@ pub(crate) async fn start_moto() -> Moto {
         .local_addr()
         .unwrap()
         .port();
-    let child = Command::new("moto_server")
+    let child = Command::new(crate::tools::MOTO.bin().join("moto_server"))
         .args(["-H", "127.0.0.1", "-p", &port.to_string()])
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
-        .expect("moto_server on PATH: pip install 'moto[server]' (.ci/run installs it)");
+        .expect("moto_server runs");
     let moto = Moto {
         child,
         endpoint: format!("http://127.0.0.1:{port}"),
