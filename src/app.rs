@@ -337,7 +337,7 @@ async fn start_jobs(
     let token = running.token.clone();
     let writer = running.writer.handle();
     if !args.compact_interval.is_zero() {
-        running.tasks.spawn(compact_periodically(
+        running.tasks.spawn(crate::jobs::compact_periodically(
             writer.clone(),
             args.compact_interval,
             args.compact_settle,
@@ -398,50 +398,6 @@ async fn start_jobs(
             Some(Backend::start(addr, ctx, tokens, token, args.shutdown_timeout).await?);
     }
     Ok(())
-}
-
-/// Asks the writer to compact finished days every `every`, and `settle` after a
-/// burst of writes into finished days has ended (an import of history or a device's
-/// offline backlog: their days get the fast, sorted layout within a minute instead of
-/// at the next tick), until `stop`.
-async fn compact_periodically(
-    writer: WriterHandle,
-    every: std::time::Duration,
-    settle: std::time::Duration,
-    stop: CancellationToken,
-) {
-    let mut tick = tokio::time::interval(every);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    tick.tick().await; // the first tick is immediate: leave start-up alone
-    loop {
-        tokio::select! {
-            _ = stop.cancelled() => return,
-            _ = tick.tick() => {}
-            _ = writer.wrote_past_days() => {
-                // Wait until such writes pause for `settle`, so an import is not
-                // interrupted day by day; a steady trickle still gets the tick.
-                loop {
-                    tokio::select! {
-                        _ = stop.cancelled() => return,
-                        _ = tokio::time::sleep(settle) => break,
-                        _ = tick.tick() => break,
-                        _ = writer.wrote_past_days() => continue,
-                    }
-                }
-            }
-        }
-        // One day per writer turn, so ingest keeps flowing in between.
-        loop {
-            match writer.compact().await {
-                Ok(done) if done.days > 0 && !stop.is_cancelled() => continue,
-                Ok(_) => break,
-                Err(e) => {
-                    tracing::error!(error = %e, "compaction failed");
-                    break;
-                }
-            }
-        }
-    }
 }
 
 /// SIGINT/SIGTERM handlers, installed before start-up so that a signal arriving

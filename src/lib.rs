@@ -46,7 +46,7 @@
 //!   rules when several appliances share it (`export::lake`).
 //! - [`detect`]: step detection math (SPEC 5), pure: bucket means in, steps out.
 //! - [`jobs`]: what runs in the background — the dump schedule and retention,
-//!   detection after commits, webhooks. (Periodic compaction is started by `app`.)
+//!   periodic compaction, detection after commits, webhooks.
 //! - [`api`]: the public HTTP API (poem-openapi on a hyper listener); thin, errors
 //!   map to JSON in one place.
 //! - [`backend`]: the internal gRPC listener — services, each with its authorization

@@ -1,6 +1,6 @@
 //! Background jobs of `milepost serve`: daily dumps and, after them, retention, on
-//! a schedule; step detection after commits ([`detection`]) and the webhooks of
-//! what it finds ([`notify`]).
+//! a schedule; compaction of finished days; step detection after commits
+//! ([`detection`]) and the webhooks of what it finds ([`notify`]).
 //!
 //! tokio-cron-scheduler only rings the bell (`--dump-schedule`, UTC); one task does
 //! the work, so runs never overlap and a ring during a run just means "once more
@@ -123,5 +123,49 @@ pub async fn run_once(
             }
         }
         Err(e) => tracing::error!(error = %e, "retention failed"),
+    }
+}
+
+/// Asks the writer to compact finished days every `every`, and `settle` after a
+/// burst of writes into finished days has ended (an import of history or a device's
+/// offline backlog: their days get the fast, sorted layout within a minute instead of
+/// at the next tick), until `stop`.
+pub async fn compact_periodically(
+    writer: WriterHandle,
+    every: std::time::Duration,
+    settle: std::time::Duration,
+    stop: CancellationToken,
+) {
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    tick.tick().await; // the first tick is immediate: leave start-up alone
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tick.tick() => {}
+            _ = writer.wrote_past_days() => {
+                // Wait until such writes pause for `settle`, so an import is not
+                // interrupted day by day; a steady trickle still gets the tick.
+                loop {
+                    tokio::select! {
+                        _ = stop.cancelled() => return,
+                        _ = tokio::time::sleep(settle) => break,
+                        _ = tick.tick() => break,
+                        _ = writer.wrote_past_days() => continue,
+                    }
+                }
+            }
+        }
+        // One day per writer turn, so ingest keeps flowing in between.
+        loop {
+            match writer.compact().await {
+                Ok(done) if done.days > 0 && !stop.is_cancelled() => continue,
+                Ok(_) => break,
+                Err(e) => {
+                    tracing::error!(error = %e, "compaction failed");
+                    break;
+                }
+            }
+        }
     }
 }
