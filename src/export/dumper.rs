@@ -532,17 +532,13 @@ mod tests {
         .into_iter()
         .collect();
         let l = layout();
-        let got = due(&counts, &retired, &records, &both, &l, d("2026-11-06"));
+        let due_on = |formats: &[DumpFormat], layout: &Layout, today: &str| {
+            due(&counts, &retired, &records, formats, layout, d(today))
+        };
+        let got = due_on(&both, &l, "2026-11-06");
         assert_eq!(got, vec![d("2026-11-04"), d("2026-11-05")]);
         // JSON only: 11-05 is complete.
-        let got = due(
-            &counts,
-            &retired,
-            &records,
-            &[DumpFormat::Json],
-            &l,
-            d("2026-11-07"),
-        );
+        let got = due_on(&[DumpFormat::Json], &l, "2026-11-07");
         assert_eq!(got, vec![d("2026-11-04"), d("2026-11-06")]);
         // Nothing stored: nothing due.
         assert!(
@@ -562,14 +558,7 @@ mod tests {
             node: "m".into(),
             shared: false,
         };
-        let got = due(
-            &counts,
-            &retired,
-            &records,
-            &both,
-            &renamed,
-            d("2026-11-06"),
-        );
+        let got = due_on(&both, &renamed, "2026-11-06");
         assert_eq!(
             got,
             vec![
@@ -583,23 +572,9 @@ mod tests {
             node: "n".into(),
             shared: true,
         };
-        let got = due(
-            &counts,
-            &retired,
-            &records,
-            &[DumpFormat::Parquet],
-            &shared,
-            d("2026-11-06"),
-        );
+        let got = due_on(&[DumpFormat::Parquet], &shared, "2026-11-06");
         assert_eq!(got, vec![d("2026-11-04"), d("2026-11-05")]);
-        let got = due(
-            &counts,
-            &retired,
-            &records,
-            &[DumpFormat::Json],
-            &shared,
-            d("2026-11-06"),
-        );
+        let got = due_on(&[DumpFormat::Json], &shared, "2026-11-06");
         assert_eq!(
             got,
             vec![

@@ -100,15 +100,7 @@ fn readings(t0: chrono::DateTime<chrono::Utc>, start_min: i64, end_min: i64) -> 
 
 /// Background detection passes so far (`/metrics`).
 async fn detection_passes(app: &TestApp) -> u64 {
-    let metrics = app
-        .client
-        .get(app.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = app.get_text("/metrics").await.1;
     metrics
         .lines()
         .find_map(|l| l.strip_prefix("milepost_detection_pass_duration_seconds_count "))
@@ -585,15 +577,7 @@ async fn a_step_ingested_over_http_is_found_once_grouped_triaged_and_notified() 
         !log[1].ok && log[1].attempt == 1 && log[1].status_code == 503,
         "{log:?}"
     );
-    let metrics = app
-        .client
-        .get(app.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = app.get_text("/metrics").await.1;
     for line in [
         "milepost_anomalies_found_total 1",
         "milepost_webhook_deliveries_ok_total 1",

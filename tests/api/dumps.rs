@@ -763,7 +763,8 @@ async fn a_store_failing_mid_upload_leaves_no_object_and_the_day_is_retried() {
     );
 }
 
-fn walk(dir: &Path) -> Vec<String> {
+/// Every file under `dir`, relative, sorted.
+pub(crate) fn walk(dir: &Path) -> Vec<String> {
     let mut out = Vec::new();
     let mut stack = vec![dir.to_owned()];
     while let Some(d) = stack.pop() {

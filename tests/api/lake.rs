@@ -138,21 +138,9 @@ fn day_of(us: i64) -> String {
         .to_string()
 }
 
-/// Every file under `dir`, relative, `/`-separated, sorted.
+/// Every file under `dir`, relative, `/`-separated.
 fn objects(dir: &Path) -> BTreeSet<String> {
-    let mut out = BTreeSet::new();
-    let mut stack = vec![dir.to_owned()];
-    while let Some(d) = stack.pop() {
-        for e in std::fs::read_dir(&d).unwrap().flatten() {
-            let p = e.path();
-            if p.is_dir() {
-                stack.push(p);
-            } else {
-                out.insert(p.strip_prefix(dir).unwrap().display().to_string());
-            }
-        }
-    }
-    out
+    crate::dumps::walk(dir).into_iter().collect()
 }
 
 /// Readings per `node/date`, from what each node stored.

@@ -430,14 +430,9 @@ async fn ndjson_and_csv_exports_parse_and_round_trip() {
     assert_eq!(parsed, rows);
 
     let csv_text = app
-        .client
-        .get(app.url("/api/v1/sensors/speed/readings?format=csv"))
-        .send()
+        .get_text("/api/v1/sensors/speed/readings?format=csv")
         .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+        .1;
     let mut reader = csv::Reader::from_reader(csv_text.as_bytes());
     assert_eq!(reader.headers().unwrap(), vec!["timestamp", "value"]);
     let from_csv: Vec<(i64, f64)> = reader
