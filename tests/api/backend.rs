@@ -810,3 +810,45 @@ async fn internal_errors_reach_the_caller_without_their_details() {
     let dir = app.dir.path().display().to_string();
     assert!(!format!("{e:?}").contains(&dir), "{e:?}");
 }
+
+/// `--dry-run-max-results` caps what a dry run returns, whatever the caller asks,
+/// and `truncated` says that more steps were found.
+#[tokio::test]
+async fn dry_runs_are_capped_by_the_server_setting() {
+    let app = TestApp::spawn_with(|a| {
+        fast_jobs(a);
+        a.backend.dry_run_max_results = 2;
+    })
+    .await;
+    let t = tokens(&app);
+    let t0 = recent_hour_start() - chrono::Duration::hours(4);
+    // A step up every 40 minutes for four hours: six of them.
+    let mut body = String::new();
+    for s in (0..4 * 3600).step_by(10) {
+        let v = if (s / 1200) % 2 == 0 { 80.0 } else { 100.0 };
+        let ts =
+            (t0 + chrono::Duration::seconds(s)).to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
+        body.push_str(&dline("lada", "engine_temperature", v, &ts));
+        body.push('\n');
+    }
+    let (status, _) = app.ingest(body).await;
+    assert_eq!(status, StatusCode::OK);
+    let detection = proto::DetectionClient::new(config(&app));
+    let dry = |max_results| {
+        detection.dry_run(req(
+            proto::DryRunRequest {
+                config: Some(alert_config("what-if", "")),
+                from: t0.to_rfc3339(),
+                to: (t0 + chrono::Duration::hours(4)).to_rfc3339(),
+                max_results,
+            },
+            Some(&t.editor),
+        ))
+    };
+    for (asked, got) in [(0, 2), (1, 1), (50, 2)] {
+        let r = dry(asked).await.unwrap();
+        assert_eq!(r.anomalies.len(), got, "asked {asked}: {r:?}");
+        assert!(r.truncated, "asked {asked}: six steps were there");
+    }
+    app.stop().await;
+}

@@ -387,3 +387,62 @@ async fn a_gzip_bomb_is_refused_with_413_in_bounded_memory() {
     server.child.kill().ok();
     server.child.wait().ok();
 }
+
+/// A connection to `addr` from the loopback address `from` (127.0.0.0/8 is all this
+/// machine's), as a blocking stream.
+async fn connect_from(from: &str, addr: &str) -> TcpStream {
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.bind(format!("{from}:0").parse().unwrap()).unwrap();
+    let stream = socket.connect(addr.parse().unwrap()).await.unwrap();
+    let stream = stream.into_std().unwrap();
+    stream.set_nonblocking(false).unwrap();
+    stream
+}
+
+/// `--max-connections` caps connections in total, whatever address they come from:
+/// three clients on three addresses fill it, a fourth on a fourth address gets 503
+/// with `Retry-After: 1` and is closed; when one leaves, a new one is served.
+#[tokio::test(flavor = "multi_thread")]
+async fn connections_in_total_are_capped() {
+    let app = TestApp::spawn_with(|a| a.http.max_connections = 3).await;
+    let addr = app.base.trim_start_matches("http://").to_owned();
+    let get = b"GET /healthz HTTP/1.1\r\nHost: t\r\n\r\n";
+    let mut held = Vec::new();
+    for from in ["127.0.0.2", "127.0.0.3", "127.0.0.4"] {
+        held.push(connect_from(from, &addr).await);
+    }
+    let fourth = connect_from("127.0.0.5", &addr).await;
+    tokio::task::spawn_blocking(move || {
+        for s in &mut held {
+            s.write_all(get).unwrap();
+            assert_eq!(read_response(s).unwrap().0, 200);
+        }
+        let mut fourth = fourth;
+        fourth.write_all(get).ok();
+        let (status, head, body) =
+            read_response_with_head(&mut fourth).expect("an answer, not a reset");
+        assert_eq!(status, 503, "a fourth connection in total: {body}");
+        assert_eq!(header(&head, "retry-after").as_deref(), Some("1"), "{head}");
+        assert!(closed_within(&mut fourth, Duration::from_secs(5)));
+        drop(held.pop());
+    })
+    .await
+    .unwrap();
+    // The freed slot is given back when the server notices the close.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let mut s = connect_from("127.0.0.6", &addr).await;
+        let status = tokio::task::spawn_blocking(move || {
+            s.write_all(b"GET /healthz HTTP/1.1\r\nHost: t\r\n\r\n")
+                .ok();
+            read_response(&mut s).map(|r| r.0)
+        })
+        .await
+        .unwrap();
+        if status == Some(200) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the freed slot never came back");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}

@@ -400,3 +400,75 @@ async fn a_start_that_fails_half_way_frees_the_data_directory() {
     assert!(err.contains("is not a cron schedule"), "{err}");
     drop(taken);
 }
+
+/// The offline commands the README names, on a stopped server's data directory:
+/// `compact`, `openapi` and `dump --since/--until`.
+#[tokio::test(flavor = "multi_thread")]
+async fn offline_commands_compact_print_the_spec_and_dump_a_range() {
+    let app = TestApp::spawn().await;
+    let (status, _) = app.ingest(crate::dumps::three_days()).await;
+    assert_eq!(status, StatusCode::OK);
+    let dir = app.stop().await;
+    let stored = stored_rows(dir.path());
+    let run = |args: &[&str]| {
+        let out = Command::new(env!("CARGO_BIN_EXE_milepost"))
+            .args(args)
+            .arg("--data-dir")
+            .arg(dir.path())
+            .output()
+            .unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+
+    let (code, out, err) = run(&["compact"]);
+    assert_eq!(code, Some(0), "{err}");
+    assert!(out.starts_with("compacted 3 day(s), "), "{out}");
+    assert_eq!(
+        stored_rows(dir.path()),
+        stored,
+        "compaction keeps every reading"
+    );
+
+    let spec = Command::new(env!("CARGO_BIN_EXE_milepost"))
+        .arg("openapi")
+        .output()
+        .unwrap();
+    assert!(spec.status.success());
+    let committed =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/openapi/openapi.json"))
+            .unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&spec.stdout).trim(),
+        committed.trim()
+    );
+
+    let (code, out, err) = run(&[
+        "dump",
+        "--since",
+        "2026-11-01",
+        "--until",
+        "2026-11-02",
+        "--node-name",
+        "offline",
+    ]);
+    assert_eq!(code, Some(0), "{err}");
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(lines.len(), 4, "two days, two formats: {out}");
+    let dumps = dir.path().join("dumps");
+    for day in ["2026-11-01", "2026-11-02"] {
+        assert!(dumps.join(format!("{day}.json.gz")).is_file());
+        assert!(
+            dumps
+                .join(format!("parquet/date={day}/offline.parquet"))
+                .is_file()
+        );
+    }
+    assert!(!dumps.join("2026-11-03.json.gz").exists(), "past --until");
+    let (code, _, err) = run(&["dump", "--since", "2026-11-03", "--until", "2026-11-01"]);
+    assert_eq!(code, Some(1));
+    assert!(err.contains("is after --until"), "{err}");
+}
