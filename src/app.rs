@@ -163,7 +163,6 @@ impl Server {
             .context("--max-future-skew is too large")?;
         let reads: Arc<dyn crate::store::ReadStore> = Arc::new(store.reader()?);
         let alerts = Arc::new(store.alert_store()?);
-        let db_path = store.path().to_owned();
         let metrics = Arc::new(Metrics::new());
         let dumper = Arc::new(
             open_dumper(
@@ -225,7 +224,7 @@ impl Server {
             alerts: alerts.clone(),
             writer: writer_handle.clone(),
             metrics: metrics.clone(),
-            db_path,
+            data_dir: crate::store::DataDir::new(&args.storage.data_dir),
             keys: keys.clone(),
             limits: Limits {
                 max_body_bytes: args.max_body_bytes,

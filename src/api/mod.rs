@@ -17,7 +17,7 @@ mod trace;
 mod track;
 pub mod v1;
 
-use std::path::{Path as FsPath, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 
 use poem::endpoint::StaticFilesEndpoint;
@@ -66,7 +66,7 @@ pub struct AppState {
     /// Counters and histograms behind `/metrics`.
     pub metrics: Arc<Metrics>,
     /// The database file, for its size in `/metrics`.
-    pub db_path: PathBuf,
+    pub data_dir: crate::store::DataDir,
     /// Valid API keys (reloadable).
     pub keys: Arc<KeyRing>,
     /// Ingest limits.
@@ -266,7 +266,7 @@ impl PublicApi {
     async fn metrics(&self, state: Data<&Arc<AppState>>) -> MetricsResponse {
         let m = &state.metrics;
         m.queue_depth.set(state.writer.queue_depth() as i64);
-        m.database_bytes.set(database_bytes(&state.db_path) as i64);
+        m.database_bytes.set(state.data_dir.database_bytes() as i64);
         let mut stored = 0u64;
         let mut newest = None;
         let devices = state.reads.devices();
@@ -283,16 +283,6 @@ impl PublicApi {
         }
         MetricsResponse::Ok(PlainText(m.render()))
     }
-}
-
-/// Bytes of the database file and its WAL.
-fn database_bytes(db: &FsPath) -> u64 {
-    let wal = db.with_extension("duckdb.wal");
-    [db, wal.as_path()]
-        .iter()
-        .filter_map(|p| std::fs::metadata(p).ok())
-        .map(|m| m.len())
-        .sum()
 }
 
 fn service() -> OpenApiService<

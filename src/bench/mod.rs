@@ -387,8 +387,9 @@ fn native_load(dir: &Path, g: &Generated, memory_limit: &str) -> anyhow::Result<
     };
     // Same schema as the server, created by the same migrations.
     drop(crate::store::Store::open(&cfg)?);
-    std::fs::remove_file(dir.join("milepost.lock")).ok();
-    let conn = open_db(&dir.join(crate::store::DB_FILE), memory_limit, false)?;
+    let files = crate::store::DataDir::new(dir);
+    std::fs::remove_file(files.lock_file()).ok();
+    let conn = open_db(&files.database(), memory_limit, false)?;
     for (i, s) in g.streams.iter().enumerate() {
         conn.execute(
             "INSERT INTO devices VALUES (?, ?)",

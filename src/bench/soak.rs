@@ -116,7 +116,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<SoakReport> {
     let (work, _tmp) = super::work_dir(&args, "milepost-bench-soak-")?;
     let data_dir = work.join("soak");
     let server = BenchServer::start(&data_dir, &args.memory_limit)?;
-    let wal = data_dir.join("milepost.duckdb.wal");
+    let wal = crate::store::DataDir::new(&data_dir).wal();
     let base = server.base().to_owned();
     let client = reqwest::Client::builder()
         .pool_max_idle_per_host(usize::MAX)

@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 
 use clap::Args;
 
-use crate::store::{DB_FILE, DuckSettings, open_connection};
+use crate::store::{DataDir, DuckSettings, open_connection};
 
 /// `milepost recover` options.
 #[derive(Debug, Clone, Args)]
@@ -52,8 +52,8 @@ fn try_open(db: &Path) -> Result<(), String> {
 /// Examines `args.data_dir`, prints what it found and what to do.
 pub fn run(args: &RecoverArgs) -> anyhow::Result<Recovery> {
     let dir = &args.data_dir;
-    let db = dir.join(DB_FILE);
-    let wal = dir.join(format!("{DB_FILE}.wal"));
+    let files = DataDir::new(dir);
+    let (db, wal) = (files.database(), files.wal());
     if !db.exists() {
         println!(
             "{} does not exist: nothing to recover (a new database is created on start).",
@@ -61,13 +61,7 @@ pub fn run(args: &RecoverArgs) -> anyhow::Result<Recovery> {
         );
         return Ok(Recovery::Healthy);
     }
-    let lock = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open(dir.join("milepost.lock"));
-    if let Ok(f) = &lock
-        && f.try_lock().is_err()
-    {
+    if files.in_use() {
         anyhow::bail!(
             "a milepost process is using {}: stop it first",
             dir.display()

@@ -17,6 +17,7 @@
 mod alerts;
 mod columns;
 mod compact;
+mod data_dir;
 mod dump;
 mod dump_files;
 mod error;
@@ -38,6 +39,7 @@ use duckdb::{Config, Connection};
 
 pub use alerts::{AlertStore, AlertStoreError};
 pub use compact::Compaction;
+pub use data_dir::{DB_FILE, DataDir};
 pub use dump::{DaySnapshot, DumpRecord, DumpSource};
 pub use error::StoreError;
 use ingest_log::IngestLog;
@@ -69,12 +71,6 @@ pub struct Store {
     _lock: File,
 }
 
-/// File name of the database inside the data directory.
-pub const DB_FILE: &str = "milepost.duckdb";
-const LOCK_FILE: &str = "milepost.lock";
-/// This data directory's instance id (see [`DumpSource::instance_id`]).
-const INSTANCE_FILE: &str = "instance-id";
-
 impl Store {
     /// Opens (creating if needed) the database in `cfg.data_dir`.
     #[tracing::instrument(skip_all, fields(data_dir = %cfg.data_dir.display()))]
@@ -83,9 +79,10 @@ impl Store {
             path: cfg.data_dir.clone(),
             error: e,
         })?;
-        let lock = lock_data_dir(&cfg.data_dir)?;
-        let instance = instance_id(&cfg.data_dir)?;
-        let path = cfg.data_dir.join(DB_FILE);
+        let dir = DataDir::new(&cfg.data_dir);
+        let lock = lock_data_dir(&dir)?;
+        let instance = instance_id(&dir)?;
+        let path = dir.database();
         let conn = open_duckdb(&path, cfg)?;
         // DuckDB opens a damaged file (truncated, overwritten) lazily: the first reads
         // fail. Those failures get the same guidance as a refused open.
@@ -186,8 +183,8 @@ impl Store {
 /// 128 bits, hex) and written durably on first use. A file rather than a database
 /// row, so that `milepost recover --move-wal`, which may drop the database's last
 /// writes, never changes it.
-fn instance_id(dir: &Path) -> Result<String, StoreError> {
-    let path = dir.join(INSTANCE_FILE);
+fn instance_id(dir: &DataDir) -> Result<String, StoreError> {
+    let path = dir.instance_file();
     let io = |error| StoreError::DataDir {
         path: path.clone(),
         error,
@@ -199,12 +196,14 @@ fn instance_id(dir: &Path) -> Result<String, StoreError> {
         Err(e) => return Err(io(e)),
     }
     let id = hex::encode(rand::random::<[u8; 16]>());
-    let tmp = dir.join(format!("{INSTANCE_FILE}.tmp"));
+    let tmp = path.with_extension("tmp");
     let mut f = File::create(&tmp).map_err(io)?;
     writeln!(f, "{id}").map_err(io)?;
     f.sync_all().map_err(io)?;
     std::fs::rename(&tmp, &path).map_err(io)?;
-    File::open(dir).and_then(|d| d.sync_all()).map_err(io)?;
+    File::open(dir.path())
+        .and_then(|d| d.sync_all())
+        .map_err(io)?;
     Ok(id)
 }
 
@@ -273,8 +272,8 @@ fn close(conn: &Connection, shared: &Shared) -> Result<(), StoreError> {
 
 /// Takes an exclusive lock on the data directory so that a second process is refused
 /// before it touches the database.
-fn lock_data_dir(dir: &Path) -> Result<File, StoreError> {
-    let path = dir.join(LOCK_FILE);
+fn lock_data_dir(dir: &DataDir) -> Result<File, StoreError> {
+    let path = dir.lock_file();
     let mut file = std::fs::OpenOptions::new()
         .create(true)
         .truncate(false)
@@ -290,7 +289,7 @@ fn lock_data_dir(dir: &Path) -> Result<File, StoreError> {
         Err(std::fs::TryLockError::WouldBlock) => {
             let holder = std::fs::read_to_string(&path).unwrap_or_default();
             return Err(StoreError::Locked {
-                dir: dir.to_owned(),
+                dir: dir.path().to_owned(),
                 holder: holder.trim().to_owned(),
             });
         }
