@@ -23,8 +23,12 @@ fn certificate() -> (String, String) {
     (cert.pem(), key.serialize_pem())
 }
 
-/// One HTTPS request over a fresh connection that trusts only `ca_pem`.
-async fn https(addr: &str, ca_pem: &str, request: String) -> std::io::Result<(u16, String)> {
+/// A TLS connection that trusts only `ca_pem` and offers the ALPN `protocols`.
+async fn tls_connect(
+    addr: &str,
+    ca_pem: &str,
+    protocols: &[&[u8]],
+) -> std::io::Result<tokio_rustls::client::TlsStream<tokio::net::TcpStream>> {
     let mut roots = rustls::RootCertStore::empty();
     for c in CertificateDer::pem_slice_iter(ca_pem.as_bytes()) {
         roots.add(c.unwrap()).unwrap();
@@ -36,11 +40,18 @@ async fn https(addr: &str, ca_pem: &str, request: String) -> std::io::Result<(u1
     .unwrap()
     .with_root_certificates(roots)
     .with_no_client_auth();
+    let mut config = config;
+    config.alpn_protocols = protocols.iter().map(|p| p.to_vec()).collect();
     let tcp = tokio::net::TcpStream::connect(addr).await?;
     let name = ServerName::try_from("127.0.0.1").unwrap();
-    let mut tls = TlsConnector::from(Arc::new(config))
+    TlsConnector::from(Arc::new(config))
         .connect(name, tcp)
-        .await?;
+        .await
+}
+
+/// One HTTPS request over a fresh connection that trusts only `ca_pem`.
+async fn https(addr: &str, ca_pem: &str, request: String) -> std::io::Result<(u16, String)> {
+    let mut tls = tls_connect(addr, ca_pem, &[]).await?;
     tls.write_all(request.as_bytes()).await?;
     let mut out = Vec::new();
     tls.read_to_end(&mut out).await.ok();
@@ -130,6 +141,26 @@ async fn sighup_rotates_keys_and_certificate_and_keys_never_reach_the_log() {
         .unwrap();
     assert_eq!(status, 401);
 
+    // HTTP/2 is offered by ALPN.
+    let h2 = tls_connect(&addr, &cert1, &[b"h2", b"http/1.1"])
+        .await
+        .unwrap();
+    assert_eq!(h2.get_ref().1.alpn_protocol(), Some(&b"h2"[..]));
+    drop(h2);
+    // A keep-alive connection opened now, with one answered request on it.
+    let mut kept = tls_connect(&addr, &cert1, &[b"http/1.1"]).await.unwrap();
+    kept.write_all(b"GET /healthz HTTP/1.1\r\nHost: t\r\n\r\n")
+        .await
+        .unwrap();
+    let mut seen = Vec::new();
+    while !String::from_utf8_lossy(&seen).contains("\r\n\r\n") {
+        let mut b = [0u8; 512];
+        let n = kept.read(&mut b).await.unwrap();
+        assert!(n > 0, "closed before answering");
+        seen.extend_from_slice(&b[..n]);
+    }
+    assert!(String::from_utf8_lossy(&seen).starts_with("HTTP/1.1 200"));
+
     // Rotate both, then SIGHUP.
     let (cert2, key2) = certificate();
     std::fs::write(&keys, format!("# rotated\n{new_key}\n")).unwrap();
@@ -137,6 +168,15 @@ async fn sighup_rotates_keys_and_certificate_and_keys_never_reach_the_log() {
     std::fs::write(&key_path, &key2).unwrap();
     send_signal(proc.0.id(), "-HUP");
     wait_for_log(&log, "TLS certificate reloaded");
+
+    // The connection opened before keeps its session (and certificate).
+    kept.write_all(b"GET /healthz HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut rest = Vec::new();
+    kept.read_to_end(&mut rest).await.ok();
+    let rest = String::from_utf8_lossy(&rest).to_string();
+    assert!(rest.contains("HTTP/1.1 200"), "{rest}");
 
     let (status, body) = https(&addr, &cert2, ingest_request(new_key, 3))
         .await
