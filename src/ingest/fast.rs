@@ -12,7 +12,7 @@
 
 use std::borrow::Cow;
 
-use super::ndjson::{Number, Wire};
+use super::wire::{Number, Wire};
 
 /// The fields of a line in the common shape, or `None` to leave it to the full parser.
 pub(super) fn scan(line: &[u8]) -> Option<Wire<'_>> {

@@ -6,7 +6,8 @@
 use std::sync::Arc;
 
 use super::fast;
-use super::ndjson::{IngestOptions, StreamParser, Wire};
+use super::ndjson::{IngestOptions, StreamParser};
+use super::wire::Wire;
 use crate::domain::{Catalog, Timestamp};
 
 /// Readings (device, sensor, µs, value bits), refused lines, oversize lines and the

@@ -5,5 +5,6 @@
 mod fast;
 pub mod invariants;
 pub mod ndjson;
+mod wire;
 
 pub use ndjson::{IngestOptions, LineError, StreamParser};

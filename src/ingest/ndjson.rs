@@ -6,13 +6,8 @@
 //! neighbours. Memory stays bounded: at most one partial line (capped at the
 //! configured maximum length) plus the current batch.
 
-use std::borrow::Cow;
 use std::collections::HashMap;
-use std::fmt;
 use std::sync::Arc;
-
-use serde::Deserialize;
-use serde::de::{self, Visitor};
 
 use super::fast;
 use crate::domain::{Batch, Catalog, Device, Row, SensorId, Timestamp};
@@ -392,43 +387,6 @@ fn describe_json_error(e: sonic_rs::Error) -> String {
     let msg = e.to_string();
     let msg = msg.split(" at line ").next().unwrap_or(&msg);
     format!("{kind}: {msg} (column {})", e.column())
-}
-
-/// A reading as it arrives on the wire.
-#[derive(Deserialize)]
-pub(super) struct Wire<'a> {
-    #[serde(borrow)]
-    pub(super) sensor: Cow<'a, str>,
-    pub(super) value: Number,
-    #[serde(borrow)]
-    pub(super) timestamp: Cow<'a, str>,
-    #[serde(borrow, default)]
-    pub(super) device: Option<Cow<'a, str>>,
-}
-
-/// A JSON number, and only that: strings, null and booleans are refused.
-pub(super) struct Number(pub(super) f64);
-
-impl<'de> Deserialize<'de> for Number {
-    fn deserialize<D: de::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        struct V;
-        impl Visitor<'_> for V {
-            type Value = Number;
-            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-                f.write_str("a finite number for `value`")
-            }
-            fn visit_f64<E: de::Error>(self, v: f64) -> Result<Number, E> {
-                Ok(Number(v))
-            }
-            fn visit_i64<E: de::Error>(self, v: i64) -> Result<Number, E> {
-                Ok(Number(v as f64))
-            }
-            fn visit_u64<E: de::Error>(self, v: u64) -> Result<Number, E> {
-                Ok(Number(v as f64))
-            }
-        }
-        d.deserialize_any(V)
-    }
 }
 
 #[cfg(test)]
