@@ -457,6 +457,11 @@ async fn reflection_lists_every_service_and_describes_its_methods() {
 
 /// A webhook receiver: answers 503 to the first POST, then 200; keeps the bodies.
 async fn webhook_receiver() -> (String, Arc<Mutex<Vec<Value>>>) {
+    webhook_receiver_refusing(1).await
+}
+
+/// A webhook receiver that answers 503 to the first `refusals` POSTs, then 204.
+async fn webhook_receiver_refusing(refusals: usize) -> (String, Arc<Mutex<Vec<Value>>>) {
     use poem::listener::{Acceptor, Listener};
     let got: Arc<Mutex<Vec<Value>>> = Arc::default();
     let seen = got.clone();
@@ -469,7 +474,7 @@ async fn webhook_receiver() -> (String, Arc<Mutex<Vec<Value>>>) {
                 let body: Value = req.take_body().into_json().await.unwrap();
                 let mut seen = seen.lock().unwrap();
                 seen.push(body);
-                if seen.len() == 1 {
+                if seen.len() <= refusals {
                     poem::http::StatusCode::SERVICE_UNAVAILABLE
                 } else {
                     poem::http::StatusCode::NO_CONTENT
@@ -850,5 +855,59 @@ async fn dry_runs_are_capped_by_the_server_setting() {
         assert_eq!(r.anomalies.len(), got, "asked {asked}: {r:?}");
         assert!(r.truncated, "asked {asked}: six steps were there");
     }
+    app.stop().await;
+}
+
+/// `--webhook-attempts` running out: a receiver that always refuses gets exactly that
+/// many POSTs, each in the delivery log and the failure counter, and then the
+/// anomalies are marked done, so nothing more is sent.
+#[tokio::test]
+async fn a_webhook_that_always_fails_is_tried_webhook_attempts_times_then_given_up() {
+    let app = TestApp::spawn_with(|a| {
+        fast_jobs(a);
+        a.backend.webhook_attempts = 3;
+    })
+    .await;
+    let t = tokens(&app);
+    let (hook, received) = webhook_receiver_refusing(usize::MAX).await;
+    let alerts = proto::AlertsClient::new(config(&app));
+    alerts
+        .create_alert(req(alert_config("dead-hook", &hook), Some(&t.editor)))
+        .await
+        .unwrap();
+    let t0 = recent_hour_start();
+    let (status, _) = app.ingest(readings(t0, 0, 90)).await;
+    assert_eq!(status, StatusCode::OK);
+    let store = app.server().alerts();
+    wait_for("the notification to be given up", async || {
+        let done = !received.lock().unwrap().is_empty() && store.unnotified().unwrap().is_empty();
+        done.then_some(())
+    })
+    .await;
+    assert_eq!(
+        received.lock().unwrap().len(),
+        3,
+        "exactly --webhook-attempts POSTs"
+    );
+    let log = alerts
+        .list_deliveries(req(
+            proto::ListDeliveriesRequest::default(),
+            Some(&t.viewer),
+        ))
+        .await
+        .unwrap()
+        .into_inner()
+        .deliveries;
+    assert_eq!(log.len(), 3, "{log:?}");
+    assert!(log.iter().all(|d| !d.ok && d.status_code == 503), "{log:?}");
+    let (_, metrics) = app.get_text("/metrics").await;
+    assert!(
+        metrics.contains("milepost_webhook_deliveries_failed_total 3"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("milepost_webhook_deliveries_ok_total 0"),
+        "{metrics}"
+    );
     app.stop().await;
 }
