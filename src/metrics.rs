@@ -32,54 +32,116 @@ pub struct StatusLabel {
 /// Label name used for readings whose sensor is not in the catalog.
 pub const UNKNOWN_SENSOR: &str = "unknown";
 
-/// Every metric the server exports.
-pub struct Metrics {
-    registry: Registry,
+/// Declares [`Metrics`] — each metric once: its field, documentation, initial value,
+/// exported name, help text and unit — and `Metrics::new`, which registers them in
+/// this order.
+macro_rules! metrics {
+    ($(
+        $(#[$doc:meta])*
+        $field:ident: $ty:ty = $init:expr => $name:literal, $help:literal $(, $unit:ident)?;
+    )+) => {
+        /// Every metric the server exports.
+        pub struct Metrics {
+            registry: Registry,
+            $( $(#[$doc])* pub $field: $ty, )+
+        }
+
+        impl Metrics {
+            /// A fresh set of metrics, all zero.
+            pub fn new() -> Self {
+                let mut registry = Registry::with_prefix("milepost");
+                $(
+                    let $field: $ty = $init;
+                    metrics!(@register registry, $name, $help, $field $(, $unit)?);
+                )+
+                Self { registry, $($field),+ }
+            }
+        }
+    };
+    (@register $r:ident, $name:literal, $help:literal, $f:ident) => {
+        $r.register($name, $help, $f.clone())
+    };
+    (@register $r:ident, $name:literal, $help:literal, $f:ident, $unit:ident) => {
+        $r.register_with_unit($name, $help, Unit::$unit, $f.clone())
+    };
+}
+
+metrics! {
     /// Readings newly stored, by sensor.
-    pub readings_accepted: Family<SensorLabel, Counter>,
+    readings_accepted: Family<SensorLabel, Counter> = Family::default()
+        => "readings_accepted", "Readings newly stored";
     /// Readings dropped as duplicates of stored ones, by sensor.
-    pub readings_duplicate: Family<SensorLabel, Counter>,
+    readings_duplicate: Family<SensorLabel, Counter> = Family::default()
+        => "readings_duplicate",
+        "Readings dropped because their (device, sensor, timestamp) was already stored";
     /// Lines refused, by sensor (`unknown` when the line named no catalogued sensor).
-    pub readings_rejected: Family<SensorLabel, Counter>,
+    readings_rejected: Family<SensorLabel, Counter> = Family::default()
+        => "readings_rejected", "Ingest lines refused";
     /// Ingest requests answered, by status.
-    pub ingest_requests: Family<StatusLabel, Counter>,
-    /// Time from request start to answer of `POST /ingest`.
-    pub ingest_seconds: Histogram,
+    ingest_requests: Family<StatusLabel, Counter> = Family::default()
+        => "ingest_requests", "Ingest requests answered, by HTTP status";
+    /// Time from request start to answer of `POST /ingest` (1 ms .. ~16 s).
+    ingest_seconds: Histogram = Histogram::new(exponential_buckets(0.001, 2.0, 15))
+        => "ingest_request_duration",
+        "Time to answer an ingest request (all its readings committed)", Seconds;
     /// Time of one group commit in the writer (an ingest-log append or a DuckDB
-    /// transaction).
-    pub commit_seconds: Histogram,
+    /// transaction; 0.1 ms .. ~6.5 s).
+    commit_seconds: Histogram = Histogram::new(exponential_buckets(0.0001, 2.0, 17))
+        => "batch_commit_duration",
+        "Time of one group commit (ingest-log append and fdatasync, or dedupe, append and COMMIT in DuckDB)",
+        Seconds;
     /// Time of moving the ingest log into DuckDB.
-    pub log_flush_seconds: Histogram,
+    log_flush_seconds: Histogram = Histogram::new(exponential_buckets(0.0005, 2.0, 15))
+        => "ingest_log_flush_duration",
+        "Time of moving the readings acknowledged through the ingest log into the database",
+        Seconds;
     /// Batches waiting for the writer (set when scraped).
-    pub queue_depth: Gauge,
+    queue_depth: Gauge = Gauge::default()
+        => "write_queue_depth", "Batches waiting for the writer";
     /// Size of the database file plus its WAL (set when scraped).
-    pub database_bytes: Gauge,
+    database_bytes: Gauge = Gauge::default()
+        => "database_size", "Size of the DuckDB file and its write-ahead log", Bytes;
     /// Readings stored over all series (set when scraped).
-    pub stored_readings: Gauge,
+    stored_readings: Gauge = Gauge::default()
+        => "stored_readings", "Readings stored over all devices and sensors";
     /// Known devices (set when scraped).
-    pub devices: Gauge,
+    devices: Gauge = Gauge::default() => "devices", "Devices that sent readings";
     /// Seconds since the Unix epoch of the newest stored reading (set when scraped).
-    pub last_reading_seconds: Gauge<f64, AtomicU64>,
+    last_reading_seconds: Gauge<f64, AtomicU64> = Gauge::default()
+        => "last_reading_timestamp_seconds", "Timestamp of the newest stored reading";
     /// Dump objects written and recorded.
-    pub dumps_ok: Counter,
+    dumps_ok: Counter = Counter::default()
+        => "dumps_ok", "Daily dump objects written to the blob store";
     /// Days whose dump failed (retried by the next run).
-    pub dumps_failed: Counter,
+    dumps_failed: Counter = Counter::default()
+        => "dumps_failed", "Days whose dump failed (retried by the next run)";
     /// Bytes of dump objects written.
-    pub dump_bytes: Counter,
-    /// Time to dump one day (copy, upload, record, manifest).
-    pub dump_seconds: Histogram,
+    dump_bytes: Counter = Counter::default()
+        => "dump", "Bytes of dump objects written", Bytes;
+    /// Time to dump one day (copy, upload, record, manifest; 10 ms .. ~5 min).
+    dump_seconds: Histogram = Histogram::new(exponential_buckets(0.01, 2.0, 15))
+        => "dump_day_duration", "Time to dump one day (copy, upload, record, manifest)",
+        Seconds;
     /// Finished days still waiting for a dump after the last run.
-    pub dump_days_pending: Gauge,
+    dump_days_pending: Gauge = Gauge::default()
+        => "dump_days_pending", "Finished days still waiting for a dump after the last run";
     /// Readings deleted by retention after their days were dumped.
-    pub retention_deleted_readings: Counter,
+    retention_deleted_readings: Counter = Counter::default()
+        => "retention_deleted_readings",
+        "Readings deleted by retention after their days were dumped";
     /// Anomalies background step detection stored.
-    pub anomalies_found: Counter,
-    /// Time of one background detection pass over the alerts of the touched series.
-    pub detection_seconds: Histogram,
+    anomalies_found: Counter = Counter::default()
+        => "anomalies_found", "Anomalies background step detection stored";
+    /// Time of one background detection pass over the alerts of the touched series
+    /// (1 ms .. ~30 s).
+    detection_seconds: Histogram = Histogram::new(exponential_buckets(0.001, 2.0, 15))
+        => "detection_pass_duration", "Time of one background detection pass", Seconds;
     /// Webhook attempts the receiver answered with 2xx.
-    pub webhook_ok: Counter,
+    webhook_ok: Counter = Counter::default()
+        => "webhook_deliveries_ok", "Webhook attempts answered with 2xx";
     /// Webhook attempts that failed (retried, up to `--webhook-attempts`).
-    pub webhook_failed: Counter,
+    webhook_failed: Counter = Counter::default()
+        => "webhook_deliveries_failed", "Webhook attempts that failed";
 }
 
 impl std::fmt::Debug for Metrics {
@@ -95,175 +157,6 @@ impl Default for Metrics {
 }
 
 impl Metrics {
-    /// A fresh set of metrics, all zero.
-    pub fn new() -> Self {
-        let mut registry = Registry::with_prefix("milepost");
-        let readings_accepted = Family::<SensorLabel, Counter>::default();
-        registry.register(
-            "readings_accepted",
-            "Readings newly stored",
-            readings_accepted.clone(),
-        );
-        let readings_duplicate = Family::<SensorLabel, Counter>::default();
-        registry.register(
-            "readings_duplicate",
-            "Readings dropped because their (device, sensor, timestamp) was already stored",
-            readings_duplicate.clone(),
-        );
-        let readings_rejected = Family::<SensorLabel, Counter>::default();
-        registry.register(
-            "readings_rejected",
-            "Ingest lines refused",
-            readings_rejected.clone(),
-        );
-        let ingest_requests = Family::<StatusLabel, Counter>::default();
-        registry.register(
-            "ingest_requests",
-            "Ingest requests answered, by HTTP status",
-            ingest_requests.clone(),
-        );
-        // 1 ms .. ~16 s.
-        let ingest_seconds = Histogram::new(exponential_buckets(0.001, 2.0, 15));
-        registry.register_with_unit(
-            "ingest_request_duration",
-            "Time to answer an ingest request (all its readings committed)",
-            Unit::Seconds,
-            ingest_seconds.clone(),
-        );
-        // 0.1 ms .. ~6.5 s.
-        let commit_seconds = Histogram::new(exponential_buckets(0.0001, 2.0, 17));
-        registry.register_with_unit(
-            "batch_commit_duration",
-            "Time of one group commit (ingest-log append and fdatasync, or dedupe, append and COMMIT in DuckDB)",
-            Unit::Seconds,
-            commit_seconds.clone(),
-        );
-        let log_flush_seconds = Histogram::new(exponential_buckets(0.0005, 2.0, 15));
-        registry.register_with_unit(
-            "ingest_log_flush_duration",
-            "Time of moving the readings acknowledged through the ingest log into the database",
-            Unit::Seconds,
-            log_flush_seconds.clone(),
-        );
-        let queue_depth = Gauge::default();
-        registry.register(
-            "write_queue_depth",
-            "Batches waiting for the writer",
-            queue_depth.clone(),
-        );
-        let database_bytes = Gauge::default();
-        registry.register_with_unit(
-            "database_size",
-            "Size of the DuckDB file and its write-ahead log",
-            Unit::Bytes,
-            database_bytes.clone(),
-        );
-        let stored_readings = Gauge::default();
-        registry.register(
-            "stored_readings",
-            "Readings stored over all devices and sensors",
-            stored_readings.clone(),
-        );
-        let devices = Gauge::default();
-        registry.register("devices", "Devices that sent readings", devices.clone());
-        let last_reading_seconds = Gauge::<f64, AtomicU64>::default();
-        registry.register(
-            "last_reading_timestamp_seconds",
-            "Timestamp of the newest stored reading",
-            last_reading_seconds.clone(),
-        );
-        let dumps_ok = Counter::default();
-        registry.register(
-            "dumps_ok",
-            "Daily dump objects written to the blob store",
-            dumps_ok.clone(),
-        );
-        let dumps_failed = Counter::default();
-        registry.register(
-            "dumps_failed",
-            "Days whose dump failed (retried by the next run)",
-            dumps_failed.clone(),
-        );
-        let dump_bytes = Counter::default();
-        registry.register_with_unit(
-            "dump",
-            "Bytes of dump objects written",
-            Unit::Bytes,
-            dump_bytes.clone(),
-        );
-        // 10 ms .. ~5 min.
-        let dump_seconds = Histogram::new(exponential_buckets(0.01, 2.0, 15));
-        registry.register_with_unit(
-            "dump_day_duration",
-            "Time to dump one day (copy, upload, record, manifest)",
-            Unit::Seconds,
-            dump_seconds.clone(),
-        );
-        let dump_days_pending = Gauge::default();
-        registry.register(
-            "dump_days_pending",
-            "Finished days still waiting for a dump after the last run",
-            dump_days_pending.clone(),
-        );
-        let retention_deleted_readings = Counter::default();
-        registry.register(
-            "retention_deleted_readings",
-            "Readings deleted by retention after their days were dumped",
-            retention_deleted_readings.clone(),
-        );
-        let anomalies_found = Counter::default();
-        registry.register(
-            "anomalies_found",
-            "Anomalies background step detection stored",
-            anomalies_found.clone(),
-        );
-        // 1 ms .. ~30 s.
-        let detection_seconds = Histogram::new(exponential_buckets(0.001, 2.0, 15));
-        registry.register_with_unit(
-            "detection_pass_duration",
-            "Time of one background detection pass",
-            Unit::Seconds,
-            detection_seconds.clone(),
-        );
-        let webhook_ok = Counter::default();
-        registry.register(
-            "webhook_deliveries_ok",
-            "Webhook attempts answered with 2xx",
-            webhook_ok.clone(),
-        );
-        let webhook_failed = Counter::default();
-        registry.register(
-            "webhook_deliveries_failed",
-            "Webhook attempts that failed",
-            webhook_failed.clone(),
-        );
-        Self {
-            anomalies_found,
-            detection_seconds,
-            webhook_ok,
-            webhook_failed,
-            dumps_ok,
-            dumps_failed,
-            dump_bytes,
-            dump_seconds,
-            dump_days_pending,
-            retention_deleted_readings,
-            registry,
-            readings_accepted,
-            readings_duplicate,
-            readings_rejected,
-            ingest_requests,
-            ingest_seconds,
-            commit_seconds,
-            log_flush_seconds,
-            queue_depth,
-            database_bytes,
-            stored_readings,
-            devices,
-            last_reading_seconds,
-        }
-    }
-
     /// Adds `n` to a per-sensor counter.
     pub fn add(family: &Family<SensorLabel, Counter>, sensor: &str, n: u64) {
         if n > 0 {
