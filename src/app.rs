@@ -128,7 +128,7 @@ impl Running {
             j.stop().await;
         }
         self.dumper.shutdown().await;
-        tracing::info!("HTTP listener stopped; draining the writer");
+        tracing::info!("background work stopped; draining the writer");
         self.writer
             .shutdown()
             .await

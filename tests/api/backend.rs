@@ -491,6 +491,16 @@ async fn webhook_receiver_refusing(refusals: usize) -> (String, Arc<Mutex<Vec<Va
     (format!("http://{addr}/hook"), got)
 }
 
+/// The delivery log, as a viewer reads it.
+async fn deliveries(alerts: &proto::AlertsClient, viewer: &str) -> Vec<proto::Delivery> {
+    alerts
+        .list_deliveries(req(proto::ListDeliveriesRequest::default(), Some(viewer)))
+        .await
+        .unwrap()
+        .into_inner()
+        .deliveries
+}
+
 async fn wait_for<T>(what: &str, mut f: impl AsyncFnMut() -> Option<T>) -> T {
     for _ in 0..200 {
         if let Some(v) = f().await {
@@ -561,15 +571,7 @@ async fn a_step_ingested_over_http_is_found_once_grouped_triaged_and_notified() 
     assert_eq!(bodies[1]["anomalies"][0]["before"], 80.0);
     assert_eq!(bodies[1]["anomalies"][0]["after"], 100.0);
     let log = wait_for("the delivery log", async || {
-        let d = alerts
-            .list_deliveries(req(
-                proto::ListDeliveriesRequest::default(),
-                Some(&t.viewer),
-            ))
-            .await
-            .unwrap()
-            .into_inner()
-            .deliveries;
+        let d = deliveries(&alerts, &t.viewer).await;
         (d.len() >= 2).then_some(d)
     })
     .await;
@@ -889,15 +891,7 @@ async fn a_webhook_that_always_fails_is_tried_webhook_attempts_times_then_given_
         3,
         "exactly --webhook-attempts POSTs"
     );
-    let log = alerts
-        .list_deliveries(req(
-            proto::ListDeliveriesRequest::default(),
-            Some(&t.viewer),
-        ))
-        .await
-        .unwrap()
-        .into_inner()
-        .deliveries;
+    let log = deliveries(&alerts, &t.viewer).await;
     assert_eq!(log.len(), 3, "{log:?}");
     assert!(log.iter().all(|d| !d.ok && d.status_code == 503), "{log:?}");
     let (_, metrics) = app.get_text("/metrics").await;

@@ -388,6 +388,16 @@ async fn three_nodes_share_an_s3_prefix_dumping_at_the_same_seconds() {
     check_readers(local.path(), &published, &["pyarrow", "polars"]).await;
 }
 
+/// Settings of an in-process node named `name` publishing into the lake at `url`.
+fn node(url: &str, name: &str, shared: bool) -> impl FnOnce(&mut milepost::config::ServeArgs) {
+    let (url, name) = (url.to_owned(), name.to_owned());
+    move |a| {
+        a.blob.blob_store_url = Some(url);
+        a.blob.node_name = Some(name);
+        a.blob.shared_lake = shared;
+    }
+}
+
 /// `milepost serve` of the real binary on `dir`, expected to refuse to start: its
 /// exit status and error output.
 fn refused(dir: &Path, url: &str, node: &str) -> String {
@@ -416,14 +426,7 @@ async fn a_second_lone_appliance_or_a_second_holder_of_a_name_is_refused_at_star
 
     // A lone appliance: the seed-named day file at the root, downloadable by its
     // seed name.
-    let lone = {
-        let url = url.clone();
-        TestApp::spawn_with(move |a| {
-            a.blob.blob_store_url = Some(url);
-            a.blob.node_name = Some("lone".into());
-        })
-        .await
-    };
+    let lone = TestApp::spawn_with(node(&url, "lone", false)).await;
     lone.ingest(day_lines("default", "speed", d, 30, 0)).await;
     lone.server().dumper().dump_day(d).await.unwrap();
     let root_file = lake.path().join(format!("{date}.json.gz"));
@@ -450,15 +453,7 @@ async fn a_second_lone_appliance_or_a_second_holder_of_a_name_is_refused_at_star
     assert!(err.contains("restore"), "{err}");
 
     // In shared mode it joins, under keys of its own; the lone node's file stays.
-    let shared = {
-        let url = url.clone();
-        TestApp::spawn_in(other, move |a| {
-            a.blob.blob_store_url = Some(url);
-            a.blob.node_name = Some("second".into());
-            a.blob.shared_lake = true;
-        })
-        .await
-    };
+    let shared = TestApp::spawn_in(other, node(&url, "second", true)).await;
     shared.ingest(day_lines("default", "speed", d, 20, 3)).await;
     let records = shared.server().dumper().dump_day(d).await.unwrap();
     let keys: Vec<&str> = records.iter().map(|r| r.key.as_str()).collect();
@@ -485,14 +480,7 @@ async fn a_second_lone_appliance_or_a_second_holder_of_a_name_is_refused_at_star
 async fn an_object_another_node_wrote_is_never_overwritten() {
     let lake = tempfile::tempdir().unwrap();
     let url = format!("file://{}", lake.path().display());
-    let spawn = |name: &'static str| {
-        let url = url.clone();
-        TestApp::spawn_with(move |a| {
-            a.blob.blob_store_url = Some(url);
-            a.blob.node_name = Some(name.into());
-            a.blob.shared_lake = true;
-        })
-    };
+    let spawn = |name| TestApp::spawn_with(node(&url, name, true));
     let days = days();
     let a = spawn("a").await;
     let b = spawn("b").await;
@@ -566,13 +554,7 @@ async fn an_object_another_node_wrote_is_never_overwritten() {
 async fn a_renamed_node_moves_its_days_and_a_version_1_lake_is_migrated() {
     let lake = tempfile::tempdir().unwrap();
     let url = format!("file://{}", lake.path().display());
-    let with = |name: &'static str| {
-        let url = url.clone();
-        move |a: &mut milepost::config::ServeArgs| {
-            a.blob.blob_store_url = Some(url);
-            a.blob.node_name = Some(name.into());
-        }
-    };
+    let with = |name| node(&url, name, false);
     let days = days();
     let today = Utc::now().date_naive();
     let app = TestApp::spawn_with(with("old")).await;
@@ -661,15 +643,7 @@ async fn a_renamed_node_moves_its_days_and_a_version_1_lake_is_migrated() {
     let dir = app.stop().await;
 
     // Renamed again and moved to shared mode: the seed-named root files go too.
-    let app = TestApp::spawn_in(dir, {
-        let url = url.clone();
-        move |a| {
-            a.blob.blob_store_url = Some(url);
-            a.blob.node_name = Some("moved".into());
-            a.blob.shared_lake = true;
-        }
-    })
-    .await;
+    let app = TestApp::spawn_in(dir, node(&url, "moved", true)).await;
     assert_eq!(
         app.server().dumper().run_due(today).await.unwrap().dumped,
         days
