@@ -10,7 +10,7 @@ use poem_grpc::{ClientConfig, Code, Request, Status};
 use reqwest::StatusCode;
 use serde_json::Value;
 
-use crate::helpers::{TestApp, dline};
+use crate::helpers::{OutputWithin as _, TestApp, dline};
 
 mod reflection {
     #![allow(clippy::all, missing_docs)]
@@ -706,7 +706,7 @@ async fn the_command_line_client_manages_tokens_alerts_and_anomalies() {
         if let Some(t) = token {
             cmd.env("MILEPOST_TOKEN", t);
         }
-        let out = cmd.output().unwrap();
+        let out = cmd.output_within_limit();
         (
             out.status.success(),
             String::from_utf8_lossy(&out.stdout).into_owned(),

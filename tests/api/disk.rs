@@ -244,8 +244,7 @@ async fn a_read_only_data_dir_stops_start_up_with_a_clear_message() {
     let refused = |dir: &Path| {
         let out = serve_command(dir)
             .args(["--api-key", KEY])
-            .output()
-            .unwrap();
+            .output_within_limit();
         let text = String::from_utf8_lossy(&out.stderr);
         assert_eq!(out.status.code(), Some(1), "{text}");
         assert!(

@@ -211,3 +211,64 @@ pub fn send_signal(pid: u32, sig: &str) {
         .success();
     assert!(ok, "kill {sig} {pid}");
 }
+
+/// Running a command that is expected to exit (an offline command, or a `serve` that
+/// must refuse to start), bounded: [`std::process::Command::output`] would turn an
+/// unexpected successful start into a test run that never ends (CI once spent its whole
+/// budget on one).
+pub trait OutputWithin {
+    /// Like `output()`, but a process still running after [`EXIT_LIMIT`] is killed and
+    /// the test fails with what it printed.
+    fn output_within_limit(&mut self) -> std::process::Output;
+}
+
+/// How long an offline command or a refused start may take in the tests: seconds
+/// normally, far more than enough on a loaded CI machine.
+pub const EXIT_LIMIT: std::time::Duration = std::time::Duration::from_secs(120);
+
+impl OutputWithin for std::process::Command {
+    fn output_within_limit(&mut self) -> std::process::Output {
+        use std::io::Read as _;
+        use std::process::Stdio;
+        let mut child = self
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap_or_else(|e| panic!("starting {self:?}: {e}"));
+        let drain = |mut pipe: Box<dyn std::io::Read + Send>| {
+            std::thread::spawn(move || {
+                let mut buf = Vec::new();
+                let _ = pipe.read_to_end(&mut buf);
+                buf
+            })
+        };
+        let stdout = drain(Box::new(child.stdout.take().expect("piped")));
+        let stderr = drain(Box::new(child.stderr.take().expect("piped")));
+        let deadline = std::time::Instant::now() + EXIT_LIMIT;
+        let status = loop {
+            if let Some(status) = child.try_wait().expect("waiting for the child") {
+                break Some(status);
+            }
+            if std::time::Instant::now() >= deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                break None;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        };
+        let (stdout, stderr) = (stdout.join().unwrap(), stderr.join().unwrap());
+        let Some(status) = status else {
+            panic!(
+                "{self:?} was still running after {EXIT_LIMIT:?} and was killed; it printed:\n{}{}",
+                String::from_utf8_lossy(&stdout),
+                String::from_utf8_lossy(&stderr)
+            );
+        };
+        std::process::Output {
+            status,
+            stdout,
+            stderr,
+        }
+    }
+}

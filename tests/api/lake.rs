@@ -410,8 +410,7 @@ fn refused(dir: &Path, url: &str, node: &str) -> String {
             "--node-name",
             node,
         ])
-        .output()
-        .unwrap();
+        .output_within_limit();
     let err = String::from_utf8_lossy(&out.stderr).to_string();
     assert_eq!(out.status.code(), Some(1), "{err}");
     err
