@@ -16,10 +16,8 @@ use governor::RateLimiter;
 use governor::clock::{Clock as _, DefaultClock};
 use governor::middleware::NoOpMiddleware;
 use governor::state::{InMemoryState, NotKeyed};
-
-use poem::http::StatusCode;
-use poem::{Endpoint, IntoResponse as _, Request, Response};
-use poem_grpc::Code;
+use tonic::codegen::http;
+use tonic::{Code, Status};
 use tracing::Instrument as _;
 
 use super::tokens::{Caller, Role, Tokens};
@@ -67,28 +65,24 @@ impl AuthorizationPolicy {
 /// A token bucket of one method.
 pub type Limiter = RateLimiter<NotKeyed, InMemoryState, DefaultClock, NoOpMiddleware>;
 
-/// The endpoint that checks every call against its service's policy and its
-/// method's rate limit, then hands it on with the [`Caller`] in the request's
-/// extensions.
-pub struct Authorize<E> {
-    inner: E,
+/// What every call is checked against: the services' policies, the methods' rate
+/// limits and the token file.
+pub struct Guard {
     policies: HashMap<String, AuthorizationPolicy>,
     /// `service/method` → its token bucket.
     limits: HashMap<String, Limiter>,
     tokens: Arc<Tokens>,
 }
 
-impl<E> Authorize<E> {
-    /// Guards `inner` with `policies` (service name → policy) and `limits`
-    /// (`service/method` → token bucket).
+impl Guard {
+    /// A guard of `policies` (service name → policy) and `limits` (`service/method` →
+    /// token bucket).
     pub fn new(
-        inner: E,
         policies: HashMap<String, AuthorizationPolicy>,
         limits: HashMap<String, Limiter>,
         tokens: Arc<Tokens>,
     ) -> Self {
         Self {
-            inner,
             policies,
             limits,
             tokens,
@@ -105,49 +99,22 @@ impl<E> Authorize<E> {
             wait.as_secs_f64().ceil().max(1.0) as u64
         })
     }
-}
 
-/// Services that are not ours but are open to every client: reflection.
-fn is_open(service: &str) -> bool {
-    service.starts_with("grpc.reflection.")
-}
-
-/// A trailers-only gRPC error response.
-pub fn grpc_error(code: Code, message: &str) -> Response {
-    grpc_error_builder(code, message).finish()
-}
-
-fn grpc_error_builder(code: Code, message: &str) -> poem::ResponseBuilder {
-    // grpc-message is percent-encoded outside printable ASCII.
-    let mut encoded = String::with_capacity(message.len());
-    for b in message.bytes() {
-        if (0x20..0x7f).contains(&b) && b != b'%' {
-            encoded.push(b as char);
-        } else {
-            encoded.push_str(&format!("%{b:02X}"));
-        }
-    }
-    Response::builder()
-        .status(StatusCode::OK)
-        .content_type("application/grpc")
-        .header("grpc-status", code.as_u16().to_string())
-        .header("grpc-message", encoded)
-}
-
-impl<E> Authorize<E> {
-    /// The caller of a call of `service`/`method` with `headers`, or the status
-    /// and message of the refusal. `Ok(None)`: allowed without a token.
+    /// The caller of a call of `service`/`method` with `headers`, or the refusal.
+    /// `Ok(None)`: allowed without a token.
     fn check(
         &self,
         service: &str,
         method: &str,
-        headers: &poem::http::HeaderMap,
-    ) -> Result<Option<Caller>, (Code, String)> {
+        headers: &http::HeaderMap,
+    ) -> Result<Option<Caller>, Status> {
         if is_open(service) {
             return Ok(None);
         }
         let Some(policy) = self.policies.get(service) else {
-            return Err((Code::Unimplemented, format!("no service '{service}' here")));
+            return Err(Status::unimplemented(format!(
+                "no service '{service}' here"
+            )));
         };
         let caller = headers
             .get("authorization")
@@ -158,49 +125,116 @@ impl<E> Authorize<E> {
             Ok(()) => Ok(caller),
             Err(Refusal::Unauthenticated) => {
                 tracing::info!("refused: no valid token");
-                Err((
-                    Code::Unauthenticated,
+                Err(Status::unauthenticated(
                     "a valid backend token is required (authorization: Bearer <token>; \
-                     create one with `milepost token create`)"
-                        .to_owned(),
+                     create one with `milepost token create`)",
                 ))
             }
             Err(Refusal::PermissionDenied(role)) => {
                 tracing::info!(role = role.as_str(), "refused: role too low");
-                Err((
-                    Code::PermissionDenied,
-                    format!("role '{}' may not call {service}/{method}", role.as_str()),
-                ))
+                Err(Status::permission_denied(format!(
+                    "role '{}' may not call {service}/{method}",
+                    role.as_str()
+                )))
             }
+        }
+    }
+
+    /// Decides a call of `path` (`service/method`): the caller to hand on, or the
+    /// status that answers it.
+    fn admit(&self, path: &str, headers: &http::HeaderMap) -> Result<Option<Caller>, Status> {
+        let (service, method) = path.split_once('/').unwrap_or((path, ""));
+        let caller = self.check(service, method, headers)?;
+        if let Err(secs) = self.take(path) {
+            tracing::info!(retry_after_secs = secs, "refused: rate limited");
+            let mut status = Status::new(
+                Code::ResourceExhausted,
+                format!("{service}/{method} is rate limited: retry in {secs} s"),
+            );
+            status
+                .metadata_mut()
+                .insert("retry-after", secs.to_string().parse().expect("digits"));
+            return Err(status);
+        }
+        Ok(caller)
+    }
+}
+
+/// Services that are not ours but are open to every client: reflection.
+fn is_open(service: &str) -> bool {
+    service.starts_with("grpc.reflection.")
+}
+
+/// The layer that puts [`Authorize`] in front of every service.
+#[derive(Clone)]
+pub struct AuthorizeLayer(Arc<Guard>);
+
+impl AuthorizeLayer {
+    /// Checks every call with `guard`.
+    pub fn new(guard: Guard) -> Self {
+        Self(Arc::new(guard))
+    }
+}
+
+impl<S> tower::Layer<S> for AuthorizeLayer {
+    type Service = Authorize<S>;
+
+    fn layer(&self, inner: S) -> Authorize<S> {
+        Authorize {
+            inner,
+            guard: self.0.clone(),
         }
     }
 }
 
-impl<E: Endpoint> Endpoint for Authorize<E> {
-    type Output = Response;
+/// Checks every call against its service's policy and its method's rate limit, then
+/// hands it on with the [`Caller`] in the request's extensions (which tonic gives the
+/// handler); a refusal is answered here, trailers-only, and never reaches a service.
+#[derive(Clone)]
+pub struct Authorize<S> {
+    inner: S,
+    guard: Arc<Guard>,
+}
 
-    async fn call(&self, mut req: Request) -> poem::Result<Self::Output> {
+impl<S, B> tower::Service<http::Request<B>> for Authorize<S>
+where
+    S: tower::Service<http::Request<B>, Response = http::Response<tonic::body::Body>>
+        + Clone
+        + Send
+        + 'static,
+    S::Future: Send + 'static,
+    S::Error: Send + 'static,
+    B: Send + 'static,
+{
+    type Response = http::Response<tonic::body::Body>;
+    type Error = S::Error;
+    type Future = std::pin::Pin<
+        Box<dyn std::future::Future<Output = Result<Self::Response, Self::Error>> + Send>,
+    >;
+
+    fn poll_ready(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, mut req: http::Request<B>) -> Self::Future {
         let path = req.uri().path().trim_start_matches('/').to_owned();
         let (service, method) = path.split_once('/').unwrap_or((&path, ""));
         let span = tracing::info_span!("grpc", service = %service, method = %method);
-        let caller = match span.in_scope(|| self.check(service, method, req.headers())) {
-            Ok(c) => c,
-            Err((code, message)) => return Ok(grpc_error(code, &message)),
-        };
-        if let Err(secs) = self.take(&path) {
-            let _in = span.enter();
-            tracing::info!(retry_after_secs = secs, "refused: rate limited");
-            return Ok(grpc_error_builder(
-                Code::ResourceExhausted,
-                &format!("{service}/{method} is rate limited: retry in {secs} s"),
-            )
-            .header("retry-after", secs.to_string())
-            .finish());
+        match span.in_scope(|| self.guard.admit(&path, req.headers())) {
+            Err(status) => Box::pin(std::future::ready(Ok(status.into_http()))),
+            Ok(caller) => {
+                if let Some(c) = caller {
+                    req.extensions_mut().insert(c);
+                }
+                // The clone that was polled ready serves this call (tower's rule).
+                let clone = self.inner.clone();
+                let mut inner = std::mem::replace(&mut self.inner, clone);
+                Box::pin(async move { inner.call(req).await }.instrument(span))
+            }
         }
-        if let Some(c) = caller {
-            req.extensions_mut().insert(c);
-        }
-        Ok(self.inner.call(req).instrument(span).await?.into_response())
     }
 }
 

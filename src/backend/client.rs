@@ -3,7 +3,8 @@
 //! stubs, sending the token as `authorization: Bearer …` on every call.
 
 use clap::{Args, Subcommand};
-use poem_grpc::{ClientConfig, Request};
+use tonic::Request;
+use tonic::transport::Channel;
 
 use super::{convert, proto};
 
@@ -115,28 +116,32 @@ pub enum AnomalyCommand {
     },
 }
 
-fn config(args: &ClientArgs) -> anyhow::Result<ClientConfig> {
-    ClientConfig::builder()
-        .uri(args.backend_url.as_str())
-        .build()
-        .map_err(|e| anyhow::anyhow!("--backend-url {}: {e}", args.backend_url))
+/// A channel to the backend at `url`, connected on the first call (so a backend that
+/// is down is reported by the call, with its status).
+pub fn channel(url: &str) -> anyhow::Result<Channel> {
+    tonic::transport::Endpoint::from_shared(url.to_owned())
+        .map(|e| e.connect_lazy())
+        .map_err(|e| anyhow::anyhow!("--backend-url {url}: {e}"))
 }
 
-fn request<T>(args: &ClientArgs, msg: T) -> Request<T> {
+/// `msg` with `token`, when there is one, as `authorization: Bearer …`.
+pub fn authorized<T>(token: Option<&str>, msg: T) -> anyhow::Result<Request<T>> {
     let mut req = Request::new(msg);
-    if let Some(t) = &args.token {
-        req.metadata_mut()
-            .insert("authorization", format!("Bearer {}", t.trim()));
+    if let Some(t) = token {
+        let value = format!("Bearer {}", t.trim())
+            .parse()
+            .map_err(|_| anyhow::anyhow!("the token holds characters a header cannot"))?;
+        req.metadata_mut().insert("authorization", value);
     }
-    req
+    Ok(req)
 }
 
-fn fail(s: poem_grpc::Status) -> anyhow::Error {
-    anyhow::anyhow!(
-        "the backend refused: {:?}: {}",
-        s.code(),
-        s.message().unwrap_or("")
-    )
+fn request<T>(args: &ClientArgs, msg: T) -> anyhow::Result<Request<T>> {
+    authorized(args.token.as_deref(), msg)
+}
+
+fn fail(s: tonic::Status) -> anyhow::Error {
+    anyhow::anyhow!("the backend refused: {:?}: {}", s.code(), s.message())
 }
 
 // Names parse into the domain's enums (their one name table) and map to the proto's
@@ -228,7 +233,7 @@ fn print_anomaly(a: &proto::Anomaly) {
 
 /// Runs `milepost alert …`.
 pub async fn alert(args: &ClientArgs, cmd: AlertCommand) -> anyhow::Result<()> {
-    let client = proto::AlertsClient::new(config(args)?);
+    let mut client = proto::AlertsClient::new(channel(&args.backend_url)?);
     match cmd {
         AlertCommand::Create(c) => {
             let msg = proto::AlertConfig {
@@ -245,9 +250,10 @@ pub async fn alert(args: &ClientArgs, cmd: AlertCommand) -> anyhow::Result<()> {
                 ..Default::default()
             };
             let a = client
-                .create_alert(request(args, msg))
+                .create_alert(request(args, msg)?)
                 .await
-                .map_err(fail)?;
+                .map_err(fail)?
+                .into_inner();
             print_alert(&a);
         }
         AlertCommand::List { all } => {
@@ -258,18 +264,20 @@ pub async fn alert(args: &ClientArgs, cmd: AlertCommand) -> anyhow::Result<()> {
                         include_inactive: all,
                         ..Default::default()
                     },
-                ))
+                )?)
                 .await
-                .map_err(fail)?;
+                .map_err(fail)?
+                .into_inner();
             for a in &r.alerts {
                 print_alert(a);
             }
         }
         AlertCommand::Deactivate { id } => {
             let a = client
-                .deactivate_alert(request(args, proto::AlertId { id }))
+                .deactivate_alert(request(args, proto::AlertId { id })?)
                 .await
-                .map_err(fail)?;
+                .map_err(fail)?
+                .into_inner();
             print_alert(&a);
         }
     }
@@ -278,7 +286,7 @@ pub async fn alert(args: &ClientArgs, cmd: AlertCommand) -> anyhow::Result<()> {
 
 /// Runs `milepost anomaly …`.
 pub async fn anomaly(args: &ClientArgs, cmd: AnomalyCommand) -> anyhow::Result<()> {
-    let client = proto::AnomaliesClient::new(config(args)?);
+    let mut client = proto::AnomaliesClient::new(channel(&args.backend_url)?);
     match cmd {
         AnomalyCommand::List {
             alert,
@@ -303,9 +311,10 @@ pub async fn anomaly(args: &ClientArgs, cmd: AnomalyCommand) -> anyhow::Result<(
                 limit,
             };
             let r = client
-                .list_anomalies(request(args, msg))
+                .list_anomalies(request(args, msg)?)
                 .await
-                .map_err(fail)?;
+                .map_err(fail)?
+                .into_inner();
             for a in &r.anomalies {
                 print_anomaly(a);
             }
@@ -321,9 +330,10 @@ pub async fn anomaly(args: &ClientArgs, cmd: AnomalyCommand) -> anyhow::Result<(
                 message,
             };
             let a = client
-                .triage_anomaly(request(args, msg))
+                .triage_anomaly(request(args, msg)?)
                 .await
-                .map_err(fail)?;
+                .map_err(fail)?
+                .into_inner();
             print_anomaly(&a);
         }
     }

@@ -2,7 +2,7 @@
 //! here), domain types written back, and every error mapped to a gRPC status in
 //! one place.
 
-use poem_grpc::{Code, Status};
+use tonic::{Code, Status};
 
 use super::proto;
 use crate::domain::{
@@ -64,9 +64,9 @@ impl From<BackendError> for Status {
         // error text, paths) goes to the log, the caller learns only that it did.
         if code == Code::Internal {
             tracing::error!(error = %e, "backend call failed");
-            return Status::new(code).with_message(INTERNAL_MESSAGE);
+            return Status::new(code, INTERNAL_MESSAGE);
         }
-        Status::new(code).with_message(e.to_string())
+        Status::new(code, e.to_string())
     }
 }
 

@@ -26,12 +26,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context as _;
-use poem::IntoEndpoint as _;
-use poem::listener::{Acceptor, Listener, TcpListener};
-use poem_grpc::{Reflection, RouteGrpc};
 use prost::Message as _;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
+use tonic::service::RoutesBuilder;
 
 pub use services::{BackendService, Context, JobLimits};
 pub use tokens::{Role, TokenAdmin, Tokens};
@@ -56,7 +54,7 @@ pub fn methods_of(full_name: &str) -> Vec<String> {
 /// The running backend listener.
 pub struct Backend {
     addr: SocketAddr,
-    task: JoinHandle<std::io::Result<()>>,
+    task: JoinHandle<anyhow::Result<()>>,
 }
 
 impl Backend {
@@ -68,7 +66,7 @@ impl Backend {
         stop: CancellationToken,
         grace: Duration,
     ) -> anyhow::Result<Self> {
-        let mut route = RouteGrpc::new();
+        let mut routes = RoutesBuilder::default();
         let mut policies = HashMap::new();
         let mut limits = HashMap::new();
         let quota = governor::Quota::per_minute(
@@ -102,31 +100,49 @@ impl Backend {
                 );
             }
             policies.insert(service.name().to_owned(), policy);
-            route = service.register(route);
+            service.register(&mut routes);
         }
-        let route = route.add_service(
-            Reflection::new()
-                .add_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
-                .build(),
-        );
-        let endpoint = authz::Authorize::new(route.into_endpoint(), policies, limits, tokens);
-        let acceptor = TcpListener::bind(addr.to_string())
-            .into_acceptor()
+        // Both reflection versions: grpcurl asks for v1 and falls back to v1alpha.
+        let reflection = || {
+            tonic_reflection::server::Builder::configure()
+                .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
+        };
+        routes
+            .add_service(reflection().build_v1().context("server reflection")?)
+            .add_service(reflection().build_v1alpha().context("server reflection")?);
+        let guard = authz::Guard::new(policies, limits, tokens);
+        let listener = tokio::net::TcpListener::bind(addr)
             .await
             .with_context(|| format!("cannot listen on {addr} (--backend-addr)"))?;
-        let bound = acceptor
-            .local_addr()
-            .first()
-            .and_then(|a| a.as_socket_addr().copied())
-            .unwrap_or(addr);
+        let bound = listener.local_addr().unwrap_or(addr);
         tracing::info!(addr = %bound, "internal gRPC backend listening");
-        let task = tokio::spawn(
-            poem::Server::new_with_acceptor(acceptor).run_with_graceful_shutdown(
-                endpoint,
-                stop.cancelled_owned(),
-                Some(grace),
-            ),
+        // Small calls answer at once: no Nagle delay on the HTTP/2 frames.
+        let incoming = tokio_stream::StreamExt::map(
+            tokio_stream::wrappers::TcpListenerStream::new(listener),
+            |conn| {
+                if let Ok(c) = &conn {
+                    let _ = c.set_nodelay(true);
+                }
+                conn
+            },
         );
+        let server = tonic::transport::Server::builder()
+            .layer(authz::AuthorizeLayer::new(guard))
+            .add_routes(routes.routes())
+            .serve_with_incoming_shutdown(incoming, stop.clone().cancelled_owned());
+        // After `stop`, calls in flight get `grace` to finish, then the listener ends.
+        let task = tokio::spawn(async move {
+            tokio::select! {
+                served = server => served.context("backend listener"),
+                () = async {
+                    stop.cancelled().await;
+                    tokio::time::sleep(grace).await;
+                } => {
+                    tracing::warn!(?grace, "backend calls still running after the grace period");
+                    Ok(())
+                }
+            }
+        });
         Ok(Self { addr: bound, task })
     }
 
@@ -139,7 +155,7 @@ impl Backend {
     pub async fn wait(self) {
         match self.task.await {
             Ok(Ok(())) => {}
-            Ok(Err(e)) => tracing::error!(error = %e, "backend listener failed"),
+            Ok(Err(e)) => tracing::error!(error = format!("{e:#}"), "backend listener failed"),
             Err(e) => tracing::error!(error = %e, "backend listener panicked"),
         }
     }

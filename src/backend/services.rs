@@ -3,8 +3,9 @@
 
 use std::sync::Arc;
 
-use poem_grpc::{Request, Response, RouteGrpc, Status};
 use tokio::sync::Notify;
+use tonic::service::RoutesBuilder;
+use tonic::{Request, Response, Status};
 
 use super::authz::AuthorizationPolicy;
 use super::convert::{self, BackendError};
@@ -24,7 +25,7 @@ pub trait BackendService: Send + Sync + 'static {
     fn policy(&self) -> AuthorizationPolicy;
 
     /// Adds the service to the router.
-    fn register(self: Box<Self>, route: RouteGrpc) -> RouteGrpc;
+    fn register(self: Box<Self>, routes: &mut RoutesBuilder);
 
     /// The service's description from the compiled protos: its method names.
     fn descriptor(&self) -> Vec<String> {
@@ -107,8 +108,8 @@ macro_rules! hosted {
                 $policy
             }
 
-            fn register(self: Box<Self>, route: RouteGrpc) -> RouteGrpc {
-                route.add_service(proto::$server::new(*self))
+            fn register(self: Box<Self>, routes: &mut RoutesBuilder) {
+                routes.add_service(proto::$server::new(*self));
             }
         }
     };
@@ -129,6 +130,7 @@ hosted!(
     }
 );
 
+#[tonic::async_trait]
 impl proto::Hello for HelloService {
     async fn say_hello(
         &self,
@@ -167,6 +169,7 @@ fn sensor_proto(s: &crate::domain::Sensor) -> proto::Sensor {
     }
 }
 
+#[tonic::async_trait]
 impl proto::SensorCatalog for CatalogService {
     async fn list_sensors(
         &self,
@@ -249,12 +252,13 @@ impl AlertsService {
     }
 }
 
+#[tonic::async_trait]
 impl proto::Alerts for AlertsService {
     async fn create_alert(
         &self,
         req: Request<proto::AlertConfig>,
     ) -> Result<Response<proto::AlertConfig>, Status> {
-        let spec = self.known_sensor(convert::alert_spec(&req)?)?;
+        let spec = self.known_sensor(convert::alert_spec(req.get_ref())?)?;
         let alerts = self.0.alerts.clone();
         let alert = blocking(move || Ok(alerts.create_alert(&spec)?)).await?;
         tracing::info!(alert = alert.id, name = %alert.spec.name, "alert created");
@@ -342,6 +346,7 @@ hosted!(
     }
 );
 
+#[tonic::async_trait]
 impl proto::Anomalies for AnomaliesService {
     async fn list_anomalies(
         &self,
@@ -438,6 +443,7 @@ hosted!(
     }
 );
 
+#[tonic::async_trait]
 impl proto::Detection for DetectionService {
     async fn dry_run(
         &self,
@@ -490,8 +496,8 @@ impl BackendService for JobsService {
         }
     }
 
-    fn register(self: Box<Self>, route: RouteGrpc) -> RouteGrpc {
-        route.add_service(proto::JobsServer::new(*self))
+    fn register(self: Box<Self>, routes: &mut RoutesBuilder) {
+        routes.add_service(proto::JobsServer::new(*self));
     }
 
     fn rate_limited(&self) -> Vec<&'static str> {
@@ -499,12 +505,13 @@ impl BackendService for JobsService {
     }
 }
 
+#[tonic::async_trait]
 impl proto::Jobs for JobsService {
     async fn redump(
         &self,
         req: Request<proto::RedumpRequest>,
     ) -> Result<Response<proto::RedumpResponse>, Status> {
-        let date = chrono::NaiveDate::parse_from_str(req.date.trim(), "%Y-%m-%d")
+        let date = chrono::NaiveDate::parse_from_str(req.get_ref().date.trim(), "%Y-%m-%d")
             .map_err(|e| BackendError::InvalidArgument(format!("date (YYYY-MM-DD): {e}")))?;
         if date >= chrono::Utc::now().date_naive() {
             return Err(BackendError::InvalidArgument(format!(

@@ -14,11 +14,10 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::Context as _;
-use poem_grpc::{ClientConfig, Request};
 use serde::Serialize;
 
 use super::{BENCH_KEY, BenchArgs, BenchServer, generate};
-use crate::backend::{Role, TokenAdmin, proto};
+use crate::backend::{Role, TokenAdmin, client, proto};
 use crate::detect::{self, Algorithm, Direction, StepConfig};
 
 const YEAR_MINUTES: usize = 525_600;
@@ -104,42 +103,39 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<DetectReport> {
         .clone()
         .context("the server runs no backend")?;
     let (token, _) = TokenAdmin::new(&dir).create(Role::Editor, "bench")?;
-    let client = proto::DetectionClient::new(
-        ClientConfig::builder()
-            .uri(format!("http://{backend}"))
-            .build()
-            .map_err(|e| anyhow::anyhow!("{e}"))?,
-    );
+    let client = proto::DetectionClient::new(client::channel(&format!("http://{backend}"))?);
     let end = t0 + chrono::Duration::minutes(YEAR_MINUTES as i64);
     let dry = async |bucket: &str| -> anyhow::Result<((f64, f64), usize)> {
         let mut times = Vec::new();
         let mut steps = 0;
         for _ in 0..3 {
-            let mut req = Request::new(proto::DryRunRequest {
-                config: Some(proto::AlertConfig {
-                    name: "bench".into(),
-                    device: "detect".into(),
-                    sensor: "engine_temperature".into(),
-                    bucket: bucket.into(),
-                    algorithm: proto::Algorithm::Absolute as i32,
-                    radius: RADIUS as u32,
-                    threshold: 10.0,
-                    direction: proto::Direction::Both as i32,
-                    ..Default::default()
-                }),
-                from: t0.to_rfc3339(),
-                to: end.to_rfc3339(),
-                max_results: 0,
-            });
-            req.metadata_mut()
-                .insert("authorization", format!("Bearer {token}"));
+            let req = client::authorized(
+                Some(&token),
+                proto::DryRunRequest {
+                    config: Some(proto::AlertConfig {
+                        name: "bench".into(),
+                        device: "detect".into(),
+                        sensor: "engine_temperature".into(),
+                        bucket: bucket.into(),
+                        algorithm: proto::Algorithm::Absolute as i32,
+                        radius: RADIUS as u32,
+                        threshold: 10.0,
+                        direction: proto::Direction::Both as i32,
+                        ..Default::default()
+                    }),
+                    from: t0.to_rfc3339(),
+                    to: end.to_rfc3339(),
+                    max_results: 0,
+                },
+            )?;
             let started = Instant::now();
             let r = client
+                .clone()
                 .dry_run(req)
                 .await
                 .map_err(|s| anyhow::anyhow!("DryRun: {s:?}"))?;
             times.push(started.elapsed().as_secs_f64() * 1e3);
-            steps = r.anomalies.len();
+            steps = r.get_ref().anomalies.len();
         }
         let best = times.iter().copied().fold(f64::INFINITY, f64::min);
         eprintln!(
@@ -253,27 +249,23 @@ async fn create_alerts(server: &BenchServer, dir: &Path, devices: usize) -> anyh
         .clone()
         .context("the server runs no backend")?;
     let (token, _) = TokenAdmin::new(dir).create(Role::Editor, "bench")?;
-    let client = proto::AlertsClient::new(
-        ClientConfig::builder()
-            .uri(format!("http://{backend}"))
-            .build()
-            .map_err(|e| anyhow::anyhow!("{e}"))?,
-    );
+    let mut client = proto::AlertsClient::new(client::channel(&format!("http://{backend}"))?);
     for d in 0..devices {
         for sensor in generate::SENSORS {
-            let mut req = Request::new(proto::AlertConfig {
-                name: format!("det-{d}-{sensor}"),
-                device: format!("det-{d}"),
-                sensor: sensor.into(),
-                bucket: "1m".into(),
-                algorithm: proto::Algorithm::Cohen as i32,
-                radius: RADIUS as u32,
-                threshold: 5.0,
-                direction: proto::Direction::Both as i32,
-                ..Default::default()
-            });
-            req.metadata_mut()
-                .insert("authorization", format!("Bearer {token}"));
+            let req = client::authorized(
+                Some(&token),
+                proto::AlertConfig {
+                    name: format!("det-{d}-{sensor}"),
+                    device: format!("det-{d}"),
+                    sensor: sensor.into(),
+                    bucket: "1m".into(),
+                    algorithm: proto::Algorithm::Cohen as i32,
+                    radius: RADIUS as u32,
+                    threshold: 5.0,
+                    direction: proto::Direction::Both as i32,
+                    ..Default::default()
+                },
+            )?;
             client
                 .create_alert(req)
                 .await
