@@ -40,8 +40,9 @@
 //! - [`ingest`]: pure, synchronous NDJSON parsing with per-line errors.
 //! - [`store`]: everything that speaks SQL to the database and owns the data
 //!   directory — migrations, the writer (front, flusher and their ingest log), the
-//!   reader, rollups, compaction, retention, dumps' day files, alerts' tables.
-//!   (`bench` and `cli::recover` still run a few queries of their own; see issue 22.)
+//!   reader, rollups, compaction, retention, dumps' day files, alerts' tables, and
+//!   `store::diagnostics` (does the database open; the benchmark's native references)
+//!   for `cli::recover` and `bench`, which get typed answers, never a connection.
 //! - [`export`]: daily dumps to a blob store, which days are due, and the lake's
 //!   rules when several appliances share it (`export::lake`).
 //! - [`detect`]: step detection math (SPEC 5), pure: bucket means in, steps out.
@@ -49,8 +50,8 @@
 //!   periodic compaction, detection after commits, webhooks.
 //! - [`api`]: the public HTTP API (poem-openapi on a hyper listener); thin, errors
 //!   map to JSON in one place.
-//! - [`backend`]: the internal gRPC listener — services, each with its authorization
-//!   policy, hashed tokens, reflection, and its command-line client.
+//! - [`backend`]: the internal gRPC listener (tonic) — services, each with its
+//!   authorization policy, hashed tokens, reflection, and its command-line client.
 //! - [`metrics`], [`background`]: the Prometheus registry; low-priority threads.
 //! - [`config`]: the server's settings (flags with `MILEPOST_*` fallbacks).
 //! - [`app`]: start-up in steps and the one ordered shutdown.

@@ -21,7 +21,8 @@ use std::time::Instant;
 use anyhow::{Context as _, bail};
 use serde::Serialize;
 
-use super::{BenchArgs, generate, native_load, open_db};
+use super::{BenchArgs, generate, native_load};
+use crate::store::diagnostics;
 
 /// Results of the dump benchmark.
 #[derive(Debug, Clone, Serialize)]
@@ -89,8 +90,12 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<DumpReport> {
     // DuckDB's sort in `COPY … ORDER BY` of 10 M rows ran out of a 128 MB limit in
     // one of three runs: the reference gets 1 GB, which only helps it.
     let (reference_seconds, day_readings) = {
-        let (db, out) = (db_dir.join(crate::store::DB_FILE), work.join("reference"));
-        tokio::task::spawn_blocking(move || reference_copy(&db, REFERENCE_MEMORY, &out)).await??
+        let (db, out) = (db_dir.clone(), work.join("reference"));
+        let day: chrono::NaiveDate = DAY.parse()?;
+        tokio::task::spawn_blocking(move || {
+            diagnostics::copy_day_natively(&db, REFERENCE_MEMORY, day, &out)
+        })
+        .await??
     };
 
     eprintln!("bench --dump: milepost dump --date {DAY}");
@@ -240,31 +245,4 @@ async fn in_server(args: &BenchArgs, work: &Path, db_dir: &Path) -> anyhow::Resu
         rss,
         dump_seconds: listed,
     })
-}
-
-/// DuckDB's own `COPY` of the day: the same rows, names and order as the dump, with
-/// DuckDB's JSON writer for the JSON. Returns seconds and the day's readings.
-fn reference_copy(db: &Path, memory_limit: &str, out: &Path) -> anyhow::Result<(f64, u64)> {
-    std::fs::create_dir_all(out)?;
-    let conn = open_db(db, memory_limit, true)?;
-    let from = format!(
-        "FROM readings r JOIN devices d ON d.id = r.device_id JOIN sensors s ON s.id = r.sensor_id
-         WHERE r.ts_ms >= epoch_ms(DATE '{DAY}') AND r.ts_ms < epoch_ms(DATE '{DAY}' + 1)"
-    );
-    let started = Instant::now();
-    conn.execute_batch(&format!(
-        "COPY (SELECT d.name AS device, s.name AS sensor,
-                      make_timestamp(r.ts_ms * 1000 + r.ts_us) AS timestamp, r.value AS value
-               {from} ORDER BY d.name, s.name, r.ts_ms, r.ts_us)
-         TO '{}' (FORMAT parquet, COMPRESSION zstd, ROW_GROUP_SIZE 1048576);
-         COPY (SELECT s.name AS sensor, r.value AS value,
-                      make_timestamp(r.ts_ms * 1000 + r.ts_us) AS timestamp, d.name AS device
-               {from} ORDER BY r.ts_ms, r.ts_us, d.name, s.name)
-         TO '{}' (FORMAT json, COMPRESSION gzip);",
-        out.join("day.parquet").display(),
-        out.join("day.json.gz").display()
-    ))?;
-    let secs = started.elapsed().as_secs_f64();
-    let n: i64 = conn.query_row(&format!("SELECT count(*) {from}"), [], |r| r.get(0))?;
-    Ok((secs, n as u64))
 }

@@ -33,6 +33,7 @@ use clap::Args;
 use serde::Serialize;
 
 use crate::domain::Timestamp;
+use crate::store::diagnostics;
 use generate::{Generated, Stream};
 use process::ServerProcess;
 
@@ -232,22 +233,22 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<Report> {
     phases.extend(queries(server.base(), &gen_, args.query_runs, "").await?);
     let peak_rss = server.peak_rss_mib();
     server.stop()?;
-    let db_path = work.join("http").join(crate::store::DB_FILE);
+    let db_path = crate::store::DataDir::new(work.join("http")).database();
     let db_bytes = std::fs::metadata(&db_path)?.len();
 
     eprintln!("bench: comparing what was stored with the native load");
     let verified_series = {
-        let (native_db, http_db) = (
-            work.join("native").join(crate::store::DB_FILE),
-            db_path.clone(),
-        );
+        let (native_dir, http_dir) = (work.join("native"), work.join("http"));
         let mem = args.memory_limit.clone();
         tokio::task::spawn_blocking(move || {
-            let (native, http) = (fingerprint(&native_db, &mem)?, fingerprint(&http_db, &mem)?);
+            let (native, http) = (
+                diagnostics::fingerprints(&native_dir, &mem)?,
+                diagnostics::fingerprints(&http_dir, &mem)?,
+            );
             if native != http {
                 bail!("the server stored other readings than DuckDB's own load:\n native {native:?}\n http   {http:?}");
             }
-            let off = rollup_mismatches(&http_db, &mem)?;
+            let off = diagnostics::rollup_mismatches(&http_dir, &mem)?;
             if off > 0 {
                 bail!("{off} rollup slots disagree with the readings stored in them");
             }
@@ -380,42 +381,10 @@ fn native_load(dir: &Path, g: &Generated, memory_limit: &str) -> anyhow::Result<
     if dir.exists() {
         std::fs::remove_dir_all(dir)?;
     }
-    let cfg = crate::store::StoreConfig {
-        data_dir: dir.to_owned(),
-        memory_limit: memory_limit.to_owned(),
-        threads: 2,
-    };
-    // Same schema as the server, created by the same migrations.
-    drop(crate::store::Store::open(&cfg)?);
-    let files = crate::store::DataDir::new(dir);
-    std::fs::remove_file(files.lock_file()).ok();
-    let conn = open_db(&files.database(), memory_limit, false)?;
-    for (i, s) in g.streams.iter().enumerate() {
-        conn.execute(
-            "INSERT INTO devices VALUES (?, ?)",
-            duckdb::params![i as i32 + 1, s.device],
-        )?;
-    }
-    let files: Vec<String> = g
-        .streams
-        .iter()
-        .map(|s| format!("'{}'", s.plain.display()))
-        .collect();
-    let sql = format!(
-        "INSERT INTO readings
-         SELECT d.id, s.id, epoch_ms(CAST(r.timestamp AS TIMESTAMP)),
-                CAST(epoch_us(CAST(r.timestamp AS TIMESTAMP)) % 1000 AS SMALLINT), r.value
-         FROM read_json([{}], format = 'newline_delimited',
-              columns = {{sensor: 'VARCHAR', value: 'DOUBLE', timestamp: 'VARCHAR', device: 'VARCHAR'}}) r
-         JOIN sensors s ON s.name = r.sensor
-         JOIN devices d ON d.name = r.device",
-        files.join(", ")
-    );
-    let started = Instant::now();
-    let n = conn.execute(&sql, [])?;
-    conn.execute_batch("CHECKPOINT")?;
-    let secs = started.elapsed().as_secs_f64();
-    if n as u64 != g.total {
+    let devices: Vec<&str> = g.streams.iter().map(|s| s.device.as_str()).collect();
+    let files: Vec<PathBuf> = g.streams.iter().map(|s| s.plain.clone()).collect();
+    let (n, secs) = diagnostics::load_natively(dir, memory_limit, &devices, &files)?;
+    if n != g.total {
         bail!("native load stored {n} readings, expected {}", g.total);
     }
     Ok(Phase {
@@ -427,69 +396,6 @@ fn native_load(dir: &Path, g: &Generated, memory_limit: &str) -> anyhow::Result<
         p99_ms: 0.0,
         peak_rss_mib: None,
     })
-}
-
-/// A direct connection to a bench database, with the server's limits and no
-/// extension downloads.
-fn open_db(db: &Path, memory_limit: &str, read_only: bool) -> anyhow::Result<duckdb::Connection> {
-    Ok(crate::store::open_connection(
-        db,
-        &crate::store::DuckSettings {
-            memory_limit: memory_limit.to_owned(),
-            threads: 2,
-            read_only,
-        },
-    )?)
-}
-
-/// Per series: readings, first and last timestamp, and a sum of hashes of every
-/// `(timestamp, value)` — equal for two files only if they hold the same readings
-/// (up to a hash collision). Compares the server's parsing, dedupe and storage with
-/// DuckDB's own `read_json` of the same files.
-fn fingerprint(db: &Path, memory_limit: &str) -> anyhow::Result<Vec<[String; 6]>> {
-    let conn = open_db(db, memory_limit, true)?;
-    let mut stmt = conn.prepare(
-        "SELECT d.name, CAST(r.sensor_id AS VARCHAR), CAST(count(*) AS VARCHAR),
-                CAST(min(ts_ms * 1000 + ts_us) AS VARCHAR),
-                CAST(max(ts_ms * 1000 + ts_us) AS VARCHAR),
-                CAST(sum(hash(ts_ms, ts_us, value)) AS VARCHAR)
-         FROM readings r JOIN devices d ON d.id = r.device_id
-         GROUP BY ALL ORDER BY ALL",
-    )?;
-    let rows = stmt.query_map([], |r| {
-        Ok([
-            r.get(0)?,
-            r.get(1)?,
-            r.get(2)?,
-            r.get(3)?,
-            r.get(4)?,
-            r.get(5)?,
-        ])
-    })?;
-    Ok(rows.collect::<Result<_, _>>()?)
-}
-
-/// Rollup slots of the server's database whose count, extremes, first or last
-/// instant differ from the readings stored in them (0 when the writer kept them right).
-fn rollup_mismatches(db: &Path, memory_limit: &str) -> anyhow::Result<i64> {
-    let conn = open_db(db, memory_limit, true)?;
-    Ok(conn.query_row(
-        "WITH r AS (
-             SELECT device_id, sensor_id, ts_ms - ((ts_ms % 900000) + 900000) % 900000 AS slot_ms,
-                    count(*) AS n, min(value) AS lo, max(value) AS hi,
-                    min(ts_ms * 1000 + ts_us) AS a, max(ts_ms * 1000 + ts_us) AS b
-             FROM readings GROUP BY ALL
-         ), u AS (
-             SELECT device_id, sensor_id, slot_ms, sum(readings) AS n, min(min_value) AS lo,
-                    max(max_value) AS hi, min(first_us) AS a, max(last_us) AS b
-             FROM rollups GROUP BY ALL
-         )
-         SELECT count(*) FROM r FULL JOIN u USING (device_id, sensor_id, slot_ms)
-         WHERE r.n IS DISTINCT FROM u.n OR r.lo IS DISTINCT FROM u.lo
-            OR r.hi IS DISTINCT FROM u.hi OR r.a IS DISTINCT FROM u.a OR r.b IS DISTINCT FROM u.b",
-        [],
-        |r| r.get(0),
-    )?)
 }
 
 const BENCH_KEY: &str = "bench-key";

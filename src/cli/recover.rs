@@ -5,11 +5,12 @@
 //! last checkpoint is then intact in the database file; what the log holds is the
 //! readings since. Milepost never deletes or rewrites these files on its own.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use clap::Args;
 
-use crate::store::{DataDir, DuckSettings, open_connection};
+use crate::store::DataDir;
+use crate::store::diagnostics;
 
 /// `milepost recover` options.
 #[derive(Debug, Clone, Args)]
@@ -32,23 +33,6 @@ pub enum Recovery {
     NeedsAction,
 }
 
-fn try_open(db: &Path) -> Result<(), String> {
-    let settings = DuckSettings {
-        memory_limit: "128MB".into(),
-        threads: 1,
-        read_only: true,
-    };
-    let conn = open_connection(db, &settings).map_err(|e| match e {
-        crate::store::StoreError::Open { message, .. } => message,
-        other => other.to_string(),
-    })?;
-    conn.query_row("SELECT count(*) FROM duckdb_tables()", [], |r| {
-        r.get::<_, i64>(0)
-    })
-    .map(|_| ())
-    .map_err(|e| e.to_string())
-}
-
 /// Examines `args.data_dir`, prints what it found and what to do.
 pub fn run(args: &RecoverArgs) -> anyhow::Result<Recovery> {
     let dir = &args.data_dir;
@@ -67,7 +51,7 @@ pub fn run(args: &RecoverArgs) -> anyhow::Result<Recovery> {
             dir.display()
         );
     }
-    match try_open(&db) {
+    match diagnostics::check_opens(&files) {
         Ok(()) => {
             println!("{} opens cleanly: nothing to recover.", db.display());
             return Ok(Recovery::Healthy);
@@ -104,7 +88,7 @@ pub fn run(args: &RecoverArgs) -> anyhow::Result<Recovery> {
     }
     std::fs::rename(&wal, &aside)?;
     println!("Moved the write-ahead log to {}.", aside.display());
-    match try_open(&db) {
+    match diagnostics::check_opens(&files) {
         Ok(()) => {
             println!("The database now opens at its last checkpoint. Start milepost again.");
             Ok(Recovery::Healthy)

@@ -4,7 +4,7 @@
 use std::path::{Path, PathBuf};
 
 /// File name of the database inside the data directory.
-pub const DB_FILE: &str = "milepost.duckdb";
+const DB_FILE: &str = "milepost.duckdb";
 const WAL_FILE: &str = "milepost.duckdb.wal";
 const LOCK_FILE: &str = "milepost.lock";
 const INSTANCE_FILE: &str = "instance-id";

@@ -12,12 +12,14 @@
 //! Besides `readings`, the writer keeps 15-minute rollups per series in the same
 //! transactions (`rollup.rs`), so statistics over long ranges do not depend on how the
 //! readings happen to be ordered on disk; compaction (`compact.rs`) rewrites finished
-//! days sorted for size and scan speed.
+//! days sorted for size and scan speed. [`diagnostics`] looks at a stopped server's
+//! directory for `milepost recover` and the benchmark.
 
 mod alerts;
 mod columns;
 mod compact;
 mod data_dir;
+pub mod diagnostics;
 mod dump;
 mod dump_files;
 mod error;
@@ -39,7 +41,7 @@ use duckdb::{Config, Connection};
 
 pub use alerts::{AlertStore, AlertStoreError};
 pub use compact::Compaction;
-pub use data_dir::{DB_FILE, DataDir};
+pub use data_dir::DataDir;
 pub use dump::{DaySnapshot, DumpRecord, DumpSource};
 pub use error::StoreError;
 use ingest_log::IngestLog;
@@ -313,22 +315,22 @@ fn open_duckdb(path: &Path, cfg: &StoreConfig) -> Result<Connection, StoreError>
     )
 }
 
-/// How DuckDB is opened, for the tools that open a database file themselves
-/// (`milepost recover`, the benchmark's reference loads).
+/// How DuckDB is opened: by the store, and by [`diagnostics`] on a stopped server's
+/// directory.
 #[derive(Debug, Clone)]
-pub struct DuckSettings {
+struct DuckSettings {
     /// DuckDB `memory_limit`, e.g. `128MB`.
-    pub memory_limit: String,
+    memory_limit: String,
     /// DuckDB worker threads.
-    pub threads: usize,
+    threads: usize,
     /// Open read-only (never writes, not even a checkpoint).
-    pub read_only: bool,
+    read_only: bool,
 }
 
 /// Opens a DuckDB file with Milepost's settings: the memory limit and threads given,
 /// and the built-in extensions only (nothing is ever fetched or loaded from the
 /// network). The one place a DuckDB connection is configured.
-pub fn open_connection(path: &Path, s: &DuckSettings) -> Result<Connection, StoreError> {
+fn open_connection(path: &Path, s: &DuckSettings) -> Result<Connection, StoreError> {
     let mode = if s.read_only {
         duckdb::AccessMode::ReadOnly
     } else {

@@ -44,7 +44,7 @@ pub(super) fn slot_of(ts_ms: i64) -> i64 {
 }
 
 /// SQL for the start of the slot of `ts_ms` (floored, also before 1970).
-const SLOT_SQL: &str = "ts_ms - ((ts_ms % 900000) + 900000) % 900000";
+pub(super) const SLOT_SQL: &str = "ts_ms - ((ts_ms % 900000) + 900000) % 900000";
 
 /// The aggregate of one series in one slot, over some of its readings.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -681,7 +681,8 @@ mod tests {
         let mut rng = fastrand::Rng::with_seed(3);
         {
             // Version 1 as an older binary left it, with readings.
-            let conn = duckdb::Connection::open(dir.path().join(crate::store::DB_FILE)).unwrap();
+            let conn = duckdb::Connection::open(crate::store::DataDir::new(dir.path()).database())
+                .unwrap();
             conn.execute_batch(include_str!("../../schema/migrations/0001_init.sql"))
                 .unwrap();
             conn.execute_batch(
