@@ -12,8 +12,11 @@
 //!   DuckDB directly, in one transaction per group.
 //!
 //! The write connection and its companions ([`db::Db`]) sit behind one lock, held by
-//! the flusher or the front, never both. Groups are classified in `classify.rs`;
-//! older readings are deduplicated in `dedupe.rs`.
+//! the flusher or the front, never both. The files follow the threads: `handle.rs`
+//! (what request handlers hold, and the messages to the front), `front.rs` (the front
+//! thread and its loop), `flusher.rs` (the sealed-segment queue and the flusher);
+//! this file starts them. Groups are classified in `classify.rs`; older readings are
+//! deduplicated in `dedupe.rs`.
 //!
 //! ## Exact dedupe without an index
 //! Identity is (device, sensor, timestamp), first write wins. A unique index would
@@ -35,29 +38,28 @@
 mod classify;
 mod db;
 mod dedupe;
+mod flusher;
+mod front;
+mod handle;
 
-use rustc_hash::FxHashSet;
-use std::collections::{BTreeMap, VecDeque};
+pub use handle::{Committed, PendingCommit, WriteError, WriterHandle};
+
 use std::fs::File;
-use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use chrono::NaiveDate;
 use duckdb::Connection;
-use tokio::sync::{Notify, mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot};
 
-use super::columns::Columns;
-use super::compact::{self, Compaction};
-use super::ingest_log::{self, IngestLog};
-use super::retention::Retired;
-use super::{SeriesEntry, Shared, StoreError};
-use crate::domain::{Batch, Device, DeviceId, SensorId};
-use crate::metrics::{Metrics, UNKNOWN_SENSOR};
-use classify::{KeyAcc, Plan, classify, split_columns, tally};
+use super::ingest_log::IngestLog;
+use super::{Shared, StoreError};
+use crate::metrics::Metrics;
 use db::Db;
+use flusher::{Pending, Queue, Sealed, TICK, flusher};
+use front::{Front, run};
+use handle::{Job, Msg, Signals};
 
 /// Writer tuning.
 #[derive(Debug, Clone)]
@@ -116,33 +118,6 @@ impl Default for WriterConfig {
     }
 }
 
-/// Outcome of one committed batch.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct Committed {
-    /// Readings newly stored.
-    pub accepted: u64,
-    /// Readings dropped because their identity was already stored (or came earlier in
-    /// the same group).
-    pub duplicates: u64,
-}
-
-/// Why a batch was not committed.
-#[derive(Debug, Clone, thiserror::Error)]
-pub enum WriteError {
-    /// The queue stayed full: the client should retry later.
-    #[error("the writer is busy; retry later")]
-    Overloaded,
-    /// The writer has stopped (shutdown).
-    #[error("the server is shutting down")]
-    Stopped,
-    /// The filesystem of the data directory is full; nothing of the batch was stored.
-    #[error("the disk holding the data directory is full; nothing of this batch was stored")]
-    DiskFull,
-    /// The database failed the commit; nothing of the batch was stored.
-    #[error("commit failed: {0}")]
-    Failed(String),
-}
-
 /// A failure that repeats while its cause lasts (a full disk): logged when it starts,
 /// then at most once a minute with the count, and once when it ends, so that it does
 /// not also fill the log.
@@ -155,7 +130,7 @@ struct Persisting {
 impl Persisting {
     const EVERY: Duration = Duration::from_secs(60);
 
-    fn failed(&mut self, what: &'static str, e: &StoreError) {
+    pub(super) fn failed(&mut self, what: &'static str, e: &StoreError) {
         match &mut self.failing {
             None => {
                 tracing::error!(error = %e, "{what}");
@@ -171,146 +146,9 @@ impl Persisting {
         }
     }
 
-    fn succeeded(&mut self, what: &'static str) {
+    pub(super) fn succeeded(&mut self, what: &'static str) {
         if let Some((n, _)) = self.failing.take() {
             tracing::info!(failures = n, "{what}: works again");
-        }
-    }
-}
-
-enum Msg {
-    Append(Job),
-    Compact(oneshot::Sender<Result<Compaction, StoreError>>),
-    Retire(RetireJob),
-    Shutdown(oneshot::Sender<Result<(), StoreError>>),
-    /// Time to look at the ingest log (a query waits for it, or it has aged).
-    Tick,
-}
-
-struct RetireJob {
-    days: BTreeMap<NaiveDate, u64>,
-    reply: oneshot::Sender<Result<Retired, StoreError>>,
-}
-
-struct Job {
-    batch: Batch,
-    reply: oneshot::Sender<Result<Committed, WriteError>>,
-}
-
-/// Cheap, cloneable way to submit batches.
-#[derive(Clone)]
-pub struct WriterHandle {
-    tx: mpsc::Sender<Msg>,
-    timeout: Duration,
-    running: Arc<AtomicBool>,
-    signals: Arc<Signals>,
-}
-
-/// A submitted batch; await [`PendingCommit::wait`] for its commit.
-pub struct PendingCommit(oneshot::Receiver<Result<Committed, WriteError>>);
-
-impl PendingCommit {
-    /// Waits until the batch is committed (or failed).
-    pub async fn wait(self) -> Result<Committed, WriteError> {
-        self.0.await.unwrap_or(Err(WriteError::Stopped))
-    }
-}
-
-impl WriterHandle {
-    /// Queues a batch, waiting at most the configured timeout for room.
-    pub async fn submit(&self, batch: Batch) -> Result<PendingCommit, WriteError> {
-        let (reply, rx) = oneshot::channel();
-        let msg = Msg::Append(Job { batch, reply });
-        match self.tx.send_timeout(msg, self.timeout).await {
-            Ok(()) => Ok(PendingCommit(rx)),
-            Err(mpsc::error::SendTimeoutError::Timeout(_)) => Err(WriteError::Overloaded),
-            Err(mpsc::error::SendTimeoutError::Closed(_)) => Err(WriteError::Stopped),
-        }
-    }
-
-    /// Submits a batch and waits for its commit.
-    pub async fn append(&self, batch: Batch) -> Result<Committed, WriteError> {
-        self.submit(batch).await?.wait().await
-    }
-
-    /// Compacts one finished day between commits (see [`super::compact`]); call
-    /// again while it reports a day done.
-    pub async fn compact(&self) -> Result<Compaction, StoreError> {
-        let (reply, rx) = oneshot::channel();
-        self.tx
-            .send(Msg::Compact(reply))
-            .await
-            .map_err(|_| StoreError::WriterGone)?;
-        rx.await.unwrap_or(Err(StoreError::WriterGone))
-    }
-
-    /// Deletes the readings of `days` (with the reading count each had when it was
-    /// dumped) between commits; a day whose count has changed since is kept (see
-    /// [`super::retention`]).
-    pub async fn retire(&self, days: BTreeMap<NaiveDate, u64>) -> Result<Retired, StoreError> {
-        let (reply, rx) = oneshot::channel();
-        self.tx
-            .send(Msg::Retire(RetireJob { days, reply }))
-            .await
-            .map_err(|_| StoreError::WriterGone)?;
-        rx.await.unwrap_or(Err(StoreError::WriterGone))
-    }
-
-    /// True while the writer thread accepts work.
-    pub fn is_running(&self) -> bool {
-        self.running.load(Ordering::Acquire) && !self.tx.is_closed()
-    }
-
-    /// Batches waiting in the queue.
-    pub fn queue_depth(&self) -> usize {
-        self.tx.max_capacity() - self.tx.capacity()
-    }
-
-    /// Completes after a commit stored readings of a finished (before today, UTC) day:
-    /// an import or a late upload that compaction should look at.
-    pub async fn wrote_past_days(&self) {
-        self.signals.past_days.notified().await;
-    }
-
-    /// Waits until commits have stored readings, then returns the series they went
-    /// to (each once) since the last call. One consumer: background detection.
-    pub async fn committed_series(&self) -> Vec<(DeviceId, SensorId)> {
-        loop {
-            let notified = self.signals.touched_notify.notified();
-            {
-                let mut touched = self
-                    .signals
-                    .touched
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner());
-                if !touched.is_empty() {
-                    return touched.drain().collect();
-                }
-            }
-            notified.await;
-        }
-    }
-}
-
-/// What the writer tells the rest of the server after its commits.
-#[derive(Default)]
-struct Signals {
-    /// A commit stored readings of a finished day (compaction wants to know).
-    past_days: Notify,
-    /// Series that got readings since `committed_series` last looked.
-    touched: std::sync::Mutex<FxHashSet<(DeviceId, SensorId)>>,
-    touched_notify: Notify,
-}
-
-impl Signals {
-    /// Publishes the series a commit stored readings in: a few hash inserts per
-    /// commit, one lock, no allocation once the set has grown.
-    fn touched(&self, series: impl Iterator<Item = (DeviceId, SensorId)>) {
-        let mut touched = self.touched.lock().unwrap_or_else(|p| p.into_inner());
-        touched.extend(series);
-        if !touched.is_empty() {
-            drop(touched);
-            self.touched_notify.notify_one();
         }
     }
 }
@@ -433,396 +271,10 @@ impl Writer {
     }
 }
 
-/// Largest group that goes through the ingest log. In larger groups DuckDB's cost per
-/// transaction is small against its cost per reading, and writing them twice (log,
-/// then DuckDB) cost bulk imports (10,000-line requests) ~8 % at 16 Ki.
-const LOG_GROUP_ROWS: usize = 4 * 1024;
-/// The current log segment is handed to the flusher once it holds this many
-/// readings…
-const SEAL_ROWS: usize = 32 * 1024;
-/// …or once its oldest reading has waited this long (or a query waits for it).
-const SEAL_AGE: Duration = Duration::from_millis(500);
-/// How often an idle writer looks at [`SEAL_AGE`].
-const TICK: Duration = Duration::from_millis(100);
-
-/// A closed log segment's readings on their way into DuckDB.
-pub(super) struct Sealed {
-    rows: Columns,
-    /// (device, sensor) of each series index in `rows.key`.
-    series: Vec<(DeviceId, SensorId)>,
-    devices: Vec<(DeviceId, Device)>,
-    /// Sequence number of the segment's last record.
-    through: u64,
-    /// The segment file, deleted once DuckDB holds it.
-    segment: Option<PathBuf>,
-}
-
-/// Readings acknowledged into the current log segment.
-#[derive(Default)]
-struct Pending {
-    rows: Columns,
-    series: ingest_log::Series,
-    devices: Vec<(DeviceId, Device)>,
-    through: u64,
-    /// When the oldest of them was acknowledged.
-    since: Option<Instant>,
-}
-
-impl Pending {
-    fn add(&mut self, rows: Columns, devices: &[(DeviceId, Device)], seq: u64) {
-        self.series.add(rows, &mut self.rows);
-        self.devices.extend_from_slice(devices);
-        self.through = seq;
-        self.since.get_or_insert_with(Instant::now);
-    }
-
-    fn take(&mut self, segment: Option<PathBuf>) -> Sealed {
-        let sealed = Sealed {
-            rows: std::mem::take(&mut self.rows),
-            series: std::mem::take(&mut self.series.keys),
-            devices: std::mem::take(&mut self.devices),
-            through: self.through,
-            segment,
-        };
-        self.series.clear();
-        self.since = None;
-        sealed
-    }
-}
-
-/// Sealed segments waiting for the flusher, oldest first.
-#[derive(Default)]
-struct Queue {
-    parts: Mutex<QueueState>,
-    changed: Condvar,
-}
-
-#[derive(Default)]
-struct QueueState {
-    parts: VecDeque<Sealed>,
-    stop: bool,
-}
-
-impl Queue {
-    fn lock(&self) -> MutexGuard<'_, QueueState> {
-        self.parts.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    fn push(&self, part: Sealed) {
-        self.lock().parts.push_back(part);
-        self.changed.notify_all();
-    }
-}
-
-/// Moves every queued part into DuckDB, oldest first. Called with the database
-/// locked, by the flusher or by the front before it uses the database itself; a part
-/// that fails goes back to the head of the queue.
-fn flush_queued(db: &mut Db, queue: &Queue) -> Result<(), StoreError> {
-    loop {
-        let Some(part) = queue.lock().parts.pop_front() else {
-            return Ok(());
-        };
-        if let Err(e) = db.flush(&part) {
-            queue.lock().parts.push_front(part);
-            return Err(e);
-        }
-        if let Some(segment) = &part.segment {
-            // Harmless if it fails: start-up skips records DuckDB already holds.
-            if let Err(e) = std::fs::remove_file(segment) {
-                tracing::warn!(path = %segment.display(), error = %e, "cannot delete an applied ingest log segment");
-            }
-        }
-        db.shared.flushed(part.through);
-    }
-}
-
-/// The flusher thread: moves sealed segments into DuckDB while the front goes on
-/// acknowledging new ones (a DuckDB transaction of 30 k readings takes 20–40 ms here;
-/// done on the front, every request behind it waited that long).
-fn flusher(db: Arc<Mutex<Db>>, queue: Arc<Queue>) {
-    let mut failures = Persisting::default();
-    loop {
-        {
-            let mut q = queue.lock();
-            while q.parts.is_empty() && !q.stop {
-                q = queue.changed.wait(q).unwrap_or_else(|p| p.into_inner());
-            }
-            if q.parts.is_empty() {
-                return;
-            }
-        }
-        let mut db = db.lock().unwrap_or_else(|p| p.into_inner());
-        match flush_queued(&mut db, &queue) {
-            Ok(()) => failures.succeeded("moving the ingest log into the database"),
-            Err(e) => {
-                drop(db);
-                failures.failed(
-                    "moving the ingest log into the database failed; retrying every second",
-                    &e,
-                );
-                std::thread::sleep(Duration::from_secs(1));
-            }
-        }
-    }
-}
-
-/// The writer thread's state: classifies groups, appends the log, acknowledges, and
-/// uses the database directly for everything else.
-struct Front {
-    shared: Arc<Shared>,
-    metrics: Arc<Metrics>,
-    signals: Arc<Signals>,
-    next_device: u32,
-    log: IngestLog,
-    pending: Pending,
-    db: Arc<Mutex<Db>>,
-    queue: Arc<Queue>,
-    /// Readings of finished days were acknowledged through the log since the front
-    /// last used the database.
-    past_days: bool,
-    /// Group commits failing in a row.
-    commit_failures: Persisting,
-    /// Segment rotations failing in a row.
-    seal_failures: Persisting,
-}
-
-impl Front {
-    fn commit_group(&mut self, jobs: Vec<Job>) {
-        if jobs.is_empty() {
-            return;
-        }
-        let rows: usize = jobs.iter().map(|j| j.batch.len()).sum();
-        let span = tracing::debug_span!("commit", requests = jobs.len(), rows);
-        let _enter = span.enter();
-        tracing::debug!("committing group");
-        let started = Instant::now();
-        match self.commit(&jobs) {
-            Ok(results) => {
-                let elapsed = started.elapsed();
-                self.metrics.commit_seconds.observe(elapsed.as_secs_f64());
-                tracing::debug!(elapsed_ms = elapsed.as_secs_f64() * 1e3, "committed");
-                self.commit_failures.succeeded("group commit");
-                for (job, r) in jobs.into_iter().zip(results) {
-                    let _ = job.reply.send(Ok(r));
-                }
-            }
-            Err(e) => {
-                self.commit_failures
-                    .failed("group commit failed; nothing of it stored", &e);
-                let err = if e.is_disk_full() {
-                    WriteError::DiskFull
-                } else {
-                    WriteError::Failed(e.to_string())
-                };
-                for job in jobs {
-                    let _ = job.reply.send(Err(err.clone()));
-                }
-            }
-        }
-    }
-
-    fn commit(&mut self, jobs: &[Job]) -> Result<Vec<Committed>, StoreError> {
-        let mut plan = classify(&self.shared, self.next_device, jobs);
-        if plan.maybe == 0 && plan.rows <= LOG_GROUP_ROWS {
-            return self.commit_logged(jobs, plan);
-        }
-        // Older readings are checked against DuckDB, and large groups go there
-        // directly (logging them would write them twice): both after everything the
-        // log holds, so DuckDB gets the readings in the order they were acknowledged.
-        let (results, updated) = self.with_db(|db| db.commit_direct(jobs, &mut plan))?;
-        self.publish(&plan.new_devices, &updated, &plan.keys);
-        Ok(results)
-    }
-
-    /// A group of new readings only: into the ingest log, acknowledged once it is on
-    /// disk; the flusher moves it into DuckDB later.
-    fn commit_logged(
-        &mut self,
-        jobs: &[Job],
-        mut plan: Plan,
-    ) -> Result<Vec<Committed>, StoreError> {
-        let (fresh, _) = split_columns(jobs, &plan.device_maps, &plan.verdicts, &plan.row_keys, 0);
-        let seq = {
-            let _span = tracing::debug_span!("log_append", rows = fresh.len()).entered();
-            self.log.append(&plan.new_devices, &fresh)?
-        };
-        let (results, updated) = tally(
-            jobs,
-            &plan.verdicts,
-            &plan.row_keys,
-            &mut plan.keys,
-            &[],
-            &self.shared,
-        );
-        self.pending.add(fresh, &plan.new_devices, seq);
-        self.publish(&plan.new_devices, &updated, &plan.keys);
-        self.shared.acked(seq);
-        Ok(results)
-    }
-
-    /// Shows stored readings to readers and counts them.
-    fn publish(
-        &mut self,
-        new_devices: &[(DeviceId, Device)],
-        updated: &[SeriesEntry],
-        keys: &[KeyAcc],
-    ) {
-        self.next_device += new_devices.len() as u32;
-        self.shared.add_devices(new_devices);
-        self.shared.set_series(updated);
-        self.count(keys);
-        let oldest = keys.iter().filter_map(|k| k.delta).map(|d| d.first).min();
-        if oldest.is_some_and(|t| t < compact::today_start()) {
-            self.past_days = true;
-            self.signals.past_days.notify_one();
-        }
-        self.signals.touched(
-            keys.iter()
-                .filter(|k| k.delta.is_some())
-                .map(|k| (k.device, k.sensor)),
-        );
-    }
-
-    /// Per-sensor accepted and duplicate counters, summed per sensor first: a group
-    /// of a fleet's requests has many series but few sensors, and every counter update
-    /// takes a lock and allocates its label.
-    fn count(&self, keys: &[KeyAcc]) {
-        let mut per_sensor: Vec<(SensorId, u64, u64)> = Vec::new();
-        for k in keys {
-            let accepted = k.delta.map_or(0, |d| d.readings);
-            match per_sensor.iter_mut().find(|(s, ..)| *s == k.sensor) {
-                Some((_, a, d)) => {
-                    *a += accepted;
-                    *d += k.duplicates;
-                }
-                None => per_sensor.push((k.sensor, accepted, k.duplicates)),
-            }
-        }
-        let catalog = self.shared.catalog();
-        let m = &self.metrics;
-        for (sensor, accepted, duplicates) in per_sensor {
-            let name = catalog
-                .by_id(sensor)
-                .map_or(UNKNOWN_SENSOR, |s| s.name.as_str());
-            Metrics::add(&m.readings_accepted, name, accepted);
-            Metrics::add(&m.readings_duplicate, name, duplicates);
-        }
-    }
-
-    /// Hands the current segment to the flusher when a query waits for it, when it
-    /// holds many readings, or when its oldest reading has waited long enough.
-    fn maybe_seal(&mut self) {
-        let Some(since) = self.pending.since else {
-            return;
-        };
-        let due = self.shared.flush_requested()
-            || self.pending.rows.len() >= SEAL_ROWS
-            || since.elapsed() >= SEAL_AGE;
-        if due {
-            match self.seal() {
-                Ok(()) => self
-                    .seal_failures
-                    .succeeded("starting a new ingest log segment"),
-                Err(e) => self
-                    .seal_failures
-                    .failed("cannot start a new ingest log segment; retrying", &e),
-            }
-        }
-    }
-
-    /// Closes the current segment and queues its readings for the flusher.
-    fn seal(&mut self) -> Result<(), StoreError> {
-        if self.pending.since.is_none() {
-            return Ok(());
-        }
-        let segment = self.log.rotate()?;
-        self.queue.push(self.pending.take(segment));
-        Ok(())
-    }
-
-    /// Runs `f` on the database once it holds everything acknowledged.
-    fn with_db<T>(
-        &mut self,
-        f: impl FnOnce(&mut Db) -> Result<T, StoreError>,
-    ) -> Result<T, StoreError> {
-        self.seal()?;
-        let db = self.db.clone();
-        let mut db = db.lock().unwrap_or_else(|p| p.into_inner());
-        if std::mem::take(&mut self.past_days) {
-            db.past_days_written();
-        }
-        flush_queued(&mut db, &self.queue)?;
-        f(&mut db)
-    }
-
-    /// Everything queued and logged into DuckDB, the flusher stopped, a checkpoint.
-    fn close(mut self, flusher: JoinHandle<()>) -> Result<(), StoreError> {
-        let done = self.with_db(|db| db.checkpoint());
-        self.queue.lock().stop = true;
-        self.queue.changed.notify_all();
-        let _ = flusher.join();
-        done
-    }
-}
-
-fn run(mut front: Front, mut rx: mpsc::Receiver<Msg>, max_rows: usize, flusher: JoinHandle<()>) {
-    while let Some(first) = rx.blocking_recv() {
-        let mut group = Vec::new();
-        let mut shutdown = None;
-        let mut compact = None;
-        let mut retire = None;
-        let mut rows = 0;
-        let mut next = Some(first);
-        while let Some(msg) = next.take() {
-            match msg {
-                Msg::Append(job) => {
-                    rows += job.batch.len();
-                    group.push(job);
-                }
-                Msg::Compact(reply) => compact = Some(reply),
-                Msg::Retire(job) => retire = Some(job),
-                Msg::Shutdown(ack) => shutdown = Some(ack),
-                Msg::Tick => {}
-            }
-            if shutdown.is_none() && compact.is_none() && retire.is_none() && rows < max_rows {
-                next = rx.try_recv().ok();
-            }
-        }
-        front.commit_group(group);
-        front.maybe_seal();
-        if let Some(reply) = compact {
-            let _ = reply.send(front.with_db(Db::compact));
-        }
-        if let Some(job) = retire {
-            let _ = job.reply.send(front.with_db(|db| db.retire(&job.days)));
-        }
-        if let Some(ack) = shutdown {
-            rx.close();
-            let mut rest = Vec::new();
-            while let Ok(msg) = rx.try_recv() {
-                match msg {
-                    Msg::Append(job) => rest.push(job),
-                    Msg::Compact(reply) => drop(reply.send(Err(StoreError::WriterGone))),
-                    Msg::Retire(job) => drop(job.reply.send(Err(StoreError::WriterGone))),
-                    Msg::Shutdown(other) => drop(other.send(Ok(()))),
-                    Msg::Tick => {}
-                }
-            }
-            front.commit_group(rest);
-            let _ = ack.send(front.close(flusher));
-            return;
-        }
-    }
-    // Every handle was dropped without a shutdown: still leave a checkpointed file.
-    if let Err(e) = front.close(flusher) {
-        tracing::error!(error = %e, "checkpoint at writer exit failed");
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::domain::{Device, Row, SensorId, Timestamp};
+    use crate::domain::{Batch, Device, Row, SensorId, Timestamp};
     use crate::store::{Store, StoreConfig};
 
     fn batch(from: i64, n: i64) -> Batch {

@@ -1,0 +1,277 @@
+//! The front thread: takes what is queued as one group, classifies it, appends small
+//! live groups to the ingest log (one `fdatasync`) and sends everything else to DuckDB
+//! itself, then answers every request of the group.
+
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::Instant;
+
+use tokio::sync::mpsc;
+
+use super::classify::{KeyAcc, Plan, classify, split_columns, tally};
+use super::db::Db;
+use super::flusher::{LOG_GROUP_ROWS, SEAL_AGE, SEAL_ROWS, flush_queued};
+use super::{Committed, Job, Msg, Pending, Persisting, Queue, Signals, WriteError};
+use crate::domain::{Device, DeviceId, SensorId};
+use crate::metrics::{Metrics, UNKNOWN_SENSOR};
+use crate::store::compact;
+use crate::store::ingest_log::IngestLog;
+use crate::store::{SeriesEntry, Shared, StoreError};
+
+/// The writer thread's state: classifies groups, appends the log, acknowledges, and
+/// uses the database directly for everything else.
+pub(super) struct Front {
+    pub(super) shared: Arc<Shared>,
+    pub(super) metrics: Arc<Metrics>,
+    pub(super) signals: Arc<Signals>,
+    pub(super) next_device: u32,
+    pub(super) log: IngestLog,
+    pub(super) pending: Pending,
+    pub(super) db: Arc<Mutex<Db>>,
+    pub(super) queue: Arc<Queue>,
+    /// Readings of finished days were acknowledged through the log since the front
+    /// last used the database.
+    pub(super) past_days: bool,
+    /// Group commits failing in a row.
+    pub(super) commit_failures: Persisting,
+    /// Segment rotations failing in a row.
+    pub(super) seal_failures: Persisting,
+}
+
+impl Front {
+    pub(super) fn commit_group(&mut self, jobs: Vec<Job>) {
+        if jobs.is_empty() {
+            return;
+        }
+        let rows: usize = jobs.iter().map(|j| j.batch.len()).sum();
+        let span = tracing::debug_span!("commit", requests = jobs.len(), rows);
+        let _enter = span.enter();
+        tracing::debug!("committing group");
+        let started = Instant::now();
+        match self.commit(&jobs) {
+            Ok(results) => {
+                let elapsed = started.elapsed();
+                self.metrics.commit_seconds.observe(elapsed.as_secs_f64());
+                tracing::debug!(elapsed_ms = elapsed.as_secs_f64() * 1e3, "committed");
+                self.commit_failures.succeeded("group commit");
+                for (job, r) in jobs.into_iter().zip(results) {
+                    let _ = job.reply.send(Ok(r));
+                }
+            }
+            Err(e) => {
+                self.commit_failures
+                    .failed("group commit failed; nothing of it stored", &e);
+                let err = if e.is_disk_full() {
+                    WriteError::DiskFull
+                } else {
+                    WriteError::Failed(e.to_string())
+                };
+                for job in jobs {
+                    let _ = job.reply.send(Err(err.clone()));
+                }
+            }
+        }
+    }
+
+    pub(super) fn commit(&mut self, jobs: &[Job]) -> Result<Vec<Committed>, StoreError> {
+        let mut plan = classify(&self.shared, self.next_device, jobs);
+        if plan.maybe == 0 && plan.rows <= LOG_GROUP_ROWS {
+            return self.commit_logged(jobs, plan);
+        }
+        // Older readings are checked against DuckDB, and large groups go there
+        // directly (logging them would write them twice): both after everything the
+        // log holds, so DuckDB gets the readings in the order they were acknowledged.
+        let (results, updated) = self.with_db(|db| db.commit_direct(jobs, &mut plan))?;
+        self.publish(&plan.new_devices, &updated, &plan.keys);
+        Ok(results)
+    }
+
+    /// A group of new readings only: into the ingest log, acknowledged once it is on
+    /// disk; the flusher moves it into DuckDB later.
+    pub(super) fn commit_logged(
+        &mut self,
+        jobs: &[Job],
+        mut plan: Plan,
+    ) -> Result<Vec<Committed>, StoreError> {
+        let (fresh, _) = split_columns(jobs, &plan.device_maps, &plan.verdicts, &plan.row_keys, 0);
+        let seq = {
+            let _span = tracing::debug_span!("log_append", rows = fresh.len()).entered();
+            self.log.append(&plan.new_devices, &fresh)?
+        };
+        let (results, updated) = tally(
+            jobs,
+            &plan.verdicts,
+            &plan.row_keys,
+            &mut plan.keys,
+            &[],
+            &self.shared,
+        );
+        self.pending.add(fresh, &plan.new_devices, seq);
+        self.publish(&plan.new_devices, &updated, &plan.keys);
+        self.shared.acked(seq);
+        Ok(results)
+    }
+
+    /// Shows stored readings to readers and counts them.
+    pub(super) fn publish(
+        &mut self,
+        new_devices: &[(DeviceId, Device)],
+        updated: &[SeriesEntry],
+        keys: &[KeyAcc],
+    ) {
+        self.next_device += new_devices.len() as u32;
+        self.shared.add_devices(new_devices);
+        self.shared.set_series(updated);
+        self.count(keys);
+        let oldest = keys.iter().filter_map(|k| k.delta).map(|d| d.first).min();
+        if oldest.is_some_and(|t| t < compact::today_start()) {
+            self.past_days = true;
+            self.signals.past_days.notify_one();
+        }
+        self.signals.touched(
+            keys.iter()
+                .filter(|k| k.delta.is_some())
+                .map(|k| (k.device, k.sensor)),
+        );
+    }
+
+    /// Per-sensor accepted and duplicate counters, summed per sensor first: a group
+    /// of a fleet's requests has many series but few sensors, and every counter update
+    /// takes a lock and allocates its label.
+    pub(super) fn count(&self, keys: &[KeyAcc]) {
+        let mut per_sensor: Vec<(SensorId, u64, u64)> = Vec::new();
+        for k in keys {
+            let accepted = k.delta.map_or(0, |d| d.readings);
+            match per_sensor.iter_mut().find(|(s, ..)| *s == k.sensor) {
+                Some((_, a, d)) => {
+                    *a += accepted;
+                    *d += k.duplicates;
+                }
+                None => per_sensor.push((k.sensor, accepted, k.duplicates)),
+            }
+        }
+        let catalog = self.shared.catalog();
+        let m = &self.metrics;
+        for (sensor, accepted, duplicates) in per_sensor {
+            let name = catalog
+                .by_id(sensor)
+                .map_or(UNKNOWN_SENSOR, |s| s.name.as_str());
+            Metrics::add(&m.readings_accepted, name, accepted);
+            Metrics::add(&m.readings_duplicate, name, duplicates);
+        }
+    }
+
+    /// Hands the current segment to the flusher when a query waits for it, when it
+    /// holds many readings, or when its oldest reading has waited long enough.
+    pub(super) fn maybe_seal(&mut self) {
+        let Some(since) = self.pending.since else {
+            return;
+        };
+        let due = self.shared.flush_requested()
+            || self.pending.rows.len() >= SEAL_ROWS
+            || since.elapsed() >= SEAL_AGE;
+        if due {
+            match self.seal() {
+                Ok(()) => self
+                    .seal_failures
+                    .succeeded("starting a new ingest log segment"),
+                Err(e) => self
+                    .seal_failures
+                    .failed("cannot start a new ingest log segment; retrying", &e),
+            }
+        }
+    }
+
+    /// Closes the current segment and queues its readings for the flusher.
+    pub(super) fn seal(&mut self) -> Result<(), StoreError> {
+        if self.pending.since.is_none() {
+            return Ok(());
+        }
+        let segment = self.log.rotate()?;
+        self.queue.push(self.pending.take(segment));
+        Ok(())
+    }
+
+    /// Runs `f` on the database once it holds everything acknowledged.
+    pub(super) fn with_db<T>(
+        &mut self,
+        f: impl FnOnce(&mut Db) -> Result<T, StoreError>,
+    ) -> Result<T, StoreError> {
+        self.seal()?;
+        let db = self.db.clone();
+        let mut db = db.lock().unwrap_or_else(|p| p.into_inner());
+        if std::mem::take(&mut self.past_days) {
+            db.past_days_written();
+        }
+        flush_queued(&mut db, &self.queue)?;
+        f(&mut db)
+    }
+
+    /// Everything queued and logged into DuckDB, the flusher stopped, a checkpoint.
+    pub(super) fn close(mut self, flusher: JoinHandle<()>) -> Result<(), StoreError> {
+        let done = self.with_db(|db| db.checkpoint());
+        self.queue.lock().stop = true;
+        self.queue.changed.notify_all();
+        let _ = flusher.join();
+        done
+    }
+}
+
+pub(super) fn run(
+    mut front: Front,
+    mut rx: mpsc::Receiver<Msg>,
+    max_rows: usize,
+    flusher: JoinHandle<()>,
+) {
+    while let Some(first) = rx.blocking_recv() {
+        let mut group = Vec::new();
+        let mut shutdown = None;
+        let mut compact = None;
+        let mut retire = None;
+        let mut rows = 0;
+        let mut next = Some(first);
+        while let Some(msg) = next.take() {
+            match msg {
+                Msg::Append(job) => {
+                    rows += job.batch.len();
+                    group.push(job);
+                }
+                Msg::Compact(reply) => compact = Some(reply),
+                Msg::Retire(job) => retire = Some(job),
+                Msg::Shutdown(ack) => shutdown = Some(ack),
+                Msg::Tick => {}
+            }
+            if shutdown.is_none() && compact.is_none() && retire.is_none() && rows < max_rows {
+                next = rx.try_recv().ok();
+            }
+        }
+        front.commit_group(group);
+        front.maybe_seal();
+        if let Some(reply) = compact {
+            let _ = reply.send(front.with_db(Db::compact));
+        }
+        if let Some(job) = retire {
+            let _ = job.reply.send(front.with_db(|db| db.retire(&job.days)));
+        }
+        if let Some(ack) = shutdown {
+            rx.close();
+            let mut rest = Vec::new();
+            while let Ok(msg) = rx.try_recv() {
+                match msg {
+                    Msg::Append(job) => rest.push(job),
+                    Msg::Compact(reply) => drop(reply.send(Err(StoreError::WriterGone))),
+                    Msg::Retire(job) => drop(job.reply.send(Err(StoreError::WriterGone))),
+                    Msg::Shutdown(other) => drop(other.send(Ok(()))),
+                    Msg::Tick => {}
+                }
+            }
+            front.commit_group(rest);
+            let _ = ack.send(front.close(flusher));
+            return;
+        }
+    }
+    // Every handle was dropped without a shutdown: still leave a checkpointed file.
+    if let Err(e) = front.close(flusher) {
+        tracing::error!(error = %e, "checkpoint at writer exit failed");
+    }
+}
