@@ -61,7 +61,7 @@ pub struct AnomalyList {
 }
 
 fn time(name: &str, v: Option<String>) -> Result<Option<Timestamp>, ApiError> {
-    v.map(|s| super::v1::time_param(name, &s)).transpose()
+    v.map(|s| super::params::time_param(name, &s)).transpose()
 }
 
 #[OpenApi(prefix_path = "/api/v1", tag = "Tag::Readings")]

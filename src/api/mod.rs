@@ -9,6 +9,7 @@ pub mod error;
 mod etag;
 pub mod ingest;
 pub mod listener;
+mod params;
 mod readings;
 pub mod seed;
 pub mod slots;
@@ -173,7 +174,7 @@ impl PublicApi {
         /// Device to read (default: the server's `--default-device`).
         device: Query<Option<String>>,
     ) -> ApiResult<LatestStatistics> {
-        let device = seed::device_param(&state, device.0)?;
+        let device = params::device_param(&state, device.0)?;
         Ok(Json(seed::latest(&state, &device)))
     }
 
@@ -187,7 +188,7 @@ impl PublicApi {
         /// Device to read (default: the server's `--default-device`).
         device: Query<Option<String>>,
     ) -> ApiResult<LatestLocation> {
-        let device = seed::device_param(&state, device.0)?;
+        let device = params::device_param(&state, device.0)?;
         Ok(Json(seed::location(&state, &device)))
     }
 
@@ -213,7 +214,7 @@ impl PublicApi {
         /// Device to read (default: the server's `--default-device`).
         device: Query<Option<String>>,
     ) -> ApiResult<Vec<Statistic>> {
-        let device = seed::device_param(&state, device.0)?;
+        let device = params::device_param(&state, device.0)?;
         let stats = seed::day_chart(&state, device, &sensor.0, &date.0, tz.0.as_deref()).await?;
         Ok(Json(stats))
     }
@@ -228,7 +229,7 @@ impl PublicApi {
         /// Device to read (default: the server's `--default-device`).
         device: Query<Option<String>>,
     ) -> ApiResult<Status> {
-        let device = seed::device_param(&state, device.0)?;
+        let device = params::device_param(&state, device.0)?;
         Ok(Json(seed::status(&state, &device)))
     }
 

@@ -3,12 +3,11 @@
 use std::sync::Arc;
 
 use chrono::Duration;
-use chrono_tz::Tz;
 use poem_openapi::Object;
 
 use super::AppState;
 use super::error::ApiError;
-use crate::domain::{Day, Device, SensorId, parse_tz};
+use crate::domain::{Day, Device, SensorId};
 
 /// Newest value of each car sensor; 0 where there is none.
 #[derive(Debug, Clone, PartialEq, Object)]
@@ -62,22 +61,6 @@ pub struct Status {
     /// Timestamp of the newest stored reading (RFC 3339 UTC), `null` when there is none.
     #[oai(nullable)]
     pub last_ingest_timestamp: Option<String>,
-}
-
-/// The device a read is about: `?device=`, else the server's default device.
-pub fn device_param(state: &AppState, device: Option<String>) -> Result<Device, ApiError> {
-    match device {
-        None => Ok(state.default_device.clone()),
-        Some(d) => Device::parse(&d)
-            .map_err(|e| ApiError::bad_request(format!("invalid device '{d}': {e}"))),
-    }
-}
-
-/// `?tz=`: an IANA time zone, UTC when absent.
-pub fn tz_param(tz: Option<&str>) -> Result<Option<Tz>, ApiError> {
-    tz.map(parse_tz)
-        .transpose()
-        .map_err(|e| ApiError::bad_request(e.to_string()))
 }
 
 fn latest_of(state: &AppState, device: &Device, names: &[&str]) -> Vec<f64> {
@@ -156,7 +139,7 @@ pub async fn day_chart(
         .map(|s| s.id)
         .ok_or_else(|| ApiError::bad_request(format!("unknown sensor '{sensor}'")))?;
     let day = Day::parse(date).map_err(|e| ApiError::bad_request(e.to_string()))?;
-    let buckets = Arc::new(day.buckets(tz_param(tz)?, Duration::minutes(15)));
+    let buckets = Arc::new(day.buckets(super::params::tz_param(tz)?, Duration::minutes(15)));
     let reads = state.reads.clone();
     let b = buckets.clone();
     let stats = super::blocking(move || reads.bucket_stats(&device, sensor_id, &b)).await?;
