@@ -140,10 +140,15 @@ impl Guard {
         }
     }
 
-    /// Decides a call of `path` (`service/method`): the caller to hand on, or the
-    /// status that answers it.
-    fn admit(&self, path: &str, headers: &http::HeaderMap) -> Result<Option<Caller>, Status> {
-        let (service, method) = path.split_once('/').unwrap_or((path, ""));
+    /// Decides a call of `service`/`method` (its request path `path`): the caller to
+    /// hand on, or the status that answers it.
+    fn admit(
+        &self,
+        path: &str,
+        service: &str,
+        method: &str,
+        headers: &http::HeaderMap,
+    ) -> Result<Option<Caller>, Status> {
         let caller = self.check(service, method, headers)?;
         if let Err(secs) = self.take(path) {
             tracing::info!(retry_after_secs = secs, "refused: rate limited");
@@ -223,7 +228,7 @@ where
         let path = req.uri().path().trim_start_matches('/').to_owned();
         let (service, method) = path.split_once('/').unwrap_or((&path, ""));
         let span = tracing::info_span!("grpc", service = %service, method = %method);
-        match span.in_scope(|| self.guard.admit(&path, req.headers())) {
+        match span.in_scope(|| self.guard.admit(&path, service, method, req.headers())) {
             Err(status) => Box::pin(std::future::ready(Ok(status.into_http()))),
             Ok(caller) => {
                 if let Some(c) = caller {

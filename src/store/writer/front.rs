@@ -39,7 +39,7 @@ pub(super) struct Front {
 }
 
 impl Front {
-    pub(super) fn commit_group(&mut self, jobs: Vec<Job>) {
+    fn commit_group(&mut self, jobs: Vec<Job>) {
         if jobs.is_empty() {
             return;
         }
@@ -73,7 +73,7 @@ impl Front {
         }
     }
 
-    pub(super) fn commit(&mut self, jobs: &[Job]) -> Result<Vec<Committed>, StoreError> {
+    fn commit(&mut self, jobs: &[Job]) -> Result<Vec<Committed>, StoreError> {
         let mut plan = classify(&self.shared, self.next_device, jobs);
         if plan.maybe == 0 && plan.rows <= LOG_GROUP_ROWS {
             return self.commit_logged(jobs, plan);
@@ -88,7 +88,7 @@ impl Front {
 
     /// A group of new readings only: into the ingest log, acknowledged once it is on
     /// disk; the flusher moves it into DuckDB later.
-    pub(super) fn commit_logged(
+    fn commit_logged(
         &mut self,
         jobs: &[Job],
         mut plan: Plan,
@@ -113,7 +113,7 @@ impl Front {
     }
 
     /// Shows stored readings to readers and counts them.
-    pub(super) fn publish(
+    fn publish(
         &mut self,
         new_devices: &[(DeviceId, Device)],
         updated: &[SeriesEntry],
@@ -138,7 +138,7 @@ impl Front {
     /// Per-sensor accepted and duplicate counters, summed per sensor first: a group
     /// of a fleet's requests has many series but few sensors, and every counter update
     /// takes a lock and allocates its label.
-    pub(super) fn count(&self, keys: &[KeyAcc]) {
+    fn count(&self, keys: &[KeyAcc]) {
         let mut per_sensor: Vec<(SensorId, u64, u64)> = Vec::new();
         for k in keys {
             let accepted = k.delta.map_or(0, |d| d.readings);
@@ -163,7 +163,7 @@ impl Front {
 
     /// Hands the current segment to the flusher when a query waits for it, when it
     /// holds many readings, or when its oldest reading has waited long enough.
-    pub(super) fn maybe_seal(&mut self) {
+    fn maybe_seal(&mut self) {
         let Some(since) = self.pending.since else {
             return;
         };
@@ -183,7 +183,7 @@ impl Front {
     }
 
     /// Closes the current segment and queues its readings for the flusher.
-    pub(super) fn seal(&mut self) -> Result<(), StoreError> {
+    fn seal(&mut self) -> Result<(), StoreError> {
         if self.pending.since.is_none() {
             return Ok(());
         }
@@ -193,7 +193,7 @@ impl Front {
     }
 
     /// Runs `f` on the database once it holds everything acknowledged.
-    pub(super) fn with_db<T>(
+    fn with_db<T>(
         &mut self,
         f: impl FnOnce(&mut Db) -> Result<T, StoreError>,
     ) -> Result<T, StoreError> {
@@ -208,7 +208,7 @@ impl Front {
     }
 
     /// Everything queued and logged into DuckDB, the flusher stopped, a checkpoint.
-    pub(super) fn close(mut self, flusher: JoinHandle<()>) -> Result<(), StoreError> {
+    fn close(mut self, flusher: JoinHandle<()>) -> Result<(), StoreError> {
         let done = self.with_db(|db| db.checkpoint());
         self.queue.lock().stop = true;
         self.queue.changed.notify_all();
