@@ -10,9 +10,11 @@
 //!    readings, one per sensor, unique timestamps), for `--duration` at every count of
 //!    `--connections`; each device belongs to one connection, which cycles through
 //!    its devices, so a device's requests arrive in order as they would from the
-//!    device. Requests/s, readings/s, acknowledgement latency p50/p99/p99.9, and the
-//!    server's peak RSS per phase. Every request must be answered 200 with all six
-//!    readings accepted (exact counts are checked).
+//!    device. Requests/s, readings/s, acknowledgement latency p50/p99/p99.9, the
+//!    server's CPU time per request and its peak RSS per phase. Every request must be
+//!    answered 200 with exactly the expected counts (accepted, duplicates).
+//!    With `--order` other than `live`, each connection count gets a second phase of
+//!    the same fleet sending older readings (see [`Order`]), right after the live one.
 //! 4. One big request: `--big-readings` readings in one body, against DuckDB's own
 //!    `read_json` load of the same file, in the same run.
 //! 5. Start-up time of the server with every device of the run known.
@@ -51,8 +53,46 @@ pub struct FleetPhase {
     pub p99_ms: f64,
     /// 99.9th percentile, ms.
     pub p999_ms: f64,
+    /// The server's CPU time (user + system) per request, µs.
+    pub cpu_us_per_request: f64,
     /// The server's peak RSS during the phase, MiB.
     pub peak_rss_mib: f64,
+}
+
+/// What the fleet's requests hold, besides new readings (`--order`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Order {
+    /// Each device's next second: new readings, in order.
+    Live,
+    /// Exact re-sends of one of each device's last three requests (a retry after a
+    /// timeout): every reading a duplicate.
+    Retry,
+    /// Every other request is a second of the previous day, walking forward (an
+    /// offline buffer replayed while live data flows): all new.
+    Backlog,
+    /// Live, retry and backlog requests in turn.
+    Mix,
+}
+
+/// One request's kind.
+#[derive(Clone, Copy)]
+enum Kind {
+    Live,
+    Retry,
+    Backlog,
+}
+
+impl Order {
+    /// The kind of a connection's `i`-th request.
+    fn kind(self, i: usize) -> Kind {
+        match self {
+            Order::Live => Kind::Live,
+            Order::Retry => Kind::Retry,
+            Order::Backlog => [Kind::Live, Kind::Backlog][i % 2],
+            Order::Mix => [Kind::Live, Kind::Retry, Kind::Backlog][i % 3],
+        }
+    }
 }
 
 /// The whole fleet run.
@@ -81,29 +121,64 @@ pub struct FleetReport {
 /// Sensors of every request, one reading each.
 const SENSORS: [&str; 6] = generate::SENSORS;
 
-/// The fleet: per device its name and the seconds it has sent so far.
+/// The fleet: per device its name and the seconds it has sent so far, live and of
+/// its backlog.
 struct Fleet {
     names: Vec<String>,
     seconds: Vec<AtomicU32>,
+    backlog: Vec<AtomicU32>,
     /// Whole seconds (epoch) of every device's first reading.
     base: i64,
 }
+
+/// Seconds of a day: the backlog is the day before the live readings.
+const DAY: i64 = 86_400;
 
 impl Fleet {
     fn new(prefix: &str, n: usize, base: i64) -> Self {
         Self {
             names: (0..n).map(|i| format!("{prefix}-{i}")).collect(),
             seconds: (0..n).map(|_| AtomicU32::new(0)).collect(),
+            backlog: (0..n).map(|_| AtomicU32::new(0)).collect(),
             base,
         }
     }
 
-    /// The next second of device `d`: one reading per sensor.
-    fn body(&self, d: usize, buf: &mut String) {
-        use std::fmt::Write as _;
-        let sec = self.seconds[d].fetch_add(1, Ordering::Relaxed);
+    /// A request of device `d` of `kind` (its `i`-th on the connection) into `buf`;
+    /// returns the readings it should get accepted (the rest are duplicates).
+    fn body(&self, d: usize, kind: Kind, i: usize, buf: &mut String) -> usize {
+        match kind {
+            Kind::Live => {
+                let sec = self.seconds[d].fetch_add(1, Ordering::Relaxed);
+                self.second(d, self.base + i64::from(sec), buf);
+                SENSORS.len()
+            }
+            Kind::Retry => {
+                // One of the last three seconds sent (each was acknowledged: a
+                // connection waits for every answer); a device that sent nothing
+                // yet sends its first.
+                let sent = i64::from(self.seconds[d].load(Ordering::Relaxed));
+                if sent == 0 {
+                    return self.body(d, Kind::Live, i, buf);
+                }
+                let sec = (sent - 1 - (i % 3) as i64).max(0);
+                self.second(d, self.base + sec, buf);
+                0
+            }
+            Kind::Backlog => {
+                let sec = self.backlog[d].fetch_add(1, Ordering::Relaxed);
+                self.second(d, self.base - DAY + i64::from(sec), buf);
+                SENSORS.len()
+            }
+        }
+    }
+
+    /// Second `epoch` of device `d`: one reading per sensor.
+    fn second(&self, d: usize, epoch: i64, buf: &mut String) {
         use chrono::{Datelike as _, Timelike as _};
-        let t = chrono::DateTime::from_timestamp(self.base + i64::from(sec), 0).unwrap_or_default();
+        use std::fmt::Write as _;
+        let sec = epoch - self.base;
+        let t = chrono::DateTime::from_timestamp(epoch, 0).unwrap_or_default();
         let ts = format!(
             "{:04}-{:02}-{:02}T{:02}:{:02}:{:02}",
             t.year(),
@@ -115,7 +190,7 @@ impl Fleet {
         );
         buf.clear();
         for (i, s) in SENSORS.iter().enumerate() {
-            let value = ((d as u32 + sec + i as u32) % 90) as f64 + 0.5;
+            let value = (d as i64 + sec + i as i64).rem_euclid(90) as f64 + 0.5;
             let _ = writeln!(
                 buf,
                 r#"{{"device":"{}","sensor":"{s}","value":{value},"timestamp":"{ts}.{:03}Z"}}"#,
@@ -138,6 +213,7 @@ async fn connection(
     fleet: Arc<Fleet>,
     devices: Vec<usize>,
     until: Option<Instant>,
+    order: Order,
     sent: Arc<AtomicU64>,
 ) -> anyhow::Result<ConnResult> {
     let stream = tokio::net::TcpStream::connect(addr).await?;
@@ -158,8 +234,10 @@ async fn connection(
             _ => {}
         }
         let d = devices[i % devices.len()];
+        // Each device's own requests run through the kinds in turn.
+        let kind = order.kind(i / devices.len());
+        let accepted = fleet.body(d, kind, i / devices.len(), &mut body);
         i += 1;
-        fleet.body(d, &mut body);
         let req = hyper::Request::post("/ingest")
             .header("host", "milepost")
             .header("authorization", &auth)
@@ -177,10 +255,13 @@ async fn connection(
                 String::from_utf8_lossy(&bytes)
             );
         }
-        // Exact counts: every reading of the request is new.
+        // Exact counts: first write wins, every duplicate counted.
         let v: serde_json::Value = serde_json::from_slice(&bytes)?;
-        if v["accepted"].as_u64() != Some(SENSORS.len() as u64) {
-            bail!("expected {} readings accepted, got {v}", SENSORS.len());
+        let duplicates = SENSORS.len() - accepted;
+        if v["accepted"].as_u64() != Some(accepted as u64)
+            || v["duplicates"].as_u64() != Some(duplicates as u64)
+        {
+            bail!("expected {accepted} readings accepted and {duplicates} duplicates, got {v}");
         }
         sent.fetch_add(1, Ordering::Relaxed);
     }
@@ -195,6 +276,7 @@ async fn phase(
     fleet: &Arc<Fleet>,
     connections: usize,
     duration: Option<Duration>,
+    order: Order,
 ) -> anyhow::Result<FleetPhase> {
     let addr: std::net::SocketAddr = server
         .base()
@@ -202,6 +284,7 @@ async fn phase(
         .parse()
         .context("server address")?;
     server.0.reset_peak_rss()?;
+    let cpu_before = server.0.cpu_seconds();
     let sent = Arc::new(AtomicU64::new(0));
     let started = Instant::now();
     let until = duration.map(|d| started + d);
@@ -213,6 +296,7 @@ async fn phase(
             fleet.clone(),
             devices,
             until,
+            order,
             sent.clone(),
         )));
     }
@@ -221,6 +305,7 @@ async fn phase(
         lat.extend(t.await??.latencies_us);
     }
     let seconds = started.elapsed().as_secs_f64();
+    let cpu = server.0.cpu_seconds() - cpu_before;
     let mut ms: Vec<f64> = lat.iter().map(|&u| f64::from(u) / 1e3).collect();
     ms.sort_by(f64::total_cmp);
     let requests = ms.len() as u64;
@@ -234,6 +319,7 @@ async fn phase(
         p50_ms: percentile(&ms, 0.5),
         p99_ms: percentile(&ms, 0.99),
         p999_ms: percentile(&ms, 0.999),
+        cpu_us_per_request: cpu * 1e6 / requests.max(1) as f64,
         peak_rss_mib: server.peak_rss_mib(),
     })
 }
@@ -252,17 +338,32 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<FleetReport> {
     if args.new_devices > 0 {
         eprintln!("bench: first contact of {} new devices", args.new_devices);
         let new = Arc::new(Fleet::new("new", args.new_devices, base));
-        phases.push(phase(&server, "first contact (new devices)", &new, 64, None).await?);
+        phases.push(
+            phase(
+                &server,
+                "first contact (new devices)",
+                &new,
+                64,
+                None,
+                Order::Live,
+            )
+            .await?,
+        );
     }
     let fleet = Arc::new(Fleet::new("car", args.devices, base));
     eprintln!("bench: {} devices say hello (not timed)", args.devices);
-    phase(&server, "warm-up", &fleet, 64, None).await?;
+    phase(&server, "warm-up", &fleet, 64, None, Order::Live).await?;
     for &c in &args.connections {
         eprintln!(
             "bench: fleet of {} devices over {c} connections",
             args.devices
         );
-        phases.push(phase(&server, "fleet", &fleet, c, Some(duration)).await?);
+        phases.push(phase(&server, "fleet", &fleet, c, Some(duration), Order::Live).await?);
+        if args.order != Order::Live {
+            let name = format!("fleet {}", order_name(args.order));
+            eprintln!("bench: {name}, {c} connections");
+            phases.push(phase(&server, &name, &fleet, c, Some(duration), args.order).await?);
+        }
     }
     server.stop()?;
 
@@ -343,13 +444,22 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<FleetReport> {
     Ok(report)
 }
 
+fn order_name(o: Order) -> &'static str {
+    match o {
+        Order::Live => "live",
+        Order::Retry => "retry",
+        Order::Backlog => "backlog",
+        Order::Mix => "mix",
+    }
+}
+
 fn print_report(r: &FleetReport) {
     println!(
         "milepost bench --scenario fleet: {} devices, {} readings per request",
         r.devices, r.readings_per_request
     );
     println!(
-        "{:<30} {:>5} {:>9} {:>7} {:>9} {:>11} {:>8} {:>8} {:>9} {:>8}",
+        "{:<30} {:>5} {:>9} {:>7} {:>9} {:>11} {:>8} {:>8} {:>9} {:>8} {:>8}",
         "phase",
         "conns",
         "requests",
@@ -359,11 +469,12 @@ fn print_report(r: &FleetReport) {
         "p50 ms",
         "p99 ms",
         "p99.9 ms",
+        "CPU µs/r",
         "RSS MiB"
     );
     for p in &r.phases {
         println!(
-            "{:<30} {:>5} {:>9} {:>7.1} {:>9.0} {:>11.0} {:>8.2} {:>8.2} {:>9.2} {:>8.0}",
+            "{:<30} {:>5} {:>9} {:>7.1} {:>9.0} {:>11.0} {:>8.2} {:>8.2} {:>9.2} {:>8.0} {:>8.0}",
             p.name,
             p.connections,
             p.requests,
@@ -373,6 +484,7 @@ fn print_report(r: &FleetReport) {
             p.p50_ms,
             p.p99_ms,
             p.p999_ms,
+            p.cpu_us_per_request,
             p.peak_rss_mib
         );
     }

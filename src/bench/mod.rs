@@ -83,6 +83,11 @@ pub struct BenchArgs {
     /// Fleet: connection counts to measure, one phase each.
     #[arg(long, value_delimiter = ',', default_values_t = [8, 64, 256])]
     pub connections: Vec<usize>,
+    /// Fleet: what the requests hold besides new readings; other than `live`, each
+    /// connection count is measured twice, live then this way (see
+    /// `bench::fleet::Order`).
+    #[arg(long, value_enum, default_value_t = fleet::Order::Live)]
+    pub order: fleet::Order,
     /// Fleet: seconds per phase.
     #[arg(long, default_value_t = 15.0)]
     pub duration: f64,
@@ -414,8 +419,13 @@ impl BenchServer {
     }
 
     /// [`Self::start`] with `more` flags (which may set a dump schedule).
+    /// The server is this binary, or `MILEPOST_BENCH_SERVER` (another build, to
+    /// compare it under the same client).
     fn start_with(dir: &Path, memory_limit: &str, more: &[&str]) -> anyhow::Result<Self> {
-        let exe = std::env::current_exe()?;
+        let exe = match std::env::var_os("MILEPOST_BENCH_SERVER") {
+            Some(other) => PathBuf::from(other),
+            None => std::env::current_exe()?,
+        };
         let extra = [
             "--api-key",
             BENCH_KEY,

@@ -101,6 +101,19 @@ impl ServerProcess {
             .map_or(0.0, |kb| kb / 1024.0)
     }
 
+    /// CPU time the process has used so far (user + system), seconds.
+    pub fn cpu_seconds(&self) -> f64 {
+        let stat =
+            std::fs::read_to_string(format!("/proc/{}/stat", self.child.id())).unwrap_or_default();
+        // Fields after the command name (which may hold spaces), 1-based from 3:
+        // utime is field 14, stime 15, in clock ticks.
+        let after = stat.rsplit_once(')').map_or("", |(_, rest)| rest);
+        let fields: Vec<&str> = after.split_whitespace().collect();
+        let ticks = |i: usize| fields.get(i - 3).and_then(|v| v.parse::<f64>().ok());
+        // USER_HZ: /proc reports 100 ticks a second whatever the kernel's own HZ.
+        (ticks(14).unwrap_or(0.0) + ticks(15).unwrap_or(0.0)) / 100.0
+    }
+
     /// Starts [`Self::peak_rss_mib`] over from the current resident size, so a phase
     /// can be measured on its own.
     pub fn reset_peak_rss(&self) -> anyhow::Result<()> {
