@@ -916,6 +916,7 @@ struct Tally {
 }
 
 async fn campaign(cycles: usize) {
+    let _alone = one_at_a_time().await;
     let seed = std::env::var("MILEPOST_CRASH_SEED")
         .ok()
         .and_then(|s| s.parse().ok())

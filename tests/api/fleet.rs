@@ -444,3 +444,79 @@ fn walk(dir: &Path) -> Vec<String> {
     }
     out
 }
+
+/// A fleet as it really behaves: 1,000 devices stream live seconds while each also
+/// re-sends one of its last requests (a retry after a timeout), replays the day
+/// before in order (an offline buffer) and re-sends a replayed request. Every answer
+/// has the exact counts (first write wins, duplicates counted), no request takes a
+/// second, and DuckDB ends up holding every reading once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn re_sent_and_backlog_requests_beside_live_data_are_exact_and_prompt() {
+    let _alone = one_at_a_time().await;
+    let app = TestApp::spawn().await;
+    let live = Utc::now().timestamp() - 1800;
+    let backlog = live - 86_400;
+    let (devices, clients, rounds) = (1000usize, 50usize, 6i64);
+    let base = app.url("");
+    let mut tasks = Vec::new();
+    for c in 0..clients {
+        let base = base.clone();
+        tasks.push(tokio::spawn(async move {
+            let client = reqwest::Client::new();
+            let mine: Vec<String> = (c..devices)
+                .step_by(clients)
+                .map(|d| format!("van-{d}"))
+                .collect();
+            let mut slowest = Duration::ZERO;
+            let mut send = async |body: String, accepted: u64, what: &str| {
+                let started = std::time::Instant::now();
+                let (status, r) = post_ingest(&client, &base, body).await.unwrap();
+                slowest = slowest.max(started.elapsed());
+                assert_eq!(
+                    (status, num(&r, "accepted"), num(&r, "duplicates")),
+                    (StatusCode::OK, accepted, 6 - accepted),
+                    "{what}: {r}"
+                );
+            };
+            // Live data first, so that everything after is older than the newest.
+            for sec in 0..3 {
+                for d in &mine {
+                    send(second(d, live + sec, 1.0), 6, "live").await;
+                }
+            }
+            for round in 0..rounds {
+                for (k, d) in mine.iter().enumerate() {
+                    let v = (k % 50) as f64;
+                    send(second(d, live + 3 + round, v), 6, "live").await;
+                    let again = live + 3 + round - (k as i64 % 3);
+                    let first = if again < live + 3 { 1.0 } else { v };
+                    send(second(d, again, first), 0, "re-sent live").await;
+                    send(second(d, backlog + round, v + 1.0), 6, "backlog").await;
+                    send(second(d, backlog + round, v + 1.0), 0, "re-sent backlog").await;
+                    // A retry with another value: still a duplicate, the first stays.
+                    send(second(d, backlog + round / 2, 77.0), 0, "late retry").await;
+                }
+            }
+            slowest
+        }));
+    }
+    for t in tasks {
+        let slowest = t.await.unwrap();
+        assert!(
+            slowest < Duration::from_secs(1),
+            "a request took {slowest:?}"
+        );
+    }
+    let per_device = 3 + 2 * rounds as usize;
+    let rows = stored_rows(app.stop().await.path());
+    assert_eq!(rows.len(), devices * per_device * 6);
+    let unique: HashSet<(String, String, i64)> = rows
+        .iter()
+        .map(|(d, s, ts, _)| (d.clone(), s.clone(), *ts))
+        .collect();
+    assert_eq!(unique.len(), rows.len(), "a reading stored twice");
+    assert!(
+        rows.iter().all(|(_, _, _, v)| *v != 77.0),
+        "a retry overwrote the first write"
+    );
+}

@@ -272,3 +272,13 @@ impl OutputWithin for std::process::Command {
         }
     }
 }
+
+/// Held by the tests whose bounds are about time (latency guards) and by the ones
+/// that load the machine most (the crash campaign), so that no two of them run at
+/// once and a time bound measures the server, not the rest of the suite.
+pub async fn one_at_a_time() -> tokio::sync::MutexGuard<'static, ()> {
+    // Not poisoned by a test that failed while holding it; fine across the tests'
+    // separate runtimes.
+    static LOCK: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+    LOCK.lock().await
+}

@@ -5,6 +5,7 @@
 use rustc_hash::{FxHashMap, FxHashSet};
 
 use super::Job;
+use super::known::{Known, Lookup};
 use crate::domain::{Device, DeviceId, SensorId};
 use crate::store::columns::Columns;
 use crate::store::{Committed, SeriesEntry, SeriesStats, Shared};
@@ -12,11 +13,13 @@ use crate::store::{Committed, SeriesEntry, SeriesStats, Shared};
 /// What the group commit decided for one row.
 #[derive(Clone, Copy, PartialEq, Eq)]
 pub(super) enum Verdict {
-    /// Same identity earlier in this group.
+    /// Same identity earlier in this group, or already stored (as far as memory
+    /// knows, see [`super::known`]).
     Duplicate,
     /// Newer than everything stored for its series: cannot be a stored duplicate.
     Fresh,
-    /// Must be checked against stored readings.
+    /// Must be checked against stored readings (memory could not tell, see
+    /// [`super::known`]).
     Maybe,
 }
 
@@ -37,17 +40,30 @@ pub(super) struct Plan {
 pub(super) struct KeyAcc {
     pub device: DeviceId,
     pub sensor: SensorId,
-    pub stored_last: Option<i64>,
+    /// First and last stored timestamp before this group (micros).
+    pub stored: Option<(i64, i64)>,
     pub prev: i64,
     pub monotonic: bool,
     pub seen: FxHashSet<i64>,
     pub delta: Option<SeriesStats>,
     pub duplicates: u64,
+    /// Timestamps this group stores (filled by [`tally`]), for [`Known::record`].
+    pub new_ts: Vec<i64>,
+}
+
+impl KeyAcc {
+    /// Once the group is committed: its stored timestamps into `known`.
+    pub fn record(&mut self, known: &mut Known) {
+        if !self.monotonic {
+            self.new_ts.sort_unstable();
+        }
+        known.record((self.device, self.sensor), self.stored, &self.new_ts);
+    }
 }
 
 /// Device ids and a verdict for every row of the group. New devices are numbered
 /// from `next_device` on.
-pub(super) fn classify(shared: &Shared, next_device: u32, jobs: &[Job]) -> Plan {
+pub(super) fn classify(shared: &Shared, known: &Known, next_device: u32, jobs: &[Job]) -> Plan {
     // 1. Device names → ids, new ones numbered now and stored with the readings.
     let mut new_devices: Vec<(DeviceId, Device)> = Vec::new();
     let mut device_maps = Vec::with_capacity(jobs.len());
@@ -87,12 +103,15 @@ pub(super) fn classify(shared: &Shared, next_device: u32, jobs: &[Job]) -> Plan 
                         keys.push(KeyAcc {
                             device: k.0,
                             sensor: k.1,
-                            stored_last: shared.series(k.0, k.1).map(|s| s.last.as_micros()),
+                            stored: shared
+                                .series(k.0, k.1)
+                                .map(|s| (s.first.as_micros(), s.last.as_micros())),
                             prev: i64::MIN,
                             monotonic: true,
                             seen: FxHashSet::default(),
                             delta: None,
                             duplicates: 0,
+                            new_ts: Vec::new(),
                         });
                         keys.len() - 1
                     });
@@ -118,11 +137,17 @@ pub(super) fn classify(shared: &Shared, next_device: u32, jobs: &[Job]) -> Plan 
             let ts = row.ts.as_micros();
             let v = if !acc.monotonic && !acc.seen.insert(ts) {
                 Verdict::Duplicate
-            } else if acc.stored_last.is_none_or(|m| ts > m) {
+            } else if acc.stored.is_none_or(|(_, last)| ts > last) {
                 Verdict::Fresh
             } else {
-                maybe += 1;
-                Verdict::Maybe
+                match known.lookup((acc.device, acc.sensor), acc.stored, ts) {
+                    Lookup::Stored => Verdict::Duplicate,
+                    Lookup::Absent => Verdict::Fresh,
+                    Lookup::Unknown => {
+                        maybe += 1;
+                        Verdict::Maybe
+                    }
+                }
             };
             verdicts.push(v);
             seq += 1;
@@ -167,6 +192,7 @@ pub(super) fn tally(
                     last_value: row.value,
                 };
                 let acc = &mut keys[row_keys[seq] as usize];
+                acc.new_ts.push(row.ts.as_micros());
                 match &mut acc.delta {
                     Some(d) => d.merge(&one),
                     None => acc.delta = Some(one),

@@ -11,6 +11,7 @@ use tokio::sync::mpsc;
 use super::classify::{KeyAcc, Plan, classify, split_columns, tally};
 use super::db::Db;
 use super::flusher::{LOG_GROUP_ROWS, SEAL_AGE, SEAL_ROWS, flush_queued};
+use super::known::Known;
 use super::{Committed, Job, Msg, Pending, Persisting, Queue, Signals, WriteError};
 use crate::domain::{Device, DeviceId, SensorId};
 use crate::metrics::{Metrics, UNKNOWN_SENSOR};
@@ -29,6 +30,8 @@ pub(super) struct Front {
     pub(super) pending: Pending,
     pub(super) db: Arc<Mutex<Db>>,
     pub(super) queue: Arc<Queue>,
+    /// What memory knows of stored keys: decides most older readings.
+    pub(super) known: Known,
     /// Readings of finished days were acknowledged through the log since the front
     /// last used the database.
     pub(super) past_days: bool,
@@ -74,15 +77,16 @@ impl Front {
     }
 
     fn commit(&mut self, jobs: &[Job]) -> Result<Vec<Committed>, StoreError> {
-        let mut plan = classify(&self.shared, self.next_device, jobs);
+        let mut plan = classify(&self.shared, &self.known, self.next_device, jobs);
         if plan.maybe == 0 && plan.rows <= LOG_GROUP_ROWS {
             return self.commit_logged(jobs, plan);
         }
-        // Older readings are checked against DuckDB, and large groups go there
-        // directly (logging them would write them twice): both after everything the
-        // log holds, so DuckDB gets the readings in the order they were acknowledged.
+        // Older readings memory cannot decide are checked against DuckDB, and large
+        // groups go there directly (logging them would write them twice): both after
+        // everything the log holds, so DuckDB gets the readings in the order they
+        // were acknowledged.
         let (results, updated) = self.with_db(|db| db.commit_direct(jobs, &mut plan))?;
-        self.publish(&plan.new_devices, &updated, &plan.keys);
+        self.publish(&plan.new_devices, &updated, &mut plan.keys);
         Ok(results)
     }
 
@@ -107,18 +111,21 @@ impl Front {
             &self.shared,
         );
         self.pending.add(fresh, &plan.new_devices, seq);
-        self.publish(&plan.new_devices, &updated, &plan.keys);
+        self.publish(&plan.new_devices, &updated, &mut plan.keys);
         self.shared.acked(seq);
         Ok(results)
     }
 
-    /// Shows stored readings to readers and counts them.
+    /// Shows stored readings to readers, counts them and remembers their keys.
     fn publish(
         &mut self,
         new_devices: &[(DeviceId, Device)],
         updated: &[SeriesEntry],
-        keys: &[KeyAcc],
+        keys: &mut [KeyAcc],
     ) {
+        for k in keys.iter_mut() {
+            k.record(&mut self.known);
+        }
         self.next_device += new_devices.len() as u32;
         self.shared.add_devices(new_devices);
         self.shared.set_series(updated);
@@ -251,7 +258,13 @@ pub(super) fn run(
             let _ = reply.send(front.with_db(Db::compact));
         }
         if let Some(job) = retire {
-            let _ = job.reply.send(front.with_db(|db| db.retire(&job.days)));
+            let retired = front.with_db(|db| db.retire(&job.days));
+            if retired.as_ref().is_ok_and(|r| !r.days.is_empty()) || retired.is_err() {
+                // Readings were (or may have been) deleted: what memory knew of
+                // stored keys is stale.
+                front.known.clear();
+            }
+            let _ = job.reply.send(retired);
         }
         if let Some(ack) = shutdown {
             rx.close();

@@ -15,8 +15,8 @@
 //! the flusher or the front, never both. The files follow the threads: `handle.rs`
 //! (what request handlers hold, and the messages to the front), `front.rs` (the front
 //! thread and its loop), `flusher.rs` (the sealed-segment queue and the flusher);
-//! this file starts them. Groups are classified in `classify.rs`; older readings are
-//! deduplicated in `dedupe.rs`.
+//! this file starts them. Groups are classified in `classify.rs` (with `known.rs`);
+//! older readings memory cannot decide are deduplicated in `dedupe.rs`.
 //!
 //! ## Exact dedupe without an index
 //! Identity is (device, sensor, timestamp), first write wins. A unique index would
@@ -26,10 +26,15 @@
 //!   appended straight into `readings` with the Appender — the live-stream case;
 //! - duplicates inside the group are found in memory: per series, rows that arrive in
 //!   strictly increasing time need no check, others go through a hash set;
-//! - only older readings ("maybe", i.e. replays and late uploads) are checked against
-//!   the stored keys of their own device and time range, read back with a plain range
-//!   filter so DuckDB's zone maps skip all other row groups, and read ahead so a
-//!   replay's next requests are checked in memory (see [`super::recent`]).
+//! - older readings are first looked up in what the front knows of each series'
+//!   stored keys ([`known`]: a few spans covering them and their newest keys), which
+//!   decides a device's re-sends of its last requests and a backlog replayed in order
+//!   beside live data; such groups still go through the ingest log;
+//! - only the rest ("maybe": re-sends of old data, late uploads into stored ranges)
+//!   is checked against the stored keys of its own device and time range, read back
+//!   with a plain range filter so DuckDB's zone maps skip all other row groups, and
+//!   read ahead so a replay's next requests are checked in memory (see
+//!   [`super::recent`]).
 //!
 //! Appended rows are sorted by (device, sensor, time) per transaction (see
 //! [`super::columns`]). The same pass over the sorted rows yields the 15-minute rollup
@@ -41,6 +46,7 @@ mod dedupe;
 mod flusher;
 mod front;
 mod handle;
+mod known;
 
 pub use handle::{Committed, PendingCommit, WriteError, WriterHandle};
 
@@ -60,6 +66,7 @@ use db::Db;
 use flusher::{Pending, Queue, Sealed, TICK, flusher};
 use front::{Front, run};
 use handle::{Job, Msg, Signals};
+use known::Known;
 
 /// Writer tuning.
 #[derive(Debug, Clone)]
@@ -223,6 +230,7 @@ impl Writer {
             pending: Pending::default(),
             db,
             queue,
+            known: Known::default(),
             past_days: false,
             commit_failures: Persisting::default(),
             seal_failures: Persisting::default(),
