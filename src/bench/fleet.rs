@@ -57,6 +57,8 @@ pub struct FleetPhase {
     pub cpu_us_per_request: f64,
     /// The server's peak RSS during the phase, MiB.
     pub peak_rss_mib: f64,
+    /// What readers saw meanwhile (`--readers`).
+    pub reads: Option<super::readers::ReadReport>,
 }
 
 /// What the fleet's requests hold, besides new readings (`--order`).
@@ -125,7 +127,10 @@ const SENSORS: [&str; 6] = generate::SENSORS;
 /// its backlog.
 struct Fleet {
     names: Vec<String>,
-    seconds: Vec<AtomicU32>,
+    /// Live seconds sent…
+    seconds: Vec<Arc<AtomicU32>>,
+    /// …and acknowledged (for the readers' read-your-writes check).
+    acked: Vec<Arc<AtomicU32>>,
     backlog: Vec<AtomicU32>,
     /// Whole seconds (epoch) of every device's first reading.
     base: i64,
@@ -138,7 +143,8 @@ impl Fleet {
     fn new(prefix: &str, n: usize, base: i64) -> Self {
         Self {
             names: (0..n).map(|i| format!("{prefix}-{i}")).collect(),
-            seconds: (0..n).map(|_| AtomicU32::new(0)).collect(),
+            seconds: (0..n).map(|_| Arc::new(AtomicU32::new(0))).collect(),
+            acked: (0..n).map(|_| Arc::new(AtomicU32::new(0))).collect(),
             backlog: (0..n).map(|_| AtomicU32::new(0)).collect(),
             base,
         }
@@ -263,6 +269,9 @@ async fn connection(
         {
             bail!("expected {accepted} readings accepted and {duplicates} duplicates, got {v}");
         }
+        if matches!(kind, Kind::Live) {
+            fleet.acked[d].fetch_add(1, Ordering::Release);
+        }
         sent.fetch_add(1, Ordering::Relaxed);
     }
     Ok(ConnResult { latencies_us })
@@ -277,6 +286,7 @@ async fn phase(
     connections: usize,
     duration: Option<Duration>,
     order: Order,
+    readers: Option<(usize, Duration)>,
 ) -> anyhow::Result<FleetPhase> {
     let addr: std::net::SocketAddr = server
         .base()
@@ -300,12 +310,36 @@ async fn phase(
             sent.clone(),
         )));
     }
+    let reads = match (readers, until) {
+        (Some((n, interval)), Some(until)) if n > 0 => {
+            let watched = (0..n)
+                .map(|i| {
+                    let d = i * fleet.names.len() / n;
+                    super::readers::Watched {
+                        name: fleet.names[d].clone(),
+                        acked: fleet.acked[d].clone(),
+                        sent: fleet.seconds[d].clone(),
+                        base: fleet.base,
+                    }
+                })
+                .collect();
+            let base = server.base().to_owned();
+            Some(tokio::spawn(async move {
+                super::readers::run(&base, watched, interval, until).await
+            }))
+        }
+        _ => None,
+    };
     let mut lat = Vec::new();
     for t in tasks {
         lat.extend(t.await??.latencies_us);
     }
     let seconds = started.elapsed().as_secs_f64();
     let cpu = server.0.cpu_seconds() - cpu_before;
+    let reads = match reads {
+        Some(r) => Some(r.await?),
+        None => None,
+    };
     let mut ms: Vec<f64> = lat.iter().map(|&u| f64::from(u) / 1e3).collect();
     ms.sort_by(f64::total_cmp);
     let requests = ms.len() as u64;
@@ -321,6 +355,7 @@ async fn phase(
         p999_ms: percentile(&ms, 0.999),
         cpu_us_per_request: cpu * 1e6 / requests.max(1) as f64,
         peak_rss_mib: server.peak_rss_mib(),
+        reads,
     })
 }
 
@@ -346,23 +381,47 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<FleetReport> {
                 64,
                 None,
                 Order::Live,
+                None,
             )
             .await?,
         );
     }
     let fleet = Arc::new(Fleet::new("car", args.devices, base));
     eprintln!("bench: {} devices say hello (not timed)", args.devices);
-    phase(&server, "warm-up", &fleet, 64, None, Order::Live).await?;
+    phase(&server, "warm-up", &fleet, 64, None, Order::Live, None).await?;
+    let readers = Some((args.readers, Duration::from_secs_f64(args.reader_interval)));
     for &c in &args.connections {
         eprintln!(
             "bench: fleet of {} devices over {c} connections",
             args.devices
         );
-        phases.push(phase(&server, "fleet", &fleet, c, Some(duration), Order::Live).await?);
+        phases.push(
+            phase(
+                &server,
+                "fleet",
+                &fleet,
+                c,
+                Some(duration),
+                Order::Live,
+                readers,
+            )
+            .await?,
+        );
         if args.order != Order::Live {
             let name = format!("fleet {}", order_name(args.order));
             eprintln!("bench: {name}, {c} connections");
-            phases.push(phase(&server, &name, &fleet, c, Some(duration), args.order).await?);
+            phases.push(
+                phase(
+                    &server,
+                    &name,
+                    &fleet,
+                    c,
+                    Some(duration),
+                    args.order,
+                    readers,
+                )
+                .await?,
+            );
         }
     }
     server.stop()?;
@@ -487,6 +546,14 @@ fn print_report(r: &FleetReport) {
             p.cpu_us_per_request,
             p.peak_rss_mib
         );
+    }
+    for p in &r.phases {
+        if let Some(reads) = &p.reads {
+            super::readers::print(
+                &format!("{} ({} connections)", p.name, p.connections),
+                reads,
+            );
+        }
     }
     if r.big_readings > 0 {
         println!(

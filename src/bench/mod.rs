@@ -21,6 +21,7 @@ pub mod dump;
 pub mod fleet;
 mod generate;
 pub mod process;
+pub mod readers;
 pub mod soak;
 
 use std::os::unix::fs::FileExt as _;
@@ -88,6 +89,13 @@ pub struct BenchArgs {
     /// `bench::fleet::Order`).
     #[arg(long, value_enum, default_value_t = fleet::Order::Live)]
     pub order: fleet::Order,
+    /// Fleet: browsers reading while the fleet streams, each watching one device
+    /// (see `bench::readers`); 0: none.
+    #[arg(long, default_value_t = 0)]
+    pub readers: usize,
+    /// Fleet: seconds between one reader's polls (the seed dashboard polls every 10).
+    #[arg(long, default_value_t = 10.0)]
+    pub reader_interval: f64,
     /// Fleet: seconds per phase.
     #[arg(long, default_value_t = 15.0)]
     pub duration: f64,

@@ -16,8 +16,10 @@
 //! writer closes the current segment each time it hands the readings in it to the
 //! flusher and starts a new one; the flusher deletes a segment once DuckDB holds it.
 //!
-//! Readers never see the log: every query first waits until DuckDB holds everything
-//! acknowledged (`Shared::await_visible`), which asks the writer for a batch early.
+//! Readers never read the log files: queries add the readings of records DuckDB does
+//! not hold yet from memory (`Shared::unapplied`, see `store::reader`); dumps wait
+//! until DuckDB holds everything acknowledged (`Shared::await_visible`), which asks
+//! the writer for a batch early.
 //!
 //! ## Format
 //! Each segment: a 12-byte header (`MPINGLOG`, version `u32`), then records: payload length `u32`,

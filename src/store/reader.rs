@@ -1,6 +1,16 @@
 //! Read side: a pool of DuckDB connections separate from the writer's, plus the
 //! in-memory [`Shared`] view for answers that need no query at all.
 //!
+//! Read-your-writes without waiting: readings acknowledged through the ingest log
+//! reach DuckDB only when the flusher applies their segment (half a second later, or
+//! seconds behind a busy fleet). Queries used to wait for that, and under a fleet's
+//! load the seed dashboard's day chart took seconds to 30 s (issue 23). Now a query
+//! takes the log records DuckDB may still lack ([`Shared::unapplied`]) and, when some
+//! hold readings it asks for, reads inside one transaction whose snapshot says how
+//! far the log was applied (`meta.ingest_log_through`): the readings of later records
+//! go into a connection-local temp table that the query reads beside `readings`.
+//! Every acknowledged reading is counted once, and nobody waits for the flusher.
+//!
 //! Queries filter on `ts_ms` with plain comparisons so DuckDB's zone maps skip every
 //! row group outside the range; the sub-millisecond column only enters the filter
 //! when a bound itself has microseconds.
@@ -12,6 +22,7 @@ use duckdb::Connection;
 use duckdb::arrow::array::{Array, Float64Array, Int16Array, Int64Array};
 use duckdb::arrow::record_batch::RecordBatch;
 
+use super::ingest_log;
 use super::rollup::{self, SLOT_MS};
 use super::{SeriesStats, Shared, StoreError};
 use crate::domain::{
@@ -102,12 +113,39 @@ impl Reader {
         }
     }
 
+    /// Runs `f` on a pooled connection with the source its queries read (`FROM
+    /// {source}`) and the timestamps of the readings memory added to it: every
+    /// reading of `device`'s `sensors` in `range` acknowledged before the call is in
+    /// the source, once (see the module docs).
+    fn with_view<T>(
+        &self,
+        device: DeviceId,
+        sensors: &[SensorId],
+        range: TimeRange,
+        f: impl FnOnce(&Connection, &str, &[i64]) -> Result<T, StoreError>,
+    ) -> Result<T, StoreError> {
+        // First the records, then the snapshot: a record leaves the list only once
+        // DuckDB committed it, so what the list lacks the snapshot has.
+        let mut extra = Unapplied::of(&self.shared, device, sensors, range);
+        self.with_conn(|c| {
+            if extra.is_empty() {
+                return f(c, "readings", &[]);
+            }
+            super::in_transaction(c, || {
+                extra.keep_after(ingest_log::through(c)?);
+                if extra.is_empty() {
+                    return f(c, "readings", &[]);
+                }
+                extra.load(c, device)?;
+                f(c, WITH_UNAPPLIED, &extra.ts)
+            })
+        })
+    }
+
     fn with_conn<T>(
         &self,
         f: impl FnOnce(&Connection) -> Result<T, StoreError>,
     ) -> Result<T, StoreError> {
-        // Every query sees every reading acknowledged before it started.
-        self.shared.await_visible();
         let conn = self.idle.lock().expect("pool lock").pop();
         let conn = match conn {
             Some(c) => c,
@@ -173,11 +211,11 @@ impl ReadStore for Reader {
         let Some((device, range, _)) = self.span_of(device, sensors, range) else {
             return Ok(0);
         };
-        let sql = format!(
-            "SELECT count(*) FROM readings WHERE {}",
-            series_filter(device, sensors, range)
-        );
-        self.with_conn(|c| Ok(c.query_row(&sql, [], |r| r.get::<_, i64>(0))? as u64))
+        let filter = series_filter(device, sensors, range);
+        self.with_view(device, sensors, range, |c, source, _| {
+            let sql = format!("SELECT count(*) FROM {source} WHERE {filter}");
+            Ok(c.query_row(&sql, [], |r| r.get::<_, i64>(0))? as u64)
+        })
     }
 
     fn scan(
@@ -203,7 +241,7 @@ impl ReadStore for Reader {
             .min(span_us.max(1));
         let mut lo = range.from;
         let mut delivered = 0u64;
-        self.with_conn(|c| {
+        self.with_view(device, sensors, range, |c, source, _| {
             let mut buf = ScanBuffers::default();
             while lo < range.to {
                 let hi =
@@ -213,7 +251,7 @@ impl ReadStore for Reader {
                     None => String::new(),
                 };
                 let sql = format!(
-                    "SELECT ts_ms, ts_us, value, sensor_id FROM readings WHERE {}
+                    "SELECT ts_ms, ts_us, value, sensor_id FROM {source} WHERE {}
                      ORDER BY ts_ms, ts_us, sensor_id{limit_sql}",
                     series_filter(device, sensors, TimeRange { from: lo, to: hi })
                 );
@@ -300,28 +338,33 @@ impl Reader {
                 out[i].merge_later(&part);
             }
         };
-        let raw = |c: &Connection, r: TimeRange, fold: &mut dyn FnMut(i64, Aggregate)| {
-            let columns = if sums_only {
-                "0.0, 0.0, sum(value), 0.0, 0.0"
-            } else {
-                "min(value), max(value), sum(value), arg_min(value, ts_ms * 1000 + ts_us),
+        let raw =
+            |c: &Connection, source: &str, r: TimeRange, fold: &mut dyn FnMut(i64, Aggregate)| {
+                let columns = if sums_only {
+                    "0.0, 0.0, sum(value), 0.0, 0.0"
+                } else {
+                    "min(value), max(value), sum(value), arg_min(value, ts_ms * 1000 + ts_us),
                  arg_max(value, ts_ms * 1000 + ts_us)"
-            };
-            let sql = format!(
-                "SELECT (ts_ms - {origin_ms}) // {grain_ms} AS g, count(*), {columns}
-                 FROM readings WHERE {filter}
+                };
+                let sql = format!(
+                    "SELECT (ts_ms - {origin_ms}) // {grain_ms} AS g, count(*), {columns}
+                 FROM {source} WHERE {filter}
                  GROUP BY g ORDER BY g",
-                filter = series_filter(device, &[sensor], r),
-            );
-            rollup::aggregate_rows(c, &sql, fold)
-        };
+                    filter = series_filter(device, &[sensor], r),
+                );
+                rollup::aggregate_rows(c, &sql, fold)
+            };
         let aligned = grain_ms % SLOT_MS == 0 && origin_ms.rem_euclid(SLOT_MS) == 0;
         // Live slots come from readings: the writer still holds their partials.
         let (first_slot, end_slot) = whole_slots(range);
         let end_slot = end_slot.min(self.shared.rollups_from());
-        self.with_conn(|c| {
-            if !(rollups && aligned && first_slot < end_slot) {
-                return raw(c, range, &mut fold);
+        let in_slots = |ts: &i64| (first_slot * 1000..end_slot * 1000).contains(ts);
+        self.with_view(device, &[sensor], range, |c, source, extra| {
+            // Readings memory adds to slots whose rollups are read would be missing
+            // from them: then the whole range comes from readings (rare: readings
+            // of a past quarter hour not yet applied).
+            if !(rollups && aligned && first_slot < end_slot) || extra.iter().any(in_slots) {
+                return raw(c, source, range, &mut fold);
             }
             let (head_end, tail_start) = (
                 Timestamp::from_micros(first_slot * 1000),
@@ -330,6 +373,7 @@ impl Reader {
             if range.from < head_end {
                 raw(
                     c,
+                    source,
                     TimeRange {
                         from: range.from,
                         to: head_end,
@@ -348,6 +392,7 @@ impl Reader {
             if tail_start < range.to {
                 raw(
                     c,
+                    source,
                     TimeRange {
                         from: tail_start,
                         to: range.to,
@@ -381,6 +426,96 @@ impl Reader {
         };
         let readings = stats.iter().map(|s| s.readings).sum();
         Some((id, range.intersect(stored)?, readings))
+    }
+}
+
+/// What queries read when memory adds readings: `readings` and the temp table
+/// [`Unapplied::load`] fills, on this connection only.
+const WITH_UNAPPLIED: &str = "(SELECT device_id, sensor_id, ts_ms, ts_us, value FROM readings
+     UNION ALL SELECT device_id, sensor_id, ts_ms, ts_us, value FROM temp.unapplied)";
+
+/// Readings of one query's series and range that the ingest log acknowledged and
+/// DuckDB may not hold yet.
+struct Unapplied {
+    /// Log sequence number of each reading's record.
+    seq: Vec<u64>,
+    sensor: Vec<i16>,
+    ts: Vec<i64>,
+    value: Vec<f64>,
+}
+
+impl Unapplied {
+    fn of(shared: &Shared, device: DeviceId, sensors: &[SensorId], range: TimeRange) -> Self {
+        let mut u = Self {
+            seq: Vec::new(),
+            sensor: Vec::new(),
+            ts: Vec::new(),
+            value: Vec::new(),
+        };
+        let (device, from, to) = (
+            device.0 as i32,
+            range.from.as_micros(),
+            range.to.as_micros(),
+        );
+        for logged in shared.unapplied() {
+            let r = &logged.rows;
+            for i in 0..r.len() {
+                if r.device[i] == device
+                    && (from..to).contains(&r.ts[i])
+                    && sensors.iter().any(|s| s.0 as i16 == r.sensor[i])
+                {
+                    u.seq.push(logged.seq);
+                    u.sensor.push(r.sensor[i]);
+                    u.ts.push(r.ts[i]);
+                    u.value.push(r.value[i]);
+                }
+            }
+        }
+        u
+    }
+
+    fn is_empty(&self) -> bool {
+        self.ts.is_empty()
+    }
+
+    /// Keeps the readings of records after `through` (the snapshot holds the rest).
+    fn keep_after(&mut self, through: u64) {
+        let mut kept = 0;
+        for i in 0..self.seq.len() {
+            if self.seq[i] > through {
+                self.seq[kept] = self.seq[i];
+                self.sensor[kept] = self.sensor[i];
+                self.ts[kept] = self.ts[i];
+                self.value[kept] = self.value[i];
+                kept += 1;
+            }
+        }
+        self.seq.truncate(kept);
+        self.sensor.truncate(kept);
+        self.ts.truncate(kept);
+        self.value.truncate(kept);
+    }
+
+    /// Into this connection's temp table `unapplied` (inside the query's
+    /// transaction: other connections never see it).
+    fn load(&self, c: &Connection, device: DeviceId) -> Result<(), StoreError> {
+        c.execute_batch(
+            "CREATE TEMP TABLE IF NOT EXISTS unapplied (device_id INTEGER, sensor_id SMALLINT,
+                 ts_ms BIGINT, ts_us SMALLINT, value DOUBLE);
+             DELETE FROM temp.unapplied;",
+        )?;
+        let mut app = c.appender_to_catalog_and_db("unapplied", "temp", "main")?;
+        for i in 0..self.ts.len() {
+            app.append_row(duckdb::params![
+                device.0 as i32,
+                self.sensor[i],
+                self.ts[i].div_euclid(1000),
+                self.ts[i].rem_euclid(1000) as i16,
+                self.value[i]
+            ])?;
+        }
+        app.flush()?;
+        Ok(())
     }
 }
 

@@ -3,10 +3,12 @@
 //! "latest" answers never touch DuckDB.
 
 use rustc_hash::FxHashMap as HashMap;
+use std::collections::VecDeque;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, OnceLock, RwLock};
 use std::time::{Duration, Instant};
 
+use super::columns::Columns;
 use crate::domain::{Catalog, Device, DeviceId, SensorId, Timestamp};
 
 /// A series and its statistics.
@@ -55,6 +57,18 @@ pub struct Shared {
     rollups_from: AtomicI64,
     /// How far DuckDB has caught up with the ingest log.
     visible: Visibility,
+    /// The readings of every log record DuckDB may not hold yet, oldest first.
+    unapplied: Mutex<VecDeque<Arc<Logged>>>,
+}
+
+/// The readings of one ingest log record (one group commit), kept in memory from its
+/// acknowledgement until DuckDB holds them, so that queries can add them to what
+/// DuckDB answers instead of waiting for the flusher (see `Reader`).
+pub(super) struct Logged {
+    /// The record's sequence number (`meta.ingest_log_through` once applied).
+    pub seq: u64,
+    /// Its readings (`device`, `sensor`, `ts`, `value` are used).
+    pub rows: Columns,
 }
 
 /// Ingest-log sequence numbers: acknowledged, and held by DuckDB (queries see them).
@@ -102,6 +116,7 @@ impl Shared {
                 changed: Condvar::new(),
                 wake: OnceLock::new(),
             },
+            unapplied: Mutex::new(VecDeque::new()),
         };
         shared.set_series(&series);
         shared
@@ -149,16 +164,37 @@ impl Shared {
         let _ = v.wake.set(wake);
     }
 
-    /// A log record is durable and answered: queries must wait for it.
-    pub(super) fn acked(&self, seq: u64) {
+    /// A log record is durable and about to be answered: queries must see `rows`
+    /// from now on.
+    pub(super) fn acked(&self, seq: u64, rows: Columns) {
+        self.unapplied
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push_back(Arc::new(Logged { seq, rows }));
         self.visible.acked.store(seq, Ordering::Release);
     }
 
-    /// DuckDB holds the log through `seq`: waiting queries go on.
+    /// DuckDB holds the log through `seq` (committed): waiting queries go on, and
+    /// the records' readings leave memory.
     pub(super) fn flushed(&self, seq: u64) {
+        {
+            let mut u = self.unapplied.lock().unwrap_or_else(|p| p.into_inner());
+            while u.front().is_some_and(|l| l.seq <= seq) {
+                u.pop_front();
+            }
+        }
         let v = &self.visible;
         *v.flushed.lock().unwrap_or_else(|p| p.into_inner()) = seq;
         v.changed.notify_all();
+    }
+
+    /// The log records DuckDB may not hold yet. A record leaves this list only after
+    /// DuckDB committed it, so a query that takes the list and then its snapshot sees
+    /// every acknowledged reading in one or the other (or both: filter on
+    /// `meta.ingest_log_through` of the snapshot).
+    pub(super) fn unapplied(&self) -> Vec<Arc<Logged>> {
+        let u = self.unapplied.lock().unwrap_or_else(|p| p.into_inner());
+        u.iter().cloned().collect()
     }
 
     /// Whether a query is waiting for readings only the ingest log holds.

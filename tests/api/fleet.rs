@@ -520,3 +520,143 @@ async fn re_sent_and_backlog_requests_beside_live_data_are_exact_and_prompt() {
         "a retry overwrote the first write"
     );
 }
+
+/// While 200 devices stream live readings, a dashboard reads one of them in a loop:
+/// every day chart and statistics answer includes every reading acknowledged before
+/// it was asked, and none takes a second (the answers used to wait for the ingest
+/// log's flush into DuckDB: seconds, up to 30 s, under a fleet's load).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_chart_read_while_a_fleet_streams_is_prompt_and_complete() {
+    use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
+    let _alone = one_at_a_time().await;
+    let app = TestApp::spawn().await;
+    // The watched device's readings all fall into one 15-minute bucket of its day,
+    // its k-th speed reading has value k: the bucket's average tells how many the
+    // answer counted (n readings average (n + 1) / 2).
+    let start = (Utc::now().timestamp() - 7200) / 900 * 900;
+    let day = DateTime::<Utc>::from_timestamp(start, 0)
+        .unwrap()
+        .format("%Y-%m-%d")
+        .to_string();
+    let (acked, sent) = (Arc::new(AtomicI64::new(0)), Arc::new(AtomicI64::new(0)));
+    let stop = Arc::new(AtomicBool::new(false));
+    let base = app.url("");
+    let mut fleet = Vec::new();
+    for c in 0..16 {
+        let (base, stop) = (base.clone(), stop.clone());
+        fleet.push(tokio::spawn(async move {
+            let client = reqwest::Client::new();
+            let mut sec = start;
+            while !stop.load(Ordering::Relaxed) {
+                for d in (c..200).step_by(16).skip(1) {
+                    let (status, r) = post_ingest(&client, &base, second(&format!("van-{d}"), sec, 5.0))
+                        .await
+                        .unwrap();
+                    assert_eq!((status, num(&r, "accepted")), (StatusCode::OK, 6), "{r}");
+                }
+                sec += 1;
+            }
+        }));
+    }
+    let watched = {
+        let (base, stop, acked, sent) = (base.clone(), stop.clone(), acked.clone(), sent.clone());
+        tokio::spawn(async move {
+            let client = reqwest::Client::new();
+            for k in 1..=899 {
+                if stop.load(Ordering::Relaxed) {
+                    break;
+                }
+                sent.store(k, Ordering::SeqCst);
+                let body = dline("van-0", "speed", k as f64, &at(start + k - 1)) + "\n";
+                let (status, r) = post_ingest(&client, &base, body).await.unwrap();
+                assert_eq!((status, num(&r, "accepted")), (StatusCode::OK, 1), "{r}");
+                acked.store(k, Ordering::SeqCst);
+            }
+        })
+    };
+    let bucket = at(start).replace(".000Z", "Z");
+    let (from, to) = (at(start), at(start + 900));
+    let mut slowest = Duration::ZERO;
+    let mut reads = 0;
+    let until = std::time::Instant::now() + Duration::from_secs(8);
+    while std::time::Instant::now() < until {
+        let before = acked.load(Ordering::SeqCst);
+        let t = std::time::Instant::now();
+        let (status, chart) = app
+            .get(&format!("/api/statistics/sensor/speed/date/{day}?device=van-0"))
+            .await;
+        slowest = slowest.max(t.elapsed());
+        let t = std::time::Instant::now();
+        let (s2, stats) = app
+            .get(&format!(
+                "/api/v1/sensors/speed/statistics?device=van-0&from={from}&to={to}&bucket=15m"
+            ))
+            .await;
+        slowest = slowest.max(t.elapsed());
+        let after = sent.load(Ordering::SeqCst);
+        assert_eq!((status, s2), (StatusCode::OK, StatusCode::OK));
+        let avg = chart
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|b| b["timestamp"].as_str() == Some(bucket.as_str()))
+            .unwrap_or_else(|| panic!("no bucket {bucket} in {chart}"))["value"]
+            .as_f64()
+            .unwrap();
+        let charted = (2.0 * avg - 1.0).round().max(0.0) as i64;
+        let counted = bucket_count_sum(&stats) as i64;
+        for (what, n) in [("day chart", charted), ("statistics", counted)] {
+            assert!(
+                (before..=after).contains(&n),
+                "{what} counted {n} readings; {before} were acknowledged before, {after} sent"
+            );
+        }
+        reads += 1;
+    }
+    stop.store(true, Ordering::Relaxed);
+    watched.await.unwrap();
+    for t in fleet {
+        t.await.unwrap();
+    }
+    assert!(reads > 20 && acked.load(Ordering::SeqCst) > 20, "{reads} reads");
+    assert!(slowest < Duration::from_secs(1), "a read took {slowest:?}");
+}
+
+/// A backlog reading of an earlier day goes through the ingest log like a live one
+/// (it is new for its series); the day's chart and statistics, whose finished
+/// quarter hours come from rollups, show it as soon as it is acknowledged.
+#[tokio::test]
+async fn a_backlog_reading_shows_in_its_days_rollup_buckets_at_once() {
+    let app = TestApp::spawn().await;
+    let today = Utc::now().timestamp() - 600;
+    let yesterday = today - 86_400;
+    let day = DateTime::<Utc>::from_timestamp(yesterday, 0)
+        .unwrap()
+        .format("%Y-%m-%d")
+        .to_string();
+    let from = at(yesterday / 86_400 * 86_400);
+    let to = at(yesterday / 86_400 * 86_400 + 86_400);
+    let (status, _) = app.ingest(second("car", today, 1.0)).await;
+    assert_eq!(status, StatusCode::OK);
+    for k in 0..20 {
+        let (status, r) = app.ingest(second("car", yesterday + k, 3.0)).await;
+        assert_eq!((status, num(&r, "accepted")), (StatusCode::OK, 6), "{r}");
+        let (_, stats) = app
+            .get(&format!(
+                "/api/v1/sensors/speed/statistics?device=car&from={from}&to={to}&bucket=15m"
+            ))
+            .await;
+        assert_eq!(bucket_count_sum(&stats), k as u64 + 1, "{stats}");
+        let (_, chart) = app
+            .get(&format!("/api/statistics/sensor/fuel/date/{day}?device=car"))
+            .await;
+        let values: Vec<f64> = chart
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter_map(|b| b["value"].as_f64())
+            .filter(|v| *v != 0.0)
+            .collect();
+        assert_eq!(values, vec![3.0], "after {k}: {chart}");
+    }
+}

@@ -110,9 +110,10 @@ impl Front {
             &[],
             &self.shared,
         );
+        // Readers see the readings from memory until DuckDB holds them.
+        self.shared.acked(seq, fresh.clone());
         self.pending.add(fresh, &plan.new_devices, seq);
         self.publish(&plan.new_devices, &updated, &mut plan.keys);
-        self.shared.acked(seq);
         Ok(results)
     }
 

@@ -1,0 +1,203 @@
+//! `milepost bench --scenario fleet --readers N`: browsers reading while the fleet
+//! streams. Each reader watches one device of the fleet and, every
+//! `--reader-interval`, fetches at once what the seed dashboard polls (status, latest
+//! values, location, four day charts) plus `/api/v1` statistics and a readings page,
+//! timing every answer. It also checks read-your-writes exactly: the v1 statistics
+//! of the device's live range must count at least every live reading acknowledged
+//! before the poll started, and at most the ones sent when it ended.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+
+use super::percentile;
+
+/// Latencies of one endpoint during a phase.
+#[derive(Debug, Clone, Serialize)]
+pub struct ReadLatency {
+    /// Which endpoint.
+    pub endpoint: String,
+    /// Answers timed.
+    pub requests: usize,
+    /// Median, ms.
+    pub p50_ms: f64,
+    /// 99th percentile, ms.
+    pub p99_ms: f64,
+    /// 99.9th percentile, ms.
+    pub p999_ms: f64,
+    /// Slowest, ms.
+    pub max_ms: f64,
+    /// Answers other than 200.
+    pub errors: usize,
+}
+
+/// What the readers saw during one phase.
+#[derive(Debug, Clone, Serialize, Default)]
+pub struct ReadReport {
+    /// Per endpoint.
+    pub endpoints: Vec<ReadLatency>,
+    /// Statistics answers that counted fewer readings than were acknowledged before
+    /// they were asked (or more than were sent): must be 0.
+    pub stale_answers: usize,
+    /// Statistics answers checked for read-your-writes.
+    pub checked_answers: usize,
+}
+
+/// What a reader needs of the fleet: a device's name, its live seconds acknowledged
+/// and sent, and where its live readings start (epoch seconds).
+pub struct Watched {
+    pub(super) name: String,
+    pub(super) acked: Arc<AtomicU32>,
+    pub(super) sent: Arc<AtomicU32>,
+    pub(super) base: i64,
+}
+
+type Samples = BTreeMap<&'static str, (Vec<f64>, usize)>;
+
+/// One reader: polls until `until`.
+async fn reader(
+    base: String,
+    watched: Watched,
+    interval: Duration,
+    offset: Duration,
+    until: Instant,
+) -> (Samples, usize, usize) {
+    let client = reqwest::Client::new();
+    let mut samples: Samples = BTreeMap::new();
+    let (mut stale, mut checked) = (0, 0);
+    tokio::time::sleep(offset).await;
+    let mut tick = tokio::time::interval(interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let d = &watched.name;
+    let at = |s: i64| {
+        chrono::DateTime::from_timestamp(s, 0)
+            .unwrap_or_default()
+            .format("%Y-%m-%dT%H:%M:%SZ")
+            .to_string()
+    };
+    // The live range: from the first live second for a day (a device sends fewer).
+    let (from, to) = (at(watched.base), at(watched.base + 86_400));
+    while Instant::now() < until {
+        tick.tick().await;
+        let day = chrono::Utc::now().format("%Y-%m-%d");
+        let mut urls: Vec<(&'static str, String)> = vec![
+            ("seed status", format!("/api/status?device={d}")),
+            ("seed latest", format!("/api/statistics/latest?device={d}")),
+            ("seed location", format!("/api/location/latest?device={d}")),
+        ];
+        for s in ["speed", "fuel", "engine_temperature", "revolution"] {
+            urls.push((
+                "seed day chart",
+                format!("/api/statistics/sensor/{s}/date/{day}?device={d}"),
+            ));
+        }
+        urls.push((
+            "v1 readings page",
+            format!("/api/v1/sensors/fuel/readings?device={d}&from={from}&to={to}&limit=100"),
+        ));
+        let acked_before = watched.acked.load(Ordering::Acquire);
+        let stats =
+            format!("/api/v1/sensors/speed/statistics?device={d}&from={from}&to={to}&bucket=15m");
+        let polls = urls
+            .into_iter()
+            .chain([("v1 statistics", stats)])
+            .map(|(name, path)| {
+                let req = client.get(format!("{base}{path}"));
+                async move {
+                    let t = Instant::now();
+                    let answer = match req.send().await {
+                        Ok(r) if r.status() == 200 => r.bytes().await.ok(),
+                        _ => None,
+                    };
+                    (name, t.elapsed().as_secs_f64() * 1e3, answer)
+                }
+            });
+        for (name, ms, answer) in futures_util::future::join_all(polls).await {
+            let entry = samples.entry(name).or_default();
+            entry.0.push(ms);
+            let Some(body) = answer else {
+                entry.1 += 1;
+                continue;
+            };
+            if name == "v1 statistics" {
+                let v: serde_json::Value = serde_json::from_slice(&body).unwrap_or_default();
+                let counted: u64 = v["buckets"]
+                    .as_array()
+                    .map(|b| b.iter().filter_map(|x| x["count"].as_u64()).sum())
+                    .unwrap_or(0);
+                let sent_after = watched.sent.load(Ordering::Acquire);
+                checked += 1;
+                if counted < u64::from(acked_before) || counted > u64::from(sent_after) {
+                    stale += 1;
+                    eprintln!(
+                        "bench: {d}: statistics counted {counted} readings, {acked_before} were acknowledged before, {sent_after} sent"
+                    );
+                }
+            }
+        }
+    }
+    (samples, stale, checked)
+}
+
+/// Runs one reader per watched device until `until`, their polls spread over the
+/// interval, and sums up what they saw.
+pub async fn run(
+    base: &str,
+    watched: Vec<Watched>,
+    interval: Duration,
+    until: Instant,
+) -> ReadReport {
+    let n = watched.len().max(1) as u32;
+    let tasks: Vec<_> = watched
+        .into_iter()
+        .enumerate()
+        .map(|(i, w)| {
+            let offset = interval * i as u32 / n;
+            tokio::spawn(reader(base.to_owned(), w, interval, offset, until))
+        })
+        .collect();
+    let mut all: Samples = BTreeMap::new();
+    let mut report = ReadReport::default();
+    for t in tasks {
+        let Ok((samples, stale, checked)) = t.await else {
+            continue;
+        };
+        report.stale_answers += stale;
+        report.checked_answers += checked;
+        for (name, (ms, errors)) in samples {
+            let e = all.entry(name).or_default();
+            e.0.extend(ms);
+            e.1 += errors;
+        }
+    }
+    for (name, (mut ms, errors)) in all {
+        ms.sort_by(f64::total_cmp);
+        report.endpoints.push(ReadLatency {
+            endpoint: name.to_owned(),
+            requests: ms.len(),
+            p50_ms: percentile(&ms, 0.5),
+            p99_ms: percentile(&ms, 0.99),
+            p999_ms: percentile(&ms, 0.999),
+            max_ms: ms.last().copied().unwrap_or(0.0),
+            errors,
+        });
+    }
+    report
+}
+
+/// Prints a phase's read table.
+pub fn print(phase: &str, r: &ReadReport) {
+    println!(
+        "  reads during {phase}: {} statistics answers checked, {} missed acknowledged readings",
+        r.checked_answers, r.stale_answers
+    );
+    for e in &r.endpoints {
+        println!(
+            "    {:<20} {:>7} answers  p50 {:>7.2}  p99 {:>8.2}  p99.9 {:>8.2}  max {:>8.2} ms  errors {}",
+            e.endpoint, e.requests, e.p50_ms, e.p99_ms, e.p999_ms, e.max_ms, e.errors
+        );
+    }
+}
