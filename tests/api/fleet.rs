@@ -549,9 +549,10 @@ async fn a_chart_read_while_a_fleet_streams_is_prompt_and_complete() {
             let mut sec = start;
             while !stop.load(Ordering::Relaxed) {
                 for d in (c..200).step_by(16).skip(1) {
-                    let (status, r) = post_ingest(&client, &base, second(&format!("van-{d}"), sec, 5.0))
-                        .await
-                        .unwrap();
+                    let (status, r) =
+                        post_ingest(&client, &base, second(&format!("van-{d}"), sec, 5.0))
+                            .await
+                            .unwrap();
                     assert_eq!((status, num(&r, "accepted")), (StatusCode::OK, 6), "{r}");
                 }
                 sec += 1;
@@ -583,7 +584,9 @@ async fn a_chart_read_while_a_fleet_streams_is_prompt_and_complete() {
         let before = acked.load(Ordering::SeqCst);
         let t = std::time::Instant::now();
         let (status, chart) = app
-            .get(&format!("/api/statistics/sensor/speed/date/{day}?device=van-0"))
+            .get(&format!(
+                "/api/statistics/sensor/speed/date/{day}?device=van-0"
+            ))
             .await;
         slowest = slowest.max(t.elapsed());
         let t = std::time::Instant::now();
@@ -618,7 +621,10 @@ async fn a_chart_read_while_a_fleet_streams_is_prompt_and_complete() {
     for t in fleet {
         t.await.unwrap();
     }
-    assert!(reads > 20 && acked.load(Ordering::SeqCst) > 20, "{reads} reads");
+    assert!(
+        reads > 20 && acked.load(Ordering::SeqCst) > 20,
+        "{reads} reads"
+    );
     assert!(slowest < Duration::from_secs(1), "a read took {slowest:?}");
 }
 
@@ -648,7 +654,9 @@ async fn a_backlog_reading_shows_in_its_days_rollup_buckets_at_once() {
             .await;
         assert_eq!(bucket_count_sum(&stats), k as u64 + 1, "{stats}");
         let (_, chart) = app
-            .get(&format!("/api/statistics/sensor/fuel/date/{day}?device=car"))
+            .get(&format!(
+                "/api/statistics/sensor/fuel/date/{day}?device=car"
+            ))
             .await;
         let values: Vec<f64> = chart
             .as_array()
