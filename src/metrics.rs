@@ -98,6 +98,16 @@ metrics! {
     /// Batches waiting for the writer (set when scraped).
     queue_depth: Gauge = Gauge::default()
         => "write_queue_depth", "Batches waiting for the writer";
+    /// Readings acknowledged through the ingest log that DuckDB does not hold yet
+    /// (set when scraped; queries see them anyway).
+    unapplied_readings: Gauge = Gauge::default()
+        => "ingest_log_unapplied_readings",
+        "Readings acknowledged through the ingest log and not yet applied to the database";
+    /// Age of the oldest of them (set when scraped).
+    apply_lag_seconds: Gauge<f64, AtomicU64> = Gauge::default()
+        => "ingest_log_apply_lag",
+        "How long the oldest acknowledged reading not yet applied to the database has waited",
+        Seconds;
     /// Size of the database file plus its WAL (set when scraped).
     database_bytes: Gauge = Gauge::default()
         => "database_size", "Size of the DuckDB file and its write-ahead log", Bytes;

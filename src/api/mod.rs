@@ -267,6 +267,9 @@ impl PublicApi {
     async fn metrics(&self, state: Data<&Arc<AppState>>) -> MetricsResponse {
         let m = &state.metrics;
         m.queue_depth.set(state.writer.queue_depth() as i64);
+        let lag = state.writer.apply_lag();
+        m.unapplied_readings.set(lag.readings as i64);
+        m.apply_lag_seconds.set(lag.seconds);
         m.database_bytes.set(state.data_dir.database_bytes() as i64);
         let mut stored = 0u64;
         let mut newest = None;

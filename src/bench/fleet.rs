@@ -57,6 +57,11 @@ pub struct FleetPhase {
     pub cpu_us_per_request: f64,
     /// The server's peak RSS during the phase, MiB.
     pub peak_rss_mib: f64,
+    /// Apply lag sampled from `/metrics` every second: the most readings acknowledged
+    /// and not yet in DuckDB…
+    pub max_unapplied_readings: f64,
+    /// …and the longest the oldest of them had waited, seconds.
+    pub max_apply_lag_seconds: f64,
     /// What readers saw meanwhile (`--readers`).
     pub reads: Option<super::readers::ReadReport>,
 }
@@ -330,6 +335,10 @@ async fn phase(
         }
         _ => None,
     };
+    let lag = until.map(|until| {
+        let url = format!("{}/metrics", server.base());
+        tokio::spawn(sample_lag(url, until))
+    });
     let mut lat = Vec::new();
     for t in tasks {
         lat.extend(t.await??.latencies_us);
@@ -339,6 +348,10 @@ async fn phase(
     let reads = match reads {
         Some(r) => Some(r.await?),
         None => None,
+    };
+    let (max_unapplied_readings, max_apply_lag_seconds) = match lag {
+        Some(l) => l.await?,
+        None => (0.0, 0.0),
     };
     let mut ms: Vec<f64> = lat.iter().map(|&u| f64::from(u) / 1e3).collect();
     ms.sort_by(f64::total_cmp);
@@ -355,8 +368,37 @@ async fn phase(
         p999_ms: percentile(&ms, 0.999),
         cpu_us_per_request: cpu * 1e6 / requests.max(1) as f64,
         peak_rss_mib: server.peak_rss_mib(),
+        max_unapplied_readings,
+        max_apply_lag_seconds,
         reads,
     })
+}
+
+/// The apply lag's maxima over a phase, from `/metrics` once a second.
+async fn sample_lag(url: String, until: Instant) -> (f64, f64) {
+    let client = reqwest::Client::new();
+    let (mut readings, mut seconds) = (0.0f64, 0.0f64);
+    while Instant::now() < until {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let Ok(text) = client
+            .get(&url)
+            .send()
+            .await
+            .and_then(|r| r.error_for_status())
+        else {
+            continue;
+        };
+        let text = text.text().await.unwrap_or_default();
+        let value = |name: &str| {
+            text.lines()
+                .find(|l| l.starts_with(name))
+                .and_then(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+                .unwrap_or(0.0)
+        };
+        readings = readings.max(value("milepost_ingest_log_unapplied_readings "));
+        seconds = seconds.max(value("milepost_ingest_log_apply_lag_seconds "));
+    }
+    (readings, seconds)
 }
 
 /// Runs the fleet scenario and prints its table.
@@ -545,6 +587,12 @@ fn print_report(r: &FleetReport) {
             p.p999_ms,
             p.cpu_us_per_request,
             p.peak_rss_mib
+        );
+    }
+    for p in r.phases.iter().filter(|p| p.max_unapplied_readings > 0.0) {
+        println!(
+            "  apply lag during {} ({} connections): at most {:.0} readings, {:.2} s",
+            p.name, p.connections, p.max_unapplied_readings, p.max_apply_lag_seconds
         );
     }
     for p in &r.phases {

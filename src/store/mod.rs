@@ -24,6 +24,7 @@ mod dump;
 mod dump_files;
 mod error;
 mod ingest_log;
+mod live;
 mod migrations;
 mod reader;
 mod recent;
@@ -47,7 +48,7 @@ pub use error::StoreError;
 use ingest_log::IngestLog;
 pub use reader::{ReadStore, Reader, ScanChunk, ScanSink};
 pub use retention::Retired;
-pub use state::{SeriesEntry, SeriesStats, Shared};
+pub use state::{ApplyLag, SeriesEntry, SeriesStats, Shared};
 pub use writer::{Clock, Committed, PendingCommit, WriteError, Writer, WriterConfig, WriterHandle};
 
 use crate::domain::{Catalog, Device, DeviceId, Sensor, SensorId, SensorName, Timestamp};
@@ -170,6 +171,9 @@ impl Store {
     /// Starts the writer thread; the store's lock moves with it and is released
     /// when the writer has checkpointed and stopped.
     pub fn start_writer(self, cfg: WriterConfig) -> Result<Writer, StoreError> {
+        self.shared
+            .live
+            .load(&self.conn, live::live_from(cfg.clock.now_ms()))?;
         let Self {
             conn,
             shared,

@@ -115,18 +115,18 @@ impl Reader {
 
     /// Runs `f` on a pooled connection with the source its queries read (`FROM
     /// {source}`) and the timestamps of the readings memory added to it: every
-    /// reading of `device`'s `sensors` in `range` acknowledged before the call is in
+    /// reading of `device`'s `sensors` in `ranges` acknowledged before the call is in
     /// the source, once (see the module docs).
     fn with_view<T>(
         &self,
         device: DeviceId,
         sensors: &[SensorId],
-        range: TimeRange,
+        ranges: &[TimeRange],
         f: impl FnOnce(&Connection, &str, &[i64]) -> Result<T, StoreError>,
     ) -> Result<T, StoreError> {
         // First the records, then the snapshot: a record leaves the list only once
         // DuckDB committed it, so what the list lacks the snapshot has.
-        let mut extra = Unapplied::of(&self.shared, device, sensors, range);
+        let mut extra = Unapplied::of(&self.shared, device, sensors, ranges);
         self.with_conn(|c| {
             if extra.is_empty() {
                 return f(c, "readings", &[]);
@@ -212,7 +212,7 @@ impl ReadStore for Reader {
             return Ok(0);
         };
         let filter = series_filter(device, sensors, range);
-        self.with_view(device, sensors, range, |c, source, _| {
+        self.with_view(device, sensors, &[range], |c, source, _| {
             let sql = format!("SELECT count(*) FROM {source} WHERE {filter}");
             Ok(c.query_row(&sql, [], |r| r.get::<_, i64>(0))? as u64)
         })
@@ -241,7 +241,7 @@ impl ReadStore for Reader {
             .min(span_us.max(1));
         let mut lo = range.from;
         let mut delivered = 0u64;
-        self.with_view(device, sensors, range, |c, source, _| {
+        self.with_view(device, sensors, &[range], |c, source, _| {
             let mut buf = ScanBuffers::default();
             while lo < range.to {
                 let hi =
@@ -355,52 +355,84 @@ impl Reader {
                 rollup::aggregate_rows(c, &sql, fold)
             };
         let aligned = grain_ms % SLOT_MS == 0 && origin_ms.rem_euclid(SLOT_MS) == 0;
-        // Live slots come from readings: the writer still holds their partials.
-        let (first_slot, end_slot) = whole_slots(range);
-        let end_slot = end_slot.min(self.shared.rollups_from());
-        let in_slots = |ts: &i64| (first_slot * 1000..end_slot * 1000).contains(ts);
-        self.with_view(device, &[sensor], range, |c, source, extra| {
-            // Readings memory adds to slots whose rollups are read would be missing
-            // from them: then the whole range comes from readings (rare: readings
-            // of a past quarter hour not yet applied).
-            if !(rollups && aligned && first_slot < end_slot) || extra.iter().any(in_slots) {
+        let (first_slot, whole_end) = whole_slots(range);
+        let slotted = rollups && aligned && first_slot < whole_end;
+        // Whole slots, in time order: rollups (finished slots the writer wrote), raw
+        // readings (slots whose partials the writer still holds, before the live
+        // slots in memory begin), then the live slots from memory (see
+        // `store::live`), which hold exactly what was acknowledged.
+        let (mem_from, held) = if slotted {
+            let (from, held) = self
+                .shared
+                .live
+                .slots(device, sensor, first_slot, whole_end);
+            (from.clamp(first_slot, whole_end), held)
+        } else {
+            (whole_end, Vec::new())
+        };
+        let rollup_end = mem_from.min(self.shared.rollups_from()).max(first_slot);
+        let in_rollups = |ts: &i64| (first_slot * 1000..rollup_end * 1000).contains(ts);
+        let at = |ms: i64| Timestamp::from_micros(ms * 1000);
+        // What DuckDB answers; readings in the live slots memory holds need not be
+        // added to it (and usually are all the unapplied ones).
+        let from_db = if slotted {
+            vec![
+                TimeRange {
+                    from: range.from,
+                    to: at(mem_from),
+                },
+                TimeRange {
+                    from: at(whole_end),
+                    to: range.to,
+                },
+            ]
+        } else {
+            vec![range]
+        };
+        self.with_view(device, &[sensor], &from_db, |c, source, extra| {
+            if !slotted {
                 return raw(c, source, range, &mut fold);
             }
-            let (head_end, tail_start) = (
-                Timestamp::from_micros(first_slot * 1000),
-                Timestamp::from_micros(end_slot * 1000),
-            );
-            if range.from < head_end {
-                raw(
-                    c,
-                    source,
-                    TimeRange {
-                        from: range.from,
-                        to: head_end,
-                    },
-                    &mut fold,
-                )?;
+            let raw_part =
+                |from: Timestamp, to: Timestamp, fold: &mut dyn FnMut(i64, Aggregate)| {
+                    if from < to {
+                        raw(c, source, TimeRange { from, to }, fold)
+                    } else {
+                        Ok(())
+                    }
+                };
+            raw_part(range.from, at(first_slot), &mut fold)?;
+            // Readings memory adds to slots whose rollups are read would be missing
+            // from them: then those slots come from readings too (rare: readings of
+            // a past quarter hour not yet applied).
+            if extra.iter().any(in_rollups) {
+                raw_part(at(first_slot), at(mem_from), &mut fold)?;
+            } else {
+                if first_slot < rollup_end {
+                    rollup::bucket_parts(
+                        c,
+                        device.0,
+                        sensor.0 as i16,
+                        (first_slot, rollup_end),
+                        (origin_ms, grain_ms),
+                        &mut fold,
+                    )?;
+                }
+                raw_part(at(rollup_end), at(mem_from), &mut fold)?;
             }
-            rollup::bucket_parts(
-                c,
-                device.0,
-                sensor.0 as i16,
-                (first_slot, end_slot),
-                (origin_ms, grain_ms),
-                &mut fold,
-            )?;
-            if tail_start < range.to {
-                raw(
-                    c,
-                    source,
-                    TimeRange {
-                        from: tail_start,
-                        to: range.to,
-                    },
-                    &mut fold,
-                )?;
+            for (slot, a) in &held {
+                let part = if sums_only {
+                    Aggregate {
+                        count: a.count,
+                        sum: a.sum,
+                        ..Aggregate::default()
+                    }
+                } else {
+                    *a
+                };
+                fold((slot - origin_ms).div_euclid(grain_ms), part);
             }
-            Ok(())
+            raw_part(at(whole_end), range.to, &mut fold)
         })?;
         Ok(out)
     }
@@ -445,23 +477,27 @@ struct Unapplied {
 }
 
 impl Unapplied {
-    fn of(shared: &Shared, device: DeviceId, sensors: &[SensorId], range: TimeRange) -> Self {
+    fn of(shared: &Shared, device: DeviceId, sensors: &[SensorId], ranges: &[TimeRange]) -> Self {
         let mut u = Self {
             seq: Vec::new(),
             sensor: Vec::new(),
             ts: Vec::new(),
             value: Vec::new(),
         };
-        let (device, from, to) = (
-            device.0 as i32,
-            range.from.as_micros(),
-            range.to.as_micros(),
-        );
+        let device = device.0 as i32;
+        let ranges: Vec<std::ops::Range<i64>> = ranges
+            .iter()
+            .map(|r| r.from.as_micros()..r.to.as_micros())
+            .filter(|r| !r.is_empty())
+            .collect();
+        if ranges.is_empty() {
+            return u;
+        }
         for logged in shared.unapplied() {
             let r = &logged.rows;
             for i in 0..r.len() {
                 if r.device[i] == device
-                    && (from..to).contains(&r.ts[i])
+                    && ranges.iter().any(|range| range.contains(&r.ts[i]))
                     && sensors.iter().any(|s| s.0 as i16 == r.sensor[i])
                 {
                     u.seq.push(logged.seq);

@@ -9,6 +9,7 @@ use std::sync::{Arc, Condvar, Mutex, OnceLock, RwLock};
 use std::time::{Duration, Instant};
 
 use super::columns::Columns;
+use super::live::{LiveSlots, slot_after};
 use crate::domain::{Catalog, Device, DeviceId, SensorId, Timestamp};
 
 /// A series and its statistics.
@@ -59,6 +60,8 @@ pub struct Shared {
     visible: Visibility,
     /// The readings of every log record DuckDB may not hold yet, oldest first.
     unapplied: Mutex<VecDeque<Arc<Logged>>>,
+    /// The live quarter hours of every series, from acknowledgement on.
+    pub(super) live: LiveSlots,
 }
 
 /// The readings of one ingest log record (one group commit), kept in memory from its
@@ -69,6 +72,17 @@ pub(super) struct Logged {
     pub seq: u64,
     /// Its readings (`device`, `sensor`, `ts`, `value` are used).
     pub rows: Columns,
+    /// When it was acknowledged.
+    pub at: Instant,
+}
+
+/// How far DuckDB trails the acknowledged readings.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct ApplyLag {
+    /// Readings acknowledged through the ingest log that DuckDB does not hold yet.
+    pub readings: u64,
+    /// How long the oldest of them has waited, seconds.
+    pub seconds: f64,
 }
 
 /// Ingest-log sequence numbers: acknowledged, and held by DuckDB (queries see them).
@@ -117,6 +131,15 @@ impl Shared {
                 wake: OnceLock::new(),
             },
             unapplied: Mutex::new(VecDeque::new()),
+            // Nothing stored lies in a slot from here on: the slots can start empty.
+            live: LiveSlots::new(slot_after(
+                series
+                    .iter()
+                    .map(|(_, s)| s.last.as_micros().div_euclid(1000))
+                    .max()
+                    .unwrap_or(i64::MIN)
+                    .max(chrono::Utc::now().timestamp_millis()),
+            )),
         };
         shared.set_series(&series);
         shared
@@ -170,7 +193,11 @@ impl Shared {
         self.unapplied
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .push_back(Arc::new(Logged { seq, rows }));
+            .push_back(Arc::new(Logged {
+                seq,
+                rows,
+                at: Instant::now(),
+            }));
         self.visible.acked.store(seq, Ordering::Release);
     }
 
@@ -195,6 +222,15 @@ impl Shared {
     pub(super) fn unapplied(&self) -> Vec<Arc<Logged>> {
         let u = self.unapplied.lock().unwrap_or_else(|p| p.into_inner());
         u.iter().cloned().collect()
+    }
+
+    /// How far DuckDB trails what was acknowledged.
+    pub fn apply_lag(&self) -> ApplyLag {
+        let u = self.unapplied.lock().unwrap_or_else(|p| p.into_inner());
+        ApplyLag {
+            readings: u.iter().map(|l| l.rows.len() as u64).sum(),
+            seconds: u.front().map_or(0.0, |l| l.at.elapsed().as_secs_f64()),
+        }
     }
 
     /// Whether a query is waiting for readings only the ingest log holds.

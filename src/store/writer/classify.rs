@@ -8,6 +8,7 @@ use super::Job;
 use super::known::{Known, Lookup};
 use crate::domain::{Device, DeviceId, SensorId};
 use crate::store::columns::Columns;
+use crate::store::live::LiveSlots;
 use crate::store::{Committed, SeriesEntry, SeriesStats, Shared};
 
 /// What the group commit decided for one row.
@@ -47,17 +48,19 @@ pub(super) struct KeyAcc {
     pub seen: FxHashSet<i64>,
     pub delta: Option<SeriesStats>,
     pub duplicates: u64,
-    /// Timestamps this group stores (filled by [`tally`]), for [`Known::record`].
-    pub new_ts: Vec<i64>,
+    /// Readings (`(µs, value)`) this group stores, filled by [`tally`].
+    pub new_rows: Vec<(i64, f64)>,
 }
 
 impl KeyAcc {
-    /// Once the group is committed: its stored timestamps into `known`.
-    pub fn record(&mut self, known: &mut Known) {
+    /// Once the group is committed: its stored readings into `known` and the live
+    /// slots.
+    pub fn record(&mut self, known: &mut Known, live: &LiveSlots) {
         if !self.monotonic {
-            self.new_ts.sort_unstable();
+            self.new_rows.sort_unstable_by_key(|r| r.0);
         }
-        known.record((self.device, self.sensor), self.stored, &self.new_ts);
+        known.record((self.device, self.sensor), self.stored, &self.new_rows);
+        live.record(self.device, self.sensor, &self.new_rows);
     }
 }
 
@@ -111,7 +114,7 @@ pub(super) fn classify(shared: &Shared, known: &Known, next_device: u32, jobs: &
                             seen: FxHashSet::default(),
                             delta: None,
                             duplicates: 0,
-                            new_ts: Vec::new(),
+                            new_rows: Vec::new(),
                         });
                         keys.len() - 1
                     });
@@ -192,7 +195,7 @@ pub(super) fn tally(
                     last_value: row.value,
                 };
                 let acc = &mut keys[row_keys[seq] as usize];
-                acc.new_ts.push(row.ts.as_micros());
+                acc.new_rows.push((row.ts.as_micros(), row.value));
                 match &mut acc.delta {
                     Some(d) => d.merge(&one),
                     None => acc.delta = Some(one),

@@ -17,6 +17,7 @@ use crate::metrics::Metrics;
 use crate::store::columns::Columns;
 use crate::store::compact::{self, Compaction, DueDays};
 use crate::store::ingest_log;
+use crate::store::live::live_from;
 use crate::store::recent::RecentKeys;
 use crate::store::retention::{self, Retired};
 use crate::store::rollup::{self, Live, Partial, Partials};
@@ -40,11 +41,6 @@ pub(super) struct SlotMove {
     advance: Option<i64>,
     /// Partials of slots from here on are held.
     hold_from: i64,
-}
-
-/// The first live rollup slot at `now_ms`: the previous quarter hour's.
-fn live_from(now_ms: i64) -> i64 {
-    rollup::slot_of(now_ms) - rollup::SLOT_MS
 }
 
 /// Rollup rows appended since the last consolidation, and the slots they touched.

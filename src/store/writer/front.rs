@@ -8,6 +8,7 @@ use std::time::Instant;
 
 use tokio::sync::mpsc;
 
+use super::Clock;
 use super::classify::{KeyAcc, Plan, classify, split_columns, tally};
 use super::db::Db;
 use super::flusher::{LOG_GROUP_ROWS, SEAL_AGE, SEAL_ROWS, flush_queued};
@@ -17,6 +18,7 @@ use crate::domain::{Device, DeviceId, SensorId};
 use crate::metrics::{Metrics, UNKNOWN_SENSOR};
 use crate::store::compact;
 use crate::store::ingest_log::IngestLog;
+use crate::store::live::live_from;
 use crate::store::{SeriesEntry, Shared, StoreError};
 
 /// The writer thread's state: classifies groups, appends the log, acknowledges, and
@@ -32,6 +34,8 @@ pub(super) struct Front {
     pub(super) queue: Arc<Queue>,
     /// What memory knows of stored keys: decides most older readings.
     pub(super) known: Known,
+    /// Decides which quarter hours are live.
+    pub(super) clock: Clock,
     /// Readings of finished days were acknowledged through the log since the front
     /// last used the database.
     pub(super) past_days: bool,
@@ -125,7 +129,7 @@ impl Front {
         keys: &mut [KeyAcc],
     ) {
         for k in keys.iter_mut() {
-            k.record(&mut self.known);
+            k.record(&mut self.known, &self.shared.live);
         }
         self.next_device += new_devices.len() as u32;
         self.shared.add_devices(new_devices);
@@ -167,6 +171,11 @@ impl Front {
             Metrics::add(&m.readings_accepted, name, accepted);
             Metrics::add(&m.readings_duplicate, name, duplicates);
         }
+    }
+
+    /// Moves the live slots on with the clock.
+    fn advance_live(&self) {
+        self.shared.live.advance(live_from(self.clock.now_ms()));
     }
 
     /// Hands the current segment to the flusher when a query waits for it, when it
@@ -255,6 +264,7 @@ pub(super) fn run(
         }
         front.commit_group(group);
         front.maybe_seal();
+        front.advance_live();
         if let Some(reply) = compact {
             let _ = reply.send(front.with_db(Db::compact));
         }

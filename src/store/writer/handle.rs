@@ -11,9 +11,9 @@ use chrono::NaiveDate;
 use tokio::sync::{Notify, mpsc, oneshot};
 
 use crate::domain::{Batch, DeviceId, SensorId};
-use crate::store::StoreError;
 use crate::store::compact::Compaction;
 use crate::store::retention::Retired;
+use crate::store::{ApplyLag, Shared, StoreError};
 
 /// Outcome of one committed batch.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -68,6 +68,7 @@ pub struct WriterHandle {
     pub(super) timeout: Duration,
     pub(super) running: Arc<AtomicBool>,
     pub(super) signals: Arc<Signals>,
+    pub(super) shared: Arc<Shared>,
 }
 
 /// A submitted batch; await [`PendingCommit::wait`] for its commit.
@@ -123,6 +124,12 @@ impl WriterHandle {
     /// True while the writer thread accepts work.
     pub fn is_running(&self) -> bool {
         self.running.load(Ordering::Acquire) && !self.tx.is_closed()
+    }
+
+    /// How far DuckDB trails the acknowledged readings (the ingest log's readings
+    /// not applied yet; queries see them anyway).
+    pub fn apply_lag(&self) -> ApplyLag {
+        self.shared.apply_lag()
     }
 
     /// Batches waiting in the queue.

@@ -164,13 +164,13 @@ impl Known {
         }
     }
 
-    /// Records timestamps of a series just stored (ascending, none stored before),
-    /// given its statistics before them.
+    /// Records readings (`(µs, value)`) of a series just stored (ascending in time,
+    /// none stored before), given its statistics before them.
     pub(super) fn record(
         &mut self,
         series: (DeviceId, SensorId),
         before: Option<(i64, i64)>,
-        stored: &[i64],
+        stored: &[(i64, f64)],
     ) {
         if stored.is_empty() {
             return;
@@ -186,7 +186,7 @@ impl Known {
                     .collect()
             })
         });
-        for &ts in stored {
+        for &(ts, _) in stored {
             add(keys, ts);
         }
     }
@@ -251,7 +251,8 @@ mod tests {
         new.sort_unstable();
         new.dedup();
         let before = truth.first().zip(truth.last()).map(|(a, b)| (*a, *b));
-        known.record(S, before, &new);
+        let rows: Vec<(i64, f64)> = new.iter().map(|t| (*t, 0.0)).collect();
+        known.record(S, before, &rows);
         truth.extend(new);
     }
 
@@ -294,9 +295,9 @@ mod tests {
         let mut k = Known::default();
         let s = |i: usize| (DeviceId(i as u32), SensorId(0));
         for i in 0..3 * GENERATION {
-            k.record(s(i), None, &[10]);
+            k.record(s(i), None, &[(10, 0.0)]);
             // One series written all along stays known.
-            k.record(s(usize::MAX >> 40), None, &[i as i64 + 100]);
+            k.record(s(usize::MAX >> 40), None, &[(i as i64 + 100, 0.0)]);
         }
         assert!(k.len() <= 2 * GENERATION, "{}", k.len());
         let kept = s(usize::MAX >> 40);

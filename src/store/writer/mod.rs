@@ -101,7 +101,7 @@ impl Clock {
         Self(Arc::new(f))
     }
 
-    fn now_ms(&self) -> i64 {
+    pub(crate) fn now_ms(&self) -> i64 {
         (self.0)()
     }
 }
@@ -175,6 +175,7 @@ impl Writer {
         lock: File,
     ) -> Result<Self, StoreError> {
         let signals = Arc::new(Signals::default());
+        let handle_shared = shared.clone();
         let through = log.next_seq() - 1;
         let next_device = shared
             .devices()
@@ -231,6 +232,7 @@ impl Writer {
             db,
             queue,
             known: Known::default(),
+            clock: cfg.clock.clone(),
             past_days: false,
             commit_failures: Persisting::default(),
             seal_failures: Persisting::default(),
@@ -253,6 +255,7 @@ impl Writer {
                 timeout: cfg.queue_timeout,
                 running,
                 signals,
+                shared: handle_shared,
             },
             thread: Some(thread),
         })
