@@ -13,9 +13,9 @@
 //!
 //! `from` only moves forward: it follows the previous quarter hour of the clock, and
 //! slots before it are dropped. When the writer starts, the live slots are read once
-//! from DuckDB ([`LiveSlots::load`]); before that (offline commands, which never
-//! write) `from` is the first slot after every stored reading and the clock, so
-//! nothing is held and everything comes from DuckDB.
+//! from the rollups, which are whole at that moment ([`LiveSlots::load`]); before that
+//! (offline commands, which never write) `from` is the first slot after every stored
+//! reading and the clock, so nothing is held and everything comes from DuckDB.
 //! What is held is what the writer's own held rollup partials hold (the live slots of
 //! each series with readings in them, and future ones up to `--max-future-skew`).
 
@@ -25,7 +25,7 @@ use duckdb::Connection;
 use rustc_hash::FxHashMap;
 
 use super::StoreError;
-use super::rollup::{SLOT_MS, SLOT_SQL, slot_of};
+use super::rollup::{SLOT_MS, slot_of};
 use crate::domain::{Aggregate, DeviceId, SensorId};
 
 /// One series' readings in one slot.
@@ -123,16 +123,19 @@ impl LiveSlots {
         }
     }
 
-    /// Replaces what is held by the stored readings of slots from `from_ms`'s on (the
-    /// writer's start: nothing is acknowledged meanwhile).
+    /// Replaces what is held by the rollups of slots from `from_ms`'s on, which must
+    /// be whole (the writer's start, after its rollup recovery; nothing is
+    /// acknowledged meanwhile). One row per series and slot: with 100,000 devices
+    /// streaming, ~1 M rows, where the readings would be tens of millions.
     pub(super) fn load(&self, conn: &Connection, from_ms: i64) -> Result<(), StoreError> {
         let _span = tracing::debug_span!("live_slots_load").entered();
         let from = slot_of(from_ms);
         let sql = format!(
-            "SELECT device_id, sensor_id, {SLOT_SQL} AS slot, count(*), min(value), max(value),
-                    sum(value), min(ts_ms * 1000 + ts_us), arg_min(value, ts_ms * 1000 + ts_us),
-                    max(ts_ms * 1000 + ts_us), arg_max(value, ts_ms * 1000 + ts_us)
-             FROM readings WHERE ts_ms >= {from}
+            "SELECT device_id, sensor_id, slot_ms, CAST(sum(readings) AS BIGINT),
+                    min(min_value), max(max_value), sum(sum_value),
+                    min(first_us), arg_min(first_value, first_us),
+                    max(last_us), arg_max(last_value, last_us)
+             FROM rollups WHERE slot_ms >= {from}
              GROUP BY ALL ORDER BY ALL"
         );
         let mut series: FxHashMap<(DeviceId, SensorId), Vec<(i64, SlotAgg)>> = FxHashMap::default();

@@ -171,9 +171,6 @@ impl Store {
     /// Starts the writer thread; the store's lock moves with it and is released
     /// when the writer has checkpointed and stopped.
     pub fn start_writer(self, cfg: WriterConfig) -> Result<Writer, StoreError> {
-        self.shared
-            .live
-            .load(&self.conn, live::live_from(cfg.clock.now_ms()))?;
         let Self {
             conn,
             shared,

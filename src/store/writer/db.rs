@@ -71,6 +71,9 @@ impl Db {
         if let Some(previous) = rollup::recover(&conn, from)? {
             tracing::debug!(from = previous, "recomputed the rollups of recent slots");
         }
+        // The rollups are whole now (written at the last shutdown, or recomputed just
+        // above): the live slots' aggregates start from them.
+        shared.live.load(&conn, from)?;
         shared.set_rollups_from(from);
         Ok(Self {
             conn,
