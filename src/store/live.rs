@@ -25,68 +25,15 @@ use duckdb::Connection;
 use rustc_hash::FxHashMap;
 
 use super::StoreError;
-use super::rollup::{SLOT_MS, slot_of};
+use super::rollup::{Held, SLOT_MS, slot_of};
 use crate::domain::{Aggregate, DeviceId, SensorId};
-
-/// One series' readings in one slot.
-#[derive(Debug, Clone, Copy)]
-struct SlotAgg {
-    count: u64,
-    min: f64,
-    max: f64,
-    sum: f64,
-    first_us: i64,
-    first: f64,
-    last_us: i64,
-    last: f64,
-}
-
-impl SlotAgg {
-    fn one(ts: i64, v: f64) -> Self {
-        Self {
-            count: 1,
-            min: v,
-            max: v,
-            sum: v,
-            first_us: ts,
-            first: v,
-            last_us: ts,
-            last: v,
-        }
-    }
-
-    /// Adds a reading, in any order in time.
-    fn add(&mut self, ts: i64, v: f64) {
-        self.count += 1;
-        self.min = self.min.min(v);
-        self.max = self.max.max(v);
-        self.sum += v;
-        if ts < self.first_us {
-            (self.first_us, self.first) = (ts, v);
-        }
-        if ts > self.last_us {
-            (self.last_us, self.last) = (ts, v);
-        }
-    }
-
-    fn aggregate(&self) -> Aggregate {
-        Aggregate {
-            count: self.count,
-            min: self.min,
-            max: self.max,
-            sum: self.sum,
-            first: self.first,
-            last: self.last,
-        }
-    }
-}
 
 #[derive(Default)]
 struct Inner {
     /// Slots (ms) from this one on hold every acknowledged reading.
     from: i64,
     /// Per series, its slots from `from` on with readings, ascending.
-    series: FxHashMap<(DeviceId, SensorId), Vec<(i64, SlotAgg)>>,
+    series: FxHashMap<(DeviceId, SensorId), Vec<(i64, Held)>>,
 }
 
 /// See the module docs.
@@ -118,7 +65,7 @@ impl LiveSlots {
         for (slot, ts, v) in kept {
             match slots.binary_search_by_key(&slot, |(s, _)| *s) {
                 Ok(i) => slots[i].1.add(ts, v),
-                Err(i) => slots.insert(i, (slot, SlotAgg::one(ts, v))),
+                Err(i) => slots.insert(i, (slot, Held::one(ts, v))),
             }
         }
     }
@@ -138,7 +85,7 @@ impl LiveSlots {
              FROM rollups WHERE slot_ms >= {from}
              GROUP BY ALL ORDER BY ALL"
         );
-        let mut series: FxHashMap<(DeviceId, SensorId), Vec<(i64, SlotAgg)>> = FxHashMap::default();
+        let mut series: FxHashMap<(DeviceId, SensorId), Vec<(i64, Held)>> = FxHashMap::default();
         let mut stmt = conn.prepare(&sql)?;
         let mut rows = stmt.query([])?;
         while let Some(r) = rows.next()? {
@@ -146,8 +93,8 @@ impl LiveSlots {
                 DeviceId(r.get::<_, i32>(0)? as u32),
                 SensorId(r.get::<_, i16>(1)? as u16),
             );
-            let agg = SlotAgg {
-                count: r.get::<_, i64>(3)? as u64,
+            let agg = Held {
+                readings: r.get(3)?,
                 min: r.get(4)?,
                 max: r.get(5)?,
                 sum: r.get(6)?,

@@ -177,20 +177,61 @@ pub(super) struct Live {
     held: FxHashMap<(i32, i16, i64), Held>,
 }
 
-/// A held [`Partial`] without the fields its key holds.
+/// A held [`Partial`] without the fields its key holds: the aggregate of some
+/// readings of one series in one slot (also what `store::live` keeps per live slot).
 #[derive(Debug, Clone, Copy)]
-struct Held {
-    readings: i64,
-    min: f64,
-    max: f64,
-    sum: f64,
-    first_us: i64,
-    first: f64,
-    last_us: i64,
-    last: f64,
+pub(super) struct Held {
+    pub(super) readings: i64,
+    pub(super) min: f64,
+    pub(super) max: f64,
+    pub(super) sum: f64,
+    pub(super) first_us: i64,
+    pub(super) first: f64,
+    pub(super) last_us: i64,
+    pub(super) last: f64,
 }
 
 impl Held {
+    /// One reading (`ts_us`, `v`).
+    pub(super) fn one(ts_us: i64, v: f64) -> Self {
+        Self {
+            readings: 1,
+            min: v,
+            max: v,
+            sum: v,
+            first_us: ts_us,
+            first: v,
+            last_us: ts_us,
+            last: v,
+        }
+    }
+
+    /// Adds a reading, in any order in time.
+    pub(super) fn add(&mut self, ts_us: i64, v: f64) {
+        self.readings += 1;
+        self.min = self.min.min(v);
+        self.max = self.max.max(v);
+        self.sum += v;
+        if ts_us < self.first_us {
+            (self.first_us, self.first) = (ts_us, v);
+        }
+        if ts_us > self.last_us {
+            (self.last_us, self.last) = (ts_us, v);
+        }
+    }
+
+    /// As the readers' aggregate.
+    pub(super) fn aggregate(&self) -> Aggregate {
+        Aggregate {
+            count: self.readings as u64,
+            min: self.min,
+            max: self.max,
+            sum: self.sum,
+            first: self.first,
+            last: self.last,
+        }
+    }
+
     fn of(p: &Partial) -> Self {
         Self {
             readings: p.readings,
