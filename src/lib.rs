@@ -13,14 +13,16 @@
 //!                              ▼
 //!                  store::Writer: the front thread takes whatever is queued as one
 //!                  group (bounded queue → 503) and acknowledges it once durable:
-//!                    small live groups ──▶ store::ingest_log (one fdatasync) ──▶ the
-//!                                          flusher thread moves segments into DuckDB
+//!                    groups of small requests whose readings memory decides new
+//!                    (live, re-sent, replayed) ──▶ store::ingest_log (one fdatasync)
+//!                              ──▶ the flusher thread moves segments into DuckDB
 //!                    everything else ───▶ DuckDB directly (Appender, exact dedupe
 //!                                          without an index, 15-minute rollups)
 //!                              │
 //!                              ▼
-//!                     DuckDB file ◀── store::Reader (own connections; waits until
-//!                              ▲       DuckDB holds what was acknowledged) ◀── api
+//!                     DuckDB file ◀── store::Reader (own connections; adds what the
+//!                              ▲       log acknowledged and DuckDB lacks, takes live
+//!                              │       quarter hours from store::live) ◀── api
 //!                              │
 //!   jobs (cron, compaction) ──▶ export::Dumper ──▶ store::DumpSource (own connection)
 //!                              └──▶ object_store: per-node keys and manifests

@@ -11,8 +11,11 @@
 //!
 //! Besides `readings`, the writer keeps 15-minute rollups per series in the same
 //! transactions (`rollup.rs`), so statistics over long ranges do not depend on how the
-//! readings happen to be ordered on disk; compaction (`compact.rs`) rewrites finished
-//! days sorted for size and scan speed. [`diagnostics`] looks at a stopped server's
+//! readings happen to be ordered on disk; the live quarter hours are aggregated in
+//! memory as readings are acknowledged (`live.rs`), and queries add the readings the
+//! ingest log acknowledged that DuckDB does not hold yet (`reader.rs`), so no read
+//! waits for the writer; compaction (`compact.rs`) rewrites finished days sorted for
+//! size and scan speed. [`diagnostics`] looks at a stopped server's
 //! directory for `milepost recover` and the benchmark.
 
 mod alerts;
