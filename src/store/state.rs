@@ -58,8 +58,9 @@ pub struct Shared {
     rollups_from: AtomicI64,
     /// How far DuckDB has caught up with the ingest log.
     visible: Visibility,
-    /// The readings of every log record DuckDB may not hold yet, oldest first.
-    unapplied: Mutex<VecDeque<Arc<Logged>>>,
+    /// The readings of every log record DuckDB may not hold yet, oldest first, and
+    /// how many readings they hold.
+    unapplied: Mutex<(VecDeque<Arc<Logged>>, u64)>,
     /// The live quarter hours of every series, from acknowledgement on.
     pub(super) live: LiveSlots,
 }
@@ -130,7 +131,7 @@ impl Shared {
                 changed: Condvar::new(),
                 wake: OnceLock::new(),
             },
-            unapplied: Mutex::new(VecDeque::new()),
+            unapplied: Mutex::new((VecDeque::new(), 0)),
             // Nothing stored lies in a slot from here on: the slots can start empty.
             live: LiveSlots::new(slot_after(
                 series
@@ -190,14 +191,14 @@ impl Shared {
     /// A log record is durable and about to be answered: queries must see `rows`
     /// from now on.
     pub(super) fn acked(&self, seq: u64, rows: Columns) {
-        self.unapplied
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .push_back(Arc::new(Logged {
-                seq,
-                rows,
-                at: Instant::now(),
-            }));
+        let mut u = self.unapplied.lock().unwrap_or_else(|p| p.into_inner());
+        u.1 += rows.len() as u64;
+        u.0.push_back(Arc::new(Logged {
+            seq,
+            rows,
+            at: Instant::now(),
+        }));
+        drop(u);
         self.visible.acked.store(seq, Ordering::Release);
     }
 
@@ -206,8 +207,10 @@ impl Shared {
     pub(super) fn flushed(&self, seq: u64) {
         {
             let mut u = self.unapplied.lock().unwrap_or_else(|p| p.into_inner());
-            while u.front().is_some_and(|l| l.seq <= seq) {
-                u.pop_front();
+            while u.0.front().is_some_and(|l| l.seq <= seq) {
+                if let Some(l) = u.0.pop_front() {
+                    u.1 -= l.rows.len() as u64;
+                }
             }
         }
         let v = &self.visible;
@@ -221,15 +224,15 @@ impl Shared {
     /// `meta.ingest_log_through` of the snapshot).
     pub(super) fn unapplied(&self) -> Vec<Arc<Logged>> {
         let u = self.unapplied.lock().unwrap_or_else(|p| p.into_inner());
-        u.iter().cloned().collect()
+        u.0.iter().cloned().collect()
     }
 
     /// How far DuckDB trails what was acknowledged.
     pub fn apply_lag(&self) -> ApplyLag {
         let u = self.unapplied.lock().unwrap_or_else(|p| p.into_inner());
         ApplyLag {
-            readings: u.iter().map(|l| l.rows.len() as u64).sum(),
-            seconds: u.front().map_or(0.0, |l| l.at.elapsed().as_secs_f64()),
+            readings: u.1,
+            seconds: u.0.front().map_or(0.0, |l| l.at.elapsed().as_secs_f64()),
         }
     }
 

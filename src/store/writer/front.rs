@@ -36,6 +36,8 @@ pub(super) struct Front {
     pub(super) known: Known,
     /// Decides which quarter hours are live.
     pub(super) clock: Clock,
+    /// See [`super::WriterConfig::max_unapplied_readings`].
+    pub(super) max_unapplied: usize,
     /// Readings of finished days were acknowledged through the log since the front
     /// last used the database.
     pub(super) past_days: bool,
@@ -82,13 +84,14 @@ impl Front {
 
     fn commit(&mut self, jobs: &[Job]) -> Result<Vec<Committed>, StoreError> {
         let mut plan = classify(&self.shared, &self.known, self.next_device, jobs);
-        if plan.maybe == 0 && plan.rows <= LOG_GROUP_ROWS {
+        let lag_room = self.shared.apply_lag().readings as usize + plan.rows <= self.max_unapplied;
+        if plan.maybe == 0 && plan.rows <= LOG_GROUP_ROWS && lag_room {
             return self.commit_logged(jobs, plan);
         }
         // Older readings memory cannot decide are checked against DuckDB, and large
-        // groups go there directly (logging them would write them twice): both after
-        // everything the log holds, so DuckDB gets the readings in the order they
-        // were acknowledged.
+        // groups go there directly (logging them would write them twice), as does a
+        // group the apply lag has no room for: all after everything the log holds, so
+        // DuckDB gets the readings in the order they were acknowledged.
         let (results, updated) = self.with_db(|db| db.commit_direct(jobs, &mut plan))?;
         self.publish(&plan.new_devices, &updated, &mut plan.keys);
         Ok(results)
