@@ -88,9 +88,10 @@ pub struct WriterConfig {
     /// group that would go past it is committed to DuckDB directly, after the front
     /// has moved the log in itself: when the flusher falls behind (a slow disk, a
     /// long checkpoint), the front slows down with it, the queue fills and requests
-    /// are told to retry (503) — memory never grows without bound. 1 Mi readings hold
-    /// ~90 MB in the log's three in-memory stages (pending, sealed, for readers);
-    /// at the fleet rate measured in issue 23 the lag stayed under 40 k.
+    /// are told to retry (503) — memory never grows without bound. 1 Mi readings take
+    /// ~60 MB (30 bytes each, held twice: on their way to the flusher, and the
+    /// readers' copy); at the fleet rate measured in issue 23 the lag stayed under
+    /// 40 k.
     pub max_unapplied_readings: usize,
 }
 
