@@ -240,6 +240,14 @@ impl Server {
             default_device: args.default_device.clone(),
             dumps: Some(dumper.clone()),
             dump_public_url: args.dump_public_url.clone(),
+            admission: crate::api::admission::Admission::new(
+                crate::api::admission::DeviceLimits {
+                    max_devices: args.max_devices,
+                    new_per_key_per_minute: args.max_new_devices_per_key,
+                },
+                writer_handle.clone(),
+                metrics.clone(),
+            ),
         });
         let app = api::app(state, args.dashboard_dir.clone(), args.cors_origins.clone());
         let addr = socket.local_addr().unwrap_or_else(|_| args.listen_addr());
@@ -391,6 +399,7 @@ async fn start_jobs(
                 burst: args.backend.job_burst,
             },
             dry_run_max_results: args.backend.dry_run_max_results.max(1),
+            writer: running.writer.handle(),
         });
         let tokens = Arc::new(Tokens::new(&args.storage.data_dir));
         running.backend =

@@ -103,6 +103,22 @@ pub struct ServeArgs {
     /// How far in the future a reading's timestamp may be.
     #[arg(long, env = "MILEPOST_MAX_FUTURE_SKEW", default_value = "24h", value_parser = humantime::parse_duration)]
     pub max_future_skew: Duration,
+    /// Devices the server holds at most. Readings of a new device beyond it are
+    /// refused line by line (the request's other lines are stored) until devices
+    /// are deleted (`milepost device delete`) or the limit is raised. Each device
+    /// costs memory while it is known (see README); 0: no ceiling.
+    #[arg(long, env = "MILEPOST_MAX_DEVICES", default_value_t = 100_000)]
+    pub max_devices: usize,
+    /// New devices one API key may bring in per minute (a token bucket holding one
+    /// minute's worth, so a fleet's first contact may come at once). Beyond it the
+    /// new devices' lines are refused and the request is answered 429 with
+    /// Retry-After; 0: no limit.
+    #[arg(
+        long,
+        env = "MILEPOST_MAX_NEW_DEVICES_PER_KEY",
+        default_value_t = 10_000
+    )]
+    pub max_new_devices_per_key: u32,
     /// Batches that may wait for the writer before requests get 503.
     #[arg(long, env = "MILEPOST_QUEUE_CAPACITY", default_value_t = 64)]
     pub queue_capacity: usize,

@@ -29,6 +29,13 @@ pub struct StatusLabel {
     pub status: u16,
 }
 
+/// Label of counters by cause.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabel {
+    /// Short, fixed cause name.
+    pub reason: &'static str,
+}
+
 /// Label name used for readings whose sensor is not in the catalog.
 pub const UNKNOWN_SENSOR: &str = "unknown";
 
@@ -77,6 +84,11 @@ metrics! {
     /// Lines refused, by sensor (`unknown` when the line named no catalogued sensor).
     readings_rejected: Family<SensorLabel, Counter> = Family::default()
         => "readings_rejected", "Ingest lines refused";
+    /// Devices new to the server whose readings a request was refused, by reason
+    /// (`ceiling`: `--max-devices`; `rate`: the key's new devices per minute).
+    devices_refused: Family<ReasonLabel, Counter> = Family::default()
+        => "new_devices_refused",
+        "New devices whose readings were refused (reason: ceiling or rate), once per request and device";
     /// Ingest requests answered, by status.
     ingest_requests: Family<StatusLabel, Counter> = Family::default()
         => "ingest_requests", "Ingest requests answered, by HTTP status";

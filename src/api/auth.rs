@@ -20,7 +20,13 @@ use crate::domain::Device;
 pub struct Grant {
     /// Readings sent with this key belong to this device.
     pub device: Option<Device>,
+    /// Which key it was (the first bytes of its digest): per-key limits count by it.
+    pub key: KeyId,
 }
+
+/// Names a configured key without holding it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct KeyId(pub u64);
 
 /// Why a request was not authenticated.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
@@ -148,10 +154,14 @@ impl ApiKeys {
     /// Checks the `Authorization` header value of a request.
     pub fn authenticate(&self, authorization: Option<&str>) -> Result<Grant, AuthError> {
         let key = extract_key(authorization.ok_or(AuthError::Missing)?)?;
+        let digest = digest(&key);
         self.by_digest
-            .get(&digest(&key))
+            .get(&digest)
             .map(|device| Grant {
                 device: device.clone(),
+                key: KeyId(u64::from_le_bytes(
+                    digest[..8].try_into().expect("8 of 32 bytes"),
+                )),
             })
             .ok_or(AuthError::Invalid)
     }

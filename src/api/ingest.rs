@@ -13,7 +13,7 @@ use poem_openapi::{ApiExtractor, ApiExtractorType, ApiResponse, ExtractParamOpti
 use tokio::io::{AsyncRead, AsyncReadExt, BufReader};
 
 use super::AppState;
-use super::auth::AuthError;
+use super::auth::{AuthError, Grant};
 use super::error::ErrorBody;
 use crate::domain::Catalog;
 use crate::ingest::{IngestOptions, StreamParser};
@@ -67,6 +67,19 @@ pub struct IngestSummary {
     pub error: Option<String>,
 }
 
+impl IngestSummary {
+    /// Nothing read: the request failed as a whole.
+    fn failed(error: impl Into<String>) -> Self {
+        Self {
+            accepted: 0,
+            duplicates: 0,
+            rejected: 0,
+            errors: Vec::new(),
+            error: Some(error.into()),
+        }
+    }
+}
+
 impl poem_openapi::types::Example for IngestSummary {
     fn example() -> Self {
         Self {
@@ -118,10 +131,13 @@ pub enum IngestResponse {
     /// freed, without a restart.
     #[oai(status = 507)]
     InsufficientStorage(Json<ErrorBody>, #[oai(header = "Retry-After")] u64),
-    /// This client address has `--max-ingest-per-client` requests in flight already.
-    /// Retry after `Retry-After` seconds (a device sends one request at a time).
+    /// This client address has `--max-ingest-per-client` requests in flight already
+    /// (nothing was read: `error` says so), or the request named devices new to the
+    /// server beyond its API key's `--max-new-devices-per-key` (those lines are in
+    /// `errors`; all other lines were stored). Retry after `Retry-After` seconds;
+    /// readings already stored count as duplicates then.
     #[oai(status = 429)]
-    TooManyRequests(Json<ErrorBody>, #[oai(header = "Retry-After")] u64),
+    TooManyRequests(Json<IngestSummary>, #[oai(header = "Retry-After")] u64),
 }
 
 /// The raw request body of `POST /ingest`. Content type and encoding are checked by
@@ -229,7 +245,7 @@ async fn respond(state: &Arc<AppState>, req: &Request, body: Body) -> IngestResp
             Some(slot) => Some(slot),
             None => {
                 let refusal = IngestResponse::TooManyRequests(
-                    Json(ErrorBody::new(
+                    Json(IngestSummary::failed(
                         "too many ingest requests in flight from this address; retry later",
                     )),
                     1,
@@ -286,13 +302,9 @@ async fn respond(state: &Arc<AppState>, req: &Request, body: Body) -> IngestResp
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u64>().ok());
     if declared.is_some_and(|n| n > limits.max_body_bytes) {
-        return IngestResponse::TooLarge(Json(IngestSummary {
-            accepted: 0,
-            duplicates: 0,
-            rejected: 0,
-            errors: Vec::new(),
-            error: Some(too_large(limits.max_body_bytes)),
-        }));
+        return IngestResponse::TooLarge(Json(IngestSummary::failed(too_large(
+            limits.max_body_bytes,
+        ))));
     }
 
     let raw = body.into_async_read();
@@ -304,7 +316,7 @@ async fn respond(state: &Arc<AppState>, req: &Request, body: Body) -> IngestResp
         Box::pin(raw)
     };
 
-    let parser = StreamParser::new(state.reads.catalog(), options(state, grant.device));
+    let parser = StreamParser::new(state.reads.catalog(), options(state, grant));
     let run = Ingestion {
         state,
         parser,
@@ -363,11 +375,12 @@ fn count_rejected(metrics: &Metrics, catalog: &Catalog, parser: &StreamParser) {
     );
 }
 
-fn options(state: &AppState, bound: Option<crate::domain::Device>) -> IngestOptions {
+fn options(state: &AppState, grant: Grant) -> IngestOptions {
     IngestOptions {
         latest: crate::domain::Timestamp::now().plus(state.limits.max_future_skew),
         max_line_bytes: state.limits.max_line_bytes,
-        bound_device: bound,
+        bound_device: grant.device,
+        gate: state.admission.as_ref().map(|a| a.gate(grant.key)),
     }
 }
 
@@ -533,11 +546,15 @@ impl Ingestion<'_> {
                 "ingest request done"
             );
         }
+        let rate_limited = self.parser.rate_limited();
         let response = match failure {
             Some((Failure::TooLarge, _)) => IngestResponse::TooLarge(Json(done)),
             Some((Failure::Broken, _)) => IngestResponse::Rejected(Json(done)),
             Some((Failure::Stalled, _)) => IngestResponse::Timeout(Json(done)),
             None if self.parser.oversize_lines() > 0 => IngestResponse::TooLarge(Json(done)),
+            None if rate_limited.is_some() => {
+                IngestResponse::TooManyRequests(Json(done), rate_limited.unwrap_or(1))
+            }
             None if done.rejected > 0 => IngestResponse::Rejected(Json(done)),
             None => IngestResponse::Ok(Json(done)),
         };

@@ -1,6 +1,7 @@
 //! Public HTTP API (poem + poem-openapi). Thin: decode, call the store or writer,
 //! encode. Errors become JSON in [`error`], once.
 
+pub mod admission;
 mod allow;
 mod anomalies;
 pub mod auth;
@@ -78,6 +79,8 @@ pub struct AppState {
     pub dumps: Option<Arc<crate::export::Dumper>>,
     /// `--dump-public-url`: downloads redirect there.
     pub dump_public_url: Option<String>,
+    /// Which new devices ingest lets in (`None`: all).
+    pub admission: Option<Arc<admission::Admission>>,
 }
 
 #[derive(Tags)]

@@ -389,6 +389,7 @@ mod tests {
                 latest: crate::domain::Timestamp::from_micros(i64::MAX / 2),
                 max_line_bytes: 1024,
                 bound_device: None,
+                gate: None,
             });
             p.feed(&w.take());
             p.finish();

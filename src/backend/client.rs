@@ -1,4 +1,4 @@
-//! `milepost alert …` and `milepost anomaly …`: the backend's own command-line
+//! `milepost alert …`, `milepost anomaly …` and `milepost device …`: the backend's own command-line
 //! client, so a self-hoster needs no grpcurl. It talks gRPC with the generated
 //! stubs, sending the token as `authorization: Bearer …` on every call.
 
@@ -113,6 +113,21 @@ pub enum AnomalyCommand {
         /// A note.
         #[arg(long, default_value = "")]
         message: String,
+    },
+}
+
+/// `milepost device …`.
+#[derive(Debug, Clone, Subcommand)]
+pub enum DeviceCommand {
+    /// Delete a device that should not exist, with its readings, rollups and
+    /// statistics (admin token). Anomalies and alerts naming it are kept; dumps
+    /// already written still hold it until their days are dumped again.
+    Delete {
+        /// The device's name.
+        name: String,
+        /// Confirms the deletion (it cannot be undone).
+        #[arg(long)]
+        yes: bool,
     },
 }
 
@@ -335,6 +350,34 @@ pub async fn anomaly(args: &ClientArgs, cmd: AnomalyCommand) -> anyhow::Result<(
                 .map_err(fail)?
                 .into_inner();
             print_anomaly(&a);
+        }
+    }
+    Ok(())
+}
+
+/// Runs `milepost device …`.
+pub async fn device(args: &ClientArgs, cmd: DeviceCommand) -> anyhow::Result<()> {
+    let mut client = proto::DevicesClient::new(channel(&args.backend_url)?);
+    match cmd {
+        DeviceCommand::Delete { name, yes } => {
+            if !yes {
+                anyhow::bail!(
+                    "deleting device '{name}' removes all its readings and cannot be undone: \
+                     add --yes to confirm"
+                );
+            }
+            let r = client
+                .delete_device(request(
+                    args,
+                    proto::DeleteDeviceRequest { name: name.clone() },
+                )?)
+                .await
+                .map_err(fail)?
+                .into_inner();
+            println!(
+                "deleted device {name}: {} readings of {} sensors",
+                r.readings, r.series
+            );
         }
     }
     Ok(())

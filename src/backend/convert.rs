@@ -28,6 +28,9 @@ pub enum BackendError {
     /// Not available in this server.
     #[error("{0}")]
     Unimplemented(String),
+    /// The server cannot do it now (shutting down); retry.
+    #[error("{0}")]
+    Unavailable(String),
     /// A failure inside the server.
     #[error("{0}")]
     Internal(String),
@@ -58,6 +61,7 @@ impl From<BackendError> for Status {
             BackendError::NotFound(_) => Code::NotFound,
             BackendError::FailedPrecondition(_) => Code::FailedPrecondition,
             BackendError::Unimplemented(_) => Code::Unimplemented,
+            BackendError::Unavailable(_) => Code::Unavailable,
             BackendError::Internal(_) => Code::Internal,
         };
         // Like the HTTP API: what failed inside (a database's or a blob store's

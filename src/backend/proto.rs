@@ -11,6 +11,8 @@ pub use anomalies_client::AnomaliesClient;
 pub use anomalies_server::{Anomalies, AnomaliesServer};
 pub use detection_client::DetectionClient;
 pub use detection_server::{Detection, DetectionServer};
+pub use devices_client::DevicesClient;
+pub use devices_server::{Devices, DevicesServer};
 pub use hello_client::HelloClient;
 pub use hello_server::{Hello, HelloServer};
 pub use jobs_client::JobsClient;

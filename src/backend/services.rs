@@ -11,10 +11,10 @@ use super::authz::AuthorizationPolicy;
 use super::convert::{self, BackendError};
 use super::proto;
 use super::tokens::{Caller, Role};
-use crate::domain::{AlertSpec, AnomalyFilter, SensorName, TimeRange};
+use crate::domain::{AlertSpec, AnomalyFilter, Device, SensorName, TimeRange};
 use crate::export::Dumper;
 use crate::jobs::detection;
-use crate::store::{AlertStore, ReadStore};
+use crate::store::{AlertStore, ReadStore, StoreError};
 
 /// A service hosted on the backend: its policy, how it registers, what it is.
 pub trait BackendService: Send + Sync + 'static {
@@ -53,6 +53,8 @@ pub struct Context {
     pub jobs: JobLimits,
     /// Most steps a dry run returns when the request names no cap.
     pub dry_run_max_results: usize,
+    /// The writer, for deleting devices.
+    pub writer: crate::store::WriterHandle,
 }
 
 /// Token buckets of the job methods.
@@ -94,6 +96,7 @@ pub fn all(ctx: &Arc<Context>) -> Vec<Box<dyn BackendService>> {
         Box::new(AnomaliesService(ctx.clone())),
         Box::new(DetectionService(ctx.clone())),
         Box::new(JobsService(ctx.clone())),
+        Box::new(DevicesService(ctx.clone())),
     ]
 }
 
@@ -563,6 +566,50 @@ impl proto::Jobs for JobsService {
             buckets: done.buckets as u64,
             found: done.found as u32,
             new_anomalies: done.new as u32,
+        }))
+    }
+}
+
+// ---------------------------------------------------------------- Devices
+
+/// Deleting devices that should not exist: admin's.
+pub struct DevicesService(Arc<Context>);
+
+hosted!(
+    DevicesService,
+    DevicesServer,
+    "milepost.backend.v1.Devices",
+    AuthorizationPolicy {
+        service_roles: roles(Role::Admin),
+        ..Default::default()
+    }
+);
+
+#[tonic::async_trait]
+impl proto::Devices for DevicesService {
+    async fn delete_device(
+        &self,
+        req: Request<proto::DeleteDeviceRequest>,
+    ) -> Result<Response<proto::DeleteDeviceResponse>, Status> {
+        let name = req.get_ref().name.trim();
+        let device =
+            Device::parse(name).map_err(|e| BackendError::InvalidArgument(format!("name: {e}")))?;
+        tracing::info!(caller = %caller(&req), device = %device, "deleting a device");
+        let done = self
+            .0
+            .writer
+            .delete_device(device.clone())
+            .await
+            .map_err(|e| match e {
+                StoreError::WriterGone => {
+                    BackendError::Unavailable("the server is shutting down".into())
+                }
+                e => BackendError::Internal(e.to_string()),
+            })?
+            .ok_or_else(|| BackendError::NotFound(format!("no device '{device}'")))?;
+        Ok(Response::new(proto::DeleteDeviceResponse {
+            readings: done.readings,
+            series: done.series,
         }))
     }
 }

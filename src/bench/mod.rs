@@ -446,7 +446,14 @@ impl BenchServer {
             "100000",
         ];
         let flags: Vec<&str> = extra.iter().chain(more).copied().collect();
-        ServerProcess::start(&exe, dir, &flags, true).map(Self)
+        // The fleet scenarios bring in tens of thousands of devices at once: no
+        // device limits (set by environment, which an older build under
+        // `MILEPOST_BENCH_SERVER` ignores, where it would refuse a flag).
+        let env = [
+            ("MILEPOST_MAX_DEVICES", "0"),
+            ("MILEPOST_MAX_NEW_DEVICES_PER_KEY", "0"),
+        ];
+        ServerProcess::start_with_env(&exe, dir, &flags, &env, true).map(Self)
     }
 
     fn base(&self) -> &str {

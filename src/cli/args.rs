@@ -59,6 +59,15 @@ pub enum Command {
         #[command(subcommand)]
         command: crate::backend::client::AnomalyCommand,
     },
+    /// Devices of a running server, over its backend.
+    Device {
+        /// The backend and the token.
+        #[command(flatten)]
+        client: crate::backend::client::ClientArgs,
+        /// What to do.
+        #[command(subcommand)]
+        command: crate::backend::client::DeviceCommand,
+    },
     /// Probe `/readyz` of the server on this machine: exit 0 when ready, 1 if not
     /// (container health checks; the runtime image has no curl).
     Healthcheck(super::healthcheck::HealthcheckArgs),

@@ -85,6 +85,9 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Anomaly { client, command } => {
             crate::backend::client::anomaly(&client, command).await
         }
+        Command::Device { client, command } => {
+            crate::backend::client::device(&client, command).await
+        }
         Command::Healthcheck(args) => healthcheck::run(&args).await,
         Command::Openapi => {
             println!("{}", crate::api::openapi_json());

@@ -58,6 +58,14 @@ impl fmt::Display for Device {
     }
 }
 
+/// Lets maps keyed by `Device` be looked up by a `&str` without allocating (the
+/// derived `Hash` and `Eq` are those of the name).
+impl std::borrow::Borrow<str> for Device {
+    fn borrow(&self) -> &str {
+        &self.0
+    }
+}
+
 impl std::str::FromStr for Device {
     type Err = DeviceError;
     fn from_str(s: &str) -> Result<Self, Self::Err> {

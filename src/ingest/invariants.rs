@@ -23,6 +23,7 @@ pub fn parser() -> StreamParser {
             latest: Timestamp::now().plus(chrono::Duration::hours(24)),
             max_line_bytes: 512,
             bound_device: None,
+            gate: None,
         },
     )
 }

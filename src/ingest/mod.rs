@@ -3,8 +3,10 @@
 //! it can be tested, fuzzed and benchmarked alone and run off the async executor.
 
 mod fast;
+pub mod gate;
 pub mod invariants;
 pub mod ndjson;
 mod wire;
 
+pub use gate::{DeviceGate, Refusal};
 pub use ndjson::{IngestOptions, LineError, StreamParser};

@@ -10,6 +10,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use super::fast;
+use super::gate::{Decisions, DeviceGate};
 use crate::domain::{Batch, Catalog, Device, Row, SensorId, Timestamp};
 
 /// How readings are judged.
@@ -22,6 +23,8 @@ pub struct IngestOptions {
     /// Device of the API key, if it is bound to one: readings without `device` take
     /// it and readings naming another device are refused.
     pub bound_device: Option<Device>,
+    /// Admits devices the request names (see [`DeviceGate`]); `None` admits all.
+    pub gate: Option<Arc<dyn DeviceGate>>,
 }
 
 /// Why one line was refused.
@@ -57,6 +60,8 @@ pub struct StreamParser {
     /// Refused lines per sensor id; lines without a catalogued sensor are not here.
     rejected_by_sensor: HashMap<SensorId, u64>,
     oversize_lines: u64,
+    /// What the gate said of each device of the request.
+    decisions: Decisions,
 }
 
 impl StreamParser {
@@ -74,6 +79,7 @@ impl StreamParser {
             rejected: 0,
             rejected_by_sensor: HashMap::new(),
             oversize_lines: 0,
+            decisions: Decisions::default(),
         }
     }
 
@@ -230,6 +236,7 @@ impl StreamParser {
             *self.rejected_by_sensor.entry(id).or_default() += n;
         }
         self.oversize_lines += sub.oversize_lines;
+        self.decisions.absorb(sub.decisions);
         self.last_device = 0;
     }
 
@@ -263,6 +270,12 @@ impl StreamParser {
     /// [`Self::rejected`] named none.
     pub fn rejected_by_sensor(&self) -> &HashMap<SensorId, u64> {
         &self.rejected_by_sensor
+    }
+
+    /// Some lines were refused because the request's key brought in too many new
+    /// devices lately: the request may be retried after this many seconds.
+    pub fn rate_limited(&self) -> Option<u64> {
+        self.decisions.retry_after()
     }
 
     /// Lines refused for exceeding the length limit.
@@ -349,7 +362,13 @@ impl StreamParser {
                 )));
             }
         };
-        let device = device_index(&mut self.batch, &mut self.last_device, device).map_err(fail)?;
+        let device = device_index(
+            &mut self.batch,
+            &mut self.last_device,
+            device,
+            self.opts.gate.as_deref().map(|g| (g, &mut self.decisions)),
+        )
+        .map_err(fail)?;
         self.batch.rows.push(Row {
             device,
             sensor: sensor.id,
@@ -361,14 +380,27 @@ impl StreamParser {
 }
 
 /// Index of `device` in the batch's device table. Nearly every batch has a single
-/// device, so the last one used is checked first.
-fn device_index(batch: &mut Batch, last: &mut u16, device: &str) -> Result<u16, String> {
+/// device, so the last one used is checked first. A device new to the batch is put
+/// to the gate (once per request).
+fn device_index(
+    batch: &mut Batch,
+    last: &mut u16,
+    device: &str,
+    gate: Option<(&dyn DeviceGate, &mut Decisions)>,
+) -> Result<u16, String> {
     if let Some(d) = batch.devices.get(*last as usize)
         && d.as_str() == device
     {
         return Ok(*last);
     }
+    if let Some(i) = batch.devices.iter().position(|d| d.as_str() == device) {
+        *last = i as u16;
+        return Ok(*last);
+    }
     Device::check(device).map_err(|e| format!("invalid device '{device}': {e}"))?;
+    if let Some((gate, decisions)) = gate {
+        decisions.check(gate, device)?;
+    }
     let i = batch
         .device_index(device)
         .ok_or_else(|| "too many distinct devices in one request".to_owned())?;
@@ -404,6 +436,7 @@ mod tests {
                 latest: Timestamp::now().plus(chrono::Duration::hours(24)),
                 max_line_bytes: 200,
                 bound_device: bound.map(|d| Device::parse(d).unwrap()),
+                gate: None,
             },
         )
     }
@@ -647,6 +680,81 @@ mod tests {
         assert_eq!(b.devices[0].as_str(), "truck");
         assert_eq!(p.errors()[0].line, 3);
         assert!(p.errors()[0].error.contains("bound to device 'truck'"));
+    }
+
+    /// Admits names starting with `ok`, refuses `rate*` as over a rate and the rest
+    /// as over the ceiling; counts what it was asked.
+    #[derive(Debug, Default)]
+    struct TestGate(std::sync::Mutex<Vec<String>>);
+
+    impl DeviceGate for TestGate {
+        fn admit(&self, device: &str) -> Result<(), crate::ingest::Refusal> {
+            self.0.lock().unwrap().push(device.to_owned());
+            match device {
+                d if d.starts_with("ok") => Ok(()),
+                d if d.starts_with("rate") => Err(crate::ingest::Refusal::Rate {
+                    reason: format!("{d} too fast"),
+                    retry_after: 7,
+                }),
+                d => Err(crate::ingest::Refusal::Full(format!("{d} is one too many"))),
+            }
+        }
+    }
+
+    fn gated_body() -> String {
+        let mut body = String::new();
+        for (i, d) in ["ok1", "full1", "ok1", "rate1", "ok2", "full1", "ok2"]
+            .iter()
+            .enumerate()
+        {
+            body += &format!(
+                "{{\"sensor\":\"speed\",\"value\":{i},\"timestamp\":\"2020-01-01T00:00:0{i}Z\",\"device\":\"{d}\"}}\n"
+            );
+        }
+        body
+    }
+
+    #[test]
+    fn a_refused_device_loses_its_lines_only_and_each_device_is_asked_once() {
+        let gate = Arc::new(TestGate::default());
+        let mut opts = parser().opts;
+        opts.gate = Some(gate.clone());
+        let mut p = StreamParser::new(Arc::new(Catalog::new(Catalog::builtin())), opts);
+        p.feed(gated_body().as_bytes());
+        p.finish();
+        let b = p.take_batch();
+        let kept: Vec<_> = b
+            .rows
+            .iter()
+            .map(|r| b.devices[r.device as usize].as_str())
+            .collect();
+        assert_eq!(kept, ["ok1", "ok1", "ok2", "ok2"]);
+        let refused: Vec<_> = p
+            .errors()
+            .iter()
+            .map(|e| (e.line, e.error.as_str()))
+            .collect();
+        assert_eq!(
+            refused,
+            [
+                (2, "full1 is one too many"),
+                (4, "rate1 too fast"),
+                (6, "full1 is one too many")
+            ]
+        );
+        assert_eq!(p.rate_limited(), Some(7));
+        assert_eq!(*gate.0.lock().unwrap(), ["ok1", "full1", "rate1", "ok2"]);
+    }
+
+    #[test]
+    fn a_request_refused_only_for_the_ceiling_is_not_rate_limited() {
+        let mut opts = parser().opts;
+        opts.gate = Some(Arc::new(TestGate::default()));
+        let mut p = StreamParser::new(Arc::new(Catalog::new(Catalog::builtin())), opts);
+        p.feed(gated_body().replace("rate1", "ok3").as_bytes());
+        p.finish();
+        assert_eq!(p.rejected(), 2);
+        assert_eq!(p.rate_limited(), None);
     }
 
     #[test]

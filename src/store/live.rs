@@ -126,6 +126,12 @@ impl LiveSlots {
         });
     }
 
+    /// Forgets every slot of a deleted device.
+    pub(super) fn forget_device(&self, device: DeviceId) {
+        let mut inner = self.0.write().unwrap_or_else(|p| p.into_inner());
+        inner.series.retain(|(d, _), _| *d != device);
+    }
+
     /// `from`, and the aggregates of the series' slots in `[lo_ms, hi_ms)` at or after
     /// it, ascending (slots without readings left out).
     pub(super) fn slots(

@@ -286,6 +286,11 @@ impl Live {
         }
     }
 
+    /// Forgets what is held of a deleted device.
+    pub(super) fn forget_device(&mut self, device: i32) {
+        self.held.retain(|k, _| k.0 != device);
+    }
+
     /// Copies of the held partials of slots before `slot_ms`.
     pub(super) fn before(&self, slot_ms: i64) -> Vec<Partial> {
         self.held

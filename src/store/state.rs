@@ -281,6 +281,15 @@ impl Shared {
             .copied()
     }
 
+    /// Whether a device of this name is known.
+    pub fn knows_device(&self, name: &str) -> bool {
+        self.devices
+            .read()
+            .expect("devices lock")
+            .by_name
+            .contains_key(name)
+    }
+
     /// Number of known devices.
     pub fn device_count(&self) -> usize {
         self.devices.read().expect("devices lock").names.len()
@@ -327,6 +336,19 @@ impl Shared {
             d.by_name.insert(name.clone(), *id);
             d.names.insert(*id, name.clone());
         }
+    }
+
+    /// Forgets a deleted device: its name, the statistics of its series and its live
+    /// slots.
+    pub(super) fn forget_device(&self, id: DeviceId) {
+        {
+            let mut d = self.devices.write().expect("devices lock");
+            if let Some(name) = d.names.remove(&id) {
+                d.by_name.remove(&name);
+            }
+        }
+        self.series.write().expect("series lock").remove(&id);
+        self.live.forget_device(id);
     }
 
     /// Forgets series whose readings were all deleted (retention).

@@ -408,6 +408,7 @@ async fn reflection_lists_every_service_and_describes_its_methods() {
         "Alerts",
         "Anomalies",
         "Detection",
+        "Devices",
         "Hello",
         "Jobs",
         "SensorCatalog",

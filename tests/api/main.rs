@@ -6,6 +6,7 @@ mod clients;
 mod compaction;
 mod crash;
 mod dashboard;
+mod devices;
 mod disk;
 mod dumps;
 mod fleet;

@@ -16,12 +16,13 @@ use crate::domain::{DeviceId, SensorId};
 use crate::metrics::Metrics;
 use crate::store::columns::Columns;
 use crate::store::compact::{self, Compaction, DueDays};
+use crate::store::forget;
 use crate::store::ingest_log;
 use crate::store::live::live_from;
 use crate::store::recent::RecentKeys;
 use crate::store::retention::{self, Retired};
 use crate::store::rollup::{self, Live, Partial, Partials};
-use crate::store::{Committed, SeriesEntry, Shared, StoreError};
+use crate::store::{Committed, DeletedDevice, SeriesEntry, Shared, StoreError};
 
 /// The write connection and its companions.
 pub(super) struct Db {
@@ -307,6 +308,16 @@ impl Db {
             self.recent.clear();
             self.due.invalidate();
         }
+        Ok(done)
+    }
+
+    /// Deletes a device's rows (see [`crate::store::forget`]) and what this side of
+    /// the writer holds of it.
+    pub(super) fn delete_device(&mut self, device: DeviceId) -> Result<DeletedDevice, StoreError> {
+        let done = forget::delete_device(&self.conn, device)?;
+        self.live.forget_device(device.0 as i32);
+        self.recent.clear();
+        self.due.invalidate();
         Ok(done)
     }
 

@@ -19,7 +19,7 @@ use crate::metrics::{Metrics, UNKNOWN_SENSOR};
 use crate::store::compact;
 use crate::store::ingest_log::IngestLog;
 use crate::store::live::live_from;
-use crate::store::{SeriesEntry, Shared, StoreError};
+use crate::store::{DeletedDevice, SeriesEntry, Shared, StoreError};
 
 /// The writer thread's state: classifies groups, appends the log, acknowledges, and
 /// uses the database directly for everything else.
@@ -176,6 +176,24 @@ impl Front {
         }
     }
 
+    /// Deletes a device in DuckDB, then forgets it in memory: its name, statistics,
+    /// live slots and known keys.
+    fn delete_device(&mut self, device: &Device) -> Result<Option<DeletedDevice>, StoreError> {
+        let Some(id) = self.shared.device_id(device) else {
+            return Ok(None);
+        };
+        let done = self.with_db(|db| db.delete_device(id))?;
+        self.known.forget_device(id);
+        self.shared.forget_device(id);
+        tracing::info!(
+            device = %device,
+            readings = done.readings,
+            series = done.series,
+            "device deleted"
+        );
+        Ok(Some(done))
+    }
+
     /// Moves the live slots on with the clock.
     fn advance_live(&self) {
         self.shared.live.advance(live_from(self.clock.now_ms()));
@@ -248,6 +266,7 @@ pub(super) fn run(
         let mut shutdown = None;
         let mut compact = None;
         let mut retire = None;
+        let mut delete = None;
         let mut rows = 0;
         let mut next = Some(first);
         while let Some(msg) = next.take() {
@@ -258,10 +277,12 @@ pub(super) fn run(
                 }
                 Msg::Compact(reply) => compact = Some(reply),
                 Msg::Retire(job) => retire = Some(job),
+                Msg::DeleteDevice(job) => delete = Some(job),
                 Msg::Shutdown(ack) => shutdown = Some(ack),
                 Msg::Tick => {}
             }
-            if shutdown.is_none() && compact.is_none() && retire.is_none() && rows < max_rows {
+            let alone = compact.is_none() && retire.is_none() && delete.is_none();
+            if shutdown.is_none() && alone && rows < max_rows {
                 next = rx.try_recv().ok();
             }
         }
@@ -280,6 +301,9 @@ pub(super) fn run(
             }
             let _ = job.reply.send(retired);
         }
+        if let Some(job) = delete {
+            let _ = job.reply.send(front.delete_device(&job.device));
+        }
         if let Some(ack) = shutdown {
             rx.close();
             let mut rest = Vec::new();
@@ -288,6 +312,7 @@ pub(super) fn run(
                     Msg::Append(job) => rest.push(job),
                     Msg::Compact(reply) => drop(reply.send(Err(StoreError::WriterGone))),
                     Msg::Retire(job) => drop(job.reply.send(Err(StoreError::WriterGone))),
+                    Msg::DeleteDevice(job) => drop(job.reply.send(Err(StoreError::WriterGone))),
                     Msg::Shutdown(other) => drop(other.send(Ok(()))),
                     Msg::Tick => {}
                 }

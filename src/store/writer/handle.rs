@@ -10,10 +10,10 @@ use std::time::Duration;
 use chrono::NaiveDate;
 use tokio::sync::{Notify, mpsc, oneshot};
 
-use crate::domain::{Batch, DeviceId, SensorId};
+use crate::domain::{Batch, Device, DeviceId, SensorId};
 use crate::store::compact::Compaction;
 use crate::store::retention::Retired;
-use crate::store::{ApplyLag, Shared, StoreError};
+use crate::store::{ApplyLag, DeletedDevice, Shared, StoreError};
 
 /// Outcome of one committed batch.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -46,6 +46,7 @@ pub(super) enum Msg {
     Append(Job),
     Compact(oneshot::Sender<Result<Compaction, StoreError>>),
     Retire(RetireJob),
+    DeleteDevice(DeleteJob),
     Shutdown(oneshot::Sender<Result<(), StoreError>>),
     /// Time to look at the ingest log (a query waits for it, or it has aged).
     Tick,
@@ -54,6 +55,11 @@ pub(super) enum Msg {
 pub(super) struct RetireJob {
     pub(super) days: BTreeMap<NaiveDate, u64>,
     pub(super) reply: oneshot::Sender<Result<Retired, StoreError>>,
+}
+
+pub(super) struct DeleteJob {
+    pub(super) device: Device,
+    pub(super) reply: oneshot::Sender<Result<Option<DeletedDevice>, StoreError>>,
 }
 
 pub(super) struct Job {
@@ -121,6 +127,18 @@ impl WriterHandle {
         rx.await.unwrap_or(Err(StoreError::WriterGone))
     }
 
+    /// Deletes a device with its readings, rollups and statistics, after everything
+    /// acknowledged before the call is in DuckDB; `None` when no such device is
+    /// known. Readings of it that arrive later bring it back as a new device.
+    pub async fn delete_device(&self, device: Device) -> Result<Option<DeletedDevice>, StoreError> {
+        let (reply, rx) = oneshot::channel();
+        self.tx
+            .send(Msg::DeleteDevice(DeleteJob { device, reply }))
+            .await
+            .map_err(|_| StoreError::WriterGone)?;
+        rx.await.unwrap_or(Err(StoreError::WriterGone))
+    }
+
     /// True while the writer thread accepts work.
     pub fn is_running(&self) -> bool {
         self.running.load(Ordering::Acquire) && !self.tx.is_closed()
@@ -130,6 +148,17 @@ impl WriterHandle {
     /// not applied yet; queries see them anyway).
     pub fn apply_lag(&self) -> ApplyLag {
         self.shared.apply_lag()
+    }
+
+    /// Whether the store knows a device of this name (it sent readings that were
+    /// stored and not deleted since).
+    pub fn knows_device(&self, name: &str) -> bool {
+        self.shared.knows_device(name)
+    }
+
+    /// Devices the store knows.
+    pub fn device_count(&self) -> usize {
+        self.shared.device_count()
     }
 
     /// Batches waiting in the queue.

@@ -191,6 +191,12 @@ impl Known {
         }
     }
 
+    /// Forgets the series of a deleted device.
+    pub(super) fn forget_device(&mut self, device: DeviceId) {
+        self.current.retain(|(d, _), _| *d != device);
+        self.previous.retain(|(d, _), _| *d != device);
+    }
+
     /// Forgets everything (readings were deleted).
     pub(super) fn clear(&mut self) {
         self.current = FxHashMap::default();

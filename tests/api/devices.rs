@@ -1,0 +1,213 @@
+//! How many devices a server holds: the ceiling (`--max-devices`), the per-key rate
+//! of new devices, and deleting a device that should not exist (backend and CLI).
+
+use milepost::backend::proto;
+use milepost::backend::{Role, TokenAdmin};
+use reqwest::StatusCode;
+use serde_json::Value;
+use tonic::Code;
+
+use crate::helpers::*;
+
+fn at(min: u32) -> String {
+    format!("2026-01-10T10:{min:02}:00Z")
+}
+
+/// One speed reading per device named, at minute `min`.
+fn body(devices: &[&str], min: u32) -> String {
+    devices
+        .iter()
+        .map(|d| dline(d, "speed", 50.0, &at(min)) + "\n")
+        .collect()
+}
+
+/// Device names and reading counts `/api/v1/devices` lists, sorted by name.
+async fn listed(app: &TestApp) -> Vec<(String, u64)> {
+    let (status, v) = app.get("/api/v1/devices").await;
+    assert_eq!(status, StatusCode::OK, "{v}");
+    let mut out: Vec<_> = v["devices"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| (d["device"].as_str().unwrap().to_owned(), num(d, "readings")))
+        .collect();
+    out.sort();
+    out
+}
+
+fn errors(v: &Value) -> Vec<(u64, String)> {
+    v["errors"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| (num(e, "line"), e["error"].as_str().unwrap().to_owned()))
+        .collect()
+}
+
+async fn refused_metric(app: &TestApp, reason: &str) -> u64 {
+    let (_, text) = app.get_text("/metrics").await;
+    let prefix = format!("milepost_new_devices_refused_total{{reason=\"{reason}\"}} ");
+    text.lines()
+        .find_map(|l| l.strip_prefix(&prefix))
+        .map_or(0, |n| n.trim().parse().unwrap())
+}
+
+// Several threads: the command line's process is waited for on one of them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn over_the_ceiling_new_devices_are_refused_line_by_line_until_one_is_deleted() {
+    let app = TestApp::spawn_with(|a| a.max_devices = 3).await;
+    // Four new devices, two lines each: the fourth device's lines are refused, the
+    // rest stored.
+    let mut two = body(&["a", "b", "c", "d"], 0);
+    two += &body(&["a", "b", "c", "d"], 1);
+    let (status, v) = app.ingest(two).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{v}");
+    assert_eq!((num(&v, "accepted"), num(&v, "rejected")), (6, 2), "{v}");
+    let errs = errors(&v);
+    assert_eq!(errs.iter().map(|e| e.0).collect::<Vec<_>>(), [4, 8], "{v}");
+    assert!(
+        errs[0].1.contains("device 'd' is new") && errs[0].1.contains("--max-devices"),
+        "{v}"
+    );
+    // Known devices go on; another new one does not.
+    let (status, v) = app.ingest(body(&["a", "b"], 2)).await;
+    assert_eq!((status, num(&v, "accepted")), (StatusCode::OK, 2), "{v}");
+    let (status, v) = app.ingest(body(&["e"], 2)).await;
+    assert_eq!(
+        (status, num(&v, "rejected")),
+        (StatusCode::BAD_REQUEST, 1),
+        "{v}"
+    );
+    assert_eq!(refused_metric(&app, "ceiling").await, 2);
+    assert_eq!(
+        listed(&app).await,
+        [("a".into(), 3), ("b".into(), 3), ("c".into(), 2)]
+    );
+
+    // Deleting needs an admin token.
+    let admin = TokenAdmin::new(app.dir.path());
+    let (editor, admin) = (
+        admin.create(Role::Editor, "ed").unwrap().0,
+        admin.create(Role::Admin, "root").unwrap().0,
+    );
+    let addr = app.server().backend_addr().unwrap();
+    let channel = milepost::backend::client::channel(&format!("http://{addr}")).unwrap();
+    let mut devices = proto::DevicesClient::new(channel);
+    let delete = |name: &str, token: &str| {
+        milepost::backend::client::authorized(
+            Some(token),
+            proto::DeleteDeviceRequest { name: name.into() },
+        )
+        .unwrap()
+    };
+    let code = |r: Result<tonic::Response<proto::DeleteDeviceResponse>, tonic::Status>| {
+        r.map_or_else(|s| s.code(), |_| Code::Ok)
+    };
+    assert_eq!(
+        code(devices.delete_device(delete("b", &editor)).await),
+        Code::PermissionDenied
+    );
+    assert_eq!(
+        code(devices.delete_device(delete("nobody", &admin)).await),
+        Code::NotFound
+    );
+    assert_eq!(
+        code(devices.delete_device(delete("not a name", &admin)).await),
+        Code::InvalidArgument
+    );
+    let done = devices
+        .delete_device(delete("b", &admin))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!((done.readings, done.series), (3, 1));
+    assert_eq!(listed(&app).await, [("a".into(), 3), ("c".into(), 2)]);
+    let (status, v) = app
+        .get("/api/v1/sensors/speed/statistics?device=b&from=2026-01-10T00:00:00Z&to=2026-01-11T00:00:00Z&bucket=1h")
+        .await;
+    assert_eq!((status, bucket_count_sum(&v)), (StatusCode::OK, 0), "{v}");
+
+    // Room for one new device again.
+    let (status, v) = app.ingest(body(&["e"], 3)).await;
+    assert_eq!((status, num(&v, "accepted")), (StatusCode::OK, 1), "{v}");
+    let (status, _) = app.ingest(body(&["b"], 3)).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+
+    // The command line asks for confirmation, then deletes.
+    let bin = env!("CARGO_BIN_EXE_milepost");
+    let cli = |args: &[&str]| {
+        let out = std::process::Command::new(bin)
+            .args(args)
+            .env("MILEPOST_BACKEND_URL", format!("http://{addr}"))
+            .env("MILEPOST_TOKEN", &admin)
+            .output_within_limit();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned()
+                + &String::from_utf8_lossy(&out.stderr),
+        )
+    };
+    let (ok, out) = cli(&["device", "delete", "e"]);
+    assert!(!ok && out.contains("--yes"), "{out}");
+    let (ok, out) = cli(&["device", "delete", "e", "--yes"]);
+    assert!(
+        ok && out.contains("deleted device e: 1 readings of 1 sensors"),
+        "{out}"
+    );
+
+    // A deleted name comes back as a new device, without its old readings.
+    let (status, v) = app.ingest(body(&["b"], 0)).await;
+    assert_eq!((status, num(&v, "accepted")), (StatusCode::OK, 1), "{v}");
+    let expected = [("a".into(), 3), ("b".into(), 1), ("c".into(), 2)];
+    assert_eq!(listed(&app).await, expected);
+    let app = app.restart().await;
+    assert_eq!(listed(&app).await, expected);
+    let dir = app.stop().await;
+    let mut per_device = std::collections::BTreeMap::<String, u64>::new();
+    for (device, ..) in stored_rows(dir.path()) {
+        *per_device.entry(device).or_default() += 1;
+    }
+    assert_eq!(
+        per_device.into_iter().collect::<Vec<_>>(),
+        [("a".into(), 3), ("b".into(), 1), ("c".into(), 2)]
+    );
+}
+
+#[tokio::test]
+async fn a_key_bringing_in_new_devices_too_fast_gets_429_for_those_lines_only() {
+    let app = TestApp::spawn_with(|a| a.max_new_devices_per_key = 2).await;
+    let resp = app
+        .client
+        .post(app.url("/ingest"))
+        .basic_auth(KEY, None::<&str>)
+        .header("content-type", "application/x-ndjson")
+        .body(body(&["x1", "x2", "x3", "x1"], 0))
+        .send()
+        .await
+        .unwrap();
+    let retry: u64 = resp.headers()["retry-after"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    let (status, v) = json(resp).await;
+    assert_eq!(status, StatusCode::TOO_MANY_REQUESTS, "{v}");
+    // A minute's worth is 2: the next token comes in 30 s.
+    assert!((1..=30).contains(&retry), "{retry}");
+    assert_eq!((num(&v, "accepted"), num(&v, "rejected")), (2, 1), "{v}");
+    let errs = errors(&v);
+    assert_eq!(errs[0].0, 3, "{v}");
+    assert!(errs[0].1.contains("--max-new-devices-per-key"), "{v}");
+    // Known devices are not limited; the retry stores only what was refused once the
+    // key has room (here: never within the test), duplicates counted.
+    let (status, v) = app.ingest(body(&["x1", "x2"], 1)).await;
+    assert_eq!((status, num(&v, "accepted")), (StatusCode::OK, 2), "{v}");
+    let (status, v) = app.ingest(body(&["x1", "x2", "x3", "x1"], 0)).await;
+    assert_eq!(status, StatusCode::TOO_MANY_REQUESTS, "{v}");
+    assert_eq!((num(&v, "accepted"), num(&v, "duplicates")), (0, 3), "{v}");
+    // Another key has its own allowance.
+    let (status, v) = app.ingest_as(TRUCK_KEY, body(&["truck"], 0)).await;
+    assert_eq!((status, num(&v, "accepted")), (StatusCode::OK, 1), "{v}");
+    assert_eq!(refused_metric(&app, "rate").await, 2);
+    app.stop().await;
+}
