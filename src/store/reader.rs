@@ -235,9 +235,18 @@ impl ReadStore for Reader {
         // from the series' average density and adapted to what each window returned.
         let span_us = range.to.as_micros() - range.from.as_micros();
         let per_row = (span_us / (readings.max(1) as i64)).max(1);
+        // A page of `limit` rows aims its first window at twice that, not at a whole
+        // sort's worth: the newest hours lie in arrival order, every row group holds
+        // every device, so a window costs a scan of the whole fleet's readings in it.
+        // (A page of 100 while 2,000 devices streamed: p50 19.6 ms, p99 55 ms with the
+        // window over the series' whole day.)
+        let (aim, least) = match limit {
+            Some(l) => ((2 * l as i64).clamp(64, SCAN_TARGET_ROWS), 1_000_000),
+            None => (SCAN_TARGET_ROWS, 60_000_000),
+        };
         let mut window = per_row
-            .saturating_mul(SCAN_TARGET_ROWS)
-            .max(60_000_000)
+            .saturating_mul(aim)
+            .max(least)
             .min(span_us.max(1));
         let mut lo = range.from;
         let mut delivered = 0u64;
