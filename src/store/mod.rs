@@ -30,6 +30,7 @@ mod forget;
 mod ingest_log;
 mod live;
 mod migrations;
+mod names;
 mod reader;
 mod recent;
 mod retention;

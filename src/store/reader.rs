@@ -244,10 +244,7 @@ impl ReadStore for Reader {
             Some(l) => ((2 * l as i64).clamp(64, SCAN_TARGET_ROWS), 1_000_000),
             None => (SCAN_TARGET_ROWS, 60_000_000),
         };
-        let mut window = per_row
-            .saturating_mul(aim)
-            .max(least)
-            .min(span_us.max(1));
+        let mut window = per_row.saturating_mul(aim).max(least).min(span_us.max(1));
         let mut lo = range.from;
         let mut delivered = 0u64;
         self.with_view(device, sensors, &[range], |c, source, _| {

@@ -2,7 +2,6 @@
 //! and per-series statistics. The writer updates it right after each commit, so
 //! "latest" answers never touch DuckDB.
 
-use rustc_hash::FxHashMap as HashMap;
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, OnceLock, RwLock};
@@ -10,7 +9,11 @@ use std::time::{Duration, Instant};
 
 use super::columns::Columns;
 use super::live::{LiveSlots, slot_after};
+use super::names::DeviceNames;
 use crate::domain::{Catalog, Device, DeviceId, SensorId, Timestamp};
+
+/// One device's series and their statistics, by sensor.
+type DeviceSeries = Box<[(SensorId, SeriesStats)]>;
 
 /// A series and its statistics.
 pub type SeriesEntry = ((DeviceId, SensorId), SeriesStats);
@@ -47,11 +50,11 @@ pub struct Shared {
     /// two operators' changes at once never publish a snapshot without the other's
     /// sensor, nor pick the same id.
     catalog_update: Mutex<()>,
-    devices: RwLock<Devices>,
-    /// Per device, its series ordered by sensor: a device's statistics are one
-    /// lookup (the dashboard asks for them every few seconds), and a device costs
-    /// only what it sent.
-    series: RwLock<HashMap<DeviceId, Vec<(SensorId, SeriesStats)>>>,
+    devices: RwLock<DeviceNames>,
+    /// Per device (indexed by id), its series ordered by sensor: a device's
+    /// statistics are one lookup (the dashboard asks for them every few seconds),
+    /// and a device costs only what it sent (a 16-byte slot and 40 bytes a series).
+    series: RwLock<Vec<DeviceSeries>>,
     /// Rollup slots from this one (ms) on may still lack readings the writer holds
     /// back (see `rollup::Live`); readers take them from `readings`. Starts at the
     /// earliest instant — everything raw — until the writer has started.
@@ -101,28 +104,21 @@ struct Visibility {
 /// before it answers from what DuckDB has (only ever reached if the writer is stuck).
 const VISIBLE_WAIT: Duration = Duration::from_secs(30);
 
-#[derive(Default)]
-struct Devices {
-    by_name: HashMap<Device, DeviceId>,
-    names: HashMap<DeviceId, Device>,
-}
-
 impl Shared {
     pub(super) fn new(
         catalog: Catalog,
         devices: Vec<(DeviceId, Device)>,
         series: Vec<SeriesEntry>,
     ) -> Self {
-        let mut d = Devices::default();
+        let mut d = DeviceNames::default();
         for (id, name) in devices {
-            d.by_name.insert(name.clone(), id);
-            d.names.insert(id, name);
+            d.insert(id, &name);
         }
         let shared = Self {
             catalog: RwLock::new(Arc::new(catalog)),
             catalog_update: Mutex::new(()),
             devices: RwLock::new(d),
-            series: RwLock::new(HashMap::default()),
+            series: RwLock::new(Vec::new()),
             rollups_from: AtomicI64::new(i64::MIN),
             visible: Visibility {
                 acked: AtomicU64::new(0),
@@ -276,9 +272,7 @@ impl Shared {
         self.devices
             .read()
             .expect("devices lock")
-            .by_name
-            .get(device)
-            .copied()
+            .id(device.as_str())
     }
 
     /// Whether a device of this name is known.
@@ -286,45 +280,48 @@ impl Shared {
         self.devices
             .read()
             .expect("devices lock")
-            .by_name
-            .contains_key(name)
+            .id(name)
+            .is_some()
     }
 
     /// Number of known devices.
     pub fn device_count(&self) -> usize {
-        self.devices.read().expect("devices lock").names.len()
+        self.devices.read().expect("devices lock").len()
     }
 
-    /// Every known device with its id.
+    /// Every known device with its id, by id.
     pub fn devices(&self) -> Vec<(DeviceId, Device)> {
         let d = self.devices.read().expect("devices lock");
-        let mut v: Vec<_> = d.names.iter().map(|(i, n)| (*i, n.clone())).collect();
-        v.sort_by_key(|(i, _)| *i);
-        v
+        d.iter()
+            .filter_map(|(i, n)| Some((i, Device::parse(n).ok()?)))
+            .collect()
     }
 
     /// Statistics of every series of `device`, by sensor.
     pub fn series_of(&self, device: DeviceId) -> Vec<(SensorId, SeriesStats)> {
         let s = self.series.read().expect("series lock");
-        s.get(&device).cloned().unwrap_or_default()
+        s.get(device.0 as usize)
+            .map(|of| of.to_vec())
+            .unwrap_or_default()
     }
 
     /// Statistics of one series.
     pub fn series(&self, device: DeviceId, sensor: SensorId) -> Option<SeriesStats> {
         let s = self.series.read().expect("series lock");
-        let of = s.get(&device)?;
+        let of = s.get(device.0 as usize)?;
         of.iter().find(|(id, _)| *id == sensor).map(|(_, st)| *st)
     }
 
     /// Statistics of every series, ordered by device and sensor.
     pub fn all_series(&self) -> Vec<SeriesEntry> {
         let s = self.series.read().expect("series lock");
-        let mut v: Vec<_> = s
-            .iter()
-            .flat_map(|(d, of)| of.iter().map(|(sensor, st)| ((*d, *sensor), *st)))
-            .collect();
-        v.sort_by_key(|(k, _)| *k);
-        v
+        s.iter()
+            .enumerate()
+            .flat_map(|(d, of)| {
+                of.iter()
+                    .map(move |(sensor, st)| ((DeviceId(d as u32), *sensor), *st))
+            })
+            .collect()
     }
 
     pub(super) fn add_devices(&self, new: &[(DeviceId, Device)]) {
@@ -333,21 +330,22 @@ impl Shared {
         }
         let mut d = self.devices.write().expect("devices lock");
         for (id, name) in new {
-            d.by_name.insert(name.clone(), *id);
-            d.names.insert(*id, name.clone());
+            d.insert(*id, name);
         }
     }
 
     /// Forgets a deleted device: its name, the statistics of its series and its live
     /// slots.
     pub(super) fn forget_device(&self, id: DeviceId) {
+        self.devices.write().expect("devices lock").remove(id);
+        if let Some(of) = self
+            .series
+            .write()
+            .expect("series lock")
+            .get_mut(id.0 as usize)
         {
-            let mut d = self.devices.write().expect("devices lock");
-            if let Some(name) = d.names.remove(&id) {
-                d.by_name.remove(&name);
-            }
+            *of = Box::default();
         }
-        self.series.write().expect("series lock").remove(&id);
         self.live.forget_device(id);
     }
 
@@ -358,11 +356,10 @@ impl Shared {
         }
         let mut s = self.series.write().expect("series lock");
         for (device, sensor) in gone {
-            if let Some(of) = s.get_mut(device) {
-                of.retain(|(id, _)| id != sensor);
-                if of.is_empty() {
-                    s.remove(device);
-                }
+            if let Some(of) = s.get_mut(device.0 as usize)
+                && of.iter().any(|(id, _)| id == sensor)
+            {
+                *of = of.iter().filter(|(id, _)| id != sensor).copied().collect();
             }
         }
     }
@@ -370,13 +367,19 @@ impl Shared {
     pub(super) fn set_series(&self, updated: &[SeriesEntry]) {
         let mut s = self.series.write().expect("series lock");
         for ((device, sensor), stats) in updated {
-            let of = s.entry(*device).or_default();
+            let i = device.0 as usize;
+            if s.len() <= i {
+                // Ids are given in order: grow by the usual doubling.
+                s.resize_with(i + 1, Box::default);
+            }
+            let of = &mut s[i];
             match of.binary_search_by_key(sensor, |(id, _)| *id) {
-                Ok(i) => of[i].1 = *stats,
-                Err(i) => {
-                    // A device's sensors arrive one by one: no spare capacity kept.
-                    of.reserve_exact(1);
-                    of.insert(i, (*sensor, *stats));
+                Ok(j) => of[j].1 = *stats,
+                Err(j) => {
+                    // A device's sensors arrive one by one: no spare room kept.
+                    let mut v = std::mem::take(of).into_vec();
+                    v.insert(j, (*sensor, *stats));
+                    *of = v.into_boxed_slice();
                 }
             }
         }
