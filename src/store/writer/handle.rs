@@ -107,33 +107,33 @@ impl WriterHandle {
     /// Compacts one finished day between commits (see [`super::compact`]); call
     /// again while it reports a day done.
     pub async fn compact(&self) -> Result<Compaction, StoreError> {
-        let (reply, rx) = oneshot::channel();
-        self.tx
-            .send(Msg::Compact(reply))
-            .await
-            .map_err(|_| StoreError::WriterGone)?;
-        rx.await.unwrap_or(Err(StoreError::WriterGone))
+        self.ask(Msg::Compact).await
     }
 
     /// Deletes the readings of `days` (with the reading count each had when it was
     /// dumped) between commits; a day whose count has changed since is kept (see
     /// [`super::retention`]).
     pub async fn retire(&self, days: BTreeMap<NaiveDate, u64>) -> Result<Retired, StoreError> {
-        let (reply, rx) = oneshot::channel();
-        self.tx
-            .send(Msg::Retire(RetireJob { days, reply }))
+        self.ask(|reply| Msg::Retire(RetireJob { days, reply }))
             .await
-            .map_err(|_| StoreError::WriterGone)?;
-        rx.await.unwrap_or(Err(StoreError::WriterGone))
     }
 
     /// Deletes a device with its readings, rollups and statistics, after everything
     /// acknowledged before the call is in DuckDB; `None` when no such device is
     /// known. Readings of it that arrive later bring it back as a new device.
     pub async fn delete_device(&self, device: Device) -> Result<Option<DeletedDevice>, StoreError> {
+        self.ask(|reply| Msg::DeleteDevice(DeleteJob { device, reply }))
+            .await
+    }
+
+    /// Sends the writer a message holding a reply channel and waits for the reply.
+    async fn ask<T>(
+        &self,
+        msg: impl FnOnce(oneshot::Sender<Result<T, StoreError>>) -> Msg,
+    ) -> Result<T, StoreError> {
         let (reply, rx) = oneshot::channel();
         self.tx
-            .send(Msg::DeleteDevice(DeleteJob { device, reply }))
+            .send(msg(reply))
             .await
             .map_err(|_| StoreError::WriterGone)?;
         rx.await.unwrap_or(Err(StoreError::WriterGone))
