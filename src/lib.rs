@@ -39,10 +39,13 @@
 //! - [`domain`]: types that are valid by construction (`Device`, `Reading` rows,
 //!   `Timestamp`, `Day`, the sensor `Catalog`, step configurations, alerts, dumps),
 //!   and the one name table per named enum.
-//! - [`ingest`]: pure, synchronous NDJSON parsing with per-line errors.
+//! - [`ingest`]: pure, synchronous NDJSON parsing with per-line errors; it asks a
+//!   `DeviceGate` (the API's `api::admission`: `--max-devices`, new devices per key)
+//!   before storing readings of a device new to the request.
 //! - [`store`]: everything that speaks SQL to the database and owns the data
 //!   directory — migrations, the writer (front, flusher and their ingest log), the
-//!   reader, rollups, compaction, retention, dumps' day files, alerts' tables, and
+//!   reader, rollups, compaction, retention, deleting a device (`store::forget`),
+//!   dumps' day files, alerts' tables, and
 //!   `store::diagnostics` (does the database open; the benchmark's native references)
 //!   for `cli::recover` and `bench`, which get typed answers, never a connection.
 //! - [`export`]: daily dumps to a blob store, which days are due, and the lake's
