@@ -82,6 +82,24 @@ pub enum Order {
     Mix,
 }
 
+/// Which server the requests are for, and so their shape.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Wire {
+    /// `POST /ingest`, NDJSON readings; answered with exact counts.
+    Milepost,
+    /// VictoriaMetrics' `POST /api/v1/import`: the same readings as its JSON lines
+    /// (`{"metric":{"__name__":sensor,"device":…},"values":[v],"timestamps":[ms]}`);
+    /// answered 204 without counts.
+    Victoria,
+}
+
+/// A server under load and the shape of its requests.
+#[derive(Clone, Copy)]
+struct Target<'a> {
+    server: &'a BenchServer,
+    wire: Wire,
+}
+
 /// One request's kind.
 #[derive(Clone, Copy)]
 enum Kind {
@@ -184,6 +202,22 @@ impl Fleet {
         }
     }
 
+    /// Device `d`'s next live second in VictoriaMetrics' import format.
+    fn victoria_body(&self, d: usize, buf: &mut String) {
+        use std::fmt::Write as _;
+        let sec = i64::from(self.seconds[d].fetch_add(1, Ordering::Relaxed));
+        buf.clear();
+        for (i, s) in SENSORS.iter().enumerate() {
+            let value = (d as i64 + sec + i as i64).rem_euclid(90) as f64 + 0.5;
+            let ms = (self.base + sec) * 1000 + (i * 100) as i64;
+            let _ = writeln!(
+                buf,
+                r#"{{"metric":{{"__name__":"{s}","device":"{}"}},"values":[{value}],"timestamps":[{ms}]}}"#,
+                self.names[d]
+            );
+        }
+    }
+
     /// Second `epoch` of device `d`: one reading per sensor.
     fn second(&self, d: usize, epoch: i64, buf: &mut String) {
         use chrono::{Datelike as _, Timelike as _};
@@ -221,6 +255,7 @@ struct ConnResult {
 /// until each of its devices has sent `once` requests, when given).
 async fn connection(
     addr: std::net::SocketAddr,
+    wire: Wire,
     fleet: Arc<Fleet>,
     devices: Vec<usize>,
     until: Option<Instant>,
@@ -247,9 +282,15 @@ async fn connection(
         let d = devices[i % devices.len()];
         // Each device's own requests run through the kinds in turn.
         let kind = order.kind(i / devices.len());
-        let accepted = fleet.body(d, kind, i / devices.len(), &mut body);
+        let (path, accepted) = match wire {
+            Wire::Milepost => ("/ingest", fleet.body(d, kind, i / devices.len(), &mut body)),
+            Wire::Victoria => {
+                fleet.victoria_body(d, &mut body);
+                ("/api/v1/import", SENSORS.len())
+            }
+        };
         i += 1;
-        let req = hyper::Request::post("/ingest")
+        let req = hyper::Request::post(path)
             .header("host", "milepost")
             .header("authorization", &auth)
             .header("content-type", "application/x-ndjson")
@@ -260,6 +301,16 @@ async fn connection(
         let status = resp.status();
         let bytes = resp.into_body().collect().await?.to_bytes();
         latencies_us.push(t.elapsed().as_micros().min(u32::MAX as u128) as u32);
+        if wire == Wire::Victoria {
+            if status != 204 {
+                bail!(
+                    "VictoriaMetrics answered {status}: {}",
+                    String::from_utf8_lossy(&bytes)
+                );
+            }
+            sent.fetch_add(1, Ordering::Relaxed);
+            continue;
+        }
         if status != 200 {
             bail!(
                 "ingest answered {status}: {}",
@@ -285,7 +336,7 @@ async fn connection(
 /// Runs `connections` connections over the fleet's devices (device `d` on
 /// connection `d % connections`).
 async fn phase(
-    server: &BenchServer,
+    Target { server, wire }: Target<'_>,
     name: &str,
     fleet: &Arc<Fleet>,
     connections: usize,
@@ -308,6 +359,7 @@ async fn phase(
         let devices: Vec<usize> = (c..fleet.names.len()).step_by(connections).collect();
         tasks.push(tokio::spawn(connection(
             addr,
+            wire,
             fleet.clone(),
             devices,
             until,
@@ -335,7 +387,7 @@ async fn phase(
         }
         _ => None,
     };
-    let lag = until.map(|until| {
+    let lag = until.filter(|_| wire == Wire::Milepost).map(|until| {
         let url = format!("{}/metrics", server.base());
         tokio::spawn(sample_lag(url, until))
     });
@@ -417,7 +469,10 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<FleetReport> {
         let new = Arc::new(Fleet::new("new", args.new_devices, base));
         phases.push(
             phase(
-                &server,
+                Target {
+                    server: &server,
+                    wire: Wire::Milepost,
+                },
                 "first contact (new devices)",
                 &new,
                 64,
@@ -430,7 +485,19 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<FleetReport> {
     }
     let fleet = Arc::new(Fleet::new("car", args.devices, base));
     eprintln!("bench: {} devices say hello (not timed)", args.devices);
-    phase(&server, "warm-up", &fleet, 64, None, Order::Live, None).await?;
+    phase(
+        Target {
+            server: &server,
+            wire: Wire::Milepost,
+        },
+        "warm-up",
+        &fleet,
+        64,
+        None,
+        Order::Live,
+        None,
+    )
+    .await?;
     let readers = Some((args.readers, Duration::from_secs_f64(args.reader_interval)));
     for &c in &args.connections {
         eprintln!(
@@ -439,7 +506,10 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<FleetReport> {
         );
         phases.push(
             phase(
-                &server,
+                Target {
+                    server: &server,
+                    wire: Wire::Milepost,
+                },
                 "fleet",
                 &fleet,
                 c,
@@ -454,7 +524,10 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<FleetReport> {
             eprintln!("bench: {name}, {c} connections");
             phases.push(
                 phase(
-                    &server,
+                    Target {
+                        server: &server,
+                        wire: Wire::Milepost,
+                    },
                     &name,
                     &fleet,
                     c,
@@ -467,6 +540,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<FleetReport> {
         }
     }
     server.stop()?;
+    phases.extend(victoria(&args, &work, base, duration).await?);
 
     eprintln!("bench: restart with every device known");
     let known = args.devices + args.new_devices;
@@ -543,6 +617,108 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<FleetReport> {
         std::fs::write(path, serde_json::to_string_pretty(&report)?)?;
     }
     Ok(report)
+}
+
+/// The live fleet phases against VictoriaMetrics, when it is installed: a fresh
+/// server, the same devices' first contact (not timed), then every connection count.
+async fn victoria(
+    args: &BenchArgs,
+    work: &std::path::Path,
+    base: i64,
+    duration: Duration,
+) -> anyhow::Result<Vec<FleetPhase>> {
+    let exe = match args.victoria_metrics.as_str() {
+        "off" => return Ok(Vec::new()),
+        "auto" => match which("victoria-metrics") {
+            Some(p) => p,
+            None => {
+                eprintln!(
+                    "bench: VictoriaMetrics is not installed (Debian: apt install victoria-metrics); not compared"
+                );
+                return Ok(Vec::new());
+            }
+        },
+        path => std::path::PathBuf::from(path),
+    };
+    let port = std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port();
+    let dir = work.join("victoria-metrics");
+    let child = std::process::Command::new(&exe)
+        .arg(format!("-storageDataPath={}", dir.display()))
+        .arg(format!("-httpListenAddr=127.0.0.1:{port}"))
+        .args(["-retentionPeriod=100y", "-loggerLevel=ERROR"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .with_context(|| format!("starting {}", exe.display()))?;
+    let server = BenchServer(super::process::ServerProcess {
+        child,
+        base: format!("http://127.0.0.1:{port}"),
+        backend: None,
+    });
+    let health = format!("{}/health", server.base());
+    let ready = Instant::now() + Duration::from_secs(30);
+    while reqwest::get(&health)
+        .await
+        .map_or(true, |r| !r.status().is_success())
+    {
+        if Instant::now() > ready {
+            bail!("VictoriaMetrics did not answer {health} within 30 s");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let fleet = Arc::new(Fleet::new("car", args.devices, base));
+    eprintln!(
+        "bench: VictoriaMetrics, {} devices say hello (not timed)",
+        args.devices
+    );
+    let mut phases = Vec::new();
+    let run = async {
+        phase(
+            Target {
+                server: &server,
+                wire: Wire::Victoria,
+            },
+            "warm-up",
+            &fleet,
+            64,
+            None,
+            Order::Live,
+            None,
+        )
+        .await?;
+        for &c in &args.connections {
+            eprintln!("bench: VictoriaMetrics, fleet over {c} connections");
+            let p = phase(
+                Target {
+                    server: &server,
+                    wire: Wire::Victoria,
+                },
+                "victoria-metrics fleet",
+                &fleet,
+                c,
+                Some(duration),
+                Order::Live,
+                None,
+            )
+            .await?;
+            phases.push(p);
+        }
+        anyhow::Ok(())
+    }
+    .await;
+    let _ = server.0.terminate();
+    run.map(|()| phases)
+}
+
+/// `name` on PATH, if there.
+fn which(name: &str) -> Option<std::path::PathBuf> {
+    std::env::var_os("PATH").and_then(|paths| {
+        std::env::split_paths(&paths)
+            .map(|p| p.join(name))
+            .find(|p| p.is_file())
+    })
 }
 
 fn order_name(o: Order) -> &'static str {

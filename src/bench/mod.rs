@@ -105,6 +105,12 @@ pub struct BenchArgs {
     /// Fleet: readings in the one big request (0 skips it).
     #[arg(long, default_value_t = 5_000_000)]
     pub big_readings: u64,
+    /// Fleet: VictoriaMetrics' binary, to measure its ingest of the same live fleet
+    /// in the same run (`/api/v1/import`, the same readings as JSON lines): `auto`
+    /// uses `victoria-metrics` from PATH when installed (Debian package
+    /// `victoria-metrics`), `off` skips it.
+    #[arg(long, default_value = "auto")]
+    pub victoria_metrics: String,
     /// Soak: minutes of mixed traffic.
     #[arg(long, default_value_t = 10)]
     pub minutes: u64,
