@@ -464,15 +464,16 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<FleetReport> {
 
     let dir = work.join("fleet");
     let server = BenchServer::start(&dir, &args.memory_limit)?;
+    let milepost = Target {
+        server: &server,
+        wire: Wire::Milepost,
+    };
     if args.new_devices > 0 {
         eprintln!("bench: first contact of {} new devices", args.new_devices);
         let new = Arc::new(Fleet::new("new", args.new_devices, base));
         phases.push(
             phase(
-                Target {
-                    server: &server,
-                    wire: Wire::Milepost,
-                },
+                milepost,
                 "first contact (new devices)",
                 &new,
                 64,
@@ -485,19 +486,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<FleetReport> {
     }
     let fleet = Arc::new(Fleet::new("car", args.devices, base));
     eprintln!("bench: {} devices say hello (not timed)", args.devices);
-    phase(
-        Target {
-            server: &server,
-            wire: Wire::Milepost,
-        },
-        "warm-up",
-        &fleet,
-        64,
-        None,
-        Order::Live,
-        None,
-    )
-    .await?;
+    warm_up(milepost, &fleet).await?;
     let readers = Some((args.readers, Duration::from_secs_f64(args.reader_interval)));
     for &c in &args.connections {
         eprintln!(
@@ -506,10 +495,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<FleetReport> {
         );
         phases.push(
             phase(
-                Target {
-                    server: &server,
-                    wire: Wire::Milepost,
-                },
+                milepost,
                 "fleet",
                 &fleet,
                 c,
@@ -524,10 +510,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<FleetReport> {
             eprintln!("bench: {name}, {c} connections");
             phases.push(
                 phase(
-                    Target {
-                        server: &server,
-                        wire: Wire::Milepost,
-                    },
+                    milepost,
                     &name,
                     &fleet,
                     c,
@@ -674,27 +657,16 @@ async fn victoria(
         args.devices
     );
     let mut phases = Vec::new();
+    let victoria = Target {
+        server: &server,
+        wire: Wire::Victoria,
+    };
     let run = async {
-        phase(
-            Target {
-                server: &server,
-                wire: Wire::Victoria,
-            },
-            "warm-up",
-            &fleet,
-            64,
-            None,
-            Order::Live,
-            None,
-        )
-        .await?;
+        warm_up(victoria, &fleet).await?;
         for &c in &args.connections {
             eprintln!("bench: VictoriaMetrics, fleet over {c} connections");
             let p = phase(
-                Target {
-                    server: &server,
-                    wire: Wire::Victoria,
-                },
+                victoria,
                 "victoria-metrics fleet",
                 &fleet,
                 c,
@@ -710,6 +682,13 @@ async fn victoria(
     .await;
     let _ = server.0.terminate();
     run.map(|()| phases)
+}
+
+/// Every device's first request (not timed): the server knows them all afterwards.
+async fn warm_up(target: Target<'_>, fleet: &Arc<Fleet>) -> anyhow::Result<()> {
+    phase(target, "warm-up", fleet, 64, None, Order::Live, None)
+        .await
+        .map(drop)
 }
 
 /// `name` on PATH, if there.
