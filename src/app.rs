@@ -192,6 +192,7 @@ impl Server {
             dumper: dumper.clone(),
             writer,
         };
+        metrics.devices_limit.set(args.max_devices as i64);
         metrics.expose_at_zero(
             reads.catalog().iter().map(|s| s.name.as_str()),
             &api::ingest::STATUSES,

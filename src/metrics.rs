@@ -128,6 +128,9 @@ metrics! {
         => "stored_readings", "Readings stored over all devices and sensors";
     /// Known devices (set when scraped).
     devices: Gauge = Gauge::default() => "devices", "Devices that sent readings";
+    /// `--max-devices` (0: no ceiling), to alert on `devices / devices_limit`.
+    devices_limit: Gauge = Gauge::default()
+        => "devices_limit", "Devices the server holds at most (--max-devices; 0: no ceiling)";
     /// Seconds since the Unix epoch of the newest stored reading (set when scraped).
     last_reading_seconds: Gauge<f64, AtomicU64> = Gauge::default()
         => "last_reading_timestamp_seconds", "Timestamp of the newest stored reading";
@@ -206,6 +209,9 @@ impl Metrics {
         let _ = self.readings_rejected.get_or_create(&label(UNKNOWN_SENSOR));
         for &status in statuses {
             let _ = self.ingest_requests.get_or_create(&StatusLabel { status });
+        }
+        for reason in ["ceiling", "rate"] {
+            let _ = self.devices_refused.get_or_create(&ReasonLabel { reason });
         }
     }
 

@@ -44,6 +44,8 @@ pub struct Admission {
     writer: WriterHandle,
     metrics: Arc<Metrics>,
     state: Mutex<State>,
+    /// When the log last said that the ceiling refuses devices.
+    warned: Mutex<Option<Instant>>,
 }
 
 #[derive(Default)]
@@ -86,6 +88,7 @@ impl Admission {
             writer,
             metrics,
             state: Mutex::new(State::default()),
+            warned: Mutex::new(None),
         }))
     }
 
@@ -116,6 +119,7 @@ impl Admission {
             if self.writer.device_count() + st.pending.len() >= max {
                 drop(st);
                 self.refused("ceiling");
+                self.warn_full(now);
                 return Err(Refusal::Full(format!(
                     "device '{device}' is new and the server already holds its limit of \
                      {max} devices (--max-devices); delete devices that should not exist \
@@ -158,6 +162,22 @@ impl Admission {
             now.duration_since(*at) < PENDING_FOR && !self.writer.knows_device(name)
         });
         st.swept_at = st.pending.len();
+    }
+
+    /// Says in the log, at most once a minute, that new devices are refused: an
+    /// operator should learn it from the server, not from a device's owner.
+    fn warn_full(&self, now: Instant) {
+        let mut warned = self.warned.lock().unwrap_or_else(|p| p.into_inner());
+        if warned.is_some_and(|t| now.duration_since(t) < Duration::from_secs(60)) {
+            return;
+        }
+        *warned = Some(now);
+        tracing::warn!(
+            max_devices = self.limits.max_devices,
+            "the server holds its limit of devices: readings of new devices are refused \
+             (raise --max-devices, or delete devices that should not exist with \
+             `milepost device delete`)"
+        );
     }
 
     fn refused(&self, reason: &'static str) {

@@ -274,18 +274,10 @@ impl PublicApi {
         m.unapplied_readings.set(lag.readings as i64);
         m.apply_lag_seconds.set(lag.seconds);
         m.database_bytes.set(state.data_dir.database_bytes() as i64);
-        let mut stored = 0u64;
-        let mut newest = None;
-        let devices = state.reads.devices();
-        for d in &devices {
-            for (_, s) in state.reads.series_of(d) {
-                stored += s.readings;
-                newest = newest.max(Some(s.last));
-            }
-        }
-        m.stored_readings.set(stored as i64);
-        m.devices.set(devices.len() as i64);
-        if let Some(t) = newest {
+        let totals = state.reads.totals();
+        m.stored_readings.set(totals.readings as i64);
+        m.devices.set(totals.devices as i64);
+        if let Some(t) = totals.newest {
             m.last_reading_seconds.set(t.as_micros() as f64 / 1e6);
         }
         MetricsResponse::Ok(PlainText(m.render()))

@@ -52,7 +52,7 @@ pub use dump::{DaySnapshot, DumpRecord, DumpSource};
 pub use error::StoreError;
 pub use forget::DeletedDevice;
 use ingest_log::IngestLog;
-pub use reader::{ReadStore, Reader, ScanChunk, ScanSink};
+pub use reader::{ReadStore, Reader, ScanChunk, ScanSink, Totals};
 pub use retention::Retired;
 pub use state::{ApplyLag, SeriesEntry, SeriesStats, Shared};
 pub use writer::{Clock, Committed, PendingCommit, WriteError, Writer, WriterConfig, WriterHandle};

@@ -42,6 +42,17 @@ pub struct ScanChunk<'a> {
 /// Receives scanned readings; `Break` stops the scan (e.g. the client went away).
 pub type ScanSink<'a> = dyn FnMut(ScanChunk<'_>) -> ControlFlow<()> + 'a;
 
+/// See [`ReadStore::totals`].
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct Totals {
+    /// Known devices.
+    pub devices: usize,
+    /// Stored readings.
+    pub readings: u64,
+    /// The newest reading's time, if any.
+    pub newest: Option<Timestamp>,
+}
+
 /// What the HTTP layer needs from storage. Methods may block (they run queries):
 /// call them from `spawn_blocking`.
 pub trait ReadStore: Send + Sync + 'static {
@@ -56,6 +67,11 @@ pub trait ReadStore: Send + Sync + 'static {
 
     /// Statistics of every series of `device` (empty for an unknown device).
     fn series_of(&self, device: &Device) -> Vec<(SensorId, SeriesStats)>;
+
+    /// Known devices, stored readings and the newest reading over all of them, in
+    /// one pass over the in-memory statistics (no name copied: `/metrics` asks on
+    /// every scrape, whatever the number of devices).
+    fn totals(&self) -> Totals;
 
     /// Aggregate of every bucket (count 0 where empty), in bucket order.
     fn bucket_stats(
@@ -175,6 +191,10 @@ impl ReadStore for Reader {
 
     fn device_id(&self, device: &Device) -> Option<DeviceId> {
         self.shared.device_id(device)
+    }
+
+    fn totals(&self) -> Totals {
+        self.shared.totals()
     }
 
     fn series_of(&self, device: &Device) -> Vec<(SensorId, SeriesStats)> {

@@ -312,6 +312,22 @@ impl Shared {
         of.iter().find(|(id, _)| *id == sensor).map(|(_, st)| *st)
     }
 
+    /// Devices, readings and newest reading over every series (see
+    /// [`super::ReadStore::totals`]).
+    pub fn totals(&self) -> super::Totals {
+        let devices = self.device_count();
+        let s = self.series.read().expect("series lock");
+        let mut t = super::Totals {
+            devices,
+            ..Default::default()
+        };
+        for (_, st) in s.iter().flat_map(|of| of.iter()) {
+            t.readings += st.readings;
+            t.newest = t.newest.max(Some(st.last));
+        }
+        t
+    }
+
     /// Statistics of every series, ordered by device and sensor.
     pub fn all_series(&self) -> Vec<SeriesEntry> {
         let s = self.series.read().expect("series lock");

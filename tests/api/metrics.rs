@@ -140,9 +140,16 @@ async fn every_series_is_exported_at_zero_from_start() {
         ));
     }
     expected.extend(["milepost_devices", "milepost_stored_readings"].map(String::from));
+    for reason in ["ceiling", "rate"] {
+        expected.push(format!(
+            r#"milepost_new_devices_refused_total{{reason="{reason}"}}"#
+        ));
+    }
     for key in &expected {
         assert_eq!(fresh.get(key), Some(&0.0), "{key} missing or not 0");
     }
+    // The ceiling, to alert on devices / limit.
+    assert_eq!(fresh.get("milepost_devices_limit"), Some(&100_000.0));
     // And they count from there.
     app.ingest(line("speed", 1.0, "2026-05-01T00:00:00Z")).await;
     let after = scrape(&app).await;
