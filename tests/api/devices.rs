@@ -211,3 +211,37 @@ async fn a_key_bringing_in_new_devices_too_fast_gets_429_for_those_lines_only() 
     assert_eq!(refused_metric(&app, "rate").await, 2);
     app.stop().await;
 }
+
+/// A large body is parsed on several threads, each asking the gate on its own: the
+/// ceiling still holds exactly, and every line of a refused device is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_large_body_parsed_in_parallel_keeps_the_ceiling_exactly() {
+    let app = TestApp::spawn_with(|a| a.max_devices = 5).await;
+    let devices: Vec<String> = (0..20).map(|d| format!("bulk-{d}")).collect();
+    let mut body = String::new();
+    // ~2 MB: parsed in pieces on every core.
+    for i in 0..20_000u32 {
+        let d = &devices[(i % 20) as usize];
+        let ts = format!(
+            "2026-01-10T{:02}:{:02}:{:02}Z",
+            i / 3600,
+            (i / 60) % 60,
+            i % 60
+        );
+        body += &dline(d, "speed", 50.0, &ts);
+        body.push('\n');
+    }
+    assert!(body.len() > 1024 * 1024);
+    let (status, v) = app.ingest(body).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{}", v["errors"][0]);
+    assert_eq!(
+        (num(&v, "accepted"), num(&v, "rejected")),
+        (5 * 1000, 15 * 1000),
+        "{}",
+        v["errors"][0]
+    );
+    let stored = listed(&app).await;
+    assert_eq!(stored.len(), 5, "{stored:?}");
+    assert!(stored.iter().all(|(_, n)| *n == 1000), "{stored:?}");
+    app.stop().await;
+}
