@@ -70,7 +70,7 @@ async fn backend_app() -> TestApp {
     TestApp::spawn_with(fast_jobs).await
 }
 
-fn alert_config(name: &str, webhook: &str) -> proto::AlertConfig {
+pub(crate) fn alert_config(name: &str, webhook: &str) -> proto::AlertConfig {
     proto::AlertConfig {
         name: name.into(),
         device: "lada".into(),
@@ -88,12 +88,22 @@ fn alert_config(name: &str, webhook: &str) -> proto::AlertConfig {
 /// One reading every 10 s from `start_min` to `end_min` (minutes after `t0`):
 /// 80 °C before minute 60, 100 °C from it on.
 fn readings(t0: chrono::DateTime<chrono::Utc>, start_min: i64, end_min: i64) -> String {
+    readings_of("lada", t0, start_min, end_min)
+}
+
+/// [`readings`] of `device`.
+pub(crate) fn readings_of(
+    device: &str,
+    t0: chrono::DateTime<chrono::Utc>,
+    start_min: i64,
+    end_min: i64,
+) -> String {
     let mut body = String::new();
     for s in (start_min * 60..end_min * 60).step_by(10) {
         let t = t0 + chrono::Duration::seconds(s);
         let v = if s < 60 * 60 { 80.0 } else { 100.0 } + [0.0, 0.5, -0.5][(s / 10 % 3) as usize];
         body.push_str(&dline(
-            "lada",
+            device,
             "engine_temperature",
             v,
             &t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true),

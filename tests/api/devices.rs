@@ -35,6 +35,11 @@ async fn listed(app: &TestApp) -> Vec<(String, u64)> {
     out
 }
 
+/// `msg` with a backend token.
+fn authed<T>(token: &str, msg: T) -> tonic::Request<T> {
+    milepost::backend::client::authorized(Some(token), msg).unwrap()
+}
+
 fn errors(v: &Value) -> Vec<(u64, String)> {
     v["errors"]
         .as_array()
@@ -243,5 +248,163 @@ async fn a_large_body_parsed_in_parallel_keeps_the_ceiling_exactly() {
     let stored = listed(&app).await;
     assert_eq!(stored.len(), 5, "{stored:?}");
     assert!(stored.iter().all(|(_, n)| *n == 1000), "{stored:?}");
+    app.stop().await;
+}
+
+/// The real binary says in its log, once a minute at most, that the ceiling refuses
+/// devices.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_log_says_once_that_the_ceiling_refuses_devices() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("server.log");
+    let child = serve_command(&dir.path().join("data"))
+        .args([
+            "--log-format",
+            "json",
+            "--api-key",
+            KEY,
+            "--max-devices",
+            "1",
+        ])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    let _proc = Proc(child);
+    let base = format!(
+        "http://{}",
+        listening_addr(&wait_for_log(&log, "public HTTP API listening"))
+    );
+    let client = reqwest::Client::new();
+    let (status, _) = post_ingest(&client, &base, body(&["first"], 0))
+        .await
+        .unwrap();
+    assert_eq!(status, StatusCode::OK);
+    for min in 1..4 {
+        let (status, v) = post_ingest(&client, &base, body(&["second", "first"], min))
+            .await
+            .unwrap();
+        assert_eq!(
+            (status, num(&v, "accepted")),
+            (StatusCode::BAD_REQUEST, 1),
+            "{v}"
+        );
+    }
+    let text = wait_for_log(&log, "the server holds its limit of devices");
+    let warnings: Vec<serde_json::Value> = text
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|v| {
+            v["fields"]["message"]
+                .as_str()
+                .is_some_and(|m| m.contains("the server holds its limit of devices"))
+        })
+        .collect();
+    assert_eq!(warnings.len(), 1, "{text}");
+    assert_eq!(warnings[0]["level"], "WARN");
+    assert_eq!(warnings[0]["fields"]["max_devices"], 1);
+}
+
+/// What deleting a device keeps: alerts and anomalies naming it, and the dumps
+/// already written, until its day is dumped again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deleting_a_device_keeps_its_alerts_anomalies_and_written_dumps_until_redumped() {
+    let app = TestApp::spawn_with(|a| a.backend.job_burst = 5).await;
+    let t0 = chrono::DateTime::parse_from_rfc3339("2026-01-10T00:00:00Z")
+        .unwrap()
+        .to_utc();
+    let (status, v) = app
+        .ingest(crate::backend::readings_of("gone", t0, 0, 120))
+        .await;
+    assert_eq!(status, StatusCode::OK, "{v}");
+    let (status, _) = app.ingest(body(&["stays"], 0)).await;
+    assert_eq!(status, StatusCode::OK);
+
+    let tokens = TokenAdmin::new(app.dir.path());
+    let admin = tokens.create(Role::Admin, "root").unwrap().0;
+    let addr = app.server().backend_addr().unwrap();
+    let channel = milepost::backend::client::channel(&format!("http://{addr}")).unwrap();
+    let mut alerts = proto::AlertsClient::new(channel.clone());
+    let mut anomalies = proto::AnomaliesClient::new(channel.clone());
+    let mut jobs = proto::JobsClient::new(channel.clone());
+    let mut devices = proto::DevicesClient::new(channel);
+    let alert = proto::AlertConfig {
+        device: "gone".into(),
+        ..crate::backend::alert_config("gone-temp", "http://127.0.0.1:9/hook")
+    };
+    let alert = alerts
+        .create_alert(authed(&admin, alert))
+        .await
+        .unwrap()
+        .into_inner();
+    let found = jobs
+        .backfill(authed(
+            &admin,
+            proto::BackfillRequest {
+                alert_id: alert.id,
+                from: "2026-01-10T00:00:00Z".into(),
+                to: "2026-01-10T02:00:00Z".into(),
+            },
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(found.new_anomalies >= 1, "{found:?}");
+    let list_anomalies = || proto::ListAnomaliesRequest {
+        device: "gone".into(),
+        limit: 100,
+        ..Default::default()
+    };
+    let before = anomalies
+        .list_anomalies(authed(&admin, list_anomalies()))
+        .await
+        .unwrap()
+        .into_inner()
+        .anomalies;
+    assert!(!before.is_empty());
+
+    let dump = app.dir.path().join("dumps/2026-01-10.json.gz");
+    let redump = || proto::RedumpRequest {
+        date: "2026-01-10".into(),
+    };
+    let lines_of = |device: &str| {
+        let bytes = std::fs::read(&dump).unwrap();
+        crate::dumps::read_json_gz(&bytes)
+            .iter()
+            .filter(|l| l["device"] == device)
+            .count()
+    };
+    jobs.redump(authed(&admin, redump())).await.unwrap();
+    assert_eq!((lines_of("gone"), lines_of("stays")), (720, 1));
+
+    let done = devices
+        .delete_device(authed(
+            &admin,
+            proto::DeleteDeviceRequest {
+                name: "gone".into(),
+            },
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!((done.readings, done.series), (720, 1));
+    // Kept: the alert, the anomalies, the dump already written.
+    let kept = alerts
+        .get_alert(authed(&admin, proto::AlertId { id: alert.id }))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(kept.device, "gone");
+    let after = anomalies
+        .list_anomalies(authed(&admin, list_anomalies()))
+        .await
+        .unwrap()
+        .into_inner()
+        .anomalies;
+    assert_eq!(after.len(), before.len());
+    assert_eq!(lines_of("gone"), 720);
+    // Dumped again, the day no longer holds it.
+    jobs.redump(authed(&admin, redump())).await.unwrap();
+    assert_eq!((lines_of("gone"), lines_of("stays")), (0, 1));
     app.stop().await;
 }

@@ -3,7 +3,7 @@
 //! against certificates the test generates (rcgen).
 
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -12,7 +12,7 @@ use rustls::pki_types::{CertificateDer, ServerName};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio_rustls::TlsConnector;
 
-use crate::helpers::{line, send_signal, serve_command};
+use crate::helpers::{Proc, line, listening_addr, send_signal, serve_command, wait_for_log};
 
 /// A self-signed certificate for 127.0.0.1: (certificate PEM, key PEM).
 fn certificate() -> (String, String) {
@@ -74,31 +74,6 @@ fn ingest_request(key: &str, second: u32) -> String {
     )
 }
 
-struct Proc(Child);
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        self.0.kill().ok();
-        self.0.wait().ok();
-    }
-}
-
-/// Waits until the log file has a line containing `needle`; returns the log.
-fn wait_for_log(log: &Path, needle: &str) -> String {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let text = std::fs::read_to_string(log).unwrap_or_default();
-        if text.contains(needle) {
-            return text;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "no '{needle}' in the log:\n{text}"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
 #[tokio::test(flavor = "multi_thread")]
 async fn sighup_rotates_keys_and_certificate_and_keys_never_reach_the_log() {
     let dir = tempfile::tempdir().unwrap();
@@ -123,13 +98,7 @@ async fn sighup_rotates_keys_and_certificate_and_keys_never_reach_the_log() {
         .spawn()
         .unwrap();
     let mut proc = Proc(child);
-    let text = wait_for_log(&log, "public HTTP API listening");
-    let addr = text
-        .lines()
-        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-        .find(|v| v["fields"]["message"] == "public HTTP API listening")
-        .and_then(|v| v["fields"]["addr"].as_str().map(str::to_owned))
-        .unwrap();
+    let addr = listening_addr(&wait_for_log(&log, "public HTTP API listening"));
 
     // HTTPS with the first certificate; the old key works, the new one not yet.
     let (status, body) = https(&addr, &cert1, ingest_request(old_key, 1))
