@@ -402,7 +402,7 @@ fn device_index(
         decisions.check(gate, device)?;
     }
     let i = batch
-        .device_index(device)
+        .push_device(device)
         .ok_or_else(|| "too many distinct devices in one request".to_owned())?;
     *last = i;
     Ok(i)

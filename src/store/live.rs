@@ -25,7 +25,7 @@ use duckdb::Connection;
 use rustc_hash::FxHashMap;
 
 use super::StoreError;
-use super::rollup::{Held, SLOT_MS, slot_of};
+use super::rollup::{COMBINED, Held, SLOT_MS, slot_of};
 use crate::domain::{Aggregate, DeviceId, SensorId};
 
 #[derive(Default)]
@@ -82,12 +82,9 @@ impl LiveSlots {
         let _span = tracing::debug_span!("live_slots_load").entered();
         let from = slot_of(from_ms);
         let sql = format!(
-            "SELECT device_id, sensor_id, slot_ms, CAST(sum(readings) AS BIGINT),
-                    min(min_value), max(max_value), sum(sum_value),
-                    min(first_us), arg_min(first_value, first_us),
-                    max(last_us), arg_max(last_value, last_us)
+            "SELECT device_id, sensor_id, slot_ms, {COMBINED}
              FROM rollups WHERE slot_ms >= {from}
-             GROUP BY ALL"
+             GROUP BY device_id, sensor_id, slot_ms"
         );
         let mut held = FxHashMap::default();
         let mut last = i64::MIN;

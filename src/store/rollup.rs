@@ -330,6 +330,13 @@ pub(super) fn append_rows(conn: &Connection, rows: &[Partial]) -> Result<(), Sto
     Ok(())
 }
 
+/// The columns of one row combining a slot's partial rows (`GROUP BY device_id,
+/// sensor_id, slot_ms` over `rollups`), in the table's order after the key.
+pub(super) const COMBINED: &str = "CAST(sum(readings) AS BIGINT) AS readings,
+    min(min_value) AS min_value, max(max_value) AS max_value, sum(sum_value) AS sum_value,
+    min(first_us) AS first_us, arg_min(first_value, first_us) AS first_value,
+    max(last_us) AS last_us, arg_max(last_value, last_us) AS last_value";
+
 /// Combines the partials of each slot in `[lo_slot, hi_slot]` into one row, in its own
 /// transaction. Returns how many rows were replaced.
 pub(super) fn merge(conn: &Connection, lo_slot: i64, hi_slot: i64) -> Result<u64, StoreError> {
@@ -338,12 +345,7 @@ pub(super) fn merge(conn: &Connection, lo_slot: i64, hi_slot: i64) -> Result<u64
     super::in_transaction(conn, || {
         conn.execute_batch(&format!(
             "CREATE OR REPLACE TEMP TABLE rollup_merge AS
-                 SELECT device_id, sensor_id, slot_ms,
-                        CAST(sum(readings) AS BIGINT) AS readings,
-                        min(min_value) AS min_value, max(max_value) AS max_value,
-                        sum(sum_value) AS sum_value,
-                        min(first_us) AS first_us, arg_min(first_value, first_us) AS first_value,
-                        max(last_us) AS last_us, arg_max(last_value, last_us) AS last_value
+                 SELECT device_id, sensor_id, slot_ms, {COMBINED}
                  FROM rollups WHERE {range}
                  GROUP BY device_id, sensor_id, slot_ms HAVING count(*) > 1"
         ))?;
