@@ -119,6 +119,16 @@ pub struct ServeArgs {
         default_value_t = 10_000
     )]
     pub max_new_devices_per_key: u32,
+    /// Memory for the live quarter hours of active devices, which charts read
+    /// instead of scanning the newest readings (~0.9 KB per device streaming six
+    /// sensors). Beyond it, devices idle for `--live-slots-idle` make room; if none
+    /// is, a new device's charts read the database (exact, slower under load).
+    #[arg(long, env = "MILEPOST_LIVE_SLOTS_MEMORY", default_value = "64MiB", value_parser = parse_size)]
+    pub live_slots_memory: u64,
+    /// How long a device must have sent nothing before its live quarter hours may
+    /// make room for another's.
+    #[arg(long, env = "MILEPOST_LIVE_SLOTS_IDLE", default_value = "10s", value_parser = humantime::parse_duration)]
+    pub live_slots_idle: Duration,
     /// Batches that may wait for the writer before requests get 503.
     #[arg(long, env = "MILEPOST_QUEUE_CAPACITY", default_value_t = 64)]
     pub queue_capacity: usize,

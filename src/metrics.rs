@@ -128,6 +128,13 @@ metrics! {
         => "stored_readings", "Readings stored over all devices and sensors";
     /// Known devices (set when scraped).
     devices: Gauge = Gauge::default() => "devices", "Devices that sent readings";
+    /// Devices whose live quarter hours are held in memory (set when scraped).
+    live_slots_devices: Gauge = Gauge::default()
+        => "live_slots_devices",
+        "Devices whose live quarter hours memory holds for charts (the others are read from the database)";
+    /// Memory those take, against `--live-slots-memory` (set when scraped).
+    live_slots_bytes: Gauge = Gauge::default()
+        => "live_slots_memory", "Memory the live quarter hours take (--live-slots-memory bounds it)", Bytes;
     /// `--max-devices` (0: no ceiling), to alert on `devices / devices_limit`.
     devices_limit: Gauge = Gauge::default()
         => "devices_limit", "Devices the server holds at most (--max-devices; 0: no ceiling)";

@@ -277,6 +277,8 @@ impl PublicApi {
         let totals = state.reads.totals();
         m.stored_readings.set(totals.readings as i64);
         m.devices.set(totals.devices as i64);
+        m.live_slots_devices.set(totals.live_devices as i64);
+        m.live_slots_bytes.set(totals.live_bytes as i64);
         if let Some(t) = totals.newest {
             m.last_reading_seconds.set(t.as_micros() as f64 / 1e6);
         }

@@ -28,7 +28,7 @@ mod dump_files;
 mod error;
 mod forget;
 mod ingest_log;
-mod live;
+pub mod live;
 mod migrations;
 mod names;
 mod reader;

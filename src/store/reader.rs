@@ -51,6 +51,10 @@ pub struct Totals {
     pub readings: u64,
     /// The newest reading's time, if any.
     pub newest: Option<Timestamp>,
+    /// Devices whose live quarter hours memory holds, and the bytes they take.
+    pub live_devices: usize,
+    /// See `live_devices`.
+    pub live_bytes: usize,
 }
 
 /// What the HTTP layer needs from storage. Methods may block (they run queries):

@@ -11,26 +11,28 @@
 //!
 //! Every commit appends, in its own transaction, one row per (series, slot) it
 //! stored readings in — a *partial* — computed from the rows it appends (only
-//! readings that were stored, so duplicates never count); live slots wait, below. Several partials of one slot are combined at query time
-//! and consolidated into one row by [`merge`] once enough have accumulated, and when
+//! readings that were stored, so duplicates never count); live slots wait, below.
+//! Several partials of one slot are combined at query time and consolidated into one row by [`merge`] once enough have accumulated, and when
 //! compaction rewrites a day its rollups are recomputed from the sorted readings.
 //! Anything that deletes readings must delete or recompute their slots' rollups too.
 //!
 //! ## Live slots
 //! Writing a second table costs every transaction about as much again as a live
-//! device's few readings do, so partials of the *live* slots — the current and the
-//! previous quarter hour, and any later one — are held in memory ([`Live`]) and
-//! written with the first commit after their slot has ended. Readers take slots from
-//! [`Shared::rollups_from`](super::Shared) on from `readings` instead, a few minutes
-//! of data. That boundary is also kept in `meta` (`rollups_from`), and start-up
-//! recomputes the rollups from it on from `readings`: held partials die with a
-//! crashed process, the readings do not. What is held is bounded by the live slots
-//! plus those of future timestamps, which ingest limits (`--max-future-skew`, 24 h).
+//! device's few readings do, so no partials are written for the *live* slots — the
+//! current and the previous quarter hour, and any later one. When a live slot ends,
+//! the first commit after that computes its rollups from its readings
+//! ([`rebuild`], in the commit's transaction, after its own rows): one grouped scan of
+//! the last quarter hour's row groups, which arrival order keeps together. Nothing
+//! is held for them meanwhile (the writer held a partial per live series and slot
+//! until session 14: ~100 bytes each, 1.2 M of them with 100,000 devices streaming,
+//! the same aggregates `store::live` holds for readers). Readers take slots from
+//! [`Shared::rollups_from`](super::Shared) on from `readings` or from memory. That
+//! boundary is also kept in `meta` (`rollups_from`); start-up recomputes the rollups
+//! from it on, and a clean shutdown computes them so the file's rollups are whole.
 
 use duckdb::arrow::array::{Array, Float64Array, Int16Array, Int32Array, Int64Array};
 use duckdb::arrow::record_batch::RecordBatch;
 use duckdb::{Connection, OptionalExt};
-use rustc_hash::FxHashMap;
 
 use super::StoreError;
 use crate::domain::Aggregate;
@@ -60,22 +62,6 @@ pub(super) struct Partial {
     first: f64,
     last_us: i64,
     last: f64,
-}
-
-impl Partial {
-    /// Folds in another partial of the same series and slot (any order in time).
-    fn combine(&mut self, o: &Partial) {
-        self.readings += o.readings;
-        self.min = self.min.min(o.min);
-        self.max = self.max.max(o.max);
-        self.sum += o.sum;
-        if o.first_us < self.first_us {
-            (self.first_us, self.first) = (o.first_us, o.first);
-        }
-        if o.last_us > self.last_us {
-            (self.last_us, self.last) = (o.last_us, o.last);
-        }
-    }
 }
 
 /// The partials of the rows a commit appends.
@@ -147,167 +133,15 @@ impl Partials {
         Some((lo, hi))
     }
 
-    /// Moves the partials of slots from `slot_ms` on out, into the returned list.
-    pub(super) fn split_off_from(&mut self, slot_ms: i64) -> Vec<Partial> {
-        let (later, earlier) = self.rows.drain(..).partition(|p| p.slot_ms >= slot_ms);
-        self.rows = earlier;
-        later
-    }
-
-    /// Adds partials (of other rows) to be written with these.
-    pub(super) fn extend(&mut self, more: Vec<Partial>) {
-        self.rows.extend(more);
+    /// Drops the partials of slots from `slot_ms` on: live slots, whose rollups are
+    /// computed from their readings when they end.
+    pub(super) fn drop_from(&mut self, slot_ms: i64) {
+        self.rows.retain(|p| p.slot_ms < slot_ms);
     }
 
     /// Appends the partials to `rollups` (inside the caller's transaction).
     pub(super) fn append(&self, conn: &Connection) -> Result<(), StoreError> {
         append_rows(conn, &self.rows)
-    }
-}
-
-/// Partials of live slots, held by the writer until their slot has ended; see the
-/// module documentation.
-#[derive(Debug)]
-pub(super) struct Live {
-    /// Slots from this one on are held; earlier ones are written with each commit.
-    pub(super) from: i64,
-    /// One entry per live (series, slot): with 100,000 devices that is 0.6–1.2 M
-    /// entries, so the key's fields are not stored again in the value (~80 instead
-    /// of ~104 bytes each).
-    held: FxHashMap<(i32, i16, i64), Held>,
-}
-
-/// A held [`Partial`] without the fields its key holds: the aggregate of some
-/// readings of one series in one slot (also what `store::live` keeps per live slot).
-#[derive(Debug, Clone, Copy)]
-pub(super) struct Held {
-    pub(super) readings: i64,
-    pub(super) min: f64,
-    pub(super) max: f64,
-    pub(super) sum: f64,
-    pub(super) first_us: i64,
-    pub(super) first: f64,
-    pub(super) last_us: i64,
-    pub(super) last: f64,
-}
-
-impl Held {
-    /// One reading (`ts_us`, `v`).
-    pub(super) fn one(ts_us: i64, v: f64) -> Self {
-        Self {
-            readings: 1,
-            min: v,
-            max: v,
-            sum: v,
-            first_us: ts_us,
-            first: v,
-            last_us: ts_us,
-            last: v,
-        }
-    }
-
-    /// Adds a reading, in any order in time.
-    pub(super) fn add(&mut self, ts_us: i64, v: f64) {
-        self.readings += 1;
-        self.min = self.min.min(v);
-        self.max = self.max.max(v);
-        self.sum += v;
-        if ts_us < self.first_us {
-            (self.first_us, self.first) = (ts_us, v);
-        }
-        if ts_us > self.last_us {
-            (self.last_us, self.last) = (ts_us, v);
-        }
-    }
-
-    /// As the readers' aggregate.
-    pub(super) fn aggregate(&self) -> Aggregate {
-        Aggregate {
-            count: self.readings as u64,
-            min: self.min,
-            max: self.max,
-            sum: self.sum,
-            first: self.first,
-            last: self.last,
-        }
-    }
-
-    fn of(p: &Partial) -> Self {
-        Self {
-            readings: p.readings,
-            min: p.min,
-            max: p.max,
-            sum: p.sum,
-            first_us: p.first_us,
-            first: p.first,
-            last_us: p.last_us,
-            last: p.last,
-        }
-    }
-
-    fn partial(&self, (device, sensor, slot_ms): (i32, i16, i64)) -> Partial {
-        Partial {
-            device,
-            sensor,
-            slot_ms,
-            readings: self.readings,
-            min: self.min,
-            max: self.max,
-            sum: self.sum,
-            first_us: self.first_us,
-            first: self.first,
-            last_us: self.last_us,
-            last: self.last,
-        }
-    }
-}
-
-impl Live {
-    /// Nothing held; slots from `from` on will be.
-    pub(super) fn new(from: i64) -> Self {
-        Self {
-            from,
-            held: FxHashMap::default(),
-        }
-    }
-
-    /// Holds the partials of a committed commit, one per series and slot.
-    pub(super) fn hold(&mut self, parts: Vec<Partial>) {
-        for p in parts {
-            let key = (p.device, p.sensor, p.slot_ms);
-            self.held
-                .entry(key)
-                .and_modify(|h| {
-                    let mut combined = h.partial(key);
-                    combined.combine(&p);
-                    *h = Held::of(&combined);
-                })
-                .or_insert_with(|| Held::of(&p));
-        }
-    }
-
-    /// Forgets what is held of a deleted device.
-    pub(super) fn forget_device(&mut self, device: i32) {
-        self.held.retain(|k, _| k.0 != device);
-    }
-
-    /// Copies of the held partials of slots before `slot_ms`.
-    pub(super) fn before(&self, slot_ms: i64) -> Vec<Partial> {
-        self.held
-            .iter()
-            .filter(|(k, _)| k.2 < slot_ms)
-            .map(|(k, h)| h.partial(*k))
-            .collect()
-    }
-
-    /// Forgets the held partials of slots before `slot_ms` (once they are committed).
-    pub(super) fn release_before(&mut self, slot_ms: i64) {
-        self.held.retain(|k, _| k.2 >= slot_ms);
-    }
-
-    /// Whether anything is held.
-    pub(super) fn is_empty(&self) -> bool {
-        self.held.is_empty()
     }
 }
 

@@ -55,8 +55,8 @@ pub struct Shared {
     /// statistics are one lookup (the dashboard asks for them every few seconds),
     /// and a device costs only what it sent (a 16-byte slot and 40 bytes a series).
     series: RwLock<Vec<DeviceSeries>>,
-    /// Rollup slots from this one (ms) on may still lack readings the writer holds
-    /// back (see `rollup::Live`); readers take them from `readings`. Starts at the
+    /// Rollup slots from this one (ms) on are live: their rollups are written when
+    /// they end (see `rollup`); readers take them from `readings`. Starts at the
     /// earliest instant — everything raw — until the writer has started.
     rollups_from: AtomicI64,
     /// How far DuckDB has caught up with the ingest log.
@@ -317,8 +317,11 @@ impl Shared {
     pub fn totals(&self) -> super::Totals {
         let devices = self.device_count();
         let s = self.series.read().expect("series lock");
+        let (live_devices, live_bytes) = self.live.usage();
         let mut t = super::Totals {
             devices,
+            live_devices,
+            live_bytes,
             ..Default::default()
         };
         for (_, st) in s.iter().flat_map(|of| of.iter()) {

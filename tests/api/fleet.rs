@@ -668,3 +668,52 @@ async fn a_backlog_reading_shows_in_its_days_rollup_buckets_at_once() {
         assert_eq!(values, vec![3.0], "after {k}: {chart}");
     }
 }
+
+/// With room for the live quarter hours of only a few devices (`--live-slots-memory`),
+/// every device's statistics over its live quarter hours stay exact — devices without
+/// room are read from the database — and the memory stays within the budget: with
+/// idle devices evicted at once, and with none idle (new devices then not held).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn live_quarter_hours_beyond_their_memory_budget_are_still_counted_exactly() {
+    use crate::metrics::{get, scrape};
+    let budget: u64 = 4 * 1024;
+    for idle in [Duration::ZERO, Duration::from_secs(3600)] {
+        let app = TestApp::spawn_with(|a| {
+            a.live_slots_memory = budget;
+            a.live_slots_idle = idle;
+        })
+        .await;
+        let client = reqwest::Client::new();
+        let base = app.url("");
+        let now = Utc::now().timestamp();
+        let (from, to) = (at((now - 3600) / 900 * 900), at((now + 1800) / 900 * 900));
+        let devices = 30;
+        for round in 1..=3 {
+            for d in 0..devices {
+                let body = second(&format!("car-{d}"), now - 10 + round, 1.0);
+                let (status, r) = post_ingest(&client, &base, body).await.unwrap();
+                assert_eq!((status, num(&r, "accepted")), (StatusCode::OK, 6), "{r}");
+            }
+            for d in 0..devices {
+                let (status, stats) = app
+                    .get(&format!(
+                        "/api/v1/sensors/speed/statistics?device=car-{d}&from={from}&to={to}&bucket=15m"
+                    ))
+                    .await;
+                assert_eq!(status, StatusCode::OK);
+                assert_eq!(
+                    bucket_count_sum(&stats),
+                    round as u64,
+                    "car-{d} after round {round} (idle {idle:?}): {stats}"
+                );
+            }
+        }
+        let m = scrape(&app).await;
+        let (held, bytes) = (
+            get(&m, "milepost_live_slots_devices"),
+            get(&m, "milepost_live_slots_memory_bytes"),
+        );
+        assert!(held >= 1.0 && held < devices as f64, "{held} devices held");
+        assert!(bytes > 0.0 && bytes <= budget as f64, "{bytes} bytes held");
+    }
+}

@@ -7,7 +7,7 @@ use reqwest::StatusCode;
 use crate::helpers::{TestApp, line};
 
 /// Samples of a scrape: `name{labels}` → value.
-async fn scrape(app: &TestApp) -> HashMap<String, f64> {
+pub(crate) async fn scrape(app: &TestApp) -> HashMap<String, f64> {
     let resp = app.client.get(app.url("/metrics")).send().await.unwrap();
     assert_eq!(resp.status(), StatusCode::OK);
     let ct = resp.headers()["content-type"].to_str().unwrap().to_owned();
@@ -23,7 +23,7 @@ async fn scrape(app: &TestApp) -> HashMap<String, f64> {
         .collect()
 }
 
-fn get(m: &HashMap<String, f64>, key: &str) -> f64 {
+pub(crate) fn get(m: &HashMap<String, f64>, key: &str) -> f64 {
     m.get(key).copied().unwrap_or(0.0)
 }
 

@@ -1,6 +1,6 @@
 //! The DuckDB side of the writer: the write connection and everything that must
-//! change with it in step — key windows for dedupe, held rollup partials, the days
-//! due for compaction. Used by one thread at a time (the writer's front for direct
+//! change with it in step — key windows for dedupe, the live rollup slots'
+//! boundary, the days due for compaction. Used by one thread at a time (the writer's front for direct
 //! commits, compaction and retention; the flusher for the ingest log), behind a lock.
 
 use std::collections::BTreeMap;
@@ -21,7 +21,7 @@ use crate::store::ingest_log;
 use crate::store::live::live_from;
 use crate::store::recent::RecentKeys;
 use crate::store::retention::{self, Retired};
-use crate::store::rollup::{self, Live, Partial, Partials};
+use crate::store::rollup::{self, Partials};
 use crate::store::{Committed, DeletedDevice, SeriesEntry, Shared, StoreError};
 
 /// The write connection and its companions.
@@ -32,16 +32,19 @@ pub(super) struct Db {
     pub(super) recent: RecentKeys,
     due: DueDays,
     rollups: Unmerged,
-    live: Live,
+    /// Rollups of slots from this one on are written when their slot has ended (see
+    /// [`crate::store::rollup`]).
+    live_from: i64,
     clock: Clock,
 }
 
 /// The live rollup slots' move with the next append (see [`crate::store::rollup`]).
 pub(super) struct SlotMove {
-    /// The first live slot moves here; held partials before it are written.
+    /// The first live slot: rollup partials of slots from here on are not written.
+    from: i64,
+    /// The first live slot moves here: the slots from `from` to it have ended, and
+    /// their rollups are computed from their readings.
     advance: Option<i64>,
-    /// Partials of slots from here on are held.
-    hold_from: i64,
 }
 
 /// Rollup rows appended since the last consolidation, and the slots they touched.
@@ -92,7 +95,7 @@ impl Db {
                 )),
                 merge_at: rollup_merge_rows.max(1),
             },
-            live: Live::new(from),
+            live_from: from,
             clock,
         })
     }
@@ -120,7 +123,7 @@ impl Db {
         //    statistics, then the fresh rows and the rollups of ended slots.
         let slots = self.slot_move();
         let started = Instant::now();
-        let (results, updated, partials, held) = self.in_transaction(|db| {
+        let (results, updated, partials) = self.in_transaction(|db| {
             ingest_log::insert_devices(&db.conn, &plan.new_devices)?;
             let mut fresh = fresh;
             let stored_dups = if staged.is_empty() {
@@ -136,15 +139,15 @@ impl Db {
                 &stored_dups,
                 &db.shared,
             );
-            let (partials, held) = db.append_fresh(fresh, &series, &slots)?;
-            Ok((results, updated, partials, held))
+            let partials = db.append_fresh(fresh, &series, &slots)?;
+            Ok((results, updated, partials))
         })?;
         tracing::debug!(
             elapsed_ms = started.elapsed().as_secs_f64() * 1e3,
             "committed group"
         );
 
-        self.after_append(slots, partials, held);
+        self.after_append(slots, partials);
         Ok((results, updated))
     }
 
@@ -156,13 +159,13 @@ impl Db {
         let _span = tracing::debug_span!("log_flush", rows, through = part.through).entered();
         let started = Instant::now();
         let slots = self.slot_move();
-        let (partials, held) = self.in_transaction(|db| {
+        let partials = self.in_transaction(|db| {
             ingest_log::insert_devices(&db.conn, &part.devices)?;
             let appended = db.append_fresh(part.rows.clone(), &part.series, &slots)?;
             ingest_log::set_through(&db.conn, part.through)?;
             Ok(appended)
         })?;
-        self.after_append(slots, partials, held);
+        self.after_append(slots, partials);
         let elapsed = started.elapsed();
         self.metrics
             .log_flush_seconds
@@ -195,9 +198,8 @@ impl Db {
     /// Compacts the next finished day due (see [`crate::store::compact`]).
     pub(super) fn compact(&mut self) -> Result<Compaction, StoreError> {
         let today = chrono::Utc::now().date_naive();
-        // Held rollup partials go first: compaction recomputes its days' rollups
-        // from the readings, and they must not be added on top later.
-        self.flush_live()?;
+        // A live slot it recomputes (the quarter hour before midnight) is computed
+        // again when it ends: `rollup::rebuild` replaces, it never adds.
         self.due.compact_next(&self.conn, today)
     }
 
@@ -210,22 +212,21 @@ impl Db {
     /// Where the live rollup slots stand for the next append.
     pub(super) fn slot_move(&self) -> SlotMove {
         let now_from = live_from(self.clock.now_ms());
-        let advance = (now_from > self.live.from).then_some(now_from);
         SlotMove {
-            advance,
-            hold_from: advance.unwrap_or(self.live.from),
+            from: self.live_from,
+            advance: (now_from > self.live_from).then_some(now_from),
         }
     }
 
     /// Inside the caller's transaction: appends fresh rows (sorted by series), their
-    /// rollup partials except those of live slots (returned, to be held), and the
-    /// held partials of slots that have ended.
+    /// rollup partials except those of live slots, and the rollups of live slots that
+    /// have ended, computed from their readings (the ones just appended included).
     fn append_fresh(
         &mut self,
         fresh: Columns,
         series: &[(DeviceId, SensorId)],
         slots: &SlotMove,
-    ) -> Result<(Partials, Vec<Partial>), StoreError> {
+    ) -> Result<Partials, StoreError> {
         if !self.recent.is_empty() {
             for i in 0..fresh.len() {
                 self.recent
@@ -233,40 +234,42 @@ impl Db {
             }
         }
         let mut partials = ingest_log::append_readings(&self.conn, fresh, series)?;
-        let held = partials.split_off_from(slots.hold_from);
+        partials.drop_from(slots.from);
+        partials.append(&self.conn)?;
         if let Some(to) = slots.advance {
-            partials.extend(self.live.before(to));
+            let _span = tracing::debug_span!("rollup_seal", from = slots.from, to).entered();
+            let started = Instant::now();
+            rollup::rebuild(&self.conn, "readings", slots.from, to)?;
+            tracing::debug!(
+                elapsed_ms = started.elapsed().as_secs_f64() * 1e3,
+                "computed the rollups of ended live slots"
+            );
             self.conn.execute(
                 "INSERT OR REPLACE INTO meta VALUES (?, ?)",
                 duckdb::params![rollup::META_FROM, to.to_string()],
             )?;
         }
-        partials.append(&self.conn)?;
-        Ok((partials, held))
+        Ok(partials)
     }
 
     /// After the commit of [`Self::append_fresh`]: the live slots move on.
-    fn after_append(&mut self, slots: SlotMove, partials: Partials, held: Vec<Partial>) {
+    fn after_append(&mut self, slots: SlotMove, partials: Partials) {
         if let Some(to) = slots.advance {
-            self.live.release_before(to);
-            self.live.from = to;
+            self.live_from = to;
             self.shared.set_rollups_from(to);
         }
-        self.live.hold(held);
         self.rollups.add(&partials);
         self.merge_rollups();
     }
 
-    /// Writes every held rollup partial, in its own transaction. The boundary
-    /// readers use stays: these slots may still get readings.
-    pub(super) fn flush_live(&mut self) -> Result<(), StoreError> {
-        if self.live.is_empty() {
-            return Ok(());
-        }
-        let rows = self.live.before(i64::MAX);
-        crate::store::in_transaction(&self.conn, || rollup::append_rows(&self.conn, &rows))?;
-        self.live.release_before(i64::MAX);
-        Ok(())
+    /// Computes the rollups of every live slot from their readings, in its own
+    /// transaction, so the file's rollups are whole. The boundary readers use stays:
+    /// these slots may still get readings, and are computed again when they end.
+    fn seal_live(&mut self) -> Result<(), StoreError> {
+        let from = self.live_from;
+        crate::store::in_transaction(&self.conn, || {
+            rollup::rebuild(&self.conn, "readings", from, i64::MAX).map_err(StoreError::from)
+        })
     }
 
     /// Consolidates the rollup slots recent commits touched once enough partial rows
@@ -303,7 +306,7 @@ impl Db {
         &mut self,
         days: &BTreeMap<NaiveDate, u64>,
     ) -> Result<Retired, StoreError> {
-        let done = retention::retire(&self.conn, &self.shared, days, self.live.from)?;
+        let done = retention::retire(&self.conn, &self.shared, days, self.live_from)?;
         if !done.days.is_empty() {
             self.recent.clear();
             self.due.invalidate();
@@ -315,7 +318,6 @@ impl Db {
     /// the writer holds of it.
     pub(super) fn delete_device(&mut self, device: DeviceId) -> Result<DeletedDevice, StoreError> {
         let done = forget::delete_device(&self.conn, device)?;
-        self.live.forget_device(device.0 as i32);
         self.recent.clear();
         self.due.invalidate();
         Ok(done)
@@ -323,10 +325,9 @@ impl Db {
 
     pub(super) fn checkpoint(&mut self) -> Result<(), StoreError> {
         // Leaves a file whose rollups are whole, for offline tools and for the next
-        // start, which then need not recompute the live slots from `readings` (with
-        // 100,000 devices that was ~0.9 s of a 1.2 s start). If this fails the
-        // boundary stays and the next start recomputes them.
-        let whole = self.flush_live().and_then(|()| {
+        // start, which then need not recompute the live slots from `readings`. If
+        // this fails the boundary stays and the next start recomputes them.
+        let whole = self.seal_live().and_then(|()| {
             self.conn.execute(
                 "DELETE FROM meta WHERE key = ?",
                 duckdb::params![rollup::META_FROM],

@@ -93,6 +93,11 @@ pub struct WriterConfig {
     /// readers' copy); at the fleet rate measured in issue 23 the lag stayed under
     /// 40 k.
     pub max_unapplied_readings: usize,
+    /// Memory the live quarter hours readers use may take (see [`crate::store::live`]).
+    pub live_slots_memory: usize,
+    /// How long a device must have sent nothing before its live quarter hours may be
+    /// evicted to make room.
+    pub live_slots_idle: Duration,
 }
 
 /// Wall-clock time in epoch milliseconds.
@@ -131,6 +136,8 @@ impl Default for WriterConfig {
             rollup_merge_rows: 20_000,
             clock: Clock::system(),
             max_unapplied_readings: 1 << 20,
+            live_slots_memory: crate::store::live::DEFAULT_BUDGET,
+            live_slots_idle: crate::store::live::DEFAULT_IDLE,
         }
     }
 }
@@ -191,6 +198,9 @@ impl Writer {
             .devices()
             .last()
             .map_or(1, |(id, _)| id.0.saturating_add(1));
+        shared
+            .live
+            .set_limits(cfg.live_slots_memory, cfg.live_slots_idle);
         let db = Db::new(
             conn,
             shared.clone(),
