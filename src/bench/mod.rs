@@ -96,8 +96,8 @@ pub struct BenchArgs {
     /// Fleet: seconds between one reader's polls (the seed dashboard polls every 10).
     #[arg(long, default_value_t = 10.0)]
     pub reader_interval: f64,
-    /// Fleet: seconds per phase.
-    #[arg(long, default_value_t = 15.0)]
+    /// Fleet: seconds per phase (also `--seconds`).
+    #[arg(long, visible_alias = "seconds", default_value_t = 15.0)]
     pub duration: f64,
     /// Fleet: devices new to the server in the first-contact phase (0 skips it).
     #[arg(long, default_value_t = 20_000)]
