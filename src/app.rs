@@ -246,6 +246,7 @@ impl Server {
             admission: crate::api::admission::Admission::new(
                 crate::api::admission::DeviceLimits {
                     max_devices: args.max_devices,
+                    max_devices_per_key: args.max_devices_per_key,
                     new_per_key_per_minute: args.max_new_devices_per_key,
                 },
                 writer_handle.clone(),

@@ -109,6 +109,11 @@ pub struct ServeArgs {
     /// costs memory while it is known (see README); 0: no ceiling.
     #[arg(long, env = "MILEPOST_MAX_DEVICES", default_value_t = 100_000)]
     pub max_devices: usize,
+    /// Devices one API key may have brought in (those that still exist). Readings of
+    /// a new device beyond it are refused line by line, like over --max-devices, so
+    /// one fleet's key cannot take the whole ceiling; 0: no quota.
+    #[arg(long, env = "MILEPOST_MAX_DEVICES_PER_KEY", default_value_t = 0)]
+    pub max_devices_per_key: u64,
     /// New devices one API key may bring in per minute (a token bucket holding one
     /// minute's worth, so a fleet's first contact may come at once). Beyond it the
     /// new devices' lines are refused and the request is answered 429 with

@@ -85,10 +85,11 @@ metrics! {
     readings_rejected: Family<SensorLabel, Counter> = Family::default()
         => "readings_rejected", "Ingest lines refused";
     /// Devices new to the server whose readings a request was refused, by reason
-    /// (`ceiling`: `--max-devices`; `rate`: the key's new devices per minute).
+    /// (`ceiling`: `--max-devices`; `key_quota`: `--max-devices-per-key`; `rate`:
+    /// the key's new devices per minute).
     devices_refused: Family<ReasonLabel, Counter> = Family::default()
         => "new_devices_refused",
-        "New devices whose readings were refused (reason: ceiling or rate), once per request and device";
+        "New devices whose readings were refused (reason: ceiling, key_quota or rate), once per request and device";
     /// Ingest requests answered, by status.
     ingest_requests: Family<StatusLabel, Counter> = Family::default()
         => "ingest_requests", "Ingest requests answered, by HTTP status";
@@ -217,7 +218,7 @@ impl Metrics {
         for &status in statuses {
             let _ = self.ingest_requests.get_or_create(&StatusLabel { status });
         }
-        for reason in ["ceiling", "rate"] {
+        for reason in ["ceiling", "key_quota", "rate"] {
             let _ = self.devices_refused.get_or_create(&ReasonLabel { reason });
         }
     }

@@ -1,13 +1,14 @@
 //! Which new devices `POST /ingest` lets in: a ceiling on the devices the server
-//! holds (`--max-devices`) and a rate of new devices per API key
-//! (`--max-new-devices-per-key`, per minute).
+//! holds (`--max-devices`), a quota of devices per API key (`--max-devices-per-key`,
+//! counting the devices each key brought in that still exist) and a rate of new
+//! devices per API key (`--max-new-devices-per-key`, per minute).
 //!
 //! Every device costs memory while the server knows it, so a client with an unbound
 //! key must not be able to exhaust a small machine by inventing device names (issue
 //! 23: 557 k invented devices in 15 s took 802 MiB). Known devices are never refused.
-//! A new device over the ceiling has its lines refused one by one (400 with the
-//! reason per line, the request's other lines stored); over its key's rate the same,
-//! answered 429 with `Retry-After`, since waiting helps there.
+//! A new device over the ceiling or its key's quota has its lines refused one by one
+//! (400 with the reason per line, the request's other lines stored); over its key's
+//! rate the same, answered 429 with `Retry-After`, since waiting helps there.
 //!
 //! A device counts from the moment it is admitted, before the writer has registered
 //! it: concurrent first requests of many new devices cannot overshoot the ceiling.
@@ -34,6 +35,8 @@ const PENDING_FOR: Duration = Duration::from_secs(60);
 pub struct DeviceLimits {
     /// Devices the server holds at most; 0: no ceiling.
     pub max_devices: usize,
+    /// Devices one API key may have brought in (that still exist); 0: no quota.
+    pub max_devices_per_key: u64,
     /// New devices one API key may bring in per minute; 0: no limit.
     pub new_per_key_per_minute: u32,
 }
@@ -50,8 +53,10 @@ pub struct Admission {
 
 #[derive(Default)]
 struct State {
-    /// Admitted, not known to the store when last looked.
-    pending: FxHashMap<Box<str>, Instant>,
+    /// Admitted, not known to the store when last looked: when, and by which key.
+    pending: FxHashMap<Box<str>, (Instant, KeyId)>,
+    /// `pending` per key.
+    pending_per_key: FxHashMap<KeyId, u64>,
     /// `pending`'s size after its last sweep: the next sweep comes at twice that.
     swept_at: usize,
     /// Per key, a token bucket of new devices.
@@ -80,7 +85,10 @@ impl Admission {
         writer: WriterHandle,
         metrics: Arc<Metrics>,
     ) -> Option<Arc<Self>> {
-        if limits.max_devices == 0 && limits.new_per_key_per_minute == 0 {
+        if limits.max_devices == 0
+            && limits.max_devices_per_key == 0
+            && limits.new_per_key_per_minute == 0
+        {
             return None;
         }
         Some(Arc::new(Self {
@@ -127,6 +135,20 @@ impl Admission {
                 )));
             }
         }
+        let quota = self.limits.max_devices_per_key;
+        if quota > 0 && self.owned(&st, key) >= quota {
+            // Count exactly before refusing: drop what the store now knows.
+            self.sweep(&mut st, now);
+            if self.owned(&st, key) >= quota {
+                drop(st);
+                self.refused("key_quota");
+                return Err(Refusal::Full(format!(
+                    "device '{device}' is new and this API key already brought in its \
+                     quota of {quota} devices (--max-devices-per-key); delete devices \
+                     that should not exist or raise the quota"
+                )));
+            }
+        }
         let per_minute = self.limits.new_per_key_per_minute;
         if per_minute > 0 {
             let rate = f64::from(per_minute) / 60.0;
@@ -152,15 +174,27 @@ impl Admission {
             }
             b.tokens -= 1.0;
         }
-        st.pending.insert(device.into(), now);
+        st.pending.insert(device.into(), (now, key));
+        *st.pending_per_key.entry(key).or_default() += 1;
         Ok(())
+    }
+
+    /// Devices `key` brought in: those the store knows, and those admitted since.
+    fn owned(&self, st: &State, key: KeyId) -> u64 {
+        self.writer.devices_of_key(key.0) + st.pending_per_key.get(&key).copied().unwrap_or(0)
     }
 
     /// Forgets admitted devices the store now knows, or that never arrived.
     fn sweep(&self, st: &mut State, now: Instant) {
-        st.pending.retain(|name, at| {
-            now.duration_since(*at) < PENDING_FOR && !self.writer.knows_device(name)
+        let per_key = &mut st.pending_per_key;
+        st.pending.retain(|name, (at, key)| {
+            let keep = now.duration_since(*at) < PENDING_FOR && !self.writer.knows_device(name);
+            if !keep && let Some(n) = per_key.get_mut(key) {
+                *n -= 1;
+            }
+            keep
         });
+        per_key.retain(|_, n| *n > 0);
         st.swept_at = st.pending.len();
     }
 

@@ -316,9 +316,11 @@ async fn respond(state: &Arc<AppState>, req: &Request, body: Body) -> IngestResp
         Box::pin(raw)
     };
 
+    let owner = grant.key.0;
     let parser = StreamParser::new(state.reads.catalog(), options(state, grant));
     let run = Ingestion {
         state,
+        owner,
         parser,
         total: Committed::default(),
         pending: None,
@@ -447,6 +449,8 @@ enum Failure {
 /// One request's progress: at most one batch in the writer while the next is parsed.
 struct Ingestion<'a> {
     state: &'a Arc<AppState>,
+    /// The request's API key (its id): it owns the devices the request brings in.
+    owner: u64,
     parser: StreamParser,
     total: Committed,
     pending: Option<PendingCommit>,
@@ -578,7 +582,12 @@ impl Ingestion<'_> {
             return Ok(());
         }
         self.settle().await?;
-        match self.state.writer.submit(batch).await {
+        match self
+            .state
+            .writer
+            .submit_owned(batch, Some(self.owner))
+            .await
+        {
             Ok(p) => {
                 self.pending = Some(p);
                 Ok(())

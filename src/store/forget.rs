@@ -33,7 +33,7 @@ pub(super) fn delete_device(
             [d],
             |r| Ok((r.get(0)?, r.get(1)?)),
         )?;
-        for table in ["readings", "rollups", "series"] {
+        for table in ["readings", "rollups", "series", "device_owners"] {
             conn.execute(&format!("DELETE FROM {table} WHERE device_id = ?"), [d])?;
         }
         conn.execute("DELETE FROM devices WHERE id = ?", [d])?;

@@ -468,6 +468,23 @@ pub(super) fn insert_devices(
     Ok(())
 }
 
+/// Records which key brought in new devices (`(device, key id)`), inside the
+/// caller's transaction.
+pub(super) fn insert_owners(
+    conn: &Connection,
+    owners: &[(DeviceId, u64)],
+) -> Result<(), StoreError> {
+    if owners.is_empty() {
+        return Ok(());
+    }
+    let mut app = conn.appender("device_owners")?;
+    for (device, key) in owners {
+        app.append_row(duckdb::params![device.0 as i32, *key as i64])?;
+    }
+    app.flush()?;
+    Ok(())
+}
+
 /// Appends rows to `readings` sorted by series and time (inside the caller's
 /// transaction) and returns their rollup partials.
 pub(super) fn append_readings(

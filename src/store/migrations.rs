@@ -27,6 +27,11 @@ const MIGRATIONS: &[(i64, &str, &str)] = &[
         "alerts",
         include_str!("../../schema/migrations/0004_alerts.sql"),
     ),
+    (
+        5,
+        "device_owners",
+        include_str!("../../schema/migrations/0005_device_owners.sql"),
+    ),
 ];
 
 /// Newest schema version this binary knows.

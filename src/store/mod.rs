@@ -31,6 +31,7 @@ mod ingest_log;
 pub mod live;
 mod migrations;
 mod names;
+mod owners;
 mod reader;
 mod recent;
 mod retention;
@@ -451,7 +452,18 @@ fn load_shared(conn: &Connection) -> Result<Shared, StoreError> {
         .collect::<Result<Vec<_>, _>>()?;
 
     let series = load_series(conn)?;
-    Ok(Shared::new(Catalog::new(sensors), devices, series))
+    let shared = Shared::new(Catalog::new(sensors), devices, series);
+    let mut stmt = conn.prepare("SELECT device_id, key_id FROM device_owners")?;
+    let owners = stmt
+        .query_map([], |r| {
+            Ok((
+                DeviceId(r.get::<_, i32>(0)? as u32),
+                r.get::<_, i64>(1)? as u64,
+            ))
+        })?
+        .collect::<Result<Vec<_>, _>>()?;
+    shared.add_owners(&owners);
+    Ok(shared)
 }
 
 #[cfg(test)]

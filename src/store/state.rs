@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 use super::columns::Columns;
 use super::live::{LiveSlots, slot_after};
 use super::names::DeviceNames;
+use super::owners::Owners;
 use crate::domain::{Catalog, Device, DeviceId, SensorId, Timestamp};
 
 /// One device's series and their statistics, by sensor.
@@ -66,6 +67,8 @@ pub struct Shared {
     unapplied: Mutex<(VecDeque<Arc<Logged>>, u64)>,
     /// The live quarter hours of every series, from acknowledgement on.
     pub(super) live: LiveSlots,
+    /// Which key brought in each device.
+    owners: RwLock<Owners>,
 }
 
 /// The readings of one ingest log record (one group commit), kept in memory from its
@@ -137,6 +140,7 @@ impl Shared {
                     .unwrap_or(i64::MIN)
                     .max(chrono::Utc::now().timestamp_millis()),
             )),
+            owners: RwLock::new(Owners::default()),
         };
         shared.set_series(&series);
         shared
@@ -353,6 +357,25 @@ impl Shared {
         }
     }
 
+    /// Records which key brought in each of these devices (`(device, key id)`).
+    pub(super) fn add_owners(&self, owners: &[(DeviceId, u64)]) {
+        if owners.is_empty() {
+            return;
+        }
+        let mut o = self.owners.write().unwrap_or_else(|p| p.into_inner());
+        for (device, key) in owners {
+            o.set(*device, *key);
+        }
+    }
+
+    /// Devices the key with this id brought in that still exist.
+    pub fn devices_of_key(&self, key: u64) -> u64 {
+        self.owners
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .count(key)
+    }
+
     /// Forgets a deleted device: its name, the statistics of its series and its live
     /// slots.
     pub(super) fn forget_device(&self, id: DeviceId) {
@@ -366,6 +389,10 @@ impl Shared {
             *of = Box::default();
         }
         self.live.forget_device(id);
+        self.owners
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(id);
     }
 
     /// Forgets series whose readings were all deleted (retention).

@@ -217,6 +217,84 @@ async fn a_key_bringing_in_new_devices_too_fast_gets_429_for_those_lines_only() 
     app.stop().await;
 }
 
+/// Each key may bring in at most `--max-devices-per-key` devices that still exist:
+/// beyond it that key's new devices are refused line by line (its known devices, and
+/// other keys, go on); a deleted device frees its key's room, and the count survives
+/// a restart (it is stored with the devices).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_brings_in_at_most_its_quota_of_devices_across_restarts() {
+    const OTHER: &str = "other-fleet-key";
+    let quota = |a: &mut milepost::config::ServeArgs| {
+        a.max_devices_per_key = 3;
+        a.api_keys.push(OTHER.into());
+    };
+    let app = TestApp::spawn_with(quota).await;
+    let (status, v) = app.ingest(body(&["a", "b", "c", "d", "a", "e"], 0)).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{v}");
+    assert_eq!((num(&v, "accepted"), num(&v, "rejected")), (3, 2), "{v}");
+    let errs = errors(&v);
+    assert_eq!(errs.iter().map(|e| e.0).collect::<Vec<_>>(), [4, 6], "{v}");
+    assert!(
+        errs[0].1.contains("device 'd' is new") && errs[0].1.contains("--max-devices-per-key"),
+        "{v}"
+    );
+    // Another key has its own quota, and writes to the first key's devices freely.
+    let (status, v) = app.ingest_as(OTHER, body(&["x", "y", "a", "z"], 1)).await;
+    assert_eq!((status, num(&v, "accepted")), (StatusCode::OK, 4), "{v}");
+    let (status, v) = app.ingest_as(OTHER, body(&["w"], 1)).await;
+    assert_eq!(
+        (status, num(&v, "rejected")),
+        (StatusCode::BAD_REQUEST, 1),
+        "{v}"
+    );
+    assert_eq!(refused_metric(&app, "key_quota").await, 3);
+    assert_eq!(refused_metric(&app, "ceiling").await, 0);
+
+    // Deleting one of the first key's devices gives it room for one.
+    let token = TokenAdmin::new(app.dir.path())
+        .create(Role::Admin, "root")
+        .unwrap()
+        .0;
+    let addr = app.server().backend_addr().unwrap();
+    let channel = milepost::backend::client::channel(&format!("http://{addr}")).unwrap();
+    let mut devices = proto::DevicesClient::new(channel);
+    devices
+        .delete_device(authed(
+            &token,
+            proto::DeleteDeviceRequest { name: "b".into() },
+        ))
+        .await
+        .unwrap();
+    let (status, v) = app.ingest(body(&["d", "e"], 2)).await;
+    assert_eq!(
+        (num(&v, "accepted"), num(&v, "rejected")),
+        (1, 1),
+        "{status} {v}"
+    );
+
+    // After a restart (clean, then with the ingest log's records applied at start)
+    // each key's devices are still counted.
+    let dir = app.stop().await;
+    let app = TestApp::spawn_in(dir, quota).await;
+    let (status, v) = app.ingest(body(&["f"], 3)).await;
+    assert_eq!(
+        (status, num(&v, "rejected")),
+        (StatusCode::BAD_REQUEST, 1),
+        "{v}"
+    );
+    let (status, v) = app.ingest_as(OTHER, body(&["f"], 3)).await;
+    assert_eq!(
+        (status, num(&v, "rejected")),
+        (StatusCode::BAD_REQUEST, 1),
+        "{v}"
+    );
+    let (status, v) = app.ingest(body(&["a", "c", "d"], 3)).await;
+    assert_eq!((status, num(&v, "accepted")), (StatusCode::OK, 3), "{v}");
+    let names: Vec<String> = listed(&app).await.into_iter().map(|(d, _)| d).collect();
+    assert_eq!(names, ["a", "c", "d", "x", "y", "z"]);
+    app.stop().await;
+}
+
 /// A large body is parsed on several threads, each asking the gate on its own: the
 /// ceiling still holds exactly, and every line of a refused device is refused.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -27,6 +27,8 @@ pub(super) enum Verdict {
 /// A group's rows classified, before anything is written.
 pub(super) struct Plan {
     pub new_devices: Vec<(DeviceId, Device)>,
+    /// Which key (id) brought in each new device, where the request said.
+    pub new_owners: Vec<(DeviceId, u64)>,
     /// Per job: its batch's device indices → ids.
     pub device_maps: Vec<Vec<DeviceId>>,
     pub keys: Vec<KeyAcc>,
@@ -69,6 +71,7 @@ impl KeyAcc {
 pub(super) fn classify(shared: &Shared, known: &Known, next_device: u32, jobs: &[Job]) -> Plan {
     // 1. Device names → ids, new ones numbered now and stored with the readings.
     let mut new_devices: Vec<(DeviceId, Device)> = Vec::new();
+    let mut new_owners: Vec<(DeviceId, u64)> = Vec::new();
     let mut device_maps = Vec::with_capacity(jobs.len());
     for job in jobs {
         let ids = job
@@ -84,6 +87,9 @@ pub(super) fn classify(shared: &Shared, known: &Known, next_device: u32, jobs: &
                 }
                 let id = DeviceId(next_device + new_devices.len() as u32);
                 new_devices.push((id, d.clone()));
+                if let Some(key) = job.owner {
+                    new_owners.push((id, key));
+                }
                 id
             })
             .collect::<Vec<_>>();
@@ -158,6 +164,7 @@ pub(super) fn classify(shared: &Shared, known: &Known, next_device: u32, jobs: &
     }
     Plan {
         new_devices,
+        new_owners,
         device_maps,
         keys,
         row_keys,

@@ -125,6 +125,7 @@ impl Db {
         let started = Instant::now();
         let (results, updated, partials) = self.in_transaction(|db| {
             ingest_log::insert_devices(&db.conn, &plan.new_devices)?;
+            ingest_log::insert_owners(&db.conn, &plan.new_owners)?;
             let mut fresh = fresh;
             let stored_dups = if staged.is_empty() {
                 Vec::new()
@@ -161,6 +162,7 @@ impl Db {
         let slots = self.slot_move();
         let partials = self.in_transaction(|db| {
             ingest_log::insert_devices(&db.conn, &part.devices)?;
+            ingest_log::insert_owners(&db.conn, &part.owners)?;
             let appended = db.append_fresh(part.rows.clone(), &part.series, &slots)?;
             ingest_log::set_through(&db.conn, part.through)?;
             Ok(appended)

@@ -31,6 +31,8 @@ pub(super) struct Sealed {
     /// (device, sensor) of each series index in `rows.key`.
     pub(super) series: Vec<(DeviceId, SensorId)>,
     pub(super) devices: Vec<(DeviceId, Device)>,
+    /// Which key brought in which of `devices` (not in the log: lost in a crash).
+    pub(super) owners: Vec<(DeviceId, u64)>,
     /// Sequence number of the segment's last record.
     pub(super) through: u64,
     /// The segment file, deleted once DuckDB holds it.
@@ -43,15 +45,23 @@ pub(super) struct Pending {
     pub(super) rows: Columns,
     pub(super) series: ingest_log::Series,
     pub(super) devices: Vec<(DeviceId, Device)>,
+    pub(super) owners: Vec<(DeviceId, u64)>,
     pub(super) through: u64,
     /// When the oldest of them was acknowledged.
     pub(super) since: Option<Instant>,
 }
 
 impl Pending {
-    pub(super) fn add(&mut self, rows: Columns, devices: &[(DeviceId, Device)], seq: u64) {
+    pub(super) fn add(
+        &mut self,
+        rows: Columns,
+        devices: &[(DeviceId, Device)],
+        owners: &[(DeviceId, u64)],
+        seq: u64,
+    ) {
         self.series.add(rows, &mut self.rows);
         self.devices.extend_from_slice(devices);
+        self.owners.extend_from_slice(owners);
         self.through = seq;
         self.since.get_or_insert_with(Instant::now);
     }
@@ -61,6 +71,7 @@ impl Pending {
             rows: std::mem::take(&mut self.rows),
             series: std::mem::take(&mut self.series.keys),
             devices: std::mem::take(&mut self.devices),
+            owners: std::mem::take(&mut self.owners),
             through: self.through,
             segment,
         };

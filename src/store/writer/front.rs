@@ -14,7 +14,7 @@ use super::db::Db;
 use super::flusher::{LOG_GROUP_ROWS, SEAL_AGE, SEAL_ROWS, flush_queued};
 use super::known::Known;
 use super::{Committed, Job, Msg, Pending, Persisting, Queue, Signals, WriteError};
-use crate::domain::{Device, DeviceId, SensorId};
+use crate::domain::{Device, SensorId};
 use crate::metrics::{Metrics, UNKNOWN_SENSOR};
 use crate::store::compact;
 use crate::store::ingest_log::IngestLog;
@@ -93,7 +93,7 @@ impl Front {
         // group the apply lag has no room for: all after everything the log holds, so
         // DuckDB gets the readings in the order they were acknowledged.
         let (results, updated) = self.with_db(|db| db.commit_direct(jobs, &mut plan))?;
-        self.publish(&plan.new_devices, &updated, &mut plan.keys);
+        self.publish(&mut plan, &updated);
         Ok(results)
     }
 
@@ -119,23 +119,21 @@ impl Front {
         );
         // Readers see the readings from memory until DuckDB holds them.
         self.shared.acked(seq, fresh.clone());
-        self.pending.add(fresh, &plan.new_devices, seq);
-        self.publish(&plan.new_devices, &updated, &mut plan.keys);
+        self.pending
+            .add(fresh, &plan.new_devices, &plan.new_owners, seq);
+        self.publish(&mut plan, &updated);
         Ok(results)
     }
 
     /// Shows stored readings to readers, counts them and remembers their keys.
-    fn publish(
-        &mut self,
-        new_devices: &[(DeviceId, Device)],
-        updated: &[SeriesEntry],
-        keys: &mut [KeyAcc],
-    ) {
+    fn publish(&mut self, plan: &mut Plan, updated: &[SeriesEntry]) {
+        let keys = &mut plan.keys;
         for k in keys.iter_mut() {
             k.record(&mut self.known, &self.shared.live);
         }
-        self.next_device += new_devices.len() as u32;
-        self.shared.add_devices(new_devices);
+        self.next_device += plan.new_devices.len() as u32;
+        self.shared.add_devices(&plan.new_devices);
+        self.shared.add_owners(&plan.new_owners);
         self.shared.set_series(updated);
         self.count(keys);
         let oldest = keys.iter().filter_map(|k| k.delta).map(|d| d.first).min();

@@ -64,6 +64,8 @@ pub(super) struct DeleteJob {
 
 pub(super) struct Job {
     pub(super) batch: Batch,
+    /// The API key (its id) whose request this is: it owns the devices it brings in.
+    pub(super) owner: Option<u64>,
     pub(super) reply: oneshot::Sender<Result<Committed, WriteError>>,
 }
 
@@ -90,8 +92,22 @@ impl PendingCommit {
 impl WriterHandle {
     /// Queues a batch, waiting at most the configured timeout for room.
     pub async fn submit(&self, batch: Batch) -> Result<PendingCommit, WriteError> {
+        self.submit_owned(batch, None).await
+    }
+
+    /// [`Self::submit`] for a request of the API key with id `owner`: devices the
+    /// batch brings in are counted as that key's (per-key device quotas).
+    pub async fn submit_owned(
+        &self,
+        batch: Batch,
+        owner: Option<u64>,
+    ) -> Result<PendingCommit, WriteError> {
         let (reply, rx) = oneshot::channel();
-        let msg = Msg::Append(Job { batch, reply });
+        let msg = Msg::Append(Job {
+            batch,
+            owner,
+            reply,
+        });
         match self.tx.send_timeout(msg, self.timeout).await {
             Ok(()) => Ok(PendingCommit(rx)),
             Err(mpsc::error::SendTimeoutError::Timeout(_)) => Err(WriteError::Overloaded),
@@ -159,6 +175,11 @@ impl WriterHandle {
     /// Devices the store knows.
     pub fn device_count(&self) -> usize {
         self.shared.device_count()
+    }
+
+    /// Devices the store knows that the API key with id `key` brought in.
+    pub fn devices_of_key(&self, key: u64) -> u64 {
+        self.shared.devices_of_key(key)
     }
 
     /// Batches waiting in the queue.
