@@ -58,7 +58,8 @@
 //! - [`backend`]: the internal gRPC listener (tonic) — services, each with its
 //!   authorization policy, hashed tokens, reflection, and its command-line client.
 //! - [`metrics`], [`background`]: the Prometheus registry; low-priority threads.
-//! - [`config`]: the server's settings (flags with `MILEPOST_*` fallbacks).
+//! - [`config`]: the server's settings (flags with `MILEPOST_*` fallbacks and a
+//!   `milepost.toml` file under both, `config::file`).
 //! - [`app`]: start-up in steps and the one ordered shutdown.
 //! - [`bench`]: `milepost bench`. [`cli`]: the command line and its subcommands.
 //!

@@ -1,8 +1,11 @@
-use clap::Parser;
-
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
-    let cli = milepost::cli::Cli::parse();
+    let parsed = milepost::cli::parse_args(std::env::args_os()).unwrap_or_else(|e| e.exit());
+    if let Some(settings) = parsed.print_config {
+        print!("{settings}");
+        return std::process::ExitCode::SUCCESS;
+    }
+    let cli = parsed.cli;
     milepost::cli::init_tracing(&cli.log);
     match milepost::cli::run(cli).await {
         Ok(()) => std::process::ExitCode::SUCCESS,

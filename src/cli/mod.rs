@@ -2,9 +2,11 @@
 
 mod args;
 pub mod healthcheck;
+mod load;
 pub mod recover;
 
 pub use args::{Cli, Command, TokenCommand};
+pub use load::{ArgsError, Parsed, parse_args};
 
 use tracing_subscriber::EnvFilter;
 
@@ -14,8 +16,13 @@ use crate::config::{DumpArgs, LogArgs, LogFormat};
 /// Installs the global `tracing` subscriber.
 pub fn init_tracing(log: &LogArgs) {
     let filter = EnvFilter::try_new(&log.log).unwrap_or_else(|_| EnvFilter::new("info"));
+    // Colour only for a person at a terminal: files, pipes, the journal and log
+    // shippers would get the escape codes as text. NO_COLOR (no-color.org) wins.
+    let colour = std::io::IsTerminal::is_terminal(&std::io::stderr())
+        && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty());
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(colour)
         .with_writer(std::io::stderr);
     match log.log_format {
         LogFormat::Human => builder.init(),

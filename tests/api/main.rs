@@ -4,6 +4,7 @@
 mod backend;
 mod clients;
 mod compaction;
+mod config;
 mod crash;
 mod dashboard;
 mod devices;

@@ -13,6 +13,10 @@ use chrono::NaiveDate;
 
 use crate::domain::{Device, DumpFormat};
 
+mod file;
+
+pub use file::{ConfigFileError, FromFile, Origin, Rendered, Setting, apply_file, effective};
+
 /// Log output.
 #[derive(Debug, Clone, Args)]
 pub struct LogArgs {
@@ -61,6 +65,15 @@ impl StorageArgs {
 /// `milepost serve`.
 #[derive(Debug, Clone, Args)]
 pub struct ServeArgs {
+    /// Settings file (TOML): any setting below, by its flag name without the dashes
+    /// (`max-devices = 50000`, see dist/milepost.toml). A flag beats its `MILEPOST_*`
+    /// variable, which beats the file, which beats the default.
+    #[arg(long, env = "MILEPOST_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// Print the effective settings, each with where it came from (flag,
+    /// environment, file or default; keys and secrets masked), and exit.
+    #[arg(long)]
+    pub print_config: bool,
     /// Address of the public HTTP API.
     #[arg(long, env = "MILEPOST_LISTEN", default_value = "0.0.0.0:8080")]
     pub listen: SocketAddr,
