@@ -61,7 +61,9 @@
 //! - [`config`]: the server's settings (flags with `MILEPOST_*` fallbacks and a
 //!   `milepost.toml` file under both, `config::file`).
 //! - [`app`]: start-up in steps and the one ordered shutdown.
-//! - [`bench`]: `milepost bench`. [`cli`]: the command line and its subcommands.
+//! - [`bench`]: `milepost bench`. [`push`]: `milepost push`, the device side of the
+//!   offline buffer (an HTTP client of `/ingest`). [`cli`]: the command line and its
+//!   subcommands.
 //!
 //! # Layers
 //!
@@ -71,7 +73,7 @@
 //!
 //! ```text
 //! 9  cli
-//! 8  bench
+//! 8  bench push
 //! 7  app
 //! 6  config
 //! 5  api backend
@@ -95,4 +97,5 @@ pub mod export;
 pub mod ingest;
 pub mod jobs;
 pub mod metrics;
+pub mod push;
 pub mod store;

@@ -10,6 +10,9 @@ async fn main() -> std::process::ExitCode {
     match milepost::cli::run(cli).await {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
+            if let Some(milepost::cli::Exit(code)) = e.downcast_ref() {
+                return std::process::ExitCode::from(*code);
+            }
             tracing::error!("{e:#}");
             std::process::ExitCode::FAILURE
         }

@@ -71,6 +71,9 @@ pub enum Command {
     /// Probe `/readyz` of the server on this machine: exit 0 when ready, 1 if not
     /// (container health checks; the runtime image has no curl).
     Healthcheck(super::healthcheck::HealthcheckArgs),
+    /// Send NDJSON files (a device's offline buffer, a backlog) to a server's
+    /// `/ingest`: gzip, bounded requests, retries; exact totals.
+    Push(crate::push::PushArgs),
     /// Print the OpenAPI document of the public API.
     Openapi,
     /// Measure ingest and query speed against DuckDB's own load (see docs/performance.md).

@@ -13,6 +13,11 @@ use tracing_subscriber::EnvFilter;
 use crate::app::{Server, ShutdownSignal};
 use crate::config::{DumpArgs, LogArgs, LogFormat};
 
+/// A command that has said what went wrong and ends with this exit status.
+#[derive(Debug, thiserror::Error)]
+#[error("exit status {0}")]
+pub struct Exit(pub u8);
+
 /// Installs the global `tracing` subscriber.
 pub fn init_tracing(log: &LogArgs) {
     let filter = EnvFilter::try_new(&log.log).unwrap_or_else(|_| EnvFilter::new("info"));
@@ -96,6 +101,16 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             crate::backend::client::device(&client, command).await
         }
         Command::Healthcheck(args) => healthcheck::run(&args).await,
+        Command::Push(args) => {
+            let totals = crate::push::run(args).await.map_err(|e| {
+                eprintln!("error: {e:#}");
+                Exit(2)
+            })?;
+            match totals.exit_code() {
+                0 => Ok(()),
+                code => Err(Exit(code).into()),
+            }
+        }
         Command::Openapi => {
             println!("{}", crate::api::openapi_json());
             Ok(())

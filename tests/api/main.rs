@@ -19,6 +19,7 @@ mod layering;
 mod lifecycle;
 mod metrics;
 mod openapi;
+mod push;
 mod reads;
 mod reload;
 mod s3;
