@@ -73,8 +73,8 @@
 //!
 //! ```text
 //! 9  cli
-//! 8  bench push
-//! 7  app
+//! 8  bench
+//! 7  app push
 //! 6  config
 //! 5  api backend
 //! 4  jobs

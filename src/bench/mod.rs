@@ -21,6 +21,7 @@ pub mod dump;
 pub mod fleet;
 mod generate;
 pub mod process;
+pub mod push;
 pub mod readers;
 pub mod soak;
 
@@ -135,6 +136,9 @@ pub enum Scenario {
     /// Minutes of mixed traffic (devices, dashboards, exports): drift in memory,
     /// latency or errors.
     Soak,
+    /// `milepost push` of a generated backlog (`--readings` in `--clients` files)
+    /// to a local server.
+    Push,
 }
 
 /// One measured phase.
@@ -192,7 +196,7 @@ pub struct Report {
 }
 
 /// `--work-dir`, or a new temporary directory (removed when the guard drops).
-fn work_dir(
+pub(crate) fn work_dir(
     args: &BenchArgs,
     prefix: &str,
 ) -> anyhow::Result<(PathBuf, Option<tempfile::TempDir>)> {

@@ -55,10 +55,13 @@ pub struct PushArgs {
     #[arg(long)]
     pub device: Option<crate::domain::Device>,
     /// Most uncompressed bytes per request (whole lines; a longer line goes alone).
-    #[arg(long, default_value = "4MiB", value_parser = crate::config::parse_size)]
+    /// 10 M readings to a local server on 2 cores: 1.6 M/s with 4 MiB, 2.9 M/s with
+    /// 16 MiB (two in flight); each request's commit has a fixed cost.
+    #[arg(long, default_value = "16MiB", value_parser = crate::config::parse_size)]
     pub request_bytes: u64,
-    /// Requests in flight at once.
-    #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u32).range(1..=64))]
+    /// Requests in flight at once: two keep the server busy (one committing, the next
+    /// arriving); four made the same 2-core machine 30% slower.
+    #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u32).range(1..=64))]
     pub concurrency: u32,
     /// Send uncompressed (gzip costs CPU on both ends; it saves ~90% of the bytes).
     #[arg(long)]
