@@ -253,7 +253,23 @@ impl Server {
                 metrics.clone(),
             ),
         });
-        let app = api::app(state, args.dashboard_dir.clone(), args.cors_origins.clone());
+        let console =
+            (args.console == crate::config::Toggle::On).then(|| api::console::ConsoleSettings {
+                base: if args.dashboard_dir.is_some() {
+                    "/console/"
+                } else {
+                    "/"
+                },
+                key_file: keys.generated_file(),
+                tls: tls.is_some(),
+                started: std::time::Instant::now(),
+            });
+        let app = api::app(
+            state,
+            args.dashboard_dir.clone(),
+            args.cors_origins.clone(),
+            console,
+        );
         let addr = socket.local_addr().unwrap_or_else(|_| args.listen_addr());
         tracing::info!(%addr, tls = tls.is_some(), "public HTTP API listening");
         let limits = ListenerLimits {

@@ -6,7 +6,9 @@
 //! client makes up is counted under `unknown`), so clients cannot blow up the
 //! number of series.
 
-use std::sync::atomic::AtomicU64;
+use std::collections::VecDeque;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -50,6 +52,11 @@ macro_rules! metrics {
         /// Every metric the server exports.
         pub struct Metrics {
             registry: Registry,
+            /// Readings accepted per minute over the last day (the console's
+            /// sparkline; not exported).
+            pub activity: Activity,
+            /// The latest refused lines (the console's system page; not exported).
+            pub recent_errors: RecentErrors,
             $( $(#[$doc])* pub $field: $ty, )+
         }
 
@@ -61,7 +68,12 @@ macro_rules! metrics {
                     let $field: $ty = $init;
                     metrics!(@register registry, $name, $help, $field $(, $unit)?);
                 )+
-                Self { registry, $($field),+ }
+                Self {
+                    registry,
+                    activity: Activity::default(),
+                    recent_errors: RecentErrors::default(),
+                    $($field),+
+                }
             }
         }
     };
@@ -234,3 +246,117 @@ impl Metrics {
 
 /// Content type of [`Metrics::render`].
 pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+
+/// Minutes [`Activity`] remembers.
+const ACTIVITY_MINUTES: usize = 24 * 60;
+
+/// Readings accepted per minute over the last day, in a ring of per-minute counters
+/// stamped with their minute: two atomics a commit, no lock on the ingest path.
+/// Approximate by design (a count racing the minute's reset may be lost): it draws
+/// a sparkline, it is not a metric.
+pub struct Activity {
+    minutes: Box<[(AtomicI64, AtomicU64)]>,
+}
+
+impl Default for Activity {
+    fn default() -> Self {
+        Self {
+            minutes: (0..ACTIVITY_MINUTES)
+                .map(|_| (AtomicI64::new(i64::MIN), AtomicU64::new(0)))
+                .collect(),
+        }
+    }
+}
+
+fn current_minute() -> i64 {
+    chrono::Utc::now().timestamp().div_euclid(60)
+}
+
+impl Activity {
+    /// Counts `n` readings accepted now.
+    pub fn record(&self, n: u64) {
+        self.record_at(current_minute(), n);
+    }
+
+    fn record_at(&self, minute: i64, n: u64) {
+        let (stamp, count) = &self.minutes[minute.rem_euclid(ACTIVITY_MINUTES as i64) as usize];
+        let seen = stamp.load(Ordering::Acquire);
+        if seen != minute
+            && stamp
+                .compare_exchange(seen, minute, Ordering::AcqRel, Ordering::Acquire)
+                .is_ok()
+        {
+            count.store(0, Ordering::Release);
+        }
+        count.fetch_add(n, Ordering::AcqRel);
+    }
+
+    /// Readings accepted in each of the last 24 hours (the current one last).
+    pub fn per_hour(&self) -> Vec<u64> {
+        self.per_hour_at(current_minute())
+    }
+
+    fn per_hour_at(&self, now: i64) -> Vec<u64> {
+        let mut hours = vec![0u64; 24];
+        for (stamp, count) in self.minutes.iter() {
+            let m = stamp.load(Ordering::Acquire);
+            let age = now - m;
+            if (0..ACTIVITY_MINUTES as i64).contains(&age) {
+                hours[23 - (age / 60) as usize] += count.load(Ordering::Acquire);
+            }
+        }
+        hours
+    }
+}
+
+/// Refused lines kept for the console.
+const RECENT_ERRORS: usize = 20;
+
+/// The latest refused lines, newest first: when, and why.
+#[derive(Default)]
+pub struct RecentErrors(Mutex<VecDeque<(chrono::DateTime<chrono::Utc>, String)>>);
+
+impl RecentErrors {
+    /// Remembers refused lines' reasons (only requests with refusals get here).
+    pub fn record<'a>(&self, reasons: impl IntoIterator<Item = &'a str>) {
+        let now = chrono::Utc::now();
+        let mut q = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        for r in reasons {
+            if q.len() == RECENT_ERRORS {
+                q.pop_back();
+            }
+            q.push_front((now, r.to_owned()));
+        }
+    }
+
+    /// The kept ones, newest first.
+    pub fn list(&self) -> Vec<(chrono::DateTime<chrono::Utc>, String)> {
+        self.0
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .cloned()
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn activity_counts_by_hour_and_forgets_after_a_day() {
+        let a = Activity::default();
+        let now = 1_000_000;
+        a.record_at(now, 5);
+        a.record_at(now - 59, 1);
+        a.record_at(now - 60, 2);
+        a.record_at(now - 23 * 60 - 59, 3);
+        let h = a.per_hour_at(now);
+        assert_eq!((h[23], h[22], h[0]), (6, 2, 3));
+        // A day later the minute's slot is reused, and the rest is too old to count.
+        a.record_at(now + 1440, 7);
+        let h = a.per_hour_at(now + 1440);
+        assert_eq!((h[23], h.iter().sum::<u64>()), (7, 7));
+    }
+}

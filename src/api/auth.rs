@@ -203,6 +203,13 @@ impl KeyRing {
         Ok(n)
     }
 
+    /// The key file generated on first start, when no key is configured (the keys
+    /// then come from it).
+    pub fn generated_file(&self) -> Option<PathBuf> {
+        let path = self.data_dir.join(GENERATED_KEY_FILE);
+        (self.keys.is_empty() && self.key_file.is_none() && path.exists()).then_some(path)
+    }
+
     /// [`ApiKeys::authenticate`] against the keys in use now.
     pub fn authenticate(&self, authorization: Option<&str>) -> Result<Grant, AuthError> {
         self.current

@@ -79,7 +79,7 @@ fn dumper(state: &AppState) -> Result<&Arc<Dumper>, ApiError> {
         .ok_or_else(|| ApiError::not_found("dumps are not configured on this server"))
 }
 
-fn public_url(state: &AppState, key: &str) -> Option<String> {
+pub(super) fn public_url(state: &AppState, key: &str) -> Option<String> {
     state
         .dump_public_url
         .as_ref()

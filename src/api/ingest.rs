@@ -362,6 +362,12 @@ async fn refuse_early(state: &AppState, body: Body, refusal: IngestResponse) -> 
 
 /// Refused lines per sensor; lines that named no catalogued sensor count as `unknown`.
 fn count_rejected(metrics: &Metrics, catalog: &Catalog, parser: &StreamParser) {
+    if parser.rejected() > 0 {
+        // A few reasons a request for the console's system page.
+        metrics
+            .recent_errors
+            .record(parser.errors().iter().take(3).map(|e| e.error.as_str()));
+    }
     let mut named = 0;
     for (id, n) in parser.rejected_by_sensor() {
         named += n;

@@ -5,6 +5,8 @@ pub mod admission;
 mod allow;
 mod anomalies;
 pub mod auth;
+pub mod chart;
+pub mod console;
 mod dumps;
 pub mod error;
 mod etag;
@@ -292,6 +294,7 @@ fn service() -> OpenApiService<
         v1::V1Api,
         dumps::DumpsApi,
         anomalies::AnomaliesApi,
+        chart::ChartsApi,
     ),
     (),
 > {
@@ -301,6 +304,7 @@ fn service() -> OpenApiService<
             v1::V1Api,
             dumps::DumpsApi,
             anomalies::AnomaliesApi,
+            chart::ChartsApi,
         ),
         "Milepost",
         env!("CARGO_PKG_VERSION"),
@@ -334,7 +338,14 @@ pub fn app(
     state: Arc<AppState>,
     dashboard_dir: Option<PathBuf>,
     cors_origins: Vec<String>,
+    console: Option<console::ConsoleSettings>,
 ) -> impl Endpoint<Output = Response> {
+    let console = console.map(|c| {
+        (
+            c.base,
+            Arc::new(console::endpoint(state.clone(), c).boxed()),
+        )
+    });
     let service = service();
     let allow = Arc::new(allow::AllowedMethods::from_spec(
         &serde_json::from_str(&service.spec()).unwrap_or_default(),
@@ -377,6 +388,7 @@ pub fn app(
             _ => api.clone(),
         };
         let dashboard = dashboard.clone();
+        let console = console.clone();
         let state = ingest_state.clone();
         let allow = allow.clone();
         async move {
@@ -397,6 +409,12 @@ pub fn app(
                         .strip_prefix(p)
                         .is_some_and(|rest| rest.starts_with('/'))
             });
+            if let Some((base, console)) = console
+                && !is_api
+                && console::serves(base, path)
+            {
+                return console.get_response(req).await;
+            }
             let path = path.to_owned();
             let resp = match dashboard {
                 Some(d) if !is_api => d.get_response(req).await,

@@ -28,6 +28,15 @@ pub struct LogArgs {
     pub log: String,
 }
 
+/// A feature switched on or off.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Toggle {
+    /// On.
+    On,
+    /// Off.
+    Off,
+}
+
 /// Log formats.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum LogFormat {
@@ -98,6 +107,11 @@ pub struct ServeArgs {
     /// as the fallback for paths outside the API.
     #[arg(long, env = "MILEPOST_DASHBOARD_DIR")]
     pub dashboard_dir: Option<PathBuf>,
+    /// The built-in web console: devices, charts, the track, anomalies, dumps and
+    /// the system's state, read-only (at `/`, or at `/console/` when
+    /// --dashboard-dir takes `/`).
+    #[arg(long, env = "MILEPOST_CONSOLE", value_enum, default_value_t = Toggle::On)]
+    pub console: Toggle,
     /// Browser origin (e.g. `https://grafana.example.com`) allowed to call the API
     /// cross-origin; `*` allows any. Repeatable; comma-separated in the environment.
     /// Without it no CORS headers are sent (the bundled dashboard is same-origin).

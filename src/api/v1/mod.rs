@@ -305,33 +305,50 @@ impl V1Api {
                 tolerance_ms.0
             )));
         }
-        let catalog = state.reads.catalog();
-        let (Some(lat), Some(lon)) = (
-            catalog.get("location_latitude").map(|s| s.id),
-            catalog.get("location_longitude").map(|s| s.id),
-        ) else {
-            return Err(ApiError::internal());
-        };
-        let reads = state.reads.clone();
-        let dev = device.clone();
-        let max = max_points.0 as usize;
-        let tolerance = i64::from(tolerance_ms.0) * 1000;
-        let (points, total) = blocking(move || {
-            let expected = reads.count(&dev, &[lat], range)?;
-            let mut thin = Downsampler::new(max, expected);
-            let mut pairs = Pairer::new(lat, tolerance);
-            reads.scan(&dev, &[lat, lon], range, None, &mut |c| {
-                pairs.feed(&c, |p| thin.push(p));
-                std::ops::ControlFlow::Continue(())
-            })?;
-            let total = thin.total();
-            Ok((thin.finish(), total))
-        })
+        let (points, total) = track_points(
+            &state,
+            &device,
+            range,
+            max_points.0 as usize,
+            i64::from(tolerance_ms.0) * 1000,
+        )
         .await?;
         Ok(TrackResponse::Ok(Json(Any(geojson(
             &device, &points, total,
         )))))
     }
+}
+
+/// The route of `device` in `range`: positions paired within `tolerance_us`, thinned
+/// to at most `max` (LTTB); and how many pairs there were before thinning.
+pub(super) async fn track_points(
+    state: &Arc<AppState>,
+    device: &Device,
+    range: TimeRange,
+    max: usize,
+    tolerance_us: i64,
+) -> Result<(Vec<Point>, u64), ApiError> {
+    let catalog = state.reads.catalog();
+    let (Some(lat), Some(lon)) = (
+        catalog.get("location_latitude").map(|s| s.id),
+        catalog.get("location_longitude").map(|s| s.id),
+    ) else {
+        return Err(ApiError::internal());
+    };
+    let reads = state.reads.clone();
+    let dev = device.clone();
+    blocking(move || {
+        let expected = reads.count(&dev, &[lat], range)?;
+        let mut thin = Downsampler::new(max, expected);
+        let mut pairs = Pairer::new(lat, tolerance_us);
+        reads.scan(&dev, &[lat, lon], range, None, &mut |c| {
+            pairs.feed(&c, |p| thin.push(p));
+            std::ops::ControlFlow::Continue(())
+        })?;
+        let total = thin.total();
+        Ok((thin.finish(), total))
+    })
+    .await
 }
 
 fn from_example() -> Option<String> {

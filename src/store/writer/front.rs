@@ -165,6 +165,8 @@ impl Front {
         }
         let catalog = self.shared.catalog();
         let m = &self.metrics;
+        m.activity
+            .record(per_sensor.iter().map(|(_, accepted, _)| accepted).sum());
         for (sensor, accepted, duplicates) in per_sensor {
             let name = catalog
                 .by_id(sensor)
