@@ -2,9 +2,11 @@
 //! directory, real HTTP. One test binary (modules below) to keep link time down.
 
 mod backend;
+mod charts;
 mod clients;
 mod compaction;
 mod config;
+mod console;
 mod crash;
 mod dashboard;
 mod devices;

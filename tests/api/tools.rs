@@ -6,8 +6,9 @@
 //!   (`target/tmp/milepost-tools/…`), made once and reused by later runs: a real S3
 //!   server (moto), schemathesis and openapi-python-client, and the lake's readers
 //!   (pyspark, polars, pyarrow). They need `python3` with its `venv` module.
-//! - A Java runtime for Spark, with `apt-get` when the tests run as root; otherwise
-//!   the test fails naming the one command to run.
+//! - A Java runtime for Spark, and Debian's headless Chromium for the console's
+//!   browser tests, with `apt-get` when the tests run as root; otherwise the test
+//!   fails naming the one command to run.
 //!
 //! A tool that cannot be had fails its test with the reason; no test passes without
 //! the tool it names.
@@ -126,6 +127,31 @@ pub fn ensure_java() {
         apt_install("openjdk-17-jre-headless") && found(),
         "Spark needs a Java 17 runtime: apt-get install openjdk-17-jre-headless"
     );
+}
+
+/// Debian's Chromium (the console's browser tests): on `PATH`, or installed with
+/// apt-get as root.
+pub fn ensure_chromium() -> PathBuf {
+    let found = || {
+        ["chromium", "chromium-browser"]
+            .into_iter()
+            .find_map(|name| {
+                Command::new(name)
+                    .arg("--version")
+                    .output()
+                    .ok()
+                    .filter(|o| o.status.success())
+                    .map(|_| PathBuf::from(name))
+            })
+    };
+    if let Some(p) = found() {
+        return p;
+    }
+    assert!(
+        apt_install("chromium"),
+        "the console tests need a headless browser: apt-get install chromium"
+    );
+    found().expect("chromium installed but does not run")
 }
 
 /// `apt-get install -y PACKAGE` (after `apt-get update` if the first try fails),

@@ -97,6 +97,53 @@ pub fn time_label(ms: i64, span_ms: i64, zone: Option<Tz>) -> String {
     local_time(ms, zone, fmt)
 }
 
+/// Steps between time labels, seconds: round numbers of a clock and a calendar.
+const TICK_STEPS: [i64; 16] = [
+    60, 120, 300, 600, 900, 1800, 3600, 7200, 10_800, 21_600, 43_200, 86_400, 172_800, 604_800,
+    1_209_600, 2_592_000,
+];
+
+/// Time label positions (ms) between `from` and `to`: at most `most`, on round local
+/// times of `zone` (whole hours, local midnights), so labels read 09:00, not 09:13.
+pub fn time_ticks(from_ms: i64, to_ms: i64, zone: Option<Tz>, most: usize) -> Vec<i64> {
+    let span = (to_ms - from_ms).max(1) / 1000;
+    let step = TICK_STEPS
+        .iter()
+        .copied()
+        .find(|s| span / s < most as i64)
+        .unwrap_or(TICK_STEPS[TICK_STEPS.len() - 1]);
+    // Work in local wall-clock seconds, then map each tick back to UTC.
+    let offset = |ms: i64| -> i64 {
+        let Some(t) = chrono::Utc.timestamp_millis_opt(ms).single() else {
+            return 0;
+        };
+        match zone {
+            Some(z) => i64::from(
+                chrono::Offset::fix(&t.with_timezone(&z).offset().clone()).local_minus_utc(),
+            ),
+            None => 0,
+        }
+    };
+    let local_from = from_ms / 1000 + offset(from_ms);
+    // Days and longer start at local midnight (weeks too: a plain calendar count).
+    let align = step.min(86_400);
+    let mut local = local_from.div_euclid(align) * align;
+    let mut out = Vec::new();
+    while out.len() <= most {
+        let guess = (local - offset(local * 1000 - offset(from_ms) * 1000)) * 1000;
+        // The offset at the tick itself (it may differ across a DST change).
+        let ms = (local - offset(guess)) * 1000;
+        if ms > to_ms {
+            break;
+        }
+        if ms >= from_ms && out.last().is_none_or(|&l| l < ms) {
+            out.push(ms);
+        }
+        local += step;
+    }
+    out
+}
+
 /// `ms` since the epoch in `zone` (UTC when `None`), as `fmt` (strftime) says.
 pub fn local_time(ms: i64, zone: Option<Tz>, fmt: &str) -> String {
     let utc = chrono::Utc.timestamp_millis_opt(ms).single();
@@ -135,7 +182,15 @@ pub fn series_svg(c: &SeriesChart) -> Result<String, DrawError> {
             .caption(&c.title, ("sans-serif", 18))
             .x_label_area_size(24)
             .y_label_area_size(52)
-            .build_cartesian_2d(c.from_ms..c.to_ms, y0..y1)
+            .build_cartesian_2d(
+                (c.from_ms..c.to_ms).with_key_points(time_ticks(
+                    c.from_ms,
+                    c.to_ms,
+                    c.zone,
+                    if c.width < 500 { 4 } else { 8 },
+                )),
+                y0..y1,
+            )
             .map_err(err)?;
         let zone = c.zone;
         let x_fmt = move |ms: &i64| time_label(*ms, span, zone);
@@ -320,4 +375,61 @@ pub fn track_svg(
         root.present().map_err(err)?;
     }
     Ok(svg)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn labels(from: &str, to: &str, zone: Option<Tz>, most: usize, fmt: &str) -> Vec<String> {
+        let ms = |s: &str| {
+            chrono::DateTime::parse_from_rfc3339(s)
+                .unwrap()
+                .timestamp_millis()
+        };
+        time_ticks(ms(from), ms(to), zone, most)
+            .into_iter()
+            .map(|t| local_time(t, zone, fmt))
+            .collect()
+    }
+
+    #[test]
+    fn time_labels_fall_on_round_local_times() {
+        assert_eq!(
+            labels(
+                "2026-01-10T00:00:00Z",
+                "2026-01-10T03:00:00Z",
+                Some(chrono_tz::Asia::Tokyo),
+                8,
+                "%H:%M"
+            ),
+            [
+                "09:00", "09:30", "10:00", "10:30", "11:00", "11:30", "12:00"
+            ]
+        );
+        // Half-hour zone, odd start: the first label is the next round time.
+        assert_eq!(
+            labels(
+                "2026-01-10T00:07:00Z",
+                "2026-01-10T02:00:00Z",
+                Some(chrono_tz::Asia::Kolkata),
+                5,
+                "%H:%M"
+            ),
+            ["06:00", "06:30", "07:00", "07:30"]
+        );
+        // A week across the end of summer time in Berlin: local midnights.
+        assert_eq!(
+            labels(
+                "2026-10-22T12:00:00Z",
+                "2026-10-29T12:00:00Z",
+                Some(chrono_tz::Europe::Berlin),
+                8,
+                "%d %H:%M"
+            ),
+            [
+                "23 00:00", "24 00:00", "25 00:00", "26 00:00", "27 00:00", "28 00:00", "29 00:00"
+            ]
+        );
+    }
 }

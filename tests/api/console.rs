@@ -1,0 +1,336 @@
+//! The console in a real browser (Debian's headless Chromium, its command line:
+//! `--dump-dom` after the page's script ran, `--screenshot`), against a live server
+//! with two devices, a dump and an anomaly. Screenshots are left in
+//! `target/tmp/console-screenshots/` as test artifacts.
+
+use std::path::PathBuf;
+use std::process::Command;
+
+use reqwest::StatusCode;
+
+use crate::helpers::*;
+
+struct Browser {
+    exe: PathBuf,
+    profile: tempfile::TempDir,
+}
+
+/// What the browser made of a page.
+struct Loaded {
+    /// The DOM after the page's script ran.
+    dom: String,
+    /// The browser's log (console messages included).
+    log: String,
+}
+
+impl Browser {
+    fn new() -> Self {
+        Self {
+            exe: crate::tools::ensure_chromium(),
+            profile: tempfile::tempdir().unwrap(),
+        }
+    }
+
+    fn command(&self, tz: &str) -> Command {
+        let mut c = Command::new(&self.exe);
+        // As root in a container, and without the background connections this
+        // machine's closed network refuses.
+        c.args([
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-quic",
+            "--no-first-run",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-sync",
+            "--enable-logging=stderr",
+            "--v=0",
+            "--virtual-time-budget=5000",
+            "--window-size=1280,1600",
+        ])
+        .arg(format!("--user-data-dir={}", self.profile.path().display()))
+        .env("TZ", tz);
+        c
+    }
+
+    /// Loads `url` with the browser's zone `tz`.
+    async fn load(&self, url: &str, tz: &str) -> Loaded {
+        let mut c = self.command(tz);
+        c.arg("--dump-dom").arg(url);
+        let out = tokio::task::spawn_blocking(move || c.output_within_limit())
+            .await
+            .unwrap();
+        assert!(out.status.success(), "chromium failed on {url}: {out:?}");
+        let loaded = Loaded {
+            dom: String::from_utf8_lossy(&out.stdout).into_owned(),
+            log: String::from_utf8_lossy(&out.stderr).into_owned(),
+        };
+        for bad in [
+            "Uncaught",
+            "Failed to load resource",
+            "SyntaxError",
+            "TypeError",
+        ] {
+            assert!(
+                !loaded.log.contains(bad),
+                "{url}: the browser logged {bad}:\n{}",
+                loaded.log
+            );
+        }
+        loaded
+    }
+
+    /// Saves a screenshot of `url` as `name`.png among the test artifacts.
+    async fn screenshot(&self, url: &str, name: &str) {
+        let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("console-screenshots");
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join(format!("{name}.png"));
+        let _ = std::fs::remove_file(&file);
+        let mut c = self.command("UTC");
+        c.arg(format!("--screenshot={}", file.display())).arg(url);
+        let out = tokio::task::spawn_blocking(move || c.output_within_limit())
+            .await
+            .unwrap();
+        assert!(out.status.success(), "{out:?}");
+        let png = std::fs::read(&file).expect("the screenshot was written");
+        assert!(
+            png.starts_with(b"\x89PNG") && png.len() > 10_000,
+            "{}",
+            file.display()
+        );
+    }
+}
+
+/// The value of `attr` on the element with this `id` in a serialized DOM.
+fn attr_of(dom: &str, id: &str, attr: &str) -> String {
+    let at = dom
+        .find(&format!("id=\"{id}\""))
+        .unwrap_or_else(|| panic!("no #{id} in the page"));
+    let start = dom[..at].rfind('<').unwrap();
+    let end = at + dom[at..].find('>').unwrap();
+    let tag = &dom[start..end];
+    let key = format!("{attr}=\"");
+    let v = tag
+        .find(&key)
+        .map(|i| &tag[i + key.len()..])
+        .and_then(|rest| rest.split('"').next())
+        .unwrap_or_else(|| panic!("no {attr} in {tag}"));
+    v.replace("&amp;", "&")
+}
+
+/// `href` values of links whose text is `text`.
+fn links(dom: &str, text: &str) -> Vec<String> {
+    dom.match_indices(&format!(">{text}</a>"))
+        .map(|(i, _)| {
+            let start = dom[..i].rfind("<a ").unwrap();
+            let tag = &dom[start..i];
+            let h = tag.find("href=\"").unwrap() + 6;
+            tag[h..].split('"').next().unwrap().replace("&amp;", "&")
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_console_shows_devices_charts_anomalies_and_dumps_in_a_browser() {
+    let browser = Browser::new();
+    let (app, _) = crate::charts::app_with_a_step().await;
+    // A second device, driving now.
+    let now = chrono::Utc::now();
+    let mut body = String::new();
+    for i in 0..120 {
+        let ts = (now - chrono::Duration::seconds(600 - i * 5)).to_rfc3339();
+        body += &format!("{}\n", dline("car-2", "speed", 40.0 + i as f64 * 0.2, &ts));
+        body += &format!(
+            "{}\n",
+            dline("car-2", "location_latitude", 52.5 + i as f64 * 1e-4, &ts)
+        );
+        body += &format!(
+            "{}\n",
+            dline("car-2", "location_longitude", 13.4 + i as f64 * 2e-4, &ts)
+        );
+    }
+    assert_eq!(app.ingest(body).await.0, StatusCode::OK);
+    let day = chrono::NaiveDate::from_ymd_opt(2026, 1, 10).unwrap();
+    app.server().dumper().dump_day(day).await.expect("dumped");
+
+    // Overview: both devices with their latest values; lada is silent.
+    let overview = browser.load(&app.url("/?tz=Europe/Berlin"), "UTC").await;
+    let dom = &overview.dom;
+    assert!(dom.contains("data-device=\"lada\"") && dom.contains("data-device=\"car-2\""));
+    assert!(
+        dom.contains("99.5 °C"),
+        "lada's latest engine temperature: {dom}"
+    );
+    assert!(dom.contains("63.8 km/h"), "car-2's latest speed");
+    assert!(dom.contains("have sent nothing for over an hour"));
+    assert!(dom.contains("Europe/Berlin"));
+    browser.screenshot(&app.url("/"), "overview").await;
+
+    // Without ?tz= the script asks for the page in the browser's zone.
+    let tokyo = browser.load(&app.url("/"), "Asia/Tokyo").await;
+    assert!(tokyo.dom.contains(">Asia/Tokyo<"), "the script set ?tz=");
+
+    // lada's page around the step: a chart per sensor with data, the step in it.
+    let page = "/device?name=lada&from=2026-01-10T00:00:00Z&to=2026-01-10T03:00:00Z&tz=UTC";
+    let device = browser.load(&app.url(page), "UTC").await;
+    let src = attr_of(&device.dom, "chart-engine_temperature", "src");
+    assert!(
+        !device.dom.contains("id=\"chart-speed\""),
+        "no chart for a sensor without data"
+    );
+    let chart = app
+        .client
+        .get(app.url(&format!("/{src}")))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(chart.status(), StatusCode::OK, "{src}");
+    let chart = chart.text().await.unwrap();
+    assert!(
+        chart.contains("stroke=\"#D62728\""),
+        "the anomaly marker is on the chart"
+    );
+    assert!(
+        device.dom.contains("class=\"anomaly\""),
+        "the step is listed on the page"
+    );
+    browser.screenshot(&app.url(page), "device-lada").await;
+
+    // car-2 drives: live values, its track, a speed chart, downloads.
+    let car = browser
+        .load(&app.url("/device?name=car-2&range=1h&tz=UTC"), "UTC")
+        .await;
+    let track = attr_of(&car.dom, "track", "src");
+    let t = app
+        .client
+        .get(app.url(&format!("/{track}")))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(t.headers()["content-type"], "image/svg+xml");
+    attr_of(&car.dom, "chart-speed", "src");
+    let csv = links(&car.dom, "CSV");
+    assert_eq!(csv.len(), 3, "{csv:?}");
+    let got = app
+        .client
+        .get(app.url(&format!("/{}", csv[0])))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(got.status(), StatusCode::OK);
+    assert!(got.text().await.unwrap().lines().count() > 100);
+    browser
+        .screenshot(&app.url("/device?name=car-2&range=1h"), "device-car-2")
+        .await;
+
+    // Anomalies: the step, linking to a chart around it.
+    let list = browser
+        .load(&app.url("/anomalies?device=lada&tz=UTC"), "UTC")
+        .await;
+    assert!(list.dom.contains("class=\"anomaly\""));
+    let around = links(&list.dom, "chart");
+    assert!(!around.is_empty());
+    let r = app
+        .client
+        .get(app.url(&format!("/{}", around[0])))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    assert!(
+        r.text()
+            .await
+            .unwrap()
+            .contains("id=\"chart-engine_temperature\"")
+    );
+    browser
+        .screenshot(&app.url("/anomalies"), "anomalies")
+        .await;
+
+    // Dumps: both files of the day, downloadable.
+    let dumps = browser.load(&app.url("/dumps?tz=UTC"), "UTC").await;
+    let downloads = links(&dumps.dom, "download");
+    assert_eq!(downloads.len(), 2, "{}", dumps.dom);
+    for d in downloads {
+        let r = app
+            .client
+            .get(app.url(&format!("/{d}")))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), StatusCode::OK, "{d}");
+        assert!(!r.bytes().await.unwrap().is_empty());
+    }
+    browser.screenshot(&app.url("/dumps"), "dumps").await;
+
+    let system = browser.load(&app.url("/system?tz=UTC"), "UTC").await;
+    assert!(system.dom.contains("Readings stored") && system.dom.contains("openapi.json"));
+    browser.screenshot(&app.url("/system"), "system").await;
+
+    // What does not exist is a 404 page, not an error of the server.
+    for path in [
+        "/device?name=nobody",
+        "/device?name=lada&sensor=warp",
+        "/device?name=..",
+    ] {
+        let r = app.client.get(app.url(path)).send().await.unwrap();
+        assert_eq!(r.status(), StatusCode::NOT_FOUND, "{path}");
+        assert!(
+            r.headers()["content-type"]
+                .to_str()
+                .unwrap()
+                .starts_with("text/html")
+        );
+    }
+    let r = app
+        .client
+        .get(app.url("/device?name=lada&tz=Mars/Base"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::BAD_REQUEST);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_empty_server_shows_the_first_steps() {
+    let browser = Browser::new();
+    let app = TestApp::spawn().await;
+    let first = browser.load(&app.url("/?tz=UTC"), "UTC").await;
+    assert!(first.dom.contains("No readings yet"), "{}", first.dom);
+    assert!(first.dom.contains("milepost push"));
+    assert!(first.dom.contains(&format!("--url {}", app.base)));
+    browser.screenshot(&app.url("/"), "first-steps").await;
+}
+
+#[tokio::test]
+async fn the_console_moves_aside_for_a_dashboard_and_can_be_turned_off() {
+    let site = tempfile::tempdir().unwrap();
+    std::fs::write(site.path().join("index.html"), "<p>cloud-lada</p>").unwrap();
+    let dir = site.path().to_owned();
+    let app = TestApp::spawn_with(move |a| a.dashboard_dir = Some(dir)).await;
+    let text = |path: &'static str| {
+        let (c, url) = (app.client.clone(), app.url(path));
+        async move {
+            let r = c.get(url).send().await.unwrap();
+            (r.status(), r.text().await.unwrap())
+        }
+    };
+    assert!(text("/").await.1.contains("cloud-lada"));
+    let (s, body) = text("/console/").await;
+    assert_eq!(s, StatusCode::OK);
+    assert!(body.contains("No readings yet"));
+    // The console's links are relative: its stylesheet is under /console/.
+    assert!(body.contains("href=\"assets/console.css\""));
+    assert_eq!(text("/console/assets/console.css").await.0, StatusCode::OK);
+
+    let off = TestApp::spawn_with(|a| a.console = milepost::config::Toggle::Off).await;
+    let r = off.client.get(off.url("/")).send().await.unwrap();
+    assert_eq!(r.status(), StatusCode::NOT_FOUND);
+    assert!(
+        r.headers()["content-type"]
+            .to_str()
+            .unwrap()
+            .starts_with("application/json")
+    );
+}
