@@ -61,7 +61,8 @@
 //! - [`config`]: the server's settings (flags with `MILEPOST_*` fallbacks and a
 //!   `milepost.toml` file under both, `config::file`).
 //! - [`app`]: start-up in steps and the one ordered shutdown.
-//! - [`bench`]: `milepost bench`. [`push`]: `milepost push`, the device side of the
+//! - [`bench`]: `milepost bench`. [`demo`]: `milepost demo`, simulated cars through
+//!   a real server. [`push`]: `milepost push`, the device side of the
 //!   offline buffer (an HTTP client of `/ingest`). [`cli`]: the command line and its
 //!   subcommands.
 //!
@@ -73,7 +74,7 @@
 //!
 //! ```text
 //! 9  cli
-//! 8  bench
+//! 8  bench demo
 //! 7  app push
 //! 6  config
 //! 5  api backend
@@ -91,6 +92,7 @@ pub mod background;
 pub mod bench;
 pub mod cli;
 pub mod config;
+pub mod demo;
 pub mod detect;
 pub mod domain;
 pub mod export;

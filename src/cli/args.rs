@@ -71,6 +71,10 @@ pub enum Command {
     /// Probe `/readyz` of the server on this machine: exit 0 when ready, 1 if not
     /// (container health checks; the runtime image has no curl).
     Healthcheck(super::healthcheck::HealthcheckArgs),
+    /// Try Milepost: a server with simulated cars (a day of history, an alert that
+    /// found their refuelling, yesterday dumped) streaming live readings; prints the
+    /// console's address.
+    Demo(crate::demo::DemoArgs),
     /// Send NDJSON files (a device's offline buffer, a backlog) to a server's
     /// `/ingest`: gzip, bounded requests, retries; exact totals.
     Push(crate::push::PushArgs),

@@ -104,6 +104,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             crate::backend::client::device(&client, command).await
         }
         Command::Healthcheck(args) => healthcheck::run(&args).await,
+        Command::Demo(args) => crate::demo::run(args).await,
         Command::Push(args) => {
             let totals = crate::push::run(args).await.map_err(|e| {
                 eprintln!("error: {e:#}");

@@ -9,6 +9,7 @@ mod config;
 mod console;
 mod crash;
 mod dashboard;
+mod demo;
 mod devices;
 mod disk;
 mod dumps;
