@@ -73,8 +73,9 @@
 //! The test `layering` reads this block and checks every file against it.
 //!
 //! ```text
-//! 9  cli
-//! 8  bench demo
+//! 10 cli
+//! 9  bench
+//! 8  demo
 //! 7  app push
 //! 6  config
 //! 5  api backend

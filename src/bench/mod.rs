@@ -16,6 +16,7 @@
 //!    sensor (readings/s).
 //! 5. Peak RSS of the server process and database bytes per reading after checkpoint.
 
+pub mod console;
 pub mod detect;
 pub mod dump;
 pub mod fleet;
@@ -139,6 +140,9 @@ pub enum Scenario {
     /// `milepost push` of a generated backlog (`--readings` in `--clients` files)
     /// to a local server.
     Push,
+    /// The console's pages and charts with `--readings` of `--devices` simulated
+    /// cars stored, the newest now.
+    Console,
 }
 
 /// One measured phase.

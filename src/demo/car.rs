@@ -23,6 +23,27 @@ pub struct Sample {
     pub longitude: f64,
 }
 
+impl Sample {
+    /// The six readings as NDJSON lines of `device` at `at`, appended to `body`.
+    pub fn write_ndjson(&self, body: &mut String, device: &str, at: chrono::DateTime<chrono::Utc>) {
+        use std::fmt::Write as _;
+        let ts = at.to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
+        for (sensor, value) in [
+            ("speed", self.speed),
+            ("revolution", self.revolution),
+            ("fuel", self.fuel),
+            ("engine_temperature", self.engine_temperature),
+            ("location_latitude", self.latitude),
+            ("location_longitude", self.longitude),
+        ] {
+            let _ = writeln!(
+                body,
+                r#"{{"device":"{device}","sensor":"{sensor}","value":{value:.6},"timestamp":"{ts}"}}"#
+            );
+        }
+    }
+}
+
 /// What the car is doing.
 #[derive(Debug, Clone, Copy, PartialEq)]
 enum Phase {

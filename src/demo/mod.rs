@@ -5,7 +5,7 @@
 //! streams live readings at 1 Hz until stopped. Everything goes through the same
 //! doors a user's devices and tools use.
 
-mod car;
+pub mod car;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -17,7 +17,7 @@ use chrono::{DateTime, SubsecRound as _, Utc};
 use crate::app::{Server, ShutdownSignal};
 use crate::backend::{Role, TokenAdmin, proto};
 use crate::config::ServeArgs;
-use car::{Car, Sample};
+use car::Car;
 
 /// `milepost demo`.
 #[derive(Debug, Clone, clap::Args)]
@@ -83,7 +83,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
             let mut body = String::with_capacity(CHUNK_SECONDS as usize * 6 * 90);
             for s in second..(second + CHUNK_SECONDS).min(history) {
                 let at = start + chrono::Duration::seconds(s as i64);
-                lines(&mut body, &device, at, &car.step());
+                car.step().write_ndjson(&mut body, &device, at);
             }
             send(&http, &base, &key, body).await?;
             second += CHUNK_SECONDS;
@@ -140,7 +140,8 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         let at = Utc::now().trunc_subsecs(3);
         let mut body = String::new();
         for (n, car) in cars.iter_mut().enumerate() {
-            lines(&mut body, &format!("car-{}", n + 1), at, &car.step());
+            car.step()
+                .write_ndjson(&mut body, &format!("car-{}", n + 1), at);
         }
         if let Err(e) = send(&http, &base, &key, body).await {
             tracing::warn!("demo: live readings not sent: {e:#}");
@@ -148,25 +149,6 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     }
     eprintln!("demo: stopping");
     server.stop().await
-}
-
-/// The six readings of `s` at `at` as NDJSON lines.
-fn lines(body: &mut String, device: &str, at: DateTime<Utc>, s: &Sample) {
-    use std::fmt::Write as _;
-    let ts = at.to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
-    for (sensor, value) in [
-        ("speed", s.speed),
-        ("revolution", s.revolution),
-        ("fuel", s.fuel),
-        ("engine_temperature", s.engine_temperature),
-        ("location_latitude", s.latitude),
-        ("location_longitude", s.longitude),
-    ] {
-        let _ = writeln!(
-            body,
-            r#"{{"device":"{device}","sensor":"{sensor}","value":{value:.6},"timestamp":"{ts}"}}"#
-        );
-    }
 }
 
 async fn send(http: &reqwest::Client, base: &str, key: &str, body: String) -> anyhow::Result<()> {
