@@ -54,7 +54,8 @@
 //! - [`jobs`]: what runs in the background — the dump schedule and retention,
 //!   periodic compaction, detection after commits, webhooks.
 //! - [`api`]: the public HTTP API (poem-openapi on a hyper listener); thin, errors
-//!   map to JSON in one place.
+//!   map to JSON in one place. `api::chart` draws charts as SVG (plotters);
+//!   `api::console` is the built-in HTML console (maud) over the same reads.
 //! - [`backend`]: the internal gRPC listener (tonic) — services, each with its
 //!   authorization policy, hashed tokens, reflection, and its command-line client.
 //! - [`metrics`], [`background`]: the Prometheus registry; low-priority threads.

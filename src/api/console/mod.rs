@@ -9,6 +9,7 @@
 //! is just a query value.
 
 mod pages;
+mod today;
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -56,11 +57,20 @@ pub fn endpoint(
     state: Arc<AppState>,
     settings: ConsoleSettings,
 ) -> impl Endpoint<Output = Response> {
-    let settings = Arc::new(settings);
+    let console = Arc::new(Console {
+        settings,
+        today: Arc::default(),
+    });
     poem::endpoint::make(move |req: Request| {
-        let (state, settings) = (state.clone(), settings.clone());
-        async move { page(&state, &settings, &req).await }
+        let (state, console) = (state.clone(), console.clone());
+        async move { page(&state, &console, &req).await }
     })
+}
+
+/// The console's own state: its settings, and what it keeps between views.
+struct Console {
+    settings: ConsoleSettings,
+    today: Arc<today::TodayCounts>,
 }
 
 /// A page that could not be shown, as an HTML page with this status.
@@ -170,7 +180,8 @@ struct CommonQuery {
     tz: Option<String>,
 }
 
-async fn page(state: &Arc<AppState>, settings: &ConsoleSettings, req: &Request) -> Response {
+async fn page(state: &Arc<AppState>, console: &Console, req: &Request) -> Response {
+    let settings = &console.settings;
     let path = req.uri().path();
     if path == settings.base.trim_end_matches('/') && settings.base != "/" {
         let to = match req.uri().query() {
@@ -205,7 +216,10 @@ async fn page(state: &Arc<AppState>, settings: &ConsoleSettings, req: &Request) 
         }
     };
     let done = match rest.as_str() {
-        "" => pages::overview(state, settings, &ctx, req.params().unwrap_or_default()).await,
+        "" => {
+            let query = req.params().unwrap_or_default();
+            pages::overview(state, settings, &console.today, &ctx, query).await
+        }
         "device" => match req.params() {
             Ok(q) => pages::device(state, &ctx, q).await,
             Err(e) => Err(PageError::bad_request(e.to_string())),

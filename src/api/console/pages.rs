@@ -8,6 +8,7 @@ use maud::{DOCTYPE, Markup, html};
 use poem::http::StatusCode;
 use serde::Deserialize;
 
+use super::today::{DayCounter, TodayCounts};
 use super::{ConsoleSettings, Ctx, PageError, known_device};
 use crate::api::AppState;
 use crate::domain::{
@@ -21,6 +22,9 @@ const PAGE_SIZE: usize = 20;
 /// A device whose newest reading is older than this is called silent (the seed
 /// dashboard warns after an hour).
 const SILENT_AFTER: Duration = Duration::hours(1);
+/// How late a live reading may arrive after its timestamp and still only extend
+/// the overview's kept count of the day (see `today`).
+const IN_FLIGHT: Duration = Duration::minutes(10);
 /// Sensors drawn as the track rather than as charts.
 const POSITION: [&str; 2] = ["location_latitude", "location_longitude"];
 
@@ -137,6 +141,7 @@ struct DeviceRow {
 pub async fn overview(
     state: &Arc<AppState>,
     settings: &ConsoleSettings,
+    today_counts: &Arc<TodayCounts>,
     ctx: &Ctx,
     query: OverviewQuery,
 ) -> Result<Markup, PageError> {
@@ -185,25 +190,42 @@ pub async fn overview(
         .copied()
         .collect();
 
-    // Readings today (since local midnight in the page's zone) of the shown devices,
-    // and open anomalies of every device. A count over today's raw readings is
-    // ~2 ms a device at 1 Hz × 6 sensors (zone maps skip the other days, so it does
-    // not grow with the history); hourly sums over rollups for a per-device
-    // sparkline were 20× slower, so the sparkline is the fleet's (from memory).
-    let today = Day::containing(now, ctx.zone).start(ctx.zone);
+    // Readings today (since local midnight in the page's zone) of the shown devices
+    // (kept and extended between views, see `today`), and open anomalies of every
+    // device.
+    let midnight = Day::containing(now, ctx.zone).start(ctx.zone);
+    let end = Day::containing(now, ctx.zone).next().start(ctx.zone);
     let catalog = reads.catalog();
     let ids: Vec<SensorId> = catalog.iter().map(|s| s.id).collect();
-    let names: Vec<Device> = shown.iter().map(|r| r.device.clone()).collect();
+    let devices: Vec<Device> = shown.iter().map(|r| r.device.clone()).collect();
+    // Readings from before this are taken as settled: live ones still in flight
+    // (timestamped a moment ago, stored a moment later) fall after it, so they
+    // extend the kept count instead of forcing a recount.
+    let settled = Timestamp::from_micros(
+        (now.as_micros() - IN_FLIGHT.num_microseconds().unwrap_or(0)).max(midnight.as_micros()),
+    );
     let counts = {
-        let reads = reads.clone();
-        let range = TimeRange {
-            from: today,
-            to: Timestamp::from_micros(now.as_micros() + 1),
-        };
+        let (reads, today_counts) = (reads.clone(), today_counts.clone());
         crate::api::blocking(move || {
-            names
+            devices
                 .iter()
-                .map(|d| reads.count(d, &ids, range))
+                .map(|device| {
+                    // The device's total just before its counts: a reading stored in
+                    // between makes `TodayCounts` count afresh, so the gap is kept
+                    // short (read for all devices first, it made every third view
+                    // of a streaming fleet recount).
+                    let total = reads
+                        .series_of(device)
+                        .iter()
+                        .map(|(_, s)| s.readings)
+                        .sum();
+                    let day = StoreDay {
+                        reads: reads.as_ref(),
+                        device,
+                        sensors: &ids,
+                    };
+                    today_counts.count(device, (midnight, end), total, settled, &day)
+                })
                 .collect::<Result<Vec<u64>, _>>()
         })
         .await?
@@ -283,6 +305,23 @@ pub async fn overview(
             }
         },
     ))
+}
+
+/// One device's readings over all sensors, for [`TodayCounts`].
+struct StoreDay<'a> {
+    reads: &'a dyn crate::store::ReadStore,
+    device: &'a Device,
+    sensors: &'a [SensorId],
+}
+
+impl DayCounter for StoreDay<'_> {
+    fn count(&self, from: Timestamp, to: Timestamp) -> Result<u64, crate::store::StoreError> {
+        if from >= to {
+            return Ok(0);
+        }
+        self.reads
+            .count(self.device, self.sensors, TimeRange { from, to })
+    }
 }
 
 /// Untriaged anomalies (of one device, or all).
