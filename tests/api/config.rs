@@ -167,21 +167,8 @@ async fn the_server_runs_with_the_files_settings() {
     assert_eq!(status("from-the-file").await, 200);
     assert_eq!(status(KEY).await, 401);
     // Reads without `?device=` are about the file's default device.
-    let v: serde_json::Value = client
-        .get(format!("{}/api/v1/sensors", server.base))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    let speed = v["sensors"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|s| s["name"] == "speed")
-        .unwrap_or_else(|| panic!("{v}"));
-    assert_eq!(speed["readings"], 1, "{v}");
+    let v = get_json(&client, &format!("{}/api/v1/sensors", server.base)).await;
+    assert_eq!(sensor_entry(&v, "speed")["readings"], 1, "{v}");
 }
 
 /// Every key of `milepost serve` appears in each example file, and every line of

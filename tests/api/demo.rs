@@ -85,13 +85,7 @@ async fn the_demo_drives_live_with_a_found_refuelling_and_yesterday_dumped() {
 
     // A day of history, and live readings arriving now.
     let newest = |v: &Value| -> (i64, u64) {
-        let speed = v["sensors"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|s| s["name"] == "speed")
-            .unwrap()
-            .clone();
+        let speed = sensor_entry(v, "speed");
         (
             micros(speed["last"].as_str().unwrap()),
             num(&speed, "readings"),

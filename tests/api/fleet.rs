@@ -195,13 +195,7 @@ async fn every_read_endpoint_shows_a_reading_as_soon_as_it_is_acknowledged() {
             Some(micros(&ts))
         );
         let (_, v1) = app.get("/api/v1/sensors?").await;
-        let speed = v1["sensors"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|s| s["name"] == "speed")
-            .unwrap()
-            .clone();
+        let speed = sensor_entry(&v1, "speed");
         assert_eq!(num(&speed, "readings"), i as u64 + 1);
         let (_, page) = app
             .get(&format!(

@@ -174,6 +174,22 @@ pub async fn post_ingest(
     Ok((status, r.json().await?))
 }
 
+/// The entry of sensor `name` in a `/api/v1/sensors` answer.
+pub fn sensor_entry(v: &Value, name: &str) -> Value {
+    v["sensors"]
+        .as_array()
+        .unwrap_or_else(|| panic!("no sensors in {v}"))
+        .iter()
+        .find(|s| s["name"] == name)
+        .unwrap_or_else(|| panic!("no {name} in {v}"))
+        .clone()
+}
+
+/// `GET url` as JSON, from a client of the test's own.
+pub async fn get_json(client: &reqwest::Client, url: &str) -> Value {
+    client.get(url).send().await.unwrap().json().await.unwrap()
+}
+
 /// Readings counted over every bucket of a statistics answer.
 pub fn bucket_count_sum(stats: &Value) -> u64 {
     stats["buckets"]

@@ -96,14 +96,7 @@ async fn exact_totals_and_refused_lines_by_file_and_line() {
 
     // Everything went to --device (the lines named none).
     let client = reqwest::Client::new();
-    let v: serde_json::Value = client
-        .get(format!("{}/api/v1/devices", server.base))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let v = get_json(&client, &format!("{}/api/v1/devices", server.base)).await;
     let devices = v["devices"].as_array().unwrap();
     assert_eq!(devices.len(), 1, "{v}");
     assert_eq!(

@@ -263,18 +263,28 @@ pub fn series_svg(c: &SeriesChart) -> Result<String, DrawError> {
                 .map_err(err)?;
         }
         if c.points.is_empty() {
-            root.draw(&Text::new(
-                "no readings in this range",
-                (c.width as i32 / 2 - 80, c.height as i32 / 2),
-                ("sans-serif", 14)
-                    .into_font()
-                    .color(&RGBColor(0x88, 0x88, 0x88)),
-            ))
-            .map_err(err)?;
+            placeholder(&root, "no readings in this range", c.width, c.height)?;
         }
         root.present().map_err(err)?;
     }
     Ok(svg)
+}
+
+/// Says in the middle of an empty chart why it is empty.
+fn placeholder<DB: DrawingBackend>(
+    root: &DrawingArea<DB, plotters::coord::Shift>,
+    text: &str,
+    width: u32,
+    height: u32,
+) -> Result<(), DrawError> {
+    root.draw(&Text::new(
+        text,
+        (width as i32 / 2 - 80, height as i32 / 2),
+        ("sans-serif", 14)
+            .into_font()
+            .color(&RGBColor(0x88, 0x88, 0x88)),
+    ))
+    .map_err(err)
 }
 
 /// Values on the y axis: as many decimals as their size needs.
@@ -363,14 +373,7 @@ pub fn track_svg(
                 ])
                 .map_err(err)?;
         } else {
-            root.draw(&Text::new(
-                "no positions in this range",
-                (width as i32 / 2 - 80, height as i32 / 2),
-                ("sans-serif", 14)
-                    .into_font()
-                    .color(&RGBColor(0x88, 0x88, 0x88)),
-            ))
-            .map_err(err)?;
+            placeholder(&root, "no positions in this range", width, height)?;
         }
         root.present().map_err(err)?;
     }
