@@ -207,26 +207,20 @@ pub async fn overview(
     let counts = {
         let (reads, today_counts) = (reads.clone(), today_counts.clone());
         crate::api::blocking(move || {
-            devices
-                .iter()
-                .map(|device| {
-                    // The device's total just before its counts: a reading stored in
-                    // between makes `TodayCounts` count afresh, so the gap is kept
-                    // short (read for all devices first, it made every third view
-                    // of a streaming fleet recount).
-                    let total = reads
-                        .series_of(device)
-                        .iter()
-                        .map(|(_, s)| s.readings)
-                        .sum();
-                    let day = StoreDay {
-                        reads: reads.as_ref(),
-                        device,
-                        sensors: &ids,
-                    };
-                    today_counts.count(device, (midnight, end), total, settled, &day)
+            // The totals just before the counts: a reading stored in between makes
+            // `TodayCounts` count that device afresh, so the gap is kept short.
+            let totals: Vec<(Device, u64)> = devices
+                .into_iter()
+                .map(|d| {
+                    let total = reads.series_of(&d).iter().map(|(_, s)| s.readings).sum();
+                    (d, total)
                 })
-                .collect::<Result<Vec<u64>, _>>()
+                .collect();
+            let store = StoreDay {
+                reads: reads.as_ref(),
+                sensors: &ids,
+            };
+            today_counts.count_all(&totals, (midnight, end), settled, &store)
         })
         .await?
     };
@@ -307,20 +301,26 @@ pub async fn overview(
     ))
 }
 
-/// One device's readings over all sensors, for [`TodayCounts`].
+/// Devices' readings over all sensors, for [`TodayCounts`].
 struct StoreDay<'a> {
     reads: &'a dyn crate::store::ReadStore,
-    device: &'a Device,
     sensors: &'a [SensorId],
 }
 
 impl DayCounter for StoreDay<'_> {
-    fn count(&self, from: Timestamp, to: Timestamp) -> Result<u64, crate::store::StoreError> {
-        if from >= to {
-            return Ok(0);
-        }
-        self.reads
-            .count(self.device, self.sensors, TimeRange { from, to })
+    fn counts(
+        &self,
+        queries: &[(Device, Timestamp, Timestamp)],
+    ) -> Result<Vec<u64>, crate::store::StoreError> {
+        let ranges: Vec<(Device, TimeRange)> = queries
+            .iter()
+            .map(|(d, from, to)| {
+                // An empty range (`now` past the day's end) counts nothing.
+                let to = (*to).max(*from);
+                (d.clone(), TimeRange { from: *from, to })
+            })
+            .collect();
+        self.reads.count_each(self.sensors, &ranges)
     }
 }
 

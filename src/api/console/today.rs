@@ -1,22 +1,23 @@
-//! "Readings today" per device for the overview, exact and cheap on every view after
+//! "Readings today" per device for the overview, exact, and cheap on every view after
 //! the first.
 //!
 //! Counting a streaming device's day afresh scans its day of raw readings: ~8 ms a
 //! device with 100 M readings stored (50 cars at 1 Hz × 6 sensors), 160 ms for a page
-//! of 20. So the count is kept and extended (`T` a little before the clock, so that
-//! live readings in flight land after it): at time `T` the day `[midnight, end)`
-//! held `count` readings, `after` of them at or after `T` (future-dated ones, usually
-//! none), and the device had `total` readings overall. Next time, with `total'`
-//! readings overall, `delta = count[T, end) − after` new readings landed at or after
-//! `T`; if `total' − total == delta`, every new reading is one of those (none landed
-//! before `T`, none was deleted), and the day holds `count + delta`. Otherwise
-//! (a late upload, a replay, retention, a reading stored while the count ran) the
-//! day is counted afresh. Either way the answer is exact.
+//! of 20. So the count is kept and extended. At `T` (a little before the clock, so
+//! that live readings in flight land after it) the day `[midnight, end)` held `count`
+//! readings, `after` of them at or after `T`, and the device had `total` readings
+//! overall. Next time, with `total'` overall, `delta = count[T, end) − after` new
+//! readings landed at or after `T`; if `total' − total == delta`, every new reading
+//! is one of those (none landed before `T`, none was deleted), and the day holds
+//! `count + delta`. Otherwise (a late upload, a replay, retention, a reading stored
+//! while the count ran) the day is counted afresh. Either way the answer is exact.
+//! The counts of a page's devices are asked for together, in at most two queries.
 
 use std::collections::HashMap;
 use std::sync::Mutex;
 
 use crate::domain::{Device, Timestamp};
+use crate::store::StoreError;
 
 /// Most devices remembered (an entry is ~100 bytes); beyond it the map starts over.
 const MAX_ENTRIES: usize = 100_000;
@@ -36,79 +37,128 @@ struct Kept {
     total: u64,
 }
 
-/// Counts of the day the store answers (`count(from, to)` over all of a device's
-/// sensors).
+/// Readings of devices over all their sensors, as the store answers them.
 pub trait DayCounter {
-    /// Readings of the device in `[from, to)`.
-    fn count(&self, from: Timestamp, to: Timestamp) -> Result<u64, crate::store::StoreError>;
+    /// Readings of each `(device, from, to)`, `[from, to)`, in one go.
+    fn counts(&self, queries: &[(Device, Timestamp, Timestamp)]) -> Result<Vec<u64>, StoreError>;
 }
 
 /// Per device, the day as last counted.
 #[derive(Default)]
 pub struct TodayCounts(Mutex<HashMap<Device, Kept>>);
 
+/// What a device's count needs this time.
+enum Plan {
+    /// Nothing new: the kept count.
+    Kept(Kept),
+    /// New readings: extended if they all landed after the kept `at`.
+    Grown(Kept),
+    /// First look, a new day, or fewer readings than before.
+    Fresh,
+}
+
 impl TodayCounts {
-    /// Readings of `device` in `[midnight, end)`, given its `total` readings overall
-    /// (read just before calling); `now` is the instant after which the next look
-    /// counts new readings (a little before the clock: live readings in flight).
-    pub fn count(
+    /// Readings of each device (with its `total` readings overall, read just before
+    /// calling) in `[midnight, end)`; `now` is the instant the next look counts from.
+    pub fn count_all(
         &self,
-        device: &Device,
+        devices: &[(Device, u64)],
         (midnight, end): (Timestamp, Timestamp),
-        total: u64,
         now: Timestamp,
         store: &dyn DayCounter,
-    ) -> Result<u64, crate::store::StoreError> {
-        let kept = self
-            .0
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(device)
-            .copied()
-            .filter(|k| k.midnight == midnight && k.end == end);
-        let fresh = |store: &dyn DayCounter| -> Result<Kept, crate::store::StoreError> {
-            Ok(Kept {
-                midnight,
-                end,
-                at: now,
-                count: store.count(midnight, end)?,
-                after: store.count(now, end)?,
-                total,
-            })
+    ) -> Result<Vec<u64>, StoreError> {
+        let plans: Vec<Plan> = {
+            let map = self.0.lock().unwrap_or_else(|p| p.into_inner());
+            devices
+                .iter()
+                .map(|(device, total)| {
+                    match map
+                        .get(device)
+                        .filter(|k| k.midnight == midnight && k.end == end)
+                    {
+                        Some(k) if *total == k.total => Plan::Kept(*k),
+                        Some(k) if *total > k.total => Plan::Grown(*k),
+                        _ => Plan::Fresh,
+                    }
+                })
+                .collect()
         };
-        let next = match kept {
-            Some(k) if total == k.total => k,
-            Some(k) if total > k.total => {
-                let since = store.count(k.at, end)?;
-                let delta = since.checked_sub(k.after);
-                tracing::debug!(
-                    device = %device,
-                    since,
-                    after = k.after,
-                    new = total - k.total,
-                    "today: new readings since the last look"
-                );
-                if delta == Some(total - k.total) {
-                    // Moved on to now, so the next look counts only what follows.
-                    Kept {
+        // 1. What landed since the kept `at` of the devices with new readings.
+        let grown: Vec<(Device, Timestamp, Timestamp)> = devices
+            .iter()
+            .zip(&plans)
+            .filter_map(|((d, _), p)| match p {
+                Plan::Grown(k) => Some((d.clone(), k.at, end)),
+                _ => None,
+            })
+            .collect();
+        let mut since = ask(store, &grown)?.into_iter();
+        // 2. Extended or afresh: the day, and what lies ahead of `now`, at once.
+        let mut next: Vec<Option<Kept>> = Vec::with_capacity(devices.len());
+        let mut queries: Vec<(Device, Timestamp, Timestamp)> = Vec::new();
+        for ((device, total), plan) in devices.iter().zip(&plans) {
+            let extended = match plan {
+                Plan::Kept(k) => {
+                    next.push(Some(*k));
+                    continue;
+                }
+                Plan::Grown(k) => {
+                    let landed = since.next().unwrap_or(0);
+                    let delta = landed.checked_sub(k.after);
+                    tracing::debug!(%device, landed, after = k.after, new = total - k.total, "today: new readings since the last look");
+                    (delta == Some(total - k.total)).then(|| Kept {
                         at: now,
                         count: k.count + (total - k.total),
-                        after: store.count(now, end)?,
-                        total,
-                        ..k
-                    }
-                } else {
-                    fresh(store)?
+                        total: *total,
+                        ..*k
+                    })
                 }
+                Plan::Fresh => None,
+            };
+            if extended.is_none() {
+                queries.push((device.clone(), midnight, end));
             }
-            _ => fresh(store)?,
-        };
+            queries.push((device.clone(), now, end));
+            next.push(extended);
+        }
+        let mut counted = ask(store, &queries)?.into_iter();
+        let mut out = Vec::with_capacity(devices.len());
         let mut map = self.0.lock().unwrap_or_else(|p| p.into_inner());
-        if map.len() >= MAX_ENTRIES {
+        if map.len() + devices.len() > MAX_ENTRIES {
             map.clear();
         }
-        map.insert(device.clone(), next);
-        Ok(next.count)
+        for (((device, total), plan), extended) in devices.iter().zip(&plans).zip(next) {
+            let kept = match (plan, extended) {
+                (Plan::Kept(k), _) => *k,
+                (_, Some(k)) => Kept {
+                    after: counted.next().unwrap_or(0),
+                    ..k
+                },
+                (_, None) => Kept {
+                    midnight,
+                    end,
+                    at: now,
+                    count: counted.next().unwrap_or(0),
+                    after: counted.next().unwrap_or(0),
+                    total: *total,
+                },
+            };
+            map.insert(device.clone(), kept);
+            out.push(kept.count);
+        }
+        Ok(out)
+    }
+}
+
+/// `store.counts`, without asking when there is nothing to ask.
+fn ask(
+    store: &dyn DayCounter,
+    q: &[(Device, Timestamp, Timestamp)],
+) -> Result<Vec<u64>, StoreError> {
+    if q.is_empty() {
+        Ok(Vec::new())
+    } else {
+        store.counts(q)
     }
 }
 
@@ -118,18 +168,23 @@ mod tests {
 
     use super::*;
 
-    /// A device's stored readings (µs) and how many counts were asked.
-    struct Fake(RefCell<(Vec<i64>, u32)>);
+    /// Devices' stored readings (seconds) and how many times the store was asked.
+    struct Fake(RefCell<(HashMap<Device, Vec<i64>>, u32)>);
 
     impl DayCounter for Fake {
-        fn count(&self, from: Timestamp, to: Timestamp) -> Result<u64, crate::store::StoreError> {
+        fn counts(&self, q: &[(Device, Timestamp, Timestamp)]) -> Result<Vec<u64>, StoreError> {
             let mut s = self.0.borrow_mut();
             s.1 += 1;
-            let range = from.as_micros()..to.as_micros();
-            Ok(s.0
-                .iter()
-                .filter(|t| range.contains(&(**t * 1_000_000)))
-                .count() as u64)
+            Ok(q.iter()
+                .map(|(d, from, to)| {
+                    let range = from.as_micros()..to.as_micros();
+                    s.0.get(d).map_or(0, |v| {
+                        v.iter()
+                            .filter(|t| range.contains(&(**t * 1_000_000)))
+                            .count()
+                    }) as u64
+                })
+                .collect())
         }
     }
 
@@ -139,80 +194,69 @@ mod tests {
 
     #[test]
     fn the_day_is_extended_when_it_can_be_and_recounted_when_not() {
-        let dev = Device::parse("car").unwrap();
+        let (car, van) = (Device::parse("car").unwrap(), Device::parse("van").unwrap());
         let day = (t(1000), t(2000));
         let counts = TodayCounts::default();
-        // Yesterday's 5 and today's 10, one of them future-dated.
+        // Yesterday's 5 and today's 10 of the car, one of them future-dated; the van
+        // is quiet today.
         let store = Fake(RefCell::new((
-            (995..1000).chain(1000..1009).chain([1900]).collect(),
+            HashMap::from([
+                (
+                    car.clone(),
+                    (995..1000).chain(1000..1009).chain([1900]).collect(),
+                ),
+                (van.clone(), vec![990]),
+            ]),
             0,
         )));
-        let total = |s: &Fake| s.0.borrow().0.len() as u64;
-        let asked = |s: &Fake| s.0.borrow().1;
-        assert_eq!(
-            counts
-                .count(&dev, day, total(&store), t(1010), &store)
-                .unwrap(),
-            10
-        );
-        // Live readings after `at`: extended with two small counts (what came
-        // since, and what lies ahead of now).
-        store.0.borrow_mut().0.extend(1010..1015);
-        let before = asked(&store);
-        assert_eq!(
-            counts
-                .count(&dev, day, total(&store), t(1015), &store)
-                .unwrap(),
-            15
-        );
-        assert_eq!(asked(&store) - before, 2);
-        // Nothing new: no count at all.
-        let before = asked(&store);
-        assert_eq!(
-            counts
-                .count(&dev, day, total(&store), t(1016), &store)
-                .unwrap(),
-            15
-        );
-        assert_eq!(asked(&store), before);
+        let look = |at: i64| {
+            let s = store.0.borrow();
+            let devices: Vec<(Device, u64)> = [&car, &van]
+                .iter()
+                .map(|d| ((*d).clone(), s.0[*d].len() as u64))
+                .collect();
+            drop(s);
+            counts.count_all(&devices, day, t(at), &store).unwrap()
+        };
+        let add =
+            |d: &Device, more: &[i64]| store.0.borrow_mut().0.get_mut(d).unwrap().extend(more);
+        let asked = || store.0.borrow().1;
+        assert_eq!(look(1010), [10, 0]);
+        assert_eq!(asked(), 1, "one query for both devices' first look");
+        // Live readings after `at`: extended, in two queries for the page.
+        add(&car, &[1010, 1011, 1012, 1013, 1014]);
+        let before = asked();
+        assert_eq!(look(1015), [15, 0]);
+        assert_eq!(asked() - before, 2);
+        // Nothing new: not asked at all.
+        let before = asked();
+        assert_eq!(look(1016), [15, 0]);
+        assert_eq!(asked(), before);
         // A late upload from before the last look: counted afresh, exactly.
-        store.0.borrow_mut().0.push(1009);
-        assert_eq!(
-            counts
-                .count(&dev, day, total(&store), t(1020), &store)
-                .unwrap(),
-            16
-        );
+        add(&car, &[1009]);
+        assert_eq!(look(1020), [16, 0]);
         // Yesterday's readings deleted (retention): total drops, counted afresh.
-        store.0.borrow_mut().0.retain(|&s| s >= 1000);
-        assert_eq!(
-            counts
-                .count(&dev, day, total(&store), t(1021), &store)
-                .unwrap(),
-            16
-        );
-        // A late one and a future one at once.
-        store.0.borrow_mut().0.extend([1005, 1950]);
-        assert_eq!(
-            counts
-                .count(&dev, day, total(&store), t(1022), &store)
-                .unwrap(),
-            18
-        );
+        store
+            .0
+            .borrow_mut()
+            .0
+            .get_mut(&car)
+            .unwrap()
+            .retain(|&s| s >= 1000);
+        assert_eq!(look(1021), [16, 0]);
+        // A late one and a future one at once; and the van starts today.
+        add(&car, &[1005, 1950]);
+        add(&van, &[1021, 1022]);
+        assert_eq!(look(1022), [18, 2]);
         // Live again: extended from there.
-        store.0.borrow_mut().0.extend(1023..1030);
-        assert_eq!(
-            counts
-                .count(&dev, day, total(&store), t(1030), &store)
-                .unwrap(),
-            25
-        );
+        add(&car, &[1023, 1024, 1025, 1026, 1027, 1028, 1029]);
+        assert_eq!(look(1030), [25, 2]);
         // A new day starts over.
         assert_eq!(
             counts
-                .count(&dev, (t(2000), t(3000)), total(&store), t(2001), &store)
+                .count_all(&[(car.clone(), 100)], (t(2000), t(3000)), t(2001), &store)
                 .unwrap(),
-            0
+            [0]
         );
     }
 }
