@@ -102,9 +102,9 @@ pub trait ReadStore: Send + Sync + 'static {
         range: TimeRange,
     ) -> Result<u64, StoreError>;
 
-    /// Number of readings of `sensors` in each `(device, range)`, in one query (the
-    /// console's overview counts a page of devices at once; a query each cost ~4 ms
-    /// while the ingest log held readings DuckDB had not applied).
+    /// Number of readings of `sensors` in each `(device, range)`, in one statement
+    /// (the console's overview counts a page of devices at once; a query each cost
+    /// ~4 ms while the ingest log held readings DuckDB had not applied).
     fn count_each(
         &self,
         sensors: &[SensorId],
@@ -273,24 +273,19 @@ impl ReadStore for Reader {
         // First the records, then the snapshot (see `with_view`); the records' rows
         // are counted here rather than joined into the query.
         let records = self.shared.unapplied();
-        let columns: Vec<String> = parts
+        // One branch a query, so that each keeps its own zone-map pruning (one scan
+        // with the filters OR-ed together read all 100 M rows: 2.9 s for 20 devices).
+        let sql = parts
             .iter()
-            .map(|(_, id, r)| {
+            .enumerate()
+            .map(|(q, (_, id, r))| {
                 format!(
-                    "count(*) FILTER (WHERE {})",
+                    "SELECT {q} AS q, count(*) AS n FROM readings WHERE {}",
                     series_filter(*id, sensors, *r)
                 )
             })
-            .collect();
-        let any: Vec<String> = parts
-            .iter()
-            .map(|(_, id, r)| format!("({})", series_filter(*id, sensors, *r)))
-            .collect();
-        let sql = format!(
-            "SELECT {} FROM readings WHERE {}",
-            columns.join(", "),
-            any.join(" OR ")
-        );
+            .collect::<Vec<_>>()
+            .join(" UNION ALL ");
         let (stored, through) = self.with_conn(|c| {
             super::in_transaction(c, || {
                 let through = if records.is_empty() {
@@ -298,11 +293,15 @@ impl ReadStore for Reader {
                 } else {
                     ingest_log::through(c)?
                 };
-                let counts = c.query_row(&sql, [], |row| {
-                    (0..parts.len())
-                        .map(|i| row.get::<_, i64>(i))
-                        .collect::<Result<Vec<i64>, _>>()
-                })?;
+                let mut counts = vec![0i64; parts.len()];
+                let mut stmt = c.prepare(&sql)?;
+                let mut rows = stmt.query([])?;
+                while let Some(row) = rows.next()? {
+                    let q: i64 = row.get(0)?;
+                    if let Some(n) = counts.get_mut(q as usize) {
+                        *n = row.get(1)?;
+                    }
+                }
                 Ok::<_, StoreError>((counts, through))
             })
         })?;

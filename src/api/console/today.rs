@@ -11,7 +11,8 @@
 //! is one of those (none landed before `T`, none was deleted), and the day holds
 //! `count + delta`. Otherwise (a late upload, a replay, retention, a reading stored
 //! while the count ran) the day is counted afresh. Either way the answer is exact.
-//! The counts of a page's devices are asked for together, in at most two queries.
+//! The counts of a page's devices are asked for together: one statement, and a
+//! second only for devices with a late upload.
 
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -83,66 +84,69 @@ impl TodayCounts {
                 })
                 .collect()
         };
-        // 1. What landed since the kept `at` of the devices with new readings.
-        let grown: Vec<(Device, Timestamp, Timestamp)> = devices
-            .iter()
-            .zip(&plans)
-            .filter_map(|((d, _), p)| match p {
-                Plan::Grown(k) => Some((d.clone(), k.at, end)),
-                _ => None,
-            })
-            .collect();
-        let mut since = ask(store, &grown)?.into_iter();
-        // 2. Extended or afresh: the day, and what lies ahead of `now`, at once.
-        let mut next: Vec<Option<Kept>> = Vec::with_capacity(devices.len());
-        let mut queries: Vec<(Device, Timestamp, Timestamp)> = Vec::new();
-        for ((device, total), plan) in devices.iter().zip(&plans) {
-            let extended = match plan {
-                Plan::Kept(k) => {
-                    next.push(Some(*k));
-                    continue;
-                }
-                Plan::Grown(k) => {
-                    let landed = since.next().unwrap_or(0);
-                    let delta = landed.checked_sub(k.after);
-                    tracing::debug!(%device, landed, after = k.after, new = total - k.total, "today: new readings since the last look");
-                    (delta == Some(total - k.total)).then(|| Kept {
-                        at: now,
-                        count: k.count + (total - k.total),
-                        total: *total,
-                        ..*k
-                    })
-                }
-                Plan::Fresh => None,
-            };
-            if extended.is_none() {
-                queries.push((device.clone(), midnight, end));
+        // 1. One statement: for devices with new readings, what landed since the
+        //    kept `at`; for devices seen afresh, the day; for both, what lies ahead
+        //    of `now` (the next look's `after`).
+        let mut first: Vec<(Device, Timestamp, Timestamp)> = Vec::new();
+        for ((device, _), plan) in devices.iter().zip(&plans) {
+            match plan {
+                Plan::Kept(_) => {}
+                Plan::Grown(k) => first.push((device.clone(), k.at, end)),
+                Plan::Fresh => first.push((device.clone(), midnight, end)),
             }
-            queries.push((device.clone(), now, end));
-            next.push(extended);
+            if !matches!(plan, Plan::Kept(_)) {
+                first.push((device.clone(), now, end));
+            }
         }
-        let mut counted = ask(store, &queries)?.into_iter();
+        let mut answers = ask(store, &first)?.into_iter();
+        // Per device: its new state, and whether its day must still be counted.
+        let mut next: Vec<(Kept, bool)> = Vec::with_capacity(devices.len());
+        let mut recount: Vec<(Device, Timestamp, Timestamp)> = Vec::new();
+        for ((device, total), plan) in devices.iter().zip(&plans) {
+            let fresh = |count, after| Kept {
+                midnight,
+                end,
+                at: now,
+                count,
+                after,
+                total: *total,
+            };
+            next.push(match plan {
+                Plan::Kept(k) => (*k, false),
+                Plan::Grown(k) => {
+                    let landed = answers.next().unwrap_or(0);
+                    let ahead = answers.next().unwrap_or(0);
+                    let new = total - k.total;
+                    tracing::debug!(%device, landed, after = k.after, new, "today: new readings since the last look");
+                    if landed.checked_sub(k.after) == Some(new) {
+                        (fresh(k.count + new, ahead), false)
+                    } else {
+                        // 2. Some landed before `at` (or were deleted): the day afresh,
+                        //    with what lies ahead of `now` again — from the same
+                        //    snapshot, or a reading stored between the two statements
+                        //    would be counted twice later.
+                        recount.push((device.clone(), midnight, end));
+                        recount.push((device.clone(), now, end));
+                        (fresh(0, 0), true)
+                    }
+                }
+                Plan::Fresh => {
+                    let count = answers.next().unwrap_or(0);
+                    (fresh(count, answers.next().unwrap_or(0)), false)
+                }
+            });
+        }
+        let mut recounted = ask(store, &recount)?.into_iter();
         let mut out = Vec::with_capacity(devices.len());
         let mut map = self.0.lock().unwrap_or_else(|p| p.into_inner());
         if map.len() + devices.len() > MAX_ENTRIES {
             map.clear();
         }
-        for (((device, total), plan), extended) in devices.iter().zip(&plans).zip(next) {
-            let kept = match (plan, extended) {
-                (Plan::Kept(k), _) => *k,
-                (_, Some(k)) => Kept {
-                    after: counted.next().unwrap_or(0),
-                    ..k
-                },
-                (_, None) => Kept {
-                    midnight,
-                    end,
-                    at: now,
-                    count: counted.next().unwrap_or(0),
-                    after: counted.next().unwrap_or(0),
-                    total: *total,
-                },
-            };
+        for ((device, _), (mut kept, counting)) in devices.iter().zip(next) {
+            if counting {
+                kept.count = recounted.next().unwrap_or(0);
+                kept.after = recounted.next().unwrap_or(0);
+            }
             map.insert(device.clone(), kept);
             out.push(kept.count);
         }
@@ -223,11 +227,11 @@ mod tests {
         let asked = || store.0.borrow().1;
         assert_eq!(look(1010), [10, 0]);
         assert_eq!(asked(), 1, "one query for both devices' first look");
-        // Live readings after `at`: extended, in two queries for the page.
+        // Live readings after `at`: extended, in one statement for the page.
         add(&car, &[1010, 1011, 1012, 1013, 1014]);
         let before = asked();
         assert_eq!(look(1015), [15, 0]);
-        assert_eq!(asked() - before, 2);
+        assert_eq!(asked() - before, 1);
         // Nothing new: not asked at all.
         let before = asked();
         assert_eq!(look(1016), [15, 0]);
