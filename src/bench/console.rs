@@ -137,6 +137,10 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
             "track.svg, last day",
             "/api/v1/location/track.svg?device=car-1".to_owned(),
         ),
+        (
+            "a row's `spark.svg` (a device's last 24 h per hour)",
+            "/spark.svg?name=car-1&tz=Europe/Berlin".to_owned(),
+        ),
         ("anomalies", "/anomalies?tz=Europe/Berlin".to_owned()),
         ("system", "/system".to_owned()),
     ];

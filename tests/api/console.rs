@@ -395,4 +395,40 @@ async fn readings_today_are_exact_through_live_readings_late_uploads_and_new_dev
     for d in ["a", "b", "c"] {
         assert_eq!(today_cell(&p, d), expected(&sent, d), "{d}");
     }
+    // The row's picture: readings per hour of the last 24 h, all sensors together.
+    assert!(p.contains("src=\"spark.svg?name=a&amp;tz=UTC\""));
+    let r = app
+        .client
+        .get(app.url("/spark.svg?name=a&tz=UTC"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.headers()["content-type"], "image/svg+xml");
+    let svg = r.text().await.unwrap();
+    let doc = roxmltree::Document::parse(&svg).expect("an SVG document");
+    let label = doc.root_element().attribute("aria-label").unwrap();
+    let per_hour: Vec<u64> = label
+        .rsplit(": ")
+        .next()
+        .unwrap()
+        .split(", ")
+        .map(|n| n.parse().unwrap())
+        .collect();
+    let day_ago = now - chrono::Duration::hours(24);
+    let last_day = sent
+        .iter()
+        .filter(|(d, ts)| d == "a" && *ts >= day_ago)
+        .count() as u64;
+    assert_eq!(per_hour.iter().sum::<u64>(), last_day, "{label}");
+    assert_eq!(
+        doc.descendants().filter(|n| n.has_tag_name("rect")).count(),
+        per_hour.len()
+    );
+    let r = app
+        .client
+        .get(app.url("/spark.svg?name=nobody"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::NOT_FOUND);
 }

@@ -39,7 +39,7 @@ pub struct ConsoleSettings {
 }
 
 /// The console's pages, below its root.
-const PAGES: [&str; 5] = ["", "device", "anomalies", "dumps", "system"];
+const PAGES: [&str; 6] = ["", "device", "anomalies", "dumps", "system", "spark.svg"];
 const CSS: &str = include_str!("assets/console.css");
 const JS: &str = include_str!("assets/console.js");
 
@@ -215,6 +215,18 @@ async fn page(state: &Arc<AppState>, console: &Console, req: &Request) -> Respon
             return error_page(&ctx, PageError::from(e));
         }
     };
+    if rest == "spark.svg" {
+        return match req.params() {
+            Ok(q) => match pages::device_sparkline(state, &ctx, q).await {
+                Ok(svg) => Response::builder()
+                    .content_type("image/svg+xml")
+                    .header(header::CACHE_CONTROL, "no-cache")
+                    .body(svg.into_string()),
+                Err(e) => error_page(&ctx, e),
+            },
+            Err(e) => error_page(&ctx, PageError::bad_request(e.to_string())),
+        };
+    }
     let done = match rest.as_str() {
         "" => {
             let query = req.params().unwrap_or_default();

@@ -114,11 +114,11 @@ fn sparkline(hours: &[u64]) -> Markup {
     let (h, bar) = (24.0, 5.0);
     let w = hours.len() as f64 * bar;
     html! {
-        svg.spark width=(w) height=(h) viewBox=(format!("0 0 {w} {h}")) role="img"
+        svg.spark xmlns="http://www.w3.org/2000/svg" width=(w) height=(h) viewBox=(format!("0 0 {w} {h}")) role="img"
             aria-label=(format!("readings per hour, last 24 hours: {}", hours.iter().map(u64::to_string).collect::<Vec<_>>().join(", "))) {
             @for (i, n) in hours.iter().enumerate() {
                 @let bh = (*n as f64 / max * (h - 2.0)).max(if *n > 0 { 1.0 } else { 0.0 });
-                rect x=(i as f64 * bar) y=(h - bh) width=(bar - 1.0) height=(bh) {}
+                rect x=(i as f64 * bar) y=(h - bh) width=(bar - 1.0) height=(bh) fill="#1f77b4" {}
             }
         }
     }
@@ -262,7 +262,7 @@ pub async fn overview(
             } @else {
                 div.scroll {
                     table.devices #live-devices data-live {
-                        thead { tr { th { "Device" } th { "Last reading" } th { "Latest values" } th.num { "Today" } th.num { "Open anomalies" } } }
+                        thead { tr { th { "Device" } th { "Last reading" } th { "Latest values" } th { "Last 24 h" } th.num { "Today" } th.num { "Open anomalies" } } }
                         tbody {
                             @for (r, today_count) in shown.iter().zip(&counts) {
                                 @let open_here = open.iter().filter(|a| a.device == r.device.as_str()).count();
@@ -281,6 +281,13 @@ pub async fn overview(
                                                 }
                                             }
                                         }
+                                    }
+                                    td {
+                                        // Drawn after the page (a day of a streaming
+                                        // device's readings is counted for it).
+                                        img.spark loading="lazy" width="125" height="24"
+                                            src=(ctx.href("spark.svg", &[("name", r.device.as_str())]))
+                                            alt=(format!("readings of {} per hour, last 24 hours", r.device.as_str()));
                                     }
                                     td.num { (today_count) }
                                     td.num { @if open_here > 0 { a.badge href=(ctx.href("anomalies", &[("device", r.device.as_str()), ("status", "untriaged")])) { (open_here) } } @else { "0" } }
@@ -322,6 +329,37 @@ impl DayCounter for StoreDay<'_> {
             .collect();
         self.reads.count_each(self.sensors, &ranges)
     }
+}
+
+/// `spark.svg?name=…`: a device's readings per hour over the last 24 hours (hours of
+/// the page's zone), all sensors together, as the overview's row picture.
+pub async fn device_sparkline(
+    state: &Arc<AppState>,
+    ctx: &Ctx,
+    q: SparkQuery,
+) -> Result<Markup, PageError> {
+    let device = known_device(state, &q.name)?;
+    let now = Timestamp::now();
+    let hours = crate::domain::Buckets::new(
+        TimeRange {
+            from: Timestamp::from_micros(now.as_micros() - 24 * 3_600_000_000),
+            to: now,
+        },
+        crate::domain::BucketWidth::Minutes(60),
+        ctx.zone,
+        30,
+    )
+    .map_err(|e| PageError::internal("hourly buckets", e))?;
+    let ids: Vec<SensorId> = state.reads.catalog().iter().map(|s| s.id).collect();
+    let reads = state.reads.clone();
+    let counts = crate::api::blocking(move || reads.bucket_counts(&device, &ids, &hours)).await?;
+    Ok(sparkline(&counts))
+}
+
+/// `spark.svg` query.
+#[derive(Debug, Deserialize)]
+pub struct SparkQuery {
+    name: String,
 }
 
 /// Untriaged anomalies (of one device, or all).
