@@ -432,3 +432,41 @@ async fn readings_today_are_exact_through_live_readings_late_uploads_and_new_dev
         .unwrap();
     assert_eq!(r.status(), StatusCode::NOT_FOUND);
 }
+
+/// `milepost serve` with no key configured: the first-steps page names the key file
+/// it generated, in copy-paste lines that work.
+#[tokio::test]
+async fn the_first_steps_name_the_generated_key_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let exe = std::path::Path::new(env!("CARGO_BIN_EXE_milepost"));
+    let server = milepost::bench::process::ServerProcess::start(exe, &data, &[], false)
+        .expect("starts without a key");
+    let key_file = data.join("api-key");
+    let page = reqwest::get(format!("{}/", server.base))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let shown = key_file.display().to_string();
+    assert!(page.contains(&format!("--api-key-file {shown}")), "{page}");
+    // The key in that file is one the server takes.
+    let key = std::fs::read_to_string(&key_file)
+        .unwrap()
+        .lines()
+        .find(|l| !l.starts_with('#') && !l.trim().is_empty())
+        .unwrap()
+        .trim()
+        .to_owned();
+    let body = format!("{}\n", dline("car-1", "speed", 1.0, "2026-01-05T10:00:00Z"));
+    let r = reqwest::Client::new()
+        .post(format!("{}/ingest", server.base))
+        .basic_auth(key, None::<&str>)
+        .header("content-type", "application/x-ndjson")
+        .body(body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+}
