@@ -55,14 +55,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
                         move || body_of(&device, start, from, &samples)
                     })
                     .await?;
-                    let r = http
-                        .post(format!("{base}/ingest"))
-                        .basic_auth(BENCH_KEY, None::<&str>)
-                        .header("content-type", "application/x-ndjson")
-                        .body(body)
-                        .send()
-                        .await?;
-                    anyhow::ensure!(r.status().is_success(), "ingest: {}", r.status());
+                    crate::demo::send(&http, &base, BENCH_KEY, body).await?;
                     s = to;
                 }
             }
@@ -94,13 +87,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
                     car.step()
                         .write_ndjson(&mut body, &format!("car-{}", n + 1), at);
                 }
-                let _ = http
-                    .post(format!("{base}/ingest"))
-                    .basic_auth(BENCH_KEY, None::<&str>)
-                    .header("content-type", "application/x-ndjson")
-                    .body(body)
-                    .send()
-                    .await;
+                let _ = crate::demo::send(&http, &base, BENCH_KEY, body).await;
             }
         })
     };

@@ -151,7 +151,13 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     server.stop().await
 }
 
-async fn send(http: &reqwest::Client, base: &str, key: &str, body: String) -> anyhow::Result<()> {
+/// `POST {base}/ingest` of an NDJSON `body` with `key`; an error unless 2xx.
+pub async fn send(
+    http: &reqwest::Client,
+    base: &str,
+    key: &str,
+    body: String,
+) -> anyhow::Result<()> {
     let r = http
         .post(format!("{base}/ingest"))
         .basic_auth(key, None::<&str>)
