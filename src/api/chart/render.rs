@@ -112,27 +112,33 @@ pub fn time_ticks(from_ms: i64, to_ms: i64, zone: Option<Tz>, most: usize) -> Ve
         .copied()
         .find(|s| span / s < most as i64)
         .unwrap_or(TICK_STEPS[TICK_STEPS.len() - 1]);
-    // Work in local wall-clock seconds, then map each tick back to UTC.
-    let offset = |ms: i64| -> i64 {
-        let Some(t) = chrono::Utc.timestamp_millis_opt(ms).single() else {
-            return 0;
-        };
-        match zone {
-            Some(z) => i64::from(
-                chrono::Offset::fix(&t.with_timezone(&z).offset().clone()).local_minus_utc(),
-            ),
-            None => 0,
-        }
+    // Work in local wall-clock seconds, then map each tick back to UTC (the earlier
+    // of a repeated hour; a skipped one has no tick).
+    let Some(start) = chrono::DateTime::from_timestamp_millis(from_ms) else {
+        return Vec::new();
     };
-    let local_from = from_ms / 1000 + offset(from_ms);
+    let local_from = match zone {
+        Some(z) => start.with_timezone(&z).naive_local(),
+        None => start.naive_utc(),
+    }
+    .and_utc()
+    .timestamp();
+    let to_utc = |local: i64| -> Option<i64> {
+        let naive = chrono::DateTime::from_timestamp(local, 0)?.naive_utc();
+        Some(match zone {
+            Some(z) => z.from_local_datetime(&naive).earliest()?.timestamp_millis(),
+            None => naive.and_utc().timestamp_millis(),
+        })
+    };
     // Days and longer start at local midnight (weeks too: a plain calendar count).
     let align = step.min(86_400);
     let mut local = local_from.div_euclid(align) * align;
-    let mut out = Vec::new();
+    let mut out: Vec<i64> = Vec::new();
     while out.len() <= most {
-        let guess = (local - offset(local * 1000 - offset(from_ms) * 1000)) * 1000;
-        // The offset at the tick itself (it may differ across a DST change).
-        let ms = (local - offset(guess)) * 1000;
+        let Some(ms) = to_utc(local) else {
+            local += step;
+            continue;
+        };
         if ms > to_ms {
             break;
         }

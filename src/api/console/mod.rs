@@ -134,34 +134,14 @@ impl Ctx {
     /// A console link to `page` with `params` and the time zone.
     pub fn href(&self, page: &str, params: &[(&str, &str)]) -> String {
         let page = if page.is_empty() { "./" } else { page };
-        let mut q = url::form_urlencoded::Serializer::new(String::new());
-        for (k, v) in params.iter().filter(|(_, v)| !v.is_empty()) {
-            q.append_pair(k, v);
-        }
-        if let Some(z) = self.zone {
-            q.append_pair("tz", z.name());
-        }
-        let q = q.finish();
-        if q.is_empty() {
-            page.to_owned()
-        } else {
-            format!("{page}?{q}")
-        }
+        let tz = self.zone.map(|z| ("tz", z.name()));
+        with_query(page, params.iter().copied().chain(tz))
     }
 
     /// An API link (relative to the page) with `params`.
     pub fn api_href(&self, path: &str, params: &[(&str, &str)]) -> String {
-        let mut q = url::form_urlencoded::Serializer::new(String::new());
-        for (k, v) in params.iter().filter(|(_, v)| !v.is_empty()) {
-            q.append_pair(k, v);
-        }
-        let q = q.finish();
         let path = format!("{}{}", self.api, path.trim_start_matches('/'));
-        if q.is_empty() {
-            path
-        } else {
-            format!("{path}?{q}")
-        }
+        with_query(&path, params.iter().copied())
     }
 
     /// A time in the page's zone.
@@ -172,6 +152,20 @@ impl Ctx {
     /// The zone's name as shown.
     pub fn zone_name(&self) -> &'static str {
         self.zone.map_or("UTC", |z| z.name())
+    }
+}
+
+/// `path?k=v&…`, empty values left out.
+fn with_query<'a>(path: &str, params: impl Iterator<Item = (&'a str, &'a str)>) -> String {
+    let mut q = url::form_urlencoded::Serializer::new(String::new());
+    for (k, v) in params.filter(|(_, v)| !v.is_empty()) {
+        q.append_pair(k, v);
+    }
+    let q = q.finish();
+    if q.is_empty() {
+        path.to_owned()
+    } else {
+        format!("{path}?{q}")
     }
 }
 
