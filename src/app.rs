@@ -146,7 +146,10 @@ impl Server {
     pub async fn start(args: ServeArgs) -> anyhow::Result<Self> {
         // 1. Open what the server reads and checks; nothing runs yet, so a failure
         //    here drops the store and its lock.
-        let storage = args.storage.store_config();
+        let storage = crate::store::StoreConfig {
+            series_memory: usize::try_from(args.series_memory).unwrap_or(usize::MAX),
+            ..args.storage.store_config()
+        };
         let store = tokio::task::spawn_blocking(move || Store::open(&storage))
             .await
             .context("opening the database")??;
@@ -183,6 +186,7 @@ impl Server {
             rollup_merge_rows: usize::try_from(args.rollup_merge_rows).unwrap_or(usize::MAX),
             live_slots_memory: usize::try_from(args.live_slots_memory).unwrap_or(usize::MAX),
             live_slots_idle: args.live_slots_idle,
+            series_idle: args.series_idle,
             ..WriterConfig::default()
         })?;
         let writer_handle = writer.handle();

@@ -148,6 +148,14 @@ metrics! {
     /// Memory those take, against `--live-slots-memory` (set when scraped).
     live_slots_bytes: Gauge = Gauge::default()
         => "live_slots_memory", "Memory the live quarter hours take (--live-slots-memory bounds it)", Bytes;
+    /// Memory the resident devices' series statistics take (set when scraped).
+    series_bytes: Gauge = Gauge::default()
+        => "series_statistics_memory",
+        "Memory the series statistics of active devices take (--series-memory bounds it)", Bytes;
+    /// Devices whose series statistics are on disk (set when scraped).
+    series_devices_on_disk: Gauge = Gauge::default()
+        => "series_statistics_devices_on_disk",
+        "Devices idle long enough that their series statistics were moved to the database";
     /// `--max-devices` (0: no ceiling), to alert on `devices / devices_limit`.
     devices_limit: Gauge = Gauge::default()
         => "devices_limit", "Devices the server holds at most (--max-devices; 0: no ceiling)";

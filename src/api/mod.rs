@@ -281,6 +281,9 @@ impl PublicApi {
         m.devices.set(totals.devices as i64);
         m.live_slots_devices.set(totals.live_devices as i64);
         m.live_slots_bytes.set(totals.live_bytes as i64);
+        m.series_bytes.set(totals.series_bytes as i64);
+        m.series_devices_on_disk
+            .set(totals.series_devices_on_disk as i64);
         if let Some(t) = totals.newest {
             m.last_reading_seconds.set(t.as_micros() as f64 / 1e6);
         }

@@ -290,6 +290,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<Report> {
             data_dir: work.join("http"),
             memory_limit: args.memory_limit.clone(),
             threads: 2,
+            series_memory: crate::store::DEFAULT_SERIES_MEMORY,
         };
         tokio::task::spawn_blocking(move || {
             let store = crate::store::Store::open(&cfg)?;

@@ -67,6 +67,7 @@ impl StorageArgs {
             data_dir: self.data_dir.clone(),
             memory_limit: self.memory_limit.clone(),
             threads: self.threads,
+            series_memory: crate::store::DEFAULT_SERIES_MEMORY,
         }
     }
 }
@@ -161,6 +162,16 @@ pub struct ServeArgs {
     /// make room for another's.
     #[arg(long, env = "MILEPOST_LIVE_SLOTS_IDLE", default_value = "10s", value_parser = humantime::parse_duration)]
     pub live_slots_idle: Duration,
+    /// Memory for the series statistics (count, first, last, newest value) of
+    /// active devices (~270 bytes per device with six sensors). Beyond it, the
+    /// statistics of devices idle for `--series-idle` move to the database and come
+    /// back when the device sends again (one small query).
+    #[arg(long, env = "MILEPOST_SERIES_MEMORY", default_value = "32MiB", value_parser = parse_size)]
+    pub series_memory: u64,
+    /// How long a device must have stored nothing before its series statistics may
+    /// move to the database.
+    #[arg(long, env = "MILEPOST_SERIES_IDLE", default_value = "60s", value_parser = humantime::parse_duration)]
+    pub series_idle: Duration,
     /// Batches that may wait for the writer before requests get 503.
     #[arg(long, env = "MILEPOST_QUEUE_CAPACITY", default_value_t = 64)]
     pub queue_capacity: usize,

@@ -64,6 +64,7 @@ pub fn load_natively(
         data_dir: dir.to_owned(),
         memory_limit: memory_limit.to_owned(),
         threads: 2,
+        series_memory: crate::store::DEFAULT_SERIES_MEMORY,
     })?);
     let conn = connect(&DataDir::new(dir), memory_limit, false)?;
     for (i, device) in devices.iter().enumerate() {

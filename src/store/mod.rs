@@ -36,6 +36,7 @@ mod reader;
 mod recent;
 mod retention;
 mod rollup;
+mod series;
 mod state;
 mod writer;
 
@@ -55,10 +56,11 @@ pub use forget::DeletedDevice;
 use ingest_log::IngestLog;
 pub use reader::{ReadStore, Reader, ScanChunk, ScanSink, Totals};
 pub use retention::Retired;
+pub use series::{DEFAULT_BUDGET as DEFAULT_SERIES_MEMORY, DEFAULT_IDLE as DEFAULT_SERIES_IDLE};
 pub use state::{ApplyLag, SeriesEntry, SeriesStats, Shared};
 pub use writer::{Clock, Committed, PendingCommit, WriteError, Writer, WriterConfig, WriterHandle};
 
-use crate::domain::{Catalog, Device, DeviceId, Sensor, SensorId, SensorName, Timestamp};
+use crate::domain::{Catalog, Device, DeviceId, Sensor, SensorId, SensorName};
 
 /// How to open the database.
 #[derive(Debug, Clone)]
@@ -69,6 +71,9 @@ pub struct StoreConfig {
     pub memory_limit: String,
     /// DuckDB worker threads.
     pub threads: usize,
+    /// Memory for the series statistics of active devices (`--series-memory`; see
+    /// [`series`]).
+    pub series_memory: usize,
 }
 
 /// An open database: lock held, schema current, small tables loaded.
@@ -108,7 +113,7 @@ impl Store {
         // Readings acknowledged through the ingest log before a crash go into DuckDB
         // before anything reads it.
         let log = ingest_log::replay(&conn, &cfg.data_dir).map_err(damaged)?;
-        let shared = Arc::new(load_shared(&conn).map_err(damaged)?);
+        let shared = Arc::new(load_shared(&conn, cfg.series_memory).map_err(damaged)?);
         tracing::info!(
             path = %path.display(),
             devices = shared.device_count(),
@@ -224,6 +229,7 @@ pub(crate) fn open_for_tests(dir: &Path) -> Store {
         data_dir: dir.to_owned(),
         memory_limit: "128MB".into(),
         threads: 1,
+        series_memory: crate::store::DEFAULT_SERIES_MEMORY,
     })
     .expect("test store opens")
 }
@@ -245,37 +251,18 @@ fn in_transaction<T, E: From<duckdb::Error>>(
     done
 }
 
-/// Leaves the database ready for a fast start: writes the in-memory series statistics
-/// as the snapshot the next start reads, marks it valid and checkpoints. Called by the
-/// writer at shutdown and by offline commands when they are done.
+/// Leaves the database ready for a fast start: writes the resident devices' series
+/// statistics into the table (the rows of devices on disk are current already),
+/// marks it valid and checkpoints. Called by the writer at shutdown and by offline
+/// commands when they are done.
 fn close(conn: &Connection, shared: &Shared) -> Result<(), StoreError> {
-    use duckdb::types::{TimeUnit, Value};
     let _span = tracing::info_span!("checkpoint").entered();
-    let series = shared.all_series();
-    conn.execute_batch("BEGIN TRANSACTION; DELETE FROM series;")?;
-    let written = (|| {
-        let mut app = conn.appender("series")?;
-        for ((device, sensor), s) in &series {
-            app.append_row(duckdb::params![
-                device.0 as i32,
-                sensor.0 as i16,
-                s.readings as i64,
-                Value::Timestamp(TimeUnit::Microsecond, s.first.as_micros()),
-                Value::Timestamp(TimeUnit::Microsecond, s.last.as_micros()),
-                s.last_value,
-            ])?;
-        }
-        app.flush()?;
-        drop(app);
-        conn.execute_batch(
-            "INSERT OR REPLACE INTO meta VALUES ('series_snapshot', 'valid'); COMMIT;",
-        )?;
+    let resident = shared.resident_series();
+    in_transaction(conn, || {
+        series::write(conn, &resident)?;
+        conn.execute_batch("INSERT OR REPLACE INTO meta VALUES ('series_snapshot', 'valid')")?;
         Ok::<_, StoreError>(())
-    })();
-    if let Err(e) = written {
-        conn.execute_batch("ROLLBACK").ok();
-        return Err(e);
-    }
+    })?;
     conn.execute_batch("CHECKPOINT")?;
     Ok(())
 }
@@ -360,11 +347,15 @@ fn open_connection(path: &Path, s: &DuckSettings) -> Result<Connection, StoreErr
     })
 }
 
-/// Per-series statistics: from the snapshot the writer leaves at a clean shutdown, or,
-/// after a crash, recomputed from `readings` (one columnar scan). The snapshot is then
-/// marked stale until the next clean shutdown, so the writer never has to touch
-/// `series` per commit.
-fn load_series(conn: &Connection) -> Result<Vec<SeriesEntry>, StoreError> {
+/// Per-series statistics: the `series` table is exact after a clean shutdown; after
+/// a crash it is recomputed from `readings` (one columnar scan). Memory starts with
+/// the devices that sent last, as many as fit three quarters of the budget; the others stay on
+/// disk (see [`series`]). The snapshot is then marked stale until the next clean
+/// shutdown: resident devices' rows are not kept in step.
+fn load_series(
+    conn: &Connection,
+    budget: usize,
+) -> Result<(Vec<SeriesEntry>, series::DiskTotals), StoreError> {
     let valid: Option<String> = conn
         .query_row(
             "SELECT value FROM meta WHERE key = 'series_snapshot'",
@@ -372,44 +363,33 @@ fn load_series(conn: &Connection) -> Result<Vec<SeriesEntry>, StoreError> {
             |r| r.get(0),
         )
         .ok();
-    let from = if valid.as_deref() == Some("valid") {
-        "SELECT device_id, sensor_id, readings, epoch_us(first_ts), epoch_us(last_ts), last_value FROM series"
-    } else {
+    let started = std::time::Instant::now();
+    if valid.as_deref() != Some("valid") {
         tracing::warn!(
             "the last shutdown was not clean: recomputing series statistics from readings"
         );
-        "SELECT device_id, sensor_id, count(*), min(ts_ms * 1000 + ts_us), max(ts_ms * 1000 + ts_us),
-                arg_max(value, ts_ms * 1000 + ts_us)
-         FROM readings GROUP BY device_id, sensor_id"
-    };
-    let started = std::time::Instant::now();
-    let mut stmt = conn.prepare(from)?;
-    let series = stmt
-        .query_map([], |r| {
-            Ok((
-                (
-                    DeviceId(r.get::<_, i32>(0)? as u32),
-                    SensorId(r.get::<_, i16>(1)? as u16),
-                ),
-                SeriesStats {
-                    readings: r.get::<_, i64>(2)? as u64,
-                    first: Timestamp::from_micros(r.get(3)?),
-                    last: Timestamp::from_micros(r.get(4)?),
-                    last_value: r.get(5)?,
-                },
-            ))
-        })?
-        .collect::<Result<Vec<_>, _>>()?;
+        in_transaction(conn, || series::recompute(conn))?;
+    }
+    let (rows, readings, newest) = series::table_totals(conn)?;
+    let resident = series::read_recent(conn, rows, budget)?;
+    let resident_readings: u64 = resident.iter().map(|(_, s)| s.readings).sum();
     tracing::debug!(
-        series = series.len(),
+        series = rows,
+        resident = resident.len(),
         elapsed_ms = started.elapsed().as_secs_f64() * 1e3,
         "series statistics loaded"
     );
     conn.execute_batch("INSERT OR REPLACE INTO meta VALUES ('series_snapshot', 'stale')")?;
-    Ok(series)
+    Ok((
+        resident,
+        series::DiskTotals {
+            readings: readings - resident_readings,
+            newest,
+        },
+    ))
 }
 
-fn load_shared(conn: &Connection) -> Result<Shared, StoreError> {
+fn load_shared(conn: &Connection, series_memory: usize) -> Result<Shared, StoreError> {
     let mut stmt = conn.prepare(
         "SELECT id, name, unit, description, min_value, max_value FROM sensors ORDER BY id",
     )?;
@@ -451,8 +431,8 @@ fn load_shared(conn: &Connection) -> Result<Shared, StoreError> {
         })
         .collect::<Result<Vec<_>, _>>()?;
 
-    let series = load_series(conn)?;
-    let shared = Shared::new(Catalog::new(sensors), devices, series);
+    let (series, disk) = load_series(conn, series_memory)?;
+    let shared = Shared::new(Catalog::new(sensors), devices, series, disk, series_memory);
     let mut stmt = conn.prepare("SELECT device_id, key_id FROM device_owners")?;
     let owners = stmt
         .query_map([], |r| {
@@ -475,6 +455,7 @@ mod tests {
             data_dir: dir.to_owned(),
             memory_limit: "128MB".into(),
             threads: 1,
+            series_memory: crate::store::DEFAULT_SERIES_MEMORY,
         }
     }
 

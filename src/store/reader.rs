@@ -15,6 +15,7 @@
 //! row group outside the range; the sub-millisecond column only enters the filter
 //! when a bound itself has microseconds.
 
+use std::collections::HashMap;
 use std::ops::ControlFlow;
 use std::sync::{Arc, Mutex};
 
@@ -24,6 +25,7 @@ use duckdb::arrow::record_batch::RecordBatch;
 
 use super::ingest_log;
 use super::rollup::{self, SLOT_MS};
+use super::series;
 use super::{SeriesStats, Shared, StoreError};
 use crate::domain::{
     Aggregate, Buckets, Catalog, Device, DeviceId, SensorId, TimeRange, Timestamp,
@@ -55,6 +57,10 @@ pub struct Totals {
     pub live_devices: usize,
     /// See `live_devices`.
     pub live_bytes: usize,
+    /// Memory the series statistics of resident devices take.
+    pub series_bytes: usize,
+    /// Devices whose series statistics are on disk (idle; see `--series-memory`).
+    pub series_devices_on_disk: usize,
 }
 
 /// What the HTTP layer needs from storage. Methods may block (they run queries):
@@ -69,8 +75,13 @@ pub trait ReadStore: Send + Sync + 'static {
     /// The store's id of `device`, if it has sent anything.
     fn device_id(&self, device: &Device) -> Option<DeviceId>;
 
-    /// Statistics of every series of `device` (empty for an unknown device).
+    /// Statistics of every series of `device` (empty for an unknown device). From
+    /// memory, or one small query for a device idle long enough to be on disk.
     fn series_of(&self, device: &Device) -> Vec<(SensorId, SeriesStats)>;
+
+    /// Every known device with the statistics of its series, by id: memory's, and
+    /// one read of the `series` table for the devices on disk.
+    fn every_device_series(&self) -> Vec<(Device, Vec<(SensorId, SeriesStats)>)>;
 
     /// Known devices, stored readings and the newest reading over all of them, in
     /// one pass over the in-memory statistics (no name copied: `/metrics` asks on
@@ -181,6 +192,21 @@ impl Reader {
         })
     }
 
+    /// Statistics of a known device's series, from memory or its rows on disk.
+    fn series_of_id(&self, id: DeviceId) -> Vec<(SensorId, SeriesStats)> {
+        if let Some(here) = self.shared.series_here(id) {
+            return here;
+        }
+        let _span = tracing::debug_span!("series_on_disk", device = id.0).entered();
+        match self.with_conn(|c| series::read_devices(c, &[id])) {
+            Ok(rows) => rows.into_iter().map(|((_, s), st)| (s, st)).collect(),
+            Err(e) => {
+                tracing::warn!(error = %e, device = id.0, "cannot read a device's series statistics");
+                Vec::new()
+            }
+        }
+    }
+
     fn with_conn<T>(
         &self,
         f: impl FnOnce(&Connection) -> Result<T, StoreError>,
@@ -223,8 +249,38 @@ impl ReadStore for Reader {
     fn series_of(&self, device: &Device) -> Vec<(SensorId, SeriesStats)> {
         self.shared
             .device_id(device)
-            .map(|id| self.shared.series_of(id))
+            .map(|id| self.series_of_id(id))
             .unwrap_or_default()
+    }
+
+    fn every_device_series(&self) -> Vec<(Device, Vec<(SensorId, SeriesStats)>)> {
+        // Which devices are on disk first, then their rows: one that comes back in
+        // between has a row at least as new as what it had when asked.
+        let on_disk = self.shared.devices_on_disk();
+        let mut from_disk: HashMap<DeviceId, Vec<(SensorId, SeriesStats)>> = HashMap::new();
+        if !on_disk.is_empty() {
+            let rows = self.with_conn(series::read_all).unwrap_or_else(|e| {
+                tracing::warn!(error = %e, "cannot read the series statistics of idle devices");
+                Vec::new()
+            });
+            let wanted: std::collections::HashSet<DeviceId> = on_disk.into_iter().collect();
+            for ((d, sensor), st) in rows {
+                if wanted.contains(&d) {
+                    from_disk.entry(d).or_default().push((sensor, st));
+                }
+            }
+        }
+        self.shared
+            .devices()
+            .into_iter()
+            .map(|(id, d)| {
+                let series = match self.shared.series_here(id) {
+                    Some(here) => here,
+                    None => from_disk.remove(&id).unwrap_or_default(),
+                };
+                (d, series)
+            })
+            .collect()
     }
 
     fn bucket_stats(
@@ -622,9 +678,11 @@ impl Reader {
         range: TimeRange,
     ) -> Option<(DeviceId, TimeRange, u64)> {
         let id = self.shared.device_id(device)?;
-        let stats: Vec<SeriesStats> = sensors
-            .iter()
-            .filter_map(|s| self.shared.series(id, *s))
+        let stats: Vec<SeriesStats> = self
+            .series_of_id(id)
+            .into_iter()
+            .filter(|(s, _)| sensors.contains(s))
+            .map(|(_, st)| st)
             .collect();
         let first = stats.iter().map(|s| s.first).min()?;
         let last = stats.iter().map(|s| s.last).max()?;

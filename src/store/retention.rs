@@ -64,7 +64,7 @@ pub(super) fn retire(
             ranges.push((day, lo, range, n));
         }
         if ranges.is_empty() {
-            return Ok(Vec::new());
+            return Ok((Vec::new(), HashMap::new(), None));
         }
         let any = ranges
             .iter()
@@ -96,12 +96,17 @@ pub(super) fn retire(
                      VALUES (DATE '{day}', {n}, make_timestamp({now}::BIGINT));"
             ))?;
         }
-        Ok::<_, StoreError>(per_series)
+        let firsts = first_readings(conn, rollups_from)?;
+        let on_disk = refresh_on_disk(conn, shared, &per_series, &firsts)?;
+        Ok::<_, StoreError>((per_series, firsts, on_disk))
     })?;
-    if per_series.is_empty() {
-        return Ok(done);
+    let (per_series, firsts, on_disk) = per_series;
+    if let Some((readings, newest)) = on_disk {
+        shared.disk_series_changed(readings, newest);
     }
-    refresh_series(conn, shared, &per_series, rollups_from)?;
+    if !per_series.is_empty() {
+        refresh_resident(shared, &per_series, &firsts);
+    }
     // Frees the deleted blocks now; if a dump's snapshot is open DuckDB refuses, and
     // the next automatic checkpoint does it instead.
     if let Err(e) = conn.execute_batch("CHECKPOINT") {
@@ -116,16 +121,12 @@ pub(super) fn retire(
     Ok(done)
 }
 
-/// Subtracts the deleted readings from the series statistics and finds each
-/// remaining series' new first reading: from the rollups (complete before
-/// `rollups_from`) and the readings from there on. Series with nothing left are
-/// dropped.
-fn refresh_series(
+/// Each series' first reading: from the rollups (complete before `rollups_from`) and
+/// the readings from there on.
+fn first_readings(
     conn: &Connection,
-    shared: &Shared,
-    deleted: &[((DeviceId, SensorId), u64)],
     rollups_from: i64,
-) -> Result<(), StoreError> {
+) -> Result<HashMap<(DeviceId, SensorId), i64>, StoreError> {
     let mut firsts: HashMap<(DeviceId, SensorId), i64> = HashMap::new();
     let sql = format!(
         "SELECT device_id, sensor_id, min(first_us) FROM rollups WHERE slot_ms < {rollups_from}
@@ -146,6 +147,63 @@ fn refresh_series(
         let e = firsts.entry((d, s)).or_insert(first);
         *e = (*e).min(first);
     }
+    Ok(firsts)
+}
+
+/// The rows of devices whose statistics are on disk (see [`super::series`]), in the
+/// retention's transaction: readings subtracted, new first reading, emptied series
+/// deleted. Returns the readings subtracted and the table's newest reading after, if
+/// any such device lost readings.
+fn refresh_on_disk(
+    conn: &Connection,
+    shared: &Shared,
+    deleted: &[((DeviceId, SensorId), u64)],
+    firsts: &HashMap<(DeviceId, SensorId), i64>,
+) -> Result<Option<(u64, Option<Timestamp>)>, StoreError> {
+    let mine: Vec<_> = deleted
+        .iter()
+        .filter(|((d, _), _)| shared.series_on_disk(*d))
+        .collect();
+    if mine.is_empty() {
+        return Ok(None);
+    }
+    conn.execute_batch(
+        "CREATE OR REPLACE TEMP TABLE retired_series
+             (device_id INTEGER, sensor_id SMALLINT, n BIGINT, first_us BIGINT)",
+    )?;
+    let mut app = conn.appender_to_catalog_and_db("retired_series", "temp", "main")?;
+    let mut readings = 0;
+    for &&(key, n) in &mine {
+        readings += n;
+        app.append_row(duckdb::params![
+            key.0.0 as i32,
+            key.1.0 as i16,
+            n as i64,
+            firsts.get(&key).copied()
+        ])?;
+    }
+    app.flush()?;
+    drop(app);
+    conn.execute_batch(
+        "UPDATE series SET readings = series.readings - r.n,
+             first_ts = coalesce(make_timestamp(r.first_us), series.first_ts)
+         FROM temp.retired_series r
+         WHERE series.device_id = r.device_id AND series.sensor_id = r.sensor_id;
+         DELETE FROM series WHERE readings <= 0;
+         DROP TABLE temp.retired_series;",
+    )?;
+    let newest = super::series::table_totals(conn)?.2;
+    Ok(Some((readings, newest)))
+}
+
+/// Subtracts the deleted readings from the resident devices' series statistics and
+/// sets each remaining series' new first reading. Series with nothing left are
+/// dropped.
+fn refresh_resident(
+    shared: &Shared,
+    deleted: &[((DeviceId, SensorId), u64)],
+    firsts: &HashMap<(DeviceId, SensorId), i64>,
+) {
     let mut updated: Vec<SeriesEntry> = Vec::new();
     let mut emptied = Vec::new();
     for &(key, n) in deleted {
@@ -163,5 +221,4 @@ fn refresh_series(
     }
     shared.set_series(&updated);
     shared.remove_series(&emptied);
-    Ok(())
 }

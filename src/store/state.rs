@@ -11,10 +11,8 @@ use super::columns::Columns;
 use super::live::{LiveSlots, slot_after};
 use super::names::DeviceNames;
 use super::owners::Owners;
+use super::series::{DeviceSeries, DiskTotals, Held, SeriesMap};
 use crate::domain::{Catalog, Device, DeviceId, SensorId, Timestamp};
-
-/// One device's series and their statistics, by sensor.
-type DeviceSeries = Box<[(SensorId, SeriesStats)]>;
 
 /// A series and its statistics.
 pub type SeriesEntry = ((DeviceId, SensorId), SeriesStats);
@@ -55,7 +53,12 @@ pub struct Shared {
     /// Per device (indexed by id), its series ordered by sensor: a device's
     /// statistics are one lookup (the dashboard asks for them every few seconds),
     /// and a device costs only what it sent (a 16-byte slot and 40 bytes a series).
-    series: RwLock<Vec<DeviceSeries>>,
+    /// Idle devices' statistics go to the `series` table within a budget (see
+    /// [`super::series`]).
+    series: RwLock<SeriesMap>,
+    /// Devices whose rows the flusher committed to the `series` table, for the
+    /// front to take out of memory between groups (see [`super::series`]).
+    spilled: Mutex<Vec<Vec<(DeviceId, DeviceSeries)>>>,
     /// Rollup slots from this one (ms) on are live: their rollups are written when
     /// they end (see `rollup`); readers take them from `readings`. Starts at the
     /// earliest instant — everything raw — until the writer has started.
@@ -108,11 +111,16 @@ struct Visibility {
 const VISIBLE_WAIT: Duration = Duration::from_secs(30);
 
 impl Shared {
+    /// The small tables as loaded at open: `series` holds the statistics memory
+    /// starts with; every other device's are on disk, with `disk` their totals.
     pub(super) fn new(
         catalog: Catalog,
         devices: Vec<(DeviceId, Device)>,
         series: Vec<SeriesEntry>,
+        disk: DiskTotals,
+        series_memory: usize,
     ) -> Self {
+        let last_device = devices.last().map(|(id, _)| *id);
         let mut d = DeviceNames::default();
         for (id, name) in devices {
             d.insert(id, &name);
@@ -121,7 +129,8 @@ impl Shared {
             catalog: RwLock::new(Arc::new(catalog)),
             catalog_update: Mutex::new(()),
             devices: RwLock::new(d),
-            series: RwLock::new(Vec::new()),
+            series: RwLock::new(SeriesMap::default()),
+            spilled: Mutex::new(Vec::new()),
             rollups_from: AtomicI64::new(i64::MIN),
             visible: Visibility {
                 acked: AtomicU64::new(0),
@@ -138,11 +147,20 @@ impl Shared {
                     .map(|(_, s)| s.last.as_micros().div_euclid(1000))
                     .max()
                     .unwrap_or(i64::MIN)
+                    .max(
+                        disk.newest
+                            .map_or(i64::MIN, |t| t.as_micros().div_euclid(1000)),
+                    )
                     .max(chrono::Utc::now().timestamp_millis()),
             )),
             owners: RwLock::new(Owners::default()),
         };
-        shared.set_series(&series);
+        {
+            let mut s = shared.series.write().expect("series lock");
+            s.set_limits(series_memory, super::series::DEFAULT_IDLE);
+            s.set(&series);
+            s.mark_rest_on_disk(last_device, disk);
+        }
         shared
     }
 
@@ -214,7 +232,10 @@ impl Shared {
             }
         }
         let v = &self.visible;
-        *v.flushed.lock().unwrap_or_else(|p| p.into_inner()) = seq;
+        let mut flushed = v.flushed.lock().unwrap_or_else(|p| p.into_inner());
+        // A part that only writes series rows carries no newer sequence number.
+        *flushed = (*flushed).max(seq);
+        drop(flushed);
         v.changed.notify_all();
     }
 
@@ -301,50 +322,126 @@ impl Shared {
             .collect()
     }
 
-    /// Statistics of every series of `device`, by sensor.
-    pub fn series_of(&self, device: DeviceId) -> Vec<(SensorId, SeriesStats)> {
-        let s = self.series.read().expect("series lock");
-        s.get(device.0 as usize)
-            .map(|of| of.to_vec())
-            .unwrap_or_default()
+    /// Statistics of every series of `device`, by sensor; `None` when they are on
+    /// disk (read the `series` table).
+    pub(super) fn series_here(&self, device: DeviceId) -> Option<Vec<(SensorId, SeriesStats)>> {
+        match self.series.read().expect("series lock").get(device) {
+            Held::Here(of) => Some(of.to_vec()),
+            Held::OnDisk => None,
+        }
     }
 
-    /// Statistics of one series.
-    pub fn series(&self, device: DeviceId, sensor: SensorId) -> Option<SeriesStats> {
+    /// Statistics of one series of a resident device (`None` for a device on disk).
+    pub(super) fn series(&self, device: DeviceId, sensor: SensorId) -> Option<SeriesStats> {
+        match self.series.read().expect("series lock").get(device) {
+            Held::Here(of) => of.iter().find(|(id, _)| *id == sensor).map(|(_, st)| *st),
+            Held::OnDisk => None,
+        }
+    }
+
+    /// The ids of these devices (names) whose statistics are on disk, each once.
+    pub(super) fn on_disk_among<'a>(
+        &self,
+        devices: impl Iterator<Item = &'a Device>,
+    ) -> Vec<DeviceId> {
         let s = self.series.read().expect("series lock");
-        let of = s.get(device.0 as usize)?;
-        of.iter().find(|(id, _)| *id == sensor).map(|(_, st)| *st)
+        if s.devices_on_disk() == 0 {
+            return Vec::new();
+        }
+        let names = self.devices.read().expect("devices lock");
+        let mut ids: Vec<DeviceId> = devices
+            .filter_map(|d| names.id(d.as_str()))
+            .filter(|id| s.is_on_disk(*id))
+            .collect();
+        ids.sort_unstable_by_key(|d| d.0);
+        ids.dedup();
+        ids
+    }
+
+    /// Whether `device`'s statistics are on disk.
+    pub(super) fn series_on_disk(&self, device: DeviceId) -> bool {
+        self.series.read().expect("series lock").is_on_disk(device)
+    }
+
+    /// Ids of the devices whose statistics are on disk.
+    pub(super) fn devices_on_disk(&self) -> Vec<DeviceId> {
+        self.series.read().expect("series lock").on_disk_ids()
     }
 
     /// Devices, readings and newest reading over every series (see
     /// [`super::ReadStore::totals`]).
     pub fn totals(&self) -> super::Totals {
         let devices = self.device_count();
-        let s = self.series.read().expect("series lock");
         let (live_devices, live_bytes) = self.live.usage();
-        let mut t = super::Totals {
+        let s = self.series.read().expect("series lock");
+        let (readings, newest, series_devices_on_disk) = s.totals();
+        super::Totals {
             devices,
+            readings,
+            newest,
             live_devices,
             live_bytes,
-            ..Default::default()
-        };
-        for (_, st) in s.iter().flat_map(|of| of.iter()) {
-            t.readings += st.readings;
-            t.newest = t.newest.max(Some(st.last));
+            series_bytes: s.bytes(),
+            series_devices_on_disk,
         }
-        t
     }
 
-    /// Statistics of every series, ordered by device and sensor.
-    pub fn all_series(&self) -> Vec<SeriesEntry> {
-        let s = self.series.read().expect("series lock");
-        s.iter()
-            .enumerate()
-            .flat_map(|(d, of)| {
-                of.iter()
-                    .map(move |(sensor, st)| ((DeviceId(d as u32), *sensor), *st))
-            })
-            .collect()
+    /// Statistics of every resident device's series, ordered by device and sensor.
+    pub(super) fn resident_series(&self) -> Vec<SeriesEntry> {
+        self.series.read().expect("series lock").resident()
+    }
+
+    /// Sets how long a device must be idle before its statistics may go to disk
+    /// (`--series-idle`).
+    pub(super) fn set_series_idle(&self, idle: Duration) {
+        self.series.write().expect("series lock").set_idle(idle);
+    }
+
+    /// Devices on disk come back into memory with their rows (the front, before it
+    /// classifies their readings).
+    pub(super) fn restore_series(&self, devices: &[DeviceId], rows: &[SeriesEntry]) {
+        self.series
+            .write()
+            .expect("series lock")
+            .restore(devices, rows);
+    }
+
+    /// Copies of idle devices' statistics to write to the table, when memory is
+    /// over its budget.
+    pub(super) fn pick_idle_series(&self) -> Vec<(DeviceId, DeviceSeries)> {
+        self.series.read().expect("series lock").pick_idle()
+    }
+
+    /// The flusher committed these devices' rows.
+    pub(super) fn series_written(&self, devices: Vec<(DeviceId, DeviceSeries)>) {
+        self.spilled
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(devices);
+    }
+
+    /// The front, between groups: devices whose rows were committed and whose
+    /// statistics did not change since leave memory. Returns whether any batch was
+    /// taken.
+    pub(super) fn take_written_series(&self) -> bool {
+        let done = std::mem::take(&mut *self.spilled.lock().unwrap_or_else(|p| p.into_inner()));
+        if done.is_empty() {
+            return false;
+        }
+        let mut s = self.series.write().expect("series lock");
+        for batch in &done {
+            s.written(batch);
+        }
+        true
+    }
+
+    /// Retention deleted `readings` of devices on disk; `newest` is the table's
+    /// newest reading now.
+    pub(super) fn disk_series_changed(&self, readings: u64, newest: Option<Timestamp>) {
+        self.series
+            .write()
+            .expect("series lock")
+            .disk_changed(readings, newest);
     }
 
     pub(super) fn add_devices(&self, new: &[(DeviceId, Device)]) {
@@ -380,14 +477,7 @@ impl Shared {
     /// slots.
     pub(super) fn forget_device(&self, id: DeviceId) {
         self.devices.write().expect("devices lock").remove(id);
-        if let Some(of) = self
-            .series
-            .write()
-            .expect("series lock")
-            .get_mut(id.0 as usize)
-        {
-            *of = Box::default();
-        }
+        self.series.write().expect("series lock").forget(id);
         self.live.forget_device(id);
         self.owners
             .write()
@@ -400,34 +490,14 @@ impl Shared {
         if gone.is_empty() {
             return;
         }
-        let mut s = self.series.write().expect("series lock");
-        for (device, sensor) in gone {
-            if let Some(of) = s.get_mut(device.0 as usize)
-                && of.iter().any(|(id, _)| id == sensor)
-            {
-                *of = of.iter().filter(|(id, _)| id != sensor).copied().collect();
-            }
-        }
+        self.series.write().expect("series lock").remove(gone);
     }
 
+    /// Sets the statistics of these series of resident devices.
     pub(super) fn set_series(&self, updated: &[SeriesEntry]) {
-        let mut s = self.series.write().expect("series lock");
-        for ((device, sensor), stats) in updated {
-            let i = device.0 as usize;
-            if s.len() <= i {
-                // Ids are given in order: grow by the usual doubling.
-                s.resize_with(i + 1, Box::default);
-            }
-            let of = &mut s[i];
-            match of.binary_search_by_key(sensor, |(id, _)| *id) {
-                Ok(j) => of[j].1 = *stats,
-                Err(j) => {
-                    // A device's sensors arrive one by one: no spare room kept.
-                    let mut v = std::mem::take(of).into_vec();
-                    v.insert(j, (*sensor, *stats));
-                    *of = v.into_boxed_slice();
-                }
-            }
+        if updated.is_empty() {
+            return;
         }
+        self.series.write().expect("series lock").set(updated);
     }
 }

@@ -692,6 +692,7 @@ async fn a_store_failing_mid_upload_leaves_no_object_and_the_day_is_retried() {
         data_dir: data.path().to_owned(),
         memory_limit: "128MB".into(),
         threads: 1,
+        series_memory: milepost::store::DEFAULT_SERIES_MEMORY,
     })
     .unwrap();
     let settings = || DumpSettings {
@@ -783,14 +784,47 @@ pub(crate) fn walk(dir: &Path) -> Vec<String> {
 
 #[tokio::test]
 async fn retention_deletes_only_dumped_days_and_every_endpoint_stays_consistent() {
+    retention_keeps_every_endpoint_consistent(false).await;
+}
+
+/// The same with both devices' series statistics on disk (`--series-memory 0`) when
+/// retention runs: their rows in the `series` table are brought up to date.
+#[tokio::test]
+async fn retention_keeps_the_statistics_of_devices_on_disk_exact() {
+    retention_keeps_every_endpoint_consistent(true).await;
+}
+
+/// Waits until `n` devices' series statistics are on disk.
+async fn devices_on_disk(app: &TestApp, n: f64) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    loop {
+        let m = crate::metrics::scrape(app).await;
+        let got = crate::metrics::get(&m, "milepost_series_statistics_devices_on_disk");
+        if got == n {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{got} devices on disk"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+}
+
+async fn retention_keeps_every_endpoint_consistent(on_disk: bool) {
     let today = Utc::now().date_naive();
     let days: Vec<NaiveDate> = (3..=5).rev().map(|n| today - Days::new(n)).collect();
-    let app = TestApp::spawn_with(|a| {
+    let configure = move |a: &mut milepost::config::ServeArgs| {
         a.blob.blob_store_url = Some("memory:///".into());
         a.retention_days = Some(2);
         a.dump_max_days = 1;
-    })
-    .await;
+        if on_disk {
+            a.series_memory = 0;
+            a.series_idle = std::time::Duration::ZERO;
+        }
+    };
+    let app = TestApp::spawn_with(configure).await;
+    let disk_devices = if on_disk { 2.0 } else { 0.0 };
     let mut body = String::new();
     for d in &days {
         body += &day_lines("default", "speed", *d, 100, 5);
@@ -805,12 +839,24 @@ async fn retention_deletes_only_dumped_days_and_every_endpoint_stays_consistent(
     );
     body += "\n";
     app.ingest(body).await;
+    devices_on_disk(&app, disk_devices).await;
     let (_, latest_before) = app.get("/api/statistics/latest").await;
     let (_, status_before) = app.get("/api/status").await;
+    let (_, metrics_before) = app.get_text("/metrics").await;
+    assert!(
+        metrics_before.contains("milepost_stored_readings 431\n"),
+        "{metrics_before}"
+    );
 
     // One day per run: the oldest is dumped, then deleted; the two others (older than
     // two days too, but not dumped yet) are kept.
     app.server().run_jobs_once().await;
+    devices_on_disk(&app, disk_devices).await;
+    let (_, metrics) = app.get_text("/metrics").await;
+    assert!(
+        metrics.contains("milepost_stored_readings 281\n"),
+        "{metrics}"
+    );
     let (_, devices) = app.get("/api/v1/devices").await;
     let default = &devices["devices"][0];
     assert_eq!(default["device"], "default");
@@ -868,9 +914,11 @@ async fn retention_deletes_only_dumped_days_and_every_endpoint_stays_consistent(
 
     // Next run: the second day goes the same way; the third is still undumped.
     app.server().run_jobs_once().await;
-    let app = app.restart().await;
+    devices_on_disk(&app, disk_devices).await;
+    let app = app.restart_with(configure).await;
     let (_, devices) = app.get("/api/v1/devices").await;
     assert_eq!(devices["devices"][0]["readings"], 100 + 1, "{devices}");
+    assert_eq!(devices["devices"][1]["readings"], 40, "{devices}");
     let dir = app.stop().await;
     let rows = stored_rows(dir.path());
     let kept: BTreeSet<String> = rows.iter().map(|r| day_of(r.2)).collect();

@@ -41,14 +41,19 @@ impl TestApp {
     }
 
     /// Stops the server gracefully and starts a new one on the same data directory.
-    pub async fn restart(mut self) -> Self {
+    pub async fn restart(self) -> Self {
+        self.restart_with(|_| {}).await
+    }
+
+    /// [`Self::restart`] with settings changed as `configure` says.
+    pub async fn restart_with(mut self, configure: impl FnOnce(&mut ServeArgs)) -> Self {
         self.server
             .take()
             .unwrap()
             .stop()
             .await
             .expect("clean stop");
-        Self::spawn_in(self.dir, |_| {}).await
+        Self::spawn_in(self.dir, configure).await
     }
 
     /// Stops the server and returns the data directory.

@@ -26,5 +26,6 @@ mod push;
 mod reads;
 mod reload;
 mod s3;
+mod series;
 mod tools;
 mod v1;

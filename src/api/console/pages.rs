@@ -146,16 +146,16 @@ pub async fn overview(
     query: OverviewQuery,
 ) -> Result<Markup, PageError> {
     let reads = state.reads.clone();
-    let mut rows: Vec<DeviceRow> = reads
-        .devices()
+    let every = {
+        let reads = reads.clone();
+        crate::api::blocking(move || Ok(reads.every_device_series())).await?
+    };
+    let mut rows: Vec<DeviceRow> = every
         .into_iter()
-        .map(|device| {
-            let series = reads.series_of(&device);
-            DeviceRow {
-                newest: newest(&series),
-                device,
-                series,
-            }
+        .map(|(device, series)| DeviceRow {
+            newest: newest(&series),
+            device,
+            series,
         })
         .collect();
     if rows.is_empty() {

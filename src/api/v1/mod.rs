@@ -48,12 +48,13 @@ impl V1Api {
     /// timestamp.
     #[oai(path = "/devices", method = "get")]
     async fn devices(&self, state: Data<&Arc<AppState>>) -> Json<DeviceList> {
-        let devices = state
-            .reads
-            .devices()
+        let reads = state.reads.clone();
+        let every = crate::api::blocking(move || Ok(reads.every_device_series()))
+            .await
+            .unwrap_or_default();
+        let devices = every
             .into_iter()
-            .map(|d| {
-                let series = state.reads.series_of(&d);
+            .map(|(d, series)| {
                 let readings = series.iter().map(|(_, s)| s.readings).sum();
                 let first = series.iter().map(|(_, s)| s.first).min();
                 let last = series.iter().map(|(_, s)| s.last).max();

@@ -22,6 +22,7 @@ use crate::store::live::live_from;
 use crate::store::recent::RecentKeys;
 use crate::store::retention::{self, Retired};
 use crate::store::rollup::{self, Partials};
+use crate::store::series;
 use crate::store::{Committed, DeletedDevice, SeriesEntry, Shared, StoreError};
 
 /// The write connection and its companions.
@@ -160,13 +161,29 @@ impl Db {
         let _span = tracing::debug_span!("log_flush", rows, through = part.through).entered();
         let started = Instant::now();
         let slots = self.slot_move();
+        let spill: Vec<SeriesEntry> = part
+            .spill
+            .iter()
+            .flat_map(|(d, of)| of.iter().map(move |(s, st)| ((*d, *s), *st)))
+            .collect();
         let partials = self.in_transaction(|db| {
             ingest_log::insert_devices(&db.conn, &part.devices)?;
             ingest_log::insert_owners(&db.conn, &part.owners)?;
             let appended = db.append_fresh(part.rows.clone(), &part.series, &slots)?;
-            ingest_log::set_through(&db.conn, part.through)?;
+            if part.segment.is_some() {
+                ingest_log::set_through(&db.conn, part.through)?;
+            }
+            series::write(&db.conn, &spill)?;
             Ok(appended)
         })?;
+        if !part.spill.is_empty() {
+            tracing::debug!(
+                devices = part.spill.len(),
+                series = spill.len(),
+                "idle devices' series statistics written"
+            );
+            self.shared.series_written(part.spill.clone());
+        }
         self.after_append(slots, partials);
         let elapsed = started.elapsed();
         self.metrics

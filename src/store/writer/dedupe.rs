@@ -68,7 +68,11 @@ impl Db {
     /// as far as [`WINDOW_KEYS`] readings reach at the device's average density
     /// (never past its newest reading, after which nothing is stored).
     fn read_window(&self, device: i32, lo_ms: i64, hi_ms: i64) -> Result<Window, StoreError> {
-        let series = self.shared.series_of(DeviceId(device as u32));
+        // The device is resident: the front brought it back before classifying.
+        let series = self
+            .shared
+            .series_here(DeviceId(device as u32))
+            .unwrap_or_default();
         let readings: u64 = series.iter().map(|(_, s)| s.readings).sum();
         let first = series.iter().map(|(_, s)| s.first.as_micros() / 1000).min();
         let newest = series.iter().map(|(_, s)| s.last.as_micros() / 1000).max();

@@ -12,6 +12,7 @@ use crate::domain::{Device, DeviceId, SensorId};
 use crate::store::StoreError;
 use crate::store::columns::Columns;
 use crate::store::ingest_log;
+use crate::store::series::DeviceSeries;
 
 /// Largest group that goes through the ingest log. In larger groups DuckDB's cost per
 /// transaction is small against its cost per reading, and writing them twice (log,
@@ -35,8 +36,12 @@ pub(super) struct Sealed {
     pub(super) owners: Vec<(DeviceId, u64)>,
     /// Sequence number of the segment's last record.
     pub(super) through: u64,
-    /// The segment file, deleted once DuckDB holds it.
+    /// The segment file, deleted once DuckDB holds it; `None` when the part holds no
+    /// log record (only series rows).
     pub(super) segment: Option<PathBuf>,
+    /// Idle devices' series statistics to write to the `series` table in the same
+    /// transaction (then they leave memory, see [`crate::store::series`]).
+    pub(super) spill: Vec<(DeviceId, DeviceSeries)>,
 }
 
 /// Readings acknowledged into the current log segment.
@@ -49,6 +54,8 @@ pub(super) struct Pending {
     pub(super) through: u64,
     /// When the oldest of them was acknowledged.
     pub(super) since: Option<Instant>,
+    /// See [`Sealed::spill`].
+    pub(super) spill: Vec<(DeviceId, DeviceSeries)>,
 }
 
 impl Pending {
@@ -74,6 +81,7 @@ impl Pending {
             owners: std::mem::take(&mut self.owners),
             through: self.through,
             segment,
+            spill: std::mem::take(&mut self.spill),
         };
         self.series.clear();
         self.since = None;

@@ -4,8 +4,9 @@
 
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
+use duckdb::Connection;
 use tokio::sync::mpsc;
 
 use super::Clock;
@@ -19,7 +20,12 @@ use crate::metrics::{Metrics, UNKNOWN_SENSOR};
 use crate::store::compact;
 use crate::store::ingest_log::IngestLog;
 use crate::store::live::live_from;
+use crate::store::series;
 use crate::store::{DeletedDevice, SeriesEntry, Shared, StoreError};
+
+/// How often the front looks whether idle devices' series statistics must leave
+/// memory (a pass over every device: ~2 ms for a million).
+const SPILL_EVERY: Duration = Duration::from_secs(1);
 
 /// The writer thread's state: classifies groups, appends the log, acknowledges, and
 /// uses the database directly for everything else.
@@ -45,6 +51,13 @@ pub(super) struct Front {
     pub(super) commit_failures: Persisting,
     /// Segment rotations failing in a row.
     pub(super) seal_failures: Persisting,
+    /// A read connection of its own: brings back the series statistics of devices
+    /// on disk (see [`crate::store::series`]) without the write lock.
+    pub(super) lookup: Connection,
+    /// Idle devices' statistics are on their way into the table.
+    pub(super) spilling: bool,
+    /// When the front last looked for idle devices' statistics to write.
+    pub(super) spill_looked: Instant,
 }
 
 impl Front {
@@ -83,6 +96,7 @@ impl Front {
     }
 
     fn commit(&mut self, jobs: &[Job]) -> Result<Vec<Committed>, StoreError> {
+        self.restore_series(jobs)?;
         let mut plan = classify(&self.shared, &self.known, self.next_device, jobs);
         let lag_room = self.shared.apply_lag().readings as usize + plan.rows <= self.max_unapplied;
         if plan.maybe == 0 && plan.rows <= LOG_GROUP_ROWS && lag_room {
@@ -123,6 +137,48 @@ impl Front {
             .add(fresh, &plan.new_devices, &plan.new_owners, seq);
         self.publish(&mut plan, &updated);
         Ok(results)
+    }
+
+    /// Brings back the series statistics of the group's devices that are on disk:
+    /// classifying a reading needs its series' newest stored timestamp.
+    fn restore_series(&self, jobs: &[Job]) -> Result<(), StoreError> {
+        let ids = self
+            .shared
+            .on_disk_among(jobs.iter().flat_map(|j| j.batch.devices.iter()));
+        if ids.is_empty() {
+            return Ok(());
+        }
+        let _span = tracing::debug_span!("series_restore", devices = ids.len()).entered();
+        let rows = series::read_devices(&self.lookup, &ids)?;
+        self.shared.restore_series(&ids, &rows);
+        Ok(())
+    }
+
+    /// Between groups: devices whose rows the flusher committed leave memory; when
+    /// memory is over its budget, the idle ones' statistics go to the flusher to
+    /// be written (at most one batch at a time, looked for once a second).
+    fn spill_series(&mut self) {
+        if self.shared.take_written_series() {
+            self.spilling = false;
+        }
+        if self.spilling || self.spill_looked.elapsed() < SPILL_EVERY {
+            return;
+        }
+        self.spill_looked = Instant::now();
+        let picked = self.shared.pick_idle_series();
+        if picked.is_empty() {
+            return;
+        }
+        tracing::debug!(
+            devices = picked.len(),
+            "idle devices' series statistics to disk"
+        );
+        self.spilling = true;
+        self.pending.spill = picked;
+        if let Err(e) = self.seal() {
+            self.seal_failures
+                .failed("cannot start a new ingest log segment; retrying", &e);
+        }
     }
 
     /// Shows stored readings to readers, counts them and remembers their keys.
@@ -182,6 +238,12 @@ impl Front {
         let Some(id) = self.shared.device_id(device) else {
             return Ok(None);
         };
+        // Back in memory first, so that forgetting it also takes its readings out
+        // of the totals over devices on disk.
+        if self.shared.series_on_disk(id) {
+            let rows = series::read_devices(&self.lookup, &[id])?;
+            self.shared.restore_series(&[id], &rows);
+        }
         let done = self.with_db(|db| db.delete_device(id))?;
         self.known.forget_device(id);
         self.shared.forget_device(id);
@@ -222,7 +284,7 @@ impl Front {
 
     /// Closes the current segment and queues its readings for the flusher.
     fn seal(&mut self) -> Result<(), StoreError> {
-        if self.pending.since.is_none() {
+        if self.pending.since.is_none() && self.pending.spill.is_empty() {
             return Ok(());
         }
         let segment = self.log.rotate()?;
@@ -288,6 +350,7 @@ pub(super) fn run(
         }
         front.commit_group(group);
         front.maybe_seal();
+        front.spill_series();
         front.advance_live();
         if let Some(reply) = compact {
             let _ = reply.send(front.with_db(Db::compact));

@@ -98,6 +98,9 @@ pub struct WriterConfig {
     /// How long a device must have sent nothing before its live quarter hours may be
     /// evicted to make room.
     pub live_slots_idle: Duration,
+    /// How long a device must have stored nothing before its series statistics may
+    /// go to disk.
+    pub series_idle: Duration,
 }
 
 /// Wall-clock time in epoch milliseconds.
@@ -138,6 +141,7 @@ impl Default for WriterConfig {
             max_unapplied_readings: 1 << 20,
             live_slots_memory: crate::store::live::DEFAULT_BUDGET,
             live_slots_idle: crate::store::live::DEFAULT_IDLE,
+            series_idle: crate::store::series::DEFAULT_IDLE,
         }
     }
 }
@@ -201,6 +205,8 @@ impl Writer {
         shared
             .live
             .set_limits(cfg.live_slots_memory, cfg.live_slots_idle);
+        shared.set_series_idle(cfg.series_idle);
+        let lookup = conn.try_clone()?;
         let db = Db::new(
             conn,
             shared.clone(),
@@ -257,6 +263,9 @@ impl Writer {
             past_days: false,
             commit_failures: Persisting::default(),
             seal_failures: Persisting::default(),
+            lookup,
+            spilling: false,
+            spill_looked: Instant::now(),
         };
         let running = Arc::new(AtomicBool::new(true));
         let flag = running.clone();
@@ -328,6 +337,7 @@ mod tests {
             data_dir: dir.to_owned(),
             memory_limit: "128MB".into(),
             threads: 1,
+            series_memory: crate::store::DEFAULT_SERIES_MEMORY,
         })
         .unwrap();
         store.start_writer(cfg).unwrap()
@@ -517,6 +527,7 @@ mod tests {
             data_dir: dir.path().to_owned(),
             memory_limit: "128MB".into(),
             threads: 1,
+            series_memory: crate::store::DEFAULT_SERIES_MEMORY,
         })
         .unwrap();
         let reader = store.reader().unwrap();

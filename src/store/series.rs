@@ -1,0 +1,483 @@
+//! Per-series statistics (count, first, last, newest value) of every device, held in
+//! memory for the devices that are active and in the `series` table for the rest.
+//!
+//! Every device ever seen used to keep its statistics in memory: ~270 bytes a device
+//! with six sensors, 228 MB of a 594 MiB server after a million devices (heaptrack,
+//! issue 23). Now memory holds them within a budget (`--series-memory`); when it is
+//! exceeded, the devices idle longest (at least `--series-idle`) are written to the
+//! `series` table and leave memory ("on disk"). A device on disk comes back in one
+//! query when it sends again, before its readings are classified, so deduplication
+//! and the statistics stay exact; readers of a device on disk read its row.
+//!
+//! The protocol keeps one copy authoritative at every moment:
+//! - memory for a resident device (its table row, if any, is stale and ignored);
+//! - the table for a device on disk (memory holds one bit for it).
+//!
+//! A device leaves memory only after the flusher committed its row, and only if its
+//! statistics did not change meanwhile (the front compares them, between groups); it
+//! comes back before anything uses them. Totals over devices on disk (readings,
+//! newest) are kept beside, so `/metrics` never scans the table.
+//!
+//! After a crash the whole table is recomputed from `readings` (one scan, as before),
+//! so the table never needs to be in step with the readings' transactions.
+
+use std::time::{Duration, Instant};
+
+use duckdb::Connection;
+use duckdb::types::{TimeUnit, Value};
+
+use super::StoreError;
+use super::state::{SeriesEntry, SeriesStats};
+use crate::domain::{DeviceId, SensorId, Timestamp};
+
+/// Default for `--series-memory`: ~120,000 devices with six sensors, so a fleet of
+/// 100,000 streaming devices never touches the table.
+pub const DEFAULT_BUDGET: usize = 32 << 20;
+/// Default for `--series-idle`.
+pub const DEFAULT_IDLE: Duration = Duration::from_secs(60);
+
+/// Memory one series takes in a device's slice (sensor id and statistics, aligned).
+const SERIES_BYTES: usize = std::mem::size_of::<(SensorId, SeriesStats)>();
+/// The allocator's overhead per device slice (glibc: 16 bytes a chunk).
+const DEVICE_BYTES: usize = 16;
+
+/// One device's series and their statistics, ordered by sensor.
+pub(super) type DeviceSeries = Box<[(SensorId, SeriesStats)]>;
+
+/// What memory holds of a device's statistics.
+pub(super) enum Held<'a> {
+    /// These (empty: the device has no readings).
+    Here(&'a [(SensorId, SeriesStats)]),
+    /// Nothing: they are in the `series` table.
+    OnDisk,
+}
+
+/// Totals over the devices whose statistics are on disk.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub(super) struct DiskTotals {
+    /// Readings of their series.
+    pub readings: u64,
+    /// Newest `last` in the whole table (rows of resident devices are never newer
+    /// than their memory, so the maximum with memory's is exact).
+    pub newest: Option<Timestamp>,
+}
+
+/// See the module docs.
+pub(super) struct SeriesMap {
+    /// Indexed by device id: the statistics of a resident device.
+    by_device: Vec<DeviceSeries>,
+    /// A bit per device id: its statistics are in the table, not in `by_device`.
+    on_disk: Vec<u64>,
+    /// Per device id: when it last stored readings, seconds since `epoch`.
+    active: Vec<u32>,
+    epoch: Instant,
+    resident_series: usize,
+    resident_devices: usize,
+    devices_on_disk: usize,
+    disk: DiskTotals,
+    budget: usize,
+    idle_secs: u32,
+}
+
+impl Default for SeriesMap {
+    fn default() -> Self {
+        Self {
+            by_device: Vec::new(),
+            on_disk: Vec::new(),
+            active: Vec::new(),
+            epoch: Instant::now(),
+            resident_series: 0,
+            resident_devices: 0,
+            devices_on_disk: 0,
+            disk: DiskTotals::default(),
+            budget: DEFAULT_BUDGET,
+            idle_secs: DEFAULT_IDLE.as_secs() as u32,
+        }
+    }
+}
+
+impl SeriesMap {
+    /// Sets the budget and idle time (`--series-memory`, `--series-idle`).
+    pub(super) fn set_limits(&mut self, budget: usize, idle: Duration) {
+        self.budget = budget;
+        self.set_idle(idle);
+    }
+
+    /// Sets the idle time (`--series-idle`).
+    pub(super) fn set_idle(&mut self, idle: Duration) {
+        self.idle_secs = u32::try_from(idle.as_secs()).unwrap_or(u32::MAX);
+    }
+
+    /// Devices `0..=last` without statistics in memory are on disk, with `disk`
+    /// their totals (at open).
+    pub(super) fn mark_rest_on_disk(&mut self, last: Option<DeviceId>, disk: DiskTotals) {
+        let Some(last) = last else { return };
+        for id in 0..=last.0 {
+            let i = id as usize;
+            if self.by_device.get(i).is_none_or(|s| s.is_empty()) {
+                self.grow(i);
+                self.set_bit(i, true);
+            }
+        }
+        self.disk = disk;
+    }
+
+    fn grow(&mut self, i: usize) {
+        if self.by_device.len() <= i {
+            // Ids are given in order: grow by the usual doubling.
+            self.by_device.resize_with(i + 1, Box::default);
+            self.active.resize(i + 1, 0);
+            self.on_disk.resize(i / 64 + 1, 0);
+        }
+    }
+
+    fn bit(&self, i: usize) -> bool {
+        self.on_disk
+            .get(i / 64)
+            .is_some_and(|w| w & (1 << (i % 64)) != 0)
+    }
+
+    fn set_bit(&mut self, i: usize, on: bool) {
+        if self.bit(i) == on {
+            return;
+        }
+        let w = &mut self.on_disk[i / 64];
+        if on {
+            *w |= 1 << (i % 64);
+            self.devices_on_disk += 1;
+        } else {
+            *w &= !(1 << (i % 64));
+            self.devices_on_disk -= 1;
+        }
+    }
+
+    /// What memory holds of `device`.
+    pub(super) fn get(&self, device: DeviceId) -> Held<'_> {
+        let i = device.0 as usize;
+        if self.bit(i) {
+            return Held::OnDisk;
+        }
+        Held::Here(self.by_device.get(i).map_or(&[], |s| &s[..]))
+    }
+
+    /// How many devices' statistics are on disk.
+    pub(super) fn devices_on_disk(&self) -> usize {
+        self.devices_on_disk
+    }
+
+    /// Whether `device`'s statistics are on disk.
+    pub(super) fn is_on_disk(&self, device: DeviceId) -> bool {
+        self.bit(device.0 as usize)
+    }
+
+    fn now_secs(&self) -> u32 {
+        u32::try_from(self.epoch.elapsed().as_secs()).unwrap_or(u32::MAX)
+    }
+
+    fn replace(&mut self, i: usize, new: DeviceSeries) {
+        let old = std::mem::replace(&mut self.by_device[i], new);
+        let new_len = self.by_device[i].len();
+        self.resident_series = self.resident_series + new_len - old.len();
+        match (old.is_empty(), new_len == 0) {
+            (true, false) => self.resident_devices += 1,
+            (false, true) => self.resident_devices -= 1,
+            _ => {}
+        }
+    }
+
+    /// Sets the statistics of these series of resident devices (the writer, after a
+    /// commit; retention).
+    pub(super) fn set(&mut self, updated: &[SeriesEntry]) {
+        let now = self.now_secs();
+        for ((device, sensor), stats) in updated {
+            let i = device.0 as usize;
+            self.grow(i);
+            debug_assert!(!self.bit(i), "statistics set for a device on disk");
+            self.active[i] = now;
+            let of = &self.by_device[i];
+            match of.binary_search_by_key(sensor, |(id, _)| *id) {
+                Ok(j) => self.by_device[i][j].1 = *stats,
+                Err(j) => {
+                    // A device's sensors arrive one by one: no spare room kept.
+                    let mut v = of.to_vec();
+                    v.insert(j, (*sensor, *stats));
+                    self.replace(i, v.into_boxed_slice());
+                }
+            }
+        }
+    }
+
+    /// Drops these series of resident devices (all their readings were deleted).
+    pub(super) fn remove(&mut self, gone: &[(DeviceId, SensorId)]) {
+        for (device, sensor) in gone {
+            let i = device.0 as usize;
+            if let Some(of) = self.by_device.get(i)
+                && of.iter().any(|(id, _)| id == sensor)
+            {
+                let kept: DeviceSeries =
+                    of.iter().filter(|(id, _)| id != sensor).copied().collect();
+                self.replace(i, kept);
+            }
+        }
+    }
+
+    /// Forgets a deleted device (resident: the writer brings it back first).
+    pub(super) fn forget(&mut self, device: DeviceId) {
+        let i = device.0 as usize;
+        if i < self.by_device.len() {
+            self.replace(i, Box::default());
+            self.set_bit(i, false);
+        }
+    }
+
+    /// Devices on disk come back with the statistics read from their rows (`rows`
+    /// holds every row of every device in `devices`).
+    pub(super) fn restore(&mut self, devices: &[DeviceId], rows: &[SeriesEntry]) {
+        for &d in devices {
+            let i = d.0 as usize;
+            if !self.bit(i) {
+                continue;
+            }
+            let of: DeviceSeries = rows
+                .iter()
+                .filter(|((dev, _), _)| *dev == d)
+                .map(|((_, sensor), s)| (*sensor, *s))
+                .collect();
+            let readings: u64 = of.iter().map(|(_, s)| s.readings).sum();
+            self.disk.readings = self.disk.readings.saturating_sub(readings);
+            self.set_bit(i, false);
+            self.replace(i, of);
+        }
+    }
+
+    /// Memory the resident statistics take, as the budget counts it.
+    pub(super) fn bytes(&self) -> usize {
+        self.resident_series * SERIES_BYTES + self.resident_devices * DEVICE_BYTES
+    }
+
+    /// When memory is over budget: copies of the statistics of the devices idle
+    /// longest (at least the idle time), enough to bring it to three quarters of the
+    /// budget, to be written to the table. They stay in memory until
+    /// [`Self::written`].
+    pub(super) fn pick_idle(&self) -> Vec<(DeviceId, DeviceSeries)> {
+        let bytes = self.bytes();
+        if bytes <= self.budget {
+            return Vec::new();
+        }
+        let now = self.now_secs();
+        let mut idle: Vec<(u32, usize)> = self
+            .by_device
+            .iter()
+            .enumerate()
+            .filter(|(i, s)| !s.is_empty() && now.saturating_sub(self.active[*i]) >= self.idle_secs)
+            .map(|(i, _)| (self.active[i], i))
+            .collect();
+        idle.sort_unstable();
+        let target = self.budget / 4 * 3;
+        let mut freed = 0;
+        let mut out = Vec::new();
+        for (_, i) in idle {
+            if bytes - freed <= target {
+                break;
+            }
+            let of = &self.by_device[i];
+            freed += of.len() * SERIES_BYTES + DEVICE_BYTES;
+            out.push((DeviceId(i as u32), of.clone()));
+        }
+        out
+    }
+
+    /// The table holds these devices' statistics (committed): those unchanged since
+    /// they were copied leave memory.
+    pub(super) fn written(&mut self, devices: &[(DeviceId, DeviceSeries)]) {
+        for (d, copy) in devices {
+            let i = d.0 as usize;
+            if self.bit(i) || self.by_device.get(i) != Some(copy) {
+                continue;
+            }
+            let readings: u64 = copy.iter().map(|(_, s)| s.readings).sum();
+            self.disk.readings += readings;
+            let newest = copy.iter().map(|(_, s)| s.last).max();
+            self.disk.newest = self.disk.newest.max(newest);
+            self.replace(i, Box::default());
+            self.set_bit(i, true);
+        }
+    }
+
+    /// Changes the totals over devices on disk (retention deleted some of their
+    /// readings; the newest is read again from the table).
+    pub(super) fn disk_changed(&mut self, readings_deleted: u64, newest: Option<Timestamp>) {
+        self.disk.readings = self.disk.readings.saturating_sub(readings_deleted);
+        self.disk.newest = newest;
+    }
+
+    /// Every resident device's series (to write at shutdown).
+    pub(super) fn resident(&self) -> Vec<SeriesEntry> {
+        self.by_device
+            .iter()
+            .enumerate()
+            .flat_map(|(d, of)| {
+                of.iter()
+                    .map(move |(s, st)| ((DeviceId(d as u32), *s), *st))
+            })
+            .collect()
+    }
+
+    /// Ids of the devices on disk.
+    pub(super) fn on_disk_ids(&self) -> Vec<DeviceId> {
+        (0..self.by_device.len())
+            .filter(|&i| self.bit(i))
+            .map(|i| DeviceId(i as u32))
+            .collect()
+    }
+
+    /// Readings and newest reading over every series, and devices on disk.
+    pub(super) fn totals(&self) -> (u64, Option<Timestamp>, usize) {
+        let mut readings = self.disk.readings;
+        let mut newest = self.disk.newest;
+        for (_, st) in self.by_device.iter().flat_map(|of| of.iter()) {
+            readings += st.readings;
+            newest = newest.max(Some(st.last));
+        }
+        (readings, newest, self.devices_on_disk)
+    }
+}
+
+// ---- the `series` table ----
+
+const COLUMNS: &str =
+    "device_id, sensor_id, readings, epoch_us(first_ts), epoch_us(last_ts), last_value";
+
+fn entry(r: &duckdb::Row<'_>) -> duckdb::Result<SeriesEntry> {
+    Ok((
+        (
+            DeviceId(r.get::<_, i32>(0)? as u32),
+            SensorId(r.get::<_, i16>(1)? as u16),
+        ),
+        SeriesStats {
+            readings: r.get::<_, i64>(2)? as u64,
+            first: Timestamp::from_micros(r.get(3)?),
+            last: Timestamp::from_micros(r.get(4)?),
+            last_value: r.get(5)?,
+        },
+    ))
+}
+
+fn query(conn: &Connection, sql: &str) -> Result<Vec<SeriesEntry>, StoreError> {
+    let mut stmt = conn.prepare(sql)?;
+    let rows = stmt.query_map([], entry)?.collect::<Result<Vec<_>, _>>()?;
+    Ok(rows)
+}
+
+/// Every row of these devices, ordered by device and sensor.
+pub(super) fn read_devices(
+    conn: &Connection,
+    devices: &[DeviceId],
+) -> Result<Vec<SeriesEntry>, StoreError> {
+    if devices.is_empty() {
+        return Ok(Vec::new());
+    }
+    let ids = devices
+        .iter()
+        .map(|d| d.0.to_string())
+        .collect::<Vec<_>>()
+        .join(",");
+    query(
+        conn,
+        &format!("SELECT {COLUMNS} FROM series WHERE device_id IN ({ids}) ORDER BY 1, 2"),
+    )
+}
+
+/// Every row, ordered by device and sensor.
+pub(super) fn read_all(conn: &Connection) -> Result<Vec<SeriesEntry>, StoreError> {
+    query(conn, &format!("SELECT {COLUMNS} FROM series ORDER BY 1, 2"))
+}
+
+/// Replaces the rows of the devices in `entries` with `entries` (inside the caller's
+/// transaction).
+pub(super) fn write(conn: &Connection, entries: &[SeriesEntry]) -> Result<(), StoreError> {
+    if entries.is_empty() {
+        return Ok(());
+    }
+    conn.execute_batch(
+        "CREATE TEMP TABLE IF NOT EXISTS series_new AS SELECT * FROM series LIMIT 0;
+         DELETE FROM temp.series_new;",
+    )?;
+    let mut app = conn.appender_to_catalog_and_db("series_new", "temp", "main")?;
+    for ((device, sensor), s) in entries {
+        app.append_row(duckdb::params![
+            device.0 as i32,
+            sensor.0 as i16,
+            s.readings as i64,
+            Value::Timestamp(TimeUnit::Microsecond, s.first.as_micros()),
+            Value::Timestamp(TimeUnit::Microsecond, s.last.as_micros()),
+            s.last_value,
+        ])?;
+    }
+    app.flush()?;
+    drop(app);
+    conn.execute_batch(
+        "DELETE FROM series WHERE device_id IN (SELECT DISTINCT device_id FROM temp.series_new);
+         INSERT INTO series SELECT * FROM temp.series_new;
+         DELETE FROM temp.series_new;",
+    )?;
+    Ok(())
+}
+
+/// Recomputes every row from `readings` (after a crash: the rows of resident
+/// devices were stale).
+pub(super) fn recompute(conn: &Connection) -> Result<(), StoreError> {
+    conn.execute_batch(
+        "DELETE FROM series;
+         INSERT INTO series
+         SELECT device_id, sensor_id, count(*), make_timestamp(min(t)), make_timestamp(max(t)),
+                arg_max(value, t)
+         FROM (SELECT device_id, sensor_id, ts_ms * 1000 + ts_us AS t, value FROM readings)
+         GROUP BY device_id, sensor_id;",
+    )?;
+    Ok(())
+}
+
+/// Rows, readings and the newest reading over the whole table.
+pub(super) fn table_totals(conn: &Connection) -> Result<(u64, u64, Option<Timestamp>), StoreError> {
+    Ok(conn.query_row(
+        "SELECT count(*), coalesce(sum(readings), 0)::BIGINT, epoch_us(max(last_ts)) FROM series",
+        [],
+        |r| {
+            Ok((
+                r.get::<_, i64>(0)? as u64,
+                r.get::<_, i64>(1)? as u64,
+                r.get::<_, Option<i64>>(2)?.map(Timestamp::from_micros),
+            ))
+        },
+    )?)
+}
+
+/// The rows of the devices with the newest readings, as many as fit three quarters
+/// of `budget` (what memory holds at open; the rest stays on disk). `rows`: the
+/// table's.
+pub(super) fn read_recent(
+    conn: &Connection,
+    rows: u64,
+    budget: usize,
+) -> Result<Vec<SeriesEntry>, StoreError> {
+    let room = budget / 4 * 3;
+    if rows as usize * SERIES_BYTES <= room / 2 {
+        return read_all(conn);
+    }
+    // Whole devices, by their newest reading, at the table's series per device.
+    let devices: u64 = conn.query_row("SELECT count(DISTINCT device_id) FROM series", [], |r| {
+        r.get::<_, i64>(0)
+    })? as u64;
+    let per_device = rows.div_ceil(devices.max(1)).max(1) as usize;
+    let take = room / (per_device * SERIES_BYTES + DEVICE_BYTES);
+    query(
+        conn,
+        &format!(
+            "SELECT {COLUMNS} FROM series WHERE device_id IN (
+                 SELECT device_id FROM series GROUP BY device_id ORDER BY max(last_ts) DESC
+                 LIMIT {take})
+             ORDER BY 1, 2"
+        ),
+    )
+}
