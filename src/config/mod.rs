@@ -170,7 +170,7 @@ pub struct ServeArgs {
     pub series_memory: u64,
     /// How long a device must have stored nothing before its series statistics may
     /// move to the database.
-    #[arg(long, env = "MILEPOST_SERIES_IDLE", default_value = "60s", value_parser = humantime::parse_duration)]
+    #[arg(long, env = "MILEPOST_SERIES_IDLE", default_value = "10s", value_parser = humantime::parse_duration)]
     pub series_idle: Duration,
     /// Batches that may wait for the writer before requests get 503.
     #[arg(long, env = "MILEPOST_QUEUE_CAPACITY", default_value_t = 64)]

@@ -34,7 +34,7 @@ use crate::domain::{DeviceId, SensorId, Timestamp};
 /// 100,000 streaming devices never touches the table.
 pub const DEFAULT_BUDGET: usize = 32 << 20;
 /// Default for `--series-idle`.
-pub const DEFAULT_IDLE: Duration = Duration::from_secs(60);
+pub const DEFAULT_IDLE: Duration = Duration::from_secs(10);
 
 /// Memory one series takes in a device's slice (sensor id and statistics, aligned).
 const SERIES_BYTES: usize = std::mem::size_of::<(SensorId, SeriesStats)>();
