@@ -1,10 +1,14 @@
-//! The names of known devices, compactly: every name once, found by id (a vector
-//! index: ids are dense, given in order) or by name (a hash table of ids).
+//! The names of known devices, compactly: every name once, one after another in one
+//! string, found by id (a vector of 8-byte spans: ids are dense, given in order) or
+//! by name (a hash table of ids).
 //!
 //! Two maps (name → id and id → name) held every name twice in a `String` each,
-//! ~170 bytes per device with the maps' spare room; this holds it in ~60 (the name's
-//! own allocation, a 16-byte slot and a 4-byte id in the table), which matters once
-//! hundreds of thousands of devices have been seen (issue 23).
+//! ~170 bytes per device with the maps' spare room; a `Box<str>` per name by id
+//! took ~60 (the name's allocation, a 16-byte slot and a 4-byte id in the table);
+//! one string of names takes the name's bytes, an 8-byte span and the table's ~6:
+//! ~25 bytes for a 12-byte name, which matters once millions of devices have been
+//! seen (issue 23: the names are what memory keeps of a device whose statistics are
+//! on disk).
 
 use std::hash::BuildHasher as _;
 
@@ -13,12 +17,37 @@ use rustc_hash::FxBuildHasher;
 
 use crate::domain::{Device, DeviceId};
 
+/// Where a name lies in the string: start (low 40 bits) and length (high 24).
+#[derive(Clone, Copy, PartialEq, Eq)]
+struct Span(u64);
+
+impl Span {
+    /// An id without a name (deleted, or never given).
+    const NONE: Span = Span(u64::MAX);
+
+    fn new(start: usize, len: usize) -> Self {
+        debug_assert!(start < 1 << 40 && len < 1 << 24);
+        Self(start as u64 | (len as u64) << 40)
+    }
+
+    fn range(self) -> Option<std::ops::Range<usize>> {
+        if self == Self::NONE {
+            return None;
+        }
+        let start = (self.0 & ((1 << 40) - 1)) as usize;
+        Some(start..start + (self.0 >> 40) as usize)
+    }
+}
+
 /// See the module docs.
 #[derive(Default)]
 pub(super) struct DeviceNames {
-    /// Indexed by id; `None` for ids deleted (or never given).
-    names: Vec<Option<Box<str>>>,
-    /// The ids of `names`' entries, hashed by name.
+    /// Every name given, one after another (a deleted device's name stays: deleting
+    /// is rare).
+    text: String,
+    /// Indexed by id.
+    spans: Vec<Span>,
+    /// The ids of named spans, hashed by name.
     by_name: HashTable<u32>,
 }
 
@@ -35,7 +64,8 @@ impl DeviceNames {
     }
 
     fn name_of(&self, id: u32) -> Option<&str> {
-        self.names.get(id as usize)?.as_deref()
+        let range = self.spans.get(id as usize)?.range()?;
+        self.text.get(range)
     }
 
     /// The name of `id`, if known.
@@ -47,31 +77,32 @@ impl DeviceNames {
     /// Adds a device (a new name with a new id).
     pub(super) fn insert(&mut self, id: DeviceId, name: &Device) {
         let i = id.0 as usize;
-        if self.names.len() <= i {
-            self.names.resize(i + 1, None);
+        if self.spans.len() <= i {
+            self.spans.resize(i + 1, Span::NONE);
         }
-        if let Some(old) = self.names[i].take() {
+        if self.spans[i] != Span::NONE {
             // An id given again (never done by the writer): forget its old name.
-            let h = hash(&old);
-            if let Ok(e) = self.by_name.find_entry(h, |&x| x == id.0) {
-                e.remove();
-            }
+            self.remove(id);
         }
-        self.names[i] = Some(name.as_str().into());
-        let names = &self.names;
+        let start = self.text.len();
+        self.text.push_str(name.as_str());
+        self.spans[i] = Span::new(start, name.as_str().len());
+        let (text, spans) = (&self.text, &self.spans);
         self.by_name.insert_unique(hash(name.as_str()), id.0, |&x| {
-            hash(names[x as usize].as_deref().unwrap_or_default())
+            let range = spans[x as usize].range().unwrap_or_default();
+            hash(text.get(range).unwrap_or_default())
         });
     }
 
     /// Forgets a device; returns whether it was known.
     pub(super) fn remove(&mut self, id: DeviceId) -> bool {
-        let Some(name) = self.names.get_mut(id.0 as usize).and_then(Option::take) else {
+        let Some(name) = self.name_of(id.0) else {
             return false;
         };
-        if let Ok(e) = self.by_name.find_entry(hash(&name), |&x| x == id.0) {
+        if let Ok(e) = self.by_name.find_entry(hash(name), |&x| x == id.0) {
             e.remove();
         }
+        self.spans[id.0 as usize] = Span::NONE;
         true
     }
 
@@ -82,10 +113,7 @@ impl DeviceNames {
 
     /// Every known device by id, ascending.
     pub(super) fn iter(&self) -> impl Iterator<Item = (DeviceId, &str)> {
-        self.names
-            .iter()
-            .enumerate()
-            .filter_map(|(i, n)| Some((DeviceId(i as u32), n.as_deref()?)))
+        (0..self.spans.len() as u32).filter_map(|i| Some((DeviceId(i), self.name_of(i)?)))
     }
 }
 
@@ -117,5 +145,9 @@ mod tests {
         let ids: Vec<u32> = n.iter().map(|(i, _)| i.0).take(3).collect();
         assert_eq!(ids, [0, 2, 4]);
         assert_eq!(n.iter().count(), 1000);
+        // An id given again forgets its old name.
+        n.insert(DeviceId(0), &dev("truck-0"));
+        assert_eq!((n.id("car-0"), n.id("truck-0")), (None, Some(DeviceId(0))));
+        assert_eq!((n.name(DeviceId(0)), n.len()), (Some("truck-0"), 1000));
     }
 }

@@ -25,6 +25,7 @@ use std::time::{Duration, Instant};
 
 use duckdb::Connection;
 use duckdb::types::{TimeUnit, Value};
+use rustc_hash::FxHashMap;
 
 use super::StoreError;
 use super::state::{SeriesEntry, SeriesStats};
@@ -38,8 +39,9 @@ pub const DEFAULT_IDLE: Duration = Duration::from_secs(10);
 
 /// Memory one series takes in a device's slice (sensor id and statistics, aligned).
 const SERIES_BYTES: usize = std::mem::size_of::<(SensorId, SeriesStats)>();
-/// The allocator's overhead per device slice (glibc: 16 bytes a chunk).
-const DEVICE_BYTES: usize = 16;
+/// Memory per resident device besides its series: the allocator's overhead for its
+/// slice (glibc: 16 bytes a chunk), its entry in the map and the entry's control byte.
+const DEVICE_BYTES: usize = 16 + std::mem::size_of::<(u32, Resident)>() + 1;
 
 /// One device's series and their statistics, ordered by sensor.
 pub(super) type DeviceSeries = Box<[(SensorId, SeriesStats)]>;
@@ -62,17 +64,23 @@ pub(super) struct DiskTotals {
     pub newest: Option<Timestamp>,
 }
 
+/// A resident device: its series and when it last stored readings.
+struct Resident {
+    /// Seconds since [`SeriesMap::epoch`].
+    active: u32,
+    /// Never empty.
+    series: DeviceSeries,
+}
+
 /// See the module docs.
 pub(super) struct SeriesMap {
-    /// Indexed by device id: the statistics of a resident device.
-    by_device: Vec<DeviceSeries>,
-    /// A bit per device id: its statistics are in the table, not in `by_device`.
+    /// The statistics of resident devices, by id. A device on disk costs only its bit
+    /// in `on_disk` (a vector indexed by id cost 20 bytes for each of them).
+    resident: FxHashMap<u32, Resident>,
+    /// A bit per device id: its statistics are in the table, not in `resident`.
     on_disk: Vec<u64>,
-    /// Per device id: when it last stored readings, seconds since `epoch`.
-    active: Vec<u32>,
     epoch: Instant,
     resident_series: usize,
-    resident_devices: usize,
     devices_on_disk: usize,
     disk: DiskTotals,
     budget: usize,
@@ -82,12 +90,10 @@ pub(super) struct SeriesMap {
 impl Default for SeriesMap {
     fn default() -> Self {
         Self {
-            by_device: Vec::new(),
+            resident: FxHashMap::default(),
             on_disk: Vec::new(),
-            active: Vec::new(),
             epoch: Instant::now(),
             resident_series: 0,
-            resident_devices: 0,
             devices_on_disk: 0,
             disk: DiskTotals::default(),
             budget: DEFAULT_BUDGET,
@@ -113,22 +119,11 @@ impl SeriesMap {
     pub(super) fn mark_rest_on_disk(&mut self, last: Option<DeviceId>, disk: DiskTotals) {
         let Some(last) = last else { return };
         for id in 0..=last.0 {
-            let i = id as usize;
-            if self.by_device.get(i).is_none_or(|s| s.is_empty()) {
-                self.grow(i);
-                self.set_bit(i, true);
+            if !self.resident.contains_key(&id) {
+                self.set_bit(id as usize, true);
             }
         }
         self.disk = disk;
-    }
-
-    fn grow(&mut self, i: usize) {
-        if self.by_device.len() <= i {
-            // Ids are given in order: grow by the usual doubling.
-            self.by_device.resize_with(i + 1, Box::default);
-            self.active.resize(i + 1, 0);
-            self.on_disk.resize(i / 64 + 1, 0);
-        }
     }
 
     fn bit(&self, i: usize) -> bool {
@@ -140,6 +135,9 @@ impl SeriesMap {
     fn set_bit(&mut self, i: usize, on: bool) {
         if self.bit(i) == on {
             return;
+        }
+        if self.on_disk.len() <= i / 64 {
+            self.on_disk.resize(i / 64 + 1, 0);
         }
         let w = &mut self.on_disk[i / 64];
         if on {
@@ -153,11 +151,10 @@ impl SeriesMap {
 
     /// What memory holds of `device`.
     pub(super) fn get(&self, device: DeviceId) -> Held<'_> {
-        let i = device.0 as usize;
-        if self.bit(i) {
+        if self.bit(device.0 as usize) {
             return Held::OnDisk;
         }
-        Held::Here(self.by_device.get(i).map_or(&[], |s| &s[..]))
+        Held::Here(self.resident.get(&device.0).map_or(&[], |r| &r.series[..]))
     }
 
     /// How many devices' statistics are on disk.
@@ -174,15 +171,15 @@ impl SeriesMap {
         u32::try_from(self.epoch.elapsed().as_secs()).unwrap_or(u32::MAX)
     }
 
-    fn replace(&mut self, i: usize, new: DeviceSeries) {
-        let old = std::mem::replace(&mut self.by_device[i], new);
-        let new_len = self.by_device[i].len();
-        self.resident_series = self.resident_series + new_len - old.len();
-        match (old.is_empty(), new_len == 0) {
-            (true, false) => self.resident_devices += 1,
-            (false, true) => self.resident_devices -= 1,
-            _ => {}
-        }
+    /// Replaces a device's series (`None` or empty: it has none in memory).
+    fn replace(&mut self, id: u32, new: Option<DeviceSeries>, active: u32) {
+        let new = new.filter(|s| !s.is_empty());
+        self.resident_series += new.as_ref().map_or(0, |s| s.len());
+        let old = match new {
+            Some(series) => self.resident.insert(id, Resident { active, series }),
+            None => self.resident.remove(&id),
+        };
+        self.resident_series -= old.map_or(0, |r| r.series.len());
     }
 
     /// Sets the statistics of these series of resident devices (the writer, after a
@@ -190,52 +187,58 @@ impl SeriesMap {
     pub(super) fn set(&mut self, updated: &[SeriesEntry]) {
         let now = self.now_secs();
         for ((device, sensor), stats) in updated {
-            let i = device.0 as usize;
-            self.grow(i);
-            debug_assert!(!self.bit(i), "statistics set for a device on disk");
-            self.active[i] = now;
-            let of = &self.by_device[i];
-            match of.binary_search_by_key(sensor, |(id, _)| *id) {
-                Ok(j) => self.by_device[i][j].1 = *stats,
-                Err(j) => {
-                    // A device's sensors arrive one by one: no spare room kept.
-                    let mut v = of.to_vec();
-                    v.insert(j, (*sensor, *stats));
-                    self.replace(i, v.into_boxed_slice());
+            debug_assert!(
+                !self.bit(device.0 as usize),
+                "statistics set for a device on disk"
+            );
+            if let Some(r) = self.resident.get_mut(&device.0) {
+                r.active = now;
+                if let Ok(j) = r.series.binary_search_by_key(sensor, |(id, _)| *id) {
+                    r.series[j].1 = *stats;
+                    continue;
                 }
             }
+            // A device's sensors arrive one by one: no spare room kept.
+            let mut v = self
+                .resident
+                .get(&device.0)
+                .map_or_else(Vec::new, |r| r.series.to_vec());
+            let j = v.partition_point(|(id, _)| id < sensor);
+            v.insert(j, (*sensor, *stats));
+            self.replace(device.0, Some(v.into_boxed_slice()), now);
         }
     }
 
     /// Drops these series of resident devices (all their readings were deleted).
     pub(super) fn remove(&mut self, gone: &[(DeviceId, SensorId)]) {
         for (device, sensor) in gone {
-            let i = device.0 as usize;
-            if let Some(of) = self.by_device.get(i)
-                && of.iter().any(|(id, _)| id == sensor)
+            if let Some(r) = self.resident.get(&device.0)
+                && r.series.iter().any(|(id, _)| id == sensor)
             {
-                let kept: DeviceSeries =
-                    of.iter().filter(|(id, _)| id != sensor).copied().collect();
-                self.replace(i, kept);
+                let kept: DeviceSeries = r
+                    .series
+                    .iter()
+                    .filter(|(id, _)| id != sensor)
+                    .copied()
+                    .collect();
+                let active = r.active;
+                self.replace(device.0, Some(kept), active);
             }
         }
     }
 
     /// Forgets a deleted device (resident: the writer brings it back first).
     pub(super) fn forget(&mut self, device: DeviceId) {
-        let i = device.0 as usize;
-        if i < self.by_device.len() {
-            self.replace(i, Box::default());
-            self.set_bit(i, false);
-        }
+        self.replace(device.0, None, 0);
+        self.set_bit(device.0 as usize, false);
     }
 
     /// Devices on disk come back with the statistics read from their rows (`rows`
     /// holds every row of every device in `devices`).
     pub(super) fn restore(&mut self, devices: &[DeviceId], rows: &[SeriesEntry]) {
+        let now = self.now_secs();
         for &d in devices {
-            let i = d.0 as usize;
-            if !self.bit(i) {
+            if !self.bit(d.0 as usize) {
                 continue;
             }
             let of: DeviceSeries = rows
@@ -245,14 +248,16 @@ impl SeriesMap {
                 .collect();
             let readings: u64 = of.iter().map(|(_, s)| s.readings).sum();
             self.disk.readings = self.disk.readings.saturating_sub(readings);
-            self.set_bit(i, false);
-            self.replace(i, of);
+            self.set_bit(d.0 as usize, false);
+            self.replace(d.0, Some(of), now);
         }
     }
 
-    /// Memory the resident statistics take, as the budget counts it.
+    /// Memory the resident statistics take, as the budget counts it: the series and
+    /// [`DEVICE_BYTES`] per device (the map's spare room, at most as much again as
+    /// its entries, is not counted).
     pub(super) fn bytes(&self) -> usize {
-        self.resident_series * SERIES_BYTES + self.resident_devices * DEVICE_BYTES
+        self.resident_series * SERIES_BYTES + self.resident.len() * DEVICE_BYTES
     }
 
     /// When memory is over budget: copies of the statistics of the devices idle
@@ -265,24 +270,23 @@ impl SeriesMap {
             return Vec::new();
         }
         let now = self.now_secs();
-        let mut idle: Vec<(u32, usize)> = self
-            .by_device
+        let mut idle: Vec<(u32, u32)> = self
+            .resident
             .iter()
-            .enumerate()
-            .filter(|(i, s)| !s.is_empty() && now.saturating_sub(self.active[*i]) >= self.idle_secs)
-            .map(|(i, _)| (self.active[i], i))
+            .filter(|(_, r)| now.saturating_sub(r.active) >= self.idle_secs)
+            .map(|(id, r)| (r.active, *id))
             .collect();
         idle.sort_unstable();
         let target = self.budget / 4 * 3;
         let mut freed = 0;
         let mut out = Vec::new();
-        for (_, i) in idle {
+        for (_, id) in idle {
             if bytes - freed <= target {
                 break;
             }
-            let of = &self.by_device[i];
-            freed += of.len() * SERIES_BYTES + DEVICE_BYTES;
-            out.push((DeviceId(i as u32), of.clone()));
+            let series = &self.resident[&id].series;
+            freed += series.len() * SERIES_BYTES + DEVICE_BYTES;
+            out.push((DeviceId(id), series.clone()));
         }
         out
     }
@@ -291,16 +295,19 @@ impl SeriesMap {
     /// they were copied leave memory.
     pub(super) fn written(&mut self, devices: &[(DeviceId, DeviceSeries)]) {
         for (d, copy) in devices {
-            let i = d.0 as usize;
-            if self.bit(i) || self.by_device.get(i) != Some(copy) {
+            if self.bit(d.0 as usize) || self.resident.get(&d.0).is_none_or(|r| r.series != *copy) {
                 continue;
             }
             let readings: u64 = copy.iter().map(|(_, s)| s.readings).sum();
             self.disk.readings += readings;
             let newest = copy.iter().map(|(_, s)| s.last).max();
             self.disk.newest = self.disk.newest.max(newest);
-            self.replace(i, Box::default());
-            self.set_bit(i, true);
+            self.replace(d.0, None, 0);
+            self.set_bit(d.0 as usize, true);
+        }
+        // The map gives back its room once it is mostly empty.
+        if self.resident.capacity() > 4 * self.resident.len().max(64) {
+            self.resident.shrink_to_fit();
         }
     }
 
@@ -313,19 +320,19 @@ impl SeriesMap {
 
     /// Every resident device's series (to write at shutdown).
     pub(super) fn resident(&self) -> Vec<SeriesEntry> {
-        self.by_device
+        self.resident
             .iter()
-            .enumerate()
-            .flat_map(|(d, of)| {
-                of.iter()
-                    .map(move |(s, st)| ((DeviceId(d as u32), *s), *st))
+            .flat_map(|(d, r)| {
+                r.series
+                    .iter()
+                    .map(move |(s, st)| ((DeviceId(*d), *s), *st))
             })
             .collect()
     }
 
     /// Ids of the devices on disk.
     pub(super) fn on_disk_ids(&self) -> Vec<DeviceId> {
-        (0..self.by_device.len())
+        (0..self.on_disk.len() * 64)
             .filter(|&i| self.bit(i))
             .map(|i| DeviceId(i as u32))
             .collect()
@@ -335,7 +342,7 @@ impl SeriesMap {
     pub(super) fn totals(&self) -> (u64, Option<Timestamp>, usize) {
         let mut readings = self.disk.readings;
         let mut newest = self.disk.newest;
-        for (_, st) in self.by_device.iter().flat_map(|of| of.iter()) {
+        for (_, st) in self.resident.values().flat_map(|r| r.series.iter()) {
             readings += st.readings;
             newest = newest.max(Some(st.last));
         }
