@@ -169,8 +169,9 @@ pub struct ServeArgs {
     #[arg(long, env = "MILEPOST_SERIES_MEMORY", default_value = "32MiB", value_parser = parse_size)]
     pub series_memory: u64,
     /// How long a device must have stored nothing before its series statistics may
-    /// move to the database.
-    #[arg(long, env = "MILEPOST_SERIES_IDLE", default_value = "10s", value_parser = humantime::parse_duration)]
+    /// move to the database; longer than your devices wait between reports (a device
+    /// coming back costs a query).
+    #[arg(long, env = "MILEPOST_SERIES_IDLE", default_value = "5m", value_parser = humantime::parse_duration)]
     pub series_idle: Duration,
     /// Batches that may wait for the writer before requests get 503.
     #[arg(long, env = "MILEPOST_QUEUE_CAPACITY", default_value_t = 64)]

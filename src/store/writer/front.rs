@@ -149,8 +149,13 @@ impl Front {
             return Ok(());
         }
         let _span = tracing::debug_span!("series_restore", devices = ids.len()).entered();
+        let started = Instant::now();
         let rows = series::read_devices(&self.lookup, &ids)?;
         self.shared.restore_series(&ids, &rows);
+        tracing::debug!(
+            elapsed_ms = started.elapsed().as_secs_f64() * 1e3,
+            "series statistics back from disk"
+        );
         Ok(())
     }
 
