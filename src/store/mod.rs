@@ -257,9 +257,8 @@ fn in_transaction<T, E: From<duckdb::Error>>(
 /// commands when they are done.
 fn close(conn: &Connection, shared: &Shared) -> Result<(), StoreError> {
     let _span = tracing::info_span!("checkpoint").entered();
-    let resident = shared.resident_series();
     in_transaction(conn, || {
-        series::write(conn, &resident)?;
+        shared.write_resident_series(conn)?;
         conn.execute_batch("INSERT OR REPLACE INTO meta VALUES ('series_snapshot', 'valid')")?;
         Ok::<_, StoreError>(())
     })?;

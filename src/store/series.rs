@@ -321,16 +321,11 @@ impl SeriesMap {
         self.disk.newest = newest;
     }
 
-    /// Every resident device's series (to write at shutdown).
-    pub(super) fn resident(&self) -> Vec<SeriesEntry> {
+    /// Every resident device's id, and its series.
+    pub(super) fn resident(&self) -> impl Iterator<Item = (DeviceId, &[(SensorId, SeriesStats)])> {
         self.resident
             .iter()
-            .flat_map(|(d, r)| {
-                r.series
-                    .iter()
-                    .map(move |(s, st)| ((DeviceId(*d), *s), *st))
-            })
-            .collect()
+            .map(|(d, r)| (DeviceId(*d), &r.series[..]))
     }
 
     /// Ids of the devices on disk.
@@ -408,12 +403,16 @@ pub(super) fn read_all(conn: &Connection) -> Result<Vec<SeriesEntry>, StoreError
     query(conn, &format!("SELECT {COLUMNS} FROM series ORDER BY 1, 2"))
 }
 
-/// Replaces the rows of the devices in `entries` with `entries` (inside the caller's
-/// transaction).
-pub(super) fn write(conn: &Connection, entries: &[SeriesEntry]) -> Result<(), StoreError> {
-    if entries.is_empty() {
-        return Ok(());
-    }
+/// Replaces the rows of each device given with its series (inside the caller's
+/// transaction), streaming: at shutdown a million resident devices' six million
+/// series never sit in one vector.
+pub(super) fn write_devices<S>(
+    conn: &Connection,
+    devices: impl Iterator<Item = (DeviceId, S)>,
+) -> Result<(), StoreError>
+where
+    S: IntoIterator<Item = (SensorId, SeriesStats)>,
+{
     // Declared column by column: created `AS SELECT * FROM series LIMIT 0` inside the
     // transaction, the table lost what the Appender put in it on first use (the
     // first 35,200 devices' rows of a benchmark, found by recomputing after it).
@@ -423,15 +422,17 @@ pub(super) fn write(conn: &Connection, entries: &[SeriesEntry]) -> Result<(), St
          DELETE FROM temp.series_new;",
     )?;
     let mut app = conn.appender_to_catalog_and_db("series_new", "temp", "main")?;
-    for ((device, sensor), s) in entries {
-        app.append_row(duckdb::params![
-            device.0 as i32,
-            sensor.0 as i16,
-            s.readings as i64,
-            Value::Timestamp(TimeUnit::Microsecond, s.first.as_micros()),
-            Value::Timestamp(TimeUnit::Microsecond, s.last.as_micros()),
-            s.last_value,
-        ])?;
+    for (device, series) in devices {
+        for (sensor, s) in series {
+            app.append_row(duckdb::params![
+                device.0 as i32,
+                sensor.0 as i16,
+                s.readings as i64,
+                Value::Timestamp(TimeUnit::Microsecond, s.first.as_micros()),
+                Value::Timestamp(TimeUnit::Microsecond, s.last.as_micros()),
+                s.last_value,
+            ])?;
+        }
     }
     app.flush()?;
     drop(app);

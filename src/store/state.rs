@@ -386,9 +386,14 @@ impl Shared {
         }
     }
 
-    /// Statistics of every resident device's series, ordered by device and sensor.
-    pub(super) fn resident_series(&self) -> Vec<SeriesEntry> {
-        self.series.read().expect("series lock").resident()
+    /// Writes every resident device's statistics to the `series` table (inside the
+    /// caller's transaction; at shutdown).
+    pub(super) fn write_resident_series(
+        &self,
+        conn: &duckdb::Connection,
+    ) -> Result<(), super::StoreError> {
+        let s = self.series.read().expect("series lock");
+        super::series::write_devices(conn, s.resident().map(|(d, of)| (d, of.iter().copied())))
     }
 
     /// Sets how long a device must be idle before its statistics may go to disk

@@ -161,11 +161,6 @@ impl Db {
         let _span = tracing::debug_span!("log_flush", rows, through = part.through).entered();
         let started = Instant::now();
         let slots = self.slot_move();
-        let spill: Vec<SeriesEntry> = part
-            .spill
-            .iter()
-            .flat_map(|(d, of)| of.iter().map(move |(s, st)| ((*d, *s), *st)))
-            .collect();
         let partials = self.in_transaction(|db| {
             ingest_log::insert_devices(&db.conn, &part.devices)?;
             ingest_log::insert_owners(&db.conn, &part.owners)?;
@@ -173,13 +168,17 @@ impl Db {
             if part.segment.is_some() {
                 ingest_log::set_through(&db.conn, part.through)?;
             }
-            series::write(&db.conn, &spill)?;
+            if !part.spill.is_empty() {
+                series::write_devices(
+                    &db.conn,
+                    part.spill.iter().map(|(d, of)| (*d, of.iter().copied())),
+                )?;
+            }
             Ok(appended)
         })?;
         if !part.spill.is_empty() {
             tracing::debug!(
                 devices = part.spill.len(),
-                series = spill.len(),
                 "idle devices' series statistics written"
             );
             self.shared.series_written(part.spill.clone());
