@@ -128,3 +128,14 @@ impl ServerProcess {
         Ok(self.child.wait()?)
     }
 }
+
+impl Drop for ServerProcess {
+    /// A server still running when its handle goes (a failed benchmark or test) is
+    /// killed: it must not outlive whoever started it.
+    fn drop(&mut self) {
+        if matches!(self.child.try_wait(), Ok(None)) {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}

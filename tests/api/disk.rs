@@ -123,7 +123,7 @@ async fn a_full_disk_is_answered_507_and_ingest_resumes_when_space_returns() {
         return;
     };
     let data = fs.path().join("data");
-    let p = start(&data);
+    let mut p = start(&data);
     let client = reqwest::Client::new();
     let (status, _) = post_ingest(&client, &p.base, readings("speed", 0, 1000).0)
         .await
@@ -173,7 +173,7 @@ async fn a_full_disk_is_answered_507_and_ingest_resumes_when_space_returns() {
             other => panic!("{other} while the disk is full: {text}"),
         }
     }
-    let mut child = p.child;
+    let child = &mut p.child;
     assert!(child.try_wait().unwrap().is_none(), "the server died");
 
     // Space returns: the same server accepts again, and everything refused can be
@@ -230,14 +230,13 @@ async fn a_read_only_data_dir_stops_start_up_with_a_clear_message() {
     };
     // A data directory with readings, then the filesystem goes read-only.
     let data = fs.path().join("data");
-    let p = start(&data);
+    let mut p = start(&data);
     let (status, _) = post_ingest(&reqwest::Client::new(), &p.base, readings("fuel", 0, 100).0)
         .await
         .unwrap();
     assert_eq!(status, StatusCode::OK);
-    let mut child = p.child;
-    send_signal(child.id(), "-TERM");
-    assert!(child.wait().unwrap().success());
+    send_signal(p.child.id(), "-TERM");
+    assert!(p.child.wait().unwrap().success());
     fs.remount("ro");
 
     // `serve` on `dir` exits non-zero naming the directory and the cause.

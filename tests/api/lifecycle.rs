@@ -48,11 +48,13 @@ async fn sigint_stops_as_cleanly_as_sigterm() {
     let client = reqwest::Client::new();
     let (status, r) = post_ingest(&client, &p.base, batch(0, 300)).await.unwrap();
     assert_eq!((status, num(&r, "accepted")), (StatusCode::OK, 300));
-    let mut child = p.child;
-    send_signal(child.id(), "-INT");
-    let code = tokio::task::spawn_blocking(move || child.wait().unwrap())
-        .await
-        .unwrap();
+    send_signal(p.child.id(), "-INT");
+    let code = tokio::task::spawn_blocking(move || {
+        let mut p = p;
+        p.child.wait().unwrap()
+    })
+    .await
+    .unwrap();
     assert!(code.success(), "exit status {code:?}");
     assert!(!dir.path().join("milepost.duckdb.wal").exists());
     assert_eq!(stored_rows(dir.path()).len(), 300);
