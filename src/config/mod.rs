@@ -163,7 +163,7 @@ pub struct ServeArgs {
     #[arg(long, env = "MILEPOST_LIVE_SLOTS_IDLE", default_value = "10s", value_parser = humantime::parse_duration)]
     pub live_slots_idle: Duration,
     /// Memory for the series statistics (count, first, last, newest value) of
-    /// active devices (~270 bytes per device with six sensors). Beyond it, the
+    /// active devices (~290 bytes per device with six sensors). Beyond it, the
     /// statistics of devices idle for `--series-idle` move to the database and come
     /// back when the device sends again (one small query).
     #[arg(long, env = "MILEPOST_SERIES_MEMORY", default_value = "32MiB", value_parser = parse_size)]

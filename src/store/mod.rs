@@ -3,7 +3,8 @@
 //! [`Store::open`] takes the data directory's lock, opens the DuckDB file with
 //! extensions built in and network auto-loading off, applies migrations, replays what
 //! only the ingest log holds (`ingest_log.rs`), and loads the small tables (sensors,
-//! devices, series) into memory. From it come the [`Writer`] — a front thread that
+//! devices, and the series statistics of the devices that sent last, within a budget;
+//! `series.rs`) into memory. From it come the [`Writer`] — a front thread that
 //! groups requests and acknowledges them through the ingest log or DuckDB, and a
 //! flusher thread that moves the log into DuckDB; the two share the write connection
 //! under one lock (`writer/mod.rs`) — and readers, the dump source and the alert

@@ -31,7 +31,7 @@ use super::StoreError;
 use super::state::{SeriesEntry, SeriesStats};
 use crate::domain::{DeviceId, SensorId, Timestamp};
 
-/// Default for `--series-memory`: ~120,000 devices with six sensors, so a fleet of
+/// Default for `--series-memory`: ~116,000 devices with six sensors, so a fleet of
 /// 100,000 streaming devices never touches the table.
 pub const DEFAULT_BUDGET: usize = 32 << 20;
 /// Default for `--series-idle`: longer than devices usually wait between reports,

@@ -21,7 +21,9 @@
 //! ## Exact dedupe without an index
 //! Identity is (device, sensor, timestamp), first write wins. A unique index would
 //! cost ~60 bytes of RAM per stored reading, so instead:
-//! - the writer knows the newest stored timestamp of every series (from `series`);
+//! - the writer knows the newest stored timestamp of every series (from `series`;
+//!   a device idle long enough to have its statistics on disk gets them back before
+//!   its readings are classified, see [`crate::store::series`]);
 //!   a reading newer than that cannot be a duplicate of a stored one ("fresh") and is
 //!   appended straight into `readings` with the Appender — the live-stream case;
 //! - duplicates inside the group are found in memory: per series, rows that arrive in
