@@ -55,7 +55,7 @@ pub use dump::{DaySnapshot, DumpRecord, DumpSource};
 pub use error::StoreError;
 pub use forget::DeletedDevice;
 use ingest_log::IngestLog;
-pub use reader::{ReadStore, Reader, ScanChunk, ScanSink, Totals};
+pub use reader::{DeviceSummary, ReadStore, Reader, ScanChunk, ScanSink, Totals};
 pub use retention::Retired;
 pub use series::{DEFAULT_BUDGET as DEFAULT_SERIES_MEMORY, DEFAULT_IDLE as DEFAULT_SERIES_IDLE};
 pub use state::{ApplyLag, SeriesEntry, SeriesStats, Shared};

@@ -63,6 +63,27 @@ pub struct Totals {
     pub series_devices_on_disk: usize,
 }
 
+/// A device's readings over all its series (see [`ReadStore::device_summaries`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct DeviceSummary {
+    /// Stored readings.
+    pub readings: u64,
+    /// Oldest reading, if any.
+    pub first: Option<Timestamp>,
+    /// Newest reading, if any.
+    pub last: Option<Timestamp>,
+}
+
+impl DeviceSummary {
+    fn of(series: &[(SensorId, SeriesStats)]) -> Self {
+        Self {
+            readings: series.iter().map(|(_, s)| s.readings).sum(),
+            first: series.iter().map(|(_, s)| s.first).min(),
+            last: series.iter().map(|(_, s)| s.last).max(),
+        }
+    }
+}
+
 /// What the HTTP layer needs from storage. Methods may block (they run queries):
 /// call them from `spawn_blocking`.
 pub trait ReadStore: Send + Sync + 'static {
@@ -79,9 +100,9 @@ pub trait ReadStore: Send + Sync + 'static {
     /// memory, or one small query for a device idle long enough to be on disk.
     fn series_of(&self, device: &Device) -> Vec<(SensorId, SeriesStats)>;
 
-    /// Every known device with the statistics of its series, by id: memory's, and
-    /// one read of the `series` table for the devices on disk.
-    fn every_device_series(&self) -> Vec<(Device, Vec<(SensorId, SeriesStats)>)>;
+    /// Every known device with its reading count and time span, by id: from memory,
+    /// and one aggregate over the `series` table for the devices on disk.
+    fn device_summaries(&self) -> Vec<(Device, DeviceSummary)>;
 
     /// Known devices, stored readings and the newest reading over all of them, in
     /// one pass over the in-memory statistics (no name copied: `/metrics` asks on
@@ -253,32 +274,28 @@ impl ReadStore for Reader {
             .unwrap_or_default()
     }
 
-    fn every_device_series(&self) -> Vec<(Device, Vec<(SensorId, SeriesStats)>)> {
+    fn device_summaries(&self) -> Vec<(Device, DeviceSummary)> {
         // Which devices are on disk first, then their rows: one that comes back in
         // between has a row at least as new as what it had when asked.
         let on_disk = self.shared.devices_on_disk();
-        let mut from_disk: HashMap<DeviceId, Vec<(SensorId, SeriesStats)>> = HashMap::new();
+        let mut from_disk: HashMap<DeviceId, DeviceSummary> = HashMap::new();
         if !on_disk.is_empty() {
-            let rows = self.with_conn(series::read_all).unwrap_or_else(|e| {
+            let rows = self.with_conn(series::summaries).unwrap_or_else(|e| {
                 tracing::warn!(error = %e, "cannot read the series statistics of idle devices");
                 Vec::new()
             });
             let wanted: std::collections::HashSet<DeviceId> = on_disk.into_iter().collect();
-            for ((d, sensor), st) in rows {
-                if wanted.contains(&d) {
-                    from_disk.entry(d).or_default().push((sensor, st));
-                }
-            }
+            from_disk.extend(rows.into_iter().filter(|(d, _)| wanted.contains(d)));
         }
         self.shared
             .devices()
             .into_iter()
             .map(|(id, d)| {
-                let series = match self.shared.series_here(id) {
-                    Some(here) => here,
+                let summary = match self.shared.series_here(id) {
+                    Some(here) => DeviceSummary::of(&here),
                     None => from_disk.remove(&id).unwrap_or_default(),
                 };
-                (d, series)
+                (d, summary)
             })
             .collect()
     }

@@ -403,6 +403,30 @@ pub(super) fn read_all(conn: &Connection) -> Result<Vec<SeriesEntry>, StoreError
     query(conn, &format!("SELECT {COLUMNS} FROM series ORDER BY 1, 2"))
 }
 
+/// Per device in the table: readings, first and last over its rows (a million
+/// devices' summaries take 32 MB; their six million rows, 290).
+pub(super) fn summaries(
+    conn: &Connection,
+) -> Result<Vec<(DeviceId, super::reader::DeviceSummary)>, StoreError> {
+    let mut stmt = conn.prepare(
+        "SELECT device_id, sum(readings)::BIGINT, epoch_us(min(first_ts)), epoch_us(max(last_ts))
+         FROM series GROUP BY device_id",
+    )?;
+    let rows = stmt
+        .query_map([], |r| {
+            Ok((
+                DeviceId(r.get::<_, i32>(0)? as u32),
+                super::reader::DeviceSummary {
+                    readings: r.get::<_, i64>(1)? as u64,
+                    first: Some(Timestamp::from_micros(r.get(2)?)),
+                    last: Some(Timestamp::from_micros(r.get(3)?)),
+                },
+            ))
+        })?
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(rows)
+}
+
 /// Replaces the rows of each device given with its series (inside the caller's
 /// transaction), streaming: at shutdown a million resident devices' six million
 /// series never sit in one vector.

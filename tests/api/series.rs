@@ -165,6 +165,15 @@ async fn idle_devices_statistics_go_to_disk_and_stay_exact() {
         .insert("speed", (7, at(9, 0), at(11, 0), 8.0));
     wait_on_disk(&app, 30.0).await;
     assert_exact(&app, &want).await;
+    // The console lists every device, and shows a device on disk with its values.
+    let (status, page) = app.get_text("/").await;
+    assert_eq!(status, StatusCode::OK);
+    assert!(page.contains("<strong>40</strong> devices"), "{page}");
+    let (_, page) = app.get_text("/?q=car-01").await;
+    assert!(
+        page.contains("car-01") && page.contains(r#"data-sensor="speed""#),
+        "{page}"
+    );
 
     // Deleting a device on disk takes its readings out of the totals.
     let m = scrape(&app).await;

@@ -103,11 +103,6 @@ fn value(v: f64, unit: &str) -> String {
     }
 }
 
-/// Newest reading over a device's series.
-fn newest(series: &[(SensorId, SeriesStats)]) -> Option<Timestamp> {
-    series.iter().map(|(_, s)| s.last).max()
-}
-
 /// Readings per hour as a small inline SVG (a bar an hour).
 fn sparkline(hours: &[u64]) -> Markup {
     let max = hours.iter().copied().max().unwrap_or(0).max(1) as f64;
@@ -134,7 +129,6 @@ pub struct OverviewQuery {
 struct DeviceRow {
     device: Device,
     newest: Option<Timestamp>,
-    series: Vec<(SensorId, SeriesStats)>,
 }
 
 /// `/`: the devices (or the first steps on an empty server).
@@ -148,14 +142,13 @@ pub async fn overview(
     let reads = state.reads.clone();
     let every = {
         let reads = reads.clone();
-        crate::api::blocking(move || Ok(reads.every_device_series())).await?
+        crate::api::blocking(move || Ok(reads.device_summaries())).await?
     };
     let mut rows: Vec<DeviceRow> = every
         .into_iter()
-        .map(|(device, series)| DeviceRow {
-            newest: newest(&series),
+        .map(|(device, s)| DeviceRow {
+            newest: s.last,
             device,
-            series,
         })
         .collect();
     if rows.is_empty() {
@@ -204,23 +197,25 @@ pub async fn overview(
     let settled = Timestamp::from_micros(
         (now.as_micros() - IN_FLIGHT.num_microseconds().unwrap_or(0)).max(midnight.as_micros()),
     );
-    let counts = {
+    let (counts, shown_series) = {
         let (reads, today_counts) = (reads.clone(), today_counts.clone());
         crate::api::blocking(move || {
-            // The totals just before the counts: a reading stored in between makes
-            // `TodayCounts` count that device afresh, so the gap is kept short.
+            // The shown devices' series (their latest values), and the totals just
+            // before the counts: a reading stored in between makes `TodayCounts`
+            // count that device afresh, so the gap is kept short.
+            let series: Vec<Vec<(SensorId, SeriesStats)>> =
+                devices.iter().map(|d| reads.series_of(d)).collect();
             let totals: Vec<(Device, u64)> = devices
                 .into_iter()
-                .map(|d| {
-                    let total = reads.series_of(&d).iter().map(|(_, s)| s.readings).sum();
-                    (d, total)
-                })
+                .zip(&series)
+                .map(|(d, of)| (d, of.iter().map(|(_, s)| s.readings).sum()))
                 .collect();
             let store = StoreDay {
                 reads: reads.as_ref(),
                 sensors: &ids,
             };
-            today_counts.count_all(&totals, (midnight, end), settled, &store)
+            let counts = today_counts.count_all(&totals, (midnight, end), settled, &store)?;
+            Ok((counts, series))
         })
         .await?
     };
@@ -264,7 +259,7 @@ pub async fn overview(
                     table.devices #live-devices data-live {
                         thead { tr { th { "Device" } th { "Last reading" } th { "Latest values" } th { "Last 24 h" } th.num { "Today" } th.num { "Open anomalies" } } }
                         tbody {
-                            @for (r, today_count) in shown.iter().zip(&counts) {
+                            @for ((r, today_count), series) in shown.iter().zip(&counts).zip(&shown_series) {
                                 @let open_here = open.iter().filter(|a| a.device == r.device.as_str()).count();
                                 tr.device-row data-device=(r.device.as_str()) {
                                     td { a href=(ctx.href("device", &[("name", r.device.as_str())])) { (r.device.as_str()) } }
@@ -275,7 +270,7 @@ pub async fn overview(
                                     }
                                     td {
                                         div.values {
-                                            @for (sensor, st) in &r.series {
+                                            @for (sensor, st) in series {
                                                 @if let Some(s) = catalog.by_id(*sensor) {
                                                     span.value data-sensor=(s.name.as_str()) { span.muted { (s.name.as_str()) } " " (value(st.last_value, &s.unit)) }
                                                 }

@@ -49,21 +49,16 @@ impl V1Api {
     #[oai(path = "/devices", method = "get")]
     async fn devices(&self, state: Data<&Arc<AppState>>) -> Json<DeviceList> {
         let reads = state.reads.clone();
-        let every = crate::api::blocking(move || Ok(reads.every_device_series()))
+        let every = crate::api::blocking(move || Ok(reads.device_summaries()))
             .await
             .unwrap_or_default();
         let devices = every
             .into_iter()
-            .map(|(d, series)| {
-                let readings = series.iter().map(|(_, s)| s.readings).sum();
-                let first = series.iter().map(|(_, s)| s.first).min();
-                let last = series.iter().map(|(_, s)| s.last).max();
-                DeviceInfo {
-                    device: d.to_string(),
-                    readings,
-                    first: first.map(|t| t.to_string()),
-                    last: last.map(|t| t.to_string()),
-                }
+            .map(|(d, s)| DeviceInfo {
+                device: d.to_string(),
+                readings: s.readings,
+                first: s.first.map(|t| t.to_string()),
+                last: s.last.map(|t| t.to_string()),
             })
             .collect();
         Json(DeviceList { devices })
