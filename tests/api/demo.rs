@@ -106,14 +106,7 @@ async fn the_demo_drives_live_with_a_found_refuelling_and_yesterday_dumped() {
     assert!(later > last && more > readings, "no live readings");
 
     // The console lists both cars.
-    let page = http
-        .get(format!("{base}/"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let page = get_text_from(&http, &format!("{base}/")).await;
     assert!(page.contains("data-device=\"car-1\"") && page.contains("data-device=\"car-2\""));
 
     send_signal(demo.id(), "-TERM");

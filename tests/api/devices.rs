@@ -251,13 +251,8 @@ async fn a_key_brings_in_at_most_its_quota_of_devices_across_restarts() {
     assert_eq!(refused_metric(&app, "ceiling").await, 0);
 
     // Deleting one of the first key's devices gives it room for one.
-    let token = TokenAdmin::new(app.dir.path())
-        .create(Role::Admin, "root")
-        .unwrap()
-        .0;
-    let addr = app.server().backend_addr().unwrap();
-    let channel = milepost::backend::client::channel(&format!("http://{addr}")).unwrap();
-    let mut devices = proto::DevicesClient::new(channel);
+    let token = app.admin_token();
+    let mut devices = proto::DevicesClient::new(app.backend_channel());
     devices
         .delete_device(authed(
             &token,
@@ -335,23 +330,16 @@ async fn a_large_body_parsed_in_parallel_keeps_the_ceiling_exactly() {
 async fn the_log_says_once_that_the_ceiling_refuses_devices() {
     let dir = tempfile::tempdir().unwrap();
     let log = dir.path().join("server.log");
-    let child = serve_command(&dir.path().join("data"))
-        .args([
+    let (_proc, base) = spawn_logged(
+        serve_command(&dir.path().join("data")).args([
             "--log-format",
             "json",
             "--api-key",
             KEY,
             "--max-devices",
             "1",
-        ])
-        .stdout(std::process::Stdio::null())
-        .stderr(std::fs::File::create(&log).unwrap())
-        .spawn()
-        .unwrap();
-    let _proc = Proc(child);
-    let base = format!(
-        "http://{}",
-        listening_addr(&wait_for_log(&log, "public HTTP API listening"))
+        ]),
+        &log,
     );
     let client = reqwest::Client::new();
     let (status, _) = post_ingest(&client, &base, body(&["first"], 0))

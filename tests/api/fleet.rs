@@ -13,15 +13,6 @@ use reqwest::StatusCode;
 
 use crate::helpers::*;
 
-const SENSORS: [&str; 6] = [
-    "speed",
-    "fuel",
-    "revolution",
-    "engine_temperature",
-    "location_latitude",
-    "location_longitude",
-];
-
 fn at(sec: i64) -> String {
     DateTime::<Utc>::from_timestamp(sec, 0)
         .unwrap()
@@ -30,7 +21,7 @@ fn at(sec: i64) -> String {
 
 /// One second of one device: a reading of every sensor, all with `value`.
 fn second(device: &str, sec: i64, value: f64) -> String {
-    SENSORS
+    SIX_SENSORS
         .iter()
         .map(|s| dline(device, s, value, &at(sec)) + "\n")
         .collect()
@@ -158,7 +149,7 @@ async fn sigkill_during_fleet_load_loses_no_acknowledged_reading_and_stores_none
         .collect();
     for (device, secs) in &acked {
         for (sec, value) in secs {
-            for s in SENSORS {
+            for s in SIX_SENSORS {
                 let key = (device.clone(), s.to_owned(), sec * 1_000_000);
                 assert_eq!(
                     stored.get(&key),
@@ -180,7 +171,7 @@ async fn every_read_endpoint_shows_a_reading_as_soon_as_it_is_acknowledged() {
     let (from, to) = (at(start - 3600), at(start + 3600));
     for i in 0..30i64 {
         let ts = at(start + i);
-        let body: String = SENSORS
+        let body: String = SIX_SENSORS
             .iter()
             .map(|s| line(s, 10.0 + i as f64, &ts) + "\n")
             .collect();

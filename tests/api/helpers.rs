@@ -67,6 +67,20 @@ impl TestApp {
         self.dir
     }
 
+    /// A channel to the server's internal gRPC backend.
+    pub fn backend_channel(&self) -> tonic::transport::Channel {
+        let addr = self.server().backend_addr().expect("backend runs");
+        milepost::backend::client::channel(&format!("http://{addr}")).unwrap()
+    }
+
+    /// A new backend token of role admin.
+    pub fn admin_token(&self) -> String {
+        milepost::backend::TokenAdmin::new(self.dir.path())
+            .create(milepost::backend::Role::Admin, "root")
+            .unwrap()
+            .0
+    }
+
     /// The running server.
     pub fn server(&self) -> &Server {
         self.server.as_ref().expect("running")
@@ -195,6 +209,11 @@ pub async fn get_json(client: &reqwest::Client, url: &str) -> Value {
     client.get(url).send().await.unwrap().json().await.unwrap()
 }
 
+/// `GET url` as text, from a client of the test's own.
+pub async fn get_text_from(client: &reqwest::Client, url: &str) -> String {
+    client.get(url).send().await.unwrap().text().await.unwrap()
+}
+
 /// Readings counted over every bucket of a statistics answer.
 pub fn bucket_count_sum(stats: &Value) -> u64 {
     stats["buckets"]
@@ -222,6 +241,32 @@ pub fn serve_command(data_dir: &Path) -> std::process::Command {
     .env_remove("MILEPOST_API_KEY");
     cmd
 }
+
+/// Starts `cmd` (a [`serve_command`] with `--log-format json`), its log in `log`;
+/// returns the process (killed when dropped) and its public base URL once it listens.
+pub fn spawn_logged(cmd: &mut std::process::Command, log: &Path) -> (Proc, String) {
+    let child = cmd
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(log).unwrap())
+        .spawn()
+        .unwrap();
+    let proc = Proc(child);
+    let base = format!(
+        "http://{}",
+        listening_addr(&wait_for_log(log, "public HTTP API listening"))
+    );
+    (proc, base)
+}
+
+/// The built-in sensors of six a car sends.
+pub const SIX_SENSORS: [&str; 6] = [
+    "speed",
+    "fuel",
+    "revolution",
+    "engine_temperature",
+    "location_latitude",
+    "location_longitude",
+];
 
 /// Sends `sig` (e.g. `-TERM`, `-HUP`) to process `pid` with kill(1).
 pub fn send_signal(pid: u32, sig: &str) {

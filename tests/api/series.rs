@@ -7,7 +7,6 @@ use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use milepost::backend::proto;
-use milepost::backend::{Role, TokenAdmin};
 use milepost::config::ServeArgs;
 use reqwest::StatusCode;
 
@@ -178,13 +177,8 @@ async fn idle_devices_statistics_go_to_disk_and_stay_exact() {
     // Deleting a device on disk takes its readings out of the totals.
     let m = scrape(&app).await;
     assert!(get(&m, "milepost_series_statistics_devices_on_disk") >= 30.0);
-    let token = TokenAdmin::new(app.dir.path())
-        .create(Role::Admin, "root")
-        .unwrap()
-        .0;
-    let addr = app.server().backend_addr().unwrap();
-    let channel = milepost::backend::client::channel(&format!("http://{addr}")).unwrap();
-    let mut devices = proto::DevicesClient::new(channel);
+    let token = app.admin_token();
+    let mut devices = proto::DevicesClient::new(app.backend_channel());
     // The devices idle longest went to disk first: car-05 is among them.
     let request = milepost::backend::client::authorized(
         Some(&token),
@@ -244,17 +238,10 @@ async fn a_large_batch_of_idle_devices_goes_to_disk_whole() {
     };
     let app = TestApp::spawn_with(many).await;
     let n = 25_000;
-    const SIX: [&str; 6] = [
-        "speed",
-        "fuel",
-        "revolution",
-        "engine_temperature",
-        "location_latitude",
-        "location_longitude",
-    ];
     let body: String = (0..n)
         .flat_map(|d| {
-            SIX.iter()
+            SIX_SENSORS
+                .iter()
                 .map(move |s| dline(&format!("bulk-{d}"), s, 1.0, &at(10, 0)) + "\n")
         })
         .collect();
@@ -288,17 +275,11 @@ async fn after_a_sigkill_the_statistics_of_devices_on_disk_and_in_memory_are_exa
     let _serial = one_at_a_time().await;
     let dir = tempfile::tempdir().unwrap();
     let log = dir.path().join("serve.log");
-    let child = serve_command(dir.path())
-        .args(["--log-format", "json", "--api-key", KEY])
-        .args(["--series-memory", "1KiB", "--series-idle", "0s"])
-        .stdout(std::process::Stdio::null())
-        .stderr(std::fs::File::create(&log).unwrap())
-        .spawn()
-        .unwrap();
-    let proc = Proc(child);
-    let base = format!(
-        "http://{}",
-        listening_addr(&wait_for_log(&log, "public HTTP API listening"))
+    let (proc, base) = spawn_logged(
+        serve_command(dir.path())
+            .args(["--log-format", "json", "--api-key", KEY])
+            .args(["--series-memory", "1KiB", "--series-idle", "0s"]),
+        &log,
     );
     let client = reqwest::Client::new();
     for d in 0..DEVICES {
@@ -306,14 +287,7 @@ async fn after_a_sigkill_the_statistics_of_devices_on_disk_and_in_memory_are_exa
         assert_eq!((status, num(&v, "accepted")), (StatusCode::OK, 15), "{v}");
     }
     let on_disk = || async {
-        let text = client
-            .get(format!("{base}/metrics"))
-            .send()
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap();
+        let text = get_text_from(&client, &format!("{base}/metrics")).await;
         text.lines()
             .find_map(|l| l.strip_prefix("milepost_series_statistics_devices_on_disk "))
             .map_or(0.0, |n| n.trim().parse::<f64>().unwrap())
