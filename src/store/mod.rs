@@ -57,7 +57,7 @@ pub use forget::DeletedDevice;
 use ingest_log::IngestLog;
 pub use reader::{DeviceSummary, ReadStore, Reader, ScanChunk, ScanSink, Totals};
 pub use retention::Retired;
-pub use series::{DEFAULT_BUDGET as DEFAULT_SERIES_MEMORY, DEFAULT_IDLE as DEFAULT_SERIES_IDLE};
+pub use series::DEFAULT_BUDGET as DEFAULT_SERIES_MEMORY;
 pub use state::{ApplyLag, SeriesEntry, SeriesStats, Shared};
 pub use writer::{Clock, Committed, PendingCommit, WriteError, Writer, WriterConfig, WriterHandle};
 

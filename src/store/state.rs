@@ -339,20 +339,13 @@ impl Shared {
         }
     }
 
-    /// The ids of these devices (names) whose statistics are on disk, each once.
-    pub(super) fn on_disk_among<'a>(
-        &self,
-        devices: impl Iterator<Item = &'a Device>,
-    ) -> Vec<DeviceId> {
+    /// Those of these devices whose statistics are on disk, each once.
+    pub(super) fn on_disk_among(&self, devices: impl Iterator<Item = DeviceId>) -> Vec<DeviceId> {
         let s = self.series.read().expect("series lock");
         if s.devices_on_disk() == 0 {
             return Vec::new();
         }
-        let names = self.devices.read().expect("devices lock");
-        let mut ids: Vec<DeviceId> = devices
-            .filter_map(|d| names.id(d.as_str()))
-            .filter(|id| s.is_on_disk(*id))
-            .collect();
+        let mut ids: Vec<DeviceId> = devices.filter(|id| s.is_on_disk(*id)).collect();
         ids.sort_unstable_by_key(|d| d.0);
         ids.dedup();
         ids

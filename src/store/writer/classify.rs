@@ -66,10 +66,17 @@ impl KeyAcc {
     }
 }
 
-/// Device ids and a verdict for every row of the group. New devices are numbered
-/// from `next_device` on.
-pub(super) fn classify(shared: &Shared, known: &Known, next_device: u32, jobs: &[Job]) -> Plan {
-    // 1. Device names → ids, new ones numbered now and stored with the readings.
+/// The group's device names as ids, new devices numbered from `next_device` on.
+pub(super) struct GroupDevices {
+    pub new_devices: Vec<(DeviceId, Device)>,
+    /// Which key (id) brought in each new device, where the request said.
+    pub new_owners: Vec<(DeviceId, u64)>,
+    /// Per job: its batch's device indices → ids.
+    pub device_maps: Vec<Vec<DeviceId>>,
+}
+
+/// Device names → ids, new ones numbered now and stored with the readings.
+pub(super) fn device_ids(shared: &Shared, next_device: u32, jobs: &[Job]) -> GroupDevices {
     let mut new_devices: Vec<(DeviceId, Device)> = Vec::new();
     let mut new_owners: Vec<(DeviceId, u64)> = Vec::new();
     let mut device_maps = Vec::with_capacity(jobs.len());
@@ -95,6 +102,26 @@ pub(super) fn classify(shared: &Shared, known: &Known, next_device: u32, jobs: &
             .collect::<Vec<_>>();
         device_maps.push(ids);
     }
+    GroupDevices {
+        new_devices,
+        new_owners,
+        device_maps,
+    }
+}
+
+/// A verdict for every row of the group, whose devices are `devices` (their series
+/// statistics in memory: see `Front::restore_series`).
+pub(super) fn classify(
+    shared: &Shared,
+    known: &Known,
+    devices: GroupDevices,
+    jobs: &[Job],
+) -> Plan {
+    let GroupDevices {
+        new_devices,
+        new_owners,
+        device_maps,
+    } = devices;
 
     // 2. Classify every row: duplicate within the group, fresh, or maybe.
     let rows = jobs.iter().map(|j| j.batch.len()).sum();

@@ -10,12 +10,12 @@ use duckdb::Connection;
 use tokio::sync::mpsc;
 
 use super::Clock;
-use super::classify::{KeyAcc, Plan, classify, split_columns, tally};
+use super::classify::{KeyAcc, Plan, classify, device_ids, split_columns, tally};
 use super::db::Db;
 use super::flusher::{LOG_GROUP_ROWS, SEAL_AGE, SEAL_ROWS, flush_queued};
 use super::known::Known;
 use super::{Committed, Job, Msg, Pending, Persisting, Queue, Signals, WriteError};
-use crate::domain::{Device, SensorId};
+use crate::domain::{Device, DeviceId, SensorId};
 use crate::metrics::{Metrics, UNKNOWN_SENSOR};
 use crate::store::compact;
 use crate::store::ingest_log::IngestLog;
@@ -96,8 +96,9 @@ impl Front {
     }
 
     fn commit(&mut self, jobs: &[Job]) -> Result<Vec<Committed>, StoreError> {
-        self.restore_series(jobs)?;
-        let mut plan = classify(&self.shared, &self.known, self.next_device, jobs);
+        let devices = device_ids(&self.shared, self.next_device, jobs);
+        self.restore_series(&devices.device_maps)?;
+        let mut plan = classify(&self.shared, &self.known, devices, jobs);
         let lag_room = self.shared.apply_lag().readings as usize + plan.rows <= self.max_unapplied;
         if plan.maybe == 0 && plan.rows <= LOG_GROUP_ROWS && lag_room {
             return self.commit_logged(jobs, plan);
@@ -139,12 +140,12 @@ impl Front {
         Ok(results)
     }
 
-    /// Brings back the series statistics of the group's devices that are on disk:
-    /// classifying a reading needs its series' newest stored timestamp.
-    fn restore_series(&self, jobs: &[Job]) -> Result<(), StoreError> {
+    /// Brings back the series statistics of the group's devices (`device_maps`) that
+    /// are on disk: classifying a reading needs its series' newest stored timestamp.
+    fn restore_series(&self, device_maps: &[Vec<DeviceId>]) -> Result<(), StoreError> {
         let ids = self
             .shared
-            .on_disk_among(jobs.iter().flat_map(|j| j.batch.devices.iter()));
+            .on_disk_among(device_maps.iter().flatten().copied());
         if ids.is_empty() {
             return Ok(());
         }
