@@ -15,6 +15,7 @@ use bytes::Bytes;
 use poem::Body;
 
 use super::error::ApiError;
+use super::stream::BodySender;
 use crate::domain::{Device, SensorName, TimeRange, Timestamp};
 use crate::store::ScanChunk;
 
@@ -221,23 +222,14 @@ impl LineWriter {
 /// The sending half of a streamed export, fed by the blocking scan.
 pub struct ExportSink {
     writer: LineWriter,
-    tx: tokio::sync::mpsc::Sender<Result<Bytes, std::io::Error>>,
-    hung_up: bool,
+    body: BodySender,
 }
 
 impl ExportSink {
     /// A response body and the sink that fills it.
     pub fn new(writer: LineWriter) -> (Body, Self) {
-        let (tx, rx) = tokio::sync::mpsc::channel(4);
-        let stream = futures_util::stream::unfold(rx, |mut rx| async move {
-            rx.recv().await.map(|item| (item, rx))
-        });
-        let sink = Self {
-            writer,
-            tx,
-            hung_up: false,
-        };
-        (Body::from_bytes_stream(stream), sink)
+        let (stream, body) = BodySender::channel();
+        (stream, Self { writer, body })
     }
 
     /// Formats a chunk of the scan; `Break` once the client has hung up.
@@ -246,7 +238,7 @@ impl ExportSink {
             self.writer.push(*ts, *v);
         }
         if self.writer.is_full() {
-            self.send()
+            self.body.send(self.writer.take())
         } else {
             ControlFlow::Continue(())
         }
@@ -254,32 +246,17 @@ impl ExportSink {
 
     /// Whether the client went away before the end.
     pub fn hung_up(&self) -> bool {
-        self.hung_up
+        self.body.hung_up()
     }
 
     /// Sends the rest; the body ends when the sink is dropped.
     pub fn finish(mut self) {
-        let _ = self.send();
+        let _ = self.body.send(self.writer.take());
     }
 
     /// Aborts the body, so the client sees a broken transfer, not a short file.
     pub fn fail(self, error: &str) {
-        let _ = self
-            .tx
-            .blocking_send(Err(std::io::Error::other(error.to_owned())));
-    }
-
-    fn send(&mut self) -> ControlFlow<()> {
-        if self.writer.buf.is_empty() {
-            return ControlFlow::Continue(());
-        }
-        match self.tx.blocking_send(Ok(self.writer.take())) {
-            Ok(()) => ControlFlow::Continue(()),
-            Err(_) => {
-                self.hung_up = true;
-                ControlFlow::Break(())
-            }
-        }
+        self.body.fail(error);
     }
 }
 

@@ -111,9 +111,9 @@ impl DeviceNames {
         self.by_name.len()
     }
 
-    /// Every known device by id, ascending.
-    pub(super) fn iter(&self) -> impl Iterator<Item = (DeviceId, &str)> {
-        (0..self.spans.len() as u32).filter_map(|i| Some((DeviceId(i), self.name_of(i)?)))
+    /// Known devices by id, ascending, from `start` on.
+    pub(super) fn iter_from(&self, start: DeviceId) -> impl Iterator<Item = (DeviceId, &str)> {
+        (start.0..self.spans.len() as u32).filter_map(|i| Some((DeviceId(i), self.name_of(i)?)))
     }
 }
 
@@ -142,9 +142,9 @@ mod tests {
         // The name comes back with a new id.
         n.insert(DeviceId(5000), &dev("car-7"));
         assert_eq!(n.id("car-7"), Some(DeviceId(5000)));
-        let ids: Vec<u32> = n.iter().map(|(i, _)| i.0).take(3).collect();
+        let ids: Vec<u32> = n.iter_from(DeviceId(0)).map(|(i, _)| i.0).take(3).collect();
         assert_eq!(ids, [0, 2, 4]);
-        assert_eq!(n.iter().count(), 1000);
+        assert_eq!(n.iter_from(DeviceId(0)).count(), 1000);
         // An id given again forgets its old name.
         n.insert(DeviceId(0), &dev("truck-0"));
         assert_eq!((n.id("car-0"), n.id("truck-0")), (None, Some(DeviceId(0))));

@@ -100,9 +100,15 @@ pub trait ReadStore: Send + Sync + 'static {
     /// memory, or one small query for a device idle long enough to be on disk.
     fn series_of(&self, device: &Device) -> Vec<(SensorId, SeriesStats)>;
 
-    /// Every known device with its reading count and time span, by id: from memory,
-    /// and one aggregate over the `series` table for the devices on disk.
-    fn device_summaries(&self) -> Vec<(Device, DeviceSummary)>;
+    /// Known devices with their reading count and time span, by id: at most `limit`
+    /// of them from id `start` on (the next page starts after the last id returned;
+    /// an empty page is the end). From memory, and one aggregate over the page's
+    /// rows of the `series` table for those on disk.
+    fn device_summaries(
+        &self,
+        start: DeviceId,
+        limit: usize,
+    ) -> Result<Vec<(DeviceId, Device, DeviceSummary)>, StoreError>;
 
     /// Known devices, stored readings and the newest reading over all of them, in
     /// one pass over the in-memory statistics (no name copied: `/metrics` asks on
@@ -274,30 +280,32 @@ impl ReadStore for Reader {
             .unwrap_or_default()
     }
 
-    fn device_summaries(&self) -> Vec<(Device, DeviceSummary)> {
+    fn device_summaries(
+        &self,
+        start: DeviceId,
+        limit: usize,
+    ) -> Result<Vec<(DeviceId, Device, DeviceSummary)>, StoreError> {
+        let page = self.shared.devices_from(start, limit);
         // Which devices are on disk first, then their rows: one that comes back in
         // between has a row at least as new as what it had when asked.
-        let on_disk = self.shared.devices_on_disk();
+        let on_disk = self.shared.on_disk_among(page.iter().map(|(id, _)| *id));
         let mut from_disk: HashMap<DeviceId, DeviceSummary> = HashMap::new();
-        if !on_disk.is_empty() {
-            let rows = self.with_conn(series::summaries).unwrap_or_else(|e| {
-                tracing::warn!(error = %e, "cannot read the series statistics of idle devices");
-                Vec::new()
-            });
-            let wanted: std::collections::HashSet<DeviceId> = on_disk.into_iter().collect();
-            from_disk.extend(rows.into_iter().filter(|(d, _)| wanted.contains(d)));
+        if let (Some(&lo), Some(&hi)) = (on_disk.first(), on_disk.last()) {
+            from_disk.extend(self.with_conn(|c| series::summaries(c, lo..=hi))?);
         }
-        self.shared
-            .devices()
+        Ok(page
             .into_iter()
             .map(|(id, d)| {
                 let summary = match self.shared.series_here(id) {
                     Some(here) => DeviceSummary::of(&here),
-                    None => from_disk.remove(&id).unwrap_or_default(),
+                    // Written to disk since it was asked: its own row.
+                    None => from_disk
+                        .remove(&id)
+                        .unwrap_or_else(|| DeviceSummary::of(&self.series_of_id(id))),
                 };
-                (d, summary)
+                (id, d, summary)
             })
-            .collect()
+            .collect())
     }
 
     fn bucket_stats(

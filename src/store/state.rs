@@ -316,9 +316,15 @@ impl Shared {
 
     /// Every known device with its id, by id.
     pub fn devices(&self) -> Vec<(DeviceId, Device)> {
+        self.devices_from(DeviceId(0), usize::MAX)
+    }
+
+    /// At most `limit` known devices with their ids, by id, from `start` on.
+    pub fn devices_from(&self, start: DeviceId, limit: usize) -> Vec<(DeviceId, Device)> {
         let d = self.devices.read().expect("devices lock");
-        d.iter()
+        d.iter_from(start)
             .filter_map(|(i, n)| Some((i, Device::parse(n).ok()?)))
+            .take(limit)
             .collect()
     }
 
@@ -354,11 +360,6 @@ impl Shared {
     /// Whether `device`'s statistics are on disk.
     pub(super) fn series_on_disk(&self, device: DeviceId) -> bool {
         self.series.read().expect("series lock").is_on_disk(device)
-    }
-
-    /// Ids of the devices whose statistics are on disk.
-    pub(super) fn devices_on_disk(&self) -> Vec<DeviceId> {
-        self.series.read().expect("series lock").on_disk_ids()
     }
 
     /// Devices, readings and newest reading over every series (see

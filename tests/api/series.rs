@@ -237,6 +237,15 @@ async fn a_large_batch_of_idle_devices_goes_to_disk_whole() {
         a.max_new_devices_per_key = 0;
     };
     let app = TestApp::spawn_with(many).await;
+    // An empty (or short) list goes out whole, with an ETag to revalidate.
+    let resp = app
+        .client
+        .get(app.url("/api/v1/devices"))
+        .send()
+        .await
+        .unwrap();
+    assert!(resp.headers().get("etag").is_some(), "{:?}", resp.headers());
+    assert_eq!(resp.text().await.unwrap(), r#"{"devices":[]}"#);
     let n = 25_000;
     let body: String = (0..n)
         .flat_map(|d| {
@@ -256,6 +265,19 @@ async fn a_large_batch_of_idle_devices_goes_to_disk_whole() {
     }
     wait_on_disk(&app, f64::from(n - 10)).await;
     assert_every_device_has(&app, n, 6).await;
+    // A list this long is streamed a page of devices at a time (no length to tag).
+    let resp = app
+        .client
+        .get(app.url("/api/v1/devices"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    let h = resp.headers();
+    assert!(
+        h.get("content-length").is_none() && h.get("etag").is_none(),
+        "{h:?}"
+    );
     let app = app.restart_with(many).await;
     assert_every_device_has(&app, n, 6).await;
     // Devices back from disk deduplicate exactly (a sample: re-sent old readings of

@@ -12,7 +12,7 @@ use super::today::{DayCounter, TodayCounts};
 use super::{ConsoleSettings, Ctx, PageError, known_device};
 use crate::api::AppState;
 use crate::domain::{
-    Anomaly, AnomalyFilter, Catalog, Day, Device, SensorId, Step, TimeRange, Timestamp,
+    Anomaly, AnomalyFilter, Catalog, Day, Device, DeviceId, SensorId, Step, TimeRange, Timestamp,
     TriageStatus,
 };
 use crate::store::SeriesStats;
@@ -140,17 +140,25 @@ pub async fn overview(
     query: OverviewQuery,
 ) -> Result<Markup, PageError> {
     let reads = state.reads.clone();
-    let every = {
+    let mut rows: Vec<DeviceRow> = {
         let reads = reads.clone();
-        crate::api::blocking(move || Ok(reads.device_summaries())).await?
-    };
-    let mut rows: Vec<DeviceRow> = every
-        .into_iter()
-        .map(|(device, s)| DeviceRow {
-            newest: s.last,
-            device,
+        crate::api::blocking(move || {
+            let mut rows = Vec::new();
+            let mut start = DeviceId(0);
+            loop {
+                let page = reads.device_summaries(start, crate::api::DEVICE_PAGE)?;
+                let Some(&(last, _, _)) = page.last() else {
+                    break Ok(rows);
+                };
+                start = DeviceId(last.0 + 1);
+                rows.extend(page.into_iter().map(|(_, device, s)| DeviceRow {
+                    newest: s.last,
+                    device,
+                }));
+            }
         })
-        .collect();
+        .await?
+    };
     if rows.is_empty() {
         return Ok(first_steps(settings, ctx));
     }

@@ -17,25 +17,30 @@ use poem_openapi::param::{Path, Query};
 use poem_openapi::payload::Json;
 use poem_openapi::types::Any;
 
-use super::error::ApiError;
+use super::error::{ApiError, ErrorBody};
 use super::params::{catalogued, device_param, range_param, tz_param};
 use super::readings::{Cursor, DEFAULT_PAGE, ExportSink, Format, LineWriter, MAX_PAGE};
+use super::stream::{BodySender, StreamedJson};
 use super::track::{Downsampler, Pairer, Point};
-use super::{AppState, Tag, blocking};
+use super::{AppState, DEVICE_PAGE, Tag, blocking};
 use crate::domain::{
-    Aggregate, BucketWidth, Buckets, Device, Sensor, SensorId, TimeRange, Timestamp,
+    Aggregate, BucketWidth, Buckets, Device, DeviceId, Sensor, SensorId, TimeRange, Timestamp,
 };
 use crate::store::SeriesStats;
 
+use types::DeviceListWriter;
 pub use types::{
-    BucketBody, DeviceInfo, DeviceList, Fill, ReadingBody, ReadingPage, ReadingsContent,
-    ReadingsResponse, SensorInfo, SensorList, StatisticsBody, TrackResponse,
+    BucketBody, DeviceInfo, DeviceList, DevicesResponse, Fill, ReadingBody, ReadingPage,
+    ReadingsContent, ReadingsResponse, SensorInfo, SensorList, StatisticsBody, TrackResponse,
 };
 
 /// Most buckets one statistics request may produce.
 pub const MAX_BUCKETS: usize = 10_000;
 /// Most points of a track.
 pub const MAX_TRACK_POINTS: u32 = 100_000;
+/// Devices `GET /api/v1/devices` answers with one body of known length (~1 MB of
+/// JSON at most); longer lists are streamed.
+const SHORT_DEVICE_LIST: usize = 10_000;
 
 /// The `/api/v1` endpoints.
 pub struct V1Api;
@@ -47,21 +52,60 @@ impl V1Api {
     /// Every device that has sent readings, with reading count and first/last
     /// timestamp.
     #[oai(path = "/devices", method = "get")]
-    async fn devices(&self, state: Data<&Arc<AppState>>) -> Json<DeviceList> {
+    async fn devices(&self, state: Data<&Arc<AppState>>) -> DevicesResponse {
+        // Streamed a page of devices at a time: built whole, a million devices' answer
+        // (102 MB of JSON) took the server to a 1.41 GB peak for one request. The
+        // first page is read here, so a failing store is an error status; a failure
+        // later breaks the transfer (never a silently short list). A list that fits
+        // the first page goes out whole, with a length (and so an ETag to revalidate).
         let reads = state.reads.clone();
-        let every = crate::api::blocking(move || Ok(reads.device_summaries()))
-            .await
-            .unwrap_or_default();
-        let devices = every
-            .into_iter()
-            .map(|(d, s)| DeviceInfo {
-                device: d.to_string(),
-                readings: s.readings,
-                first: s.first.map(|t| t.to_string()),
-                last: s.last.map(|t| t.to_string()),
-            })
-            .collect();
-        Json(DeviceList { devices })
+        let first = {
+            let reads = reads.clone();
+            match blocking(move || reads.device_summaries(DeviceId(0), SHORT_DEVICE_LIST)).await {
+                Ok(first) => first,
+                Err(_) => {
+                    return DevicesResponse::Internal(Json(ErrorBody::new(
+                        "cannot read the devices; see the server log",
+                    )));
+                }
+            }
+        };
+        let mut out = DeviceListWriter::default();
+        for (_, device, summary) in &first {
+            out.push(device, summary);
+        }
+        let Some(&(mut last, _, _)) = first.last().filter(|_| first.len() == SHORT_DEVICE_LIST)
+        else {
+            return DevicesResponse::Ok(StreamedJson::new(poem::Body::from_bytes(out.finish())));
+        };
+        drop(first);
+        let (body, mut tx) = BodySender::channel();
+        let span = tracing::Span::current();
+        tokio::task::spawn_blocking(move || {
+            let _enter = span.enter();
+            loop {
+                let page = match reads.device_summaries(DeviceId(last.0 + 1), DEVICE_PAGE) {
+                    Ok(p) => p,
+                    Err(e) => {
+                        tracing::error!(error = %e, "device list failed part-way");
+                        return tx.fail("device list failed; see the server log");
+                    }
+                };
+                let Some(&(next, _, _)) = page.last() else {
+                    break;
+                };
+                last = next;
+                for (_, device, summary) in &page {
+                    out.push(device, summary);
+                    if out.is_full() && tx.send(out.take()).is_break() {
+                        tracing::debug!("device list stopped: the client went away");
+                        return;
+                    }
+                }
+            }
+            let _ = tx.send(out.finish());
+        });
+        DevicesResponse::Ok(StreamedJson::new(body))
     }
 
     /// Sensors

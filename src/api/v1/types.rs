@@ -1,11 +1,16 @@
 //! What `/api/v1` answers: its response bodies and content types, as the OpenAPI
 //! document describes them.
 
+use bytes::Bytes;
 use poem_openapi::payload::{Binary, Json};
 use poem_openapi::types::{Any, Example};
 use poem_openapi::{ApiResponse, Enum, Object, ResponseContent};
 
+use crate::api::error::ErrorBody;
 use crate::api::readings::Format;
+use crate::api::stream::StreamedJson;
+use crate::domain::Device;
+use crate::store::DeviceSummary;
 
 /// A device and its readings.
 #[derive(Debug, Clone, Object)]
@@ -27,6 +32,72 @@ pub struct DeviceInfo {
 pub struct DeviceList {
     /// Devices in the order they first sent data.
     pub devices: Vec<DeviceInfo>,
+}
+
+/// Answer of `GET /api/v1/devices`.
+#[derive(ApiResponse)]
+pub enum DevicesResponse {
+    /// Every device, in the order they first sent data (streamed when there are many).
+    #[oai(status = 200)]
+    Ok(StreamedJson<DeviceList>),
+    /// Storage failed; details are in the server log.
+    #[oai(status = 500)]
+    Internal(Json<ErrorBody>),
+}
+
+/// Writes a [`DeviceList`] as JSON a chunk at a time (see `GET /api/v1/devices`).
+#[derive(Default)]
+pub(super) struct DeviceListWriter {
+    buf: Vec<u8>,
+    started: bool,
+}
+
+impl DeviceListWriter {
+    /// Appends one device.
+    pub(super) fn push(&mut self, device: &Device, s: &DeviceSummary) {
+        self.buf.extend_from_slice(if self.started {
+            b","
+        } else {
+            b"{\"devices\":["
+        });
+        self.started = true;
+        self.buf.extend_from_slice(b"{\"device\":");
+        serde_json::to_writer(&mut self.buf, device.as_str()).expect("writing to a vector");
+        self.buf.extend_from_slice(b",\"readings\":");
+        self.buf
+            .extend_from_slice(itoa::Buffer::new().format(s.readings).as_bytes());
+        for (key, t) in [(&b",\"first\":"[..], s.first), (b",\"last\":", s.last)] {
+            self.buf.extend_from_slice(key);
+            match t {
+                Some(t) => {
+                    self.buf.push(b'"');
+                    t.write_rfc3339(&mut self.buf);
+                    self.buf.push(b'"');
+                }
+                None => self.buf.extend_from_slice(b"null"),
+            }
+        }
+        self.buf.push(b'}');
+    }
+
+    /// Whether enough is written to send it.
+    pub(super) fn is_full(&self) -> bool {
+        self.buf.len() >= 256 * 1024
+    }
+
+    /// Takes what is written so far.
+    pub(super) fn take(&mut self) -> Bytes {
+        Bytes::from(std::mem::take(&mut self.buf))
+    }
+
+    /// Closes the document (an empty list if nothing was pushed).
+    pub(super) fn finish(mut self) -> Bytes {
+        if !self.started {
+            self.buf.extend_from_slice(b"{\"devices\":[");
+        }
+        self.buf.extend_from_slice(b"]}");
+        self.take()
+    }
 }
 
 /// A catalogued sensor and its series for one device.
@@ -219,4 +290,39 @@ pub enum TrackResponse {
     /// holds the time of each coordinate.
     #[oai(status = 200, content_type = "application/geo+json")]
     Ok(Json<Any<serde_json::Value>>),
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::domain::Timestamp;
+
+    fn written(devices: &[(&str, DeviceSummary)]) -> serde_json::Value {
+        let mut w = DeviceListWriter::default();
+        let mut bytes = Vec::new();
+        for (name, s) in devices {
+            w.push(&Device::parse(name).unwrap(), s);
+            bytes.extend_from_slice(&w.take());
+        }
+        bytes.extend_from_slice(&w.finish());
+        serde_json::from_slice(&bytes).unwrap()
+    }
+
+    #[test]
+    fn the_streamed_device_list_is_the_documented_json() {
+        assert_eq!(written(&[]), serde_json::json!({"devices": []}));
+        let seen = DeviceSummary {
+            readings: 12,
+            first: Some(Timestamp::from_micros(1_335_205_543_511_000)),
+            last: Some(Timestamp::from_micros(1_335_205_544_000_001)),
+        };
+        assert_eq!(
+            written(&[("truck-7", seen), ("new", DeviceSummary::default())]),
+            serde_json::json!({"devices": [
+                {"device": "truck-7", "readings": 12,
+                 "first": "2012-04-23T18:25:43.511Z", "last": "2012-04-23T18:25:44.000001Z"},
+                {"device": "new", "readings": 0, "first": null, "last": null},
+            ]})
+        );
+    }
 }
