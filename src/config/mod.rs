@@ -165,7 +165,9 @@ pub struct ServeArgs {
     /// Memory for the series statistics (count, first, last, newest value) of
     /// active devices (~290 bytes per device with six sensors). Beyond it, the
     /// statistics of devices idle for `--series-idle` move to the database and come
-    /// back when the device sends again (one small query).
+    /// back when the device sends again (one small query); beyond twice it, those of
+    /// the least recently active devices move too, so memory stays bounded however
+    /// many devices appear at once.
     #[arg(long, env = "MILEPOST_SERIES_MEMORY", default_value = "32MiB", value_parser = parse_size)]
     pub series_memory: u64,
     /// How long a device must have stored nothing before its series statistics may

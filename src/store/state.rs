@@ -11,7 +11,7 @@ use super::columns::Columns;
 use super::live::{LiveSlots, slot_after};
 use super::names::DeviceNames;
 use super::owners::Owners;
-use super::series::{DeviceSeries, DiskTotals, Held, SeriesMap};
+use super::series::{DiskTotals, Held, SeriesMap, SpillBatch};
 use crate::domain::{Catalog, Device, DeviceId, SensorId, Timestamp};
 
 /// A series and its statistics.
@@ -58,7 +58,7 @@ pub struct Shared {
     series: RwLock<SeriesMap>,
     /// Devices whose rows the flusher committed to the `series` table, for the
     /// front to take out of memory between groups (see [`super::series`]).
-    spilled: Mutex<Vec<Vec<(DeviceId, DeviceSeries)>>>,
+    spilled: Mutex<Vec<SpillBatch>>,
     /// Rollup slots from this one (ms) on are live: their rollups are written when
     /// they end (see `rollup`); readers take them from `readings`. Starts at the
     /// earliest instant — everything raw — until the writer has started.
@@ -407,12 +407,17 @@ impl Shared {
 
     /// Copies of idle devices' statistics to write to the table, when memory is
     /// over its budget.
-    pub(super) fn pick_idle_series(&self) -> Vec<(DeviceId, DeviceSeries)> {
+    pub(super) fn pick_idle_series(&self) -> SpillBatch {
         self.series.read().expect("series lock").pick_idle()
     }
 
+    /// Whether the series statistics in memory are over their ceiling.
+    pub(super) fn series_over_ceiling(&self) -> bool {
+        self.series.read().expect("series lock").over_ceiling()
+    }
+
     /// The flusher committed these devices' rows.
-    pub(super) fn series_written(&self, devices: Vec<(DeviceId, DeviceSeries)>) {
+    pub(super) fn series_written(&self, devices: SpillBatch) {
         self.spilled
             .lock()
             .unwrap_or_else(|p| p.into_inner())

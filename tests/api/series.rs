@@ -44,13 +44,19 @@ fn tiny(a: &mut ServeArgs) {
 
 /// Waits until at least `n` devices' statistics are on disk.
 async fn wait_on_disk(app: &TestApp, n: f64) {
+    wait_on_disk_within(app, n, 1024.0).await;
+}
+
+/// Waits until at least `n` devices' statistics are on disk, and checks that those
+/// in memory take at most `bytes`.
+async fn wait_on_disk_within(app: &TestApp, n: f64, bytes: f64) {
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
         let m = scrape(app).await;
         let on_disk = get(&m, "milepost_series_statistics_devices_on_disk");
         if on_disk >= n {
             assert!(
-                get(&m, "milepost_series_statistics_memory_bytes") <= 1024.0,
+                get(&m, "milepost_series_statistics_memory_bytes") <= bytes,
                 "{m:?}"
             );
             return;
@@ -226,6 +232,31 @@ async fn assert_every_device_has(app: &TestApp, n: u32, readings: u64) {
         short.len(),
         short.first()
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn over_twice_the_budget_devices_go_to_disk_before_they_are_idle() {
+    // An idle time of an hour: none is idle, yet 40 devices in a 1 KiB budget go to
+    // disk down to the ceiling (twice the budget), least recently active first.
+    let app = TestApp::spawn_with(|a| {
+        tiny(a);
+        a.series_idle = Duration::from_secs(3600);
+    })
+    .await;
+    for d in 0..DEVICES {
+        let (status, v) = app.ingest(first_body(d)).await;
+        assert_eq!((status, num(&v, "accepted")), (StatusCode::OK, 15), "{v}");
+    }
+    wait_on_disk_within(&app, 25.0, 2048.0).await;
+    let want = expected_after_first();
+    assert_exact(&app, &want).await;
+    // Re-sent requests, of devices on disk and in memory, are all duplicates.
+    for d in 0..DEVICES {
+        let (status, v) = app.ingest(first_body(d)).await;
+        assert_eq!(status, StatusCode::OK, "{v}");
+        assert_eq!((num(&v, "accepted"), num(&v, "duplicates")), (0, 15), "{v}");
+    }
+    assert_exact(&app, &want).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

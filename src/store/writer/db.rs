@@ -171,7 +171,7 @@ impl Db {
             if !part.spill.is_empty() {
                 series::write_devices(
                     &db.conn,
-                    part.spill.iter().map(|(d, of)| (*d, of.iter().copied())),
+                    part.spill.iter().map(|(d, of)| (d, of.iter().copied())),
                 )?;
             }
             Ok(appended)

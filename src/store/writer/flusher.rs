@@ -12,7 +12,7 @@ use crate::domain::{Device, DeviceId, SensorId};
 use crate::store::StoreError;
 use crate::store::columns::Columns;
 use crate::store::ingest_log;
-use crate::store::series::DeviceSeries;
+use crate::store::series::SpillBatch;
 
 /// Largest group that goes through the ingest log. In larger groups DuckDB's cost per
 /// transaction is small against its cost per reading, and writing them twice (log,
@@ -41,7 +41,7 @@ pub(super) struct Sealed {
     pub(super) segment: Option<PathBuf>,
     /// Idle devices' series statistics to write to the `series` table in the same
     /// transaction (then they leave memory, see [`crate::store::series`]).
-    pub(super) spill: Vec<(DeviceId, DeviceSeries)>,
+    pub(super) spill: SpillBatch,
 }
 
 /// Readings acknowledged into the current log segment.
@@ -55,7 +55,7 @@ pub(super) struct Pending {
     /// When the oldest of them was acknowledged.
     pub(super) since: Option<Instant>,
     /// See [`Sealed::spill`].
-    pub(super) spill: Vec<(DeviceId, DeviceSeries)>,
+    pub(super) spill: SpillBatch,
 }
 
 impl Pending {

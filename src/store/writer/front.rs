@@ -162,12 +162,15 @@ impl Front {
 
     /// Between groups: devices whose rows the flusher committed leave memory; when
     /// memory is over its budget, the idle ones' statistics go to the flusher to
-    /// be written (at most one batch at a time, looked for once a second).
+    /// be written (at most one batch at a time, looked for once a second, or right
+    /// after the last batch when over the ceiling: a burst of new devices).
     fn spill_series(&mut self) {
         if self.shared.take_written_series() {
             self.spilling = false;
         }
-        if self.spilling || self.spill_looked.elapsed() < SPILL_EVERY {
+        if self.spilling
+            || (self.spill_looked.elapsed() < SPILL_EVERY && !self.shared.series_over_ceiling())
+        {
             return;
         }
         self.spill_looked = Instant::now();
