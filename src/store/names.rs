@@ -111,6 +111,12 @@ impl DeviceNames {
         self.by_name.len()
     }
 
+    /// One past the highest id given (deleted or not), at least 1: where the
+    /// writer's new ids start.
+    pub(super) fn next_id(&self) -> DeviceId {
+        DeviceId((self.spans.len() as u32).max(1))
+    }
+
     /// Known devices by id, ascending, from `start` on.
     pub(super) fn iter_from(&self, start: DeviceId) -> impl Iterator<Item = (DeviceId, &str)> {
         (start.0..self.spans.len() as u32).filter_map(|i| Some((DeviceId(i), self.name_of(i)?)))
@@ -145,6 +151,10 @@ mod tests {
         let ids: Vec<u32> = n.iter_from(DeviceId(0)).map(|(i, _)| i.0).take(3).collect();
         assert_eq!(ids, [0, 2, 4]);
         assert_eq!(n.iter_from(DeviceId(0)).count(), 1000);
+        let from: Vec<u32> = n.iter_from(DeviceId(1997)).map(|(i, _)| i.0).collect();
+        assert_eq!(from, [1998, 5000]);
+        assert_eq!(n.next_id(), DeviceId(5001));
+        assert_eq!(DeviceNames::default().next_id(), DeviceId(1));
         // An id given again forgets its old name.
         n.insert(DeviceId(0), &dev("truck-0"));
         assert_eq!((n.id("car-0"), n.id("truck-0")), (None, Some(DeviceId(0))));

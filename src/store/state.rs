@@ -314,6 +314,11 @@ impl Shared {
         self.devices.read().expect("devices lock").len()
     }
 
+    /// Where the ids of new devices start (see `DeviceNames::next_id`).
+    pub(super) fn next_device_id(&self) -> DeviceId {
+        self.devices.read().expect("devices lock").next_id()
+    }
+
     /// Every known device with its id, by id.
     pub fn devices(&self) -> Vec<(DeviceId, Device)> {
         self.devices_from(DeviceId(0), usize::MAX)

@@ -200,10 +200,9 @@ impl Writer {
         let signals = Arc::new(Signals::default());
         let handle_shared = shared.clone();
         let through = log.next_seq() - 1;
-        let next_device = shared
-            .devices()
-            .last()
-            .map_or(1, |(id, _)| id.0.saturating_add(1));
+        // Not from a list of every device: a million devices' names copied once
+        // more at start-up, only to take the last id.
+        let next_device = shared.next_device_id().0;
         shared
             .live
             .set_limits(cfg.live_slots_memory, cfg.live_slots_idle);
