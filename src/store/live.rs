@@ -396,43 +396,45 @@ impl LiveSlots {
         inner.slot_bytes = 0;
         // Streamed, and read only as far as the budget goes: a query's materialized
         // result of a million devices' live slots took 480 MB at start-up.
-        let mut stmt = conn.prepare(&format!(
-            "SELECT device_id, sensor_id, slot_ms, {COMBINED}
-             FROM rollups WHERE slot_ms >= {from}
-             GROUP BY device_id, sensor_id, slot_ms ORDER BY device_id"
-        ))?;
+        // A statement per range of devices (see `store::device_ranges`), in order.
         let mut full = false;
-        'batches: for batch in stmt.stream_arrow([])? {
-            let batch = batch?;
-            let c = LoadColumns::of(&batch)?;
-            for i in 0..batch.num_rows() {
-                let device = DeviceId(c.device.value(i) as u32);
-                let slot_ms = c.slot.value(i);
-                let Some(d) = inner.entry(device, now) else {
-                    // No room (nothing is idle at start): neither for this device
-                    // nor for the ones after it.
-                    full = true;
-                    break 'batches;
-                };
-                let at = |us: i64| (us - slot_ms * 1000).clamp(0, i64::from(u32::MAX)) as u32;
-                let before = d.bytes();
-                d.slots.push(Slot {
-                    sensor: c.sensor.value(i) as u16,
-                    slot: number(slot_ms),
-                    count: c.count.value(i).clamp(0, i64::from(u32::MAX)) as u32,
-                    min: c.min.value(i),
-                    max: c.max.value(i),
-                    sum: c.sum.value(i),
-                    first_off: at(c.first_us.value(i)),
-                    first: c.first.value(i),
-                    last_off: at(c.last_us.value(i)),
-                    last: c.last.value(i),
-                });
-                let grown = d.bytes() - before;
-                inner.slot_bytes += grown;
+        'statements: for devices in super::device_ranges(conn)? {
+            let mut stmt = conn.prepare(&format!(
+                "SELECT device_id, sensor_id, slot_ms, {COMBINED}
+                 FROM rollups WHERE slot_ms >= {from} {devices}
+                 GROUP BY device_id, sensor_id, slot_ms ORDER BY device_id"
+            ))?;
+            for batch in stmt.stream_arrow([])? {
+                let batch = batch?;
+                let c = LoadColumns::of(&batch)?;
+                for i in 0..batch.num_rows() {
+                    let device = DeviceId(c.device.value(i) as u32);
+                    let slot_ms = c.slot.value(i);
+                    let Some(d) = inner.entry(device, now) else {
+                        // No room (nothing is idle at start): neither for this device
+                        // nor for the ones after it.
+                        full = true;
+                        break 'statements;
+                    };
+                    let at = |us: i64| (us - slot_ms * 1000).clamp(0, i64::from(u32::MAX)) as u32;
+                    let before = d.bytes();
+                    d.slots.push(Slot {
+                        sensor: c.sensor.value(i) as u16,
+                        slot: number(slot_ms),
+                        count: c.count.value(i).clamp(0, i64::from(u32::MAX)) as u32,
+                        min: c.min.value(i),
+                        max: c.max.value(i),
+                        sum: c.sum.value(i),
+                        first_off: at(c.first_us.value(i)),
+                        first: c.first.value(i),
+                        last_off: at(c.last_us.value(i)),
+                        last: c.last.value(i),
+                    });
+                    let grown = d.bytes() - before;
+                    inner.slot_bytes += grown;
+                }
             }
         }
-        drop(stmt);
         if full {
             // The devices not read claim no slot up to the newest.
             let newest: Option<i64> = conn.query_row(

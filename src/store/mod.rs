@@ -299,6 +299,38 @@ fn lock_data_dir(dir: &DataDir) -> Result<File, StoreError> {
     Ok(file)
 }
 
+/// Device ids one statement groups at most, in the queries that group every
+/// device's readings (rollup rebuilds, the series recompute, the live slots' load).
+/// DuckDB's memory limit is per instance and such an aggregate does not spill far
+/// enough: over all of two million devices' readings at once, the rebuild failed
+/// with "Out of Memory" at the default 128 MB (a server that could no longer
+/// start), and over one million at 64 MB; in slices of this many it runs at 64 MB.
+const DEVICES_PER_STATEMENT: i64 = 200_000;
+
+/// SQL conditions (`AND device_id BETWEEN …`) that slice every device id given so
+/// far into [`DEVICES_PER_STATEMENT`]: one empty condition while there are fewer.
+fn device_ranges(conn: &Connection) -> Result<Vec<String>, duckdb::Error> {
+    let max: i64 = conn.query_row("SELECT coalesce(max(id), 0) FROM devices", [], |r| r.get(0))?;
+    if max < DEVICES_PER_STATEMENT {
+        return Ok(vec![String::new()]);
+    }
+    // Open at both ends, so that no row is left out whatever its id.
+    let last = max / DEVICES_PER_STATEMENT;
+    Ok((0..=last)
+        .map(|i| {
+            let lo = i * DEVICES_PER_STATEMENT;
+            match i {
+                0 => format!("AND device_id < {DEVICES_PER_STATEMENT}"),
+                _ if i == last => format!("AND device_id >= {lo}"),
+                _ => format!(
+                    "AND device_id BETWEEN {lo} AND {}",
+                    lo + DEVICES_PER_STATEMENT - 1
+                ),
+            }
+        })
+        .collect())
+}
+
 fn open_duckdb(path: &Path, cfg: &StoreConfig) -> Result<Connection, StoreError> {
     open_connection(
         path,
@@ -368,7 +400,7 @@ fn load_series(
         tracing::warn!(
             "the last shutdown was not clean: recomputing series statistics from readings"
         );
-        in_transaction(conn, || series::recompute(conn))?;
+        series::recompute(conn)?;
     }
     let (rows, readings, newest) = series::table_totals(conn)?;
     let resident = series::read_recent(conn, rows, budget)?;

@@ -203,7 +203,7 @@ pub(super) fn merge(conn: &Connection, lo_slot: i64, hi_slot: i64) -> Result<u64
 /// Replaces the rollups of the slots in `[from_ms, to_ms)` (whole slots) with ones
 /// computed from the readings of that span in `source`, a table shaped like
 /// `readings` (itself, or compaction's sorted copy of a day). Runs in the caller's
-/// transaction.
+/// transaction, one statement per range of devices (see [`super::device_ranges`]).
 pub(super) fn rebuild(
     conn: &Connection,
     source: &str,
@@ -212,16 +212,21 @@ pub(super) fn rebuild(
 ) -> Result<(), duckdb::Error> {
     debug_assert!(from_ms.rem_euclid(SLOT_MS) == 0);
     conn.execute_batch(&format!(
-        "DELETE FROM rollups WHERE slot_ms >= {from_ms} AND slot_ms < {to_ms};
-         INSERT INTO rollups
-             SELECT device_id, sensor_id, {SLOT_SQL} AS slot_ms, count(*),
-                    min(value), max(value), sum(value),
-                    min(ts_ms * 1000 + ts_us), arg_min(value, ts_ms * 1000 + ts_us),
-                    max(ts_ms * 1000 + ts_us), arg_max(value, ts_ms * 1000 + ts_us)
-             FROM {source} WHERE ts_ms >= {from_ms} AND ts_ms < {to_ms}
-             GROUP BY device_id, sensor_id, slot_ms
-             ORDER BY device_id, sensor_id, slot_ms;"
-    ))
+        "DELETE FROM rollups WHERE slot_ms >= {from_ms} AND slot_ms < {to_ms};"
+    ))?;
+    for devices in super::device_ranges(conn)? {
+        conn.execute_batch(&format!(
+            "INSERT INTO rollups
+                 SELECT device_id, sensor_id, {SLOT_SQL} AS slot_ms, count(*),
+                        min(value), max(value), sum(value),
+                        min(ts_ms * 1000 + ts_us), arg_min(value, ts_ms * 1000 + ts_us),
+                        max(ts_ms * 1000 + ts_us), arg_max(value, ts_ms * 1000 + ts_us)
+                 FROM {source} WHERE ts_ms >= {from_ms} AND ts_ms < {to_ms} {devices}
+                 GROUP BY device_id, sensor_id, slot_ms
+                 ORDER BY device_id, sensor_id, slot_ms;"
+        ))?;
+    }
+    Ok(())
 }
 
 /// At writer start: recomputes the rollups from the boundary a previous run left in
@@ -243,6 +248,16 @@ pub(super) fn recover(conn: &Connection, from: i64) -> Result<Option<i64>, Store
         ),
         None => None,
     };
+    if let Some(p) = previous {
+        // Deleted and checkpointed first: a DELETE keeps ~8 bytes per row in memory
+        // until a checkpoint (see `series::recompute`), and two million devices'
+        // live rollups are twelve million rows. A crash before the rebuild below
+        // commits leaves the boundary as it was: the next start rebuilds again.
+        conn.execute_batch(&format!("DELETE FROM rollups WHERE slot_ms >= {p}"))?;
+        if let Err(e) = conn.execute_batch("CHECKPOINT") {
+            tracing::warn!(error = %e, "cannot checkpoint before rebuilding the rollups");
+        }
+    }
     super::in_transaction(conn, || {
         if let Some(p) = previous {
             rebuild(conn, "readings", p, i64::MAX)?;
@@ -555,6 +570,57 @@ mod tests {
         // Running it again changes nothing.
         recover(&conn, now_from).unwrap();
         assert_eq!(slots(&conn), expected);
+    }
+
+    /// Over 200,000 device ids, rebuilds and the series recompute run a statement per
+    /// range of ids: devices at every range's edges and beyond the last known id are
+    /// all counted.
+    #[test]
+    fn rebuilds_and_recomputes_by_device_range_cover_every_device() {
+        let dir = tempfile::tempdir().unwrap();
+        let conn = duckdb::Connection::open(dir.path().join("x.duckdb")).unwrap();
+        conn.execute_batch(include_str!("../../schema/migrations/0001_init.sql"))
+            .unwrap();
+        conn.execute_batch(include_str!("../../schema/migrations/0002_rollups.sql"))
+            .unwrap();
+        let t0 = 1_711_756_800_000i64;
+        let devices = [1i32, 199_999, 200_000, 399_999, 400_000, 650_000];
+        for d in &devices[..5] {
+            conn.execute(
+                "INSERT INTO devices VALUES (?, ?)",
+                duckdb::params![d, format!("d{d}")],
+            )
+            .unwrap();
+        }
+        assert_eq!(super::super::device_ranges(&conn).unwrap().len(), 3);
+        let mut app = conn.appender("readings").unwrap();
+        for (i, d) in devices.iter().enumerate() {
+            for s in 0..=i as i64 {
+                app.append_row(duckdb::params![d, 1i16, t0 + s * 1000, 0i16, s as f64])
+                    .unwrap();
+            }
+        }
+        app.flush().unwrap();
+        drop(app);
+        rebuild(&conn, "readings", t0, i64::MAX).unwrap();
+        crate::store::series::recompute(&conn).unwrap();
+        let counts = |sql: &str| -> Vec<(i32, i64)> {
+            let mut stmt = conn.prepare(sql).unwrap();
+            stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
+                .unwrap()
+                .collect::<Result<_, _>>()
+                .unwrap()
+        };
+        let want: Vec<(i32, i64)> = devices
+            .iter()
+            .enumerate()
+            .map(|(i, d)| (*d, i as i64 + 1))
+            .collect();
+        let grouped = |table: &str| {
+            format!("SELECT device_id, sum(readings)::BIGINT FROM {table} GROUP BY 1 ORDER BY 1")
+        };
+        assert_eq!(counts(&grouped("rollups")), want);
+        assert_eq!(counts(&grouped("series")), want);
     }
 
     #[tokio::test]
