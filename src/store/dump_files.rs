@@ -25,6 +25,10 @@ const DAY_MS: i64 = 86_400_000;
 /// and DuckDB read best (~1 M rows), and a sort DuckDB keeps in memory.
 const GROUP_ROWS: i64 = 1 << 20;
 
+/// A series' place in a Parquet dump, as one number: device rank × this + sensor
+/// rank (sensor ids are `SMALLINT`, so their ranks are below it).
+const KEY_SPAN: i64 = 1 << 16;
+
 /// Rows per NDJSON query: an hour of the day at a time, so each sort is small
 /// whatever the day holds (one sort of a 10 M-reading day ran out of a 128 MB limit).
 const JSON_WINDOW_MS: i64 = 3_600_000;
@@ -59,17 +63,7 @@ pub(super) fn write_json_day(
             (id as i16, head.into_bytes())
         })
         .collect();
-    let tails: HashMap<i32, Vec<u8>> = names(conn, "SELECT id, name FROM devices")?
-        .into_iter()
-        .map(|(id, name)| {
-            let tail = if name == "default" {
-                "\"}\n".to_owned()
-            } else {
-                format!("\",\"device\":\"{name}\"}}\n")
-            };
-            (id as i32, tail.into_bytes())
-        })
-        .collect();
+    let tails = DeviceTails::read(conn)?;
     let file = std::fs::File::create(path).map_err(io)?;
     let mut gz = flate2::GzBuilder::new()
         .comment(writer.gzip_comment())
@@ -102,7 +96,7 @@ pub(super) fn write_json_day(
                 buf.extend_from_slice(b",\"timestamp\":\"");
                 Timestamp::from_micros(ms.value(i) * 1000 + i64::from(us.value(i)))
                     .write_rfc3339(&mut buf);
-                buf.extend_from_slice(tails.get(&dev.value(i)).ok_or_else(unknown)?);
+                buf.extend_from_slice(tails.get(dev.value(i)).ok_or_else(unknown)?);
             }
             if buf.len() >= 1 << 20 {
                 gz.write_all(&buf).map_err(io)?;
@@ -114,6 +108,52 @@ pub(super) fn write_json_day(
     gz.write_all(&buf).map_err(io)?;
     gz.finish().map_err(io)?.flush().map_err(io)?;
     Ok(())
+}
+
+/// The end of each device's NDJSON lines (`","device":"truck"}` and a newline, or
+/// `"}` and a newline for the default device), by device id: all in one buffer, a
+/// span per id (ids are dense). A map of a `Vec` per device took ~370 MB of a
+/// two-million-device server's memory for one day's dump.
+struct DeviceTails {
+    bytes: Vec<u8>,
+    /// Where the tail of id `i` starts; it ends where the next one starts. An id
+    /// without a device has an empty span.
+    starts: Vec<u32>,
+}
+
+impl DeviceTails {
+    fn read(conn: &Connection) -> Result<Self, StoreError> {
+        let mut stmt = conn.prepare("SELECT id, name FROM devices ORDER BY id")?;
+        let mut rows = stmt.query([])?;
+        let mut tails = Self {
+            bytes: Vec::new(),
+            starts: vec![0],
+        };
+        while let Some(row) = rows.next()? {
+            let id = usize::try_from(row.get::<_, i32>(0)?)
+                .map_err(|_| StoreError::Corrupt("a negative device id".into()))?;
+            let name: String = row.get(1)?;
+            // Ids without a device up to this one: empty spans.
+            let end = tails.bytes.len() as u32;
+            tails.starts.resize(id + 1, end);
+            if name == "default" {
+                tails.bytes.extend_from_slice(b"\"}\n");
+            } else {
+                tails.bytes.extend_from_slice(b"\",\"device\":\"");
+                tails.bytes.extend_from_slice(name.as_bytes());
+                tails.bytes.extend_from_slice(b"\"}\n");
+            }
+            tails.starts.push(tails.bytes.len() as u32);
+        }
+        Ok(tails)
+    }
+
+    /// The tail of device `id`, if it exists.
+    fn get(&self, id: i32) -> Option<&[u8]> {
+        let i = usize::try_from(id).ok()?;
+        let (start, end) = (*self.starts.get(i)?, *self.starts.get(i + 1)?);
+        (start < end).then(|| &self.bytes[start as usize..end as usize])
+    }
 }
 
 /// The Parquet of a day: `node` (the writer's `--node-name` in every row, so a
@@ -133,6 +173,18 @@ pub(super) fn write_parquet_day(
     writer_id: &NodeIdentity,
     stop: &AtomicBool,
 ) -> Result<(), StoreError> {
+    write_parquet_groups(conn, start_ms, path, writer_id, stop, GROUP_ROWS)
+}
+
+/// [`write_parquet_day`] with groups of `group_rows` (tests cut small days).
+fn write_parquet_groups(
+    conn: &Connection,
+    start_ms: i64,
+    path: &Path,
+    writer_id: &NodeIdentity,
+    stop: &AtomicBool,
+    group_rows: i64,
+) -> Result<(), StoreError> {
     use parquet::arrow::ArrowWriter;
     use parquet::arrow::arrow_writer::ArrowWriterOptions;
     use parquet::basic::{Compression, ZstdLevel};
@@ -145,53 +197,52 @@ pub(super) fn write_parquet_day(
         |e: parquet::errors::ParquetError| StoreError::Internal(format!("writing Parquet: {e}"));
     let range = format!("ts_ms >= {start_ms} AND ts_ms < {}", start_ms + DAY_MS);
 
-    // Names in sort order; a rank is the index into these.
-    let devices = names(conn, "SELECT id, name FROM devices ORDER BY name")?;
-    let sensors = names(conn, "SELECT id, name FROM sensors ORDER BY name")?;
-    let device_rank: HashMap<i32, i32> = devices
-        .iter()
-        .enumerate()
-        .map(|(i, (id, _))| (*id as i32, i as i32))
-        .collect();
-    let sensor_rank: HashMap<i16, i32> = sensors
-        .iter()
-        .enumerate()
-        .map(|(i, (id, _))| (*id as i16, i as i32))
-        .collect();
-    let unknown = || StoreError::Corrupt("a reading names an unknown device or sensor".into());
+    // Ranks of device and sensor names in sort order, as temp tables the queries
+    // join, and the names in that order (the columns' dictionaries). Before, the
+    // day's series were listed here and each group's were sent back as a `VALUES`
+    // list: with two million devices a group was a million tuples of SQL, and
+    // dumping one day took 6.7 GB and did not finish.
+    conn.execute_batch(
+        "CREATE OR REPLACE TEMP TABLE dump_devices AS
+             SELECT id, (row_number() OVER (ORDER BY name) - 1)::INTEGER AS rank FROM devices;
+         CREATE OR REPLACE TEMP TABLE dump_sensors AS
+             SELECT id, (row_number() OVER (ORDER BY name) - 1)::INTEGER AS rank FROM sensors;",
+    )?;
+    let device_names: ArrayRef = Arc::new(ordered_names(conn, "devices")?);
+    let sensor_names: ArrayRef = Arc::new(ordered_names(conn, "sensors")?);
 
-    // Series of the day, in output order, cut into groups.
+    // The day's series, in output order (`key`: device rank, then sensor rank), cut
+    // into groups of about `group_rows` readings (a series is never cut): one row
+    // per group with its first and last key, computed by DuckDB (it spills).
     let mut stmt = conn.prepare(&format!(
-        "SELECT device_id, sensor_id, count(*) FROM readings WHERE {range} GROUP BY ALL"
+        "SELECT min(key), max(key), count(*) - count(key)
+         FROM (SELECT key, coalesce(sum(n) OVER (ORDER BY key NULLS LAST
+                   ROWS BETWEEN UNBOUNDED PRECEDING AND 1 PRECEDING), 0) // {group_rows} AS g
+               FROM (SELECT d.rank::BIGINT * {KEY_SPAN} + s.rank AS key, count(*) AS n
+                     FROM readings r
+                     LEFT JOIN temp.dump_devices d ON r.device_id = d.id
+                     LEFT JOIN temp.dump_sensors s ON r.sensor_id = s.id
+                     WHERE {range} GROUP BY 1))
+         GROUP BY g ORDER BY g"
     ))?;
-    let mut series = stmt
+    let groups = stmt
         .query_map([], |r| {
             Ok((
-                r.get::<_, i32>(0)?,
-                r.get::<_, i16>(1)?,
+                r.get::<_, Option<i64>>(0)?,
+                r.get::<_, Option<i64>>(1)?,
                 r.get::<_, i64>(2)?,
             ))
         })?
         .collect::<Result<Vec<_>, _>>()?;
-    let mut keyed = Vec::with_capacity(series.len());
-    for (d, s, n) in series.drain(..) {
-        let key = (
-            *device_rank.get(&d).ok_or_else(unknown)?,
-            *sensor_rank.get(&s).ok_or_else(unknown)?,
-        );
-        keyed.push((key, d, s, n));
+    if groups.iter().any(|g| g.2 > 0) {
+        return Err(StoreError::Corrupt(
+            "a reading names an unknown device or sensor".into(),
+        ));
     }
-    keyed.sort_unstable();
-    let mut groups: Vec<Vec<(i32, i16, i64)>> = Vec::new();
-    let mut rows_in_last = i64::MAX;
-    for (i, &(_, d, s, n)) in keyed.iter().enumerate() {
-        if rows_in_last >= GROUP_ROWS {
-            groups.push(Vec::new());
-            rows_in_last = 0;
-        }
-        groups.last_mut().expect("pushed").push((d, s, i as i64));
-        rows_in_last += n;
-    }
+    let groups: Vec<(i64, i64)> = groups
+        .into_iter()
+        .filter_map(|(lo, hi, _)| Some((lo?, hi?)))
+        .collect();
 
     let dictionary = || DataType::Dictionary(Box::new(DataType::Int32), Box::new(DataType::Utf8));
     let schema = Arc::new(Schema::new(vec![
@@ -207,7 +258,7 @@ pub(super) fn write_parquet_day(
     ]));
     let props = WriterProperties::builder()
         .set_compression(Compression::ZSTD(ZstdLevel::default()))
-        .set_max_row_group_row_count(Some(GROUP_ROWS as usize))
+        .set_max_row_group_row_count(Some(group_rows as usize))
         .set_column_dictionary_enabled(ColumnPath::from("timestamp"), false)
         .set_column_dictionary_enabled(ColumnPath::from("value"), false)
         .set_key_value_metadata(Some(vec![
@@ -222,12 +273,6 @@ pub(super) fn write_parquet_day(
         ]))
         .build();
     let node_name: ArrayRef = Arc::new(StringArray::from(vec![writer_id.node.as_str()]));
-    let device_names: ArrayRef = Arc::new(StringArray::from_iter_values(
-        devices.iter().map(|(_, n)| n.as_str()),
-    ));
-    let sensor_names: ArrayRef = Arc::new(StringArray::from_iter_values(
-        sensors.iter().map(|(_, n)| n.as_str()),
-    ));
     let file = std::fs::File::create(path).map_err(io)?;
     // Without the Arrow schema in the footer, readers take the names as plain
     // strings (Parquet still stores them dictionary-encoded): Arrow dictionary
@@ -242,19 +287,18 @@ pub(super) fn write_parquet_day(
             .with_skip_arrow_metadata(true),
     )
     .map_err(pq)?;
-    for group in &groups {
+    for &(lo, hi) in &groups {
         stopped(stop)?;
-        let order = group
-            .iter()
-            .map(|(d, s, i)| format!("({d}, {s}, {i})"))
-            .collect::<Vec<_>>()
-            .join(", ");
+        // The devices of the group's keys only: a small side to join.
+        let (first, last) = (lo / KEY_SPAN, hi / KEY_SPAN);
         let sql = format!(
-            "SELECT r.device_id, r.sensor_id, r.ts_ms, r.ts_us, r.value
-             FROM readings r JOIN (VALUES {order}) o(d, s, pos)
-               ON r.device_id = o.d AND r.sensor_id = o.s
-             WHERE {range}
-             ORDER BY o.pos, r.ts_ms, r.ts_us"
+            "SELECT d.rank, s.rank::SMALLINT, r.ts_ms, r.ts_us, r.value
+             FROM readings r
+             JOIN (SELECT id, rank FROM temp.dump_devices WHERE rank BETWEEN {first} AND {last}) d
+               ON r.device_id = d.id
+             JOIN temp.dump_sensors s ON r.sensor_id = s.id
+             WHERE {range} AND d.rank::BIGINT * {KEY_SPAN} + s.rank BETWEEN {lo} AND {hi}
+             ORDER BY d.rank, s.rank, r.ts_ms, r.ts_us"
         );
         each_batch(conn, &sql, |c| {
             let DayColumns {
@@ -264,16 +308,7 @@ pub(super) fn write_parquet_day(
                 us,
                 val,
             } = c;
-            let dev_keys = dev
-                .iter()
-                .map(|d| d.and_then(|d| device_rank.get(&d).copied()))
-                .collect::<Option<Int32Array>>()
-                .ok_or_else(unknown)?;
-            let sen_keys = sen
-                .iter()
-                .map(|s| s.and_then(|s| sensor_rank.get(&s).copied()))
-                .collect::<Option<Int32Array>>()
-                .ok_or_else(unknown)?;
+            let sen_keys: Int32Array = sen.iter().map(|s| s.map(i32::from)).collect();
             let ts: TimestampMicrosecondArray = ms
                 .values()
                 .iter()
@@ -281,7 +316,7 @@ pub(super) fn write_parquet_day(
                 .map(|(ms, us)| ms * 1000 + i64::from(*us))
                 .collect::<Vec<i64>>()
                 .into();
-            let node_keys = Int32Array::from(vec![0; dev_keys.len()]);
+            let node_keys = Int32Array::from(vec![0; dev.len()]);
             let out = RecordBatch::try_new(
                 schema.clone(),
                 vec![
@@ -290,7 +325,7 @@ pub(super) fn write_parquet_day(
                             .map_err(arrow_err)?,
                     ),
                     Arc::new(
-                        DictionaryArray::<Int32Type>::try_new(dev_keys, device_names.clone())
+                        DictionaryArray::<Int32Type>::try_new(dev.clone(), device_names.clone())
                             .map_err(arrow_err)?,
                     ),
                     Arc::new(
@@ -315,9 +350,11 @@ fn each_batch(
     sql: &str,
     mut f: impl FnMut(DayColumns<'_>) -> Result<(), StoreError>,
 ) -> Result<(), StoreError> {
+    // Streamed: a materialized result held a whole window (twelve million readings
+    // of a fleet's burst in one hour) in memory at once.
     let mut stmt = conn.prepare(sql)?;
-    for batch in stmt.query_arrow([])? {
-        f(DayColumns::of(&batch)?)?;
+    for batch in stmt.stream_arrow([])? {
+        f(DayColumns::of(&batch?)?)?;
     }
     Ok(())
 }
@@ -376,6 +413,18 @@ fn arrow_err(e: duckdb::arrow::error::ArrowError) -> StoreError {
     StoreError::Internal(format!("building a dump batch: {e}"))
 }
 
+/// The names of `table` (devices or sensors) in sort order: a name's index is its
+/// rank in the temp table of the same name (`dump_devices`, `dump_sensors`).
+fn ordered_names(conn: &Connection, table: &str) -> Result<StringArray, StoreError> {
+    let mut stmt = conn.prepare(&format!("SELECT name FROM {table} ORDER BY name"))?;
+    let mut names = duckdb::arrow::array::StringBuilder::new();
+    let mut rows = stmt.query([])?;
+    while let Some(row) = rows.next()? {
+        names.append_value(row.get::<_, String>(0)?);
+    }
+    Ok(names.finish())
+}
+
 /// `(id, name)` rows of a small table.
 fn names(conn: &Connection, sql: &str) -> Result<Vec<(i64, String)>, StoreError> {
     let mut stmt = conn.prepare(sql)?;
@@ -383,4 +432,89 @@ fn names(conn: &Connection, sql: &str) -> Result<Vec<(i64, String)>, StoreError>
         .query_map([], |r| Ok((r.get::<_, i64>(0)?, r.get::<_, String>(1)?)))?
         .collect::<Result<Vec<_>, _>>()?;
     Ok(rows)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A day cut into many groups comes out whole, in (device name, sensor name,
+    /// time) order, a row group per `group_rows`; a reading of an unknown device is
+    /// refused rather than left out.
+    #[test]
+    fn a_parquet_day_in_many_groups_is_whole_and_in_order() {
+        use parquet::file::reader::{FileReader, SerializedFileReader};
+
+        let dir = tempfile::tempdir().unwrap();
+        let conn = Connection::open(dir.path().join("x.duckdb")).unwrap();
+        conn.execute_batch(include_str!("../../schema/migrations/0001_init.sql"))
+            .unwrap();
+        // Names whose order is not their ids' (10 sorts before 2; sensors 1 and 2
+        // are speed and fuel, fuel sorting first).
+        conn.execute_batch(
+            "INSERT INTO devices SELECT i, 'car-' || i FROM range(1, 13) t(i);
+             INSERT INTO readings
+                 SELECT 1 + i % 12, 1 + i % 2, 1764892800000 + i * 1000, 0, i
+                 FROM range(500) t(i);",
+        )
+        .unwrap();
+        let writer = NodeIdentity {
+            node: "n".into(),
+            instance: "i".into(),
+        };
+        let path = dir.path().join("day.parquet");
+        let stop = AtomicBool::new(false);
+        write_parquet_groups(&conn, 1764892800000, &path, &writer, &stop, 40).unwrap();
+        let reader = SerializedFileReader::new(std::fs::File::open(&path).unwrap()).unwrap();
+        assert!(reader.metadata().num_row_groups() >= 12);
+        let got: Vec<(String, String, i64)> = conn
+            .prepare(&format!(
+                "SELECT device, sensor, epoch_ms(timestamp) FROM read_parquet('{}')",
+                path.display()
+            ))
+            .unwrap()
+            .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap();
+        let mut want: Vec<(String, String, i64)> = (0..500)
+            .map(|i: i64| {
+                let sensor = if i % 2 == 0 { "speed" } else { "fuel" };
+                (
+                    format!("car-{}", 1 + i % 12),
+                    sensor.to_owned(),
+                    1764892800000 + i * 1000,
+                )
+            })
+            .collect();
+        want.sort();
+        assert_eq!(got, want);
+
+        conn.execute_batch("INSERT INTO readings VALUES (99, 1, 1764892800000, 0, 1.0)")
+            .unwrap();
+        let err = write_parquet_groups(&conn, 1764892800000, &path, &writer, &stop, 40);
+        assert!(matches!(err, Err(StoreError::Corrupt(_))), "{err:?}");
+    }
+
+    #[test]
+    fn device_tails_are_found_by_id_with_gaps() {
+        let conn = Connection::open_in_memory().unwrap();
+        conn.execute_batch(
+            "CREATE TABLE devices (id INTEGER, name VARCHAR);
+             INSERT INTO devices VALUES (4, 'truck-4'), (1, 'car-1'), (3, 'default');",
+        )
+        .unwrap();
+        let tails = DeviceTails::read(&conn).unwrap();
+        let tail = |id| {
+            tails
+                .get(id)
+                .map(|t| String::from_utf8(t.to_vec()).unwrap())
+        };
+        assert_eq!(tail(1).as_deref(), Some("\",\"device\":\"car-1\"}\n"));
+        assert_eq!(tail(3).as_deref(), Some("\"}\n"));
+        assert_eq!(tail(4).as_deref(), Some("\",\"device\":\"truck-4\"}\n"));
+        for missing in [-1, 0, 2, 5] {
+            assert_eq!(tail(missing), None, "{missing}");
+        }
+    }
 }
