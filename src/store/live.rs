@@ -663,7 +663,8 @@ mod tests {
                  FROM range(3000) t(d);
              INSERT INTO rollups SELECT d, 1, {b}, d % 7 + 1, 1, 2, 3, {b}::BIGINT * 1000, 1, {b}::BIGINT * 1000 + 5, 2
                  FROM range(3000) t(d);
-             INSERT INTO rollups SELECT d, 1, {old}, 1, 1, 1, 1, 0, 1, 0, 1 FROM range(3000) t(d);"
+             INSERT INTO rollups SELECT d, 1, {old}, 1, 1, 1, 1, 0, 1, 0, 1 FROM range(3000) t(d);
+             CREATE TABLE devices AS SELECT d AS id, 'car-' || d AS name FROM range(3000) t(d);"
         ))
         .unwrap();
         let live = LiveSlots::new(from);

@@ -518,15 +518,21 @@ mod tests {
         assert_eq!((p.rows[2].sensor, p.rows[2].slot_ms), (2, -900_000));
     }
 
-    /// What a crash leaves: readings committed whose partials were held in memory.
-    #[test]
-    fn recovery_recomputes_the_slots_a_crashed_run_held() {
-        let dir = tempfile::tempdir().unwrap();
-        let conn = duckdb::Connection::open(dir.path().join("x.duckdb")).unwrap();
+    /// A database in `dir` with the readings and rollups tables.
+    fn schema_in(dir: &std::path::Path) -> duckdb::Connection {
+        let conn = duckdb::Connection::open(dir.join("x.duckdb")).unwrap();
         conn.execute_batch(include_str!("../../schema/migrations/0001_init.sql"))
             .unwrap();
         conn.execute_batch(include_str!("../../schema/migrations/0002_rollups.sql"))
             .unwrap();
+        conn
+    }
+
+    /// What a crash leaves: readings committed whose partials were held in memory.
+    #[test]
+    fn recovery_recomputes_the_slots_a_crashed_run_held() {
+        let dir = tempfile::tempdir().unwrap();
+        let conn = schema_in(dir.path());
         let t0 = 1_711_756_800_000; // ms, on a slot bound
         // Four slots of one reading per second; rollups stored for the first two only,
         // the boundary the crashed run recorded at the third.
@@ -578,11 +584,7 @@ mod tests {
     #[test]
     fn rebuilds_and_recomputes_by_device_range_cover_every_device() {
         let dir = tempfile::tempdir().unwrap();
-        let conn = duckdb::Connection::open(dir.path().join("x.duckdb")).unwrap();
-        conn.execute_batch(include_str!("../../schema/migrations/0001_init.sql"))
-            .unwrap();
-        conn.execute_batch(include_str!("../../schema/migrations/0002_rollups.sql"))
-            .unwrap();
+        let conn = schema_in(dir.path());
         let t0 = 1_711_756_800_000i64;
         let devices = [1i32, 199_999, 200_000, 399_999, 400_000, 650_000];
         for d in &devices[..5] {

@@ -115,9 +115,14 @@ impl TestApp {
         json(self.client.get(self.url(path)).send().await.unwrap()).await
     }
 
+    /// `GET path`: the response (headers, body not read yet).
+    pub async fn get_response(&self, path: &str) -> reqwest::Response {
+        self.client.get(self.url(path)).send().await.unwrap()
+    }
+
     /// `GET path`: status and body bytes.
     pub async fn get_bytes(&self, path: &str) -> (StatusCode, Vec<u8>) {
-        let resp = self.client.get(self.url(path)).send().await.unwrap();
+        let resp = self.get_response(path).await;
         (resp.status(), resp.bytes().await.unwrap().to_vec())
     }
 

@@ -269,12 +269,7 @@ async fn a_large_batch_of_idle_devices_goes_to_disk_whole() {
     };
     let app = TestApp::spawn_with(many).await;
     // An empty (or short) list goes out whole, with an ETag to revalidate.
-    let resp = app
-        .client
-        .get(app.url("/api/v1/devices"))
-        .send()
-        .await
-        .unwrap();
+    let resp = app.get_response("/api/v1/devices").await;
     assert!(resp.headers().get("etag").is_some(), "{:?}", resp.headers());
     assert_eq!(resp.text().await.unwrap(), r#"{"devices":[]}"#);
     let n = 25_000;
@@ -297,12 +292,7 @@ async fn a_large_batch_of_idle_devices_goes_to_disk_whole() {
     wait_on_disk(&app, f64::from(n - 10)).await;
     assert_every_device_has(&app, n, 6).await;
     // A list this long is streamed a page of devices at a time (no length to tag).
-    let resp = app
-        .client
-        .get(app.url("/api/v1/devices"))
-        .send()
-        .await
-        .unwrap();
+    let resp = app.get_response("/api/v1/devices").await;
     assert_eq!(resp.status(), StatusCode::OK);
     let h = resp.headers();
     assert!(
