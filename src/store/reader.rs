@@ -90,9 +90,6 @@ pub trait ReadStore: Send + Sync + 'static {
     /// The sensor catalog.
     fn catalog(&self) -> Arc<Catalog>;
 
-    /// Every known device.
-    fn devices(&self) -> Vec<Device>;
-
     /// The store's id of `device`, if it has sent anything.
     fn device_id(&self, device: &Device) -> Option<DeviceId>;
 
@@ -259,10 +256,6 @@ const SCAN_TARGET_ROWS: i64 = 256 * 1024;
 impl ReadStore for Reader {
     fn catalog(&self) -> Arc<Catalog> {
         self.shared.catalog()
-    }
-
-    fn devices(&self) -> Vec<Device> {
-        self.shared.devices().into_iter().map(|(_, d)| d).collect()
     }
 
     fn device_id(&self, device: &Device) -> Option<DeviceId> {

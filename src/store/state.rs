@@ -319,11 +319,6 @@ impl Shared {
         self.devices.read().expect("devices lock").next_id()
     }
 
-    /// Every known device with its id, by id.
-    pub fn devices(&self) -> Vec<(DeviceId, Device)> {
-        self.devices_from(DeviceId(0), usize::MAX)
-    }
-
     /// At most `limit` known devices with their ids, by id, from `start` on.
     pub fn devices_from(&self, start: DeviceId, limit: usize) -> Vec<(DeviceId, Device)> {
         let d = self.devices.read().expect("devices lock");
