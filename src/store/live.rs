@@ -398,7 +398,12 @@ impl LiveSlots {
         // result of a million devices' live slots took 480 MB at start-up.
         // A statement per range of devices (see `store::device_ranges`), in order.
         let mut full = false;
-        'statements: for devices in super::device_ranges(conn)? {
+        let rows: i64 = conn.query_row(
+            &format!("SELECT count(*) FROM rollups WHERE slot_ms >= {from}"),
+            [],
+            |r| r.get(0),
+        )?;
+        'statements: for devices in super::device_ranges(conn, rows as u64, u64::MAX)? {
             let mut stmt = conn.prepare(&format!(
                 "SELECT device_id, sensor_id, slot_ms, {COMBINED}
                  FROM rollups WHERE slot_ms >= {from} {devices}

@@ -299,33 +299,93 @@ fn lock_data_dir(dir: &DataDir) -> Result<File, StoreError> {
     Ok(file)
 }
 
-/// Device ids one statement groups at most, in the queries that group every
-/// device's readings (rollup rebuilds, the series recompute, the live slots' load).
-/// DuckDB's memory limit is per instance and such an aggregate does not spill far
-/// enough: over all of two million devices' readings at once, the rebuild failed
-/// with "Out of Memory" at the default 128 MB (a server that could no longer
-/// start), and over one million at 64 MB; in slices of this many it runs at 64 MB.
-const DEVICES_PER_STATEMENT: i64 = 200_000;
+/// DuckDB memory one group may take in a statement that groups many devices'
+/// readings (rollup rebuilds, the series recompute, the live slots' load), beyond
+/// [`STATEMENT_BYTES`], to size the slices [`device_ranges`] cuts. DuckDB's memory
+/// limit is per instance and such a statement does not spill far enough:
+/// rebuilding 100,000 devices' two live slots (1.2 M groups of 27 M readings) failed
+/// with "Out of Memory" at a 64 MB limit — the INSERT of the result; the SELECT alone
+/// fit — and so did every later start. Measured limits of one statement (rollup
+/// rebuild of 20,000 devices × 6 sensors × 2 slots): 8 MB fits 5 k groups and not
+/// 20 k, 16 MB 60 k and not 120 k, 32 MB 240 k; 64 MB 600 k of the real data and not
+/// 1.2 M: ~6 MiB plus ~80 bytes a group. Twice that per group, for room.
+const GROUP_BYTES: u64 = 160;
+/// What a statement takes whatever its groups (see [`GROUP_BYTES`]), with room.
+const STATEMENT_BYTES: u64 = 8 << 20;
+/// Fewest groups a slice is allowed, however small the memory limit.
+const MIN_GROUPS_PER_STATEMENT: u64 = 2_000;
 
-/// SQL conditions (`AND device_id BETWEEN …`) that slice every device id given so
-/// far into [`DEVICES_PER_STATEMENT`]: one empty condition while there are fewer.
-fn device_ranges(conn: &Connection) -> Result<Vec<String>, duckdb::Error> {
+#[cfg(test)]
+thread_local! {
+    /// Groups per statement for a test on this thread, instead of the memory limit's.
+    static GROUPS_PER_STATEMENT: std::cell::Cell<Option<u64>> = const { std::cell::Cell::new(None) };
+}
+
+/// Groups one statement may hold under this connection's memory limit.
+fn groups_per_statement(conn: &Connection) -> Result<u64, duckdb::Error> {
+    #[cfg(test)]
+    if let Some(n) = GROUPS_PER_STATEMENT.get() {
+        return Ok(n);
+    }
+    let limit: String =
+        conn.query_row("SELECT current_setting('memory_limit')", [], |r| r.get(0))?;
+    // Unreadable (a format this code does not know): as if the limit were 64 MB.
+    let bytes = duck_size(&limit).unwrap_or(64 << 20);
+    Ok((bytes.saturating_sub(STATEMENT_BYTES) / GROUP_BYTES).max(MIN_GROUPS_PER_STATEMENT))
+}
+
+/// Bytes of a size as DuckDB shows settings: `61.0 MiB`, `1.8 GiB`, `512 bytes`.
+fn duck_size(s: &str) -> Option<u64> {
+    let (number, unit) = s.trim().split_once(' ')?;
+    let number: f64 = number.parse().ok()?;
+    let scale: u64 = match unit.trim() {
+        "bytes" | "byte" => 1,
+        "KiB" => 1 << 10,
+        "MiB" => 1 << 20,
+        "GiB" => 1 << 30,
+        "TiB" => 1 << 40,
+        "KB" | "kB" => 1_000,
+        "MB" => 1_000_000,
+        "GB" => 1_000_000_000,
+        "TB" => 1_000_000_000_000,
+        _ => return None,
+    };
+    Some((number * scale as f64) as u64)
+}
+
+/// Known sensors: the most any device has.
+fn sensor_count(conn: &Connection) -> Result<u64, duckdb::Error> {
+    conn.query_row("SELECT count(*) FROM sensors", [], |r| r.get::<_, i64>(0))
+        .map(|n| n.max(1) as u64)
+}
+
+/// SQL conditions (`AND device_id …`) that slice every device id given so far into
+/// ranges of equal width, each statement holding at most the groups the memory
+/// limit allows ([`groups_per_statement`]); one empty condition when the whole fits.
+/// A statement's groups are bounded by `rows`, the rows it reads, and by
+/// `per_device` for each device id. The first and the last range are open, so that
+/// no row is left out whatever its id.
+fn device_ranges(
+    conn: &Connection,
+    rows: u64,
+    per_device: u64,
+) -> Result<Vec<String>, duckdb::Error> {
     let max: i64 = conn.query_row("SELECT coalesce(max(id), 0) FROM devices", [], |r| r.get(0))?;
-    if max < DEVICES_PER_STATEMENT {
+    let ids = max.max(0) as u64 + 1;
+    let groups = rows.min(ids.saturating_mul(per_device));
+    let slices = groups.div_ceil(groups_per_statement(conn)?).max(1);
+    if slices == 1 {
         return Ok(vec![String::new()]);
     }
-    // Open at both ends, so that no row is left out whatever its id.
-    let last = max / DEVICES_PER_STATEMENT;
+    let width = ids.div_ceil(slices);
+    let last = ids.div_ceil(width) - 1;
     Ok((0..=last)
         .map(|i| {
-            let lo = i * DEVICES_PER_STATEMENT;
+            let lo = i * width;
             match i {
-                0 => format!("AND device_id < {DEVICES_PER_STATEMENT}"),
+                0 => format!("AND device_id < {width}"),
                 _ if i == last => format!("AND device_id >= {lo}"),
-                _ => format!(
-                    "AND device_id BETWEEN {lo} AND {}",
-                    lo + DEVICES_PER_STATEMENT - 1
-                ),
+                _ => format!("AND device_id BETWEEN {lo} AND {}", lo + width - 1),
             }
         })
         .collect())
@@ -481,6 +541,27 @@ fn load_shared(conn: &Connection, series_memory: usize) -> Result<Shared, StoreE
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Statements are sliced by the memory limit DuckDB reports, in its own format.
+    #[test]
+    fn slices_follow_the_memory_limit() {
+        assert_eq!(duck_size("61.0 MiB"), Some(61 << 20));
+        assert_eq!(duck_size("1.5 GiB"), Some(3 << 29));
+        assert_eq!(duck_size("512 bytes"), Some(512));
+        assert_eq!(duck_size("64MB"), None);
+        let dir = tempfile::tempdir().unwrap();
+        let conn = open_duckdb(
+            &dir.path().join("x.duckdb"),
+            &StoreConfig {
+                memory_limit: "64MB".into(),
+                ..cfg(dir.path())
+            },
+        )
+        .unwrap();
+        let per = groups_per_statement(&conn).unwrap();
+        // DuckDB keeps ~95% of the limit for its buffers: 61 MiB of 64 MB.
+        assert_eq!(per, ((61 << 20) - STATEMENT_BYTES) / GROUP_BYTES);
+    }
 
     fn cfg(dir: &Path) -> StoreConfig {
         StoreConfig {

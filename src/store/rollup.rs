@@ -203,7 +203,8 @@ pub(super) fn merge(conn: &Connection, lo_slot: i64, hi_slot: i64) -> Result<u64
 /// Replaces the rollups of the slots in `[from_ms, to_ms)` (whole slots) with ones
 /// computed from the readings of that span in `source`, a table shaped like
 /// `readings` (itself, or compaction's sorted copy of a day). Runs in the caller's
-/// transaction, one statement per range of devices (see [`super::device_ranges`]).
+/// transaction, one statement per range of devices (see [`super::device_ranges`]): a
+/// slot's groups are each series', so many devices take several.
 pub(super) fn rebuild(
     conn: &Connection,
     source: &str,
@@ -214,7 +215,20 @@ pub(super) fn rebuild(
     conn.execute_batch(&format!(
         "DELETE FROM rollups WHERE slot_ms >= {from_ms} AND slot_ms < {to_ms};"
     ))?;
-    for devices in super::device_ranges(conn)? {
+    let (rows, newest): (i64, i64) = conn.query_row(
+        &format!(
+            "SELECT count(*), coalesce(max(ts_ms), {from_ms}) FROM {source}
+             WHERE ts_ms >= {from_ms} AND ts_ms < {to_ms}"
+        ),
+        [],
+        |r| Ok((r.get(0)?, r.get(1)?)),
+    )?;
+    if rows == 0 {
+        return Ok(());
+    }
+    let slots = ((newest - from_ms) / SLOT_MS + 1) as u64;
+    let per_device = super::sensor_count(conn)?.saturating_mul(slots);
+    for devices in super::device_ranges(conn, rows as u64, per_device)? {
         conn.execute_batch(&format!(
             "INSERT INTO rollups
                  SELECT device_id, sensor_id, {SLOT_SQL} AS slot_ms, count(*),
@@ -227,6 +241,21 @@ pub(super) fn rebuild(
         ))?;
     }
     Ok(())
+}
+
+/// Rebuilds the rollups of every slot from `from_ms` on, outside any transaction:
+/// the old ones are deleted and checkpointed first (a DELETE keeps ~8 bytes per row
+/// in DuckDB's memory until a checkpoint, and two million devices' live rollups are
+/// twelve million rows; inside one transaction with the inserts, 100,000 devices'
+/// ran out of a 64 MB limit), then inserted a range of devices at a time, each
+/// committed on its own. The caller keeps the boundary in `meta` until this
+/// returns, so that a crash in between makes the next start do it again.
+pub(super) fn rebuild_from(conn: &Connection, from_ms: i64) -> Result<(), StoreError> {
+    conn.execute_batch(&format!("DELETE FROM rollups WHERE slot_ms >= {from_ms}"))?;
+    if let Err(e) = conn.execute_batch("CHECKPOINT") {
+        tracing::warn!(error = %e, "cannot checkpoint before rebuilding the rollups");
+    }
+    Ok(rebuild(conn, "readings", from_ms, i64::MAX)?)
 }
 
 /// At writer start: recomputes the rollups from the boundary a previous run left in
@@ -249,23 +278,11 @@ pub(super) fn recover(conn: &Connection, from: i64) -> Result<Option<i64>, Store
         None => None,
     };
     if let Some(p) = previous {
-        // Deleted and checkpointed first: a DELETE keeps ~8 bytes per row in memory
-        // until a checkpoint (see `series::recompute`), and two million devices'
-        // live rollups are twelve million rows. A crash before the rebuild below
-        // commits leaves the boundary as it was: the next start rebuilds again.
-        conn.execute_batch(&format!("DELETE FROM rollups WHERE slot_ms >= {p}"))?;
-        if let Err(e) = conn.execute_batch("CHECKPOINT") {
-            tracing::warn!(error = %e, "cannot checkpoint before rebuilding the rollups");
-        }
+        rebuild_from(conn, p)?;
     }
-    super::in_transaction(conn, || {
-        if let Some(p) = previous {
-            rebuild(conn, "readings", p, i64::MAX)?;
-        }
-        conn.execute_batch(&format!(
-            "INSERT OR REPLACE INTO meta VALUES ('{META_FROM}', '{from}')"
-        ))
-    })?;
+    conn.execute_batch(&format!(
+        "INSERT OR REPLACE INTO meta VALUES ('{META_FROM}', '{from}')"
+    ))?;
     Ok(previous)
 }
 
@@ -578,23 +595,32 @@ mod tests {
         assert_eq!(slots(&conn), expected);
     }
 
-    /// Over 200,000 device ids, rebuilds and the series recompute run a statement per
-    /// range of ids: devices at every range's edges and beyond the last known id are
-    /// all counted.
+    /// When the groups exceed what one statement may hold, rebuilds and the series
+    /// recompute run a statement per range of ids: devices at every range's edges
+    /// and beyond the last known id are all counted.
     #[test]
     fn rebuilds_and_recomputes_by_device_range_cover_every_device() {
         let dir = tempfile::tempdir().unwrap();
         let conn = schema_in(dir.path());
         let t0 = 1_711_756_800_000i64;
-        let devices = [1i32, 199_999, 200_000, 399_999, 400_000, 650_000];
-        for d in &devices[..5] {
-            conn.execute(
-                "INSERT INTO devices VALUES (?, ?)",
-                duckdb::params![d, format!("d{d}")],
-            )
+        // 400,001 ids known; 28 readings (28 groups) in statements of at most 10: three
+        // ranges of 133,334 ids.
+        super::super::GROUPS_PER_STATEMENT.set(Some(10));
+        conn.execute("INSERT INTO devices VALUES (400000, 'last')", [])
             .unwrap();
-        }
-        assert_eq!(super::super::device_ranges(&conn).unwrap().len(), 3);
+        let w = 133_334;
+        let devices = [1i32, w - 1, w, 2 * w - 1, 2 * w, 400_000, 650_000];
+        assert_eq!(
+            super::super::device_ranges(&conn, 28, 1).unwrap(),
+            [
+                format!("AND device_id < {w}"),
+                format!("AND device_id BETWEEN {w} AND {}", 2 * w - 1),
+                format!("AND device_id >= {}", 2 * w),
+            ]
+        );
+        // What fits stays one statement.
+        assert_eq!(super::super::device_ranges(&conn, 10, 1).unwrap(), [""]);
+        assert_eq!(super::super::device_ranges(&conn, 28, 0).unwrap(), [""]);
         let mut app = conn.appender("readings").unwrap();
         for (i, d) in devices.iter().enumerate() {
             for s in 0..=i as i64 {
@@ -623,6 +649,40 @@ mod tests {
         };
         assert_eq!(counts(&grouped("rollups")), want);
         assert_eq!(counts(&grouped("series")), want);
+    }
+
+    /// Many devices' live slots rebuilt at a small memory limit: whole, in slices.
+    /// (At 100,000 devices and 64 MB, one statement ran out of memory and the server
+    /// could not start again; this is that case scaled down to 16 MB, where one
+    /// statement of its 240,000 groups runs out of memory too.)
+    #[test]
+    fn many_devices_are_rebuilt_within_a_small_memory_limit() {
+        let dir = tempfile::tempdir().unwrap();
+        let conn = schema_in(dir.path());
+        let t0 = 1_711_756_800_000i64;
+        let (devices, per_slot) = (20_000i64, 10i64);
+        // Arrival order: every device in every row group, as a fleet writes them.
+        conn.execute_batch(&format!(
+            "INSERT INTO devices SELECT d, 'd' || d FROM range({devices}) t(d);
+             INSERT INTO readings
+                 SELECT d::INTEGER, s::SMALLINT, {t0} + k * {step}, 0::SMALLINT, k
+                 FROM range(2 * {per_slot}) a(k), range({devices}) b(d), range(6) c(s);
+             CHECKPOINT;
+             SET threads = 2;
+             SET memory_limit = '16MB';",
+            step = SLOT_MS / per_slot
+        ))
+        .unwrap();
+        rebuild_from(&conn, t0).unwrap();
+        let (groups, readings): (i64, i64) = conn
+            .query_row(
+                "SELECT count(*), sum(readings)::BIGINT FROM rollups",
+                [],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .unwrap();
+        assert_eq!(groups, devices * 6 * 2);
+        assert_eq!(readings, devices * 6 * 2 * per_slot);
     }
 
     #[tokio::test]

@@ -555,7 +555,9 @@ where
 /// crash in between leaves the snapshot marked not valid: the next start recomputes.
 pub(super) fn recompute(conn: &Connection) -> Result<(), StoreError> {
     conn.execute_batch("DELETE FROM series; CHECKPOINT;")?;
-    for devices in super::device_ranges(conn)? {
+    let rows: i64 = conn.query_row("SELECT count(*) FROM readings", [], |r| r.get(0))?;
+    let per_device = super::sensor_count(conn)?;
+    for devices in super::device_ranges(conn, rows as u64, per_device)? {
         conn.execute_batch(&format!(
             "INSERT INTO series
              SELECT device_id, sensor_id, count(*), make_timestamp(min(t)), make_timestamp(max(t)),

@@ -280,14 +280,12 @@ impl Db {
         self.merge_rollups();
     }
 
-    /// Computes the rollups of every live slot from their readings, in its own
-    /// transaction, so the file's rollups are whole. The boundary readers use stays:
-    /// these slots may still get readings, and are computed again when they end.
+    /// Computes the rollups of every live slot from their readings, so the file's
+    /// rollups are whole (see [`rollup::rebuild_from`]). The boundary readers use
+    /// stays: these slots may still get readings, and are computed again when they
+    /// end.
     fn seal_live(&mut self) -> Result<(), StoreError> {
-        let from = self.live_from;
-        crate::store::in_transaction(&self.conn, || {
-            rollup::rebuild(&self.conn, "readings", from, i64::MAX).map_err(StoreError::from)
-        })
+        rollup::rebuild_from(&self.conn, self.live_from)
     }
 
     /// Consolidates the rollup slots recent commits touched once enough partial rows
