@@ -185,6 +185,7 @@ impl Server {
             metrics: metrics.clone(),
             rollup_merge_rows: usize::try_from(args.rollup_merge_rows).unwrap_or(usize::MAX),
             live_slots_memory: usize::try_from(args.live_slots_memory).unwrap_or(usize::MAX),
+            known_keys_memory: usize::try_from(args.known_keys_memory).unwrap_or(usize::MAX),
             live_slots_idle: args.live_slots_idle,
             series_idle: args.series_idle,
             ..WriterConfig::default()

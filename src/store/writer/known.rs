@@ -22,7 +22,8 @@
 //! part) is left to the database, as before. Both facts are only ever made coarser
 //! when dropped — a series without an entry is one span `[first, last]` with an empty
 //! tail, which its statistics give — so an entry can be evicted at any time: entries
-//! live in two generations of at most [`GENERATION`] series each, and a series not
+//! live in two generations of at most a budget's worth of series each
+//! (`--known-keys-memory`), and a series not
 //! written for a whole generation is forgotten (memory stays bounded however many
 //! devices appear).
 //!
@@ -40,12 +41,25 @@ use crate::domain::{DeviceId, SensorId};
 pub(super) const TAIL: usize = 6;
 /// Spans kept per series; beyond it the two closest merge (coarser, still exact).
 const MAX_SPANS: usize = 4;
-/// Series per generation: as many as a map of 128 Ki buckets holds (7/8 of them). An
-/// entry of one span (the common case) is 97 bytes with its control byte, so each
-/// generation's map takes 12.7 MB and both ~25 MB; 19,000 devices of six sensors fit
-/// in one. (128 Ki series took twice that: the map doubled to 256 Ki buckets for its
-/// last 14 Ki; measured with heaptrack, 69 MB peak with both generations full.)
-const GENERATION: usize = 7 * 16 * 1024;
+/// Memory the known keys may take by default: two generations of 114,688 series
+/// (19,000 devices of six sensors each), ~25 MB. (128 Ki series a generation took
+/// twice that: the map doubled to 256 Ki buckets for its last 14 Ki; measured with
+/// heaptrack, 69 MB peak with both generations full.)
+pub const DEFAULT_BUDGET: usize = 32 << 20;
+
+/// Bytes one bucket of a generation's map takes: key, entry and control byte. An
+/// entry of one span (the common case) is inline, so this is all a series costs.
+const BUCKET_BYTES: usize = std::mem::size_of::<((DeviceId, SensorId), Keys)>() + 1;
+
+/// Series one generation holds within `budget` bytes for both: 7/8 of the largest
+/// power of two of buckets that fits half of it (hashbrown's maps grow by doubling
+/// at 7/8 full, so a generation is started anew before its map would double). At
+/// least 7 (a map of 8 buckets).
+fn generation_for(budget: usize) -> usize {
+    let buckets = (budget / 2 / BUCKET_BYTES).max(8);
+    let buckets = 1usize << buckets.ilog2();
+    buckets / 8 * 7
+}
 
 /// What is known of one series' stored timestamps: ordered, disjoint spans.
 type Keys = SmallVec<[Span; 1]>;
@@ -122,15 +136,33 @@ pub(super) enum Lookup {
 }
 
 /// Per series, its spans and tails (see the module docs).
-#[derive(Default)]
 pub(super) struct Known {
     /// Series written in this generation…
     current: FxHashMap<(DeviceId, SensorId), Keys>,
     /// …and in the one before, moved to `current` when written again.
     previous: FxHashMap<(DeviceId, SensorId), Keys>,
+    /// Series one generation holds at most ([`generation_for`]).
+    generation: usize,
+}
+
+impl Default for Known {
+    fn default() -> Self {
+        Self::with_budget(DEFAULT_BUDGET)
+    }
 }
 
 impl Known {
+    /// Nothing known yet; both generations together take at most `budget` bytes
+    /// (`--known-keys-memory`). A smaller budget forgets series sooner: their
+    /// older readings are then decided by the database (exact, slower).
+    pub(super) fn with_budget(budget: usize) -> Self {
+        Self {
+            current: FxHashMap::default(),
+            previous: FxHashMap::default(),
+            generation: generation_for(budget),
+        }
+    }
+
     /// Whether `ts` of the series is stored, given its statistics' `first` and
     /// `last` (micros; `None` for a series with nothing stored).
     pub(super) fn lookup(
@@ -177,7 +209,7 @@ impl Known {
         if stored.is_empty() {
             return;
         }
-        if !self.current.contains_key(&series) && self.current.len() >= GENERATION {
+        if !self.current.contains_key(&series) && self.current.len() >= self.generation {
             self.previous = std::mem::take(&mut self.current);
         }
         let keys = self.current.entry(series).or_insert_with(|| {
@@ -300,16 +332,25 @@ mod tests {
 
     #[test]
     fn memory_is_bounded_by_two_generations() {
-        let mut k = Known::default();
+        // The default holds what it always did: 114,688 series a generation, in maps
+        // of 128 Ki buckets.
+        assert_eq!(generation_for(DEFAULT_BUDGET), 7 * 16 * 1024);
+        let budget = 1 << 20;
+        let mut k = Known::with_budget(budget);
+        let generation = k.generation;
         let s = |i: usize| (DeviceId(i as u32), SensorId(0));
-        for i in 0..3 * GENERATION {
+        for i in 0..3 * generation {
             k.record(s(i), None, &[(10, 0.0)]);
             // One series written all along stays known.
             k.record(s(usize::MAX >> 40), None, &[(i as i64 + 100, 0.0)]);
         }
-        assert!(k.len() <= 2 * GENERATION, "{}", k.len());
+        assert!(k.len() <= 2 * generation, "{}", k.len());
+        // Both maps, as allocated (hashbrown: 8 buckets per 7 of capacity), within it.
+        let buckets = (k.current.capacity() + k.previous.capacity()) / 7 * 8;
+        assert!(buckets * BUCKET_BYTES <= budget, "{buckets} buckets");
+        assert!(buckets * BUCKET_BYTES > budget / 4, "{buckets} buckets");
         let kept = s(usize::MAX >> 40);
-        let last = 3 * GENERATION as i64 + 99;
+        let last = 3 * generation as i64 + 99;
         assert_eq!(k.lookup(kept, Some((100, last)), last), Lookup::Stored);
         assert_eq!(k.lookup(kept, Some((100, last)), last - 1), Lookup::Stored);
         // The first series was forgotten: only the database can tell.

@@ -97,6 +97,10 @@ pub struct WriterConfig {
     pub max_unapplied_readings: usize,
     /// Memory the live quarter hours readers use may take (see [`crate::store::live`]).
     pub live_slots_memory: usize,
+    /// Memory for what the writer knows of recently written series' stored keys,
+    /// which decides most re-sent and older readings without the database (see
+    /// `known.rs`).
+    pub known_keys_memory: usize,
     /// How long a device must have sent nothing before its live quarter hours may be
     /// evicted to make room.
     pub live_slots_idle: Duration,
@@ -142,6 +146,7 @@ impl Default for WriterConfig {
             clock: Clock::system(),
             max_unapplied_readings: 1 << 20,
             live_slots_memory: crate::store::live::DEFAULT_BUDGET,
+            known_keys_memory: known::DEFAULT_BUDGET,
             live_slots_idle: crate::store::live::DEFAULT_IDLE,
             series_idle: crate::store::series::DEFAULT_IDLE,
         }
@@ -258,7 +263,7 @@ impl Writer {
             pending: Pending::default(),
             db,
             queue,
-            known: Known::default(),
+            known: Known::with_budget(cfg.known_keys_memory),
             clock: cfg.clock.clone(),
             max_unapplied: cfg.max_unapplied_readings,
             past_days: false,
