@@ -27,15 +27,6 @@ impl Batch {
     /// Most distinct devices one batch can name.
     pub const MAX_DEVICES: usize = u16::MAX as usize;
 
-    /// Index of `device` in this batch's device table, adding it if new. `None` when
-    /// the table is full; the caller then starts a new batch.
-    pub fn device_index(&mut self, device: &str) -> Option<u16> {
-        match self.devices.iter().position(|d| d.as_str() == device) {
-            Some(i) => Some(i as u16),
-            None => self.push_device(device),
-        }
-    }
-
     /// Adds `device`, which the caller knows is not in the table yet, and returns its
     /// index; `None` when the table is full or the name is invalid.
     pub fn push_device(&mut self, device: &str) -> Option<u16> {

@@ -7,7 +7,11 @@
 //! configured maximum length) plus the current batch.
 
 use std::collections::HashMap;
+use std::hash::BuildHasher;
 use std::sync::Arc;
+
+use hashbrown::HashTable;
+use rustc_hash::FxBuildHasher;
 
 use super::fast;
 use super::gate::{Decisions, DeviceGate};
@@ -54,7 +58,8 @@ pub struct StreamParser {
     /// Number of the next line to complete.
     line_no: u64,
     batch: Batch,
-    last_device: u16,
+    /// Where each of the batch's devices is in its table.
+    devices: DeviceTable,
     errors: Vec<LineError>,
     rejected: u64,
     /// Refused lines per sensor id; lines without a catalogued sensor are not here.
@@ -74,7 +79,7 @@ impl StreamParser {
             skipping: false,
             line_no: 1,
             batch: Batch::default(),
-            last_device: 0,
+            devices: DeviceTable::default(),
             errors: Vec::new(),
             rejected: 0,
             rejected_by_sensor: HashMap::new(),
@@ -218,9 +223,16 @@ impl StreamParser {
             .devices
             .iter()
             .map(|d| {
-                self.batch
-                    .device_index(d.as_str())
-                    .expect("room for the devices was checked")
+                self.devices
+                    .find(&self.batch, d.as_str())
+                    .unwrap_or_else(|| {
+                        let i = self
+                            .batch
+                            .push_device(d.as_str())
+                            .expect("room for the devices was checked");
+                        self.devices.added(&self.batch, i);
+                        i
+                    })
             })
             .collect();
         self.batch
@@ -237,7 +249,6 @@ impl StreamParser {
         }
         self.oversize_lines += sub.oversize_lines;
         self.decisions.absorb(sub.decisions);
-        self.last_device = 0;
     }
 
     /// Parses the last line if the body did not end with a newline.
@@ -257,7 +268,7 @@ impl StreamParser {
 
     /// Takes the readings parsed so far.
     pub fn take_batch(&mut self) -> Batch {
-        self.last_device = 0;
+        self.devices = DeviceTable::default();
         std::mem::take(&mut self.batch)
     }
 
@@ -364,7 +375,7 @@ impl StreamParser {
         };
         let device = device_index(
             &mut self.batch,
-            &mut self.last_device,
+            &mut self.devices,
             device,
             self.opts.gate.as_deref().map(|g| (g, &mut self.decisions)),
         )
@@ -379,23 +390,16 @@ impl StreamParser {
     }
 }
 
-/// Index of `device` in the batch's device table. Nearly every batch has a single
-/// device, so the last one used is checked first. A device new to the batch is put
-/// to the gate (once per request).
+/// Index of `device` in the batch's device table, adding it if new. A device new to
+/// the batch is put to the gate (once per request).
 fn device_index(
     batch: &mut Batch,
-    last: &mut u16,
+    table: &mut DeviceTable,
     device: &str,
     gate: Option<(&dyn DeviceGate, &mut Decisions)>,
 ) -> Result<u16, String> {
-    if let Some(d) = batch.devices.get(*last as usize)
-        && d.as_str() == device
-    {
-        return Ok(*last);
-    }
-    if let Some(i) = batch.devices.iter().position(|d| d.as_str() == device) {
-        *last = i as u16;
-        return Ok(*last);
+    if let Some(i) = table.find(batch, device) {
+        return Ok(i);
     }
     Device::check(device).map_err(|e| format!("invalid device '{device}': {e}"))?;
     if let Some((gate, decisions)) = gate {
@@ -404,8 +408,52 @@ fn device_index(
     let i = batch
         .push_device(device)
         .ok_or_else(|| "too many distinct devices in one request".to_owned())?;
-    *last = i;
+    table.added(batch, i);
     Ok(i)
+}
+
+/// Where each device of a batch is in its table, by name. Nearly every request names
+/// a single device, which the last one found answers; a request that interleaves
+/// many (a gateway forwarding a fleet, a backlog exported from many devices) needs
+/// the hash table: a linear search of a request's 28,000 devices for each of its
+/// 170,000 lines took 80 % of the server's time (a million devices' day pushed at
+/// 34 k readings/s).
+#[derive(Default)]
+struct DeviceTable {
+    last: u16,
+    by_name: HashTable<u16>,
+}
+
+fn name_hash(name: &str) -> u64 {
+    FxBuildHasher.hash_one(name)
+}
+
+impl DeviceTable {
+    /// The index of `name` in `batch`'s table, if there.
+    fn find(&mut self, batch: &Batch, name: &str) -> Option<u16> {
+        let devices = &batch.devices;
+        if devices
+            .get(usize::from(self.last))
+            .is_some_and(|d| d.as_str() == name)
+        {
+            return Some(self.last);
+        }
+        let i = *self.by_name.find(name_hash(name), |&i| {
+            devices[usize::from(i)].as_str() == name
+        })?;
+        self.last = i;
+        Some(i)
+    }
+
+    /// Notes that `batch`'s device `i` was just added.
+    fn added(&mut self, batch: &Batch, i: u16) {
+        let devices = &batch.devices;
+        self.by_name
+            .insert_unique(name_hash(devices[usize::from(i)].as_str()), i, |&j| {
+                name_hash(devices[usize::from(j)].as_str())
+            });
+        self.last = i;
+    }
 }
 
 fn describe_json_error(e: sonic_rs::Error) -> String {
@@ -457,7 +505,7 @@ mod tests {
             .collect()
     }
 
-    /// A body of good lines for several devices, with bad, blank, CRLF and oversize
+    /// A body of good lines for thousands of interleaved devices, with bad, blank, CRLF and oversize
     /// lines among them; the same body parsed sequentially and in parallel, in chunks
     /// of many sizes, gives the same readings in the same order, the same counts and
     /// the same line numbers in the errors.
@@ -482,7 +530,7 @@ mod tests {
                 4 => body.push_str(&format!("{{\"sensor\": \"fuel\", \"value\": {i}, \"timestamp\": \"2020-01-01T00:00:{:02}Z\"}}\r\n", i % 60)),
                 _ => body.push_str(&format!(
                     "{{\"device\": \"dev-{}\", \"sensor\": \"{sensor}\", \"value\": {}.25, \"timestamp\": \"2020-01-01T{:02}:{:02}:{:02}.{:03}Z\"}}\n",
-                    rng.u32(0..50),
+                    rng.u32(0..5_000),
                     i,
                     (i / 3600) % 24,
                     (i / 60) % 60,
