@@ -171,33 +171,60 @@ pub(super) const COMBINED: &str = "CAST(sum(readings) AS BIGINT) AS readings,
     min(first_us) AS first_us, arg_min(first_value, first_us) AS first_value,
     max(last_us) AS last_us, arg_max(last_value, last_us) AS last_value";
 
-/// Combines the partials of each slot in `[lo_slot, hi_slot]` into one row, in its own
-/// transaction. Returns how many rows were replaced.
-pub(super) fn merge(conn: &Connection, lo_slot: i64, hi_slot: i64) -> Result<u64, StoreError> {
+/// What a [`merge`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) struct Merged {
+    /// Partial rows replaced by combined ones.
+    pub(super) replaced: u64,
+    /// Rows the span holds now.
+    pub(super) rows: u64,
+}
+
+/// Combines the partials of each slot in `[lo_slot, hi_slot]` into one row, a range
+/// of devices at a time (see [`super::device_ranges`]), each in its own transaction:
+/// a backlog of an earlier day from a million devices leaves millions of partials
+/// in the span, which one statement could not group within a 64 MB limit (it failed
+/// at every try, and the partials stayed).
+pub(super) fn merge(conn: &Connection, lo_slot: i64, hi_slot: i64) -> Result<Merged, StoreError> {
     let _span = tracing::debug_span!("rollup_merge", lo_slot, hi_slot).entered();
     let range = format!("slot_ms BETWEEN {lo_slot} AND {hi_slot}");
-    super::in_transaction(conn, || {
-        conn.execute_batch(&format!(
-            "CREATE OR REPLACE TEMP TABLE rollup_merge AS
-                 SELECT device_id, sensor_id, slot_ms, {COMBINED}
-                 FROM rollups WHERE {range}
-                 GROUP BY device_id, sensor_id, slot_ms HAVING count(*) > 1"
-        ))?;
-        let removed = conn.execute(
-            &format!(
-                "DELETE FROM rollups USING rollup_merge m
-                 WHERE rollups.{range} AND rollups.device_id = m.device_id
-                   AND rollups.sensor_id = m.sensor_id AND rollups.slot_ms = m.slot_ms"
-            ),
-            [],
-        )?;
-        conn.execute_batch(
-            "INSERT INTO rollups SELECT * FROM rollup_merge
-                 ORDER BY device_id, sensor_id, slot_ms;
-             DROP TABLE temp.rollup_merge;",
-        )?;
-        Ok(removed as u64)
-    })
+    let rows: i64 = conn.query_row(
+        &format!("SELECT count(*) FROM rollups WHERE {range}"),
+        [],
+        |r| r.get(0),
+    )?;
+    let mut done = Merged {
+        replaced: 0,
+        rows: rows as u64,
+    };
+    for devices in super::device_ranges(conn, rows as u64, u64::MAX)? {
+        let (replaced, combined) = super::in_transaction(conn, || {
+            conn.execute_batch(&format!(
+                "CREATE OR REPLACE TEMP TABLE rollup_merge AS
+                     SELECT device_id, sensor_id, slot_ms, {COMBINED}
+                     FROM rollups WHERE {range} {devices}
+                     GROUP BY device_id, sensor_id, slot_ms HAVING count(*) > 1"
+            ))?;
+            let replaced = conn.execute(
+                &format!(
+                    "DELETE FROM rollups USING rollup_merge m
+                     WHERE rollups.{range} AND rollups.device_id = m.device_id
+                       AND rollups.sensor_id = m.sensor_id AND rollups.slot_ms = m.slot_ms"
+                ),
+                [],
+            )?;
+            let combined = conn.execute(
+                "INSERT INTO rollups SELECT * FROM rollup_merge
+                     ORDER BY device_id, sensor_id, slot_ms",
+                [],
+            )?;
+            conn.execute_batch("DROP TABLE temp.rollup_merge")?;
+            Ok::<_, StoreError>((replaced as u64, combined as u64))
+        })?;
+        done.replaced += replaced;
+        done.rows = done.rows - replaced + combined;
+    }
+    Ok(done)
 }
 
 /// Replaces the rollups of the slots in `[from_ms, to_ms)` (whole slots) with ones
@@ -543,6 +570,60 @@ mod tests {
         conn.execute_batch(include_str!("../../schema/migrations/0002_rollups.sql"))
             .unwrap();
         conn
+    }
+
+    /// Partials of many devices are combined a range of devices at a time: one row
+    /// per slot, the same aggregates, and the counts the writer paces itself by.
+    #[test]
+    fn merge_combines_partials_in_device_ranges() {
+        let dir = tempfile::tempdir().unwrap();
+        let conn = schema_in(dir.path());
+        let t0 = 1_711_756_800_000i64;
+        conn.execute_batch("INSERT INTO devices SELECT d, 'd' || d FROM range(100) t(d)")
+            .unwrap();
+        // Three partial rows for each even device's slot, one for each odd one's.
+        conn.execute_batch(&format!(
+            "INSERT INTO rollups
+                 SELECT d::INTEGER, 1::SMALLINT, {t0}, 2, p, p + 1, 2 * p + 1,
+                        {t0} * 1000 + p, p, {t0} * 1000 + p + 1, p + 1
+                 FROM range(100) a(d), range(3) b(p) WHERE d % 2 = 0 OR p = 0"
+        ))
+        .unwrap();
+        let before: (i64, f64) = conn
+            .query_row(
+                "SELECT sum(readings)::BIGINT, sum(sum_value) FROM rollups",
+                [],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .unwrap();
+        super::super::GROUPS_PER_STATEMENT.set(Some(40));
+        let merged = merge(&conn, t0, t0).unwrap();
+        assert_eq!(
+            merged,
+            Merged {
+                replaced: 150,
+                rows: 100
+            }
+        );
+        let after: (i64, f64) = conn
+            .query_row(
+                "SELECT sum(readings)::BIGINT, sum(sum_value) FROM rollups",
+                [],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .unwrap();
+        assert_eq!(after, before);
+        let row: (i64, f64, f64, f64, f64) = conn
+            .query_row(
+                "SELECT readings, min_value, max_value, first_value, last_value
+                 FROM rollups WHERE device_id = 42",
+                [],
+                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?)),
+            )
+            .unwrap();
+        assert_eq!(row, (6, 0.0, 3.0, 0.0, 3.0));
+        // Nothing left to combine: the next pass replaces nothing.
+        assert_eq!(merge(&conn, t0, t0).unwrap().replaced, 0);
     }
 
     /// What a crash leaves: readings committed whose partials were held in memory.
