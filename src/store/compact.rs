@@ -129,11 +129,20 @@ fn compact_days(
                  INSERT INTO readings SELECT * FROM compact_day;
                  INSERT OR REPLACE INTO compacted_days VALUES (DATE '{day}', {n});"
             ))?;
-            // The day's rollups, consolidated and recomputed from what is stored.
-            rollup::rebuild(conn, "compact_day", start, start + 86_400_000)?;
             Ok::<_, duckdb::Error>(n)
         })?;
         conn.execute_batch("DROP TABLE IF EXISTS temp.compact_day")?;
+        // The day's rollups consolidated, recomputed from the readings just written
+        // (sorted by device: each range of devices reads only its own row groups).
+        // In a transaction of its own, after the sorted copy is gone: beside it, a
+        // million devices' day ran out of a 64 MB limit. The rollups' values do not
+        // depend on the readings' order, so a failure here costs nothing but the
+        // consolidation (partials are combined when read).
+        let (from, to) = (start, start + 86_400_000);
+        if let Err(e) = super::in_transaction(conn, || rollup::rebuild(conn, "readings", from, to))
+        {
+            tracing::warn!(error = %e, %day, "consolidating the compacted day's rollups failed");
+        }
         done.days += 1;
         done.readings += n as u64;
     }
