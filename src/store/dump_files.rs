@@ -212,37 +212,41 @@ fn write_parquet_groups(
     let sensor_names: ArrayRef = Arc::new(ordered_names(conn, "sensors")?);
 
     // The day's series, in output order (`key`: device rank, then sensor rank), cut
-    // into groups of about `group_rows` readings (a series is never cut): one row
-    // per group with its first and last key, computed by DuckDB (it spills).
-    let mut stmt = conn.prepare(&format!(
-        "SELECT min(key), max(key), count(*) - count(key)
-         FROM (SELECT key, coalesce(sum(n) OVER (ORDER BY key NULLS LAST
-                   ROWS BETWEEN UNBOUNDED PRECEDING AND 1 PRECEDING), 0) // {group_rows} AS g
-               FROM (SELECT d.rank::BIGINT * {KEY_SPAN} + s.rank AS key, count(*) AS n
-                     FROM readings r
-                     LEFT JOIN temp.dump_devices d ON r.device_id = d.id
-                     LEFT JOIN temp.dump_sensors s ON r.sensor_id = s.id
-                     WHERE {range} GROUP BY 1))
-         GROUP BY g ORDER BY g"
-    ))?;
-    let groups = stmt
-        .query_map([], |r| {
-            Ok((
-                r.get::<_, Option<i64>>(0)?,
-                r.get::<_, Option<i64>>(1)?,
-                r.get::<_, i64>(2)?,
-            ))
-        })?
-        .collect::<Result<Vec<_>, _>>()?;
-    if groups.iter().any(|g| g.2 > 0) {
+    // into groups of about `group_rows` readings (a series is never cut): counted by
+    // DuckDB a range of device ranks at a time (a million devices' day in one
+    // statement ran out of a 64 MB limit) and cut here as they stream by.
+    let (rows, devices): (i64, i64) = conn.query_row(
+        &format!(
+            "SELECT (SELECT count(*) FROM readings WHERE {range}), (SELECT count(*) FROM devices)"
+        ),
+        [],
+        |r| Ok((r.get(0)?, r.get(1)?)),
+    )?;
+    let per_device = super::sensor_count(conn)?;
+    let slices = super::slices_for(conn, rows as u64, devices.max(1) as u64, per_device)?;
+    let width = (devices.max(1) as u64).div_ceil(slices) as i64;
+    let mut cuts = GroupCuts::new(group_rows);
+    for first in (0..devices.max(1)).step_by(width as usize) {
+        let last = first + width - 1;
+        let mut stmt = conn.prepare(&format!(
+            "SELECT d.rank::BIGINT * {KEY_SPAN} + s.rank AS key, count(*) AS n
+             FROM readings r
+             JOIN (SELECT id, rank FROM temp.dump_devices WHERE rank BETWEEN {first} AND {last}) d
+               ON r.device_id = d.id
+             JOIN temp.dump_sensors s ON r.sensor_id = s.id
+             WHERE {range} GROUP BY 1 ORDER BY 1"
+        ))?;
+        let mut keys = stmt.query([])?;
+        while let Some(r) = keys.next()? {
+            cuts.add(r.get(0)?, r.get(1)?);
+        }
+    }
+    if cuts.rows != rows {
         return Err(StoreError::Corrupt(
             "a reading names an unknown device or sensor".into(),
         ));
     }
-    let groups: Vec<(i64, i64)> = groups
-        .into_iter()
-        .filter_map(|(lo, hi, _)| Some((lo?, hi?)))
-        .collect();
+    let groups = cuts.finish();
 
     let dictionary = || DataType::Dictionary(Box::new(DataType::Int32), Box::new(DataType::Utf8));
     let schema = Arc::new(Schema::new(vec![
@@ -411,6 +415,49 @@ fn io_error(path: &Path) -> impl Fn(std::io::Error) -> StoreError + Copy + '_ {
 
 fn arrow_err(e: duckdb::arrow::error::ArrowError) -> StoreError {
     StoreError::Internal(format!("building a dump batch: {e}"))
+}
+
+/// Groups of consecutive keys holding about `group_rows` readings each: a key goes
+/// to group `(readings of the keys before it) / group_rows`, so no key is cut.
+struct GroupCuts {
+    group_rows: i64,
+    /// Readings of the keys added so far.
+    rows: i64,
+    groups: Vec<(i64, i64)>,
+    current: Option<(i64, i64, i64)>,
+}
+
+impl GroupCuts {
+    fn new(group_rows: i64) -> Self {
+        Self {
+            group_rows: group_rows.max(1),
+            rows: 0,
+            groups: Vec::new(),
+            current: None,
+        }
+    }
+
+    /// The next key (ascending) and its readings.
+    fn add(&mut self, key: i64, n: i64) {
+        let g = self.rows / self.group_rows;
+        self.rows += n;
+        match &mut self.current {
+            Some((cg, _, hi)) if *cg == g => *hi = key,
+            current => {
+                if let Some((_, lo, hi)) = current.replace((g, key, key)) {
+                    self.groups.push((lo, hi));
+                }
+            }
+        }
+    }
+
+    /// Each group's first and last key, in order.
+    fn finish(mut self) -> Vec<(i64, i64)> {
+        if let Some((_, lo, hi)) = self.current.take() {
+            self.groups.push((lo, hi));
+        }
+        self.groups
+    }
 }
 
 /// The names of `table` (devices or sensors) in sort order: a name's index is its

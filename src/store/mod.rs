@@ -359,6 +359,18 @@ fn sensor_count(conn: &Connection) -> Result<u64, duckdb::Error> {
         .map(|n| n.max(1) as u64)
 }
 
+/// Statements a query over `rows` rows of `devices` devices needs, with at most
+/// `per_device` groups each, to stay within [`groups_per_statement`].
+fn slices_for(
+    conn: &Connection,
+    rows: u64,
+    devices: u64,
+    per_device: u64,
+) -> Result<u64, duckdb::Error> {
+    let groups = rows.min(devices.saturating_mul(per_device));
+    Ok(groups.div_ceil(groups_per_statement(conn)?).max(1))
+}
+
 /// SQL conditions (`AND device_id …`) that slice every device id given so far into
 /// ranges of equal width, each statement holding at most the groups the memory
 /// limit allows ([`groups_per_statement`]); one empty condition when the whole fits.
@@ -372,8 +384,7 @@ fn device_ranges(
 ) -> Result<Vec<String>, duckdb::Error> {
     let max: i64 = conn.query_row("SELECT coalesce(max(id), 0) FROM devices", [], |r| r.get(0))?;
     let ids = max.max(0) as u64 + 1;
-    let groups = rows.min(ids.saturating_mul(per_device));
-    let slices = groups.div_ceil(groups_per_statement(conn)?).max(1);
+    let slices = slices_for(conn, rows, ids, per_device)?;
     if slices == 1 {
         return Ok(vec![String::new()]);
     }
