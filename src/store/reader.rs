@@ -291,10 +291,17 @@ impl ReadStore for Reader {
             .map(|(id, d)| {
                 let summary = match self.shared.series_here(id) {
                     Some(here) => DeviceSummary::of(&here),
-                    // Written to disk since it was asked: its own row.
-                    None => from_disk
-                        .remove(&id)
-                        .unwrap_or_else(|| DeviceSummary::of(&self.series_of_id(id))),
+                    None => match from_disk.remove(&id) {
+                        Some(summary) => summary,
+                        // On disk without a row: nothing stored (retention took
+                        // it all). Asking each such device on its own made a
+                        // million devices' list take minutes.
+                        None if on_disk.binary_search_by_key(&id.0, |d| d.0).is_ok() => {
+                            DeviceSummary::default()
+                        }
+                        // Written to disk since it was asked: its own row.
+                        None => DeviceSummary::of(&self.series_of_id(id)),
+                    },
                 };
                 (id, d, summary)
             })

@@ -6,7 +6,7 @@
 //! again, so a late reading that arrived after the dump keeps its day (it is not in
 //! any dump yet): an undumped reading is never deleted.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::time::Instant;
 
 use chrono::NaiveDate;
@@ -31,8 +31,15 @@ pub struct Retired {
 
 /// Deletes the readings and rollups of each day in `days` whose stored count still
 /// equals the given (dumped) count, records it in `retired_days`, and brings the
-/// in-memory series statistics up to date. `rollups_from` is the writer's live-slot
-/// boundary: rollups are complete before it.
+/// series statistics up to date (in memory for resident devices, in the `series`
+/// table for the others). `rollups_from` is the writer's live-slot boundary: rollups
+/// are complete before it.
+///
+/// Every statement that groups the retired series runs a range of devices at a time
+/// (see [`super::device_ranges`]) into temp tables, and their rows stream through
+/// here without being collected: a million devices' day (5.9 M series) took the
+/// server to 506 MB and failed with "Out of Memory" at the default 128 MB limit when
+/// each step grouped everything at once and the results were held in maps.
 pub(super) fn retire(
     conn: &Connection,
     shared: &Shared,
@@ -45,7 +52,7 @@ pub(super) fn retire(
     if days.is_empty() {
         return Ok(done);
     }
-    let per_series = super::in_transaction(conn, || {
+    let (resident, on_disk) = super::in_transaction(conn, || {
         let mut ranges = Vec::new();
         for (&day, &expected) in days {
             let lo = day_start_ms(day);
@@ -64,27 +71,30 @@ pub(super) fn retire(
             ranges.push((day, lo, range, n));
         }
         if ranges.is_empty() {
-            return Ok((Vec::new(), HashMap::new(), None));
+            return Ok((Vec::new(), None));
         }
         let any = ranges
             .iter()
             .map(|(_, _, r, _)| format!("({r})"))
             .collect::<Vec<_>>()
             .join(" OR ");
-        let mut stmt = conn.prepare(&format!(
-            "SELECT device_id, sensor_id, count(*) FROM readings WHERE {any} GROUP BY ALL"
-        ))?;
-        let per_series = stmt
-            .query_map([], |r| {
-                Ok((
-                    (
-                        DeviceId(r.get::<_, i32>(0)? as u32),
-                        SensorId(r.get::<_, i16>(1)? as u16),
-                    ),
-                    r.get::<_, i64>(2)? as u64,
-                ))
-            })?
-            .collect::<Result<Vec<_>, _>>()?;
+        // 1. What each series loses.
+        conn.execute_batch(
+            "CREATE OR REPLACE TEMP TABLE retired_counts
+                 (device_id INTEGER, sensor_id SMALLINT, n BIGINT);
+             CREATE OR REPLACE TEMP TABLE retired_firsts
+                 (device_id INTEGER, sensor_id SMALLINT, first_us BIGINT);",
+        )?;
+        let devices = super::device_ranges(conn, done.readings, super::sensor_count(conn)?)?;
+        for d in &devices {
+            conn.execute_batch(&format!(
+                "INSERT INTO retired_counts
+                     SELECT device_id, sensor_id, count(*) FROM readings
+                     WHERE ({any}) {d} GROUP BY ALL"
+            ))?;
+        }
+        tracing::debug!(slices = devices.len(), "counted the retired series");
+        // 2. The deletion.
         let now = Timestamp::now().as_micros();
         for (day, lo, range, n) in &ranges {
             let slots = format!("slot_ms >= {lo} AND slot_ms < {}", lo + DAY_MS);
@@ -96,19 +106,39 @@ pub(super) fn retire(
                      VALUES (DATE '{day}', {n}, make_timestamp({now}::BIGINT));"
             ))?;
         }
-        let firsts = first_readings(conn, rollups_from)?;
-        let on_disk = refresh_on_disk(conn, shared, &per_series, &firsts)?;
-        Ok::<_, StoreError>((per_series, firsts, on_disk))
+        tracing::debug!("deleted the retired days");
+        // 3. The first reading each series has left, from the rollups of ended slots
+        //    and the readings of live ones.
+        for d in &devices {
+            conn.execute_batch(&format!(
+                "INSERT INTO retired_firsts
+                     SELECT device_id, sensor_id, min(f) FROM (
+                         SELECT device_id, sensor_id, first_us AS f FROM rollups
+                         WHERE slot_ms < {rollups_from} {d}
+                         UNION ALL
+                         SELECT device_id, sensor_id, ts_ms * 1000 + ts_us FROM readings
+                         WHERE ts_ms >= {rollups_from} {d})
+                     WHERE (device_id, sensor_id) IN
+                         (SELECT device_id, sensor_id FROM retired_counts WHERE true {d})
+                     GROUP BY ALL"
+            ))?;
+        }
+        tracing::debug!("found the first readings left");
+        // 4. What resident devices lose, applied in memory after the commit; and
+        //    what devices on disk lose in all.
+        let (resident, on_disk) = retired_series(conn, shared, &devices)?;
+        Ok::<_, StoreError>((resident, on_disk.map(|n| (n, devices))))
     })?;
-    let (per_series, firsts, on_disk) = per_series;
-    if let Some((readings, newest)) = on_disk {
+    if !resident.is_empty() {
+        refresh_resident(shared, &resident);
+    }
+    if let Some((readings, devices)) = on_disk {
+        let newest = refresh_on_disk(conn, &devices)?;
         shared.disk_series_changed(readings, newest);
     }
-    if !per_series.is_empty() {
-        refresh_resident(shared, &per_series, &firsts);
-    }
-    // Frees the deleted blocks now; if a dump's snapshot is open DuckDB refuses, and
-    // the next automatic checkpoint does it instead.
+    conn.execute_batch(
+        "DROP TABLE IF EXISTS temp.retired_counts; DROP TABLE IF EXISTS temp.retired_firsts;",
+    )?;
     if let Err(e) = conn.execute_batch("CHECKPOINT") {
         tracing::debug!(error = %e, "checkpoint after retention deferred");
     }
@@ -121,98 +151,83 @@ pub(super) fn retire(
     Ok(done)
 }
 
-/// Each series' first reading: from the rollups (complete before `rollups_from`) and
-/// the readings from there on.
-fn first_readings(
-    conn: &Connection,
-    rollups_from: i64,
-) -> Result<HashMap<(DeviceId, SensorId), i64>, StoreError> {
-    let mut firsts: HashMap<(DeviceId, SensorId), i64> = HashMap::new();
-    let sql = format!(
-        "SELECT device_id, sensor_id, min(first_us) FROM rollups WHERE slot_ms < {rollups_from}
-         GROUP BY ALL
-         UNION ALL
-         SELECT device_id, sensor_id, min(ts_ms * 1000 + ts_us) FROM readings
-         WHERE ts_ms >= {rollups_from} GROUP BY ALL"
-    );
-    let mut stmt = conn.prepare(&sql)?;
-    for row in stmt.query_map([], |r| {
-        Ok((
-            DeviceId(r.get::<_, i32>(0)? as u32),
-            SensorId(r.get::<_, i16>(1)? as u16),
-            r.get::<_, i64>(2)?,
-        ))
-    })? {
-        let (d, s, first) = row?;
-        let e = firsts.entry((d, s)).or_insert(first);
-        *e = (*e).min(first);
-    }
-    Ok(firsts)
-}
+/// A retired series: what it lost, and its first reading left (`None`: nothing left).
+type RetiredSeries = ((DeviceId, SensorId), u64, Option<i64>);
 
-/// The rows of devices whose statistics are on disk (see [`super::series`]), in the
-/// retention's transaction: readings subtracted, new first reading, emptied series
-/// deleted. Returns the readings subtracted and the table's newest reading after, if
-/// any such device lost readings.
-fn refresh_on_disk(
+/// Streams the retired series (`retired_counts` and `retired_firsts`, a range of
+/// devices at a time): those of resident devices are returned (bounded by
+/// `--series-memory`), with the readings devices whose statistics are on disk (see
+/// [`super::series`]) lost, if any did.
+fn retired_series(
     conn: &Connection,
     shared: &Shared,
-    deleted: &[((DeviceId, SensorId), u64)],
-    firsts: &HashMap<(DeviceId, SensorId), i64>,
-) -> Result<Option<(u64, Option<Timestamp>)>, StoreError> {
-    let mine: Vec<_> = deleted
-        .iter()
-        .filter(|((d, _), _)| shared.series_on_disk(*d))
-        .collect();
-    if mine.is_empty() {
-        return Ok(None);
+    devices: &[String],
+) -> Result<(Vec<RetiredSeries>, Option<u64>), StoreError> {
+    let mut resident = Vec::new();
+    let mut on_disk = None;
+    for d in devices {
+        let mut stmt = conn.prepare(&format!(
+            "SELECT c.device_id, c.sensor_id, c.n, f.first_us
+             FROM (SELECT * FROM retired_counts WHERE true {d}) c
+             LEFT JOIN (SELECT * FROM retired_firsts WHERE true {d}) f
+               USING (device_id, sensor_id)"
+        ))?;
+        let mut rows = stmt.query([])?;
+        while let Some(r) = rows.next()? {
+            let key = (
+                DeviceId(r.get::<_, i32>(0)? as u32),
+                SensorId(r.get::<_, i16>(1)? as u16),
+            );
+            let n = r.get::<_, i64>(2)? as u64;
+            if shared.series_on_disk(key.0) {
+                *on_disk.get_or_insert(0) += n;
+            } else {
+                resident.push((key, n, r.get(3)?));
+            }
+        }
     }
-    conn.execute_batch(
-        "CREATE OR REPLACE TEMP TABLE retired_series
-             (device_id INTEGER, sensor_id SMALLINT, n BIGINT, first_us BIGINT)",
-    )?;
-    let mut app = conn.appender_to_catalog_and_db("retired_series", "temp", "main")?;
-    let mut readings = 0;
-    for &&(key, n) in &mine {
-        readings += n;
-        app.append_row(duckdb::params![
-            key.0.0 as i32,
-            key.1.0 as i16,
-            n as i64,
-            firsts.get(&key).copied()
-        ])?;
+    Ok((resident, on_disk))
+}
+
+/// Brings the `series` table's rows up to date after a retention: readings
+/// subtracted, new first reading, emptied series deleted; returns the table's newest
+/// reading after. A range of devices per transaction, after the retention's own: a
+/// million devices' rows changed in that one ran out of memory. The table is only
+/// trusted after a clean shutdown (a crash recomputes it from the readings), so a
+/// crash in between loses nothing; readers may see devices on disk with their old
+/// counts for the seconds this takes. Rows of resident devices are stale copies,
+/// rewritten before they are read again; changing them too is harmless.
+fn refresh_on_disk(conn: &Connection, devices: &[String]) -> Result<Option<Timestamp>, StoreError> {
+    for d in devices {
+        super::in_transaction(conn, || {
+            conn.execute_batch(&format!(
+                "UPDATE series SET readings = series.readings - r.n,
+                     first_ts = coalesce(make_timestamp(r.first_us), series.first_ts)
+                 FROM (SELECT c.device_id, c.sensor_id, c.n, f.first_us
+                       FROM (SELECT * FROM temp.retired_counts WHERE true {d}) c
+                       LEFT JOIN (SELECT * FROM temp.retired_firsts WHERE true {d}) f
+                         USING (device_id, sensor_id)) r
+                 WHERE series.device_id = r.device_id AND series.sensor_id = r.sensor_id;
+                 DELETE FROM series WHERE readings <= 0 {d};"
+            ))
+        })?;
     }
-    app.flush()?;
-    drop(app);
-    conn.execute_batch(
-        "UPDATE series SET readings = series.readings - r.n,
-             first_ts = coalesce(make_timestamp(r.first_us), series.first_ts)
-         FROM temp.retired_series r
-         WHERE series.device_id = r.device_id AND series.sensor_id = r.sensor_id;
-         DELETE FROM series WHERE readings <= 0;
-         DROP TABLE temp.retired_series;",
-    )?;
-    let newest = super::series::table_totals(conn)?.2;
-    Ok(Some((readings, newest)))
+    Ok(super::series::table_totals(conn)?.2)
 }
 
 /// Subtracts the deleted readings from the resident devices' series statistics and
 /// sets each remaining series' new first reading. Series with nothing left are
 /// dropped.
-fn refresh_resident(
-    shared: &Shared,
-    deleted: &[((DeviceId, SensorId), u64)],
-    firsts: &HashMap<(DeviceId, SensorId), i64>,
-) {
+fn refresh_resident(shared: &Shared, retired: &[RetiredSeries]) {
     let mut updated: Vec<SeriesEntry> = Vec::new();
     let mut emptied = Vec::new();
-    for &(key, n) in deleted {
+    for &(key, n, first) in retired {
         let Some(mut stats) = shared.series(key.0, key.1) else {
             continue;
         };
         stats.readings = stats.readings.saturating_sub(n);
-        match firsts.get(&key) {
-            Some(&first) if stats.readings > 0 => {
+        match first {
+            Some(first) if stats.readings > 0 => {
                 stats.first = Timestamp::from_micros(first);
                 updated.push((key, stats));
             }
