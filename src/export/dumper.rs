@@ -52,7 +52,7 @@ pub struct Dumper {
     metrics: Arc<Metrics>,
     /// This store's dumps as recorded, by (day, format): what the manifest lists.
     records: RwLock<BTreeMap<(NaiveDate, DumpFormat), DumpRecord>>,
-    /// The manifest lags the records (its last write failed).
+    /// The manifest lags the records (its last write failed, or has not finished).
     manifest_stale: AtomicBool,
     /// Held for a whole run or hand-started dump: runs never overlap.
     running: tokio::sync::Mutex<()>,
@@ -113,6 +113,17 @@ impl Dumper {
         let source = self.source.clone();
         let idle = tokio::task::spawn_blocking(move || drop(source.lock()));
         idle.await.ok();
+        // A run cancelled after recording a day and before its manifest was written
+        // (a SIGTERM just after a dump) would leave the lake's manifest behind the
+        // objects until the next start: written now, within a bound.
+        let _running = self.running.lock().await;
+        if self.manifest_stale.load(Ordering::Acquire) {
+            match tokio::time::timeout(MANIFEST_AT_SHUTDOWN, self.write_manifest()).await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => tracing::warn!(error = %e, "writing the manifest at shutdown failed"),
+                Err(_) => tracing::warn!("writing the manifest at shutdown timed out"),
+            }
+        }
     }
 
     /// The blob store.
@@ -321,6 +332,9 @@ impl Dumper {
                 all.insert((r.day, r.format), r.clone());
             }
         }
+        // Stale until written: a shutdown that cancels this run in between writes it
+        // (see [`Self::shutdown`]).
+        self.manifest_stale.store(true, Ordering::Release);
         self.write_manifest().await?;
         Ok(records)
     }
@@ -390,6 +404,9 @@ impl Dumper {
         written
     }
 }
+
+/// How long a shutdown waits for a stale manifest to be written.
+const MANIFEST_AT_SHUTDOWN: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// The due-day rule of [`Dumper::due_days`], on plain data.
 fn due(
