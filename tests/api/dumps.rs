@@ -402,6 +402,49 @@ async fn a_server_dumps_the_missed_days_when_it_starts() {
     app.stop().await;
 }
 
+/// A manifest the last run could not write (or a SIGTERM cancelled between
+/// recording a day and writing it) is written when the server stops, so the lake
+/// lists every object the node made.
+#[tokio::test]
+async fn a_stale_manifest_is_written_when_the_server_stops() {
+    let lake = tempfile::tempdir().unwrap();
+    let url = format!("file://{}", lake.path().display());
+    let app = TestApp::spawn_with(move |a| {
+        a.blob.blob_store_url = Some(url);
+        a.blob.node_name = Some("n".into());
+    })
+    .await;
+    app.ingest(three_days()).await;
+    // The manifest cannot be written while `manifests` is a file.
+    let manifests = lake.path().join("manifests");
+    std::fs::remove_dir_all(&manifests).unwrap();
+    std::fs::write(&manifests, "in the way").unwrap();
+    app.server().run_jobs_once().await;
+    let keys = |list: &Value| -> BTreeSet<String> {
+        list["dumps"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|d| d["key"].as_str().unwrap().to_owned())
+            .collect()
+    };
+    // The three days with readings, and the empty days after them up to yesterday.
+    let listed = keys(&app.get("/api/v1/dumps").await.1);
+    assert!(
+        listed.contains("parquet/date=2026-11-03/n.parquet"),
+        "{listed:?}"
+    );
+    assert!(!manifests.join("n.json").exists());
+    std::fs::remove_file(&manifests).unwrap();
+    app.stop().await;
+    let manifest: Value =
+        serde_json::from_slice(&std::fs::read(manifests.join("n.json")).unwrap()).unwrap();
+    assert_eq!(keys(&manifest), listed);
+    for key in &listed {
+        assert!(lake.path().join(key).is_file(), "{key}");
+    }
+}
+
 #[tokio::test]
 async fn with_a_public_url_downloads_redirect_there() {
     let app = TestApp::spawn_with(|a| {
@@ -824,14 +867,15 @@ async fn retention_keeps_every_endpoint_consistent(on_disk: bool) {
         }
     };
     let app = TestApp::spawn_with(configure).await;
-    let disk_devices = if on_disk { 2.0 } else { 0.0 };
+    let disk_devices = if on_disk { 3.0 } else { 0.0 };
     let mut body = String::new();
     for d in &days {
         body += &day_lines("default", "speed", *d, 100, 5);
         body += &day_lines("truck-1", "fuel", *d, 40, 9);
     }
-    // Only the oldest day has readings of truck-1's rpm.
+    // Only the oldest day has readings of truck-1's rpm, and of trailer-9 at all.
     body += &day_lines("truck-1", "revolution", days[0], 10, 1);
+    body += &day_lines("trailer-9", "fuel", days[0], 10, 2);
     body += &line(
         "speed",
         42.0,
@@ -844,7 +888,7 @@ async fn retention_keeps_every_endpoint_consistent(on_disk: bool) {
     let (_, status_before) = app.get("/api/status").await;
     let (_, metrics_before) = app.get_text("/metrics").await;
     assert!(
-        metrics_before.contains("milepost_stored_readings 431\n"),
+        metrics_before.contains("milepost_stored_readings 441\n"),
         "{metrics_before}"
     );
 
@@ -863,6 +907,17 @@ async fn retention_keeps_every_endpoint_consistent(on_disk: bool) {
     assert_eq!(default["readings"], 2 * 100 + 1, "{devices}");
     let first = format!("{}T00:00:05Z", days[1].format("%Y-%m-%d"));
     assert_eq!(default["first"], first.as_str());
+    // A device with nothing left is listed empty.
+    let trailer = devices["devices"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|d| d["device"] == "trailer-9")
+        .unwrap();
+    assert_eq!(
+        trailer,
+        &serde_json::json!({"device": "trailer-9", "readings": 0, "first": null, "last": null})
+    );
     let (_, sensors) = app.get("/api/v1/sensors?device=truck-1").await;
     let rpm = sensors["sensors"]
         .as_array()
@@ -900,7 +955,7 @@ async fn retention_keeps_every_endpoint_consistent(on_disk: bool) {
         .find(|d| d["name"] == name.as_str())
         .unwrap()
         .clone();
-    assert_eq!(entry["rows"], 100 + 40 + 10);
+    assert_eq!(entry["rows"], 100 + 40 + 10 + 10);
     let bytes = app
         .client
         .get(app.url(entry["url"].as_str().unwrap()))
@@ -910,7 +965,7 @@ async fn retention_keeps_every_endpoint_consistent(on_disk: bool) {
         .bytes()
         .await
         .unwrap();
-    assert_eq!(read_json_gz(&bytes).len(), 150);
+    assert_eq!(read_json_gz(&bytes).len(), 160);
 
     // Next run: the second day goes the same way; the third is still undumped.
     app.server().run_jobs_once().await;
