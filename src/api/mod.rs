@@ -39,15 +39,35 @@ use error::ApiError;
 use ingest::{IngestBody, IngestResponse};
 use seed::{LatestLocation, LatestStatistics, Statistic, Status};
 
-use crate::domain::Device;
+use crate::domain::{Device, DeviceId};
 use crate::metrics::Metrics;
-use crate::store::{ReadStore, StoreError, WriterHandle};
+use crate::store::{DeviceSummary, ReadStore, StoreError, WriterHandle};
 
 /// Devices whose summaries a walk over every device reads at a time
 /// ([`ReadStore::device_summaries`]): each page is one scan of the idle devices'
 /// `series` rows, so pages are large (a million devices: 10 pages, ~1 s, vs 100
 /// pages of 10,000 in 2.5 s), and ~9 MB each.
 pub const DEVICE_PAGE: usize = 100_000;
+
+/// Every device from `start` on with its summary, in pages of [`DEVICE_PAGE`], each
+/// handed to `each` until it breaks (blocking: call from a blocking task). Memory
+/// holds one page, however many devices there are.
+pub(crate) fn walk_devices<B>(
+    reads: &dyn ReadStore,
+    mut start: DeviceId,
+    mut each: impl FnMut(Vec<(DeviceId, Device, DeviceSummary)>) -> std::ops::ControlFlow<B>,
+) -> Result<Option<B>, StoreError> {
+    loop {
+        let page = reads.device_summaries(start, DEVICE_PAGE)?;
+        let Some(&(last, _, _)) = page.last() else {
+            return Ok(None);
+        };
+        start = DeviceId(last.0 + 1);
+        if let std::ops::ControlFlow::Break(b) = each(page) {
+            return Ok(Some(b));
+        }
+    }
+}
 
 /// Request limits of `POST /ingest`.
 #[derive(Debug, Clone)]

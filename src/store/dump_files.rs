@@ -222,11 +222,11 @@ fn write_parquet_groups(
         [],
         |r| Ok((r.get(0)?, r.get(1)?)),
     )?;
-    let per_device = super::sensor_count(conn)?;
-    let slices = super::slices_for(conn, rows as u64, devices.max(1) as u64, per_device)?;
-    let width = (devices.max(1) as u64).div_ceil(slices) as i64;
+    let ranks = devices.max(1) as u64;
+    let slices = super::slices_for(conn, rows as u64, ranks, super::sensor_count(conn)?)?;
+    let width = ranks.div_ceil(slices);
     let mut cuts = GroupCuts::new(group_rows);
-    for first in (0..devices.max(1)).step_by(width as usize) {
+    for first in (0..ranks).step_by(width as usize) {
         let last = first + width - 1;
         let mut stmt = conn.prepare(&format!(
             "SELECT d.rank::BIGINT * {KEY_SPAN} + s.rank AS key, count(*) AS n

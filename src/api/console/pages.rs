@@ -144,18 +144,14 @@ pub async fn overview(
         let reads = reads.clone();
         crate::api::blocking(move || {
             let mut rows = Vec::new();
-            let mut start = DeviceId(0);
-            loop {
-                let page = reads.device_summaries(start, crate::api::DEVICE_PAGE)?;
-                let Some(&(last, _, _)) = page.last() else {
-                    break Ok(rows);
-                };
-                start = DeviceId(last.0 + 1);
+            crate::api::walk_devices(&*reads, DeviceId(0), |page| {
                 rows.extend(page.into_iter().map(|(_, device, s)| DeviceRow {
                     newest: s.last,
                     device,
                 }));
-            }
+                std::ops::ControlFlow::<()>::Continue(())
+            })?;
+            Ok(rows)
         })
         .await?
     };

@@ -22,7 +22,7 @@ use super::params::{catalogued, device_param, range_param, tz_param};
 use super::readings::{Cursor, DEFAULT_PAGE, ExportSink, Format, LineWriter, MAX_PAGE};
 use super::stream::{BodySender, StreamedJson};
 use super::track::{Downsampler, Pairer, Point};
-use super::{AppState, DEVICE_PAGE, Tag, blocking};
+use super::{AppState, Tag, blocking, walk_devices};
 use crate::domain::{
     Aggregate, BucketWidth, Buckets, Device, DeviceId, Sensor, SensorId, TimeRange, Timestamp,
 };
@@ -74,8 +74,7 @@ impl V1Api {
         for (_, device, summary) in &first {
             out.push(device, summary);
         }
-        let Some(&(mut last, _, _)) = first.last().filter(|_| first.len() == SHORT_DEVICE_LIST)
-        else {
+        let Some(&(last, _, _)) = first.last().filter(|_| first.len() == SHORT_DEVICE_LIST) else {
             return DevicesResponse::Ok(StreamedJson::new(poem::Body::from_bytes(out.finish())));
         };
         drop(first);
@@ -83,27 +82,25 @@ impl V1Api {
         let span = tracing::Span::current();
         tokio::task::spawn_blocking(move || {
             let _enter = span.enter();
-            loop {
-                let page = match reads.device_summaries(DeviceId(last.0 + 1), DEVICE_PAGE) {
-                    Ok(p) => p,
-                    Err(e) => {
-                        tracing::error!(error = %e, "device list failed part-way");
-                        return tx.fail("device list failed; see the server log");
-                    }
-                };
-                let Some(&(next, _, _)) = page.last() else {
-                    break;
-                };
-                last = next;
+            let walked = walk_devices(&*reads, DeviceId(last.0 + 1), |page| {
                 for (_, device, summary) in &page {
                     out.push(device, summary);
                     if out.is_full() && tx.send(out.take()).is_break() {
-                        tracing::debug!("device list stopped: the client went away");
-                        return;
+                        return std::ops::ControlFlow::Break(());
                     }
                 }
+                std::ops::ControlFlow::Continue(())
+            });
+            match walked {
+                Ok(None) => {
+                    let _ = tx.send(out.finish());
+                }
+                Ok(Some(())) => tracing::debug!("device list stopped: the client went away"),
+                Err(e) => {
+                    tracing::error!(error = %e, "device list failed part-way");
+                    tx.fail("device list failed; see the server log");
+                }
             }
-            let _ = tx.send(out.finish());
         });
         DevicesResponse::Ok(StreamedJson::new(body))
     }

@@ -145,6 +145,7 @@ pub(super) struct Known {
     generation: usize,
 }
 
+#[cfg(test)]
 impl Default for Known {
     fn default() -> Self {
         Self::with_budget(DEFAULT_BUDGET)
