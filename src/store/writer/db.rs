@@ -36,6 +36,8 @@ pub(super) struct Db {
     /// Rollups of slots from this one on are written when their slot has ended (see
     /// [`crate::store::rollup`]).
     live_from: i64,
+    /// No sealing of ended slots before this (after a failed one).
+    seal_after: Instant,
     clock: Clock,
 }
 
@@ -106,6 +108,7 @@ impl Db {
                 base: rollup_merge_rows.max(1),
             },
             live_from: from,
+            seal_after: Instant::now(),
             clock,
         })
     }
@@ -245,9 +248,8 @@ impl Db {
         }
     }
 
-    /// Inside the caller's transaction: appends fresh rows (sorted by series), their
-    /// rollup partials except those of live slots, and the rollups of live slots that
-    /// have ended, computed from their readings (the ones just appended included).
+    /// Inside the caller's transaction: appends fresh rows (sorted by series) and their
+    /// rollup partials except those of live slots (at or after `slots.from`).
     fn append_fresh(
         &mut self,
         fresh: Columns,
@@ -263,30 +265,56 @@ impl Db {
         let mut partials = ingest_log::append_readings(&self.conn, fresh, series)?;
         partials.drop_from(slots.from);
         partials.append(&self.conn)?;
-        if let Some(to) = slots.advance {
-            let _span = tracing::debug_span!("rollup_seal", from = slots.from, to).entered();
-            let started = Instant::now();
-            rollup::rebuild(&self.conn, "readings", slots.from, to)?;
-            tracing::debug!(
-                elapsed_ms = started.elapsed().as_secs_f64() * 1e3,
-                "computed the rollups of ended live slots"
-            );
-            self.conn.execute(
-                "INSERT OR REPLACE INTO meta VALUES (?, ?)",
-                duckdb::params![rollup::META_FROM, to.to_string()],
-            )?;
-        }
         Ok(partials)
     }
 
-    /// After the commit of [`Self::append_fresh`]: the live slots move on.
+    /// After the commit of [`Self::append_fresh`]: the live slots that have ended get
+    /// their rollups, and the boundary moves on.
     fn after_append(&mut self, slots: SlotMove, partials: Partials) {
-        if let Some(to) = slots.advance {
-            self.live_from = to;
-            self.shared.set_rollups_from(to);
+        if let Some(to) = slots.advance.filter(|_| Instant::now() >= self.seal_after) {
+            self.seal_ended(slots.from, to);
         }
         self.rollups.add(&partials);
         self.merge_rollups();
+    }
+
+    /// Computes the rollups of the ended live slots `[from, to)` from their readings,
+    /// then moves the boundary to `to`. Not in the append's transaction but after it,
+    /// a range of devices per statement, each committed on its own (readers do not
+    /// read rollups at or after the boundary, and nothing is appended meanwhile: the
+    /// caller holds the write connection): inside it, 100,000 devices streaming at a
+    /// 64 MB limit ran out of memory at the quarter hour, and so did every commit
+    /// after — ingest answered 500. On failure the boundary stays, the live slots
+    /// keep answering, and a commit 10 s later tries again; a crash in between leaves the
+    /// boundary in `meta`, from which the next start recomputes.
+    fn seal_ended(&mut self, from: i64, to: i64) {
+        let _span = tracing::debug_span!("rollup_seal", from, to).entered();
+        let started = Instant::now();
+        let sealed = rollup::rebuild(&self.conn, "readings", from, to).and_then(|()| {
+            self.conn
+                .execute(
+                    "INSERT OR REPLACE INTO meta VALUES (?, ?)",
+                    duckdb::params![rollup::META_FROM, to.to_string()],
+                )
+                .map(drop)
+        });
+        match sealed {
+            Ok(()) => {
+                tracing::debug!(
+                    elapsed_ms = started.elapsed().as_secs_f64() * 1e3,
+                    "computed the rollups of ended live slots"
+                );
+                self.live_from = to;
+                self.shared.set_rollups_from(to);
+            }
+            Err(e) => {
+                tracing::warn!(
+                    error = %e,
+                    "computing the rollups of ended quarter hours failed; retried in 10 s"
+                );
+                self.seal_after = Instant::now() + std::time::Duration::from_secs(10);
+            }
+        }
     }
 
     /// Computes the rollups of every live slot from their readings, so the file's
