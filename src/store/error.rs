@@ -63,6 +63,12 @@ pub enum StoreError {
 }
 
 impl StoreError {
+    /// DuckDB ran out of its memory limit: the statement failed and left nothing
+    /// behind; a smaller one may succeed.
+    pub fn is_out_of_memory(&self) -> bool {
+        matches!(self, StoreError::Duckdb(e) if e.to_string().contains("Out of Memory Error"))
+    }
+
     /// The filesystem holding the data directory is full (or the user's quota is
     /// used up): the write may succeed once space is freed.
     pub fn is_disk_full(&self) -> bool {

@@ -310,6 +310,16 @@ fn lock_data_dir(dir: &DataDir) -> Result<File, StoreError> {
 /// 20 k, 16 MB 60 k and not 120 k, 32 MB 240 k; 64 MB 600 k of the real data and not
 /// 1.2 M: ~6 MiB plus ~80 bytes a group. Twice that per group, for room.
 const GROUP_BYTES: u64 = 160;
+/// DuckDB memory one row read may take in such a statement: groups of many readings
+/// cost more than [`GROUP_BYTES`] says. 100,000 devices' 115 M readings in one
+/// quarter hour (192 per series) at 64 MB: the rollup rebuild of 15,000 devices
+/// (17 M rows, 90 k groups) took 0.8 s, of 20,000 (23 M rows) 6.6 s, of 25,000
+/// (29 M rows) ran out of memory; the series recompute of 25,000 fit and of 50,000
+/// did not (threads=1: 50,000 fit): ~2.3 bytes a row at the edge, and slow near it
+/// (DuckDB spills). 8 bytes (7 M rows at 64 MB): that start's recovery took 4 s in 17
+/// statements at 64 MB, and 4.5 s in 8 at 128 MB — 20 s in 4 with 4 bytes a row.
+/// [`run_in_device_ranges`] halves what still fails.
+const ROW_BYTES: u64 = 8;
 /// What a statement takes whatever its groups (see [`GROUP_BYTES`]), with room.
 const STATEMENT_BYTES: u64 = 8 << 20;
 /// Fewest groups a slice is allowed, however small the memory limit.
@@ -317,21 +327,39 @@ const MIN_GROUPS_PER_STATEMENT: u64 = 2_000;
 
 #[cfg(test)]
 thread_local! {
-    /// Groups per statement for a test on this thread, instead of the memory limit's.
+    /// Groups per statement for a test on this thread, instead of the memory
+    /// limit's (and no limit on rows).
     static GROUPS_PER_STATEMENT: std::cell::Cell<Option<u64>> = const { std::cell::Cell::new(None) };
 }
 
-/// Groups one statement may hold under this connection's memory limit.
-fn groups_per_statement(conn: &Connection) -> Result<u64, duckdb::Error> {
+/// What one grouping statement may hold under a memory limit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct StatementBudget {
+    /// Groups it may build.
+    groups: u64,
+    /// Rows it may read.
+    rows: u64,
+}
+
+/// What one statement may hold under this connection's memory limit.
+fn statement_budget(conn: &Connection) -> Result<StatementBudget, duckdb::Error> {
     #[cfg(test)]
     if let Some(n) = GROUPS_PER_STATEMENT.get() {
-        return Ok(n);
+        return Ok(StatementBudget {
+            groups: n,
+            rows: u64::MAX,
+        });
     }
     let limit: String =
         conn.query_row("SELECT current_setting('memory_limit')", [], |r| r.get(0))?;
     // Unreadable (a format this code does not know): as if the limit were 64 MB.
-    let bytes = duck_size(&limit).unwrap_or(64 << 20);
-    Ok((bytes.saturating_sub(STATEMENT_BYTES) / GROUP_BYTES).max(MIN_GROUPS_PER_STATEMENT))
+    let room = duck_size(&limit)
+        .unwrap_or(64 << 20)
+        .saturating_sub(STATEMENT_BYTES);
+    Ok(StatementBudget {
+        groups: (room / GROUP_BYTES).max(MIN_GROUPS_PER_STATEMENT),
+        rows: (room / ROW_BYTES).max(MIN_GROUPS_PER_STATEMENT * 64),
+    })
 }
 
 /// Bytes of a size as DuckDB shows settings: `61.0 MiB`, `1.8 GiB`, `512 bytes`.
@@ -360,46 +388,141 @@ fn sensor_count(conn: &Connection) -> Result<u64, duckdb::Error> {
 }
 
 /// Statements a query over `rows` rows of `devices` devices needs, with at most
-/// `per_device` groups each, to stay within [`groups_per_statement`].
+/// `per_device` groups each, to stay within [`statement_budget`].
 fn slices_for(
     conn: &Connection,
     rows: u64,
     devices: u64,
     per_device: u64,
 ) -> Result<u64, duckdb::Error> {
+    let budget = statement_budget(conn)?;
     let groups = rows.min(devices.saturating_mul(per_device));
-    Ok(groups.div_ceil(groups_per_statement(conn)?).max(1))
+    Ok(groups
+        .div_ceil(budget.groups)
+        .max(rows.div_ceil(budget.rows))
+        .max(1))
 }
 
-/// SQL conditions (`AND device_id …`) that slice every device id given so far into
-/// ranges of equal width, each statement holding at most the groups the memory
-/// limit allows ([`groups_per_statement`]); one empty condition when the whole fits.
-/// A statement's groups are bounded by `rows`, the rows it reads, and by
-/// `per_device` for each device id. The first and the last range are open, so that
-/// no row is left out whatever its id.
+/// The device ids one statement covers: `[lo, hi)`, or unbounded below (`open_lo`)
+/// or above (`open_hi`). Shown as the SQL condition that selects them (`AND
+/// device_id …`; empty when both ends are open).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct DeviceRange {
+    lo: u64,
+    hi: u64,
+    open_lo: bool,
+    open_hi: bool,
+}
+
+impl DeviceRange {
+    /// Ids `[lo, hi)` count for the halving; the open ends stay open.
+    fn width(&self) -> u64 {
+        self.hi.saturating_sub(self.lo)
+    }
+
+    /// The two halves, or none when the range holds one id.
+    fn halves(&self) -> Option<(Self, Self)> {
+        (self.width() >= 2).then(|| {
+            let mid = self.lo + self.width() / 2;
+            (
+                Self {
+                    hi: mid,
+                    open_hi: false,
+                    ..*self
+                },
+                Self {
+                    lo: mid,
+                    open_lo: false,
+                    ..*self
+                },
+            )
+        })
+    }
+}
+
+impl std::fmt::Display for DeviceRange {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match (self.open_lo, self.open_hi) {
+            (true, true) => Ok(()),
+            (true, false) => write!(f, "AND device_id < {}", self.hi),
+            (false, true) => write!(f, "AND device_id >= {}", self.lo),
+            (false, false) => write!(f, "AND device_id BETWEEN {} AND {}", self.lo, self.hi - 1),
+        }
+    }
+}
+
+/// Ranges that slice every device id given so far into ranges of equal width, each
+/// statement holding at most what the memory limit allows ([`statement_budget`]);
+/// one range with both ends open when the whole fits. A statement's groups are
+/// bounded by `rows`, the rows it reads, and by `per_device` for each device id. The
+/// first and the last range are open, so that no row is left out whatever its id.
 fn device_ranges(
     conn: &Connection,
     rows: u64,
     per_device: u64,
-) -> Result<Vec<String>, duckdb::Error> {
+) -> Result<Vec<DeviceRange>, duckdb::Error> {
     let max: i64 = conn.query_row("SELECT coalesce(max(id), 0) FROM devices", [], |r| r.get(0))?;
     let ids = max.max(0) as u64 + 1;
     let slices = slices_for(conn, rows, ids, per_device)?;
-    if slices == 1 {
-        return Ok(vec![String::new()]);
-    }
     let width = ids.div_ceil(slices);
     let last = ids.div_ceil(width) - 1;
     Ok((0..=last)
-        .map(|i| {
-            let lo = i * width;
-            match i {
-                0 => format!("AND device_id < {width}"),
-                _ if i == last => format!("AND device_id >= {lo}"),
-                _ => format!("AND device_id BETWEEN {lo} AND {}", lo + width - 1),
-            }
+        .map(|i| DeviceRange {
+            lo: i * width,
+            hi: if i == last { ids } else { (i + 1) * width },
+            open_lo: i == 0,
+            open_hi: i == last,
         })
         .collect())
+}
+
+/// Runs `statement` once per range of [`device_ranges`], in order of ids, and
+/// returns how many ran. A statement that runs out of DuckDB's memory is run again
+/// on each half of its range, and so is every later range as wide — the budget is
+/// an estimate from measurements, and a too-large slice must not make a start or a
+/// quarter hour's rollups fail for good — as long as no transaction is open (a
+/// failed statement aborts it) and the range holds more than one id. `statement`
+/// must leave nothing behind when it fails (one statement, or its own transaction).
+fn run_in_device_ranges(
+    conn: &Connection,
+    rows: u64,
+    per_device: u64,
+    mut statement: impl FnMut(&DeviceRange) -> Result<(), StoreError>,
+) -> Result<usize, StoreError> {
+    let mut pending = device_ranges(conn, rows, per_device)?;
+    pending.reverse();
+    let (mut widest, mut ran) = (u64::MAX, 0);
+    while let Some(range) = pending.pop() {
+        if range.width() > widest
+            && let Some((left, right)) = range.halves()
+        {
+            pending.extend([right, left]);
+            continue;
+        }
+        match statement(&range) {
+            Ok(()) => ran += 1,
+            Err(e) if e.is_out_of_memory() && !transaction_open(conn) => {
+                let Some((left, right)) = range.halves() else {
+                    return Err(e);
+                };
+                tracing::info!(
+                    range = %range, error = %e,
+                    "a statement ran out of DuckDB's memory; running it in halves"
+                );
+                widest = left.width();
+                pending.extend([right, left]);
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(ran)
+}
+
+/// Whether a transaction is open on `conn` (perhaps aborted by a failed statement).
+/// duckdb-rs's `is_autocommit` always answers true; DuckDB refuses to begin a
+/// transaction inside one, which changes nothing there.
+fn transaction_open(conn: &Connection) -> bool {
+    conn.execute_batch("BEGIN TRANSACTION; COMMIT").is_err()
 }
 
 fn open_duckdb(path: &Path, cfg: &StoreConfig) -> Result<Connection, StoreError> {
@@ -569,9 +692,16 @@ mod tests {
             },
         )
         .unwrap();
-        let per = groups_per_statement(&conn).unwrap();
+        let budget = statement_budget(&conn).unwrap();
         // DuckDB keeps ~95% of the limit for its buffers: 61 MiB of 64 MB.
-        assert_eq!(per, ((61 << 20) - STATEMENT_BYTES) / GROUP_BYTES);
+        let room = (61 << 20) - STATEMENT_BYTES;
+        assert_eq!(
+            budget,
+            StatementBudget {
+                groups: room / GROUP_BYTES,
+                rows: room / ROW_BYTES
+            }
+        );
     }
 
     fn cfg(dir: &Path) -> StoreConfig {

@@ -161,7 +161,7 @@ type RetiredSeries = ((DeviceId, SensorId), u64, Option<i64>);
 fn retired_series(
     conn: &Connection,
     shared: &Shared,
-    devices: &[String],
+    devices: &[super::DeviceRange],
 ) -> Result<(Vec<RetiredSeries>, Option<u64>), StoreError> {
     let mut resident = Vec::new();
     let mut on_disk = None;
@@ -197,7 +197,10 @@ fn retired_series(
 /// crash in between loses nothing; readers may see devices on disk with their old
 /// counts for the seconds this takes. Rows of resident devices are stale copies,
 /// rewritten before they are read again; changing them too is harmless.
-fn refresh_on_disk(conn: &Connection, devices: &[String]) -> Result<Option<Timestamp>, StoreError> {
+fn refresh_on_disk(
+    conn: &Connection,
+    devices: &[super::DeviceRange],
+) -> Result<Option<Timestamp>, StoreError> {
     for d in devices {
         super::in_transaction(conn, || {
             conn.execute_batch(&format!(

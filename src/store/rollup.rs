@@ -197,7 +197,7 @@ pub(super) fn merge(conn: &Connection, lo_slot: i64, hi_slot: i64) -> Result<Mer
         replaced: 0,
         rows: rows as u64,
     };
-    for devices in super::device_ranges(conn, rows as u64, u64::MAX)? {
+    super::run_in_device_ranges(conn, rows as u64, u64::MAX, |devices| {
         let (replaced, combined) = super::in_transaction(conn, || {
             conn.execute_batch(&format!(
                 "CREATE OR REPLACE TEMP TABLE rollup_merge AS
@@ -223,21 +223,23 @@ pub(super) fn merge(conn: &Connection, lo_slot: i64, hi_slot: i64) -> Result<Mer
         })?;
         done.replaced += replaced;
         done.rows = done.rows - replaced + combined;
-    }
+        Ok(())
+    })?;
     Ok(done)
 }
 
 /// Replaces the rollups of the slots in `[from_ms, to_ms)` (whole slots) with ones
 /// computed from the readings of that span in `source`, a table shaped like
 /// `readings` (itself, or compaction's sorted copy of a day). Runs in the caller's
-/// transaction, one statement per range of devices (see [`super::device_ranges`]): a
-/// slot's groups are each series', so many devices take several.
+/// transaction (if any), one statement per range of devices (see
+/// [`super::run_in_device_ranges`]): a slot's groups are each series', so many
+/// devices take several.
 pub(super) fn rebuild(
     conn: &Connection,
     source: &str,
     from_ms: i64,
     to_ms: i64,
-) -> Result<(), duckdb::Error> {
+) -> Result<(), StoreError> {
     debug_assert!(from_ms.rem_euclid(SLOT_MS) == 0);
     conn.execute_batch(&format!(
         "DELETE FROM rollups WHERE slot_ms >= {from_ms} AND slot_ms < {to_ms};"
@@ -255,7 +257,7 @@ pub(super) fn rebuild(
     }
     let slots = ((newest - from_ms) / SLOT_MS + 1) as u64;
     let per_device = super::sensor_count(conn)?.saturating_mul(slots);
-    for devices in super::device_ranges(conn, rows as u64, per_device)? {
+    let statements = super::run_in_device_ranges(conn, rows as u64, per_device, |devices| {
         conn.execute_batch(&format!(
             "INSERT INTO rollups
                  SELECT device_id, sensor_id, {SLOT_SQL} AS slot_ms, count(*),
@@ -266,7 +268,9 @@ pub(super) fn rebuild(
                  GROUP BY device_id, sensor_id, slot_ms
                  ORDER BY device_id, sensor_id, slot_ms;"
         ))?;
-    }
+        Ok(())
+    })?;
+    tracing::debug!(rows, statements, "rollups rebuilt");
     Ok(())
 }
 
@@ -282,7 +286,7 @@ pub(super) fn rebuild_from(conn: &Connection, from_ms: i64) -> Result<(), StoreE
     if let Err(e) = conn.execute_batch("CHECKPOINT") {
         tracing::warn!(error = %e, "cannot checkpoint before rebuilding the rollups");
     }
-    Ok(rebuild(conn, "readings", from_ms, i64::MAX)?)
+    rebuild(conn, "readings", from_ms, i64::MAX)
 }
 
 /// At writer start: recomputes the rollups from the boundary a previous run left in
@@ -691,8 +695,15 @@ mod tests {
             .unwrap();
         let w = 133_334;
         let devices = [1i32, w - 1, w, 2 * w - 1, 2 * w, 400_000, 650_000];
+        let ranges = |rows, per_device| -> Vec<String> {
+            super::super::device_ranges(&conn, rows, per_device)
+                .unwrap()
+                .iter()
+                .map(ToString::to_string)
+                .collect()
+        };
         assert_eq!(
-            super::super::device_ranges(&conn, 28, 1).unwrap(),
+            ranges(28, 1),
             [
                 format!("AND device_id < {w}"),
                 format!("AND device_id BETWEEN {w} AND {}", 2 * w - 1),
@@ -700,8 +711,8 @@ mod tests {
             ]
         );
         // What fits stays one statement.
-        assert_eq!(super::super::device_ranges(&conn, 10, 1).unwrap(), [""]);
-        assert_eq!(super::super::device_ranges(&conn, 28, 0).unwrap(), [""]);
+        assert_eq!(ranges(10, 1), [""]);
+        assert_eq!(ranges(28, 0), [""]);
         let mut app = conn.appender("readings").unwrap();
         for (i, d) in devices.iter().enumerate() {
             for s in 0..=i as i64 {
@@ -764,6 +775,67 @@ mod tests {
             .unwrap();
         assert_eq!(groups, devices * 6 * 2);
         assert_eq!(readings, devices * 6 * 2 * per_slot);
+    }
+
+    /// A slice the estimate got wrong is halved until it fits: the same 240,000
+    /// groups at 16 MB, sliced as if one statement could hold them all.
+    #[test]
+    fn a_statement_out_of_memory_is_run_again_in_halves() {
+        let dir = tempfile::tempdir().unwrap();
+        let conn = schema_in(dir.path());
+        let t0 = 1_711_756_800_000i64;
+        let (devices, per_slot) = (20_000i64, 10i64);
+        conn.execute_batch(&format!(
+            "INSERT INTO devices SELECT d, 'd' || d FROM range({devices}) t(d);
+             INSERT INTO readings
+                 SELECT d::INTEGER, s::SMALLINT, {t0} + k * {step}, 0::SMALLINT, k
+                 FROM range(2 * {per_slot}) a(k), range({devices}) b(d), range(6) c(s);
+             CHECKPOINT;
+             SET threads = 2;
+             SET memory_limit = '16MB';",
+            step = SLOT_MS / per_slot
+        ))
+        .unwrap();
+        super::super::GROUPS_PER_STATEMENT.set(Some(u64::MAX));
+        // One statement: what the rebuild would run, and fails.
+        let whole = super::super::run_in_device_ranges(&conn, u64::MAX, 1, |_| {
+            Err(StoreError::Duckdb(duckdb::Error::DuckDBFailure(
+                duckdb::ffi::Error::new(1),
+                Some("Out of Memory Error: could not allocate".into()),
+            )))
+        });
+        assert!(
+            whole.unwrap_err().is_out_of_memory(),
+            "one id cannot be halved"
+        );
+        let one = conn.execute_batch(&format!(
+            "INSERT INTO rollups
+                 SELECT device_id, sensor_id, {SLOT_SQL}, count(*), min(value), max(value),
+                        sum(value), min(ts_ms * 1000 + ts_us),
+                        arg_min(value, ts_ms * 1000 + ts_us), max(ts_ms * 1000 + ts_us),
+                        arg_max(value, ts_ms * 1000 + ts_us)
+                 FROM readings GROUP BY ALL ORDER BY ALL"
+        ));
+        assert!(
+            StoreError::from(one.unwrap_err()).is_out_of_memory(),
+            "the case must not fit one statement"
+        );
+        rebuild_from(&conn, t0).unwrap();
+        let (groups, readings): (i64, i64) = conn
+            .query_row(
+                "SELECT count(*), sum(readings)::BIGINT FROM rollups",
+                [],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .unwrap();
+        assert_eq!(groups, devices * 6 * 2);
+        assert_eq!(readings, devices * 6 * 2 * per_slot);
+        // Inside a transaction a failed statement aborts it: no second try.
+        conn.execute_batch("DELETE FROM rollups; CHECKPOINT; BEGIN TRANSACTION")
+            .unwrap();
+        let e = rebuild(&conn, "readings", t0, i64::MAX).unwrap_err();
+        assert!(e.is_out_of_memory(), "{e}");
+        conn.execute_batch("ROLLBACK").unwrap();
     }
 
     #[tokio::test]

@@ -557,7 +557,7 @@ pub(super) fn recompute(conn: &Connection) -> Result<(), StoreError> {
     conn.execute_batch("DELETE FROM series; CHECKPOINT;")?;
     let rows: i64 = conn.query_row("SELECT count(*) FROM readings", [], |r| r.get(0))?;
     let per_device = super::sensor_count(conn)?;
-    for devices in super::device_ranges(conn, rows as u64, per_device)? {
+    super::run_in_device_ranges(conn, rows as u64, per_device, |devices| {
         conn.execute_batch(&format!(
             "INSERT INTO series
              SELECT device_id, sensor_id, count(*), make_timestamp(min(t)), make_timestamp(max(t)),
@@ -566,7 +566,8 @@ pub(super) fn recompute(conn: &Connection) -> Result<(), StoreError> {
                    WHERE true {devices})
              GROUP BY device_id, sensor_id;"
         ))?;
-    }
+        Ok(())
+    })?;
     Ok(())
 }
 

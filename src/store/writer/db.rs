@@ -297,6 +297,7 @@ impl Db {
                     duckdb::params![rollup::META_FROM, to.to_string()],
                 )
                 .map(drop)
+                .map_err(StoreError::from)
         });
         match sealed {
             Ok(()) => {
