@@ -984,6 +984,75 @@ async fn retention_keeps_every_endpoint_consistent(on_disk: bool) {
     assert_eq!(kept, want);
 }
 
+/// At a small DuckDB limit retention groups the retired series a range of devices
+/// at a time: 10,000 devices' day retired in several statements leaves every
+/// device's count and first reading exact, resident or on disk.
+#[tokio::test]
+async fn retention_in_several_device_ranges_keeps_every_device_exact() {
+    for on_disk in [false, true] {
+        let today = Utc::now().date_naive();
+        let (old, kept) = (today - Days::new(4), today - Days::new(1));
+        let configure = move |a: &mut milepost::config::ServeArgs| {
+            a.blob.blob_store_url = Some("memory:///".into());
+            a.retention_days = Some(2);
+            // ~47,000 groups a statement (see `store::device_ranges`): the retired
+            // day's 10,000 devices take two.
+            a.storage.memory_limit = "16MB".into();
+            if on_disk {
+                a.series_memory = 0;
+                a.series_idle = std::time::Duration::ZERO;
+            }
+        };
+        let app = TestApp::spawn_with(configure).await;
+        let devices = 10_000;
+        let mut body = String::new();
+        for d in 0..devices {
+            let name = format!("car-{d:04}");
+            body += &day_lines(&name, "speed", old, 10, d);
+            // Every seventh device keeps readings from a later day.
+            if d % 7 == 0 {
+                body += &day_lines(&name, "speed", kept, 3, d);
+            }
+        }
+        app.ingest(body).await;
+        if on_disk {
+            devices_on_disk(&app, f64::from(devices as u32)).await;
+        }
+        app.server().run_jobs_once().await;
+        let (_, metrics) = app.get_text("/metrics").await;
+        let left = (devices as usize).div_ceil(7) * 3;
+        assert!(
+            metrics.contains(&format!("milepost_stored_readings {left}\n")),
+            "{metrics}"
+        );
+        let (_, list) = app.get("/api/v1/devices").await;
+        let list = list["devices"].as_array().unwrap();
+        assert_eq!(list.len(), devices as usize);
+        for entry in list {
+            let name = entry["device"].as_str().unwrap();
+            let d: i64 = name["car-".len()..].parse().unwrap();
+            if d % 7 == 0 {
+                let first = chrono::DateTime::from_timestamp(
+                    kept.and_hms_opt(0, 0, 0).unwrap().and_utc().timestamp() + d,
+                    0,
+                )
+                .unwrap()
+                .format("%Y-%m-%dT%H:%M:%SZ")
+                .to_string();
+                assert_eq!(entry["readings"], 3, "{entry}");
+                assert_eq!(entry["first"], first.as_str(), "{entry}");
+            } else {
+                assert_eq!(
+                    entry,
+                    &serde_json::json!({"device": name, "readings": 0, "first": null, "last": null}),
+                    "on disk: {on_disk}"
+                );
+            }
+        }
+        app.stop().await;
+    }
+}
+
 #[tokio::test]
 async fn a_bad_blob_store_fails_at_start_with_the_reason() {
     for (url, endpoint, want) in [
