@@ -477,6 +477,14 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<FleetReport> {
     let base = Timestamp::now().as_micros() / 1_000_000 - 600;
     let mut phases = Vec::new();
 
+    // A reused --work-dir holds an earlier run's servers, whose readings ran ahead
+    // of the clock: this run's warm-up would get duplicates. Each run starts empty.
+    for old in ["fleet", "big-http", "victoria-metrics"] {
+        let old = work.join(old);
+        if old.exists() {
+            std::fs::remove_dir_all(&old).with_context(|| format!("clearing {}", old.display()))?;
+        }
+    }
     let dir = work.join("fleet");
     let server = BenchServer::start(&dir, &args.memory_limit)?;
     let milepost = Target {
