@@ -260,7 +260,12 @@ fn close(conn: &Connection, shared: &Shared) -> Result<(), StoreError> {
     let _span = tracing::info_span!("checkpoint").entered();
     in_transaction(conn, || {
         shared.write_resident_series(conn)?;
-        conn.execute_batch("INSERT OR REPLACE INTO meta VALUES ('series_snapshot', 'valid')")?;
+        // Valid unless something marked it for a recompute (`series::distrust`).
+        conn.execute_batch(
+            "INSERT OR REPLACE INTO meta SELECT 'series_snapshot', 'valid'
+             WHERE NOT EXISTS (SELECT 1 FROM meta
+                               WHERE key = 'series_snapshot' AND value = 'recompute')",
+        )?;
         Ok::<_, StoreError>(())
     })?;
     conn.execute_batch("CHECKPOINT")?;

@@ -127,13 +127,19 @@ pub(super) fn retire(
         // 4. What resident devices lose, applied in memory after the commit; and
         //    what devices on disk lose in all.
         let (resident, on_disk) = retired_series(conn, shared, &devices)?;
-        Ok::<_, StoreError>((resident, on_disk.map(|n| (n, devices))))
+        tracing::debug!(
+            resident = resident.len(),
+            on_disk,
+            "read the retired series"
+        );
+        Ok::<_, StoreError>((resident, on_disk))
     })?;
     if !resident.is_empty() {
         refresh_resident(shared, &resident);
     }
-    if let Some((readings, devices)) = on_disk {
-        let newest = refresh_on_disk(conn, &devices)?;
+    if let Some(readings) = on_disk {
+        let newest = refresh_on_disk(conn, done.readings)?;
+        tracing::debug!("updated the series on disk");
         shared.disk_series_changed(readings, newest);
     }
     conn.execute_batch(
@@ -197,11 +203,17 @@ fn retired_series(
 /// crash in between loses nothing; readers may see devices on disk with their old
 /// counts for the seconds this takes. Rows of resident devices are stale copies,
 /// rewritten before they are read again; changing them too is harmless.
-fn refresh_on_disk(
-    conn: &Connection,
-    devices: &[super::DeviceRange],
-) -> Result<Option<Timestamp>, StoreError> {
-    for d in devices {
+///
+/// The readings are already gone when this runs, so it must not simply fail: a
+/// range that runs out of memory is run again in halves, and if the update still
+/// fails the table is recomputed from the readings (a failed range's transaction
+/// changed nothing, but earlier ranges' did). At a 16 MB limit one update of 5,000
+/// devices' rows ran out of memory about one time in six, leaving every device on
+/// disk with the retired readings still counted, for good: a clean shutdown then
+/// marked the table valid.
+fn refresh_on_disk(conn: &Connection, retired: u64) -> Result<Option<Timestamp>, StoreError> {
+    let per_device = super::sensor_count(conn)?;
+    let updated = super::run_in_device_ranges(conn, retired, per_device, |d| {
         super::in_transaction(conn, || {
             conn.execute_batch(&format!(
                 "UPDATE series SET readings = series.readings - r.n,
@@ -214,6 +226,16 @@ fn refresh_on_disk(
                  DELETE FROM series WHERE readings <= 0 {d};"
             ))
         })?;
+        Ok(())
+    });
+    if let Err(e) = updated {
+        tracing::warn!(error = %e, "updating the series of devices on disk after a retention failed; recomputing them from the readings");
+        if let Err(e) = super::series::recompute_in_place(conn) {
+            // Left as it is, the table would be trusted at the next start: have it
+            // recomputed then.
+            super::series::distrust(conn)?;
+            return Err(e);
+        }
     }
     Ok(super::series::table_totals(conn)?.2)
 }

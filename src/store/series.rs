@@ -558,16 +558,49 @@ pub(super) fn recompute(conn: &Connection) -> Result<(), StoreError> {
     let rows: i64 = conn.query_row("SELECT count(*) FROM readings", [], |r| r.get(0))?;
     let per_device = super::sensor_count(conn)?;
     super::run_in_device_ranges(conn, rows as u64, per_device, |devices| {
-        conn.execute_batch(&format!(
-            "INSERT INTO series
-             SELECT device_id, sensor_id, count(*), make_timestamp(min(t)), make_timestamp(max(t)),
-                    arg_max(value, t)
-             FROM (SELECT device_id, sensor_id, ts_ms * 1000 + ts_us AS t, value FROM readings
-                   WHERE true {devices})
-             GROUP BY device_id, sensor_id;"
-        ))?;
+        conn.execute_batch(&insert_computed(devices))?;
         Ok(())
     })?;
+    Ok(())
+}
+
+/// [`recompute`] for a running server: each range of devices' rows replaced in one
+/// transaction, so readers never find a device without its row, and no
+/// `CHECKPOINT` (it fails while readers hold transactions).
+pub(super) fn recompute_in_place(conn: &Connection) -> Result<(), StoreError> {
+    let rows: i64 = conn.query_row("SELECT count(*) FROM readings", [], |r| r.get(0))?;
+    let per_device = super::sensor_count(conn)?;
+    super::run_in_device_ranges(conn, rows as u64, per_device, |devices| {
+        super::in_transaction(conn, || {
+            conn.execute_batch(&format!(
+                "DELETE FROM series WHERE true {devices}; {}",
+                insert_computed(devices)
+            ))
+        })?;
+        Ok(())
+    })?;
+    Ok(())
+}
+
+/// The statement that inserts the series rows of `devices` computed from `readings`.
+fn insert_computed(devices: &super::DeviceRange) -> String {
+    format!(
+        "INSERT INTO series
+         SELECT device_id, sensor_id, count(*), make_timestamp(min(t)), make_timestamp(max(t)),
+                arg_max(value, t)
+         FROM (SELECT device_id, sensor_id, ts_ms * 1000 + ts_us AS t, value FROM readings
+               WHERE true {devices})
+         GROUP BY device_id, sensor_id;"
+    )
+}
+
+/// Marks the table as not to be trusted at the next start, even after a clean
+/// shutdown (see `store::close`): it is recomputed from the readings then.
+pub(super) fn distrust(conn: &Connection) -> Result<(), StoreError> {
+    tracing::error!(
+        "the series table no longer matches the readings; it is recomputed at the next start"
+    );
+    conn.execute_batch("INSERT OR REPLACE INTO meta VALUES ('series_snapshot', 'recompute')")?;
     Ok(())
 }
 
@@ -673,5 +706,54 @@ mod tests {
         active[28] = 20;
         let want: Vec<u32> = (15..30).collect();
         assert_eq!(picked(&map_with(&active)), want);
+    }
+
+    /// A table that no longer matches the readings (a retention's update of devices
+    /// on disk failed half-way) is recomputed at the next start even after a clean
+    /// shutdown, which would otherwise mark it valid; recomputed in place, it
+    /// matches the readings again.
+    #[test]
+    fn a_distrusted_table_is_recomputed_at_the_next_start() {
+        let dir = tempfile::tempdir().unwrap();
+        let counts = |conn: &Connection| -> Vec<(i32, i64)> {
+            let mut stmt = conn
+                .prepare(
+                    "SELECT device_id, sum(readings)::BIGINT FROM series GROUP BY 1 ORDER BY 1",
+                )
+                .unwrap();
+            stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
+                .unwrap()
+                .collect::<Result<_, _>>()
+                .unwrap()
+        };
+        let want = vec![(1, 3), (2, 6), (3, 9)];
+        let broken = vec![(1, 8), (2, 11), (3, 14)];
+        for distrusted in [false, true] {
+            let store = crate::store::open_for_tests(dir.path());
+            store
+                .conn
+                .execute_batch(
+                    "DELETE FROM readings; DELETE FROM series;
+                     INSERT OR IGNORE INTO devices VALUES (1, 'a'), (2, 'b'), (3, 'c');
+                     INSERT INTO readings SELECT d::INTEGER, 1::SMALLINT,
+                         1711756800000 + k * 1000, 0::SMALLINT, k::DOUBLE
+                     FROM range(1, 4) a(d), range(0, 12) b(k) WHERE k < 3 * d;",
+                )
+                .unwrap();
+            recompute_in_place(&store.conn).unwrap();
+            assert_eq!(counts(&store.conn), want);
+            store
+                .conn
+                .execute_batch("UPDATE series SET readings = readings + 5")
+                .unwrap();
+            if distrusted {
+                distrust(&store.conn).unwrap();
+            }
+            store.close().unwrap();
+            let store = crate::store::open_for_tests(dir.path());
+            let expected = if distrusted { &want } else { &broken };
+            assert_eq!(&counts(&store.conn), expected, "distrusted: {distrusted}");
+            drop(store);
+        }
     }
 }
