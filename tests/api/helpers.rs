@@ -28,6 +28,12 @@ impl TestApp {
     }
 
     pub async fn spawn_in(dir: TempDir, configure: impl FnOnce(&mut ServeArgs)) -> Self {
+        if std::env::var_os("MILEPOST_TEST_LOG").is_some() {
+            let _ = tracing_subscriber::fmt()
+                .with_env_filter(tracing_subscriber::EnvFilter::from_env("MILEPOST_TEST_LOG"))
+                .with_test_writer()
+                .try_init();
+        }
         let mut args = ServeArgs::for_tests(dir.path().to_owned());
         args.api_keys = vec![KEY.into(), format!("{TRUCK_KEY}@truck")];
         configure(&mut args);

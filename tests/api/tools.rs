@@ -160,16 +160,23 @@ fn apt_install(package: &str) -> bool {
     if !nix::unistd::geteuid().is_root() {
         return false;
     }
+    // Tests run in parallel, and dpkg allows one install at a time: on a bare
+    // machine the console tests' Chromium and Spark's Java were installed at once
+    // and one apt-get failed on the lock. One at a time here, and apt waits for a
+    // lock another process holds.
+    static APT: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _one = APT.lock().unwrap_or_else(|e| e.into_inner());
     let install = || {
         Command::new("apt-get")
-            .args(["install", "-y", "--no-install-recommends", package])
+            .args(["-o", "DPkg::Lock::Timeout=600", "install", "-y"])
+            .args(["--no-install-recommends", package])
             .env("DEBIAN_FRONTEND", "noninteractive")
             .output()
             .is_ok_and(|o| o.status.success())
     };
     install()
         || (Command::new("apt-get")
-            .arg("update")
+            .args(["-o", "DPkg::Lock::Timeout=600", "update"])
             .output()
             .is_ok_and(|o| o.status.success())
             && install())
