@@ -32,5 +32,8 @@ async fn committed_spec_matches_the_served_one() {
     }
     let r = app.client.get(app.url("/docs")).send().await.unwrap();
     assert_eq!(r.status(), StatusCode::OK);
-    assert!(r.text().await.unwrap().contains("swagger"));
+    let page = r.text().await.unwrap();
+    assert!(page.contains("swagger"));
+    // The spec is inlined in the page (it is built per view, from the same spec).
+    assert!(page.contains("/api/statistics/sensor/{sensor}/date/{date}"));
 }
