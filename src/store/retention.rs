@@ -52,6 +52,7 @@ pub(super) fn retire(
     if days.is_empty() {
         return Ok(done);
     }
+    let per_device = super::sensor_count(conn)?;
     let (resident, on_disk) = super::in_transaction(conn, || {
         let mut ranges = Vec::new();
         for (&day, &expected) in days {
@@ -85,7 +86,7 @@ pub(super) fn retire(
              CREATE OR REPLACE TEMP TABLE retired_firsts
                  (device_id INTEGER, sensor_id SMALLINT, first_us BIGINT);",
         )?;
-        let devices = super::device_ranges(conn, done.readings, super::sensor_count(conn)?)?;
+        let devices = super::device_ranges(conn, done.readings, per_device)?;
         for d in &devices {
             conn.execute_batch(&format!(
                 "INSERT INTO retired_counts
@@ -138,7 +139,7 @@ pub(super) fn retire(
         refresh_resident(shared, &resident);
     }
     if let Some(readings) = on_disk {
-        let newest = refresh_on_disk(conn, done.readings)?;
+        let newest = refresh_on_disk(conn, done.readings, per_device)?;
         tracing::debug!("updated the series on disk");
         shared.disk_series_changed(readings, newest);
     }
@@ -211,8 +212,11 @@ fn retired_series(
 /// devices' rows ran out of memory about one time in six, leaving every device on
 /// disk with the retired readings still counted, for good: a clean shutdown then
 /// marked the table valid.
-fn refresh_on_disk(conn: &Connection, retired: u64) -> Result<Option<Timestamp>, StoreError> {
-    let per_device = super::sensor_count(conn)?;
+fn refresh_on_disk(
+    conn: &Connection,
+    retired: u64,
+    per_device: u64,
+) -> Result<Option<Timestamp>, StoreError> {
     let updated = super::run_in_device_ranges(conn, retired, per_device, |d| {
         super::in_transaction(conn, || {
             conn.execute_batch(&format!(

@@ -258,20 +258,25 @@ pub(super) fn rebuild(
     let slots = ((newest - from_ms) / SLOT_MS + 1) as u64;
     let per_device = super::sensor_count(conn)?.saturating_mul(slots);
     let statements = super::run_in_device_ranges(conn, rows as u64, per_device, |devices| {
-        conn.execute_batch(&format!(
-            "INSERT INTO rollups
-                 SELECT device_id, sensor_id, {SLOT_SQL} AS slot_ms, count(*),
-                        min(value), max(value), sum(value),
-                        min(ts_ms * 1000 + ts_us), arg_min(value, ts_ms * 1000 + ts_us),
-                        max(ts_ms * 1000 + ts_us), arg_max(value, ts_ms * 1000 + ts_us)
-                 FROM {source} WHERE ts_ms >= {from_ms} AND ts_ms < {to_ms} {devices}
-                 GROUP BY device_id, sensor_id, slot_ms
-                 ORDER BY device_id, sensor_id, slot_ms;"
-        ))?;
+        conn.execute_batch(&insert_rebuilt(source, from_ms, to_ms, devices))?;
         Ok(())
     })?;
     tracing::debug!(rows, statements, "rollups rebuilt");
     Ok(())
+}
+
+/// The statement [`rebuild`] runs for one range of devices.
+fn insert_rebuilt(source: &str, from_ms: i64, to_ms: i64, devices: &super::DeviceRange) -> String {
+    format!(
+        "INSERT INTO rollups
+             SELECT device_id, sensor_id, {SLOT_SQL} AS slot_ms, count(*),
+                    min(value), max(value), sum(value),
+                    min(ts_ms * 1000 + ts_us), arg_min(value, ts_ms * 1000 + ts_us),
+                    max(ts_ms * 1000 + ts_us), arg_max(value, ts_ms * 1000 + ts_us)
+             FROM {source} WHERE ts_ms >= {from_ms} AND ts_ms < {to_ms} {devices}
+             GROUP BY device_id, sensor_id, slot_ms
+             ORDER BY device_id, sensor_id, slot_ms;"
+    )
 }
 
 /// Rebuilds the rollups of every slot from `from_ms` on, outside any transaction:
@@ -747,13 +752,15 @@ mod tests {
     /// (At 100,000 devices and 64 MB, one statement ran out of memory and the server
     /// could not start again; this is that case scaled down to 16 MB, where one
     /// statement of its 240,000 groups runs out of memory too.)
-    #[test]
-    fn many_devices_are_rebuilt_within_a_small_memory_limit() {
-        let dir = tempfile::tempdir().unwrap();
-        let conn = schema_in(dir.path());
-        let t0 = 1_711_756_800_000i64;
-        let (devices, per_slot) = (20_000i64, 10i64);
-        // Arrival order: every device in every row group, as a fleet writes them.
+    /// Devices, readings per series and slot, and the first slot of [`fleet_at_16mb`].
+    const FLEET: (i64, i64, i64) = (20_000, 10, 1_711_756_800_000);
+
+    /// 20,000 devices × 6 sensors × 2 slots of 10 readings (240,000 groups) in
+    /// arrival order — every device in every row group, as a fleet writes them — at
+    /// a 16 MB limit, where one statement grouping them all runs out of memory.
+    fn fleet_at_16mb(dir: &std::path::Path) -> duckdb::Connection {
+        let conn = schema_in(dir);
+        let (devices, per_slot, t0) = FLEET;
         conn.execute_batch(&format!(
             "INSERT INTO devices SELECT d, 'd' || d FROM range({devices}) t(d);
              INSERT INTO readings
@@ -765,7 +772,12 @@ mod tests {
             step = SLOT_MS / per_slot
         ))
         .unwrap();
-        rebuild_from(&conn, t0).unwrap();
+        conn
+    }
+
+    /// Every series' two slots are in the rollups, with every reading.
+    fn assert_fleet_rolled_up(conn: &duckdb::Connection) {
+        let (devices, per_slot, _) = FLEET;
         let (groups, readings): (i64, i64) = conn
             .query_row(
                 "SELECT count(*), sum(readings)::BIGINT FROM rollups",
@@ -777,25 +789,21 @@ mod tests {
         assert_eq!(readings, devices * 6 * 2 * per_slot);
     }
 
+    #[test]
+    fn many_devices_are_rebuilt_within_a_small_memory_limit() {
+        let dir = tempfile::tempdir().unwrap();
+        let conn = fleet_at_16mb(dir.path());
+        rebuild_from(&conn, FLEET.2).unwrap();
+        assert_fleet_rolled_up(&conn);
+    }
+
     /// A slice the estimate got wrong is halved until it fits: the same 240,000
     /// groups at 16 MB, sliced as if one statement could hold them all.
     #[test]
     fn a_statement_out_of_memory_is_run_again_in_halves() {
         let dir = tempfile::tempdir().unwrap();
-        let conn = schema_in(dir.path());
-        let t0 = 1_711_756_800_000i64;
-        let (devices, per_slot) = (20_000i64, 10i64);
-        conn.execute_batch(&format!(
-            "INSERT INTO devices SELECT d, 'd' || d FROM range({devices}) t(d);
-             INSERT INTO readings
-                 SELECT d::INTEGER, s::SMALLINT, {t0} + k * {step}, 0::SMALLINT, k
-                 FROM range(2 * {per_slot}) a(k), range({devices}) b(d), range(6) c(s);
-             CHECKPOINT;
-             SET threads = 2;
-             SET memory_limit = '16MB';",
-            step = SLOT_MS / per_slot
-        ))
-        .unwrap();
+        let conn = fleet_at_16mb(dir.path());
+        let t0 = FLEET.2;
         super::super::GROUPS_PER_STATEMENT.set(Some(u64::MAX));
         // One statement: what the rebuild would run, and fails.
         let whole = super::super::run_in_device_ranges(&conn, u64::MAX, 1, |_| {
@@ -808,28 +816,14 @@ mod tests {
             whole.unwrap_err().is_out_of_memory(),
             "one id cannot be halved"
         );
-        let one = conn.execute_batch(&format!(
-            "INSERT INTO rollups
-                 SELECT device_id, sensor_id, {SLOT_SQL}, count(*), min(value), max(value),
-                        sum(value), min(ts_ms * 1000 + ts_us),
-                        arg_min(value, ts_ms * 1000 + ts_us), max(ts_ms * 1000 + ts_us),
-                        arg_max(value, ts_ms * 1000 + ts_us)
-                 FROM readings GROUP BY ALL ORDER BY ALL"
-        ));
+        let all = super::super::device_ranges(&conn, 1, 1).unwrap();
+        let one = conn.execute_batch(&insert_rebuilt("readings", t0, i64::MAX, &all[0]));
         assert!(
             StoreError::from(one.unwrap_err()).is_out_of_memory(),
             "the case must not fit one statement"
         );
         rebuild_from(&conn, t0).unwrap();
-        let (groups, readings): (i64, i64) = conn
-            .query_row(
-                "SELECT count(*), sum(readings)::BIGINT FROM rollups",
-                [],
-                |r| Ok((r.get(0)?, r.get(1)?)),
-            )
-            .unwrap();
-        assert_eq!(groups, devices * 6 * 2);
-        assert_eq!(readings, devices * 6 * 2 * per_slot);
+        assert_fleet_rolled_up(&conn);
         // Inside a transaction a failed statement aborts it: no second try.
         conn.execute_batch("DELETE FROM rollups; CHECKPOINT; BEGIN TRANSACTION")
             .unwrap();

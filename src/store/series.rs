@@ -555,13 +555,7 @@ where
 /// crash in between leaves the snapshot marked not valid: the next start recomputes.
 pub(super) fn recompute(conn: &Connection) -> Result<(), StoreError> {
     conn.execute_batch("DELETE FROM series; CHECKPOINT;")?;
-    let rows: i64 = conn.query_row("SELECT count(*) FROM readings", [], |r| r.get(0))?;
-    let per_device = super::sensor_count(conn)?;
-    super::run_in_device_ranges(conn, rows as u64, per_device, |devices| {
-        conn.execute_batch(&insert_computed(devices))?;
-        Ok(())
-    })?;
-    Ok(())
+    recompute_in_place(conn)
 }
 
 /// [`recompute`] for a running server: each range of devices' rows replaced in one
@@ -573,25 +567,18 @@ pub(super) fn recompute_in_place(conn: &Connection) -> Result<(), StoreError> {
     super::run_in_device_ranges(conn, rows as u64, per_device, |devices| {
         super::in_transaction(conn, || {
             conn.execute_batch(&format!(
-                "DELETE FROM series WHERE true {devices}; {}",
-                insert_computed(devices)
+                "DELETE FROM series WHERE true {devices};
+                 INSERT INTO series
+                 SELECT device_id, sensor_id, count(*), make_timestamp(min(t)),
+                        make_timestamp(max(t)), arg_max(value, t)
+                 FROM (SELECT device_id, sensor_id, ts_ms * 1000 + ts_us AS t, value
+                       FROM readings WHERE true {devices})
+                 GROUP BY device_id, sensor_id;"
             ))
         })?;
         Ok(())
     })?;
     Ok(())
-}
-
-/// The statement that inserts the series rows of `devices` computed from `readings`.
-fn insert_computed(devices: &super::DeviceRange) -> String {
-    format!(
-        "INSERT INTO series
-         SELECT device_id, sensor_id, count(*), make_timestamp(min(t)), make_timestamp(max(t)),
-                arg_max(value, t)
-         FROM (SELECT device_id, sensor_id, ts_ms * 1000 + ts_us AS t, value FROM readings
-               WHERE true {devices})
-         GROUP BY device_id, sensor_id;"
-    )
 }
 
 /// Marks the table as not to be trusted at the next start, even after a clean
