@@ -11,16 +11,12 @@
 static ALLOC: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
 /// jemalloc's options, read at its start (`MALLOC_CONF` in the environment still
-/// overrides them). One arena for every thread, allocations over 256 KiB from the
-/// arena that returns them to the kernel when freed, and a background thread that
-/// returns other freed pages after a second (instead of ten): resident memory follows
-/// the live data rather than the last burst. Measured (2 cores, small-VM settings):
-/// 100,000 devices streaming 190–191 MiB at 43–45 k req/s, against 214–224 MiB at the
-/// same rate with jemalloc's defaults; a million new devices 266 MiB (defaults 309,
-/// glibc 284).
+/// overrides them): a background thread hands freed pages back to the kernel after a
+/// second instead of the default ten, so resident memory follows the live data
+/// rather than the last burst's high-water mark.
 #[unsafe(export_name = "malloc_conf")]
 static MALLOC_CONF: ConfPtr =
-    ConfPtr(c"narenas:1,oversize_threshold:262144,background_thread:true,dirty_decay_ms:1000,muzzy_decay_ms:0".as_ptr());
+    ConfPtr(c"background_thread:true,dirty_decay_ms:1000,muzzy_decay_ms:0".as_ptr());
 
 /// jemalloc's `const char *malloc_conf`: a pointer to a static string.
 #[repr(transparent)]
