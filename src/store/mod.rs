@@ -420,6 +420,12 @@ struct DeviceRange {
 }
 
 impl DeviceRange {
+    /// Every id below this is covered by this range or one before it (ranges run in
+    /// order of ids, the first open below): `hi`, or every id when open above.
+    fn done_below(&self) -> u64 {
+        if self.open_hi { u64::MAX } else { self.hi }
+    }
+
     /// Ids `[lo, hi)` count for the halving; the open ends stay open.
     fn width(&self) -> u64 {
         self.hi.saturating_sub(self.lo)
@@ -494,33 +500,68 @@ fn run_in_device_ranges(
     per_device: u64,
     mut statement: impl FnMut(&DeviceRange) -> Result<(), StoreError>,
 ) -> Result<usize, StoreError> {
-    let mut pending = device_ranges(conn, rows, per_device)?;
-    pending.reverse();
-    let (mut widest, mut ran) = (u64::MAX, 0);
-    while let Some(range) = pending.pop() {
-        if range.width() > widest
-            && let Some((left, right)) = range.halves()
-        {
-            pending.extend([right, left]);
-            continue;
-        }
-        match statement(&range) {
-            Ok(()) => ran += 1,
-            Err(e) if e.is_out_of_memory() && !transaction_open(conn) => {
-                let Some((left, right)) = range.halves() else {
-                    return Err(e);
-                };
-                tracing::info!(
-                    range = %range, error = %e,
-                    "a statement ran out of DuckDB's memory; running it in halves"
-                );
-                widest = left.width();
-                pending.extend([right, left]);
-            }
-            Err(e) => return Err(e),
-        }
+    let mut steps = RangeSteps::new(conn, rows, per_device)?;
+    while steps.step(conn, &mut statement)?.is_some() {}
+    Ok(steps.ran)
+}
+
+/// [`run_in_device_ranges`] one range at a time, for a caller that does other work
+/// between ranges (the quarter hour's rollups, see `writer::db`).
+struct RangeSteps {
+    /// Ranges still to run, the next one last.
+    pending: Vec<DeviceRange>,
+    /// The widest range run since a halving.
+    widest: u64,
+    /// Statements run.
+    ran: usize,
+}
+
+impl RangeSteps {
+    fn new(conn: &Connection, rows: u64, per_device: u64) -> Result<Self, StoreError> {
+        let mut pending = device_ranges(conn, rows, per_device)?;
+        pending.reverse();
+        Ok(Self {
+            pending,
+            widest: u64::MAX,
+            ran: 0,
+        })
     }
-    Ok(ran)
+
+    /// Runs the statement of the next range (halving it as [`run_in_device_ranges`]
+    /// says) and returns that range, or `None` when every range has run.
+    fn step(
+        &mut self,
+        conn: &Connection,
+        mut statement: impl FnMut(&DeviceRange) -> Result<(), StoreError>,
+    ) -> Result<Option<DeviceRange>, StoreError> {
+        while let Some(range) = self.pending.pop() {
+            if range.width() > self.widest
+                && let Some((left, right)) = range.halves()
+            {
+                self.pending.extend([right, left]);
+                continue;
+            }
+            match statement(&range) {
+                Ok(()) => {
+                    self.ran += 1;
+                    return Ok(Some(range));
+                }
+                Err(e) if e.is_out_of_memory() && !transaction_open(conn) => {
+                    let Some((left, right)) = range.halves() else {
+                        return Err(e);
+                    };
+                    tracing::info!(
+                        range = %range, error = %e,
+                        "a statement ran out of DuckDB's memory; running it in halves"
+                    );
+                    self.widest = left.width();
+                    self.pending.extend([right, left]);
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(None)
+    }
 }
 
 /// Whether a transaction is open on `conn` (perhaps aborted by a failed statement).

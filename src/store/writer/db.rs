@@ -38,6 +38,9 @@ pub(super) struct Db {
     live_from: i64,
     /// No sealing of ended slots before this (after a failed one).
     seal_after: Instant,
+    /// The rollups of ended live slots being computed, a range of devices per
+    /// append (see [`Self::after_append`]).
+    sealing: Option<rollup::Rebuild>,
     clock: Clock,
 }
 
@@ -48,6 +51,9 @@ pub(super) struct SlotMove {
     /// The first live slot moves here: the slots from `from` to it have ended, and
     /// their rollups are computed from their readings.
     advance: Option<i64>,
+    /// While they are: the end of those slots and the devices (ids below) whose
+    /// rollups there are computed already, so appends write partials for them.
+    rebuilt: Option<(i64, u64)>,
 }
 
 /// Rollup rows appended since the last consolidation, and the slots they touched.
@@ -109,6 +115,7 @@ impl Db {
             },
             live_from: from,
             seal_after: Instant::now(),
+            sealing: None,
             clock,
         })
     }
@@ -227,6 +234,7 @@ impl Db {
 
     /// Compacts the next finished day due (see [`crate::store::compact`]).
     pub(super) fn compact(&mut self) -> Result<Compaction, StoreError> {
+        self.finish_seal();
         let today = chrono::Utc::now().date_naive();
         // A live slot it recomputes (the quarter hour before midnight) is computed
         // again when it ends: `rollup::rebuild` replaces, it never adds.
@@ -244,7 +252,8 @@ impl Db {
         let now_from = live_from(self.clock.now_ms());
         SlotMove {
             from: self.live_from,
-            advance: (now_from > self.live_from).then_some(now_from),
+            advance: (now_from > self.live_from && self.sealing.is_none()).then_some(now_from),
+            rebuilt: self.sealing.as_ref().map(|r| (r.to_ms(), r.done_below())),
         }
     }
 
@@ -263,58 +272,92 @@ impl Db {
             }
         }
         let mut partials = ingest_log::append_readings(&self.conn, fresh, series)?;
-        partials.drop_from(slots.from);
+        partials.drop_live(slots.from, slots.rebuilt);
         partials.append(&self.conn)?;
         Ok(partials)
     }
 
     /// After the commit of [`Self::append_fresh`]: the live slots that have ended get
-    /// their rollups, and the boundary moves on.
+    /// their rollups, a range of devices per call, and the boundary moves on when
+    /// every range is done.
     fn after_append(&mut self, slots: SlotMove, partials: Partials) {
-        if let Some(to) = slots.advance.filter(|_| Instant::now() >= self.seal_after) {
-            self.seal_ended(slots.from, to);
+        if self.sealing.is_some() {
+            self.seal_step();
+        } else if let Some(to) = slots.advance.filter(|_| Instant::now() >= self.seal_after) {
+            self.seal_start(slots.from, to);
         }
         self.rollups.add(&partials);
         self.merge_rollups();
     }
 
-    /// Computes the rollups of the ended live slots `[from, to)` from their readings,
-    /// then moves the boundary to `to`. Not in the append's transaction but after it,
-    /// a range of devices per statement, each committed on its own (readers do not
-    /// read rollups at or after the boundary, and nothing is appended meanwhile: the
-    /// caller holds the write connection): inside it, 100,000 devices streaming at a
-    /// 64 MB limit ran out of memory at the quarter hour, and so did every commit
-    /// after — ingest answered 500. On failure the boundary stays, the live slots
-    /// keep answering, and a commit 10 s later tries again; a crash in between leaves the
-    /// boundary in `meta`, from which the next start recomputes.
-    fn seal_ended(&mut self, from: i64, to: i64) {
+    /// Starts computing the rollups of the ended live slots `[from, to)` from their
+    /// readings (deletes what they hold, plans the device ranges); each later append
+    /// runs one range ([`Self::seal_step`]), so the ingest log keeps moving into
+    /// DuckDB meanwhile. Not in the append's transaction but after it, each
+    /// statement committed on its own (readers do not read rollups at or after the
+    /// boundary): inside it, 100,000 devices streaming at a 64 MB limit ran out of
+    /// memory at the quarter hour, and so did every commit after — ingest answered
+    /// 500. On failure the boundary stays, the live slots keep answering, and a
+    /// commit 10 s later starts again; a crash in between leaves the boundary in
+    /// `meta`, from which the next start recomputes.
+    fn seal_start(&mut self, from: i64, to: i64) {
         let _span = tracing::debug_span!("rollup_seal", from, to).entered();
+        match rollup::Rebuild::start(&self.conn, "readings", from, to) {
+            Ok(rebuild) => self.sealing = Some(rebuild),
+            Err(e) => self.seal_failed(&e),
+        }
+    }
+
+    /// Computes one more range of the ended slots' rollups; after the last, moves
+    /// the boundary.
+    fn seal_step(&mut self) {
+        let Some(rebuild) = &mut self.sealing else {
+            return;
+        };
+        let to = rebuild.to_ms();
+        let _span = tracing::debug_span!("rollup_seal_step", to).entered();
         let started = Instant::now();
-        let sealed = rollup::rebuild(&self.conn, "readings", from, to).and_then(|()| {
-            self.conn
-                .execute(
+        let done = rebuild.step(&self.conn).and_then(|done| {
+            if done {
+                self.conn.execute(
                     "INSERT OR REPLACE INTO meta VALUES (?, ?)",
                     duckdb::params![rollup::META_FROM, to.to_string()],
-                )
-                .map(drop)
-                .map_err(StoreError::from)
+                )?;
+            }
+            Ok(done)
         });
-        match sealed {
-            Ok(()) => {
-                tracing::debug!(
-                    elapsed_ms = started.elapsed().as_secs_f64() * 1e3,
-                    "computed the rollups of ended live slots"
-                );
+        tracing::debug!(
+            elapsed_ms = started.elapsed().as_secs_f64() * 1e3,
+            "computed rollups of ended live slots for a range of devices"
+        );
+        match done {
+            Ok(false) => {}
+            Ok(true) => {
+                self.sealing = None;
                 self.live_from = to;
                 self.shared.set_rollups_from(to);
             }
             Err(e) => {
-                tracing::warn!(
-                    error = %e,
-                    "computing the rollups of ended quarter hours failed; retried in 10 s"
-                );
-                self.seal_after = Instant::now() + std::time::Duration::from_secs(10);
+                self.sealing = None;
+                self.seal_failed(&e);
             }
+        }
+    }
+
+    fn seal_failed(&mut self, e: &StoreError) {
+        tracing::warn!(
+            error = %e,
+            "computing the rollups of ended quarter hours failed; retried in 10 s"
+        );
+        self.seal_after = Instant::now() + std::time::Duration::from_secs(10);
+    }
+
+    /// Finishes computing the ended slots' rollups before an operation that writes
+    /// rollups itself (compaction, retention, deleting a device): one that ran
+    /// between two ranges could be counted twice.
+    fn finish_seal(&mut self) {
+        while self.sealing.is_some() {
+            self.seal_step();
         }
     }
 
@@ -365,6 +408,7 @@ impl Db {
         &mut self,
         days: &BTreeMap<NaiveDate, u64>,
     ) -> Result<Retired, StoreError> {
+        self.finish_seal();
         let done = retention::retire(&self.conn, &self.shared, days, self.live_from)?;
         if !done.days.is_empty() {
             self.recent.clear();
@@ -376,6 +420,7 @@ impl Db {
     /// Deletes a device's rows (see [`crate::store::forget`]) and what this side of
     /// the writer holds of it.
     pub(super) fn delete_device(&mut self, device: DeviceId) -> Result<DeletedDevice, StoreError> {
+        self.finish_seal();
         let done = forget::delete_device(&self.conn, device)?;
         self.recent.clear();
         self.due.invalidate();
@@ -385,7 +430,9 @@ impl Db {
     pub(super) fn checkpoint(&mut self) -> Result<(), StoreError> {
         // Leaves a file whose rollups are whole, for offline tools and for the next
         // start, which then need not recompute the live slots from `readings`. If
-        // this fails the boundary stays and the next start recomputes them.
+        // this fails the boundary stays and the next start recomputes them. A seal
+        // in progress is part of what this recomputes.
+        self.sealing = None;
         let whole = self.seal_live().and_then(|()| {
             self.conn.execute(
                 "DELETE FROM meta WHERE key = ?",
