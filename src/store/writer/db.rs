@@ -277,13 +277,11 @@ impl Db {
         Ok(partials)
     }
 
-    /// After the commit of [`Self::append_fresh`]: the live slots that have ended get
-    /// their rollups, a range of devices per call, and the boundary moves on when
-    /// every range is done.
+    /// After the commit of [`Self::append_fresh`]: the live slots that have ended
+    /// start getting their rollups (the flusher computes them, see
+    /// [`Self::seal_step`]).
     fn after_append(&mut self, slots: SlotMove, partials: Partials) {
-        if self.sealing.is_some() {
-            self.seal_step();
-        } else if let Some(to) = slots.advance.filter(|_| Instant::now() >= self.seal_after) {
+        if let Some(to) = slots.advance.filter(|_| Instant::now() >= self.seal_after) {
             self.seal_start(slots.from, to);
         }
         self.rollups.add(&partials);
@@ -291,9 +289,9 @@ impl Db {
     }
 
     /// Starts computing the rollups of the ended live slots `[from, to)` from their
-    /// readings (deletes what they hold, plans the device ranges); each later append
-    /// runs one range ([`Self::seal_step`]), so the ingest log keeps moving into
-    /// DuckDB meanwhile. Not in the append's transaction but after it, each
+    /// readings (deletes what they hold, plans the device ranges); the flusher runs
+    /// one range at a time ([`Self::seal_step`]) and applies the ingest log in
+    /// between, so it keeps moving into DuckDB meanwhile. Not in the append's transaction but after it, each
     /// statement committed on its own (readers do not read rollups at or after the
     /// boundary): inside it, 100,000 devices streaming at a 64 MB limit ran out of
     /// memory at the quarter hour, and so did every commit after — ingest answered
@@ -308,9 +306,14 @@ impl Db {
         }
     }
 
-    /// Computes one more range of the ended slots' rollups; after the last, moves
-    /// the boundary.
-    fn seal_step(&mut self) {
+    /// Whether the ended slots' rollups are being computed.
+    pub(super) fn sealing(&self) -> bool {
+        self.sealing.is_some()
+    }
+
+    /// Computes one more range of the ended slots' rollups, if they are being
+    /// computed; after the last, moves the boundary.
+    pub(super) fn seal_step(&mut self) {
         let Some(rebuild) = &mut self.sealing else {
             return;
         };

@@ -138,21 +138,31 @@ pub(super) fn flush_queued(db: &mut Db, queue: &Queue) -> Result<(), StoreError>
 /// The flusher thread: moves sealed segments into DuckDB while the front goes on
 /// acknowledging new ones (a DuckDB transaction of 30 k readings takes 20–40 ms here;
 /// done on the front, every request behind it waited that long).
+///
+/// When a quarter hour has ended, it also computes its rollups a range of devices at a
+/// time, applying everything queued between two ranges and releasing the database
+/// between them: in one go (148 M readings, 21 ranges at 64 MB: ~10 s), the log's
+/// unapplied readings grew to a million and the server's memory by 90 MiB.
 pub(super) fn flusher(db: Arc<Mutex<Db>>, queue: Arc<Queue>) {
     let mut failures = Persisting::default();
+    let mut sealing = false;
     loop {
         {
             let mut q = queue.lock();
-            while q.parts.is_empty() && !q.stop {
+            while q.parts.is_empty() && !q.stop && !sealing {
                 q = queue.changed.wait(q).unwrap_or_else(|p| p.into_inner());
             }
-            if q.parts.is_empty() {
+            if q.parts.is_empty() && q.stop {
                 return;
             }
         }
         let mut db = db.lock().unwrap_or_else(|p| p.into_inner());
         match flush_queued(&mut db, &queue) {
-            Ok(()) => failures.succeeded("moving the ingest log into the database"),
+            Ok(()) => {
+                failures.succeeded("moving the ingest log into the database");
+                db.seal_step();
+                sealing = db.sealing();
+            }
             Err(e) => {
                 drop(db);
                 failures.failed(
