@@ -333,7 +333,7 @@ pub(super) fn replay(conn: &Connection, data_dir: &Path) -> Result<IngestLog, St
             insert_devices(conn, &devices)?;
             let mut partials = append_readings(conn, rows, &series.keys)?;
             if let Some(from) = live_from {
-                partials.drop_from(from);
+                partials.drop_live(from, None);
             }
             partials.append(conn)?;
             set_through(conn, last)

@@ -134,14 +134,9 @@ impl Partials {
     }
 
     /// Drops the partials of slots from `slot_ms` on: live slots, whose rollups are
-    /// computed from their readings when they end.
-    pub(super) fn drop_from(&mut self, slot_ms: i64) {
-        self.rows.retain(|p| p.slot_ms < slot_ms);
-    }
-
-    /// Drops the partials of live slots (at or after `slot_ms`) except, while the
-    /// ended slots before `rebuilt.0` are being rebuilt, those of devices below
-    /// `rebuilt.1`, which are rebuilt already (see [`Rebuild`]).
+    /// computed from their readings when they end. While the ended slots before
+    /// `rebuilt.0` are being computed, those of devices below `rebuilt.1` are kept:
+    /// theirs are computed already (see [`Rebuild`]).
     pub(super) fn drop_live(&mut self, slot_ms: i64, rebuilt: Option<(i64, u64)>) {
         self.rows.retain(|p| {
             p.slot_ms < slot_ms

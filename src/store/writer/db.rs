@@ -38,8 +38,8 @@ pub(super) struct Db {
     live_from: i64,
     /// No sealing of ended slots before this (after a failed one).
     seal_after: Instant,
-    /// The rollups of ended live slots being computed, a range of devices per
-    /// append (see [`Self::after_append`]).
+    /// The rollups of ended live slots being computed, a range of devices at a time
+    /// (see [`Self::seal_step`]).
     sealing: Option<rollup::Rebuild>,
     clock: Clock,
 }
@@ -291,9 +291,9 @@ impl Db {
     /// Starts computing the rollups of the ended live slots `[from, to)` from their
     /// readings (deletes what they hold, plans the device ranges); the flusher runs
     /// one range at a time ([`Self::seal_step`]) and applies the ingest log in
-    /// between, so it keeps moving into DuckDB meanwhile. Not in the append's transaction but after it, each
-    /// statement committed on its own (readers do not read rollups at or after the
-    /// boundary): inside it, 100,000 devices streaming at a 64 MB limit ran out of
+    /// between, so it keeps moving into DuckDB meanwhile. Not in the append's
+    /// transaction but after it, each statement committed on its own (readers do not
+    /// read rollups at or after the boundary): inside it, 100,000 devices streaming at a 64 MB limit ran out of
     /// memory at the quarter hour, and so did every commit after — ingest answered
     /// 500. On failure the boundary stays, the live slots keep answering, and a
     /// commit 10 s later starts again; a crash in between leaves the boundary in
