@@ -14,7 +14,8 @@
 //!                  store::Writer: the front thread takes whatever is queued as one
 //!                  group (bounded queue → 503) and acknowledges it once durable:
 //!                    groups of small requests whose readings memory decides new
-//!                    (live, re-sent, replayed) ──▶ store::ingest_log (one fdatasync)
+//!                    (live, re-sent, replayed) ──▶ store::ingest_log (written; the
+//!                              syncer thread's fdatasync acknowledges them)
 //!                              ──▶ the flusher thread moves segments into DuckDB
 //!                    everything else ───▶ DuckDB directly (Appender, exact dedupe
 //!                                          without an index, 15-minute rollups)
@@ -43,7 +44,7 @@
 //!   `DeviceGate` (the API's `api::admission`: `--max-devices`, new devices per key)
 //!   before storing readings of a device new to the request.
 //! - [`store`]: everything that speaks SQL to the database and owns the data
-//!   directory — migrations, the writer (front, flusher and their ingest log), the
+//!   directory — migrations, the writer (front, syncer, flusher and their ingest log), the
 //!   reader, rollups, compaction, retention, deleting a device (`store::forget`),
 //!   dumps' day files, alerts' tables, and
 //!   `store::diagnostics` (does the database open; the benchmark's native references)

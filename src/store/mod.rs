@@ -5,9 +5,10 @@
 //! only the ingest log holds (`ingest_log.rs`), and loads the small tables (sensors,
 //! devices, and the series statistics of the devices that sent last, within a budget;
 //! `series.rs`) into memory. From it come the [`Writer`] — a front thread that
-//! groups requests and acknowledges them through the ingest log or DuckDB, and a
-//! flusher thread that moves the log into DuckDB; the two share the write connection
-//! under one lock (`writer/mod.rs`) — and readers, the dump source and the alert
+//! groups requests and acknowledges them through the ingest log (a syncer thread's
+//! `fdatasync`) or DuckDB, and a flusher thread that moves the log into DuckDB; front
+//! and flusher share the write connection under one lock (`writer/mod.rs`) — and
+//! readers, the dump source and the alert
 //! store, each with connections of its own. Everything outside sees typed functions.
 //!
 //! Besides `readings`, the writer keeps 15-minute rollups per series in the same

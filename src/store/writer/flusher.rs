@@ -36,7 +36,7 @@ pub(super) struct Sealed {
     pub(super) owners: Vec<(DeviceId, u64)>,
     /// Sequence number of the segment's last record.
     pub(super) through: u64,
-    /// The segment file, deleted once DuckDB holds it; `None` when the part holds no
+    /// The segment file, reused or deleted once DuckDB holds it; `None` when the part holds no
     /// log record (only series rows).
     pub(super) segment: Option<PathBuf>,
     /// Idle devices' series statistics to write to the `series` table in the same
@@ -94,6 +94,8 @@ impl Pending {
 pub(super) struct Queue {
     pub(super) parts: Mutex<QueueState>,
     pub(super) changed: Condvar,
+    /// Where applied segment files go for reuse.
+    pub(super) spares: ingest_log::Spares,
 }
 
 #[derive(Default)]
@@ -126,10 +128,7 @@ pub(super) fn flush_queued(db: &mut Db, queue: &Queue) -> Result<(), StoreError>
             return Err(e);
         }
         if let Some(segment) = &part.segment {
-            // Harmless if it fails: start-up skips records DuckDB already holds.
-            if let Err(e) = std::fs::remove_file(segment) {
-                tracing::warn!(path = %segment.display(), error = %e, "cannot delete an applied ingest log segment");
-            }
+            queue.spares.recycle(segment);
         }
         db.shared.flushed(part.through);
     }

@@ -1,7 +1,8 @@
-//! The front thread: takes what is queued as one group, classifies it, appends small
-//! live groups to the ingest log (one `fdatasync`) and sends everything else to DuckDB
-//! itself, then answers every request of the group.
+//! The front thread: takes what is queued as one group, classifies it, writes small
+//! live groups to the ingest log (the syncer thread makes them durable and answers
+//! them) and sends everything else to DuckDB itself, answering those requests.
 
+use std::fs::File;
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -14,6 +15,7 @@ use super::classify::{KeyAcc, Plan, classify, device_ids, split_columns, tally};
 use super::db::Db;
 use super::flusher::{LOG_GROUP_ROWS, SEAL_AGE, SEAL_ROWS, flush_queued};
 use super::known::Known;
+use super::syncer::{Syncer, Written};
 use super::{Committed, Job, Msg, Pending, Persisting, Queue, Signals, WriteError};
 use crate::domain::{Device, DeviceId, SensorId};
 use crate::metrics::{Metrics, UNKNOWN_SENSOR};
@@ -58,6 +60,18 @@ pub(super) struct Front {
     pub(super) spilling: bool,
     /// When the front last looked for idle devices' statistics to write.
     pub(super) spill_looked: Instant,
+    /// Makes written log records durable and answers them.
+    pub(super) syncer: Arc<Syncer>,
+    /// The syncer's thread, joined at close.
+    pub(super) syncer_thread: Option<JoinHandle<()>>,
+}
+
+/// What became of a group the front committed.
+enum Outcome {
+    /// Durable (in DuckDB): answer now.
+    Durable(Vec<Committed>),
+    /// Written to the ingest log's `file`: answer once the syncer has synced it.
+    Written(Vec<Committed>, Arc<File>),
 }
 
 impl Front {
@@ -71,13 +85,22 @@ impl Front {
         tracing::debug!("committing group");
         let started = Instant::now();
         match self.commit(&jobs) {
-            Ok(results) => {
-                let elapsed = started.elapsed();
-                self.metrics.commit_seconds.observe(elapsed.as_secs_f64());
-                tracing::debug!(elapsed_ms = elapsed.as_secs_f64() * 1e3, "committed");
+            Ok(outcome) => {
                 self.commit_failures.succeeded("group commit");
-                for (job, r) in jobs.into_iter().zip(results) {
-                    let _ = job.reply.send(Ok(r));
+                match outcome {
+                    Outcome::Durable(results) => {
+                        let elapsed = started.elapsed();
+                        self.metrics.commit_seconds.observe(elapsed.as_secs_f64());
+                        tracing::debug!(elapsed_ms = elapsed.as_secs_f64() * 1e3, "committed");
+                        for (job, r) in jobs.into_iter().zip(results) {
+                            let _ = job.reply.send(Ok(r));
+                        }
+                    }
+                    Outcome::Written(results, file) => self.syncer.push(Written {
+                        file,
+                        replies: jobs.into_iter().map(|j| j.reply).zip(results).collect(),
+                        started,
+                    }),
                 }
             }
             Err(e) => {
@@ -95,7 +118,7 @@ impl Front {
         }
     }
 
-    fn commit(&mut self, jobs: &[Job]) -> Result<Vec<Committed>, StoreError> {
+    fn commit(&mut self, jobs: &[Job]) -> Result<Outcome, StoreError> {
         let devices = device_ids(&self.shared, self.next_device, jobs);
         self.restore_series(&devices.device_maps)?;
         let mut plan = classify(&self.shared, &self.known, devices, jobs);
@@ -109,20 +132,23 @@ impl Front {
         // DuckDB gets the readings in the order they were acknowledged.
         let (results, updated) = self.with_db(|db| db.commit_direct(jobs, &mut plan))?;
         self.publish(&mut plan, &updated);
-        Ok(results)
+        Ok(Outcome::Durable(results))
     }
 
-    /// A group of new readings only: into the ingest log, acknowledged once it is on
-    /// disk; the flusher moves it into DuckDB later.
-    fn commit_logged(
-        &mut self,
-        jobs: &[Job],
-        mut plan: Plan,
-    ) -> Result<Vec<Committed>, StoreError> {
+    /// A group of new readings only: written to the ingest log and answered once the
+    /// syncer has made it durable; the flusher moves it into DuckDB later.
+    ///
+    /// The front's own state (newest timestamps, known keys, live slots) counts the
+    /// group as stored right away, so the next group is classified against it: if its
+    /// `fdatasync` fails, its readings still go into DuckDB with the segment (see
+    /// [`super::syncer`]). Queries see its readings from now on, up to one
+    /// `fdatasync` (~0.2 ms) before they are acknowledged; a crash in between loses
+    /// readings that were shown and never acknowledged.
+    fn commit_logged(&mut self, jobs: &[Job], mut plan: Plan) -> Result<Outcome, StoreError> {
         let (fresh, _) = split_columns(jobs, &plan.device_maps, &plan.verdicts, &plan.row_keys, 0);
         let seq = {
-            let _span = tracing::debug_span!("log_append", rows = fresh.len()).entered();
-            self.log.append(&plan.new_devices, &fresh)?
+            let _span = tracing::debug_span!("log_write", rows = fresh.len()).entered();
+            self.log.write(&plan.new_devices, &fresh)?
         };
         let (results, updated) = tally(
             jobs,
@@ -137,7 +163,7 @@ impl Front {
         self.pending
             .add(fresh, &plan.new_devices, &plan.new_owners, seq);
         self.publish(&mut plan, &updated);
-        Ok(results)
+        Ok(Outcome::Written(results, self.log.file().clone()))
     }
 
     /// Brings back the series statistics of the group's devices (`device_maps`) that
@@ -277,6 +303,7 @@ impl Front {
             return;
         };
         let due = self.shared.flush_requested()
+            || self.syncer.failed()
             || self.pending.rows.len() >= SEAL_ROWS
             || since.elapsed() >= SEAL_AGE;
         if due {
@@ -292,11 +319,17 @@ impl Front {
     }
 
     /// Closes the current segment and queues its readings for the flusher.
+    ///
+    /// Only once everything written to it is synced (and answered): a later segment
+    /// must never hold records an earlier one lost, and DuckDB must get readings in
+    /// the order they were acknowledged.
     fn seal(&mut self) -> Result<(), StoreError> {
         if self.pending.since.is_none() && self.pending.spill.is_empty() {
             return Ok(());
         }
+        self.syncer.settle();
         let segment = self.log.rotate()?;
+        self.syncer.new_segment();
         self.queue.push(self.pending.take(segment));
         Ok(())
     }
@@ -318,7 +351,14 @@ impl Front {
 
     /// Everything queued and logged into DuckDB, the flusher stopped, a checkpoint.
     fn close(mut self, flusher: JoinHandle<()>) -> Result<(), StoreError> {
-        let done = self.with_db(|db| db.checkpoint());
+        let done = self
+            .with_db(|db| db.checkpoint())
+            .and_then(|()| self.log.trim());
+        // `with_db` sealed, so everything written was synced and answered.
+        self.syncer.stop();
+        if let Some(t) = self.syncer_thread.take() {
+            let _ = t.join();
+        }
         self.queue.lock().stop = true;
         self.queue.changed.notify_all();
         let _ = flusher.join();
