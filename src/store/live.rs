@@ -42,6 +42,18 @@ use super::StoreError;
 use super::rollup::{COMBINED, SLOT_MS, slot_of};
 use crate::domain::{Aggregate, DeviceId, SensorId};
 
+/// One slot of a series as memory holds it.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct HeldSlot {
+    /// The slot's start (ms).
+    pub(super) start_ms: i64,
+    /// Every acknowledged reading of the series in the slot.
+    pub(super) aggregate: Aggregate,
+    /// Times (µs) of its first and last reading.
+    pub(super) first_us: i64,
+    pub(super) last_us: i64,
+}
+
 /// Memory the live slots may take by default: with six sensors, a device streaming
 /// at 1 Hz holds two slots per sensor, ~0.9 KB, so ~70,000 such devices.
 pub const DEFAULT_BUDGET: usize = 64 << 20;
@@ -492,6 +504,7 @@ impl LiveSlots {
     /// the series (earlier ones must come from DuckDB), and the aggregates of its
     /// slots in `[lo_ms, hi_ms)` from there on, ascending (slots without readings
     /// left out).
+    #[cfg(test)]
     pub(super) fn slots(
         &self,
         device: DeviceId,
@@ -499,6 +512,25 @@ impl LiveSlots {
         lo_ms: i64,
         hi_ms: i64,
     ) -> (i64, Vec<(i64, Aggregate)>) {
+        let (from, held) = self.held(device, sensor, lo_ms, hi_ms);
+        (
+            from,
+            held.into_iter()
+                .map(|h| (h.start_ms, h.aggregate))
+                .collect(),
+        )
+    }
+
+    /// [`Self::slots`] with the time of each slot's first and last reading: a query
+    /// whose range starts or ends inside a slot may take the whole slot's aggregate
+    /// when its readings all lie inside the range.
+    pub(super) fn held(
+        &self,
+        device: DeviceId,
+        sensor: SensorId,
+        lo_ms: i64,
+        hi_ms: i64,
+    ) -> (i64, Vec<HeldSlot>) {
         let inner = self.read();
         let Some(d) = inner.devices.get(&device) else {
             let from = inner.from.max(inner.lost_through.saturating_add(SLOT_MS));
@@ -506,13 +538,18 @@ impl LiveSlots {
         };
         let from = inner.from.max(d.exact_from);
         let lo = lo_ms.max(from);
-        let mut held: Vec<(i64, Aggregate)> = d
+        let mut held: Vec<HeldSlot> = d
             .slots
             .iter()
             .filter(|s| s.sensor == sensor.0 && (lo..hi_ms).contains(&s.start_ms()))
-            .map(|s| (s.start_ms(), s.aggregate()))
+            .map(|s| HeldSlot {
+                start_ms: s.start_ms(),
+                aggregate: s.aggregate(),
+                first_us: s.start_ms() * 1000 + i64::from(s.first_off),
+                last_us: s.start_ms() * 1000 + i64::from(s.last_off),
+            })
             .collect();
-        held.sort_unstable_by_key(|h| h.0);
+        held.sort_unstable_by_key(|h| h.start_ms);
         (from, held)
     }
 

@@ -24,6 +24,7 @@ use duckdb::arrow::array::{Array, Float64Array, Int16Array, Int64Array};
 use duckdb::arrow::record_batch::RecordBatch;
 
 use super::ingest_log;
+use super::live::HeldSlot;
 use super::rollup::{self, SLOT_MS};
 use super::series;
 use super::{SeriesStats, Shared, StoreError};
@@ -612,20 +613,37 @@ impl Reader {
                 rollup::aggregate_rows(c, &sql, fold)
             };
         let aligned = grain_ms % SLOT_MS == 0 && origin_ms.rem_euclid(SLOT_MS) == 0;
+        let use_slots = rollups && aligned;
+        // The live slots memory holds over the range, the slots it starts and ends in
+        // included, in one snapshot (see `store::live`).
+        let (outer_from, outer_end) = outer_slots(range);
+        let (held_from, mut held) = if use_slots {
+            self.shared.live.held(device, sensor, outer_from, outer_end)
+        } else {
+            (outer_end, Vec::new())
+        };
+        // A range that starts or ends inside a live slot whose readings all lie in
+        // the range (a range from before the series began, or up to now) takes that
+        // whole slot from memory instead of scanning the fleet's newest readings for
+        // the part: with 2,000 devices streaming, a statistics request from the
+        // series' start took 22 ms at the median and 73 ms at p99 that way.
+        let range = if use_slots {
+            widen_into_held(range, covered, held_from, &held)
+        } else {
+            range
+        };
         let (first_slot, whole_end) = whole_slots(range);
-        let slotted = rollups && aligned && first_slot < whole_end;
+        let slotted = use_slots && first_slot < whole_end;
         // Whole slots, in time order: rollups (finished slots the writer wrote), raw
         // readings (slots whose partials the writer still holds, before the live
-        // slots in memory begin), then the live slots from memory (see
-        // `store::live`), which hold exactly what was acknowledged.
-        let (mem_from, held) = if slotted {
-            let (from, held) = self
-                .shared
-                .live
-                .slots(device, sensor, first_slot, whole_end);
-            (from.clamp(first_slot, whole_end), held)
+        // slots in memory begin), then the live slots from memory, which hold exactly
+        // what was acknowledged.
+        let mem_from = if slotted {
+            held.retain(|h| (first_slot..whole_end).contains(&h.start_ms));
+            held_from.clamp(first_slot, whole_end)
         } else {
-            (whole_end, Vec::new())
+            held.clear();
+            whole_end
         };
         let rollup_end = mem_from.min(self.shared.rollups_from()).max(first_slot);
         let in_rollups = |ts: &i64| (first_slot * 1000..rollup_end * 1000).contains(ts);
@@ -677,7 +695,8 @@ impl Reader {
                 }
                 raw_part(at(rollup_end), at(mem_from), &mut fold)?;
             }
-            for (slot, a) in &held {
+            for h in &held {
+                let a = &h.aggregate;
                 let part = if sums_only {
                     Aggregate {
                         count: a.count,
@@ -687,7 +706,7 @@ impl Reader {
                 } else {
                     *a
                 };
-                fold((slot - origin_ms).div_euclid(grain_ms), part);
+                fold((h.start_ms - origin_ms).div_euclid(grain_ms), part);
             }
             raw_part(at(whole_end), range.to, &mut fold)
         })?;
@@ -823,6 +842,45 @@ fn whole_slots(range: TimeRange) -> (i64, i64) {
         rollup::slot_of(from_ms + SLOT_MS - 1),
         rollup::slot_of(to_ms),
     )
+}
+
+/// The start of the slot `range` starts in and the end of the slot it ends in (ms).
+fn outer_slots(range: TimeRange) -> (i64, i64) {
+    let from_ms = range.from.as_micros().div_euclid(1000);
+    let last_ms = (range.to.as_micros() - 1).div_euclid(1000);
+    (rollup::slot_of(from_ms), rollup::slot_of(last_ms) + SLOT_MS)
+}
+
+/// `range` widened to the bounds of the slots it starts and ends in where memory
+/// holds that slot exactly (from `held_from` on) and its readings (`held`, one
+/// snapshot) all lie inside `range` — none, or first at or after `range.from` for the
+/// start, last before `range.to` for the end — and the slot lies inside the buckets
+/// (`covered`): the widened range holds the same readings, and whole slots.
+fn widen_into_held(
+    range: TimeRange,
+    covered: TimeRange,
+    held_from: i64,
+    held: &[HeldSlot],
+) -> TimeRange {
+    let (outer_from, outer_end) = outer_slots(range);
+    let at = |ms: i64| Timestamp::from_micros(ms * 1000);
+    let fits = |slot_ms: i64, inside: &dyn Fn(&HeldSlot) -> bool| {
+        slot_ms >= held_from
+            && held
+                .iter()
+                .find(|h| h.start_ms == slot_ms)
+                .is_none_or(inside)
+    };
+    let mut wide = range;
+    if at(outer_from) >= covered.from && fits(outer_from, &|h| h.first_us >= range.from.as_micros())
+    {
+        wide.from = at(outer_from);
+    }
+    let last_slot = outer_end - SLOT_MS;
+    if at(outer_end) <= covered.to && fits(last_slot, &|h| h.last_us < range.to.as_micros()) {
+        wide.to = at(outer_end);
+    }
+    wide
 }
 
 /// `WHERE` clause for readings of `sensors` of `device` in `range`.

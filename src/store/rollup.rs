@@ -538,8 +538,14 @@ mod tests {
             for sensor in [SensorId(1), SensorId(2)] {
                 for width in widths {
                     for zone in zones {
-                        // The history and the live tail after it.
-                        let from = BASE_US - 3_600_000_000 + rng.i64(0..SPAN_US);
+                        // The history and the live tail after it; every other
+                        // range starts in the live tail (inside a slot memory holds,
+                        // before or after its first reading).
+                        let from = if rng.bool() {
+                            BASE_US - 3_600_000_000 + rng.i64(0..SPAN_US)
+                        } else {
+                            BASE_US + SPAN_US + rng.i64(0..2_100_000_000)
+                        };
                         let to = from + rng.i64(1..SPAN_US + 2 * 3_600_000_000);
                         let range = TimeRange::new(
                             Timestamp::from_micros(from),
