@@ -376,6 +376,10 @@ async fn start_jobs(
             token.clone(),
         ));
     }
+    running.tasks.spawn(crate::jobs::trim_memory_periodically(
+        crate::jobs::TRIM_EVERY,
+        token.clone(),
+    ));
     if !args.dump_schedule.trim().eq_ignore_ascii_case("off") {
         running.jobs = Some(
             DumpJobs::start(

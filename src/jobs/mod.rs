@@ -1,6 +1,7 @@
 //! Background jobs of `milepost serve`: daily dumps and, after them, retention, on
 //! a schedule; compaction of finished days; step detection after commits
-//! ([`detection`]) and the webhooks of what it finds ([`notify`]).
+//! ([`detection`]) and the webhooks of what it finds ([`notify`]); handing the
+//! allocator's free memory back to the kernel ([`trim_memory_periodically`]).
 //!
 //! tokio-cron-scheduler only rings the bell (`--dump-schedule`, UTC); one task does
 //! the work, so runs never overlap and a ring during a run just means "once more
@@ -169,3 +170,38 @@ pub async fn compact_periodically(
         }
     }
 }
+
+/// How often [`trim_memory_periodically`] runs.
+pub const TRIM_EVERY: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Hands the memory glibc's malloc holds free back to the kernel every `every`, until
+/// `stop`.
+///
+/// glibc returns freed memory only from the top of a heap; what is freed below stays
+/// in the process. With 100,000 devices streaming (small-VM settings: 64 MB for
+/// DuckDB, 40 MiB of budgets), the arenas held 40–65 MiB free and RSS drifted from
+/// ~185 to 210–226 MiB within minutes; with `malloc_trim(0)` every 10 s (~0.7 ms
+/// each) RSS stayed at 182–186 MiB. Elsewhere this does nothing.
+pub async fn trim_memory_periodically(every: std::time::Duration, stop: CancellationToken) {
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        let _ = tokio::task::spawn_blocking(trim_memory).await;
+    }
+}
+
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+fn trim_memory() {
+    let _span = tracing::trace_span!("malloc_trim").entered();
+    // SAFETY: malloc_trim has no preconditions; it takes the arenas' own locks.
+    unsafe {
+        nix::libc::malloc_trim(0);
+    }
+}
+
+#[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+fn trim_memory() {}
