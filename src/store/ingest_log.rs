@@ -664,19 +664,25 @@ mod tests {
 
     const T0: i64 = 1_700_000_000_000_000;
 
-    #[test]
-    fn records_read_back_and_a_torn_tail_is_ignored() {
-        let dir = tempfile::tempdir().unwrap();
-        let (file, path) = create_segment(dir.path(), 1).unwrap();
-        let mut log = IngestLog {
+    /// A log in `dir` with its first, empty segment.
+    fn new_log(dir: &Path) -> (IngestLog, PathBuf) {
+        let (file, path) = create_segment(dir, 1).unwrap();
+        let log = IngestLog {
             file: Arc::new(file),
-            dir: dir.path().to_owned(),
+            dir: dir.to_owned(),
             path: path.clone(),
             len: HEADER_LEN,
             next_seq: 1,
             buf: Vec::new(),
             spares: Spares::default(),
         };
+        (log, path)
+    }
+
+    #[test]
+    fn records_read_back_and_a_torn_tail_is_ignored() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut log, path) = new_log(dir.path());
         assert_eq!(log.append(&[dev(7, "van-7")], &rows(5, 7, T0)).unwrap(), 1);
         assert_eq!(log.append(&[], &rows(3, 7, T0 + 10_000)).unwrap(), 2);
         drop(log);
@@ -713,21 +719,10 @@ mod tests {
         assert_eq!(std::fs::read(&path).unwrap(), b"something else entirely");
     }
 
-    /// A record naming a device by an id DuckDB lost (its WAL moved away after the
-    /// log had handed the device over): the readings are kept under a placeholder.
     #[test]
     fn a_reused_segment_file_reads_back_its_new_records_only() {
         let dir = tempfile::tempdir().unwrap();
-        let (file, path) = create_segment(dir.path(), 1).unwrap();
-        let mut log = IngestLog {
-            file: Arc::new(file),
-            dir: dir.path().to_owned(),
-            path: path.clone(),
-            len: HEADER_LEN,
-            next_seq: 1,
-            buf: Vec::new(),
-            spares: Spares::default(),
-        };
+        let (mut log, _) = new_log(dir.path());
         for i in 0..4 {
             log.append(&[], &rows(20, 7, T0 + i * 100_000)).unwrap();
         }
@@ -756,6 +751,8 @@ mod tests {
         assert_eq!(read_segment(&log.path).unwrap().len(), 1);
     }
 
+    /// A record naming a device by an id DuckDB lost (its WAL moved away after the
+    /// log had handed the device over): the readings are kept under a placeholder.
     #[test]
     fn readings_of_a_device_the_database_lost_are_kept_under_a_placeholder() {
         let dir = tempfile::tempdir().unwrap();
