@@ -361,16 +361,15 @@ impl Spares {
     /// A segment DuckDB now holds: kept as a spare, or deleted when there are enough.
     pub(super) fn recycle(&self, segment: &Path) {
         let mut spares = self.lock();
-        let kept = spares.len() < MAX_SPARES && {
+        if spares.len() < MAX_SPARES {
             let spare = segment.with_extension(SPARE);
-            let renamed = std::fs::rename(segment, &spare).is_ok();
-            if renamed {
+            if std::fs::rename(segment, &spare).is_ok() {
                 spares.push(spare);
+                return;
             }
-            renamed
-        };
+        }
         // Harmless if it fails: start-up skips records DuckDB already holds.
-        if !kept && let Err(e) = std::fs::remove_file(segment) {
+        if let Err(e) = std::fs::remove_file(segment) {
             tracing::warn!(path = %segment.display(), error = %e, "cannot delete an applied ingest log segment");
         }
     }
@@ -749,6 +748,31 @@ mod tests {
         log.append(&[], &rows(3, 7, T0 + 2)).unwrap();
         log.file.set_len(torn).unwrap();
         assert_eq!(read_segment(&log.path).unwrap().len(), 1);
+    }
+
+    #[test]
+    fn at_most_two_applied_segments_are_kept_as_spares_until_the_next_start() {
+        let dir = tempfile::tempdir().unwrap();
+        drop(open_for_tests(dir.path()));
+        let log_dir = dir.path().join(LOG_DIR);
+        for p in segments(&log_dir).unwrap() {
+            std::fs::remove_file(p).unwrap();
+        }
+        let (mut log, _) = new_log(&log_dir);
+        let mut applied = Vec::new();
+        for i in 0..3 {
+            log.append(&[], &rows(2, 7, T0 + i)).unwrap();
+            applied.push(log.rotate().unwrap().unwrap());
+        }
+        for segment in &applied {
+            log.spares.recycle(segment);
+            assert!(!segment.exists());
+        }
+        assert_eq!(files_with_extension(&log_dir, SPARE).unwrap().len(), 2);
+        drop(log);
+        // Start-up deletes them (DuckDB holds everything by then).
+        drop(open_for_tests(dir.path()));
+        assert!(files_with_extension(&log_dir, SPARE).unwrap().is_empty());
     }
 
     /// A record naming a device by an id DuckDB lost (its WAL moved away after the

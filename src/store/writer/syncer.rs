@@ -120,56 +120,57 @@ pub(super) fn syncer(syncer: Arc<Syncer>, metrics: Arc<Metrics>) {
                 e.to_string()
             }),
         };
-        let failure = outcome.as_ref().err().cloned();
         if outcome.is_ok() {
             failures.succeeded("the ingest log's fdatasync");
         }
-        for group in groups {
-            match &outcome {
-                Ok(()) => {
-                    let elapsed = group.started.elapsed().as_secs_f64();
-                    metrics.commit_seconds.observe(elapsed);
-                    for (reply, committed) in group.replies {
-                        let _ = reply.send(Ok(committed));
-                    }
-                }
-                Err(e) => {
-                    let err = WriteError::Failed(format!(
-                        "the ingest log could not be made durable ({e}); the readings \
-                         may or may not be stored: send them again (stored ones are \
-                         counted as duplicates)"
-                    ));
-                    for (reply, _) in group.replies {
-                        let _ = reply.send(Err(err.clone()));
-                    }
-                }
-            }
-        }
+        answer(groups, &outcome, &metrics);
         let mut s = syncer.lock();
         s.busy = false;
-        if failure.is_some() && s.failed.is_none() {
-            s.failed = failure;
+        if let Err(e) = outcome {
+            s.failed.get_or_insert(e);
         }
         drop(s);
         syncer.changed.notify_all();
     }
 }
 
-/// `fdatasync` of the segment file `groups` were written to (one file: the front
-/// seals a segment only once everything written to it was synced).
+/// Answers every request of `groups`: stored, or told the readings may or may not be.
+fn answer(groups: Vec<Written>, outcome: &Result<(), String>, metrics: &Metrics) {
+    let err = outcome.as_ref().err().map(|e| {
+        WriteError::Failed(format!(
+            "the ingest log could not be made durable ({e}); the readings may or may not \
+             be stored: send them again (stored ones are counted as duplicates)"
+        ))
+    });
+    for group in groups {
+        match &err {
+            None => {
+                let elapsed = group.started.elapsed().as_secs_f64();
+                metrics.commit_seconds.observe(elapsed);
+                for (reply, committed) in group.replies {
+                    let _ = reply.send(Ok(committed));
+                }
+            }
+            Some(err) => {
+                for (reply, _) in group.replies {
+                    let _ = reply.send(Err(err.clone()));
+                }
+            }
+        }
+    }
+}
+
+/// `fdatasync` of the segment file `groups` were written to: one file, since the
+/// front seals a segment only once everything written to it was synced.
 fn sync(groups: &[Written]) -> Result<(), StoreError> {
     let _span = tracing::debug_span!("log_sync", groups = groups.len()).entered();
-    let mut synced: Vec<&Arc<File>> = Vec::new();
-    for g in groups {
-        if synced.iter().any(|f| Arc::ptr_eq(f, &g.file)) {
-            continue;
-        }
-        g.file
-            .sync_data()
-            .map_err(|e| StoreError::Internal(format!("fdatasync of the ingest log: {e}")))?;
-        synced.push(&g.file);
-    }
-    Ok(())
+    let Some(last) = groups.last() else {
+        return Ok(());
+    };
+    debug_assert!(groups.iter().all(|g| Arc::ptr_eq(&g.file, &last.file)));
+    last.file
+        .sync_data()
+        .map_err(|e| StoreError::Internal(format!("fdatasync of the ingest log: {e}")))
 }
 
 #[cfg(test)]
