@@ -3,8 +3,8 @@
 # small VM's settings: `milepost push` of the day as a backlog (one reading per
 # sensor per device, 16 MiB requests of ~28,000 devices each), `milepost compact`,
 # `milepost dump` in both formats, retention (a server with --retention-days 1 dumps
-# the day and deletes it), and `GET /api/v1/devices` after it. Prints time and peak
-# RSS of each step. Not run by CI (~3 minutes; 540 MB of NDJSON in WORK).
+# the day and deletes it, while one live request every 10 ms is timed), and `GET
+# /api/v1/devices` after it. Prints time and peak RSS of each step. Not run by CI (~3 minutes; 540 MB of NDJSON in WORK).
 #
 #   benches/million-devices-day.sh BINARY [devices=1000000] [work=/var/tmp/mp-day]
 # MEMORY_LIMIT (DuckDB's, default 64MB) and the other budgets through the
@@ -66,12 +66,39 @@ for format in json parquet; do
         2>&1 >/dev/null | tail -1
 done
 serve --retention-days 1
-until grep -qE 'deleted the readings of dumped days|retention failed' "$work/serve.log"; do
+# Meanwhile one live request (six readings of one of 100 devices) every 10 ms, each
+# timed: the writer must keep answering while the day is deleted.
+python3 - "$port" "$work/probe.txt" <<'PY' &
+import http.client, json, sys, time
+port, out = int(sys.argv[1]), sys.argv[2]
+conn = http.client.HTTPConnection("127.0.0.1", port)
+times, n, end = [], 0, time.time() + 30
+while time.time() < end:
+    ts = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime()) + ".%03dZ" % (n % 1000)
+    body = "".join(json.dumps({"device": "probe-%d" % (n % 100), "sensor": s, "value": n % 90, "timestamp": ts}) + "\n"
+                   for s in ["speed", "fuel", "revolution", "engine_temperature", "location_latitude", "location_longitude"])
+    t = time.perf_counter()
+    conn.request("POST", "/ingest", body, {"Authorization": "Bearer bench", "Content-Type": "application/x-ndjson"})
+    r = conn.getresponse(); r.read()
+    times.append((time.perf_counter() - t) * 1e3)
+    assert r.status == 200, r.status
+    n += 1
+    time.sleep(0.01)
+times.sort()
+open(out, "w").write("%d live requests meanwhile: p50 %.1f ms, p99 %.1f ms, slowest %.0f ms\n"
+                     % (len(times), times[len(times) // 2], times[len(times) * 99 // 100], times[-1]))
+PY
+probe=$!
+until grep -qE 'retention done|retention failed' "$work/serve.log"; do
     kill -0 "$pid" 2>/dev/null || { echo "server exited; see $work/serve.log"; exit 1; }
     sleep 0.5
 done
 grep -oE '(deleted the readings of dumped days.*|retention failed.*)' "$work/serve.log" |
-    tail -1 | sed 's/^/retention: /'
+    tail -1 | sed 's/^/retention: writer held /'
+grep -oE 'updated the series statistics of devices on disk.*' "$work/serve.log" |
+    tail -1 | sed 's/^/retention: then, between commits, /'
+wait "$probe"
+sed 's/^/retention: /' "$work/probe.txt"
 echo "retention: server peak $(peak)"
 curl -s -o /dev/null -w "GET /api/v1/devices after it: %{time_total} s, %{size_download} bytes\n" \
     -H "Authorization: Bearer bench" "http://127.0.0.1:$port/api/v1/devices"

@@ -119,6 +119,11 @@ pub async fn run_once(
     match writer.retire(days).await {
         Ok(done) => {
             metrics.retention_deleted_readings.inc_by(done.readings);
+            tracing::info!(
+                days = done.days.len(),
+                readings = done.readings,
+                "retention done, series statistics included"
+            );
             for day in done.changed {
                 tracing::info!(%day, "retention kept a day that received readings after its dump");
             }

@@ -473,9 +473,22 @@ fn device_ranges(
     rows: u64,
     per_device: u64,
 ) -> Result<Vec<DeviceRange>, duckdb::Error> {
+    device_ranges_of(conn, rows, per_device, u64::MAX)
+}
+
+/// [`device_ranges`], with at least as many ranges as it takes for each to read at
+/// most `most_rows` of the `rows` (for work done a step at a time, each step short).
+fn device_ranges_of(
+    conn: &Connection,
+    rows: u64,
+    per_device: u64,
+    most_rows: u64,
+) -> Result<Vec<DeviceRange>, duckdb::Error> {
     let max: i64 = conn.query_row("SELECT coalesce(max(id), 0) FROM devices", [], |r| r.get(0))?;
     let ids = max.max(0) as u64 + 1;
-    let slices = slices_for(conn, rows, ids, per_device)?;
+    let slices = slices_for(conn, rows, ids, per_device)?
+        .max(rows.div_ceil(most_rows.max(1)))
+        .min(ids);
     let width = ids.div_ceil(slices);
     let last = ids.div_ceil(width) - 1;
     Ok((0..=last)
@@ -519,13 +532,29 @@ struct RangeSteps {
 
 impl RangeSteps {
     fn new(conn: &Connection, rows: u64, per_device: u64) -> Result<Self, StoreError> {
-        let mut pending = device_ranges(conn, rows, per_device)?;
+        Self::at_most(conn, rows, per_device, u64::MAX)
+    }
+
+    /// [`Self::new`], each range reading at most `most_rows` of the `rows` (as far as
+    /// the ids spread them evenly).
+    fn at_most(
+        conn: &Connection,
+        rows: u64,
+        per_device: u64,
+        most_rows: u64,
+    ) -> Result<Self, StoreError> {
+        let mut pending = device_ranges_of(conn, rows, per_device, most_rows)?;
         pending.reverse();
         Ok(Self {
             pending,
             widest: u64::MAX,
             ran: 0,
         })
+    }
+
+    /// The range [`Self::step`] runs next.
+    fn next(&self) -> Option<&DeviceRange> {
+        self.pending.last()
     }
 
     /// Runs the statement of the next range (halving it as [`run_in_device_ranges`]

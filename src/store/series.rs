@@ -427,7 +427,8 @@ impl SeriesMap {
 
 // ---- the `series` table ----
 
-const COLUMNS: &str =
+/// The columns of a row as [`query`] reads them.
+pub(super) const COLUMNS: &str =
     "device_id, sensor_id, readings, epoch_us(first_ts), epoch_us(last_ts), last_value";
 
 fn entry(r: &duckdb::Row<'_>) -> duckdb::Result<SeriesEntry> {
@@ -445,7 +446,8 @@ fn entry(r: &duckdb::Row<'_>) -> duckdb::Result<SeriesEntry> {
     ))
 }
 
-fn query(conn: &Connection, sql: &str) -> Result<Vec<SeriesEntry>, StoreError> {
+/// Rows of `sql`, which selects [`COLUMNS`].
+pub(super) fn query(conn: &Connection, sql: &str) -> Result<Vec<SeriesEntry>, StoreError> {
     let mut stmt = conn.prepare(sql)?;
     let rows = stmt.query_map([], entry)?.collect::<Result<Vec<_>, _>>()?;
     Ok(rows)

@@ -9,6 +9,7 @@ use std::time::Instant;
 
 use chrono::NaiveDate;
 use duckdb::Connection;
+use tokio::sync::oneshot;
 
 use super::classify::{Plan, split_columns, tally};
 use super::{Clock, Job, Sealed};
@@ -41,8 +42,15 @@ pub(super) struct Db {
     /// The rollups of ended live slots being computed, a range of devices at a time
     /// (see [`Self::seal_step`]).
     sealing: Option<rollup::Rebuild>,
+    /// The `series` rows of devices on disk being brought up to date after a
+    /// retention, a range of devices at a time (see [`Self::step`]), and who waits
+    /// for the retention's outcome until they are.
+    refreshing: Option<(retention::DiskRefresh, Option<Answer>)>,
     clock: Clock,
 }
+
+/// A retention's outcome and who waits for it.
+type Answer = (oneshot::Sender<Result<Retired, StoreError>>, Retired);
 
 /// The live rollup slots' move with the next append (see [`crate::store::rollup`]).
 pub(super) struct SlotMove {
@@ -116,6 +124,7 @@ impl Db {
             live_from: from,
             seal_after: Instant::now(),
             sealing: None,
+            refreshing: None,
             clock,
         })
     }
@@ -306,11 +315,6 @@ impl Db {
         }
     }
 
-    /// Whether the ended slots' rollups are being computed.
-    pub(super) fn sealing(&self) -> bool {
-        self.sealing.is_some()
-    }
-
     /// Computes one more range of the ended slots' rollups, if they are being
     /// computed; after the last, moves the boundary.
     pub(super) fn seal_step(&mut self) {
@@ -405,14 +409,87 @@ impl Db {
         }
     }
 
+    /// Whether work is left that the flusher does a step at a time between its
+    /// commits: the ended slots' rollups, or the series rows after a retention.
+    pub(super) fn stepping(&self) -> bool {
+        self.sealing.is_some() || self.refreshing.is_some()
+    }
+
+    /// One step of what [`Self::stepping`] says is left: the rollups first.
+    pub(super) fn step(&mut self) {
+        if self.sealing.is_some() {
+            self.seal_step();
+        } else {
+            self.refresh_step();
+        }
+    }
+
+    /// Updates the series rows of the next range of devices after a retention; after
+    /// the last, answers who waits for the retention.
+    fn refresh_step(&mut self) {
+        let Some((refresh, _)) = &mut self.refreshing else {
+            return;
+        };
+        if refresh.step(&self.conn, &self.shared)
+            && let Some((_, Some((reply, done)))) = self.refreshing.take()
+        {
+            let _ = reply.send(Ok(done));
+        }
+    }
+
+    /// Answers with `done` once the series rows are up to date after the retention
+    /// (at once if they are).
+    pub(super) fn answer_retention(
+        &mut self,
+        reply: oneshot::Sender<Result<Retired, StoreError>>,
+        done: Retired,
+    ) {
+        match &mut self.refreshing {
+            Some((_, answer)) => *answer = Some((reply, done)),
+            None => drop(reply.send(Ok(done))),
+        }
+    }
+
+    /// Whether the series rows of devices on disk are being brought up to date
+    /// after a retention: a device on disk then comes back with
+    /// [`Self::series_rows`], not from another connection.
+    pub(super) fn refreshing(&self) -> bool {
+        self.refreshing.is_some()
+    }
+
+    /// The `series` rows of these devices, on disk and coming back into memory,
+    /// as they are after the last retention (see [`retention::take_corrected_rows`]).
+    pub(super) fn series_rows(
+        &mut self,
+        devices: &[DeviceId],
+    ) -> Result<Vec<SeriesEntry>, StoreError> {
+        if let Some((refresh, _)) = &self.refreshing {
+            retention::take_corrected_rows(&self.conn, refresh, devices)
+        } else {
+            series::read_devices(&self.conn, devices)
+        }
+    }
+
+    /// Runs the rest of a retention's update of the series rows (before a shutdown
+    /// or the next retention, which need the table whole).
+    fn finish_refresh(&mut self) {
+        while self.refreshing.is_some() {
+            self.refresh_step();
+        }
+    }
+
     /// Runs [`retention::retire`]; the key windows and the list of days due for
-    /// compaction describe what was stored before, so both are dropped.
+    /// compaction describe what was stored before, so both are dropped. The series
+    /// rows of devices on disk are brought up to date afterwards, by the flusher a
+    /// step at a time ([`Self::step`]); [`Self::answer_retention`] waits for them.
     pub(super) fn retire(
         &mut self,
         days: &BTreeMap<NaiveDate, u64>,
     ) -> Result<Retired, StoreError> {
         self.finish_seal();
-        let done = retention::retire(&self.conn, &self.shared, days, self.live_from)?;
+        self.finish_refresh();
+        let (done, refresh) = retention::retire(&self.conn, &self.shared, days, self.live_from)?;
+        self.refreshing = refresh.map(|r| (r, None));
         if !done.days.is_empty() {
             self.recent.clear();
             self.due.invalidate();
@@ -436,6 +513,7 @@ impl Db {
         // this fails the boundary stays and the next start recomputes them. A seal
         // in progress is part of what this recomputes.
         self.sealing = None;
+        self.finish_refresh();
         let whole = self.seal_live().and_then(|()| {
             self.conn.execute(
                 "DELETE FROM meta WHERE key = ?",

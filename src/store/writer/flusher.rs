@@ -102,6 +102,9 @@ pub(super) struct Queue {
 pub(super) struct QueueState {
     pub(super) parts: VecDeque<Sealed>,
     pub(super) stop: bool,
+    /// The front left work that the flusher does a step at a time (see
+    /// [`Db::stepping`]), to start even if no segment follows.
+    pub(super) steps: bool,
 }
 
 impl Queue {
@@ -111,6 +114,12 @@ impl Queue {
 
     pub(super) fn push(&self, part: Sealed) {
         self.lock().parts.push_back(part);
+        self.changed.notify_all();
+    }
+
+    /// Has the flusher look at the database's step-wise work (see [`QueueState::steps`]).
+    pub(super) fn wake_for_steps(&self) {
+        self.lock().steps = true;
         self.changed.notify_all();
     }
 }
@@ -141,16 +150,18 @@ pub(super) fn flush_queued(db: &mut Db, queue: &Queue) -> Result<(), StoreError>
 /// When a quarter hour has ended, it also computes its rollups a range of devices at a
 /// time, applying everything queued between two ranges and releasing the database
 /// between them: in one go (148 M readings, 21 ranges at 64 MB: ~10 s), the log's
-/// unapplied readings grew to a million and the server's memory by 90 MiB.
+/// unapplied readings grew to a million and the server's memory by 90 MiB. After a
+/// retention it brings the series rows of devices on disk up to date the same way.
 pub(super) fn flusher(db: Arc<Mutex<Db>>, queue: Arc<Queue>) {
     let mut failures = Persisting::default();
-    let mut sealing = false;
+    let mut stepping = false;
     loop {
         {
             let mut q = queue.lock();
-            while q.parts.is_empty() && !q.stop && !sealing {
+            while q.parts.is_empty() && !q.stop && !stepping && !q.steps {
                 q = queue.changed.wait(q).unwrap_or_else(|p| p.into_inner());
             }
+            q.steps = false;
             if q.parts.is_empty() && q.stop {
                 return;
             }
@@ -159,8 +170,8 @@ pub(super) fn flusher(db: Arc<Mutex<Db>>, queue: Arc<Queue>) {
         match flush_queued(&mut db, &queue) {
             Ok(()) => {
                 failures.succeeded("moving the ingest log into the database");
-                db.seal_step();
-                sealing = db.sealing();
+                db.step();
+                stepping = db.stepping();
             }
             Err(e) => {
                 drop(db);

@@ -56,6 +56,9 @@ pub(super) struct Front {
     /// A read connection of its own: brings back the series statistics of devices
     /// on disk (see [`crate::store::series`]) without the write lock.
     pub(super) lookup: Connection,
+    /// A retention's update of the series rows of devices on disk may still run
+    /// (see [`Db::refreshing`]): devices come back through the database then.
+    pub(super) refresh_pending: bool,
     /// Idle devices' statistics are on their way into the table.
     pub(super) spilling: bool,
     /// When the front last looked for idle devices' statistics to write.
@@ -168,7 +171,7 @@ impl Front {
 
     /// Brings back the series statistics of the group's devices (`device_maps`) that
     /// are on disk: classifying a reading needs its series' newest stored timestamp.
-    fn restore_series(&self, device_maps: &[Vec<DeviceId>]) -> Result<(), StoreError> {
+    fn restore_series(&mut self, device_maps: &[Vec<DeviceId>]) -> Result<(), StoreError> {
         let ids = self
             .shared
             .on_disk_among(device_maps.iter().flatten().copied());
@@ -177,13 +180,30 @@ impl Front {
         }
         let _span = tracing::debug_span!("series_restore", devices = ids.len()).entered();
         let started = Instant::now();
-        let rows = series::read_devices(&self.lookup, &ids)?;
+        let rows = self.series_rows(&ids)?;
         self.shared.restore_series(&ids, &rows);
         tracing::debug!(
             elapsed_ms = started.elapsed().as_secs_f64() * 1e3,
             "series statistics back from disk"
         );
         Ok(())
+    }
+
+    /// The `series` rows of devices on disk: read on the front's own connection,
+    /// without the write lock, but while a retention's update of those rows runs,
+    /// through the database, which knows what the update has not reached yet.
+    fn series_rows(&mut self, ids: &[DeviceId]) -> Result<Vec<SeriesEntry>, StoreError> {
+        if !self.refresh_pending {
+            return series::read_devices(&self.lookup, ids);
+        }
+        let db = self.db.clone();
+        let mut db = db.lock().unwrap_or_else(|p| p.into_inner());
+        self.refresh_pending = db.refreshing();
+        db.series_rows(ids)
+    }
+
+    fn lock_db(&self) -> std::sync::MutexGuard<'_, Db> {
+        self.db.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Between groups: devices whose rows the flusher committed leave memory; when
@@ -276,7 +296,7 @@ impl Front {
         // Back in memory first, so that forgetting it also takes its readings out
         // of the totals over devices on disk.
         if self.shared.series_on_disk(id) {
-            let rows = series::read_devices(&self.lookup, &[id])?;
+            let rows = self.series_rows(&[id])?;
             self.shared.restore_series(&[id], &rows);
         }
         let done = self.with_db(|db| db.delete_device(id))?;
@@ -346,7 +366,12 @@ impl Front {
             db.past_days_written();
         }
         flush_queued(&mut db, &self.queue)?;
-        f(&mut db)
+        let done = f(&mut db);
+        if db.stepping() {
+            self.refresh_pending |= db.refreshing();
+            self.queue.wake_for_steps();
+        }
+        done
     }
 
     /// Everything queued and logged into DuckDB, the flusher stopped, a checkpoint.
@@ -411,7 +436,12 @@ pub(super) fn run(
                 // stored keys is stale.
                 front.known.clear();
             }
-            let _ = job.reply.send(retired);
+            match retired {
+                // Answered once the series rows are up to date too: the job that
+                // asked then finds every device's statistics as they are now.
+                Ok(done) => front.lock_db().answer_retention(job.reply, done),
+                Err(e) => drop(job.reply.send(Err(e))),
+            }
         }
         if let Some(job) = delete {
             let _ = job.reply.send(front.delete_device(&job.device));

@@ -10,7 +10,9 @@
 //!   DuckDB in large transactions meanwhile;
 //! - anything else (older readings to check against stored ones, bulk imports,
 //!   compaction, retention) waits until the flusher has caught up, then goes to
-//!   DuckDB directly, in one transaction per group.
+//!   DuckDB directly, in one transaction per group. What can be done in ranges of
+//!   devices afterwards — the rollups of ended quarter hours, the series rows of
+//!   idle devices after a retention — the flusher does between its commits.
 //!
 //! The write connection and its companions ([`db::Db`]) sit behind one lock, held by
 //! the flusher or the front, never both. The files follow the threads: `handle.rs`
@@ -285,6 +287,7 @@ impl Writer {
             commit_failures: Persisting::default(),
             seal_failures: Persisting::default(),
             lookup,
+            refresh_pending: false,
             spilling: false,
             spill_looked: Instant::now(),
             syncer,
