@@ -380,6 +380,12 @@ impl Shared {
         }
     }
 
+    /// Every device whose series statistics are in memory.
+    pub(super) fn resident_series_devices(&self) -> Vec<DeviceId> {
+        let s = self.series.read().expect("series lock");
+        s.resident().map(|(d, _)| d).collect()
+    }
+
     /// Writes every resident device's statistics to the `series` table (inside the
     /// caller's transaction; at shutdown).
     pub(super) fn write_resident_series(
