@@ -69,7 +69,6 @@ impl DeviceNames {
     }
 
     /// The name of `id`, if known.
-    #[cfg(test)]
     pub(super) fn name(&self, id: DeviceId) -> Option<&str> {
         self.name_of(id.0)
     }

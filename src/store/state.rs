@@ -319,6 +319,34 @@ impl Shared {
         self.devices.read().expect("devices lock").next_id()
     }
 
+    /// See [`super::ReadStore::rank_devices`]: compared by name in place, under one
+    /// lock, and only the ranks asked for are put in order and named.
+    pub fn rank_devices(
+        &self,
+        mut devices: Vec<(i64, DeviceId)>,
+        ranks: std::ops::Range<usize>,
+    ) -> Vec<(i64, Device)> {
+        let d = self.devices.read().expect("devices lock");
+        let name = |id: DeviceId| d.name(id).unwrap_or("");
+        let order = |a: &(i64, DeviceId), b: &(i64, DeviceId)| {
+            b.0.cmp(&a.0).then_with(|| name(a.1).cmp(name(b.1)))
+        };
+        let end = ranks.end.min(devices.len());
+        let start = ranks.start.min(end);
+        if start < devices.len() {
+            devices.select_nth_unstable_by(start, order);
+        }
+        let rest = &mut devices[start..];
+        if end - start < rest.len() {
+            rest.select_nth_unstable_by(end - start, order);
+        }
+        let page = &mut devices[start..end];
+        page.sort_by(order);
+        page.iter()
+            .filter_map(|&(newest, id)| Some((newest, Device::parse(d.name(id)?).ok()?)))
+            .collect()
+    }
+
     /// At most `limit` known devices with their ids, by id, from `start` on.
     pub fn devices_from(&self, start: DeviceId, limit: usize) -> Vec<(DeviceId, Device)> {
         let d = self.devices.read().expect("devices lock");

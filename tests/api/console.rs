@@ -470,3 +470,68 @@ async fn the_first_steps_name_the_generated_key_file() {
         .unwrap();
     assert_eq!(r.status(), StatusCode::OK);
 }
+
+/// The devices' rows of an overview page, in order.
+fn listed(page: &str) -> Vec<String> {
+    page.split("<tr class=\"device-row\" data-device=\"")
+        .skip(1)
+        .map(|r| r[..r.find('"').unwrap()].to_owned())
+        .collect()
+}
+
+/// The overview lists devices most recently heard from first, then by name — also
+/// where devices with the same newest reading straddle a page boundary — pages
+/// through them, searches names, and names the first five silent devices in that
+/// order.
+#[tokio::test]
+async fn the_overview_orders_pages_and_searches_many_devices() {
+    let app = TestApp::spawn().await;
+    let now = chrono::Utc::now();
+    // 45 devices in groups of 7 sharing their newest reading (names given out of
+    // order), the three oldest groups over an hour ago.
+    let mut devices: Vec<(String, i64)> = Vec::new();
+    let mut body = String::new();
+    for i in 0..45i64 {
+        let name = format!("dev-{:02}", (i * 17) % 45);
+        let secs_ago = 900 * (i / 7) + 60;
+        let ts = (now - chrono::Duration::seconds(secs_ago)).to_rfc3339();
+        body += &format!("{}\n", dline(&name, "speed", 1.0, &ts));
+        devices.push((name, secs_ago));
+    }
+    assert_eq!(app.ingest(body).await.0, StatusCode::OK);
+    devices.sort_by(|a, b| a.1.cmp(&b.1).then_with(|| a.0.cmp(&b.0)));
+    let order: Vec<String> = devices.iter().map(|d| d.0.clone()).collect();
+    let page = |q: &'static str| {
+        let (c, url) = (app.client.clone(), app.url(&format!("/?tz=UTC{q}")));
+        async move { c.get(url).send().await.unwrap().text().await.unwrap() }
+    };
+    let first = page("").await;
+    assert_eq!(listed(&first), order[..20]);
+    assert_eq!(listed(&page("&page=2").await), order[20..40]);
+    assert_eq!(listed(&page("&page=3").await), order[40..]);
+    assert_eq!(listed(&page("&page=9").await), order[40..], "the last page");
+    let silent: Vec<&String> = devices
+        .iter()
+        .filter(|d| d.1 > 3600)
+        .map(|d| &d.0)
+        .collect();
+    assert!(
+        first.contains(&format!("{} of 45 devices", silent.len())),
+        "{first}"
+    );
+    let banner = &first[first.find("have sent nothing").unwrap()..];
+    let banner = &banner[..banner.find("</div>").unwrap()];
+    let named: Vec<&str> = banner
+        .split("name=")
+        .skip(1)
+        .map(|s| &s[..s.find(['"', '&']).unwrap()])
+        .collect();
+    assert_eq!(named, silent[..5], "{banner}");
+    let found = page("&q=DEV-1").await;
+    let want: Vec<String> = order
+        .iter()
+        .filter(|d| d.starts_with("dev-1"))
+        .cloned()
+        .collect();
+    assert_eq!(listed(&found), want);
+}
