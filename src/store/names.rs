@@ -73,6 +73,24 @@ impl DeviceNames {
         self.name_of(id.0)
     }
 
+    /// Room for `devices` names of `text` bytes in all (at start-up: no doubling of
+    /// a million names' text and table while they are read in, old and new alive).
+    pub(super) fn with_capacity(devices: usize, text: usize) -> Self {
+        Self {
+            text: String::with_capacity(text),
+            spans: Vec::with_capacity(devices),
+            by_name: HashTable::with_capacity(devices),
+        }
+    }
+
+    /// The highest id given, if any.
+    pub(super) fn last_id(&self) -> Option<DeviceId> {
+        self.spans
+            .iter()
+            .rposition(|s| *s != Span::NONE)
+            .map(|i| DeviceId(i as u32))
+    }
+
     /// Adds a device (a new name with a new id).
     pub(super) fn insert(&mut self, id: DeviceId, name: &Device) {
         let i = id.0 as usize;

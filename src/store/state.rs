@@ -115,16 +115,12 @@ impl Shared {
     /// starts with; every other device's are on disk, with `disk` their totals.
     pub(super) fn new(
         catalog: Catalog,
-        devices: Vec<(DeviceId, Device)>,
+        d: DeviceNames,
         series: Vec<SeriesEntry>,
         disk: DiskTotals,
         series_memory: usize,
     ) -> Self {
-        let last_device = devices.last().map(|(id, _)| *id);
-        let mut d = DeviceNames::default();
-        for (id, name) in devices {
-            d.insert(id, &name);
-        }
+        let last_device = d.last_id();
         let shared = Self {
             catalog: RwLock::new(Arc::new(catalog)),
             catalog_update: Mutex::new(()),
