@@ -169,6 +169,94 @@ impl DeviceSlots {
     }
 }
 
+/// How many maps the devices are spread over: one grows at a time, so a growth
+/// never holds an old and a new table of every device at once (a million new
+/// devices: the one map's last doubling, old and new table alive, was 26 MiB of the
+/// burst's peak).
+const SHARDS: usize = 16;
+
+/// The devices' slots, by device, in [`SHARDS`] maps.
+struct Devices([FxHashMap<DeviceId, DeviceSlots>; SHARDS]);
+
+impl Default for Devices {
+    fn default() -> Self {
+        Self(std::array::from_fn(|_| FxHashMap::default()))
+    }
+}
+
+impl Devices {
+    /// The map of `device`: by a multiplicative hash's top bits, unrelated to the
+    /// bits the maps' own hash uses.
+    fn shard(device: DeviceId) -> usize {
+        (u64::from(device.0).wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 60) as usize
+    }
+
+    fn of(&self, device: DeviceId) -> &FxHashMap<DeviceId, DeviceSlots> {
+        &self.0[Self::shard(device)]
+    }
+
+    fn of_mut(&mut self, device: DeviceId) -> &mut FxHashMap<DeviceId, DeviceSlots> {
+        &mut self.0[Self::shard(device)]
+    }
+
+    fn len(&self) -> usize {
+        self.0.iter().map(|m| m.len()).sum()
+    }
+
+    /// Bytes of the maps, with their spare room; with one more device when `adding`
+    /// (its map may have to grow).
+    fn bytes(&self, adding: Option<DeviceId>) -> usize {
+        let grows = adding.map(Self::shard);
+        self.0
+            .iter()
+            .enumerate()
+            .map(|(i, m)| {
+                let more = usize::from(grows == Some(i));
+                map_bytes(m.capacity().max(m.len() + more))
+            })
+            .sum()
+    }
+
+    fn get(&self, device: &DeviceId) -> Option<&DeviceSlots> {
+        self.of(*device).get(device)
+    }
+
+    fn get_mut(&mut self, device: &DeviceId) -> Option<&mut DeviceSlots> {
+        self.of_mut(*device).get_mut(device)
+    }
+
+    fn contains_key(&self, device: &DeviceId) -> bool {
+        self.of(*device).contains_key(device)
+    }
+
+    fn insert(&mut self, device: DeviceId, slots: DeviceSlots) {
+        self.of_mut(device).insert(device, slots);
+    }
+
+    fn remove(&mut self, device: &DeviceId) -> Option<DeviceSlots> {
+        self.of_mut(*device).remove(device)
+    }
+
+    fn iter(&self) -> impl Iterator<Item = (&DeviceId, &DeviceSlots)> {
+        self.0.iter().flat_map(|m| m.iter())
+    }
+
+    fn retain(&mut self, mut keep: impl FnMut(&DeviceId, &mut DeviceSlots) -> bool) {
+        for m in &mut self.0 {
+            m.retain(&mut keep);
+        }
+    }
+
+    /// Gives back the room of maps at most a quarter full (devices went quiet).
+    fn shrink_sparse(&mut self) {
+        for m in &mut self.0 {
+            if m.len() * 4 < m.capacity() {
+                m.shrink_to(m.len() * 2);
+            }
+        }
+    }
+}
+
 struct Inner {
     /// Slots (ms) from this one on are live.
     from: i64,
@@ -176,7 +264,7 @@ struct Inner {
     /// never held for want of room. A device's entry made later holds exactly only
     /// the slots after it, and a device without an entry none up to it.
     lost_through: i64,
-    devices: FxHashMap<DeviceId, DeviceSlots>,
+    devices: Devices,
     /// What the devices' slots take ([`DeviceSlots::bytes`]); the map's own size
     /// follows from its capacity.
     slot_bytes: usize,
@@ -189,13 +277,13 @@ struct Inner {
 impl Inner {
     /// Memory taken: the slots, and the map with its spare room.
     fn bytes(&self) -> usize {
-        self.slot_bytes + map_bytes(self.devices.capacity())
+        self.slot_bytes + self.devices.bytes(None)
     }
 
-    /// Whether one more device fits, with room for two slots (the map may have to
-    /// grow for it).
-    fn room(&self) -> bool {
-        let map = map_bytes(self.devices.capacity().max(self.devices.len() + 1));
+    /// Whether `device` fits, with room for two slots (its map may have to grow for
+    /// it).
+    fn room(&self, device: DeviceId) -> bool {
+        let map = self.devices.bytes(Some(device));
         self.slot_bytes + map + ALLOC_BYTES + 2 * SLOT_BYTES <= self.budget
     }
 
@@ -203,10 +291,10 @@ impl Inner {
     /// evicting idle devices.
     fn entry(&mut self, device: DeviceId, now: u32) -> Option<&mut DeviceSlots> {
         if !self.devices.contains_key(&device) {
-            if !self.room() {
+            if !self.room(device) {
                 self.evict_idle(now);
             }
-            if !self.room() {
+            if !self.room(device) {
                 return None;
             }
             let exact_from = self.lost_through.saturating_add(SLOT_MS);
@@ -309,7 +397,7 @@ impl LiveSlots {
             inner: RwLock::new(Inner {
                 from: slot_of(from_ms),
                 lost_through: i64::MIN,
-                devices: FxHashMap::default(),
+                devices: Devices::default(),
                 slot_bytes: 0,
                 budget: DEFAULT_BUDGET,
                 idle_secs: DEFAULT_IDLE.as_secs() as u32,
@@ -404,7 +492,7 @@ impl LiveSlots {
         let mut inner = self.write();
         inner.from = from;
         inner.lost_through = i64::MIN;
-        inner.devices = FxHashMap::default();
+        inner.devices = Devices::default();
         inner.slot_bytes = 0;
         // Streamed, and read only as far as the budget goes: a query's materialized
         // result of a million devices' live slots took 480 MB at start-up.
@@ -489,10 +577,8 @@ impl LiveSlots {
             *bytes += d.bytes();
             true
         });
-        // Devices that went quiet leave; the map need not keep their room.
-        if inner.devices.len() * 4 < inner.devices.capacity() {
-            inner.devices.shrink_to(inner.devices.len() * 2);
-        }
+        // Devices that went quiet leave; the maps need not keep their room.
+        inner.devices.shrink_sparse();
     }
 
     /// Forgets every slot of a deleted device.
@@ -636,12 +722,28 @@ mod tests {
         assert_eq!(live.usage().0, 0);
     }
 
+    /// What the maps take holding these devices.
+    fn maps_bytes(devices: &[u32]) -> usize {
+        let mut maps = Devices::default();
+        for &d in devices {
+            maps.insert(
+                DeviceId(d),
+                DeviceSlots {
+                    exact_from: 0,
+                    used: 0,
+                    slots: Vec::new(),
+                },
+            );
+        }
+        maps.bytes(None)
+    }
+
     #[test]
     fn over_the_budget_devices_are_evicted_or_not_held_and_never_answered_short() {
         let from = 10 * SLOT_MS;
         let live = LiveSlots::new(from);
         // Room for two devices with one slot each; idle at once.
-        let budget = map_bytes(3) + 2 * (ALLOC_BYTES + 2 * SLOT_BYTES);
+        let budget = maps_bytes(&[1, 2]) + 2 * (ALLOC_BYTES + 2 * SLOT_BYTES);
         live.set_limits(budget, Duration::ZERO);
         let one = |d: u32, ms: i64| live.record(DeviceId(d), S, &[(us(ms), 1.0)]);
         one(1, from);
@@ -739,7 +841,7 @@ mod tests {
     fn busy_devices_are_not_evicted_and_a_new_one_is_then_not_held() {
         let from = 10 * SLOT_MS;
         let live = LiveSlots::new(from);
-        let budget = map_bytes(3) + 2 * (ALLOC_BYTES + 2 * SLOT_BYTES);
+        let budget = maps_bytes(&[1, 2]) + 2 * (ALLOC_BYTES + 2 * SLOT_BYTES);
         live.set_limits(budget, Duration::from_secs(3600));
         live.record(DeviceId(1), S, &[(us(from), 1.0)]);
         live.record(DeviceId(2), S, &[(us(from), 1.0)]);
