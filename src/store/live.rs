@@ -480,6 +480,14 @@ impl LiveSlots {
         }
         let grown = d.bytes() - before;
         inner.slot_bytes += grown;
+        // The room asked for covers two slots; a device with more sensors takes more.
+        // Over the budget, idle devices go, and failing that this one.
+        if grown > 0 && inner.bytes() > inner.budget {
+            inner.evict_idle(now);
+            if inner.bytes() > inner.budget {
+                inner.remove(device, true);
+            }
+        }
     }
 
     /// Replaces what is held by the rollups of slots from `from_ms`'s on, which must
