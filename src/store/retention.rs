@@ -379,11 +379,7 @@ pub(super) fn take_corrected_rows(
     if devices.is_empty() {
         return Ok(Vec::new());
     }
-    let ids = devices
-        .iter()
-        .map(|d| d.0.to_string())
-        .collect::<Vec<_>>()
-        .join(",");
+    let ids = super::series::id_list(devices);
     let rows = super::series::query(
         conn,
         &format!(

@@ -453,6 +453,15 @@ pub(super) fn query(conn: &Connection, sql: &str) -> Result<Vec<SeriesEntry>, St
     Ok(rows)
 }
 
+/// The ids as an SQL list's items (`3,17,42`).
+pub(super) fn id_list(devices: &[DeviceId]) -> String {
+    devices
+        .iter()
+        .map(|d| d.0.to_string())
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
 /// Every row of these devices, ordered by device and sensor.
 pub(super) fn read_devices(
     conn: &Connection,
@@ -461,11 +470,7 @@ pub(super) fn read_devices(
     if devices.is_empty() {
         return Ok(Vec::new());
     }
-    let ids = devices
-        .iter()
-        .map(|d| d.0.to_string())
-        .collect::<Vec<_>>()
-        .join(",");
+    let ids = id_list(devices);
     // A join with the ids: ~2.5× faster than `device_id IN (…)` for 64 ids over six
     // million rows (6.6 against 17 ms), which DuckDB evaluates as a list per row.
     query(
