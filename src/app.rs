@@ -165,6 +165,10 @@ impl Server {
         let max_future_skew = chrono::Duration::from_std(args.max_future_skew)
             .context("--max-future-skew is too large")?;
         let reads: Arc<dyn crate::store::ReadStore> = Arc::new(store.reader()?);
+        let sql = Arc::new(store.sql_engine(crate::store::sql::SqlLimits {
+            timeout: args.sql_timeout,
+            ..crate::store::sql::SqlLimits::default()
+        })?);
         let alerts = Arc::new(store.alert_store()?);
         let metrics = Arc::new(Metrics::new());
         let dumper = Arc::new(
@@ -257,6 +261,12 @@ impl Server {
                 writer_handle.clone(),
                 metrics.clone(),
             ),
+            sql: Some(sql),
+            tokens: Some({
+                // Every role may read: any valid token authorizes user SQL.
+                let tokens = Tokens::new(&args.storage.data_dir);
+                Arc::new(move |t: &str| tokens.authenticate(t).map(|c| c.name))
+            }),
         });
         let console =
             (args.console == crate::config::Toggle::On).then(|| api::console::ConsoleSettings {

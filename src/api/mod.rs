@@ -16,6 +16,7 @@ mod params;
 mod readings;
 pub mod seed;
 pub mod slots;
+mod sql;
 pub mod stream;
 pub mod tls;
 mod trace;
@@ -110,7 +111,15 @@ pub struct AppState {
     pub dump_public_url: Option<String>,
     /// Which new devices ingest lets in (`None`: all).
     pub admission: Option<Arc<admission::Admission>>,
+    /// User SQL (`POST /api/v1/sql`), when the store offers it.
+    pub sql: Option<Arc<crate::store::sql::SqlEngine>>,
+    /// Who a bearer token is (its name), if it may run user SQL: the backend's
+    /// tokens, wired in by the app.
+    pub tokens: Option<TokenCheck>,
 }
+
+/// See [`AppState::tokens`].
+pub type TokenCheck = Arc<dyn Fn(&str) -> Option<String> + Send + Sync>;
 
 #[derive(Tags)]
 enum Tag {
@@ -124,6 +133,8 @@ enum Tag {
     Dumps,
     /// Liveness, readiness and metrics.
     Operations,
+    /// Read-only SQL over the documented views.
+    Sql,
 }
 
 /// The public API.
@@ -325,6 +336,7 @@ fn service() -> OpenApiService<
         dumps::DumpsApi,
         anomalies::AnomaliesApi,
         chart::ChartsApi,
+        sql::SqlApi,
     ),
     (),
 > {
@@ -335,6 +347,7 @@ fn service() -> OpenApiService<
             dumps::DumpsApi,
             anomalies::AnomaliesApi,
             chart::ChartsApi,
+            sql::SqlApi,
         ),
         "Milepost",
         env!("CARGO_PKG_VERSION"),

@@ -229,6 +229,9 @@ pub struct ServeArgs {
     /// How long shutdown waits for in-flight requests.
     #[arg(long, env = "MILEPOST_SHUTDOWN_TIMEOUT", default_value = "30s", value_parser = humantime::parse_duration)]
     pub shutdown_timeout: Duration,
+    /// Longest a query of `POST /api/v1/sql` runs before DuckDB is interrupted (408).
+    #[arg(long, env = "MILEPOST_SQL_TIMEOUT", default_value = "30s", value_parser = humantime::parse_duration)]
+    pub sql_timeout: Duration,
 }
 
 /// Connection limits and TLS of the public HTTP listener.

@@ -39,6 +39,7 @@ mod recent;
 mod retention;
 mod rollup;
 mod series;
+pub mod sql;
 mod state;
 mod writer;
 
@@ -177,6 +178,11 @@ impl Store {
         Ok(AlertStore::new(self.conn.try_clone()?, self.shared.clone()))
     }
 
+    /// User SQL (see [`sql`]) on connections of its own.
+    pub fn sql_engine(&self, limits: sql::SqlLimits) -> Result<sql::SqlEngine, StoreError> {
+        sql::SqlEngine::new(self.conn.try_clone()?, self.shared.clone(), limits)
+    }
+
     /// A reader with its own connections to the database.
     pub fn reader(&self) -> Result<Reader, StoreError> {
         Ok(Reader::new(self.conn.try_clone()?, self.shared.clone()))
@@ -224,16 +230,21 @@ fn instance_id(dir: &DataDir) -> Result<String, StoreError> {
     Ok(id)
 }
 
-/// A store in `dir` with small settings, for tests.
+/// Small settings for a store in `dir`, for tests.
 #[cfg(test)]
-pub(crate) fn open_for_tests(dir: &Path) -> Store {
-    Store::open(&StoreConfig {
+pub(crate) fn config_for_tests(dir: &Path) -> StoreConfig {
+    StoreConfig {
         data_dir: dir.to_owned(),
         memory_limit: "128MB".into(),
         threads: 1,
         series_memory: crate::store::DEFAULT_SERIES_MEMORY,
-    })
-    .expect("test store opens")
+    }
+}
+
+/// A store in `dir` with small settings, for tests.
+#[cfg(test)]
+pub(crate) fn open_for_tests(dir: &Path) -> Store {
+    Store::open(&config_for_tests(dir)).expect("test store opens")
 }
 
 /// Runs `f` in one transaction: committed when it returns `Ok`, rolled back when it
@@ -789,12 +800,7 @@ mod tests {
     }
 
     fn cfg(dir: &Path) -> StoreConfig {
-        StoreConfig {
-            data_dir: dir.to_owned(),
-            memory_limit: "128MB".into(),
-            threads: 1,
-            series_memory: crate::store::DEFAULT_SERIES_MEMORY,
-        }
+        super::config_for_tests(dir)
     }
 
     #[test]

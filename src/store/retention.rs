@@ -437,10 +437,8 @@ mod tests {
 
     fn open(dir: &std::path::Path, series_memory: usize) -> Store {
         Store::open(&StoreConfig {
-            data_dir: dir.to_owned(),
-            memory_limit: "128MB".into(),
-            threads: 1,
             series_memory,
+            ..crate::store::config_for_tests(dir)
         })
         .unwrap()
     }

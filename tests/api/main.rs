@@ -27,5 +27,6 @@ mod reads;
 mod reload;
 mod s3;
 mod series;
+mod sql;
 mod tools;
 mod v1;

@@ -342,7 +342,6 @@ impl Writer {
 mod tests {
     use super::*;
     use crate::domain::{Batch, Device, Row, SensorId, Timestamp};
-    use crate::store::{Store, StoreConfig};
 
     fn batch(from: i64, n: i64) -> Batch {
         Batch {
@@ -359,13 +358,7 @@ mod tests {
     }
 
     fn writer(dir: &std::path::Path, cfg: WriterConfig) -> Writer {
-        let store = Store::open(&StoreConfig {
-            data_dir: dir.to_owned(),
-            memory_limit: "128MB".into(),
-            threads: 1,
-            series_memory: crate::store::DEFAULT_SERIES_MEMORY,
-        })
-        .unwrap();
+        let store = crate::store::open_for_tests(dir);
         store.start_writer(cfg).unwrap()
     }
 
@@ -549,13 +542,7 @@ mod tests {
         assert_eq!(put(rows(2, 400, 800, 3.0)).await, (0, 400));
         assert_eq!(put(rows(1, 0, 1000, 3.0)).await, (0, 1000));
         w.shutdown().await.unwrap();
-        let store = Store::open(&StoreConfig {
-            data_dir: dir.path().to_owned(),
-            memory_limit: "128MB".into(),
-            threads: 1,
-            series_memory: crate::store::DEFAULT_SERIES_MEMORY,
-        })
-        .unwrap();
+        let store = crate::store::open_for_tests(dir.path());
         let reader = store.reader().unwrap();
         let stored = |sensor| {
             crate::store::ReadStore::count(

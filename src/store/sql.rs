@@ -1,0 +1,731 @@
+//! SQL for users (SPEC 2.6): read-only queries over a documented relational
+//! contract, sandboxed. This is the part that must hold whatever a user types; the
+//! HTTP and PostgreSQL front ends (issue 25) are to be built on it.
+//!
+//! **The contract** is six views, made on each user connection as temporary views
+//! (defined here, versioned with the binary; nothing is added to the file):
+//! `readings(device, sensor, ts, value)`, `rollups_15m(device, sensor, bucket,
+//! count, min, max, sum, first, last)` (ended quarter hours only: the live ones the
+//! writer still holds are not in it), `devices(device)`, `sensors(name, unit,
+//! description, min, max)`, `anomalies(…)` and `dumps(…)`. The views read what is
+//! applied to DuckDB, which trails the acknowledged readings by the apply lag.
+//!
+//! **The sandbox**, by rule rather than by a list of bad words:
+//! 1. DuckDB's own parser (`json_serialize_sql`) must read the text as exactly one
+//!    `SELECT`; it serializes no other kind of statement, so DML, DDL, `COPY`,
+//!    `ATTACH`, `PRAGMA`, `SET`, `INSTALL`/`LOAD`, `EXPORT`, `CALL`, `CHECKPOINT`,
+//!    `PREPARE` … are refused whatever they are.
+//! 2. Every relation read is a contract view or a common table expression of the
+//!    query, by an unqualified name: no table function (`read_csv`, `glob`,
+//!    `read_text`, `range`, `query` …), no file path (`FROM 'x.csv'`), no qualified
+//!    name (the internal tables, other catalogs), no `SHOW`/`DESCRIBE` reference.
+//! 3. Functions are DuckDB's built-ins, unqualified, except those with state or that
+//!    read the instance: `nextval`, `currval`, `setseed`, `current_setting`,
+//!    `getvariable`, `getenv`.
+//! 4. The connection's `search_path` is only `temp` (where the views are), so a name
+//!    the rules let through that is not a view or CTE in scope (a CTE used outside
+//!    its scope) finds nothing rather than an internal table.
+//! 5. A time limit interrupts DuckDB itself (not just the client), results are
+//!    capped in rows and bytes, and at most `max_concurrent` queries run at once.
+
+use std::collections::HashSet;
+use std::sync::mpsc::{RecvTimeoutError, channel};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
+
+use duckdb::Connection;
+pub use duckdb::arrow;
+use duckdb::arrow::record_batch::RecordBatch;
+use serde_json::Value;
+
+use super::{Shared, StoreError};
+
+/// The relations users may read.
+pub const RELATIONS: [&str; 6] = [
+    "readings",
+    "rollups_15m",
+    "devices",
+    "sensors",
+    "anomalies",
+    "dumps",
+];
+
+/// Built-in functions refused: they keep state or read the instance.
+const REFUSED_FUNCTIONS: [&str; 6] = [
+    "nextval",
+    "currval",
+    "setseed",
+    "current_setting",
+    "getvariable",
+    "getenv",
+];
+
+/// Why a user query did not answer.
+#[derive(Debug, thiserror::Error)]
+pub enum SqlError {
+    /// Against the sandbox's rules.
+    #[error("{0}")]
+    Refused(String),
+    /// DuckDB refused or failed the query (its message, position included).
+    #[error("{0}")]
+    Query(String),
+    /// Stopped at the time limit.
+    #[error("the query ran longer than {0:?} and was stopped")]
+    Timeout(Duration),
+    /// The result went past the cap.
+    #[error("the result is larger than {0}")]
+    TooLarge(String),
+    /// Every slot for queries stayed taken.
+    #[error("too many queries are running; try again shortly")]
+    Busy,
+    /// The store failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+impl From<duckdb::Error> for SqlError {
+    fn from(e: duckdb::Error) -> Self {
+        Self::Query(e.to_string())
+    }
+}
+
+/// A value for a query's positional parameter.
+#[derive(Debug, Clone, PartialEq)]
+pub enum SqlParam {
+    /// NULL.
+    Null,
+    /// A boolean.
+    Bool(bool),
+    /// An integer.
+    Int(i64),
+    /// A floating-point number.
+    Float(f64),
+    /// Text.
+    Text(String),
+}
+
+impl SqlParam {
+    fn to_duckdb(&self) -> duckdb::types::Value {
+        use duckdb::types::Value as D;
+        match self {
+            Self::Null => D::Null,
+            Self::Bool(b) => D::Boolean(*b),
+            Self::Int(i) => D::BigInt(*i),
+            Self::Float(f) => D::Double(*f),
+            Self::Text(s) => D::Text(s.clone()),
+        }
+    }
+}
+
+/// Bounds on user queries.
+#[derive(Debug, Clone)]
+pub struct SqlLimits {
+    /// Longest a query runs.
+    pub timeout: Duration,
+    /// Most rows of a result.
+    pub max_rows: u64,
+    /// Most bytes of a result (Arrow's in-memory size).
+    pub max_bytes: u64,
+    /// Queries at once.
+    pub max_concurrent: usize,
+    /// How long a query waits for a slot before [`SqlError::Busy`].
+    pub queue_wait: Duration,
+}
+
+impl Default for SqlLimits {
+    fn default() -> Self {
+        Self {
+            timeout: Duration::from_secs(30),
+            max_rows: 1_000_000,
+            max_bytes: 64 << 20,
+            max_concurrent: 2,
+            queue_wait: Duration::from_secs(1),
+        }
+    }
+}
+
+/// Checks `sql` against rules 1–3 (see the module docs), with DuckDB's parser on
+/// `conn`.
+pub fn check(conn: &Connection, sql: &str) -> Result<(), SqlError> {
+    let json: String =
+        conn.query_row("SELECT json_serialize_sql(?::VARCHAR)", [sql], |r| r.get(0))?;
+    let tree: Value = serde_json::from_str(&json)
+        .map_err(|e| StoreError::Internal(format!("DuckDB's syntax tree: {e}")))?;
+    if tree["error"] == Value::Bool(true) {
+        let message = tree["error_message"].as_str().unwrap_or("not a query");
+        return Err(if tree["error_type"] == "not implemented" {
+            SqlError::Refused(
+                "only a read statement (one SELECT, WITH … SELECT, FROM …, VALUES …) may run"
+                    .into(),
+            )
+        } else {
+            SqlError::Query(message.to_owned())
+        });
+    }
+    let statements = tree["statements"].as_array().map_or(0, Vec::len);
+    if statements != 1 {
+        return Err(SqlError::Refused(format!(
+            "one statement at a time ({statements} given)"
+        )));
+    }
+    let mut ctes = HashSet::new();
+    cte_names(&tree, &mut ctes);
+    walk(&tree["statements"][0], &ctes)
+}
+
+/// Every CTE name defined anywhere in the tree (scope is left to rule 4).
+fn cte_names(node: &Value, out: &mut HashSet<String>) {
+    match node {
+        Value::Object(map) => {
+            if let Some(entries) = map
+                .get("cte_map")
+                .and_then(|m| m.get("map"))
+                .and_then(Value::as_array)
+            {
+                for e in entries {
+                    if let Some(k) = e["key"].as_str() {
+                        out.insert(k.to_lowercase());
+                    }
+                }
+            }
+            map.values().for_each(|v| cte_names(v, out));
+        }
+        Value::Array(items) => items.iter().for_each(|v| cte_names(v, out)),
+        _ => {}
+    }
+}
+
+fn walk(node: &Value, ctes: &HashSet<String>) -> Result<(), SqlError> {
+    match node {
+        Value::Object(map) => {
+            match map.get("type").and_then(Value::as_str) {
+                Some("BASE_TABLE") => base_table(map, ctes)?,
+                Some("TABLE_FUNCTION") => {
+                    let name = map["function"]["function_name"].as_str().unwrap_or("?");
+                    return Err(SqlError::Refused(format!(
+                        "table functions such as {name}() cannot be used: read the views {}",
+                        RELATIONS.join(", ")
+                    )));
+                }
+                Some(t @ ("SHOW_REF" | "COLUMN_DATA" | "DELIM_GET")) => {
+                    return Err(SqlError::Refused(format!("{t} cannot be used here")));
+                }
+                _ => {}
+            }
+            if map.get("class").and_then(Value::as_str) == Some("FUNCTION") {
+                function(map)?;
+            }
+            map.values().try_for_each(|v| walk(v, ctes))
+        }
+        Value::Array(items) => items.iter().try_for_each(|v| walk(v, ctes)),
+        _ => Ok(()),
+    }
+}
+
+fn base_table(
+    map: &serde_json::Map<String, Value>,
+    ctes: &HashSet<String>,
+) -> Result<(), SqlError> {
+    let name = map["table_name"].as_str().unwrap_or_default();
+    let qualified = ["schema_name", "catalog_name"].iter().any(|k| {
+        map.get(*k)
+            .and_then(Value::as_str)
+            .is_some_and(|s| !s.is_empty())
+    });
+    let lower = name.to_lowercase();
+    if qualified || !(RELATIONS.contains(&lower.as_str()) || ctes.contains(&lower)) {
+        return Err(SqlError::Refused(format!(
+            "'{name}' cannot be read: the readable relations are {}",
+            RELATIONS.join(", ")
+        )));
+    }
+    Ok(())
+}
+
+fn function(map: &serde_json::Map<String, Value>) -> Result<(), SqlError> {
+    let name = map["function_name"].as_str().unwrap_or_default();
+    let qualified = ["schema", "catalog"].iter().any(|k| {
+        map.get(*k)
+            .and_then(Value::as_str)
+            .is_some_and(|s| !s.is_empty())
+    });
+    if qualified || REFUSED_FUNCTIONS.contains(&name.to_lowercase().as_str()) {
+        return Err(SqlError::Refused(format!("{name}() cannot be used here")));
+    }
+    Ok(())
+}
+
+/// The contract's views on a user connection; `db` is the database's catalog name,
+/// `rollups_before` a variable set before each query (the writer's live boundary).
+fn views(db: &str) -> String {
+    format!(
+        "CREATE OR REPLACE TEMP VIEW readings AS
+             SELECT d.name AS device, s.name AS sensor,
+                    make_timestamp(r.ts_ms * 1000 + r.ts_us) AS ts, r.value
+             FROM {db}.main.readings r
+             JOIN {db}.main.devices d ON d.id = r.device_id
+             JOIN {db}.main.sensors s ON s.id = r.sensor_id;
+         CREATE OR REPLACE TEMP VIEW rollups_15m AS
+             SELECT d.name AS device, s.name AS sensor, make_timestamp(r.slot_ms * 1000) AS bucket,
+                    sum(r.readings)::BIGINT AS count, min(r.min_value) AS min,
+                    max(r.max_value) AS max, sum(r.sum_value) AS sum,
+                    arg_min(r.first_value, r.first_us) AS first,
+                    arg_max(r.last_value, r.last_us) AS last
+             FROM {db}.main.rollups r
+             JOIN {db}.main.devices d ON d.id = r.device_id
+             JOIN {db}.main.sensors s ON s.id = r.sensor_id
+             WHERE r.slot_ms < getvariable('rollups_before')
+             GROUP BY ALL;
+         CREATE OR REPLACE TEMP VIEW devices AS
+             SELECT name AS device FROM {db}.main.devices;
+         CREATE OR REPLACE TEMP VIEW sensors AS
+             SELECT name, unit, description, min_value AS min, max_value AS max
+             FROM {db}.main.sensors;
+         CREATE OR REPLACE TEMP VIEW anomalies AS
+             SELECT id, alert_id, device, sensor, make_timestamp(step_us) AS step,
+                    make_timestamp(window_start_us) AS window_start,
+                    make_timestamp(window_end_us) AS window_end,
+                    before_mean, after_mean, statistic, direction, status, message,
+                    make_timestamp(detected_us) AS detected
+             FROM {db}.main.anomalies;
+         CREATE OR REPLACE TEMP VIEW dumps AS
+             SELECT day, format, object_key, readings, bytes, sha256, min_ts, max_ts,
+                    generated_at
+             FROM {db}.main.dumps;
+         SET search_path = 'temp';"
+    )
+}
+
+/// What a query returned.
+#[derive(Debug, Clone)]
+pub struct SqlSummary {
+    /// Rows delivered.
+    pub rows: u64,
+    /// Their size in Arrow's memory.
+    pub bytes: u64,
+    /// The result's columns (also when it has no rows).
+    pub schema: arrow::datatypes::SchemaRef,
+}
+
+/// User queries: their own connections, at most `max_concurrent` at once.
+pub struct SqlEngine {
+    /// Cloned for each new connection (a connection is not shared between threads).
+    base: Mutex<Connection>,
+    shared: Arc<Shared>,
+    idle: Mutex<Vec<Connection>>,
+    running: Mutex<usize>,
+    freed: Condvar,
+    limits: SqlLimits,
+    db: String,
+}
+
+impl SqlEngine {
+    pub(super) fn new(
+        base: Connection,
+        shared: Arc<Shared>,
+        limits: SqlLimits,
+    ) -> Result<Self, StoreError> {
+        let db: String = base.query_row("SELECT current_database()", [], |r| r.get(0))?;
+        Ok(Self {
+            base: Mutex::new(base),
+            shared,
+            idle: Mutex::new(Vec::new()),
+            running: Mutex::new(0),
+            freed: Condvar::new(),
+            limits,
+            db,
+        })
+    }
+
+    /// Runs `sql` if the sandbox allows it, handing the result to `sink` batch by
+    /// batch; stops at the first cap reached (the batches given so far stand).
+    pub fn run(
+        &self,
+        sql: &str,
+        params: &[SqlParam],
+        sink: &mut dyn FnMut(&RecordBatch) -> Result<(), SqlError>,
+    ) -> Result<SqlSummary, SqlError> {
+        let _slot = self.slot()?;
+        let conn = self.connection()?;
+        let done = self.run_on(&conn, sql, params, sink);
+        // A connection a query failed on is not reused (its state is DuckDB's).
+        if done.is_ok() {
+            self.idle.lock().expect("sql pool").push(conn);
+        }
+        done
+    }
+
+    fn run_on(
+        &self,
+        conn: &Connection,
+        sql: &str,
+        params: &[SqlParam],
+        sink: &mut dyn FnMut(&RecordBatch) -> Result<(), SqlError>,
+    ) -> Result<SqlSummary, SqlError> {
+        let _span = tracing::debug_span!("user_sql").entered();
+        tracing::debug!(sql, "user query");
+        check(conn, sql)?;
+        // Read-your-writes: readings acknowledged before the query are applied to
+        // DuckDB first (the writer is asked to move the ingest log now; a short wait).
+        self.shared.await_visible();
+        let before = self.shared.rollups_from();
+        conn.execute_batch(&format!(
+            "SET VARIABLE rollups_before = CAST('{before}' AS BIGINT)"
+        ))?;
+        let (stop, stopped) = channel::<()>();
+        let interrupt = conn.interrupt_handle();
+        let timeout = self.limits.timeout;
+        let watchdog = std::thread::spawn(move || {
+            let late = stopped.recv_timeout(timeout) == Err(RecvTimeoutError::Timeout);
+            if late {
+                interrupt.interrupt();
+            }
+            late
+        });
+        let started = Instant::now();
+        let result = self.stream(conn, sql, params, sink);
+        drop(stop);
+        let late = watchdog.join().unwrap_or(false);
+        match result {
+            Err(SqlError::Query(_)) if late || started.elapsed() >= timeout => {
+                Err(SqlError::Timeout(timeout))
+            }
+            other => other,
+        }
+    }
+
+    fn stream(
+        &self,
+        conn: &Connection,
+        sql: &str,
+        params: &[SqlParam],
+        sink: &mut dyn FnMut(&RecordBatch) -> Result<(), SqlError>,
+    ) -> Result<SqlSummary, SqlError> {
+        let mut stmt = conn.prepare(sql)?;
+        let (mut rows, mut bytes) = (0u64, 0u64);
+        let params: Vec<duckdb::types::Value> = params.iter().map(SqlParam::to_duckdb).collect();
+        for batch in stmt.query_arrow(duckdb::params_from_iter(params))? {
+            rows += batch.num_rows() as u64;
+            bytes += batch.get_array_memory_size() as u64;
+            if rows > self.limits.max_rows {
+                return Err(SqlError::TooLarge(format!("{} rows", self.limits.max_rows)));
+            }
+            if bytes > self.limits.max_bytes {
+                return Err(SqlError::TooLarge(format!(
+                    "{} bytes",
+                    self.limits.max_bytes
+                )));
+            }
+            sink(&batch)?;
+        }
+        Ok(SqlSummary {
+            rows,
+            bytes,
+            schema: stmt.schema(),
+        })
+    }
+
+    /// A pooled connection with the views, or a new one.
+    fn connection(&self) -> Result<Connection, SqlError> {
+        if let Some(c) = self.idle.lock().expect("sql pool").pop() {
+            return Ok(c);
+        }
+        let c = self
+            .base
+            .lock()
+            .expect("sql base")
+            .try_clone()
+            .map_err(StoreError::from)?;
+        c.execute_batch(&views(&self.db))
+            .map_err(StoreError::from)?;
+        Ok(c)
+    }
+
+    /// One of the `max_concurrent` slots, waited for at most `queue_wait`.
+    fn slot(&self) -> Result<Slot<'_>, SqlError> {
+        let deadline = Instant::now() + self.limits.queue_wait;
+        let mut running = self.running.lock().expect("sql slots");
+        while *running >= self.limits.max_concurrent.max(1) {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(SqlError::Busy);
+            }
+            running = self.freed.wait_timeout(running, left).expect("sql slots").0;
+        }
+        *running += 1;
+        Ok(Slot(self))
+    }
+}
+
+/// A taken slot, given back when dropped.
+struct Slot<'a>(&'a SqlEngine);
+
+impl Drop for Slot<'_> {
+    fn drop(&mut self) {
+        *self.0.running.lock().expect("sql slots") -= 1;
+        self.0.freed.notify_one();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::Store;
+
+    /// A store with 3 devices × 2 sensors × 20 readings a minute apart.
+    fn store(dir: &std::path::Path) -> Store {
+        let store = crate::store::open_for_tests(dir);
+        let mut sql =
+            String::from("INSERT INTO devices VALUES (0, 'car-0'), (1, 'car-1'), (2, 'car-2');");
+        for d in 0..3 {
+            for s in [1, 4] {
+                for i in 0..20i64 {
+                    let ts = 1_790_000_000_000 + i * 60_000;
+                    sql += &format!(
+                        "INSERT INTO readings VALUES ({d}, {s}, {ts}, 0, {}.5);",
+                        d * 100 + i
+                    );
+                }
+            }
+        }
+        store.conn.execute_batch(&sql).unwrap();
+        store
+    }
+
+    fn limits() -> SqlLimits {
+        SqlLimits {
+            timeout: Duration::from_secs(10),
+            ..SqlLimits::default()
+        }
+    }
+
+    /// Runs `sql`, the result as rows of strings.
+    fn rows(engine: &SqlEngine, sql: &str) -> Result<Vec<Vec<String>>, SqlError> {
+        let mut out = Vec::new();
+        engine.run(sql, &[], &mut |b| {
+            for r in 0..b.num_rows() {
+                out.push(
+                    (0..b.num_columns())
+                        .map(|c| {
+                            duckdb::arrow::util::display::array_value_to_string(b.column(c), r)
+                                .unwrap_or_default()
+                        })
+                        .collect(),
+                );
+            }
+            Ok(())
+        })?;
+        Ok(out)
+    }
+
+    fn counts(store: &Store) -> Vec<i64> {
+        [
+            "readings", "devices", "sensors", "series", "rollups", "meta", "dumps",
+        ]
+        .iter()
+        .map(|t| {
+            store
+                .conn
+                .query_row(&format!("SELECT count(*) FROM {t}"), [], |r| r.get(0))
+                .unwrap()
+        })
+        .collect()
+    }
+
+    #[test]
+    fn read_queries_answer_through_the_views() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = store(dir.path());
+        let engine = store.sql_engine(limits()).unwrap();
+        let got = rows(
+            &engine,
+            "SELECT device, sensor, count(*), min(ts), max(value) FROM readings
+             GROUP BY ALL ORDER BY ALL",
+        )
+        .unwrap();
+        assert_eq!(got.len(), 6);
+        assert_eq!(
+            got[0],
+            [
+                "car-0",
+                "engine_temperature",
+                "20",
+                "2026-09-21T14:13:20",
+                "19.5"
+            ]
+        );
+        for sql in [
+            "WITH t AS (SELECT * FROM readings WHERE device = 'car-1') SELECT count(*) FROM t",
+            "FROM readings SELECT count(*) WHERE device = 'car-1'",
+            "SELECT count(*) FROM (SELECT * FROM readings JOIN sensors ON sensors.name = readings.sensor) WHERE device = 'car-1'",
+            "SELECT sum(n) FROM (SELECT count(*) OVER (PARTITION BY sensor) AS n FROM readings WHERE device = 'car-1' QUALIFY row_number() OVER (PARTITION BY sensor) = 1)",
+        ] {
+            assert_eq!(rows(&engine, sql).unwrap(), [["40"]], "{sql}");
+        }
+        assert_eq!(
+            rows(&engine, "SELECT * FROM devices ORDER BY 1")
+                .unwrap()
+                .len(),
+            3
+        );
+        assert_eq!(rows(&engine, "VALUES (1, 'a')").unwrap(), [["1", "a"]]);
+        // Ended quarter hours only: none before the writer's boundary is set.
+        assert_eq!(
+            rows(&engine, "SELECT count(*) FROM rollups_15m").unwrap(),
+            [["0"]]
+        );
+    }
+
+    /// At least forty statements that would read files, change data or settings,
+    /// load code or reach internal tables: each refused with a reason, and nothing
+    /// changed (row counts, files).
+    #[test]
+    fn hostile_statements_are_refused_and_change_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = store(dir.path());
+        let engine = store.sql_engine(limits()).unwrap();
+        let out = tempfile::tempdir().unwrap();
+        let o = out.path().display();
+        let before = counts(&store);
+        let hostile = [
+            format!("COPY readings TO '{o}/a.csv'"),
+            format!("COPY (SELECT * FROM readings) TO '{o}/b.parquet' (FORMAT parquet)"),
+            format!("EXPORT DATABASE '{o}/export'"),
+            format!("ATTACH '{o}/other.duckdb' AS other"),
+            "ATTACH ':memory:' AS m".into(),
+            "DETACH milepost".into(),
+            "USE memory".into(),
+            "INSTALL httpfs".into(),
+            "LOAD httpfs".into(),
+            "SET memory_limit = '10GB'".into(),
+            "SET enable_external_access = true".into(),
+            "RESET search_path".into(),
+            "PRAGMA database_list".into(),
+            "PRAGMA enable_profiling".into(),
+            "CALL checkpoint()".into(),
+            "CHECKPOINT".into(),
+            "VACUUM".into(),
+            "BEGIN TRANSACTION".into(),
+            "PREPARE p AS SELECT 1".into(),
+            "CREATE TABLE x AS SELECT 1".into(),
+            "CREATE TEMP TABLE x (a INTEGER)".into(),
+            "CREATE OR REPLACE TEMP VIEW readings AS SELECT 1".into(),
+            "CREATE MACRO m(a) AS a".into(),
+            "CREATE SEQUENCE s".into(),
+            "DROP VIEW readings".into(),
+            "DROP TABLE milepost.main.readings".into(),
+            "ALTER TABLE milepost.main.readings ADD COLUMN x INTEGER".into(),
+            "INSERT INTO milepost.main.readings VALUES (0, 1, 0, 0, 0)".into(),
+            "UPDATE milepost.main.readings SET value = 0".into(),
+            "DELETE FROM milepost.main.readings".into(),
+            "DELETE FROM readings".into(),
+            "TRUNCATE readings".into(),
+            "SELECT 1; DELETE FROM milepost.main.readings".into(),
+            "SELECT 1; SELECT 2".into(),
+            "SELECT * FROM read_csv('/etc/passwd')".into(),
+            "SELECT * FROM read_text('/etc/passwd')".into(),
+            "SELECT * FROM read_blob('/etc/passwd')".into(),
+            "SELECT * FROM read_json_auto('/etc/hosts')".into(),
+            "SELECT * FROM read_parquet('/tmp/*.parquet')".into(),
+            "SELECT * FROM glob('/*')".into(),
+            "SELECT * FROM '/etc/passwd'".into(),
+            format!("SELECT * FROM '{o}/x.csv'"),
+            "SELECT * FROM range(1000000000000)".into(),
+            "SELECT * FROM query('SELECT * FROM milepost.main.series')".into(),
+            "SELECT * FROM duckdb_settings()".into(),
+            "SELECT * FROM duckdb_tables()".into(),
+            "SELECT * FROM series".into(),
+            "SELECT * FROM main.series".into(),
+            "SELECT * FROM milepost.main.series".into(),
+            "SELECT * FROM milepost.main.alerts".into(),
+            "SELECT * FROM temp.main.readings".into(),
+            "SELECT (SELECT count(*) FROM milepost.main.alerts)".into(),
+            "SELECT * FROM readings WHERE device IN (SELECT url FROM deliveries)".into(),
+            "SELECT getenv('HOME')".into(),
+            "SELECT current_setting('temp_directory')".into(),
+            "SELECT getvariable('rollups_before')".into(),
+            "SELECT nextval('s')".into(),
+            "SELECT setseed(0.5)".into(),
+            "SELECT main.abs(1)".into(),
+            "DESCRIBE readings".into(),
+            "SHOW TABLES".into(),
+            "SUMMARIZE readings".into(),
+            "SELECT * FROM (DESCRIBE readings)".into(),
+            "SELECT list_transform([1], x -> (SELECT count(*) FROM milepost.main.series))".into(),
+        ];
+        assert!(hostile.len() >= 40);
+        for sql in &hostile {
+            let r = rows(&engine, sql);
+            assert!(
+                matches!(r, Err(SqlError::Refused(_) | SqlError::Query(_))),
+                "{sql}: {r:?}"
+            );
+        }
+        assert_eq!(counts(&store), before);
+        assert_eq!(std::fs::read_dir(out.path()).unwrap().count(), 0);
+        // Still answering.
+        assert_eq!(
+            rows(&engine, "SELECT count(*) FROM readings").unwrap(),
+            [["120"]]
+        );
+    }
+
+    #[test]
+    fn a_runaway_query_is_stopped_and_a_large_result_capped() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = store(dir.path());
+        let engine = store
+            .sql_engine(SqlLimits {
+                timeout: Duration::from_millis(500),
+                max_rows: 50,
+                ..SqlLimits::default()
+            })
+            .unwrap();
+        let started = Instant::now();
+        let r = rows(
+            &engine,
+            "WITH RECURSIVE t(n) AS (SELECT 1 UNION ALL SELECT n + 1 FROM t) SELECT count(*) FROM t",
+        );
+        assert!(matches!(r, Err(SqlError::Timeout(_))), "{r:?}");
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "{:?}",
+            started.elapsed()
+        );
+        let r = rows(&engine, "SELECT * FROM readings");
+        assert!(matches!(r, Err(SqlError::TooLarge(_))), "{r:?}");
+        assert_eq!(
+            rows(&engine, "SELECT count(*) FROM readings").unwrap(),
+            [["120"]]
+        );
+    }
+
+    #[test]
+    fn queries_over_the_concurrency_cap_are_told_to_come_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = store(dir.path());
+        let engine = Arc::new(
+            store
+                .sql_engine(SqlLimits {
+                    timeout: Duration::from_secs(2),
+                    max_concurrent: 1,
+                    queue_wait: Duration::from_millis(100),
+                    ..SqlLimits::default()
+                })
+                .unwrap(),
+        );
+        let long = {
+            let engine = engine.clone();
+            std::thread::spawn(move || {
+                rows(
+                    &engine,
+                    "WITH RECURSIVE t(n) AS (SELECT 1 UNION ALL SELECT n + 1 FROM t) SELECT count(*) FROM t",
+                )
+            })
+        };
+        std::thread::sleep(Duration::from_millis(300));
+        assert!(matches!(rows(&engine, "SELECT 1"), Err(SqlError::Busy)));
+        assert!(matches!(long.join().unwrap(), Err(SqlError::Timeout(_))));
+        assert_eq!(rows(&engine, "SELECT 1").unwrap(), [["1"]]);
+    }
+}

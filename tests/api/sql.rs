@@ -1,0 +1,293 @@
+//! `POST /api/v1/sql` against a live server: the same answers as the API, in every
+//! format; hostile statements refused over HTTP with nothing changed; the time limit;
+//! tokens.
+
+use std::time::{Duration, Instant};
+
+use reqwest::StatusCode;
+use serde_json::{Value, json};
+
+use crate::helpers::*;
+
+/// A viewer token for `app`.
+fn viewer(app: &TestApp) -> String {
+    milepost::backend::TokenAdmin::new(app.dir.path())
+        .create(milepost::backend::Role::Viewer, "analyst")
+        .unwrap()
+        .0
+}
+
+async fn sql(app: &TestApp, token: &str, body: Value, accept: &str) -> (StatusCode, String) {
+    let r = app
+        .client
+        .post(app.url("/api/v1/sql"))
+        .bearer_auth(token)
+        .header("Accept", accept)
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    (r.status(), r.text().await.unwrap())
+}
+
+async fn sql_json(app: &TestApp, token: &str, query: &str) -> Value {
+    let (status, body) = sql(app, token, json!({"sql": query}), "application/json").await;
+    assert_eq!(status, StatusCode::OK, "{query}: {body}");
+    serde_json::from_str(&body).unwrap()
+}
+
+/// Two devices' speed over three hours, every 7 minutes, values from their minute.
+fn history() -> String {
+    let mut body = String::new();
+    for device in ["car-a", "car-b"] {
+        for m in (0..180).step_by(7) {
+            let ts = format!("2026-03-01T{:02}:{:02}:00Z", 10 + m / 60, m % 60);
+            let v = m as f64 * if device == "car-a" { 1.5 } else { 0.5 };
+            body += &format!("{}\n", dline(device, "speed", v, &ts));
+        }
+    }
+    body
+}
+
+#[tokio::test]
+async fn sql_answers_as_the_api_does_in_every_format() {
+    let app = TestApp::spawn().await;
+    assert_eq!(app.ingest(history()).await.0, StatusCode::OK);
+    let token = viewer(&app);
+    for device in ["car-a", "car-b"] {
+        // Hourly averages from SQL (with a parameter) = the statistics endpoint's.
+        let (status, body) = sql(
+            &app,
+            &token,
+            json!({
+                "sql": "SELECT date_trunc('hour', ts) AS hour, count(*) AS n, avg(value) AS mean
+                        FROM readings WHERE device = ? AND sensor = 'speed'
+                        GROUP BY ALL ORDER BY hour",
+                "params": [device],
+            }),
+            "application/json",
+        )
+        .await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+        let got: Value = serde_json::from_str(&body).unwrap();
+        let types: Vec<&str> = got["columns"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|c| c["type"].as_str().unwrap())
+            .collect();
+        assert_eq!(types, ["TIMESTAMP", "BIGINT", "DOUBLE"]);
+        let (_, stats) = app
+            .get(&format!(
+                "/api/v1/sensors/speed/statistics?device={device}&from=2026-03-01T10:00:00Z&to=2026-03-01T13:00:00Z&bucket=1h"
+            ))
+            .await;
+        let buckets = stats["buckets"].as_array().unwrap();
+        let rows = got["rows"].as_array().unwrap();
+        assert_eq!(rows.len(), buckets.len(), "{got} {stats}");
+        assert_eq!(got["row_count"], buckets.len());
+        for (row, b) in rows.iter().zip(buckets) {
+            assert_eq!(row[0], b["start"], "{row} {b}");
+            assert_eq!(row[1], b["count"], "{row} {b}");
+            assert!((row[2].as_f64().unwrap() - b["avg"].as_f64().unwrap()).abs() < 1e-9);
+        }
+        // The quarter hours' rollups = the 15-minute statistics.
+        let got = sql_json(
+            &app,
+            &token,
+            &format!(
+                "SELECT bucket, count, min, max, first, last, sum / count FROM rollups_15m
+                 WHERE device = '{device}' AND sensor = 'speed' ORDER BY bucket"
+            ),
+        )
+        .await;
+        let (_, stats) = app
+            .get(&format!(
+                "/api/v1/sensors/speed/statistics?device={device}&from=2026-03-01T10:00:00Z&to=2026-03-01T13:00:00Z&bucket=15m"
+            ))
+            .await;
+        let buckets: Vec<&Value> = stats["buckets"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|b| b["count"] != 0)
+            .collect();
+        let rows = got["rows"].as_array().unwrap();
+        assert_eq!(rows.len(), buckets.len(), "{got} {stats}");
+        for (row, b) in rows.iter().zip(buckets) {
+            assert_eq!(row[0], b["start"], "{row} {b}");
+            for (i, k) in [
+                (1, "count"),
+                (2, "min"),
+                (3, "max"),
+                (4, "first"),
+                (5, "last"),
+                (6, "avg"),
+            ] {
+                assert_eq!(row[i].as_f64(), b[k].as_f64(), "{k}: {row} {b}");
+            }
+        }
+        // Raw rows, as NDJSON and CSV, = the API's NDJSON export.
+        let (_, export) = app
+            .get_text(&format!(
+                "/api/v1/sensors/speed/readings?device={device}&format=ndjson"
+            ))
+            .await;
+        let exported: Vec<(String, f64)> = export
+            .lines()
+            .map(|l| {
+                let v: Value = serde_json::from_str(l).unwrap();
+                (
+                    v["timestamp"].as_str().unwrap().to_owned(),
+                    v["value"].as_f64().unwrap(),
+                )
+            })
+            .collect();
+        let query = json!({
+            "sql": "SELECT ts, value FROM readings WHERE device = $1 ORDER BY ts",
+            "params": [device],
+        });
+        let (status, ndjson) = sql(&app, &token, query.clone(), "application/x-ndjson").await;
+        assert_eq!(status, StatusCode::OK);
+        let rows: Vec<(String, f64)> = ndjson
+            .lines()
+            .map(|l| {
+                let v: Value = serde_json::from_str(l).unwrap();
+                (
+                    v["ts"].as_str().unwrap().to_owned(),
+                    v["value"].as_f64().unwrap(),
+                )
+            })
+            .collect();
+        assert_eq!(rows.len(), exported.len());
+        for ((ts, v), (ets, ev)) in rows.iter().zip(&exported) {
+            assert_eq!(micros(ts), micros(ets));
+            assert_eq!(v, ev);
+        }
+        let (status, csv) = sql(&app, &token, query, "text/csv").await;
+        assert_eq!(status, StatusCode::OK);
+        let mut lines = csv.lines();
+        assert_eq!(lines.next(), Some("ts,value"));
+        assert_eq!(lines.count(), exported.len());
+    }
+    // The other views.
+    let v = sql_json(&app, &token, "SELECT count(*) FROM devices").await;
+    assert_eq!(v["rows"], json!([[2]]));
+    let v = sql_json(
+        &app,
+        &token,
+        "SELECT unit FROM sensors WHERE name = 'speed'",
+    )
+    .await;
+    assert_eq!(v["rows"], json!([["km/h"]]));
+    for view in ["anomalies", "dumps", "rollups_15m"] {
+        sql_json(&app, &token, &format!("SELECT * FROM {view} LIMIT 1")).await;
+    }
+    // NULLs and an empty result.
+    let v = sql_json(&app, &token, "SELECT NULL AS x, 1 AS y WHERE false").await;
+    assert_eq!(v["rows"], json!([]));
+    let v = sql_json(&app, &token, "SELECT NULL AS x, true AS y").await;
+    assert_eq!(v["rows"], json!([[null, true]]));
+}
+
+#[tokio::test]
+async fn hostile_sql_over_http_is_refused_and_changes_nothing() {
+    let app = TestApp::spawn().await;
+    assert_eq!(app.ingest(history()).await.0, StatusCode::OK);
+    let token = viewer(&app);
+    let count = "SELECT count(*) FROM readings";
+    let before = sql_json(&app, &token, count).await;
+    let out = tempfile::tempdir().unwrap();
+    let o = out.path().display();
+    let hostile = [
+        format!("COPY readings TO '{o}/a.csv'"),
+        format!("COPY (SELECT * FROM readings) TO '{o}/b.parquet' (FORMAT parquet)"),
+        format!("EXPORT DATABASE '{o}/x'"),
+        format!("ATTACH '{o}/y.duckdb' AS y"),
+        format!("SELECT * FROM '{o}/z.csv'"),
+        "INSTALL httpfs".into(),
+        "LOAD httpfs".into(),
+        "SET memory_limit = '8GB'".into(),
+        "SET enable_external_access = true".into(),
+        "PRAGMA database_list".into(),
+        "CALL checkpoint()".into(),
+        "CHECKPOINT".into(),
+        "CREATE TABLE t AS SELECT 1".into(),
+        "CREATE TEMP VIEW readings AS SELECT 1".into(),
+        "DROP VIEW readings".into(),
+        "DELETE FROM readings".into(),
+        "UPDATE readings SET value = 0".into(),
+        "INSERT INTO readings VALUES ('x', 'speed', now()::TIMESTAMP, 1)".into(),
+        "DELETE FROM milepost.main.readings".into(),
+        "SELECT 1; DELETE FROM milepost.main.readings".into(),
+        "SELECT * FROM read_csv('/etc/passwd')".into(),
+        "SELECT * FROM read_text('/etc/passwd')".into(),
+        "SELECT * FROM glob('/*')".into(),
+        "SELECT * FROM '/etc/passwd'".into(),
+        "SELECT * FROM range(1000000000000)".into(),
+        "SELECT * FROM query('SELECT 1')".into(),
+        "SELECT * FROM duckdb_settings()".into(),
+        "SELECT * FROM series".into(),
+        "SELECT * FROM milepost.main.series".into(),
+        "SELECT webhook_url FROM milepost.main.alerts".into(),
+        "SELECT * FROM alerts".into(),
+        "SELECT * FROM deliveries".into(),
+        "SELECT getenv('HOME')".into(),
+        "SELECT current_setting('temp_directory')".into(),
+        "SELECT nextval('s')".into(),
+        "DESCRIBE readings".into(),
+        "SHOW TABLES".into(),
+        "SUMMARIZE readings".into(),
+        "BEGIN TRANSACTION".into(),
+        "VACUUM".into(),
+        "DETACH milepost".into(),
+        "SELEC 1".into(),
+    ];
+    assert!(hostile.len() >= 40);
+    for q in &hostile {
+        let (status, body) = sql(&app, &token, json!({"sql": q}), "application/json").await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{q}: {body}");
+        let v: Value = serde_json::from_str(&body).unwrap();
+        assert!(!v["error"].as_str().unwrap().is_empty(), "{q}: {body}");
+    }
+    assert_eq!(sql_json(&app, &token, count).await, before);
+    assert_eq!(std::fs::read_dir(out.path()).unwrap().count(), 0);
+    // No token, a wrong one, an ingest key: 401. Ingest still works.
+    for t in [None, Some("nope"), Some(KEY)] {
+        let mut req = app.client.post(app.url("/api/v1/sql")).body("SELECT 1");
+        if let Some(t) = t {
+            req = req.bearer_auth(t);
+        }
+        assert_eq!(req.send().await.unwrap().status(), StatusCode::UNAUTHORIZED);
+    }
+    let (status, _) = app
+        .ingest(line("speed", 1.0, "2026-03-01T09:00:00Z") + "\n")
+        .await;
+    assert_eq!(status, StatusCode::OK);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_query_over_the_time_limit_is_stopped_and_ingest_goes_on() {
+    let app = TestApp::spawn_with(|a| a.sql_timeout = Duration::from_millis(800)).await;
+    let token = viewer(&app);
+    let bomb =
+        "WITH RECURSIVE t(n) AS (SELECT 1 UNION ALL SELECT n + 1 FROM t) SELECT count(*) FROM t";
+    let started = Instant::now();
+    let query = sql(&app, &token, json!({"sql": bomb}), "application/json");
+    let ingest = async {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let t = Instant::now();
+        let (status, _) = app
+            .ingest(line("speed", 1.0, "2026-03-01T09:00:00Z") + "\n")
+            .await;
+        (status, t.elapsed())
+    };
+    let ((status, body), (ingested, took)) = tokio::join!(query, ingest);
+    assert_eq!(status, StatusCode::REQUEST_TIMEOUT, "{body}");
+    assert!(started.elapsed() < Duration::from_secs(10));
+    assert_eq!(ingested, StatusCode::OK);
+    assert!(took < Duration::from_secs(1), "ingest waited {took:?}");
+    // The next query answers.
+    let v = sql_json(&app, &token, "SELECT count(*) FROM readings").await;
+    assert_eq!(v["rows"], json!([[1]]));
+}
