@@ -15,20 +15,19 @@
 //!    `SELECT`; it serializes no other kind of statement, so DML, DDL, `COPY`,
 //!    `ATTACH`, `PRAGMA`, `SET`, `INSTALL`/`LOAD`, `EXPORT`, `CALL`, `CHECKPOINT`,
 //!    `PREPARE` … are refused whatever they are.
-//! 2. Every relation read is a contract view or a common table expression of the
-//!    query, by an unqualified name: no table function (`read_csv`, `glob`,
-//!    `read_text`, `range`, `query` …), no file path (`FROM 'x.csv'`), no qualified
-//!    name (the internal tables, other catalogs), no `SHOW`/`DESCRIBE` reference.
+//! 2. Every relation read is a contract view, or a common table expression in
+//!    scope, by an unqualified plain identifier: no table function (`read_csv`,
+//!    `glob`, `read_text`, `range`, `query` …), no file path (`FROM 'x.csv'`, also
+//!    not as a CTE's name, which out of its scope DuckDB would read as a file), no
+//!    qualified name (the internal tables, other catalogs), no `SHOW`/`DESCRIBE`.
 //! 3. Functions are DuckDB's built-ins, unqualified, except those with state or that
 //!    read the instance: `nextval`, `currval`, `setseed`, `current_setting`,
 //!    `getvariable`, `getenv`.
-//! 4. The connection's `search_path` is only `temp` (where the views are), so a name
-//!    the rules let through that is not a view or CTE in scope (a CTE used outside
-//!    its scope) finds nothing rather than an internal table.
+//! 4. The connection's `search_path` is only `temp` (where the views are): should a
+//!    name get past the rules that is no view or CTE, it finds no internal table.
 //! 5. A time limit interrupts DuckDB itself (not just the client), results are
 //!    capped in rows and bytes, and at most `max_concurrent` queries run at once.
 
-use std::collections::HashSet;
 use std::sync::mpsc::{RecvTimeoutError, channel};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
@@ -168,64 +167,87 @@ pub fn check(conn: &Connection, sql: &str) -> Result<(), SqlError> {
             "one statement at a time ({statements} given)"
         )));
     }
-    let mut ctes = HashSet::new();
-    cte_names(&tree, &mut ctes);
-    walk(&tree["statements"][0], &ctes)
+    walk(&tree["statements"][0], &mut Vec::new())
 }
 
-/// Every CTE name defined anywhere in the tree (scope is left to rule 4).
-fn cte_names(node: &Value, out: &mut HashSet<String>) {
-    match node {
-        Value::Object(map) => {
-            if let Some(entries) = map
-                .get("cte_map")
-                .and_then(|m| m.get("map"))
-                .and_then(Value::as_array)
-            {
-                for e in entries {
-                    if let Some(k) = e["key"].as_str() {
-                        out.insert(k.to_lowercase());
-                    }
-                }
+/// The CTE names a node defines (they are in scope in the node and below it, as
+/// DuckDB binds them). A name that is not a plain identifier is refused: quoted, it
+/// could name a file (`WITH "x.csv" AS …`), and a reference to it out of the CTE's
+/// scope would then read that file through DuckDB's replacement scans.
+fn defined_ctes(map: &serde_json::Map<String, Value>) -> Result<Vec<String>, SqlError> {
+    let Some(entries) = map
+        .get("cte_map")
+        .and_then(|m| m.get("map"))
+        .and_then(Value::as_array)
+    else {
+        return Ok(Vec::new());
+    };
+    entries
+        .iter()
+        .filter_map(|e| e["key"].as_str())
+        .map(|k| {
+            if plain_identifier(k) {
+                Ok(k.to_lowercase())
+            } else {
+                Err(SqlError::Refused(format!(
+                    "a common table expression's name is a plain identifier, not '{k}'"
+                )))
             }
-            map.values().for_each(|v| cte_names(v, out));
-        }
-        Value::Array(items) => items.iter().for_each(|v| cte_names(v, out)),
-        _ => {}
-    }
+        })
+        .collect()
 }
 
-fn walk(node: &Value, ctes: &HashSet<String>) -> Result<(), SqlError> {
+/// Letters, digits and underscores, not starting with a digit.
+fn plain_identifier(name: &str) -> bool {
+    let mut chars = name.chars();
+    chars
+        .next()
+        .is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+        && chars.all(|c| c.is_ascii_alphanumeric() || c == '_')
+}
+
+/// Checks `node` and everything below it; `scope`: the CTE names of the nodes
+/// above.
+fn walk(node: &Value, scope: &mut Vec<String>) -> Result<(), SqlError> {
     match node {
         Value::Object(map) => {
-            match map.get("type").and_then(Value::as_str) {
-                Some("BASE_TABLE") => base_table(map, ctes)?,
-                Some("TABLE_FUNCTION") => {
-                    let name = map["function"]["function_name"].as_str().unwrap_or("?");
-                    return Err(SqlError::Refused(format!(
-                        "table functions such as {name}() cannot be used: read the views {}",
-                        RELATIONS.join(", ")
-                    )));
-                }
-                Some(t @ ("SHOW_REF" | "COLUMN_DATA" | "DELIM_GET")) => {
-                    return Err(SqlError::Refused(format!("{t} cannot be used here")));
-                }
-                _ => {}
-            }
-            if map.get("class").and_then(Value::as_str) == Some("FUNCTION") {
-                function(map)?;
-            }
-            map.values().try_for_each(|v| walk(v, ctes))
+            let defined = defined_ctes(map)?;
+            let outer = scope.len();
+            scope.extend(defined);
+            let checked = walk_object(map, scope);
+            scope.truncate(outer);
+            checked
         }
-        Value::Array(items) => items.iter().try_for_each(|v| walk(v, ctes)),
+        Value::Array(items) => items.iter().try_for_each(|v| walk(v, scope)),
         _ => Ok(()),
     }
 }
 
-fn base_table(
+fn walk_object(
     map: &serde_json::Map<String, Value>,
-    ctes: &HashSet<String>,
+    scope: &mut Vec<String>,
 ) -> Result<(), SqlError> {
+    match map.get("type").and_then(Value::as_str) {
+        Some("BASE_TABLE") => base_table(map, scope)?,
+        Some("TABLE_FUNCTION") => {
+            let name = map["function"]["function_name"].as_str().unwrap_or("?");
+            return Err(SqlError::Refused(format!(
+                "table functions such as {name}() cannot be used: read the views {}",
+                RELATIONS.join(", ")
+            )));
+        }
+        Some(t @ ("SHOW_REF" | "COLUMN_DATA" | "DELIM_GET")) => {
+            return Err(SqlError::Refused(format!("{t} cannot be used here")));
+        }
+        _ => {}
+    }
+    if map.get("class").and_then(Value::as_str) == Some("FUNCTION") {
+        function(map)?;
+    }
+    map.values().try_for_each(|v| walk(v, scope))
+}
+
+fn base_table(map: &serde_json::Map<String, Value>, scope: &[String]) -> Result<(), SqlError> {
     let name = map["table_name"].as_str().unwrap_or_default();
     let qualified = ["schema_name", "catalog_name"].iter().any(|k| {
         map.get(*k)
@@ -233,7 +255,8 @@ fn base_table(
             .is_some_and(|s| !s.is_empty())
     });
     let lower = name.to_lowercase();
-    if qualified || !(RELATIONS.contains(&lower.as_str()) || ctes.contains(&lower)) {
+    let known = RELATIONS.contains(&lower.as_str()) || scope.contains(&lower);
+    if qualified || !plain_identifier(name) || !known {
         return Err(SqlError::Refused(format!(
             "'{name}' cannot be read: the readable relations are {}",
             RELATIONS.join(", ")
@@ -569,6 +592,16 @@ mod tests {
             3
         );
         assert_eq!(rows(&engine, "VALUES (1, 'a')").unwrap(), [["1", "a"]]);
+        // CTEs in their scopes: chained, in a subquery, both sides of a UNION.
+        for sql in [
+            "WITH a AS (SELECT 1 AS x), b AS (SELECT x FROM a) SELECT * FROM b",
+            "WITH a AS (SELECT 1 AS x) SELECT (SELECT max(x) FROM a)",
+            "WITH a AS (SELECT 1 AS x) SELECT * FROM a UNION SELECT * FROM a",
+            "SELECT * FROM (WITH a AS (SELECT 1 AS x) SELECT * FROM a)",
+            "WITH RECURSIVE t(n) AS (SELECT 1 UNION ALL SELECT n + 1 FROM t WHERE n < 1) SELECT * FROM t",
+        ] {
+            assert_eq!(rows(&engine, sql).unwrap(), [["1"]], "{sql}");
+        }
         // Ended quarter hours only: none before the writer's boundary is set.
         assert_eq!(
             rows(&engine, "SELECT count(*) FROM rollups_15m").unwrap(),
@@ -587,7 +620,13 @@ mod tests {
         let out = tempfile::tempdir().unwrap();
         let o = out.path().display();
         let before = counts(&store);
+        let secrets = tempfile::tempdir().unwrap();
+        let secret = secrets.path().join("secret.csv");
+        std::fs::write(&secret, "password\nhunter2\n").unwrap();
+        let secret = secret.display();
         let hostile = [
+            format!("SELECT * FROM '{secret}'"),
+            format!("SELECT (WITH \"{secret}\" AS (SELECT 1) SELECT 1) AS a, * FROM '{secret}'"),
             format!("COPY readings TO '{o}/a.csv'"),
             format!("COPY (SELECT * FROM readings) TO '{o}/b.parquet' (FORMAT parquet)"),
             format!("EXPORT DATABASE '{o}/export'"),
@@ -652,6 +691,12 @@ mod tests {
             "SUMMARIZE readings".into(),
             "SELECT * FROM (DESCRIBE readings)".into(),
             "SELECT list_transform([1], x -> (SELECT count(*) FROM milepost.main.series))".into(),
+            // A CTE's name used out of its scope: a file path, an internal table.
+            "SELECT (WITH \"/etc/passwd\" AS (SELECT 1) SELECT 1) AS a, * FROM '/etc/passwd'"
+                .into(),
+            "WITH \"/etc/hosts\" AS (SELECT 1) SELECT * FROM \"/etc/hosts\"".into(),
+            "SELECT (WITH series AS (SELECT 1) SELECT 1) AS a, * FROM series".into(),
+            "SELECT * FROM (WITH alerts AS (SELECT 1) SELECT 1) t, alerts".into(),
         ];
         assert!(hostile.len() >= 40);
         for sql in &hostile {
