@@ -35,6 +35,8 @@
 //!                        store::AlertStore (own connection) ──▶ jobs::notify (webhooks)
 //!                                        ▲
 //! operator ──gRPC, bearer token──▶ backend (authz ▶ services) ──▶ Redump, DryRun, Backfill
+//! analyst ──POST /api/v1/sql, bearer token──▶ api::sql ──▶ store::sql (sandbox checks,
+//!                                             contract views, own connections, limits)
 //! ```
 //!
 //! - [`domain`]: types that are valid by construction (`Device`, `Reading` rows,
@@ -46,7 +48,7 @@
 //! - [`store`]: everything that speaks SQL to the database and owns the data
 //!   directory — migrations, the writer (front, syncer, flusher and their ingest log), the
 //!   reader, rollups, compaction, retention, deleting a device (`store::forget`),
-//!   dumps' day files, alerts' tables, and
+//!   dumps' day files, alerts' tables, users' sandboxed SQL (`store::sql`), and
 //!   `store::diagnostics` (does the database open; the benchmark's native references)
 //!   for `cli::recover` and `bench`, which get typed answers, never a connection.
 //! - [`export`]: daily dumps to a blob store, which days are due, and the lake's
