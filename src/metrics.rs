@@ -195,6 +195,13 @@ metrics! {
     /// Webhook attempts that failed (retried, up to `--webhook-attempts`).
     webhook_failed: Counter = Counter::default()
         => "webhook_deliveries_failed", "Webhook attempts that failed";
+    /// `POST /api/v1/sql` requests answered, by status (200 answered; 400 refused or
+    /// failed; 408 timed out; 413 over the cap; 503 busy).
+    sql_requests: Family<StatusLabel, Counter> = Family::default()
+        => "sql_requests", "User SQL requests answered, by HTTP status";
+    /// Time to answer a user SQL query (1 ms .. ~33 s).
+    sql_seconds: Histogram = Histogram::new(exponential_buckets(0.001, 2.0, 16))
+        => "sql_query_duration", "Time to answer a user SQL request", Seconds;
 }
 
 impl std::fmt::Debug for Metrics {

@@ -20,6 +20,7 @@ use serde_json::Value;
 use super::error::ErrorBody;
 use super::readings::Format;
 use super::{AppState, Tag};
+use crate::metrics::StatusLabel;
 use crate::store::sql::arrow::array::{Array, ArrayRef};
 use crate::store::sql::arrow::datatypes::DataType;
 use crate::store::sql::arrow::record_batch::RecordBatch;
@@ -216,62 +217,92 @@ impl SqlApi {
         req: &Request,
         body: SqlRequest,
     ) -> SqlResponse {
-        let token = req
-            .headers()
-            .get(header::AUTHORIZATION)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "))
-            .map(str::trim);
-        let caller = token.and_then(|t| (state.tokens.as_ref()?)(t));
-        let Some(caller) = caller else {
-            return SqlResponse::Unauthorized(Json(ErrorBody::new(
-                "a backend token is required: Authorization: Bearer TOKEN (milepost token create)",
-            )));
-        };
-        let accept = req
-            .headers()
-            .get(header::ACCEPT)
-            .and_then(|v| v.to_str().ok());
-        let Ok(format) = Format::negotiate(None, accept) else {
-            return SqlResponse::NotAcceptable(Json(ErrorBody::new(
-                "the result can be application/json, application/x-ndjson or text/csv",
-            )));
-        };
-        let (sql, params) = match body.read(req).await {
-            Ok(read) => read,
-            Err(e) => return SqlResponse::error(e),
-        };
-        let params = match params.iter().map(param).collect::<Result<Vec<_>, _>>() {
-            Ok(p) => p,
-            Err(e) => return SqlResponse::error(e),
-        };
-        let Some(engine) = state.sql.clone() else {
-            return SqlResponse::error(SqlError::Refused("SQL is not enabled here".into()));
-        };
-        tracing::debug!(%caller, "user query");
-        let span = tracing::Span::current();
-        let ran = tokio::task::spawn_blocking(move || {
-            span.in_scope(|| {
-                let mut batches = Vec::new();
-                engine
-                    .run(&sql, &params, &mut |b| {
-                        batches.push(b.clone());
-                        Ok(())
-                    })
-                    .map(|summary| (batches, summary))
+        let started = std::time::Instant::now();
+        let answer = respond(&state, req, body).await;
+        let m = &state.metrics;
+        m.sql_seconds.observe(started.elapsed().as_secs_f64());
+        m.sql_requests
+            .get_or_create(&StatusLabel {
+                status: answer.status(),
             })
-        })
-        .await;
-        let (batches, summary) = match ran {
-            Ok(Ok(done)) => done,
-            Ok(Err(e)) => return SqlResponse::error(e),
-            Err(e) => {
-                tracing::error!(error = %e, "query task failed");
-                return SqlResponse::Internal(Json(ErrorBody::new("internal error")));
-            }
-        };
-        SqlResponse::Ok(render(format, &batches, &summary), summary.rows)
+            .inc();
+        answer
     }
+}
+
+impl SqlResponse {
+    /// The HTTP status of the answer (for the metrics).
+    fn status(&self) -> u16 {
+        match self {
+            Self::Ok(..) => 200,
+            Self::BadRequest(_) => 400,
+            Self::Unauthorized(_) => 401,
+            Self::NotAcceptable(_) => 406,
+            Self::Timeout(_) => 408,
+            Self::TooLarge(_) => 413,
+            Self::Internal(_) => 500,
+            Self::Busy(..) => 503,
+        }
+    }
+}
+
+/// Answers one request (see [`SqlApi::sql`]).
+async fn respond(state: &Arc<AppState>, req: &Request, body: SqlRequest) -> SqlResponse {
+    let token = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::trim);
+    let caller = token.and_then(|t| (state.tokens.as_ref()?)(t));
+    let Some(caller) = caller else {
+        return SqlResponse::Unauthorized(Json(ErrorBody::new(
+            "a backend token is required: Authorization: Bearer TOKEN (milepost token create)",
+        )));
+    };
+    let accept = req
+        .headers()
+        .get(header::ACCEPT)
+        .and_then(|v| v.to_str().ok());
+    let Ok(format) = Format::negotiate(None, accept) else {
+        return SqlResponse::NotAcceptable(Json(ErrorBody::new(
+            "the result can be application/json, application/x-ndjson or text/csv",
+        )));
+    };
+    let (sql, params) = match body.read(req).await {
+        Ok(read) => read,
+        Err(e) => return SqlResponse::error(e),
+    };
+    let params = match params.iter().map(param).collect::<Result<Vec<_>, _>>() {
+        Ok(p) => p,
+        Err(e) => return SqlResponse::error(e),
+    };
+    let Some(engine) = state.sql.clone() else {
+        return SqlResponse::error(SqlError::Refused("SQL is not enabled here".into()));
+    };
+    tracing::debug!(%caller, "user query");
+    let span = tracing::Span::current();
+    let ran = tokio::task::spawn_blocking(move || {
+        span.in_scope(|| {
+            let mut batches = Vec::new();
+            engine
+                .run(&sql, &params, &mut |b| {
+                    batches.push(b.clone());
+                    Ok(())
+                })
+                .map(|summary| (batches, summary))
+        })
+    })
+    .await;
+    let (batches, summary) = match ran {
+        Ok(Ok(done)) => done,
+        Ok(Err(e)) => return SqlResponse::error(e),
+        Err(e) => {
+            tracing::error!(error = %e, "query task failed");
+            return SqlResponse::Internal(Json(ErrorBody::new("internal error")));
+        }
+    };
+    SqlResponse::Ok(render(format, &batches, &summary), summary.rows)
 }
 
 /// A JSON parameter as a query's.

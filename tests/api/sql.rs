@@ -264,6 +264,21 @@ async fn hostile_sql_over_http_is_refused_and_changes_nothing() {
         .ingest(line("speed", 1.0, "2026-03-01T09:00:00Z") + "\n")
         .await;
     assert_eq!(status, StatusCode::OK);
+    // Counted by status: the two counts above, the hostile ones, the three 401s.
+    let m = crate::metrics::scrape(&app).await;
+    let count = |s: u16| {
+        crate::metrics::get(
+            &m,
+            &format!("milepost_sql_requests_total{{status=\"{s}\"}}"),
+        )
+    };
+    assert_eq!(count(200), 2.0);
+    assert_eq!(count(400), hostile.len() as f64);
+    assert_eq!(count(401), 3.0);
+    assert_eq!(
+        crate::metrics::get(&m, "milepost_sql_query_duration_seconds_count"),
+        (hostile.len() + 5) as f64
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
