@@ -97,7 +97,12 @@ impl SqlRequest {
             .0
             .into_bytes_limit(MAX_BODY)
             .await
-            .map_err(|e| SqlError::Refused(format!("the query text: {e}")))?;
+            .map_err(|e| match e {
+                poem::error::ReadBodyError::PayloadTooLarge => {
+                    SqlError::TooLarge(format!("a query text of {MAX_BODY} bytes"))
+                }
+                e => SqlError::Refused(format!("the query text: {e}")),
+            })?;
         let json = req
             .headers()
             .get(header::CONTENT_TYPE)
@@ -171,7 +176,7 @@ pub enum SqlResponse {
     /// Stopped at the time limit (`--sql-timeout`).
     #[oai(status = 408)]
     Timeout(Json<ErrorBody>),
-    /// The result is over the cap in rows or bytes.
+    /// The result is over the cap in rows or bytes, or the query text over 1 MiB.
     #[oai(status = 413)]
     TooLarge(Json<ErrorBody>),
     /// Storage failed; details are in the server log.

@@ -36,6 +36,24 @@ async fn sql_json(app: &TestApp, token: &str, query: &str) -> Value {
     serde_json::from_str(&body).unwrap()
 }
 
+/// A query that never ends by itself.
+const BOMB: &str =
+    "WITH RECURSIVE t(n) AS (SELECT 1 UNION ALL SELECT n + 1 FROM t) SELECT count(*) FROM t";
+
+/// `(µs, value)` of each NDJSON line, the time in field `ts`.
+fn timed_values(ndjson: &str, ts: &str) -> Vec<(i64, f64)> {
+    ndjson
+        .lines()
+        .map(|l| {
+            let v: Value = serde_json::from_str(l).unwrap();
+            (
+                micros(v[ts].as_str().unwrap()),
+                v["value"].as_f64().unwrap(),
+            )
+        })
+        .collect()
+}
+
 /// Two devices' speed over three hours, every 7 minutes, values from their minute.
 fn history() -> String {
     let mut body = String::new();
@@ -133,37 +151,15 @@ async fn sql_answers_as_the_api_does_in_every_format() {
                 "/api/v1/sensors/speed/readings?device={device}&format=ndjson"
             ))
             .await;
-        let exported: Vec<(String, f64)> = export
-            .lines()
-            .map(|l| {
-                let v: Value = serde_json::from_str(l).unwrap();
-                (
-                    v["timestamp"].as_str().unwrap().to_owned(),
-                    v["value"].as_f64().unwrap(),
-                )
-            })
-            .collect();
+        let exported = timed_values(&export, "timestamp");
         let query = json!({
             "sql": "SELECT ts, value FROM readings WHERE device = $1 ORDER BY ts",
             "params": [device],
         });
         let (status, ndjson) = sql(&app, &token, query.clone(), "application/x-ndjson").await;
         assert_eq!(status, StatusCode::OK);
-        let rows: Vec<(String, f64)> = ndjson
-            .lines()
-            .map(|l| {
-                let v: Value = serde_json::from_str(l).unwrap();
-                (
-                    v["ts"].as_str().unwrap().to_owned(),
-                    v["value"].as_f64().unwrap(),
-                )
-            })
-            .collect();
-        assert_eq!(rows.len(), exported.len());
-        for ((ts, v), (ets, ev)) in rows.iter().zip(&exported) {
-            assert_eq!(micros(ts), micros(ets));
-            assert_eq!(v, ev);
-        }
+        let rows = timed_values(&ndjson, "ts");
+        assert_eq!(rows, exported);
         let (status, csv) = sql(&app, &token, query, "text/csv").await;
         assert_eq!(status, StatusCode::OK);
         let mut lines = csv.lines();
@@ -285,10 +281,8 @@ async fn hostile_sql_over_http_is_refused_and_changes_nothing() {
 async fn a_query_over_the_time_limit_is_stopped_and_ingest_goes_on() {
     let app = TestApp::spawn_with(|a| a.sql_timeout = Duration::from_millis(800)).await;
     let token = viewer(&app);
-    let bomb =
-        "WITH RECURSIVE t(n) AS (SELECT 1 UNION ALL SELECT n + 1 FROM t) SELECT count(*) FROM t";
     let started = Instant::now();
-    let query = sql(&app, &token, json!({"sql": bomb}), "application/json");
+    let query = sql(&app, &token, json!({"sql": BOMB}), "application/json");
     let ingest = async {
         tokio::time::sleep(Duration::from_millis(200)).await;
         let t = Instant::now();
@@ -305,4 +299,51 @@ async fn a_query_over_the_time_limit_is_stopped_and_ingest_goes_on() {
     // The next query answers.
     let v = sql_json(&app, &token, "SELECT count(*) FROM readings").await;
     assert_eq!(v["rows"], json!([[1]]));
+}
+
+/// The statuses and headers the README promises beside the answers and refusals:
+/// the row count header, 406, 413 for a result over the cap and for a query text
+/// over 1 MiB, 503 with `Retry-After` while two queries run.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn row_count_not_acceptable_too_large_and_busy() {
+    let app = TestApp::spawn_with(|a| a.sql_timeout = Duration::from_secs(3)).await;
+    assert_eq!(app.ingest(history()).await.0, StatusCode::OK);
+    let token = viewer(&app);
+    let post = |body: String, accept: &'static str| {
+        app.client
+            .post(app.url("/api/v1/sql"))
+            .bearer_auth(&token)
+            .header("Accept", accept)
+            .body(body)
+            .send()
+    };
+    let r = post("SELECT * FROM readings".into(), "*/*").await.unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    assert_eq!(r.headers()["x-row-count"], "52");
+    let r = post("SELECT 1".into(), "image/png").await.unwrap();
+    assert_eq!(r.status(), StatusCode::NOT_ACCEPTABLE);
+    // 52⁴ rows: stopped past the 1,000,000-row cap, nothing of it sent.
+    let r = post(
+        "SELECT a.value FROM readings a, readings b, readings c, readings d".into(),
+        "application/json",
+    )
+    .await
+    .unwrap();
+    assert_eq!(r.status(), StatusCode::PAYLOAD_TOO_LARGE);
+    assert!(r.text().await.unwrap().contains("1000000 rows"));
+    let r = post(format!("SELECT 1 -- {}", "x".repeat(1 << 20)), "*/*")
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::PAYLOAD_TOO_LARGE);
+    // Two runaway queries take both slots; a third waits a second, then 503.
+    let (a, b, c) = tokio::join!(post(BOMB.into(), "*/*"), post(BOMB.into(), "*/*"), async {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        post("SELECT 1".into(), "*/*").await
+    });
+    let c = c.unwrap();
+    assert_eq!(c.status(), StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(c.headers()["retry-after"], "1");
+    for r in [a, b] {
+        assert_eq!(r.unwrap().status(), StatusCode::REQUEST_TIMEOUT);
+    }
 }
