@@ -371,10 +371,9 @@ impl SqlEngine {
         let _slot = self.slot()?;
         let conn = self.connection()?;
         let done = self.run_on(&conn, sql, params, sink);
-        // A connection a query failed on is not reused (its state is DuckDB's).
-        if done.is_ok() {
-            self.idle.lock().expect("sql pool").push(conn);
-        }
+        // Reused whatever the outcome: a statement runs on its own (auto-commit, a
+        // failure rolls it back) and the sandbox lets none change the connection.
+        self.idle.lock().expect("sql pool").push(conn);
         done
     }
 
@@ -514,6 +513,10 @@ mod tests {
         store.conn.execute_batch(&sql).unwrap();
         store
     }
+
+    /// A query that never ends by itself.
+    const BOMB: &str =
+        "WITH RECURSIVE t(n) AS (SELECT 1 UNION ALL SELECT n + 1 FROM t) SELECT count(*) FROM t";
 
     fn limits() -> SqlLimits {
         SqlLimits {
@@ -727,10 +730,7 @@ mod tests {
             })
             .unwrap();
         let started = Instant::now();
-        let r = rows(
-            &engine,
-            "WITH RECURSIVE t(n) AS (SELECT 1 UNION ALL SELECT n + 1 FROM t) SELECT count(*) FROM t",
-        );
+        let r = rows(&engine, BOMB);
         assert!(matches!(r, Err(SqlError::Timeout(_))), "{r:?}");
         assert!(
             started.elapsed() < Duration::from_secs(5),
@@ -761,12 +761,7 @@ mod tests {
         );
         let long = {
             let engine = engine.clone();
-            std::thread::spawn(move || {
-                rows(
-                    &engine,
-                    "WITH RECURSIVE t(n) AS (SELECT 1 UNION ALL SELECT n + 1 FROM t) SELECT count(*) FROM t",
-                )
-            })
+            std::thread::spawn(move || rows(&engine, BOMB))
         };
         std::thread::sleep(Duration::from_millis(300));
         assert!(matches!(rows(&engine, "SELECT 1"), Err(SqlError::Busy)));
