@@ -11,7 +11,6 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::api::listener::{self, ListenerLimits};
-use crate::api::tls::TlsConfig;
 use crate::api::{self, AppState, KeyRing, Limits};
 use crate::backend::{Backend, Context, JobLimits, Tokens};
 use crate::config::{BlobArgs, ServeArgs};
@@ -20,7 +19,9 @@ use crate::jobs::detection::{self, DetectSettings};
 use crate::jobs::notify::{self, NotifySettings};
 use crate::jobs::{DumpJobs, Retention};
 use crate::metrics::Metrics;
+use crate::pg::{PgServer, PgSettings};
 use crate::store::{AlertStore, DumpSource, Store, Writer, WriterConfig, WriterHandle};
+use crate::tls::TlsConfig;
 
 /// A running server.
 pub struct Server {
@@ -34,6 +35,7 @@ pub struct Server {
     backend_addr: Option<SocketAddr>,
     alerts: Arc<AlertStore>,
     reloader: Reloader,
+    pg_addr: Option<SocketAddr>,
 }
 
 /// Re-reads what may change while the server runs (SIGHUP): the API keys and the
@@ -41,7 +43,8 @@ pub struct Server {
 #[derive(Clone, Debug)]
 pub struct Reloader {
     keys: Arc<KeyRing>,
-    tls: Option<TlsConfig>,
+    /// The public listener's and the PostgreSQL listener's (same files).
+    tls: Vec<TlsConfig>,
 }
 
 impl Reloader {
@@ -54,10 +57,10 @@ impl Reloader {
                 tracing::error!(error = %e, "reloading API keys failed; the previous keys stay valid")
             }
         }
-        let tls = self.tls.as_ref().map(TlsConfig::reload).transpose();
+        let tls: Result<Vec<()>, _> = self.tls.iter().map(TlsConfig::reload).collect();
         match &tls {
-            Ok(Some(())) => tracing::info!("TLS certificate reloaded"),
-            Ok(None) => {}
+            Ok(done) if done.is_empty() => {}
+            Ok(_) => tracing::info!("TLS certificate reloaded"),
             Err(e) => {
                 tracing::error!(error = %e, "reloading the TLS certificate failed; the previous one stays in use")
             }
@@ -108,6 +111,7 @@ pub async fn open_dumper(
 /// that fails half-way stops what it had started the same way.
 struct Running {
     token: CancellationToken,
+    pg: Option<PgServer>,
     backend: Option<Backend>,
     /// Detection, webhooks, periodic compaction.
     tasks: TaskTracker,
@@ -119,6 +123,9 @@ struct Running {
 impl Running {
     async fn stop(self) -> anyhow::Result<()> {
         self.token.cancel();
+        if let Some(pg) = self.pg {
+            pg.shutdown().await;
+        }
         if let Some(b) = self.backend {
             b.wait().await;
         }
@@ -159,7 +166,7 @@ impl Server {
             &args.storage.data_dir,
         )?);
         let tls = match (&args.http.tls_cert, &args.http.tls_key) {
-            (Some(cert), Some(key)) => Some(TlsConfig::load(cert, key)?),
+            (Some(cert), Some(key)) => Some(TlsConfig::load(cert, key, crate::tls::HTTP_ALPN)?),
             _ => None,
         };
         let max_future_skew = chrono::Duration::from_std(args.max_future_skew)
@@ -197,6 +204,7 @@ impl Server {
         let writer_handle = writer.handle();
         let mut running = Running {
             token: CancellationToken::new(),
+            pg: None,
             backend: None,
             tasks: TaskTracker::new(),
             jobs: None,
@@ -212,8 +220,30 @@ impl Server {
 
         // 3. Jobs and the backend, then 4. the public listener, last: once it is
         //    announced, everything else runs.
+        let tokens: api::TokenCheck = {
+            // Every role may read: any valid token authorizes user SQL.
+            let tokens = Tokens::new(&args.storage.data_dir);
+            Arc::new(move |t: &str| tokens.authenticate(t).map(|c| c.name))
+        };
         let started = async {
             start_jobs(&args, &mut running, &reads, &alerts, retention, &metrics).await?;
+            if let Some(addr) = args.pg_addr {
+                let tls = match (&args.http.tls_cert, &args.http.tls_key) {
+                    (Some(cert), Some(key)) => {
+                        Some(TlsConfig::load(cert, key, crate::tls::PG_ALPN)?)
+                    }
+                    _ => None,
+                };
+                let settings = PgSettings {
+                    addr,
+                    tls,
+                    insecure: args.pg_insecure,
+                    max_connections: args.pg_max_connections,
+                };
+                running.pg = Some(
+                    PgServer::start(settings, sql.clone(), tokens.clone(), metrics.clone()).await?,
+                );
+            }
             let listen = args.listen_addr();
             let socket = tokio::net::TcpListener::bind(listen)
                 .await
@@ -231,6 +261,9 @@ impl Server {
             }
         };
         let backend_addr = running.backend.as_ref().map(Backend::local_addr);
+        let pg_addr = running.pg.as_ref().map(PgServer::local_addr);
+        let mut reload_tls: Vec<TlsConfig> = tls.iter().cloned().collect();
+        reload_tls.extend(running.pg.as_ref().and_then(PgServer::tls));
         let state = Arc::new(AppState {
             reads,
             alerts: alerts.clone(),
@@ -262,11 +295,7 @@ impl Server {
                 metrics.clone(),
             ),
             sql: Some(sql),
-            tokens: Some({
-                // Every role may read: any valid token authorizes user SQL.
-                let tokens = Tokens::new(&args.storage.data_dir);
-                Arc::new(move |t: &str| tokens.authenticate(t).map(|c| c.name))
-            }),
+            tokens: Some(tokens),
         });
         let console =
             (args.console == crate::config::Toggle::On).then(|| api::console::ConsoleSettings {
@@ -313,7 +342,11 @@ impl Server {
             metrics,
             backend_addr,
             alerts,
-            reloader: Reloader { keys, tls },
+            reloader: Reloader {
+                keys,
+                tls: reload_tls,
+            },
+            pg_addr,
         })
     }
 
@@ -326,6 +359,11 @@ impl Server {
     /// The dumper (tests run dumps without waiting for the schedule).
     pub fn dumper(&self) -> Arc<Dumper> {
         self.dumper.clone()
+    }
+
+    /// The bound address of the PostgreSQL listener, when it runs.
+    pub fn pg_addr(&self) -> Option<SocketAddr> {
+        self.pg_addr
     }
 
     /// The bound address of the internal gRPC backend, when it runs.

@@ -82,12 +82,12 @@
 //! 8  demo
 //! 7  app push
 //! 6  config
-//! 5  api backend
+//! 5  api backend pg
 //! 4  jobs
 //! 3  export
 //! 2  store
 //! 1  detect ingest
-//! 0  domain metrics background
+//! 0  domain metrics background tls
 //! ```
 
 pub mod api;
@@ -104,5 +104,7 @@ pub mod export;
 pub mod ingest;
 pub mod jobs;
 pub mod metrics;
+pub mod pg;
 pub mod push;
 pub mod store;
+pub mod tls;

@@ -31,6 +31,13 @@ pub struct StatusLabel {
     pub status: u16,
 }
 
+/// Label of counters by how something ended.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct OutcomeLabel {
+    /// Short, fixed outcome name.
+    pub outcome: &'static str,
+}
+
 /// Label of counters by cause.
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ReasonLabel {
@@ -202,6 +209,14 @@ metrics! {
     /// Time to answer a user SQL query (1 ms .. ~33 s).
     sql_seconds: Histogram = Histogram::new(exponential_buckets(0.001, 2.0, 16))
         => "sql_query_duration", "Time to answer a user SQL request", Seconds;
+    /// Queries over the PostgreSQL listener, by outcome (`ok`, `refused`, `failed`,
+    /// `timeout`, `cancelled`, `too_large`, `busy`, `internal`); their times are in
+    /// `sql_query_duration` too.
+    pg_queries: Family<OutcomeLabel, Counter> = Family::default()
+        => "pg_queries", "User SQL queries over the PostgreSQL listener, by outcome";
+    /// Open connections to the PostgreSQL listener.
+    pg_connections: Gauge = Gauge::default()
+        => "pg_connections", "Open connections to the PostgreSQL listener";
 }
 
 impl std::fmt::Debug for Metrics {

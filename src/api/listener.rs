@@ -28,7 +28,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use super::slots::Slots;
-use super::tls::TlsConfig;
+use crate::tls::TlsConfig;
 
 /// Limits of the public listener.
 #[derive(Debug, Clone)]

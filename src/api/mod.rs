@@ -18,7 +18,6 @@ pub mod seed;
 pub mod slots;
 mod sql;
 pub mod stream;
-pub mod tls;
 mod trace;
 mod track;
 pub mod v1;

@@ -25,7 +25,7 @@ use crate::store::sql::arrow::array::{Array, ArrayRef};
 use crate::store::sql::arrow::datatypes::DataType;
 use crate::store::sql::arrow::record_batch::RecordBatch;
 use crate::store::sql::arrow::util::display::array_value_to_string;
-use crate::store::sql::{SqlError, SqlParam, SqlSummary};
+use crate::store::sql::{Cancel, CancelOnDrop, SqlError, SqlParam, SqlSummary};
 
 /// The `/api/v1/sql` endpoint.
 pub struct SqlApi;
@@ -192,7 +192,7 @@ impl SqlResponse {
         let body = |e: &SqlError| Json(ErrorBody::new(e.to_string()));
         match e {
             SqlError::Refused(_) | SqlError::Query(_) => Self::BadRequest(body(&e)),
-            SqlError::Timeout(_) => Self::Timeout(body(&e)),
+            SqlError::Timeout(_) | SqlError::Cancelled => Self::Timeout(body(&e)),
             SqlError::TooLarge(_) => Self::TooLarge(body(&e)),
             SqlError::Busy => Self::Busy(body(&e), 1),
             SqlError::Store(s) => {
@@ -290,10 +290,13 @@ async fn respond(state: &Arc<AppState>, req: &Request, body: SqlRequest) -> SqlR
     // query on the calling thread. At the default priority one client looping a
     // GROUP BY over the fleet's readings halved a 2,000-device fleet's rate on 2
     // cores and let the apply lag reach a million readings.
+    // A client that goes away stops its query: dropping this future cancels it.
+    let cancel = Cancel::default();
+    let _on_drop = CancelOnDrop(cancel.clone());
     let ran = crate::background::run("milepost-sql", move || {
         let mut batches = Vec::new();
         engine
-            .run(&sql, &params, &mut |b| {
+            .run(&sql, &params, &cancel, &mut |b| {
                 batches.push(b.clone());
                 Ok(())
             })

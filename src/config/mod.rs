@@ -232,6 +232,19 @@ pub struct ServeArgs {
     /// Longest a query of `POST /api/v1/sql` runs before DuckDB is interrupted (408).
     #[arg(long, env = "MILEPOST_SQL_TIMEOUT", default_value = "30s", value_parser = humantime::parse_duration)]
     pub sql_timeout: Duration,
+    /// PostgreSQL wire listener for users' SQL (psql, Grafana, drivers), e.g.
+    /// `127.0.0.1:5433`; off when unset. Passwords are backend tokens; off loopback
+    /// it needs `--tls-cert`/`--tls-key` (or `--pg-insecure`).
+    #[arg(long, env = "MILEPOST_PG_ADDR")]
+    pub pg_addr: Option<SocketAddr>,
+    /// Let the PostgreSQL listener serve off loopback without TLS: tokens then
+    /// cross the network in clear text (only behind a TLS-terminating proxy or on a
+    /// trusted network).
+    #[arg(long, env = "MILEPOST_PG_INSECURE")]
+    pub pg_insecure: bool,
+    /// Open connections to the PostgreSQL listener at most; more are closed.
+    #[arg(long, env = "MILEPOST_PG_MAX_CONNECTIONS", default_value_t = 64)]
+    pub pg_max_connections: usize,
 }
 
 /// Connection limits and TLS of the public HTTP listener.

@@ -1,7 +1,9 @@
-//! Optional TLS on the public listener (`--tls-cert`, `--tls-key`): rustls with the
-//! ring provider, HTTP/2 and HTTP/1.1 by ALPN. The certificate is re-read on SIGHUP
-//! ([`TlsConfig::reload`]) so a renewed one (e.g. by certbot) takes effect without a
-//! restart; connections already open keep the one they started with.
+//! Optional TLS on the public listeners (`--tls-cert`, `--tls-key`): rustls with the
+//! ring provider; the HTTP listener offers HTTP/2 and HTTP/1.1 by ALPN
+//! ([`HTTP_ALPN`]), the PostgreSQL one `postgresql` ([`PG_ALPN`]). The certificate
+//! is re-read on SIGHUP ([`TlsConfig::reload`]) so a renewed one (e.g. by certbot)
+//! takes effect without a restart; connections already open keep the one they
+//! started with.
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
@@ -45,11 +47,18 @@ pub enum TlsError {
     },
 }
 
-/// The listener's TLS settings; cheap to clone, shared by every connection.
+/// ALPN protocols of the HTTP listener.
+pub const HTTP_ALPN: &[&[u8]] = &[b"h2", b"http/1.1"];
+
+/// ALPN protocol of the PostgreSQL listener (libpq 17 sends it).
+pub const PG_ALPN: &[&[u8]] = &[b"postgresql"];
+
+/// A listener's TLS settings; cheap to clone, shared by every connection.
 #[derive(Clone)]
 pub struct TlsConfig {
     cert: PathBuf,
     key: PathBuf,
+    alpn: &'static [&'static [u8]],
     current: Arc<RwLock<TlsAcceptor>>,
 }
 
@@ -63,21 +72,27 @@ impl std::fmt::Debug for TlsConfig {
 }
 
 impl TlsConfig {
-    /// Loads the certificate chain and key (PEM files).
-    pub fn load(cert: &Path, key: &Path) -> Result<Self, TlsError> {
-        let acceptor = acceptor(cert, key)?;
+    /// Loads the certificate chain and key (PEM files), offering `alpn`.
+    pub fn load(cert: &Path, key: &Path, alpn: &'static [&'static [u8]]) -> Result<Self, TlsError> {
+        let acceptor = acceptor(cert, key, alpn)?;
         Ok(Self {
             cert: cert.to_owned(),
             key: key.to_owned(),
+            alpn,
             current: Arc::new(RwLock::new(acceptor)),
         })
     }
 
     /// Re-reads both files. On error the previous certificate stays in use.
     pub fn reload(&self) -> Result<(), TlsError> {
-        let fresh = acceptor(&self.cert, &self.key)?;
+        let fresh = acceptor(&self.cert, &self.key, self.alpn)?;
         *self.current.write().expect("tls lock") = fresh;
         Ok(())
+    }
+
+    /// The certificate in use now, for a connection about to start TLS.
+    pub fn acceptor(&self) -> TlsAcceptor {
+        self.current.read().expect("tls lock").clone()
     }
 
     /// The TLS handshake of one connection, bounded by `timeout`.
@@ -86,8 +101,7 @@ impl TlsConfig {
         socket: TcpStream,
         timeout: Duration,
     ) -> std::io::Result<TlsStream<TcpStream>> {
-        let acceptor = self.current.read().expect("tls lock").clone();
-        match tokio::time::timeout(timeout, acceptor.accept(socket)).await {
+        match tokio::time::timeout(timeout, self.acceptor().accept(socket)).await {
             Ok(r) => r,
             Err(_) => Err(std::io::Error::new(
                 std::io::ErrorKind::TimedOut,
@@ -97,7 +111,7 @@ impl TlsConfig {
     }
 }
 
-fn acceptor(cert: &Path, key: &Path) -> Result<TlsAcceptor, TlsError> {
+fn acceptor(cert: &Path, key: &Path, alpn: &[&[u8]]) -> Result<TlsAcceptor, TlsError> {
     let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(cert)
         .and_then(|it| it.collect::<Result<_, _>>())
         .map_err(|e| TlsError::Certificate {
@@ -126,6 +140,6 @@ fn acceptor(cert: &Path, key: &Path) -> Result<TlsAcceptor, TlsError> {
             .with_no_client_auth()
             .with_single_cert(chain, private)
             .map_err(mismatch)?;
-    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
     Ok(TlsAcceptor::from(Arc::new(config)))
 }

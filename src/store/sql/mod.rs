@@ -1,6 +1,6 @@
 //! SQL for users (SPEC 2.6): read-only queries over a documented relational
 //! contract, sandboxed. This is the part that must hold whatever a user types; the
-//! HTTP and PostgreSQL front ends (issue 25) are to be built on it.
+//! HTTP front end (`api::sql`) and the PostgreSQL one (`pg`) are thin over it.
 //!
 //! **The contract** is six views, made on each user connection as temporary views
 //! (defined here, versioned with the binary; nothing is added to the file):
@@ -20,9 +20,15 @@
 //!    `glob`, `read_text`, `range`, `query` …), no file path (`FROM 'x.csv'`, also
 //!    not as a CTE's name, which out of its scope DuckDB would read as a file), no
 //!    qualified name (the internal tables, other catalogs), no `SHOW`/`DESCRIBE`.
-//! 3. Functions are DuckDB's built-ins, unqualified, except those with state or that
-//!    read the instance: `nextval`, `currval`, `setseed`, `current_setting`,
-//!    `getvariable`, `getenv`.
+//!    The one exception is the catalog: a query that reads `pg_catalog` or
+//!    `information_schema` (what psql, drivers and Grafana ask) runs on a separate
+//!    in-memory DuckDB instance that holds the contract's relations as empty
+//!    tables and nothing else, with file access off and its settings locked
+//!    ([`catalog`]); it may not also read the views.
+//! 3. Functions are DuckDB's built-ins, unqualified (or `pg_catalog.`, which sends
+//!    the query to the catalog), except those with state or that read the
+//!    instance: `nextval`, `currval`, `setseed`, `getvariable`, `getenv`, and
+//!    `current_setting` outside the catalog.
 //! 4. The connection's `search_path` is only `temp` (where the views are): should a
 //!    name get past the rules that is no view or CTE, it finds no internal table.
 //! 5. A time limit interrupts DuckDB itself (not just the client), results are
@@ -39,6 +45,8 @@ use serde_json::Value;
 
 use super::{Shared, StoreError};
 
+mod catalog;
+
 /// The relations users may read.
 pub const RELATIONS: [&str; 6] = [
     "readings",
@@ -49,15 +57,12 @@ pub const RELATIONS: [&str; 6] = [
     "dumps",
 ];
 
+/// The PostgreSQL version Milepost's SQL answers as (its protocol and catalog
+/// forms are 16's, so psql and drivers speak to it as to a 16).
+pub const SERVER_VERSION: &str = "16.6 (Milepost)";
+
 /// Built-in functions refused: they keep state or read the instance.
-const REFUSED_FUNCTIONS: [&str; 6] = [
-    "nextval",
-    "currval",
-    "setseed",
-    "current_setting",
-    "getvariable",
-    "getenv",
-];
+const REFUSED_FUNCTIONS: [&str; 5] = ["nextval", "currval", "setseed", "getvariable", "getenv"];
 
 /// Why a user query did not answer.
 #[derive(Debug, thiserror::Error)]
@@ -71,6 +76,9 @@ pub enum SqlError {
     /// Stopped at the time limit.
     #[error("the query ran longer than {0:?} and was stopped")]
     Timeout(Duration),
+    /// Stopped because its client asked (a cancel request, a closed connection).
+    #[error("the query was cancelled")]
+    Cancelled,
     /// The result went past the cap.
     #[error("the result is larger than {0}")]
     TooLarge(String),
@@ -99,8 +107,10 @@ pub enum SqlParam {
     Int(i64),
     /// A floating-point number.
     Float(f64),
-    /// Text.
+    /// Text (DuckDB casts it to the type the query needs there).
     Text(String),
+    /// A timestamp (UTC).
+    Timestamp(chrono::NaiveDateTime),
 }
 
 impl SqlParam {
@@ -112,6 +122,10 @@ impl SqlParam {
             Self::Int(i) => D::BigInt(*i),
             Self::Float(f) => D::Double(*f),
             Self::Text(s) => D::Text(s.clone()),
+            Self::Timestamp(t) => D::Timestamp(
+                duckdb::types::TimeUnit::Microsecond,
+                t.and_utc().timestamp_micros(),
+            ),
         }
     }
 }
@@ -143,9 +157,35 @@ impl Default for SqlLimits {
     }
 }
 
+/// Where a query that passed the checks runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Route {
+    /// On the database's connections, over the contract's views.
+    Data,
+    /// On the catalog instance (`pg_catalog`, `information_schema`), which holds
+    /// the contract's relations as empty tables and nothing else (see [`catalog`]).
+    Catalog,
+}
+
+/// Schemas that name the catalog.
+const CATALOG_SCHEMAS: [&str; 2] = ["pg_catalog", "information_schema"];
+
+/// What a walk over a syntax tree found.
+#[derive(Default)]
+struct Found {
+    /// A catalog relation or a `pg_catalog.` function.
+    catalog: bool,
+    /// A contract view.
+    data: bool,
+    /// The first table function.
+    table_function: Option<String>,
+    /// The first function allowed on the catalog instance only.
+    catalog_function: Option<String>,
+}
+
 /// Checks `sql` against rules 1–3 (see the module docs), with DuckDB's parser on
-/// `conn`.
-pub fn check(conn: &Connection, sql: &str) -> Result<(), SqlError> {
+/// `conn`, and tells where it runs.
+pub fn check(conn: &Connection, sql: &str) -> Result<Route, SqlError> {
     let json: String =
         conn.query_row("SELECT json_serialize_sql(?::VARCHAR)", [sql], |r| r.get(0))?;
     let tree: Value = serde_json::from_str(&json)
@@ -167,7 +207,27 @@ pub fn check(conn: &Connection, sql: &str) -> Result<(), SqlError> {
             "one statement at a time ({statements} given)"
         )));
     }
-    walk(&tree["statements"][0], &mut Vec::new())
+    let mut found = Found::default();
+    walk(&tree["statements"][0], &mut Vec::new(), &mut found)?;
+    if found.catalog && found.data {
+        return Err(SqlError::Refused(
+            "a query reads the catalog (pg_catalog, information_schema) or the data, not both"
+                .into(),
+        ));
+    }
+    if found.catalog {
+        return Ok(Route::Catalog);
+    }
+    if let Some(name) = found.table_function {
+        return Err(SqlError::Refused(format!(
+            "table functions such as {name}() cannot be used: read the views {}",
+            RELATIONS.join(", ")
+        )));
+    }
+    if let Some(name) = found.catalog_function {
+        return Err(SqlError::Refused(format!("{name}() cannot be used here")));
+    }
+    Ok(Route::Data)
 }
 
 /// The CTE names a node defines (they are in scope in the node and below it, as
@@ -208,17 +268,17 @@ fn plain_identifier(name: &str) -> bool {
 
 /// Checks `node` and everything below it; `scope`: the CTE names of the nodes
 /// above.
-fn walk(node: &Value, scope: &mut Vec<String>) -> Result<(), SqlError> {
+fn walk(node: &Value, scope: &mut Vec<String>, found: &mut Found) -> Result<(), SqlError> {
     match node {
         Value::Object(map) => {
             let defined = defined_ctes(map)?;
             let outer = scope.len();
             scope.extend(defined);
-            let checked = walk_object(map, scope);
+            let checked = walk_object(map, scope, found);
             scope.truncate(outer);
             checked
         }
-        Value::Array(items) => items.iter().try_for_each(|v| walk(v, scope)),
+        Value::Array(items) => items.iter().try_for_each(|v| walk(v, scope, found)),
         _ => Ok(()),
     }
 }
@@ -226,15 +286,13 @@ fn walk(node: &Value, scope: &mut Vec<String>) -> Result<(), SqlError> {
 fn walk_object(
     map: &serde_json::Map<String, Value>,
     scope: &mut Vec<String>,
+    found: &mut Found,
 ) -> Result<(), SqlError> {
     match map.get("type").and_then(Value::as_str) {
-        Some("BASE_TABLE") => base_table(map, scope)?,
+        Some("BASE_TABLE") => base_table(map, scope, found)?,
         Some("TABLE_FUNCTION") => {
             let name = map["function"]["function_name"].as_str().unwrap_or("?");
-            return Err(SqlError::Refused(format!(
-                "table functions such as {name}() cannot be used: read the views {}",
-                RELATIONS.join(", ")
-            )));
+            found.table_function.get_or_insert_with(|| name.to_owned());
         }
         Some(t @ ("SHOW_REF" | "COLUMN_DATA" | "DELIM_GET")) => {
             return Err(SqlError::Refused(format!("{t} cannot be used here")));
@@ -242,38 +300,71 @@ fn walk_object(
         _ => {}
     }
     if map.get("class").and_then(Value::as_str) == Some("FUNCTION") {
-        function(map)?;
+        function(map, found)?;
     }
-    map.values().try_for_each(|v| walk(v, scope))
+    map.values().try_for_each(|v| walk(v, scope, found))
 }
 
-fn base_table(map: &serde_json::Map<String, Value>, scope: &[String]) -> Result<(), SqlError> {
+/// A non-empty string field of a syntax-tree node.
+fn field<'a>(map: &'a serde_json::Map<String, Value>, key: &str) -> Option<&'a str> {
+    map.get(key)
+        .and_then(Value::as_str)
+        .filter(|s| !s.is_empty())
+}
+
+fn base_table(
+    map: &serde_json::Map<String, Value>,
+    scope: &[String],
+    found: &mut Found,
+) -> Result<(), SqlError> {
     let name = map["table_name"].as_str().unwrap_or_default();
-    let qualified = ["schema_name", "catalog_name"].iter().any(|k| {
-        map.get(*k)
-            .and_then(Value::as_str)
-            .is_some_and(|s| !s.is_empty())
-    });
     let lower = name.to_lowercase();
-    let known = RELATIONS.contains(&lower.as_str()) || scope.contains(&lower);
-    if qualified || !plain_identifier(name) || !known {
+    let schema = field(map, "schema_name").map(str::to_lowercase);
+    let catalog = field(map, "catalog_name");
+    let in_scope = scope.contains(&lower);
+    // `pg_catalog.pg_class`, `information_schema.columns`, and `pg_class` when no
+    // CTE of that name is in scope: the catalog instance answers them.
+    let catalog_relation = catalog.is_none()
+        && match schema.as_deref() {
+            Some(s) => CATALOG_SCHEMAS.contains(&s),
+            None => !in_scope && lower.starts_with("pg_"),
+        };
+    if catalog_relation && plain_identifier(name) {
+        found.catalog = true;
+        return Ok(());
+    }
+    let known = RELATIONS.contains(&lower.as_str()) || in_scope;
+    if schema.is_some() || catalog.is_some() || !plain_identifier(name) || !known {
         return Err(SqlError::Refused(format!(
             "'{name}' cannot be read: the readable relations are {}",
             RELATIONS.join(", ")
         )));
     }
+    found.data |= !in_scope;
     Ok(())
 }
 
-fn function(map: &serde_json::Map<String, Value>) -> Result<(), SqlError> {
+fn function(map: &serde_json::Map<String, Value>, found: &mut Found) -> Result<(), SqlError> {
     let name = map["function_name"].as_str().unwrap_or_default();
-    let qualified = ["schema", "catalog"].iter().any(|k| {
-        map.get(*k)
-            .and_then(Value::as_str)
-            .is_some_and(|s| !s.is_empty())
-    });
-    if qualified || REFUSED_FUNCTIONS.contains(&name.to_lowercase().as_str()) {
-        return Err(SqlError::Refused(format!("{name}() cannot be used here")));
+    let lower = name.to_lowercase();
+    let schema = field(map, "schema").map(str::to_lowercase);
+    let refused = |name: &str| Err(SqlError::Refused(format!("{name}() cannot be used here")));
+    if field(map, "catalog").is_some() {
+        return refused(name);
+    }
+    match schema.as_deref() {
+        Some("pg_catalog") => found.catalog = true,
+        Some(_) => return refused(name),
+        None => {}
+    }
+    if catalog::CATALOG_FUNCTIONS.contains(&lower.as_str()) {
+        found.catalog = true;
+    } else if catalog::CATALOG_ONLY_FUNCTIONS.contains(&lower.as_str()) {
+        found
+            .catalog_function
+            .get_or_insert_with(|| name.to_owned());
+    } else if REFUSED_FUNCTIONS.contains(&lower.as_str()) {
+        return refused(name);
     }
     Ok(())
 }
@@ -328,6 +419,88 @@ pub struct SqlSummary {
     pub bytes: u64,
     /// The result's columns (also when it has no rows).
     pub schema: arrow::datatypes::SchemaRef,
+    /// How many positional parameters the text has.
+    pub params: usize,
+}
+
+/// A query's shape, learnt without running it (the PostgreSQL protocol's
+/// `Describe`).
+#[derive(Debug, Clone)]
+pub struct SqlShape {
+    /// The result's columns.
+    pub schema: arrow::datatypes::SchemaRef,
+    /// How many positional parameters the text has.
+    pub params: usize,
+}
+
+/// Stops a query from outside: its client cancelled it or went away. Cheap to
+/// clone; [`Cancel::cancel`] on any clone interrupts DuckDB if a query given this
+/// token runs, and refuses the queries given it later.
+#[derive(Clone, Default)]
+pub struct Cancel(Arc<CancelState>);
+
+#[derive(Default)]
+struct CancelState {
+    cancelled: std::sync::atomic::AtomicBool,
+    /// The running query's interrupt.
+    running: Mutex<Option<Arc<duckdb::InterruptHandle>>>,
+}
+
+impl Cancel {
+    /// Stops the running query, and any later one given this token.
+    pub fn cancel(&self) {
+        self.0
+            .cancelled
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        if let Some(h) = &*self.0.running.lock().expect("cancel") {
+            h.interrupt();
+        }
+    }
+
+    /// Whether [`Self::cancel`] was called.
+    pub fn cancelled(&self) -> bool {
+        self.0.cancelled.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// Marks `conn`'s query as the one to interrupt until the guard is dropped.
+    fn attach(&self, conn: &Connection) -> Result<Attached<'_>, SqlError> {
+        *self.0.running.lock().expect("cancel") = Some(conn.interrupt_handle());
+        // Checked after the handle is in place: a cancel between the two still
+        // interrupts.
+        if self.cancelled() {
+            *self.0.running.lock().expect("cancel") = None;
+            return Err(SqlError::Cancelled);
+        }
+        Ok(Attached(self))
+    }
+}
+
+/// Cancels when dropped: held by a request's future, so that a client gone away
+/// (the future dropped) stops its query.
+pub struct CancelOnDrop(pub Cancel);
+
+impl Drop for CancelOnDrop {
+    fn drop(&mut self) {
+        self.0.cancel();
+    }
+}
+
+/// See [`Cancel::attach`].
+struct Attached<'a>(&'a Cancel);
+
+impl Drop for Attached<'_> {
+    fn drop(&mut self) {
+        *self.0.0.running.lock().expect("cancel") = None;
+    }
+}
+
+/// What [`SqlEngine::execute`] does with a checked query.
+#[derive(Clone, Copy)]
+enum Mode {
+    /// Runs it.
+    Run,
+    /// Runs it under `LIMIT 0` with NULL parameters, for its columns.
+    Describe,
 }
 
 /// User queries: their own connections, at most `max_concurrent` at once.
@@ -336,6 +509,7 @@ pub struct SqlEngine {
     base: Mutex<Connection>,
     shared: Arc<Shared>,
     idle: Mutex<Vec<Connection>>,
+    catalog: catalog::Catalog,
     running: Mutex<usize>,
     freed: Condvar,
     limits: SqlLimits,
@@ -349,10 +523,14 @@ impl SqlEngine {
         limits: SqlLimits,
     ) -> Result<Self, StoreError> {
         let db: String = base.query_row("SELECT current_database()", [], |r| r.get(0))?;
+        let probe = base.try_clone()?;
+        probe.execute_batch(&views(&db))?;
+        let catalog = catalog::Catalog::new(&probe)?;
         Ok(Self {
             base: Mutex::new(base),
             shared,
-            idle: Mutex::new(Vec::new()),
+            idle: Mutex::new(vec![probe]),
+            catalog,
             running: Mutex::new(0),
             freed: Condvar::new(),
             limits,
@@ -361,39 +539,88 @@ impl SqlEngine {
     }
 
     /// Runs `sql` if the sandbox allows it, handing the result to `sink` batch by
-    /// batch; stops at the first cap reached (the batches given so far stand).
+    /// batch; stops at the first cap reached (the batches given so far stand), or
+    /// when `cancel` is cancelled.
     pub fn run(
         &self,
         sql: &str,
         params: &[SqlParam],
+        cancel: &Cancel,
         sink: &mut dyn FnMut(&RecordBatch) -> Result<(), SqlError>,
     ) -> Result<SqlSummary, SqlError> {
-        let _slot = self.slot()?;
+        self.execute(sql, params, Mode::Run, cancel, sink)
+    }
+
+    /// The columns `sql` would answer with and its number of parameters, checked
+    /// as [`Self::run`] checks it but without reading any data. `params` are the
+    /// values when known (the types of the columns may depend on them); missing
+    /// ones are NULL.
+    pub fn describe(
+        &self,
+        sql: &str,
+        params: &[SqlParam],
+        cancel: &Cancel,
+    ) -> Result<SqlShape, SqlError> {
+        let summary = self.execute(sql, params, Mode::Describe, cancel, &mut |_| Ok(()))?;
+        Ok(SqlShape {
+            schema: summary.schema,
+            params: summary.params,
+        })
+    }
+
+    fn execute(
+        &self,
+        sql: &str,
+        params: &[SqlParam],
+        mode: Mode,
+        cancel: &Cancel,
+        sink: &mut dyn FnMut(&RecordBatch) -> Result<(), SqlError>,
+    ) -> Result<SqlSummary, SqlError> {
+        let _span = tracing::debug_span!("user_sql").entered();
+        tracing::debug!(sql, "user query");
+        let sql = catalog::compatible(sql);
+        let _slot = self.slot(cancel)?;
         let conn = self.connection()?;
-        let done = self.run_on(&conn, sql, params, sink);
+        let route = check(&conn, &sql);
+        let done = match route {
+            Ok(Route::Data) => {
+                // Read-your-writes: readings acknowledged before the query are
+                // applied to DuckDB first (the writer is asked to move the ingest log
+                // now; a short wait).
+                if matches!(mode, Mode::Run) {
+                    self.shared.await_visible();
+                }
+                let before = self.shared.rollups_from();
+                conn.execute_batch(&format!(
+                    "SET VARIABLE rollups_before = CAST('{before}' AS BIGINT)"
+                ))
+                .map_err(SqlError::from)
+                .and_then(|()| self.watched(&conn, &sql, params, mode, cancel, sink))
+            }
+            Ok(Route::Catalog) => {
+                let sql = catalog::for_catalog(&sql);
+                self.catalog
+                    .with_connection(|c| self.watched(c, &sql, params, mode, cancel, sink))
+            }
+            Err(e) => Err(e),
+        };
         // Reused whatever the outcome: a statement runs on its own (auto-commit, a
         // failure rolls it back) and the sandbox lets none change the connection.
         self.idle.lock().expect("sql pool").push(conn);
         done
     }
 
-    fn run_on(
+    /// Runs a checked query on `conn` under the time limit and `cancel`.
+    fn watched(
         &self,
         conn: &Connection,
         sql: &str,
         params: &[SqlParam],
+        mode: Mode,
+        cancel: &Cancel,
         sink: &mut dyn FnMut(&RecordBatch) -> Result<(), SqlError>,
     ) -> Result<SqlSummary, SqlError> {
-        let _span = tracing::debug_span!("user_sql").entered();
-        tracing::debug!(sql, "user query");
-        check(conn, sql)?;
-        // Read-your-writes: readings acknowledged before the query are applied to
-        // DuckDB first (the writer is asked to move the ingest log now; a short wait).
-        self.shared.await_visible();
-        let before = self.shared.rollups_from();
-        conn.execute_batch(&format!(
-            "SET VARIABLE rollups_before = CAST('{before}' AS BIGINT)"
-        ))?;
+        let attached = cancel.attach(conn)?;
         let (stop, stopped) = channel::<()>();
         let interrupt = conn.interrupt_handle();
         let timeout = self.limits.timeout;
@@ -405,10 +632,12 @@ impl SqlEngine {
             late
         });
         let started = Instant::now();
-        let result = self.stream(conn, sql, params, sink);
+        let result = self.stream(conn, sql, params, mode, sink);
         drop(stop);
+        drop(attached);
         let late = watchdog.join().unwrap_or(false);
         match result {
+            Err(SqlError::Query(_)) if cancel.cancelled() => Err(SqlError::Cancelled),
             Err(SqlError::Query(_)) if late || started.elapsed() >= timeout => {
                 Err(SqlError::Timeout(timeout))
             }
@@ -421,12 +650,30 @@ impl SqlEngine {
         conn: &Connection,
         sql: &str,
         params: &[SqlParam],
+        mode: Mode,
         sink: &mut dyn FnMut(&RecordBatch) -> Result<(), SqlError>,
     ) -> Result<SqlSummary, SqlError> {
-        let mut stmt = conn.prepare(sql)?;
+        let mut stmt = match mode {
+            Mode::Run => conn.prepare(sql)?,
+            // The text is one checked statement; a newline ends a trailing comment.
+            Mode::Describe => conn.prepare(&format!(
+                "SELECT * FROM (\n{}\n) AS described LIMIT 0",
+                sql.trim_end().trim_end_matches(';')
+            ))?,
+        };
+        let count = stmt.parameter_count();
+        let mut values: Vec<duckdb::types::Value> =
+            params.iter().map(SqlParam::to_duckdb).collect();
+        if matches!(mode, Mode::Describe) {
+            values.resize(count, duckdb::types::Value::Null);
+        } else if values.len() != count {
+            return Err(SqlError::Query(format!(
+                "the query has {count} parameters, {} values were given",
+                values.len()
+            )));
+        }
         let (mut rows, mut bytes) = (0u64, 0u64);
-        let params: Vec<duckdb::types::Value> = params.iter().map(SqlParam::to_duckdb).collect();
-        for batch in stmt.query_arrow(duckdb::params_from_iter(params))? {
+        for batch in stmt.query_arrow(duckdb::params_from_iter(values))? {
             rows += batch.num_rows() as u64;
             bytes += batch.get_array_memory_size() as u64;
             if rows > self.limits.max_rows {
@@ -444,6 +691,7 @@ impl SqlEngine {
             rows,
             bytes,
             schema: stmt.schema(),
+            params: count,
         })
     }
 
@@ -463,8 +711,9 @@ impl SqlEngine {
         Ok(c)
     }
 
-    /// One of the `max_concurrent` slots, waited for at most `queue_wait`.
-    fn slot(&self) -> Result<Slot<'_>, SqlError> {
+    /// One of the `max_concurrent` slots, waited for at most `queue_wait` (less if
+    /// the query is cancelled meanwhile).
+    fn slot(&self, cancel: &Cancel) -> Result<Slot<'_>, SqlError> {
         let deadline = Instant::now() + self.limits.queue_wait;
         let mut running = self.running.lock().expect("sql slots");
         while *running >= self.limits.max_concurrent.max(1) {
@@ -472,7 +721,14 @@ impl SqlEngine {
             if left.is_zero() {
                 return Err(SqlError::Busy);
             }
-            running = self.freed.wait_timeout(running, left).expect("sql slots").0;
+            if cancel.cancelled() {
+                return Err(SqlError::Cancelled);
+            }
+            let step = left.min(Duration::from_millis(50));
+            running = self.freed.wait_timeout(running, step).expect("sql slots").0;
+        }
+        if cancel.cancelled() {
+            return Err(SqlError::Cancelled);
         }
         *running += 1;
         Ok(Slot(self))
@@ -528,7 +784,7 @@ mod tests {
     /// Runs `sql`, the result as rows of strings.
     fn rows(engine: &SqlEngine, sql: &str) -> Result<Vec<Vec<String>>, SqlError> {
         let mut out = Vec::new();
-        engine.run(sql, &[], &mut |b| {
+        engine.run(sql, &[], &Cancel::default(), &mut |b| {
             for r in 0..b.num_rows() {
                 out.push(
                     (0..b.num_columns())

@@ -1,0 +1,202 @@
+//! Statements about the session rather than the data, answered by the listener
+//! itself: drivers and tools send them around their queries (`BEGIN` before a
+//! psycopg query, `SET application_name`, `SHOW server_version`). The sandbox
+//! refuses every statement that is not a read, so these never reach it: harmless
+//! ones are acknowledged and change nothing, anything else is refused by name.
+
+use std::sync::LazyLock;
+
+use regex::Regex;
+
+/// What the listener answers to a session statement.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Session {
+    /// `BEGIN`, `START TRANSACTION`: every query reads one snapshot of its own
+    /// anyway; the tag is all a driver needs.
+    Begin,
+    /// `COMMIT`, `END`, `ROLLBACK`, `ABORT` (the tag given).
+    End(&'static str),
+    /// A command acknowledged without effect (the tag given).
+    Ack(&'static str),
+    /// `SHOW name`: one row, one column named after the setting.
+    Show {
+        /// The setting's name, as asked.
+        name: String,
+        /// Its value.
+        value: String,
+    },
+    /// Refused, with the reason and its SQLSTATE.
+    Refused {
+        /// SQLSTATE.
+        code: &'static str,
+        /// Why.
+        message: String,
+    },
+}
+
+/// Settings a client may set: they change how a client formats and labels
+/// things, which Milepost either does the same way already or does not need.
+const SETTABLE: [&str; 12] = [
+    "application_name",
+    "client_encoding",
+    "datestyle",
+    "extra_float_digits",
+    "intervalstyle",
+    "timezone",
+    "search_path",
+    "client_min_messages",
+    "statement_timeout",
+    "standard_conforming_strings",
+    "bytea_output",
+    "default_transaction_read_only",
+];
+
+/// Settings `SHOW` answers, and their values.
+fn shown(name: &str) -> Option<&'static str> {
+    Some(match name {
+        "server_version" => super::SERVER_VERSION,
+        "server_version_num" => "160006",
+        "server_encoding" | "client_encoding" => "UTF8",
+        "timezone" => "UTC",
+        "datestyle" => "ISO, YMD",
+        "intervalstyle" => "postgres",
+        "standard_conforming_strings" | "integer_datetimes" => "on",
+        "transaction_isolation" | "default_transaction_isolation" => "read committed",
+        "transaction_read_only" | "default_transaction_read_only" => "on",
+        "search_path" => "main",
+        "max_identifier_length" => "63",
+        "lc_collate" | "lc_ctype" => "C",
+        "bytea_output" => "hex",
+        "is_superuser" => "off",
+        _ => return None,
+    })
+}
+
+static SET: LazyLock<Regex> = LazyLock::new(|| {
+    Regex::new(
+        r"(?is)^SET\s+(?:SESSION\s+|LOCAL\s+)?([a-z_][a-z0-9_.]*)(?:\s*(?:=|TO)\s*|\s+)(.*)$",
+    )
+    .expect("SET pattern")
+});
+static SHOW: LazyLock<Regex> =
+    LazyLock::new(|| Regex::new(r"(?is)^SHOW\s+([a-z_][a-z0-9_.]*)$").expect("SHOW pattern"));
+
+/// The session statement `sql` is, if it is one.
+pub fn classify(sql: &str) -> Option<Session> {
+    let text = sql.trim().trim_end_matches(';').trim();
+    let upper = text.to_ascii_uppercase();
+    let words: Vec<&str> = upper.split_whitespace().collect();
+    let first = *words.first()?;
+    Some(match first {
+        "BEGIN" | "START" if first == "BEGIN" || words.get(1) == Some(&"TRANSACTION") => {
+            Session::Begin
+        }
+        "COMMIT" | "END" => Session::End("COMMIT"),
+        "ROLLBACK" | "ABORT" => Session::End("ROLLBACK"),
+        "DISCARD" => Session::Ack("DISCARD ALL"),
+        "DEALLOCATE" => Session::Ack("DEALLOCATE"),
+        "RESET" => Session::Ack("RESET"),
+        "UNLISTEN" => Session::Ack("UNLISTEN"),
+        "SET" => set(text),
+        "SHOW" => show(text),
+        _ => return None,
+    })
+}
+
+fn set(text: &str) -> Session {
+    let name = SET
+        .captures(text)
+        .map(|c| c[1].to_ascii_lowercase())
+        .unwrap_or_default();
+    // `SET TRANSACTION READ ONLY`, `SET SESSION CHARACTERISTICS AS TRANSACTION …`:
+    // every query already runs alone in a snapshot of its own.
+    if text.to_ascii_uppercase().contains(" TRANSACTION ") {
+        return Session::Ack("SET");
+    }
+    if SETTABLE.contains(&name.as_str()) {
+        Session::Ack("SET")
+    } else {
+        Session::Refused {
+            code: "0A000",
+            message: format!(
+                "SET {} is not supported: Milepost's SQL is read-only and its settings are fixed",
+                if name.is_empty() { "…" } else { &name }
+            ),
+        }
+    }
+}
+
+fn show(text: &str) -> Session {
+    let Some(asked) = SHOW.captures(text).map(|c| c[1].to_owned()) else {
+        return Session::Refused {
+            code: "42601",
+            message: "SHOW takes the name of one setting".into(),
+        };
+    };
+    match shown(&asked.to_ascii_lowercase()) {
+        Some(value) => Session::Show {
+            name: asked.to_ascii_lowercase(),
+            value: value.to_owned(),
+        },
+        None => Session::Refused {
+            code: "42704",
+            message: format!("unrecognized configuration parameter \"{asked}\""),
+        },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn session_statements_are_answered_and_the_rest_left_to_the_sandbox() {
+        assert_eq!(classify("BEGIN"), Some(Session::Begin));
+        assert_eq!(classify("begin read only;"), Some(Session::Begin));
+        assert_eq!(
+            classify("START TRANSACTION ISOLATION LEVEL REPEATABLE READ"),
+            Some(Session::Begin)
+        );
+        assert_eq!(classify("commit"), Some(Session::End("COMMIT")));
+        assert_eq!(classify("ROLLBACK"), Some(Session::End("ROLLBACK")));
+        assert_eq!(
+            classify("SET application_name = 'grafana'"),
+            Some(Session::Ack("SET"))
+        );
+        assert_eq!(
+            classify("SET extra_float_digits TO 3"),
+            Some(Session::Ack("SET"))
+        );
+        assert_eq!(classify("set TimeZone 'UTC'"), Some(Session::Ack("SET")));
+        assert_eq!(
+            classify("SET SESSION CHARACTERISTICS AS TRANSACTION READ ONLY"),
+            Some(Session::Ack("SET"))
+        );
+        assert!(matches!(
+            classify("SET memory_limit = '10GB'"),
+            Some(Session::Refused { code: "0A000", .. })
+        ));
+        assert!(matches!(
+            classify("SET enable_external_access = true"),
+            Some(Session::Refused { code: "0A000", .. })
+        ));
+        assert_eq!(
+            classify("SHOW server_version"),
+            Some(Session::Show {
+                name: "server_version".into(),
+                value: super::super::SERVER_VERSION.into()
+            })
+        );
+        assert!(matches!(
+            classify("SHOW temp_directory"),
+            Some(Session::Refused { code: "42704", .. })
+        ));
+        assert!(matches!(
+            classify("SHOW TABLES"),
+            Some(Session::Refused { .. })
+        ));
+        assert_eq!(classify("SELECT 1"), None);
+        assert_eq!(classify("  "), None);
+        assert_eq!(classify("START readings"), None);
+    }
+}

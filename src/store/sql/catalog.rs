@@ -1,0 +1,335 @@
+//! The catalog users' tools read: psql's `\dt` and `\d readings`, drivers' type
+//! look-ups, Grafana's table and column pickers all query `pg_catalog` and
+//! `information_schema`. DuckDB emulates both, but over the database it runs in,
+//! where they would list every internal table. So those queries run on a second,
+//! in-memory DuckDB instance that holds the contract's six relations as empty
+//! tables with the views' columns and types, and nothing else: no data, file and
+//! network access off, its configuration locked. What it answers is the contract.
+//!
+//! psql writes a few PostgreSQL-only forms DuckDB's parser does not take
+//! (`OPERATOR(pg_catalog.~)`, `COLLATE pg_catalog.default`), and tools call
+//! functions DuckDB lacks (`pg_get_userbyid`, `quote_ident`, …): [`compatible`]
+//! rewrites the former, macros on the instance stand in for the latter.
+
+use std::borrow::Cow;
+use std::sync::{LazyLock, Mutex};
+
+use duckdb::{Config, Connection};
+use regex::Regex;
+
+use super::RELATIONS;
+use crate::store::StoreError;
+
+/// Functions that exist only on the catalog instance (macros below): calling one
+/// sends the query there.
+pub(super) const CATALOG_FUNCTIONS: [&str; 19] = [
+    "pg_relation_is_publishable",
+    "pg_get_expr",
+    "pg_get_constraintdef",
+    "pg_get_indexdef",
+    "pg_get_triggerdef",
+    "pg_get_userbyid",
+    "quote_ident",
+    "array_lower",
+    "array_upper",
+    "parse_ident",
+    "pg_encoding_to_char",
+    "obj_description",
+    "col_description",
+    "pg_get_viewdef",
+    "pg_table_size",
+    "pg_relation_size",
+    "pg_total_relation_size",
+    "pg_get_statisticsobjdef_columns",
+    "pg_database_size",
+];
+
+/// Functions allowed only in a query the catalog instance answers: there they
+/// are its stand-ins (`current_setting` answers the settings tools ask for, as
+/// the PostgreSQL listener reports them, and nothing of either instance).
+pub(super) const CATALOG_ONLY_FUNCTIONS: [&str; 1] = ["current_setting"];
+
+/// Stand-ins for PostgreSQL functions DuckDB lacks, as tools use them.
+const MACROS: &str = "
+    CREATE MACRO pg_get_userbyid(id) AS 'milepost';
+    CREATE MACRO current_setting(name) AS CASE lower(name)
+        WHEN 'search_path' THEN 'main'
+        WHEN 'server_version' THEN '{version}'
+        WHEN 'server_version_num' THEN '160006'
+        WHEN 'server_encoding' THEN 'UTF8'
+        WHEN 'client_encoding' THEN 'UTF8'
+        WHEN 'timezone' THEN 'UTC'
+        WHEN 'datestyle' THEN 'ISO, YMD'
+        WHEN 'standard_conforming_strings' THEN 'on'
+        WHEN 'max_identifier_length' THEN '63'
+        END;
+    CREATE MACRO quote_ident(name) AS name;
+    CREATE MACRO array_lower(a, d) AS CASE WHEN len(a) > 0 THEN 1 END;
+    CREATE MACRO array_upper(a, d) AS CASE WHEN len(a) > 0 THEN len(a) END;
+    CREATE MACRO parse_ident(name) AS string_split(name, '.');
+    CREATE MACRO pg_encoding_to_char(id) AS 'UTF8';
+    CREATE MACRO obj_description(id, kind) AS NULL::VARCHAR;
+    CREATE MACRO col_description(id, n) AS NULL::VARCHAR;
+    CREATE MACRO pg_get_viewdef(id, pretty := false) AS NULL::VARCHAR;
+    CREATE MACRO pg_table_size(id) AS NULL::BIGINT;
+    CREATE MACRO pg_relation_size(id) AS NULL::BIGINT;
+    CREATE MACRO pg_total_relation_size(id) AS NULL::BIGINT;
+    CREATE MACRO pg_database_size(id) AS NULL::BIGINT;
+    CREATE MACRO pg_get_statisticsobjdef_columns(id) AS NULL::VARCHAR;
+    CREATE MACRO pg_relation_is_publishable(id) AS false;
+    CREATE MACRO pg_get_expr(expr, relation, pretty := false) AS NULL::VARCHAR;
+    CREATE MACRO pg_get_constraintdef(id, pretty := false) AS NULL::VARCHAR;
+    CREATE MACRO pg_get_indexdef(id, n := 0, pretty := false) AS NULL::VARCHAR;
+    CREATE MACRO pg_get_triggerdef(id, pretty := false) AS NULL::VARCHAR;
+";
+
+/// The schema of the stand-in relations, hidden from the catalog they stand in
+/// for (psql's lists leave out `pg_*` schemas too).
+const COMPAT: &str = "pg_compat";
+
+/// Catalog relations DuckDB lacks, or lacks columns of, as psql's `\d` and `\l`
+/// and Grafana's pickers read them: made in [`COMPAT`], and references to the
+/// originals rewritten to these. Those that list relations leave [`COMPAT`] out.
+const SHADOWS: [(&str, &str); 16] = [
+    (
+        "pg_catalog.pg_class",
+        "CREATE VIEW pg_compat.pg_class AS
+             SELECT * REPLACE (0::BIGINT AS relam), false AS relforcerowsecurity
+             FROM pg_catalog.pg_class
+             WHERE relnamespace NOT IN
+                 (SELECT oid FROM pg_catalog.pg_namespace WHERE nspname = 'pg_compat')",
+    ),
+    (
+        "information_schema.tables",
+        "CREATE VIEW pg_compat.tables AS
+             SELECT * FROM information_schema.tables WHERE table_schema <> 'pg_compat'",
+    ),
+    (
+        "information_schema.columns",
+        "CREATE VIEW pg_compat.columns AS
+             SELECT * FROM information_schema.columns WHERE table_schema <> 'pg_compat'",
+    ),
+    (
+        "pg_catalog.pg_database",
+        "CREATE VIEW pg_compat.pg_database AS
+             SELECT oid, 'milepost' AS datname, 'C' AS datcollate, 'C' AS datctype,
+                 6 AS encoding, NULL::VARCHAR[] AS datacl, 'c' AS datlocprovider,
+                 NULL::VARCHAR AS daticulocale, NULL::VARCHAR AS daticurules,
+                 true AS datallowconn, -1 AS datconnlimit, 0 AS dattablespace,
+                 10 AS datdba, false AS datistemplate
+             FROM pg_catalog.pg_database WHERE datname = current_database()",
+    ),
+    (
+        "pg_catalog.pg_inherits",
+        "CREATE TABLE pg_compat.pg_inherits (inhrelid BIGINT, inhparent BIGINT,
+             inhseqno INTEGER, inhdetachpending BOOLEAN)",
+    ),
+    (
+        "pg_catalog.pg_policy",
+        "CREATE TABLE pg_compat.pg_policy (oid BIGINT, polname VARCHAR, polrelid BIGINT,
+             polcmd VARCHAR, polpermissive BOOLEAN, polroles BIGINT[], polqual VARCHAR,
+             polwithcheck VARCHAR)",
+    ),
+    (
+        "pg_catalog.pg_statistic_ext",
+        "CREATE TABLE pg_compat.pg_statistic_ext (oid BIGINT, stxrelid BIGINT,
+             stxname VARCHAR, stxnamespace BIGINT, stxowner BIGINT, stxstattarget INTEGER,
+             stxkeys INTEGER[], stxkind VARCHAR[], stxexprs VARCHAR)",
+    ),
+    (
+        "pg_catalog.pg_publication",
+        "CREATE TABLE pg_compat.pg_publication (oid BIGINT, pubname VARCHAR,
+             pubowner BIGINT, puballtables BOOLEAN, pubinsert BOOLEAN, pubupdate BOOLEAN,
+             pubdelete BOOLEAN, pubtruncate BOOLEAN, pubviaroot BOOLEAN)",
+    ),
+    (
+        "pg_catalog.pg_publication_rel",
+        "CREATE TABLE pg_compat.pg_publication_rel (oid BIGINT, prpubid BIGINT,
+             prrelid BIGINT, prqual VARCHAR, prattrs INTEGER[])",
+    ),
+    (
+        "pg_catalog.pg_publication_namespace",
+        "CREATE TABLE pg_compat.pg_publication_namespace (oid BIGINT, pnpubid BIGINT,
+             pnnspid BIGINT)",
+    ),
+    (
+        "pg_catalog.pg_trigger",
+        "CREATE TABLE pg_compat.pg_trigger (oid BIGINT, tgrelid BIGINT, tgparentid BIGINT,
+             tgname VARCHAR, tgenabled VARCHAR, tgisinternal BOOLEAN)",
+    ),
+    (
+        "pg_catalog.pg_roles",
+        "CREATE VIEW pg_compat.pg_roles AS SELECT 10::BIGINT AS oid, 'milepost' AS rolname,
+             false AS rolsuper, false AS rolcanlogin",
+    ),
+    (
+        "pg_catalog.pg_collation",
+        "CREATE TABLE pg_compat.pg_collation (oid BIGINT, collname VARCHAR,
+             collnamespace BIGINT)",
+    ),
+    (
+        "pg_catalog.pg_rewrite",
+        "CREATE TABLE pg_compat.pg_rewrite (oid BIGINT, rulename VARCHAR, ev_class BIGINT,
+             ev_type VARCHAR, ev_enabled VARCHAR, is_instead BOOLEAN)",
+    ),
+    (
+        "pg_catalog.pg_foreign_table",
+        "CREATE TABLE pg_compat.pg_foreign_table (ftrelid BIGINT, ftserver BIGINT,
+             ftoptions VARCHAR[])",
+    ),
+    (
+        "pg_catalog.pg_partitioned_table",
+        "CREATE TABLE pg_compat.pg_partitioned_table (partrelid BIGINT, partstrat VARCHAR)",
+    ),
+];
+
+/// PostgreSQL-only syntax rewritten to DuckDB's, everywhere in a query (these
+/// forms do not occur elsewhere): `c.relname OPERATOR(pg_catalog.~) '^(x)$'
+/// COLLATE pg_catalog.default`, as psql's `\d` writes it.
+static SYNTAX: LazyLock<Vec<(Regex, &'static str)>> = LazyLock::new(|| {
+    rules(&[
+        (
+            r"(?i)OPERATOR\s*\(\s*pg_catalog\s*\.\s*([~!=<>*+-]+)\s*\)",
+            " $1 ",
+        ),
+        (r#"(?i)COLLATE\s+pg_catalog\s*\.\s*"?default"?"#, ""),
+    ])
+});
+
+/// Rewrites of a query the catalog instance answers.
+static CATALOG: LazyLock<Vec<(Regex, &'static str)>> = LazyLock::new(|| {
+    let shadows: Vec<String> = SHADOWS
+        .iter()
+        .map(|(name, _)| name.split('.').nth(1).unwrap_or(name).to_owned())
+        .collect();
+    let shadows = format!(
+        r"(?i)\b(?:pg_catalog|information_schema)\s*\.\s*({})\b",
+        shadows.join("|")
+    );
+    rules(&[
+        // Functions by their bare names: DuckDB keeps some PostgreSQL ones outside
+        // its `pg_catalog` (`array_to_string`), and the stand-ins live in `main`
+        // (DuckDB lets nothing be created in its `pg_catalog`).
+        (r"(?i)\bpg_catalog\s*\.\s*([a-z_][a-z0-9_]*)\s*\(", "$1("),
+        (&shadows, "pg_compat.$1"),
+        // `::pg_catalog.regclass`, `::regtype`: DuckDB's oids are BIGINTs.
+        (r"(?i)::\s*(?:pg_catalog\s*\.\s*)?reg[a-z]+\b", "::BIGINT"),
+        (r"(?i)::\s*pg_catalog\s*\.\s*", "::"),
+    ])
+});
+
+fn rules(rules: &[(&str, &'static str)]) -> Vec<(Regex, &'static str)> {
+    rules
+        .iter()
+        .map(|(pattern, to)| (Regex::new(pattern).expect("catalog rewrite"), *to))
+        .collect()
+}
+
+fn rewrite<'a>(sql: &'a str, rules: &[(Regex, &'static str)]) -> Cow<'a, str> {
+    let mut out = Cow::Borrowed(sql);
+    for (pattern, to) in rules {
+        if let Cow::Owned(s) = pattern.replace_all(&out, *to) {
+            out = Cow::Owned(s);
+        }
+    }
+    out
+}
+
+/// `sql` with PostgreSQL-only syntax in DuckDB's spelling.
+pub(super) fn compatible(sql: &str) -> Cow<'_, str> {
+    rewrite(sql, &SYNTAX)
+}
+
+/// `sql` (checked, routed to the catalog) as the catalog instance runs it.
+pub(super) fn for_catalog(sql: &str) -> Cow<'_, str> {
+    rewrite(sql, &CATALOG)
+}
+
+/// The in-memory instance and its idle connections.
+pub(super) struct Catalog {
+    base: Mutex<Connection>,
+    idle: Mutex<Vec<Connection>>,
+}
+
+impl Catalog {
+    /// Builds the instance; `views` is a connection where the contract's views
+    /// exist, to read their columns from.
+    pub(super) fn new(views: &Connection) -> Result<Self, StoreError> {
+        let mut tables = String::new();
+        for relation in RELATIONS {
+            let mut stmt = views.prepare(&format!("DESCRIBE {relation}"))?;
+            let columns = stmt
+                .query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)))?
+                .collect::<Result<Vec<_>, _>>()?;
+            let columns: Vec<String> = columns
+                .iter()
+                .map(|(name, ty)| format!("\"{name}\" {ty}"))
+                .collect();
+            tables += &format!("CREATE TABLE {relation} ({});\n", columns.join(", "));
+        }
+        let config = Config::default()
+            .max_memory("64MB")
+            .and_then(|c| c.threads(1))
+            .and_then(|c| c.enable_external_access(false))
+            .and_then(|c| c.with("autoinstall_known_extensions", "false"))
+            .and_then(|c| c.with("autoload_known_extensions", "false"))
+            .and_then(|c| c.with("allow_community_extensions", "false"))
+            .map_err(|e| StoreError::Config(e.to_string()))?;
+        let base = Connection::open_in_memory_with_flags(config)?;
+        base.execute_batch(&tables)?;
+        base.execute_batch(&MACROS.replace("{version}", crate::store::sql::SERVER_VERSION))?;
+        base.execute_batch(&format!("CREATE SCHEMA {COMPAT}"))?;
+        for (_, create) in SHADOWS {
+            base.execute_batch(create)?;
+        }
+        base.execute_batch("SET lock_configuration = true")?;
+        Ok(Self {
+            base: Mutex::new(base),
+            idle: Mutex::new(Vec::new()),
+        })
+    }
+
+    /// Runs `f` on one of the instance's connections.
+    pub(super) fn with_connection<T>(
+        &self,
+        f: impl FnOnce(&Connection) -> Result<T, super::SqlError>,
+    ) -> Result<T, super::SqlError> {
+        let conn = match self.idle.lock().expect("catalog pool").pop() {
+            Some(c) => c,
+            None => self
+                .base
+                .lock()
+                .expect("catalog base")
+                .try_clone()
+                .map_err(StoreError::from)?,
+        };
+        let done = f(&conn);
+        self.idle.lock().expect("catalog pool").push(conn);
+        done
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn psql_forms_are_rewritten_and_the_rest_left_alone() {
+        assert_eq!(
+            compatible(
+                "WHERE c.relname OPERATOR(pg_catalog.~) '^(readings)$' COLLATE pg_catalog.default"
+            ),
+            "WHERE c.relname  ~  '^(readings)$' "
+        );
+        assert_eq!(
+            for_catalog(
+                "SELECT pg_catalog.pg_get_userbyid(c.relowner), c.oid::pg_catalog.regclass::pg_catalog.text \
+                 FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n ON true"
+            ),
+            "SELECT pg_get_userbyid(c.relowner), c.oid::BIGINT::text \
+             FROM pg_compat.pg_class c JOIN pg_catalog.pg_namespace n ON true"
+        );
+        let plain = "SELECT avg(value) FROM readings";
+        assert!(matches!(compatible(plain), Cow::Borrowed(s) if s == plain));
+    }
+}
