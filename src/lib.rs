@@ -35,8 +35,10 @@
 //!                        store::AlertStore (own connection) ──▶ jobs::notify (webhooks)
 //!                                        ▲
 //! operator ──gRPC, bearer token──▶ backend (authz ▶ services) ──▶ Redump, DryRun, Backfill
-//! analyst ──POST /api/v1/sql, bearer token──▶ api::sql ──▶ store::sql (sandbox checks,
-//!                                             contract views, own connections, limits)
+//! analyst ──POST /api/v1/sql, bearer token──▶ api::sql ─┐
+//! psql, Grafana ──PostgreSQL protocol, token──▶ pg ─────┴▶ store::sql (sandbox checks,
+//!                          contract views, own connections, limits; pg_catalog and
+//!                          information_schema from an in-memory catalog instance)
 //! ```
 //!
 //! - [`domain`]: types that are valid by construction (`Device`, `Reading` rows,
@@ -61,6 +63,9 @@
 //!   `api::console` is the built-in HTML console (maud) over the same reads.
 //! - [`backend`]: the internal gRPC listener (tonic) — services, each with its
 //!   authorization policy, hashed tokens, reflection, and its command-line client.
+//! - [`pg`]: the PostgreSQL wire listener for users' SQL (pgwire): token
+//!   passwords, TLS off loopback, cancel requests, session statements.
+//! - [`tls`]: the listeners' certificate (rustls), reloaded on SIGHUP.
 //! - [`metrics`], [`background`]: the Prometheus registry; low-priority threads.
 //! - [`config`]: the server's settings (flags with `MILEPOST_*` fallbacks and a
 //!   `milepost.toml` file under both, `config::file`).

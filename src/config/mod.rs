@@ -229,7 +229,8 @@ pub struct ServeArgs {
     /// How long shutdown waits for in-flight requests.
     #[arg(long, env = "MILEPOST_SHUTDOWN_TIMEOUT", default_value = "30s", value_parser = humantime::parse_duration)]
     pub shutdown_timeout: Duration,
-    /// Longest a query of `POST /api/v1/sql` runs before DuckDB is interrupted (408).
+    /// Longest a user SQL query (`POST /api/v1/sql`, the PostgreSQL listener) runs
+    /// before DuckDB is interrupted (408; SQLSTATE 57014).
     #[arg(long, env = "MILEPOST_SQL_TIMEOUT", default_value = "30s", value_parser = humantime::parse_duration)]
     pub sql_timeout: Duration,
     /// PostgreSQL wire listener for users' SQL (psql, Grafana, drivers), e.g.

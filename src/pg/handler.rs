@@ -159,11 +159,15 @@ impl Handler {
         sql: &str,
         params: Vec<SqlParam>,
     ) -> Result<(Vec<RecordBatch>, SqlSummary), SqlError> {
-        let started = Instant::now();
         let engine = self.engine.clone();
         let sql = sql.to_owned();
         let cancel = Cancel::default();
         let _on_drop = CancelOnDrop(cancel.clone());
+        let mut pending = Pending {
+            metrics: &self.metrics,
+            started: Instant::now(),
+            done: false,
+        };
         tracing::debug!(%sql, "pg query");
         // At a low CPU priority, like dumps and `/api/v1/sql` (see `api::sql`).
         let ran = crate::background::run("milepost-pg", move || {
@@ -176,15 +180,9 @@ impl Handler {
                 .map(|summary| (batches, summary))
         })
         .await
-        .unwrap_or_else(|| {
-            Err(SqlError::Store(crate::store::StoreError::Internal(
-                "the query's thread failed".into(),
-            )))
-        });
-        self.count(&ran);
-        self.metrics
-            .sql_seconds
-            .observe(started.elapsed().as_secs_f64());
+        .unwrap_or_else(|| Err(thread_failed()));
+        pending.done = true;
+        count(&self.metrics, &ran);
         ran
     }
 
@@ -194,33 +192,17 @@ impl Handler {
         let sql = sql.to_owned();
         let cancel = Cancel::default();
         let _on_drop = CancelOnDrop(cancel.clone());
-        crate::background::run("milepost-pg", move || {
+        let described = crate::background::run("milepost-pg", move || {
             engine.describe(&sql, &params, &cancel)
         })
         .await
-        .unwrap_or_else(|| {
-            Err(SqlError::Store(crate::store::StoreError::Internal(
-                "the query's thread failed".into(),
-            )))
-        })
-        .map_err(error)
-    }
-
-    fn count<T>(&self, ran: &Result<T, SqlError>) {
-        let outcome = match ran {
-            Ok(_) => "ok",
-            Err(SqlError::Refused(_)) => "refused",
-            Err(SqlError::Query(_)) => "failed",
-            Err(SqlError::Timeout(_)) => "timeout",
-            Err(SqlError::Cancelled) => "cancelled",
-            Err(SqlError::TooLarge(_)) => "too_large",
-            Err(SqlError::Busy) => "busy",
-            Err(SqlError::Store(_)) => "internal",
-        };
-        self.metrics
-            .pg_queries
-            .get_or_create(&OutcomeLabel { outcome })
-            .inc();
+        .unwrap_or_else(|| Err(thread_failed()));
+        // A query refused or failing here never runs: counted now. One that
+        // passes is counted when it runs.
+        if described.is_err() {
+            count(&self.metrics, &described);
+        }
+        described.map_err(error)
     }
 
     /// Answers `stmt` with `params`, rows in `format`.
@@ -244,6 +226,48 @@ impl Handler {
             stream::iter(rows.into_iter().map(Ok)),
         )))
     }
+}
+
+/// Counts a query by its outcome.
+fn count<T>(metrics: &Metrics, ran: &Result<T, SqlError>) {
+    let outcome = match ran {
+        Ok(_) => "ok",
+        Err(SqlError::Refused(_)) => "refused",
+        Err(SqlError::Query(_)) => "failed",
+        Err(SqlError::Timeout(_)) => "timeout",
+        Err(SqlError::Cancelled) => "cancelled",
+        Err(SqlError::TooLarge(_)) => "too_large",
+        Err(SqlError::Busy) => "busy",
+        Err(SqlError::Store(_)) => "internal",
+    };
+    metrics
+        .pg_queries
+        .get_or_create(&OutcomeLabel { outcome })
+        .inc();
+}
+
+/// A running query's time, observed when it ends; counted as cancelled if its
+/// future is dropped first (a cancel request, a connection gone).
+struct Pending<'a> {
+    metrics: &'a Metrics,
+    started: Instant,
+    done: bool,
+}
+
+impl Drop for Pending<'_> {
+    fn drop(&mut self) {
+        let m = self.metrics;
+        m.sql_seconds.observe(self.started.elapsed().as_secs_f64());
+        if !self.done {
+            count::<()>(m, &Err(SqlError::Cancelled));
+        }
+    }
+}
+
+fn thread_failed() -> SqlError {
+    SqlError::Store(crate::store::StoreError::Internal(
+        "the query's thread failed".into(),
+    ))
 }
 
 /// The answer to a session statement.

@@ -22,6 +22,7 @@ mod layering;
 mod lifecycle;
 mod metrics;
 mod openapi;
+mod pg;
 mod push;
 mod reads;
 mod reload;

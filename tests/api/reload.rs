@@ -15,7 +15,7 @@ use tokio_rustls::TlsConnector;
 use crate::helpers::{Proc, line, listening_addr, send_signal, serve_command, wait_for_log};
 
 /// A self-signed certificate for 127.0.0.1: (certificate PEM, key PEM).
-fn certificate() -> (String, String) {
+pub(crate) fn certificate() -> (String, String) {
     let key = rcgen::KeyPair::generate().unwrap();
     let params =
         rcgen::CertificateParams::new(vec!["127.0.0.1".into(), "localhost".into()]).unwrap();

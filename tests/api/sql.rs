@@ -10,7 +10,7 @@ use serde_json::{Value, json};
 use crate::helpers::*;
 
 /// A viewer token for `app`.
-fn viewer(app: &TestApp) -> String {
+pub(crate) fn viewer(app: &TestApp) -> String {
     milepost::backend::TokenAdmin::new(app.dir.path())
         .create(milepost::backend::Role::Viewer, "analyst")
         .unwrap()
@@ -55,7 +55,7 @@ fn timed_values(ndjson: &str, ts: &str) -> Vec<(i64, f64)> {
 }
 
 /// Two devices' speed over three hours, every 7 minutes, values from their minute.
-fn history() -> String {
+pub(crate) fn history() -> String {
     let mut body = String::new();
     for device in ["car-a", "car-b"] {
         for m in (0..180).step_by(7) {
@@ -186,16 +186,12 @@ async fn sql_answers_as_the_api_does_in_every_format() {
     assert_eq!(v["rows"], json!([[null, true]]));
 }
 
-#[tokio::test]
-async fn hostile_sql_over_http_is_refused_and_changes_nothing() {
-    let app = TestApp::spawn().await;
-    assert_eq!(app.ingest(history()).await.0, StatusCode::OK);
-    let token = viewer(&app);
-    let count = "SELECT count(*) FROM readings";
-    let before = sql_json(&app, &token, count).await;
-    let out = tempfile::tempdir().unwrap();
-    let o = out.path().display();
-    let hostile = [
+/// Statements that would write files, read files or internal tables, change data
+/// or settings, or load code; each must be refused (`out`: where they would
+/// write). Sent over HTTP here and over the PostgreSQL protocol in `pg`.
+pub(crate) fn hostile_statements(out: &std::path::Path) -> Vec<String> {
+    let o = out.display();
+    vec![
         format!("COPY readings TO '{o}/a.csv'"),
         format!("COPY (SELECT * FROM readings) TO '{o}/b.parquet' (FORMAT parquet)"),
         format!("EXPORT DATABASE '{o}/x'"),
@@ -238,7 +234,18 @@ async fn hostile_sql_over_http_is_refused_and_changes_nothing() {
         "VACUUM".into(),
         "DETACH milepost".into(),
         "SELEC 1".into(),
-    ];
+    ]
+}
+
+#[tokio::test]
+async fn hostile_sql_over_http_is_refused_and_changes_nothing() {
+    let app = TestApp::spawn().await;
+    assert_eq!(app.ingest(history()).await.0, StatusCode::OK);
+    let token = viewer(&app);
+    let count = "SELECT count(*) FROM readings";
+    let before = sql_json(&app, &token, count).await;
+    let out = tempfile::tempdir().unwrap();
+    let hostile = hostile_statements(out.path());
     assert!(hostile.len() >= 40);
     for q in &hostile {
         let (status, body) = sql(&app, &token, json!({"sql": q}), "application/json").await;

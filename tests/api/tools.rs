@@ -6,9 +6,11 @@
 //!   (`target/tmp/milepost-tools/…`), made once and reused by later runs: a real S3
 //!   server (moto), schemathesis and openapi-python-client, and the lake's readers
 //!   (pyspark, polars, pyarrow). They need `python3` with its `venv` module.
-//! - A Java runtime for Spark, and Debian's headless Chromium for the console's
-//!   browser tests, with `apt-get` when the tests run as root; otherwise the test
-//!   fails naming the one command to run.
+//! - PostgreSQL's Python drivers (psycopg 3, asyncpg) in a virtualenv of their own.
+//! - A Java runtime for Spark, Debian's headless Chromium for the console's
+//!   browser tests and psql (`postgresql-client`) for the PostgreSQL listener's,
+//!   with `apt-get` when the tests run as root; otherwise the test fails naming the
+//!   one command to run.
 //!
 //! A tool that cannot be had fails its test with the reason; no test passes without
 //! the tool it names.
@@ -42,6 +44,12 @@ pub const PYTHON_TOOLS: Venv = Venv {
         "polars==2.1.0",
         "pyarrow==26.0.1",
     ],
+};
+
+/// PostgreSQL's Python drivers, for the PostgreSQL listener's tests.
+pub const PG_DRIVERS: Venv = Venv {
+    name: "pg-drivers",
+    packages: &["psycopg[binary]==3.3.9", "asyncpg==0.32.0"],
 };
 
 impl Venv {
@@ -127,6 +135,24 @@ pub fn ensure_java() {
         apt_install("openjdk-17-jre-headless") && found(),
         "Spark needs a Java 17 runtime: apt-get install openjdk-17-jre-headless"
     );
+}
+
+/// psql (Debian's `postgresql-client`): on `PATH`, or installed with apt-get as
+/// root.
+pub fn ensure_psql() -> PathBuf {
+    let found = || {
+        Command::new("psql")
+            .arg("--version")
+            .output()
+            .is_ok_and(|o| o.status.success())
+    };
+    if !found() {
+        assert!(
+            apt_install("postgresql-client") && found(),
+            "the PostgreSQL listener's tests need psql: apt-get install postgresql-client"
+        );
+    }
+    PathBuf::from("psql")
 }
 
 /// Debian's Chromium (the console's browser tests): on `PATH`, or installed with

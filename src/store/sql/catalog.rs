@@ -215,6 +215,13 @@ static CATALOG: LazyLock<Vec<(Regex, &'static str)>> = LazyLock::new(|| {
         // `::pg_catalog.regclass`, `::regtype`: DuckDB's oids are BIGINTs.
         (r"(?i)::\s*(?:pg_catalog\s*\.\s*)?reg[a-z]+\b", "::BIGINT"),
         (r"(?i)::\s*pg_catalog\s*\.\s*", "::"),
+        // Grafana's schema constraint reads the search path with two functions in
+        // FROM, which PostgreSQL turns into relations and DuckDB does not:
+        // `generate_series(…) as i, string_to_array(current_setting('search_path'),',') s`.
+        (
+            r"(?i)\)\s+as\s+i\s*,\s*string_to_array\s*\(\s*current_setting\s*\(\s*'search_path'\s*\)\s*,\s*','\s*\)\s+s\b",
+            ") AS _i(i), (SELECT string_to_array(current_setting('search_path'), ',') AS s) s",
+        ),
     ])
 });
 

@@ -197,6 +197,9 @@ pub fn check(conn: &Connection, sql: &str) -> Result<Route, SqlError> {
                 "only a read statement (one SELECT, WITH … SELECT, FROM …, VALUES …) may run"
                     .into(),
             )
+        } else if tree["error_type"] == "parser" {
+            // As DuckDB words its own errors (the PostgreSQL listener reads the kind).
+            SqlError::Query(format!("Parser Error: {message}"))
         } else {
             SqlError::Query(message.to_owned())
         });
@@ -371,6 +374,10 @@ fn function(map: &serde_json::Map<String, Value>, found: &mut Found) -> Result<(
 
 /// The contract's views on a user connection; `db` is the database's catalog name,
 /// `rollups_before` a variable set before each query (the writer's live boundary).
+/// `now()` and `current_timestamp` answer UTC as a `TIMESTAMP`, the type of the
+/// views' times: DuckDB's own are `TIMESTAMP WITH TIME ZONE`, which this build
+/// (no ICU) cannot subtract an interval from or compare, so
+/// `ts > now() - INTERVAL 1 DAY` would not bind.
 fn views(db: &str) -> String {
     format!(
         "CREATE OR REPLACE TEMP VIEW readings AS
@@ -406,6 +413,9 @@ fn views(db: &str) -> String {
              SELECT day, format, object_key, readings, bytes, sha256, min_ts, max_ts,
                     generated_at
              FROM {db}.main.dumps;
+         CREATE OR REPLACE TEMP MACRO now() AS CAST(transaction_timestamp() AS TIMESTAMP);
+         CREATE OR REPLACE TEMP MACRO get_current_timestamp()
+             AS CAST(transaction_timestamp() AS TIMESTAMP);
          SET search_path = 'temp';"
     )
 }
@@ -1023,5 +1033,110 @@ mod tests {
         assert!(matches!(rows(&engine, "SELECT 1"), Err(SqlError::Busy)));
         assert!(matches!(long.join().unwrap(), Err(SqlError::Timeout(_))));
         assert_eq!(rows(&engine, "SELECT 1").unwrap(), [["1"]]);
+    }
+
+    /// The catalog answers with the contract and nothing else: no internal
+    /// table, not its own stand-ins; it reads no file and mixes with no data.
+    #[test]
+    fn the_catalog_lists_the_contract_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = store(dir.path());
+        let engine = store.sql_engine(limits()).unwrap();
+        let mut contract: Vec<[String; 1]> = RELATIONS.iter().map(|r| [r.to_string()]).collect();
+        contract.sort();
+        for sql in [
+            "SELECT relname FROM pg_catalog.pg_class WHERE relkind = 'r' ORDER BY 1",
+            "SELECT c.relname FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n \
+             ON n.oid = c.relnamespace WHERE n.nspname !~ '^pg_' \
+             AND n.nspname <> 'information_schema' ORDER BY 1",
+            "SELECT table_name FROM information_schema.tables ORDER BY 1",
+        ] {
+            let got = rows(&engine, sql).unwrap();
+            assert_eq!(got, contract, "{sql}");
+        }
+        let got = rows(
+            &engine,
+            "SELECT column_name, data_type FROM information_schema.columns \
+             WHERE table_name = 'readings' ORDER BY ordinal_position",
+        )
+        .unwrap();
+        assert_eq!(
+            got,
+            [
+                ["device", "VARCHAR"],
+                ["sensor", "VARCHAR"],
+                ["ts", "TIMESTAMP"],
+                ["value", "DOUBLE"]
+            ]
+        );
+        // Settings: the stand-in's answers there, refused beside the data.
+        assert_eq!(
+            rows(
+                &engine,
+                "SELECT current_setting('search_path'), current_setting('temp_directory') \
+                 FROM pg_catalog.pg_namespace LIMIT 1"
+            )
+            .unwrap(),
+            [["main", ""]]
+        );
+        for refused in [
+            "SELECT current_setting('search_path')",
+            "SELECT * FROM readings JOIN pg_catalog.pg_class ON true",
+            "SELECT * FROM information_schema.tables, milepost.main.series",
+        ] {
+            let r = rows(&engine, refused);
+            assert!(matches!(r, Err(SqlError::Refused(_))), "{refused}: {r:?}");
+        }
+        // The catalog instance has no file access.
+        let r = rows(
+            &engine,
+            "SELECT * FROM pg_catalog.pg_class, read_csv('/etc/passwd')",
+        );
+        assert!(
+            matches!(&r, Err(SqlError::Query(m)) if m.contains("disabled")),
+            "{r:?}"
+        );
+    }
+
+    #[test]
+    fn a_query_is_described_without_reading_and_cancelled_from_outside() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = store(dir.path());
+        let engine = Arc::new(store.sql_engine(limits()).unwrap());
+        let shape = engine
+            .describe(
+                "SELECT device, value FROM readings WHERE value > $1 AND device = $2;",
+                &[],
+                &Cancel::default(),
+            )
+            .unwrap();
+        let names: Vec<&str> = shape
+            .schema
+            .fields()
+            .iter()
+            .map(|f| f.name().as_str())
+            .collect();
+        assert_eq!((names, shape.params), (vec!["device", "value"], 2));
+        // Described like any query: the sandbox first.
+        assert!(matches!(
+            engine.describe("SELECT * FROM series", &[], &Cancel::default()),
+            Err(SqlError::Refused(_))
+        ));
+        let cancel = Cancel::default();
+        let running = {
+            let (engine, cancel) = (engine.clone(), cancel.clone());
+            std::thread::spawn(move || engine.run(BOMB, &[], &cancel, &mut |_| Ok(())))
+        };
+        std::thread::sleep(Duration::from_millis(300));
+        let started = Instant::now();
+        cancel.cancel();
+        let r = running.join().unwrap();
+        assert!(matches!(r, Err(SqlError::Cancelled)), "{r:?}");
+        assert!(started.elapsed() < Duration::from_secs(2));
+        // A cancelled token refuses what it is given later.
+        assert!(matches!(
+            engine.run("SELECT 1", &[], &cancel, &mut |_| Ok(())),
+            Err(SqlError::Cancelled)
+        ));
     }
 }

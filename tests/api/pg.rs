@@ -1,0 +1,453 @@
+//! The PostgreSQL listener (`--pg-addr`) against real clients: psql (Debian's
+//! `postgresql-client`), and psycopg 3 and asyncpg (`tests/clients/pg_drivers.py`),
+//! in clear text on loopback and over TLS; their answers equal the HTTP API's;
+//! the hostile statements of `/api/v1/sql` refused over the wire with nothing
+//! changed; psql's Ctrl-C stops a query; off loopback TLS is required.
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::process::Output;
+use std::time::{Duration, Instant};
+
+use reqwest::StatusCode;
+use serde_json::Value;
+
+use crate::helpers::*;
+use crate::sql::{history, hostile_statements, viewer};
+
+/// A server with the PostgreSQL listener on a free loopback port.
+async fn spawn(configure: impl FnOnce(&mut milepost::config::ServeArgs)) -> (TestApp, SocketAddr) {
+    let app = TestApp::spawn_with(|a| {
+        a.pg_addr = Some(SocketAddr::from(([127, 0, 0, 1], 0)));
+        configure(a);
+    })
+    .await;
+    let addr = app
+        .server()
+        .pg_addr()
+        .expect("the PostgreSQL listener runs");
+    (app, addr)
+}
+
+/// psql with `args`, the token as password; `tls`: `disable`, `require`, ….
+async fn psql(addr: SocketAddr, token: &str, tls: &str, args: &[&str]) -> Output {
+    let psql = crate::tools::ensure_psql();
+    tokio::process::Command::new(psql)
+        .arg(format!(
+            "postgresql://analyst@127.0.0.1:{}/milepost?sslmode={tls}&connect_timeout=10",
+            addr.port()
+        ))
+        .args([
+            "--no-psqlrc",
+            "-X",
+            "-v",
+            "ON_ERROR_STOP=1",
+            "-v",
+            "VERBOSITY=verbose",
+        ])
+        .args(args)
+        .env("PGPASSWORD", token)
+        .env_remove("PGSSLMODE")
+        .output()
+        .await
+        .expect("psql runs")
+}
+
+fn text(out: &Output) -> (String, String) {
+    (
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// The rows psql prints unaligned (`-A -t`), split at `|`.
+async fn rows(addr: SocketAddr, token: &str, sql: &str) -> Vec<Vec<String>> {
+    let out = psql(addr, token, "disable", &["-A", "-t", "-c", sql]).await;
+    let (stdout, stderr) = text(&out);
+    assert!(out.status.success(), "{sql}: {stderr}");
+    stdout
+        .lines()
+        .map(|l| l.split('|').map(str::to_owned).collect())
+        .collect()
+}
+
+#[tokio::test]
+async fn psql_answers_lists_and_describes_the_contract() {
+    let (app, addr) = spawn(|_| {}).await;
+    let recent = (chrono::Utc::now() - chrono::Duration::hours(1))
+        .format("%Y-%m-%dT%H:%M:%SZ")
+        .to_string();
+    let body = history() + &dline("car-c", "fuel", 31.5, &recent) + "\n";
+    assert_eq!(app.ingest(body).await.0, StatusCode::OK);
+    let token = viewer(&app);
+
+    // The issue's example, as typed: `now()` is a TIMESTAMP (UTC) like `ts`.
+    let got = rows(
+        addr,
+        &token,
+        "SELECT sensor, avg(value) FROM readings WHERE ts > now() - INTERVAL 1 DAY GROUP BY ALL",
+    )
+    .await;
+    assert_eq!(got, [["fuel", "31.5"]]);
+
+    // `\dt`: the six relations of the contract and nothing internal.
+    let out = psql(addr, &token, "disable", &["-A", "-t", "-c", "\\dt"]).await;
+    let (stdout, stderr) = text(&out);
+    assert!(out.status.success(), "{stderr}");
+    let names: Vec<&str> = stdout
+        .lines()
+        .map(|l| l.split('|').nth(1).unwrap_or_default())
+        .collect();
+    assert_eq!(
+        names,
+        [
+            "anomalies",
+            "devices",
+            "dumps",
+            "readings",
+            "rollups_15m",
+            "sensors"
+        ],
+        "{stdout}"
+    );
+    // `\d readings`: its columns and types.
+    let out = psql(addr, &token, "disable", &["-A", "-t", "-c", "\\d readings"]).await;
+    let (stdout, stderr) = text(&out);
+    assert!(out.status.success(), "{stderr}");
+    let columns: Vec<(&str, &str)> = stdout
+        .lines()
+        .filter_map(|l| {
+            let mut f = l.split('|');
+            Some((f.next()?, f.next()?))
+        })
+        .collect();
+    assert_eq!(
+        columns,
+        [
+            ("device", "varchar"),
+            ("sensor", "varchar"),
+            ("ts", "timestamp"),
+            ("value", "float8")
+        ],
+        "{stdout}"
+    );
+    // `\l` names one database, `\dn` one schema.
+    let out = psql(addr, &token, "disable", &["-A", "-t", "-c", "\\l"]).await;
+    assert!(text(&out).0.starts_with("milepost|"), "{:?}", text(&out));
+
+    // Session statements drivers send are answered; settings stay as they are.
+    let got = rows(addr, &token, "SHOW server_version").await;
+    assert!(got[0][0].starts_with("16."), "{got:?}");
+    let out = psql(
+        addr,
+        &token,
+        "disable",
+        &[
+            "-c",
+            "BEGIN",
+            "-c",
+            "SET application_name = 'x'",
+            "-c",
+            "COMMIT",
+        ],
+    )
+    .await;
+    assert!(out.status.success(), "{:?}", text(&out));
+
+    // Errors name their SQLSTATE; a wrong token is refused.
+    let out = psql(addr, &token, "disable", &["-c", "SELECT * FROM series"]).await;
+    let (_, stderr) = text(&out);
+    assert!(
+        !out.status.success() && stderr.contains("42501"),
+        "{stderr}"
+    );
+    let out = psql(addr, "mpt_not-a-token", "disable", &["-c", "SELECT 1"]).await;
+    let (_, stderr) = text(&out);
+    assert!(
+        !out.status.success() && stderr.contains("authentication failed"),
+        "{stderr}"
+    );
+    let out = psql(addr, KEY, "disable", &["-c", "SELECT 1"]).await;
+    assert!(!out.status.success(), "an ingest key is no token");
+}
+
+/// What `pg_drivers.py` printed, by check and device.
+fn answers(stdout: &str, check: &str, device: &str) -> Vec<Value> {
+    stdout
+        .lines()
+        .filter(|l| l.starts_with('{'))
+        .map(|l| serde_json::from_str::<Value>(l).unwrap())
+        .find(|v| v["check"] == check && v["device"] == device)
+        .unwrap_or_else(|| panic!("no {check} for {device}: {stdout}"))["rows"]
+        .as_array()
+        .unwrap()
+        .clone()
+}
+
+/// psycopg and asyncpg, with TLS or without; their answers against the API's.
+async fn drivers_agree_with_the_api(tls: bool) {
+    let dir = tempfile::tempdir().unwrap();
+    let (cert, key) = crate::reload::certificate();
+    let (cert_file, key_file) = (dir.path().join("cert.pem"), dir.path().join("key.pem"));
+    std::fs::write(&cert_file, &cert).unwrap();
+    std::fs::write(&key_file, &key).unwrap();
+    let (app, addr) = spawn(|a| {
+        if tls {
+            a.http.tls_cert = Some(cert_file.clone());
+            a.http.tls_key = Some(key_file.clone());
+        }
+    })
+    .await;
+    if tls {
+        // The public listener now speaks HTTPS; ingest through it with the CA.
+        let ca = reqwest::Certificate::from_pem(cert.as_bytes()).unwrap();
+        let client = reqwest::Client::builder()
+            .add_root_certificate(ca)
+            .build()
+            .unwrap();
+        let url = app.url("/ingest").replace("http://", "https://");
+        let r = client
+            .post(url)
+            .basic_auth(KEY, None::<&str>)
+            .header("content-type", "application/x-ndjson")
+            .body(history())
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), StatusCode::OK);
+    } else {
+        assert_eq!(app.ingest(history()).await.0, StatusCode::OK);
+    }
+    let token = viewer(&app);
+    let python = crate::tools::PG_DRIVERS.bin().join("python3");
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/clients/pg_drivers.py");
+    let mut cmd = tokio::process::Command::new(&python);
+    cmd.arg(&script)
+        .arg("127.0.0.1")
+        .arg(addr.port().to_string())
+        .arg(&token);
+    if tls {
+        cmd.arg(&cert_file);
+    }
+    let out = cmd.output().await.expect("python runs");
+    let (stdout, stderr) = text(&out);
+    assert!(out.status.success(), "{stdout}\n{stderr}");
+    assert!(stdout.lines().any(|l| l.contains("\"done\"")), "{stdout}");
+
+    if tls {
+        return;
+    }
+    for device in ["car-a", "car-b"] {
+        // Hourly averages (psycopg and Grafana's panel) = the statistics endpoint.
+        let (_, stats) = app
+            .get(&format!(
+                "/api/v1/sensors/speed/statistics?device={device}&from=2026-03-01T10:00:00Z&to=2026-03-01T13:00:00Z&bucket=1h"
+            ))
+            .await;
+        let buckets = stats["buckets"].as_array().unwrap();
+        let hourly = answers(&stdout, "hourly", device);
+        let grafana = answers(&stdout, "grafana", device);
+        assert_eq!(hourly.len(), buckets.len(), "{stats}");
+        assert_eq!(grafana.len(), buckets.len(), "{stats}");
+        for ((h, g), b) in hourly.iter().zip(&grafana).zip(buckets) {
+            assert_eq!(h[0], b["start"], "{h} {b}");
+            assert_eq!(h[1], b["count"], "{h} {b}");
+            assert!((h[2].as_f64().unwrap() - b["avg"].as_f64().unwrap()).abs() < 1e-9);
+            assert_eq!(
+                g[0].as_i64().unwrap(),
+                micros(b["start"].as_str().unwrap()) / 1_000_000
+            );
+            assert!((g[1].as_f64().unwrap() - b["avg"].as_f64().unwrap()).abs() < 1e-9);
+        }
+        // Raw rows = the NDJSON export.
+        let (_, export) = app
+            .get_text(&format!(
+                "/api/v1/sensors/speed/readings?device={device}&format=ndjson"
+            ))
+            .await;
+        let exported: Vec<(i64, f64)> = export
+            .lines()
+            .map(|l| {
+                let v: Value = serde_json::from_str(l).unwrap();
+                (
+                    micros(v["timestamp"].as_str().unwrap()),
+                    v["value"].as_f64().unwrap(),
+                )
+            })
+            .collect();
+        let raw: Vec<(i64, f64)> = answers(&stdout, "raw", device)
+            .iter()
+            .map(|r| (micros(r[0].as_str().unwrap()), r[1].as_f64().unwrap()))
+            .collect();
+        assert_eq!(raw, exported);
+    }
+    // Counted by outcome.
+    let m = crate::metrics::scrape(&app).await;
+    let count =
+        |o: &str| crate::metrics::get(&m, &format!("milepost_pg_queries_total{{outcome=\"{o}\"}}"));
+    assert!(count("ok") > 10.0);
+    assert!(count("refused") >= 4.0);
+    assert!(count("cancelled") >= 3.0);
+    assert!(count("busy") >= 1.0);
+}
+
+#[tokio::test]
+async fn psycopg_asyncpg_and_grafanas_queries_agree_with_the_api() {
+    drivers_agree_with_the_api(false).await;
+}
+
+#[tokio::test]
+async fn drivers_verify_the_certificate_over_tls() {
+    drivers_agree_with_the_api(true).await;
+}
+
+#[tokio::test]
+async fn hostile_sql_over_the_wire_is_refused_and_changes_nothing() {
+    let (app, addr) = spawn(|a| a.sql_timeout = Duration::from_secs(2)).await;
+    assert_eq!(app.ingest(history()).await.0, StatusCode::OK);
+    let token = viewer(&app);
+    let count = "SELECT count(*) FROM readings";
+    let before = rows(addr, &token, count).await;
+    let out = tempfile::tempdir().unwrap();
+    // `BEGIN TRANSACTION` is a session statement on the wire: answered, no effect.
+    let hostile: Vec<String> = hostile_statements(out.path())
+        .into_iter()
+        .filter(|q| q != "BEGIN TRANSACTION")
+        .collect();
+    assert!(hostile.len() >= 40);
+    for q in &hostile {
+        let got = psql(addr, &token, "disable", &["-c", q]).await;
+        let (_, stderr) = text(&got);
+        assert!(!got.status.success(), "{q}: ran");
+        assert!(stderr.contains("ERROR:  "), "{q}: {stderr}");
+        let state = stderr.split("ERROR:  ").nth(1).unwrap_or_default();
+        assert!(
+            [
+                "42501", "42601", "0A000", "42704", "42P01", "42883", "42000"
+            ]
+            .iter()
+            .any(|s| state.starts_with(s)),
+            "{q}: {stderr}"
+        );
+    }
+    // Bombs are stopped at the time limit with 57014, and the server answers on.
+    for bomb in [
+        "WITH RECURSIVE t(n) AS (SELECT 1 UNION ALL SELECT n + 1 FROM t) SELECT count(*) FROM t",
+        "SELECT sum(a.value * b.value * c.value * d.value * e.value * f.value)
+         FROM readings a, readings b, readings c, readings d, readings e, readings f",
+    ] {
+        let started = Instant::now();
+        let got = psql(addr, &token, "disable", &["-c", bomb]).await;
+        let (_, stderr) = text(&got);
+        assert!(stderr.contains("57014"), "{bomb}: {stderr}");
+        assert!(started.elapsed() < Duration::from_secs(10), "{bomb}");
+    }
+    assert_eq!(rows(addr, &token, count).await, before);
+    assert_eq!(std::fs::read_dir(out.path()).unwrap().count(), 0);
+    let (status, _) = app
+        .ingest(line("speed", 1.0, "2026-03-01T09:00:00Z") + "\n")
+        .await;
+    assert_eq!(status, StatusCode::OK);
+}
+
+/// psql's Ctrl-C sends a cancel request: the query stops inside DuckDB long before
+/// its time limit, and the two query slots are free again.
+#[tokio::test]
+async fn ctrl_c_in_psql_stops_the_query() {
+    let (app, addr) = spawn(|a| a.sql_timeout = Duration::from_secs(60)).await;
+    let token = viewer(&app);
+    let bomb =
+        "WITH RECURSIVE t(n) AS (SELECT 1 UNION ALL SELECT n + 1 FROM t) SELECT count(*) FROM t";
+    let psql_bin = crate::tools::ensure_psql();
+    let mut running = Vec::new();
+    for _ in 0..2 {
+        let child = tokio::process::Command::new(&psql_bin)
+            .arg(format!(
+                "postgresql://analyst@127.0.0.1:{}/milepost?sslmode=disable",
+                addr.port()
+            ))
+            .args(["--no-psqlrc", "-X", "-v", "VERBOSITY=verbose", "-c", bomb])
+            .env("PGPASSWORD", &token)
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        running.push(child);
+    }
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let started = Instant::now();
+    for child in &running {
+        let pid = nix::unistd::Pid::from_raw(child.id().unwrap() as i32);
+        nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGINT).unwrap();
+    }
+    for child in running {
+        let out = child.wait_with_output().await.unwrap();
+        let (_, stderr) = text(&out);
+        assert!(
+            stderr.contains("57014") && stderr.contains("cancel"),
+            "{stderr}"
+        );
+    }
+    assert!(started.elapsed() < Duration::from_secs(10));
+    // Both slots free: two queries at once answer at once.
+    let (a, b) = tokio::join!(
+        rows(addr, &token, "SELECT 1"),
+        rows(addr, &token, "SELECT 2")
+    );
+    assert_eq!(
+        (a, b),
+        (vec![vec!["1".to_owned()]], vec![vec!["2".to_owned()]])
+    );
+    assert!(started.elapsed() < Duration::from_secs(15));
+}
+
+/// Off loopback the token would cross the network in clear text: the listener
+/// needs TLS (or `--pg-insecure`), and then refuses clients that do not start it.
+#[tokio::test]
+async fn off_loopback_the_listener_requires_tls() {
+    let plain = tempfile::tempdir().unwrap();
+    let mut args = milepost::config::ServeArgs::for_tests(plain.path().to_owned());
+    args.pg_addr = Some(SocketAddr::from(([0, 0, 0, 0], 0)));
+    let refused = milepost::app::Server::start(args).await;
+    let message = format!("{:#}", refused.err().expect("refused without TLS"));
+    assert!(message.contains("--pg-insecure"), "{message}");
+
+    let dir = tempfile::tempdir().unwrap();
+    let (cert, key) = crate::reload::certificate();
+    let (cert_file, key_file) = (dir.path().join("cert.pem"), dir.path().join("key.pem"));
+    std::fs::write(&cert_file, cert).unwrap();
+    std::fs::write(&key_file, key).unwrap();
+    let app = TestApp::spawn_with(|a| {
+        a.pg_addr = Some(SocketAddr::from(([0, 0, 0, 0], 0)));
+        a.http.tls_cert = Some(cert_file.clone());
+        a.http.tls_key = Some(key_file.clone());
+    })
+    .await;
+    let addr = app.server().pg_addr().unwrap();
+    let token = viewer(&app);
+    let out = psql(addr, &token, "disable", &["-c", "SELECT 1"]).await;
+    let (_, stderr) = text(&out);
+    assert!(
+        !out.status.success() && stderr.contains("requires TLS"),
+        "{stderr}"
+    );
+    let out = psql(
+        addr,
+        &token,
+        "require",
+        &["-A", "-t", "-c", "SELECT 40 + 2"],
+    )
+    .await;
+    assert!(out.status.success(), "{:?}", text(&out));
+    assert_eq!(text(&out).0.trim(), "42");
+
+    // `--pg-insecure`: served in clear text off loopback, as asked.
+    let app = TestApp::spawn_with(|a| {
+        a.pg_addr = Some(SocketAddr::from(([0, 0, 0, 0], 0)));
+        a.pg_insecure = true;
+    })
+    .await;
+    let addr = app.server().pg_addr().unwrap();
+    let token = viewer(&app);
+    assert_eq!(rows(addr, &token, "SELECT 1").await, [["1"]]);
+}
