@@ -54,30 +54,8 @@ impl Format {
         let Some(accept) = accept.filter(|a| !a.trim().is_empty()) else {
             return Ok(Self::Json);
         };
-        let mut ranges: Vec<(f32, usize, &str)> = accept
-            .split(',')
-            .enumerate()
-            .filter_map(|(i, part)| {
-                let mut it = part.split(';');
-                let media = it.next()?.trim();
-                let q = it
-                    .filter_map(|p| p.trim().strip_prefix("q="))
-                    .find_map(|q| q.trim().parse::<f32>().ok())
-                    .unwrap_or(1.0);
-                (q > 0.0).then_some((q, i, media))
-            })
-            .collect();
-        ranges.sort_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)));
-        for (_, _, media) in ranges {
-            let found = match media.to_ascii_lowercase().as_str() {
-                "application/json" | "application/*" | "*/*" => Some(Self::Json),
-                "application/x-ndjson" | "application/ndjson" | "application/jsonl" => {
-                    Some(Self::Ndjson)
-                }
-                "text/csv" | "text/*" => Some(Self::Csv),
-                _ => None,
-            };
-            if let Some(f) = found {
+        for media in preferred(accept) {
+            if let Some(f) = Self::of_media(media) {
                 return Ok(f);
             }
         }
@@ -86,6 +64,38 @@ impl Format {
              or text/csv"
         )))
     }
+
+    /// The format a media type (or range) asks for.
+    pub fn of_media(media: &str) -> Option<Self> {
+        match media.to_ascii_lowercase().as_str() {
+            "application/json" | "application/*" | "*/*" => Some(Self::Json),
+            "application/x-ndjson" | "application/ndjson" | "application/jsonl" => {
+                Some(Self::Ndjson)
+            }
+            "text/csv" | "text/*" => Some(Self::Csv),
+            _ => None,
+        }
+    }
+}
+
+/// The media ranges of an `Accept` header, most preferred first (`q` honoured,
+/// ties in the order given; `q=0` left out).
+pub fn preferred(accept: &str) -> Vec<&str> {
+    let mut ranges: Vec<(f32, usize, &str)> = accept
+        .split(',')
+        .enumerate()
+        .filter_map(|(i, part)| {
+            let mut it = part.split(';');
+            let media = it.next()?.trim();
+            let q = it
+                .filter_map(|p| p.trim().strip_prefix("q="))
+                .find_map(|q| q.trim().parse::<f32>().ok())
+                .unwrap_or(1.0);
+            (q > 0.0).then_some((q, i, media))
+        })
+        .collect();
+    ranges.sort_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)));
+    ranges.into_iter().map(|(_, _, media)| media).collect()
 }
 
 /// Where a page ended: the readings after `after` come next. Bound to one device

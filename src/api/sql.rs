@@ -5,6 +5,9 @@
 
 use std::sync::Arc;
 
+use parquet::arrow::ArrowWriter;
+use parquet::basic::{Compression, ZstdLevel};
+use parquet::file::properties::WriterProperties;
 use poem::http::header;
 use poem::web::Data;
 use poem::{Body, Request, RequestBody};
@@ -18,7 +21,7 @@ use poem_openapi::{
 use serde_json::Value;
 
 use super::error::ErrorBody;
-use super::readings::Format;
+use super::readings::{Format, preferred};
 use super::{AppState, Tag};
 use crate::metrics::StatusLabel;
 use crate::store::sql::arrow::array::{Array, ArrayRef};
@@ -26,6 +29,7 @@ use crate::store::sql::arrow::datatypes::DataType;
 use crate::store::sql::arrow::record_batch::RecordBatch;
 use crate::store::sql::arrow::util::display::array_value_to_string;
 use crate::store::sql::{Cancel, CancelOnDrop, SqlError, SqlParam, SqlSummary};
+use arrow_ipc::writer::StreamWriter;
 
 /// The `/api/v1/sql` endpoint.
 pub struct SqlApi;
@@ -155,6 +159,40 @@ pub enum SqlContent {
     /// A header row of column names, then the rows.
     #[oai(content_type = "text/csv; charset=utf-8")]
     Csv(Binary<Vec<u8>>),
+    /// An Arrow IPC stream: DuckDB's own columns and types (pyarrow, polars,
+    /// DuckDB and Arrow's other readers take it as it is).
+    #[oai(content_type = "application/vnd.apache.arrow.stream")]
+    Arrow(Binary<Vec<u8>>),
+    /// A Parquet file (zstd).
+    #[oai(content_type = "application/vnd.apache.parquet")]
+    Parquet(Binary<Vec<u8>>),
+}
+
+/// What a result is sent as, by `Accept`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum SqlFormat {
+    /// JSON, NDJSON or CSV.
+    Table(Format),
+    /// An Arrow IPC stream.
+    Arrow,
+    /// A Parquet file.
+    Parquet,
+}
+
+impl SqlFormat {
+    /// The most preferred format `accept` allows (JSON when it says nothing).
+    fn negotiate(accept: Option<&str>) -> Option<Self> {
+        let Some(accept) = accept.filter(|a| !a.trim().is_empty()) else {
+            return Some(Self::Table(Format::Json));
+        };
+        preferred(accept)
+            .into_iter()
+            .find_map(|media| match media.to_ascii_lowercase().as_str() {
+                "application/vnd.apache.arrow.stream" => Some(Self::Arrow),
+                "application/vnd.apache.parquet" | "application/x-parquet" => Some(Self::Parquet),
+                other => Format::of_media(other).map(Self::Table),
+            })
+    }
 }
 
 /// Answers of `POST /api/v1/sql`.
@@ -212,9 +250,9 @@ impl SqlApi {
     /// count, min, max, sum, first, last)`, `devices(device)`, `sensors(name, unit,
     /// description, min, max)`, `anomalies` and `dumps`; nothing else is readable,
     /// and nothing can be changed. Authenticate with a backend token
-    /// (`Authorization: Bearer TOKEN`). The result comes as JSON, NDJSON or CSV by
-    /// `Accept`, whole: a query over a limit (time, rows, bytes) is answered with an
-    /// error, never cut short.
+    /// (`Authorization: Bearer TOKEN`). The result comes as JSON, NDJSON, CSV, an
+    /// Arrow IPC stream or Parquet by `Accept`, whole: a query over a limit (time,
+    /// rows, bytes) is answered with an error, never cut short.
     #[oai(path = "/sql", method = "post")]
     async fn sql(
         &self,
@@ -269,9 +307,10 @@ async fn respond(state: &Arc<AppState>, req: &Request, body: SqlRequest) -> SqlR
         .headers()
         .get(header::ACCEPT)
         .and_then(|v| v.to_str().ok());
-    let Ok(format) = Format::negotiate(None, accept) else {
+    let Some(format) = SqlFormat::negotiate(accept) else {
         return SqlResponse::NotAcceptable(Json(ErrorBody::new(
-            "the result can be application/json, application/x-ndjson or text/csv",
+            "the result can be application/json, application/x-ndjson, text/csv, \
+             application/vnd.apache.arrow.stream or application/vnd.apache.parquet",
         )));
     };
     let (sql, params) = match body.read(req).await {
@@ -294,13 +333,7 @@ async fn respond(state: &Arc<AppState>, req: &Request, body: SqlRequest) -> SqlR
     let cancel = Cancel::default();
     let _on_drop = CancelOnDrop(cancel.clone());
     let ran = crate::background::run("milepost-sql", move || {
-        let mut batches = Vec::new();
-        engine
-            .run(&sql, &params, &cancel, &mut |b| {
-                batches.push(b.clone());
-                Ok(())
-            })
-            .map(|summary| (batches, summary))
+        engine.collect(&sql, &params, &cancel)
     })
     .await;
     let (batches, summary) = match ran {
@@ -311,7 +344,47 @@ async fn respond(state: &Arc<AppState>, req: &Request, body: SqlRequest) -> SqlR
             return SqlResponse::Internal(Json(ErrorBody::new("internal error")));
         }
     };
-    SqlResponse::Ok(render(format, &batches, &summary), summary.rows)
+    let content = match format {
+        SqlFormat::Table(f) => Ok(render(f, &batches, &summary)),
+        SqlFormat::Arrow => arrow_stream(&batches, &summary).map(|b| SqlContent::Arrow(Binary(b))),
+        SqlFormat::Parquet => {
+            parquet_file(&batches, &summary).map(|b| SqlContent::Parquet(Binary(b)))
+        }
+    };
+    match content {
+        Ok(content) => SqlResponse::Ok(content, summary.rows),
+        Err(e) => {
+            tracing::error!(error = %e, "writing a query's result failed");
+            SqlResponse::Internal(Json(ErrorBody::new("internal error; see the server log")))
+        }
+    }
+}
+
+/// The result as an Arrow IPC stream.
+fn arrow_stream(batches: &[RecordBatch], summary: &SqlSummary) -> Result<Vec<u8>, String> {
+    let mut out = Vec::new();
+    let mut writer = StreamWriter::try_new(&mut out, &summary.schema).map_err(|e| e.to_string())?;
+    for b in batches {
+        writer.write(b).map_err(|e| e.to_string())?;
+    }
+    writer.finish().map_err(|e| e.to_string())?;
+    drop(writer);
+    Ok(out)
+}
+
+/// The result as a Parquet file, zstd-compressed like the lake's.
+fn parquet_file(batches: &[RecordBatch], summary: &SqlSummary) -> Result<Vec<u8>, String> {
+    let props = WriterProperties::builder()
+        .set_compression(Compression::ZSTD(ZstdLevel::default()))
+        .build();
+    let mut out = Vec::new();
+    let mut writer = ArrowWriter::try_new(&mut out, summary.schema.clone(), Some(props))
+        .map_err(|e| e.to_string())?;
+    for b in batches {
+        writer.write(b).map_err(|e| e.to_string())?;
+    }
+    writer.close().map_err(|e| e.to_string())?;
+    Ok(out)
 }
 
 /// A JSON parameter as a query's.

@@ -171,13 +171,7 @@ impl Handler {
         tracing::debug!(%sql, "pg query");
         // At a low CPU priority, like dumps and `/api/v1/sql` (see `api::sql`).
         let ran = crate::background::run("milepost-pg", move || {
-            let mut batches = Vec::new();
-            engine
-                .run(&sql, &params, &cancel, &mut |b| {
-                    batches.push(b.clone());
-                    Ok(())
-                })
-                .map(|summary| (batches, summary))
+            engine.collect(&sql, &params, &cancel)
         })
         .await
         .unwrap_or_else(|| Err(thread_failed()));

@@ -354,3 +354,68 @@ async fn row_count_not_acceptable_too_large_and_busy() {
         assert_eq!(r.unwrap().status(), StatusCode::REQUEST_TIMEOUT);
     }
 }
+
+/// Arrow IPC streams and Parquet files, read by pyarrow: the same rows, columns
+/// and types as the JSON answer.
+#[tokio::test]
+async fn arrow_and_parquet_results_read_in_pyarrow() {
+    let app = TestApp::spawn().await;
+    assert_eq!(app.ingest(history()).await.0, StatusCode::OK);
+    let token = viewer(&app);
+    let query = "SELECT device, sensor, ts, value, value > 100 AS fast, count(*) OVER () AS n \
+                 FROM readings ORDER BY device, ts";
+    let want = sql_json(&app, &token, query).await;
+    let dir = tempfile::tempdir().unwrap();
+    for (accept, file) in [
+        ("application/vnd.apache.arrow.stream", "result.arrows"),
+        ("application/vnd.apache.parquet", "result.parquet"),
+    ] {
+        let r = app
+            .client
+            .post(app.url("/api/v1/sql"))
+            .bearer_auth(&token)
+            .header("Accept", accept)
+            .body(query)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), StatusCode::OK);
+        assert_eq!(r.headers()["content-type"], accept);
+        assert_eq!(r.headers()["x-row-count"], "52");
+        std::fs::write(dir.path().join(file), r.bytes().await.unwrap()).unwrap();
+    }
+    let python = crate::tools::PYTHON_TOOLS.bin().join("python3");
+    let script = r#"
+import json, sys, pyarrow.ipc, pyarrow.parquet
+d = sys.argv[1]
+for t in (pyarrow.ipc.open_stream(open(d + "/result.arrows", "rb")).read_all(),
+          pyarrow.parquet.read_table(d + "/result.parquet")):
+    rows = [[r["device"], r["sensor"], r["ts"].isoformat() + "Z", r["value"], r["fast"], r["n"]]
+            for r in t.to_pylist()]
+    print(json.dumps({"types": [str(f.type) for f in t.schema], "rows": rows}))
+"#;
+    let out = tokio::process::Command::new(&python)
+        .args(["-c", script])
+        .arg(dir.path())
+        .output()
+        .await
+        .expect("python runs");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let read: Vec<Value> = stdout
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(read.len(), 2);
+    for r in read {
+        assert_eq!(
+            r["types"],
+            json!(["string", "string", "timestamp[us]", "double", "bool", "int64"])
+        );
+        assert_eq!(r["rows"], want["rows"]);
+    }
+}

@@ -561,6 +561,21 @@ impl SqlEngine {
         self.execute(sql, params, Mode::Run, cancel, sink)
     }
 
+    /// [`Self::run`], the result's batches collected.
+    pub fn collect(
+        &self,
+        sql: &str,
+        params: &[SqlParam],
+        cancel: &Cancel,
+    ) -> Result<(Vec<RecordBatch>, SqlSummary), SqlError> {
+        let mut batches = Vec::new();
+        let summary = self.run(sql, params, cancel, &mut |b| {
+            batches.push(b.clone());
+            Ok(())
+        })?;
+        Ok((batches, summary))
+    }
+
     /// The columns `sql` would answer with and its number of parameters, checked
     /// as [`Self::run`] checks it but without reading any data. `params` are the
     /// values when known (the types of the columns may depend on them); missing
