@@ -291,6 +291,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<Report> {
             memory_limit: args.memory_limit.clone(),
             threads: 2,
             series_memory: crate::store::DEFAULT_SERIES_MEMORY,
+            temp_limit: None,
         };
         tokio::task::spawn_blocking(move || {
             let store = crate::store::Store::open(&cfg)?;

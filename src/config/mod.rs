@@ -58,6 +58,11 @@ pub struct StorageArgs {
     /// DuckDB worker threads.
     #[arg(long, env = "MILEPOST_THREADS", default_value_t = 2)]
     pub threads: usize,
+    /// Most disk DuckDB's spill files may take (`max_temp_directory_size`), e.g.
+    /// `4GB`, so that no query (a user's SQL above all) fills the disk. `auto`: half
+    /// the data directory's free space at start.
+    #[arg(long, env = "MILEPOST_TEMP_LIMIT", default_value = "auto")]
+    pub temp_limit: String,
 }
 
 impl StorageArgs {
@@ -68,7 +73,25 @@ impl StorageArgs {
             memory_limit: self.memory_limit.clone(),
             threads: self.threads,
             series_memory: crate::store::DEFAULT_SERIES_MEMORY,
+            temp_limit: Some(self.temp_limit()),
         }
+    }
+
+    /// `--temp-limit` as DuckDB takes it: `auto` resolved against the free space
+    /// of the data directory's file system (its parent when it does not exist yet).
+    pub fn temp_limit(&self) -> String {
+        if !self.temp_limit.trim().eq_ignore_ascii_case("auto") {
+            return self.temp_limit.trim().to_owned();
+        }
+        let dir = self
+            .data_dir
+            .ancestors()
+            .find(|d| d.exists())
+            .unwrap_or(std::path::Path::new("."));
+        let free = nix::sys::statvfs::statvfs(dir)
+            .map(|s| s.blocks_available() * s.fragment_size())
+            .unwrap_or(8 << 30);
+        format!("{}MB", (free / 2 / 1_000_000).max(256))
     }
 }
 
@@ -546,5 +569,24 @@ mod tests {
     fn node_names_are_safe_file_names() {
         assert!(parse_node("../x").is_err() && parse_node(".hidden").is_err());
         assert!(parse_node("car-1").is_ok() && parse_node("car_1.eu").is_ok());
+    }
+
+    #[test]
+    fn the_temp_limit_is_half_the_free_space_unless_given() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut args = ServeArgs::for_tests(dir.path().join("not-yet"));
+        let auto = args.storage.temp_limit();
+        let mb: u64 = auto.strip_suffix("MB").unwrap().parse().unwrap();
+        let s = nix::sys::statvfs::statvfs(dir.path()).unwrap();
+        let free_mb = s.blocks_available() * s.fragment_size() / 1_000_000;
+        assert!(
+            mb >= 256 && mb.abs_diff(free_mb / 2) <= 64.max(free_mb / 50),
+            "{mb} of {free_mb}"
+        );
+        args.storage.temp_limit = "4GB".into();
+        assert_eq!(
+            args.storage.store_config().temp_limit.as_deref(),
+            Some("4GB")
+        );
     }
 }

@@ -65,6 +65,7 @@ pub fn load_natively(
         memory_limit: memory_limit.to_owned(),
         threads: 2,
         series_memory: crate::store::DEFAULT_SERIES_MEMORY,
+        temp_limit: None,
     })?);
     let conn = connect(&DataDir::new(dir), memory_limit, false)?;
     for (i, device) in devices.iter().enumerate() {
@@ -185,6 +186,7 @@ fn connect(dir: &DataDir, memory_limit: &str, read_only: bool) -> Result<Connect
             memory_limit: memory_limit.to_owned(),
             threads: 2,
             read_only,
+            temp_limit: None,
         },
     )
 }

@@ -77,6 +77,10 @@ pub struct StoreConfig {
     /// Memory for the series statistics of active devices (`--series-memory`; see
     /// [`series`]).
     pub series_memory: usize,
+    /// DuckDB `max_temp_directory_size`, e.g. `2GB`: what its spill files may take
+    /// of the disk, so that no query (a user's above all) can fill it. `None`:
+    /// DuckDB's default (90% of the free space).
+    pub temp_limit: Option<String>,
 }
 
 /// An open database: lock held, schema current, small tables loaded.
@@ -238,6 +242,7 @@ pub(crate) fn config_for_tests(dir: &Path) -> StoreConfig {
         memory_limit: "128MB".into(),
         threads: 1,
         series_memory: crate::store::DEFAULT_SERIES_MEMORY,
+        temp_limit: None,
     }
 }
 
@@ -619,6 +624,7 @@ fn open_duckdb(path: &Path, cfg: &StoreConfig) -> Result<Connection, StoreError>
             memory_limit: cfg.memory_limit.clone(),
             threads: cfg.threads,
             read_only: false,
+            temp_limit: cfg.temp_limit.clone(),
         },
     )
 }
@@ -633,6 +639,8 @@ struct DuckSettings {
     threads: usize,
     /// Open read-only (never writes, not even a checkpoint).
     read_only: bool,
+    /// `max_temp_directory_size`, if not DuckDB's default.
+    temp_limit: Option<String>,
 }
 
 /// Opens a DuckDB file with Milepost's settings: the memory limit and threads given,
@@ -652,6 +660,10 @@ fn open_connection(path: &Path, s: &DuckSettings) -> Result<Connection, StoreErr
         .and_then(|c| c.with("autoinstall_known_extensions", "false"))
         .and_then(|c| c.with("autoload_known_extensions", "false"))
         .and_then(|c| c.with("allow_community_extensions", "false"))
+        .and_then(|c| match &s.temp_limit {
+            Some(limit) => c.with("max_temp_directory_size", limit),
+            None => Ok(c),
+        })
         .map_err(|e| StoreError::Config(e.to_string()))?;
     Connection::open_with_flags(path, config).map_err(|e| StoreError::Open {
         path: path.to_owned(),

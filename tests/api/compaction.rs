@@ -45,6 +45,7 @@ async fn compaction_rewrites_finished_days_without_changing_any_answer() {
         memory_limit: "128MB".into(),
         threads: 1,
         series_memory: milepost::store::DEFAULT_SERIES_MEMORY,
+        temp_limit: None,
     };
     let store = Store::open(&cfg).unwrap();
     let done = store.compact().unwrap();

@@ -736,6 +736,7 @@ async fn a_store_failing_mid_upload_leaves_no_object_and_the_day_is_retried() {
         memory_limit: "128MB".into(),
         threads: 1,
         series_memory: milepost::store::DEFAULT_SERIES_MEMORY,
+        temp_limit: None,
     })
     .unwrap();
     let settings = || DumpSettings {

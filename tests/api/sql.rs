@@ -414,7 +414,14 @@ for t in (pyarrow.ipc.open_stream(open(d + "/result.arrows", "rb")).read_all(),
     for r in read {
         assert_eq!(
             r["types"],
-            json!(["string", "string", "timestamp[us]", "double", "bool", "int64"])
+            json!([
+                "string",
+                "string",
+                "timestamp[us]",
+                "double",
+                "bool",
+                "int64"
+            ])
         );
         assert_eq!(r["rows"], want["rows"]);
     }

@@ -1154,4 +1154,35 @@ mod tests {
             Err(SqlError::Cancelled)
         ));
     }
+
+    /// Spill files are capped (`--temp-limit`): DuckDB holds the cap, and a user
+    /// query cannot read or change it.
+    #[test]
+    fn spill_files_are_capped() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = crate::store::Store::open(&crate::store::StoreConfig {
+            temp_limit: Some("8MB".into()),
+            ..crate::store::config_for_tests(dir.path())
+        })
+        .unwrap();
+        let limit: String = store
+            .conn
+            .query_row(
+                "SELECT current_setting('max_temp_directory_size')",
+                [],
+                |r| r.get(0),
+            )
+            .unwrap();
+        assert_eq!(limit, "7.6 MiB");
+        let engine = store.sql_engine(limits()).unwrap();
+        for sql in [
+            "SET max_temp_directory_size = '1TB'",
+            "SELECT current_setting('max_temp_directory_size')",
+        ] {
+            assert!(
+                matches!(rows(&engine, sql), Err(SqlError::Refused(_))),
+                "{sql}"
+            );
+        }
+    }
 }
