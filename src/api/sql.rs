@@ -28,7 +28,7 @@ use crate::store::sql::arrow::array::{Array, ArrayRef};
 use crate::store::sql::arrow::datatypes::DataType;
 use crate::store::sql::arrow::record_batch::RecordBatch;
 use crate::store::sql::arrow::util::display::array_value_to_string;
-use crate::store::sql::{Cancel, CancelOnDrop, SqlError, SqlParam, SqlSummary};
+use crate::store::sql::{CancelOnDrop, Client, SqlError, SqlParam, SqlSummary};
 use arrow_ipc::writer::StreamWriter;
 
 /// The `/api/v1/sql` endpoint.
@@ -220,6 +220,10 @@ pub enum SqlResponse {
     /// Storage failed; details are in the server log.
     #[oai(status = 500)]
     Internal(Json<ErrorBody>),
+    /// This token's queries already take its share of the slots (one at a time
+    /// by default); try again after `Retry-After` seconds.
+    #[oai(status = 429)]
+    TooMany(Json<ErrorBody>, #[oai(header = "Retry-After")] u32),
     /// Every slot for queries is taken; try again after `Retry-After` seconds.
     #[oai(status = 503)]
     Busy(Json<ErrorBody>, #[oai(header = "Retry-After")] u32),
@@ -233,6 +237,7 @@ impl SqlResponse {
             SqlError::Timeout(_) | SqlError::Cancelled => Self::Timeout(body(&e)),
             SqlError::TooLarge(_) => Self::TooLarge(body(&e)),
             SqlError::Busy => Self::Busy(body(&e), 1),
+            SqlError::ClientBusy(_) => Self::TooMany(body(&e), 1),
             SqlError::Store(s) => {
                 tracing::error!(error = %s, "user query failed in the store");
                 Self::Internal(Json(ErrorBody::new("internal error; see the server log")))
@@ -284,6 +289,7 @@ impl SqlResponse {
             Self::Timeout(_) => 408,
             Self::TooLarge(_) => 413,
             Self::Internal(_) => 500,
+            Self::TooMany(..) => 429,
             Self::Busy(..) => 503,
         }
     }
@@ -330,10 +336,10 @@ async fn respond(state: &Arc<AppState>, req: &Request, body: SqlRequest) -> SqlR
     // GROUP BY over the fleet's readings halved a 2,000-device fleet's rate on 2
     // cores and let the apply lag reach a million readings.
     // A client that goes away stops its query: dropping this future cancels it.
-    let cancel = Cancel::default();
-    let _on_drop = CancelOnDrop(cancel.clone());
+    let client = Client::of_token(token.unwrap_or_default());
+    let _on_drop = CancelOnDrop(client.cancel.clone());
     let ran = crate::background::run("milepost-sql", move || {
-        engine.collect(&sql, &params, &cancel)
+        engine.collect(&sql, &params, &client)
     })
     .await;
     let (batches, summary) = match ran {

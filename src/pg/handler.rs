@@ -29,7 +29,7 @@ use super::session::{self, Session};
 use crate::metrics::{Metrics, OutcomeLabel};
 use crate::store::sql::arrow::record_batch::RecordBatch;
 use crate::store::sql::{
-    Cancel, CancelOnDrop, SqlEngine, SqlError, SqlParam, SqlShape, SqlSummary,
+    CancelOnDrop, Client, SqlEngine, SqlError, SqlParam, SqlShape, SqlSummary,
 };
 
 /// A statement as the client sent it, with what the listener learnt of it.
@@ -158,11 +158,11 @@ impl Handler {
         &self,
         sql: &str,
         params: Vec<SqlParam>,
+        client: Client,
     ) -> Result<(Vec<RecordBatch>, SqlSummary), SqlError> {
         let engine = self.engine.clone();
         let sql = sql.to_owned();
-        let cancel = Cancel::default();
-        let _on_drop = CancelOnDrop(cancel.clone());
+        let _on_drop = CancelOnDrop(client.cancel.clone());
         let mut pending = Pending {
             metrics: &self.metrics,
             started: Instant::now(),
@@ -171,7 +171,7 @@ impl Handler {
         tracing::debug!(%sql, "pg query");
         // At a low CPU priority, like dumps and `/api/v1/sql` (see `api::sql`).
         let ran = crate::background::run("milepost-pg", move || {
-            engine.collect(&sql, &params, &cancel)
+            engine.collect(&sql, &params, &client)
         })
         .await
         .unwrap_or_else(|| Err(thread_failed()));
@@ -181,13 +181,17 @@ impl Handler {
     }
 
     /// The shape of `sql` (columns, parameters), by the sandbox.
-    async fn describe(&self, sql: &str, params: Vec<SqlParam>) -> PgWireResult<SqlShape> {
+    async fn describe(
+        &self,
+        sql: &str,
+        params: Vec<SqlParam>,
+        client: Client,
+    ) -> PgWireResult<SqlShape> {
         let engine = self.engine.clone();
         let sql = sql.to_owned();
-        let cancel = Cancel::default();
-        let _on_drop = CancelOnDrop(cancel.clone());
+        let _on_drop = CancelOnDrop(client.cancel.clone());
         let described = crate::background::run("milepost-pg", move || {
-            engine.describe(&sql, &params, &cancel)
+            engine.describe(&sql, &params, &client)
         })
         .await
         .unwrap_or_else(|| Err(thread_failed()));
@@ -205,6 +209,7 @@ impl Handler {
         stmt: &Statement,
         params: Vec<SqlParam>,
         format: &Format,
+        client: Client,
     ) -> PgWireResult<Response> {
         if stmt.empty {
             return Ok(Response::EmptyQuery);
@@ -212,7 +217,7 @@ impl Handler {
         if let Some(s) = &stmt.session {
             return session_response(s);
         }
-        let (batches, summary) = self.run(&stmt.sql, params).await.map_err(error)?;
+        let (batches, summary) = self.run(&stmt.sql, params, client).await.map_err(error)?;
         let fields = Arc::new(encode::fields(&summary.schema, format));
         let rows = encode::rows(&batches, &fields)?;
         Ok(Response::Query(QueryResponse::new(
@@ -220,6 +225,21 @@ impl Handler {
             stream::iter(rows.into_iter().map(Ok)),
         )))
     }
+}
+
+/// The token digest a connection authenticated with (see `pg::Startup`): its
+/// queries count against that client's share of the query slots.
+#[derive(Debug, Clone)]
+pub struct ClientId(pub String);
+
+/// A fresh [`Client`] for one query of `client`'s connection.
+fn of<C: ClientInfo>(client: &C) -> Client {
+    let id = client
+        .session_extensions()
+        .get::<ClientId>()
+        .map(|c| c.0.clone())
+        .unwrap_or_default();
+    Client::new(id)
 }
 
 /// Counts a query by its outcome.
@@ -231,7 +251,7 @@ fn count<T>(metrics: &Metrics, ran: &Result<T, SqlError>) {
         Err(SqlError::Timeout(_)) => "timeout",
         Err(SqlError::Cancelled) => "cancelled",
         Err(SqlError::TooLarge(_)) => "too_large",
-        Err(SqlError::Busy) => "busy",
+        Err(SqlError::Busy | SqlError::ClientBusy(_)) => "busy",
         Err(SqlError::Store(_)) => "internal",
     };
     metrics
@@ -302,7 +322,7 @@ pub(super) fn error(e: SqlError) -> PgWireError {
         SqlError::Query(m) => query_state(m),
         SqlError::Timeout(_) | SqlError::Cancelled => "57014",
         SqlError::TooLarge(_) => "54000",
-        SqlError::Busy => "53300",
+        SqlError::Busy | SqlError::ClientBusy(_) => "53300",
         SqlError::Store(s) => {
             tracing::error!(error = %s, "pg query failed in the store");
             return user_error("XX000", "internal error; see the server log".into());
@@ -400,7 +420,7 @@ fn param(portal: &Portal<Statement>, i: usize, ty: &Type) -> PgWireResult<SqlPar
 
 #[async_trait]
 impl SimpleQueryHandler for Handler {
-    async fn do_query<C>(&self, _client: &mut C, query: &str) -> PgWireResult<Vec<Response>>
+    async fn do_query<C>(&self, client: &mut C, query: &str) -> PgWireResult<Vec<Response>>
     where
         C: ClientInfo + ClientPortalStore + Sink<PgWireBackendMessage> + Unpin + Send + Sync,
         C::PortalStore: PortalStore,
@@ -409,7 +429,8 @@ impl SimpleQueryHandler for Handler {
     {
         let stmt = Statement::new(query);
         Ok(vec![
-            self.answer(&stmt, Vec::new(), &Format::UnifiedText).await?,
+            self.answer(&stmt, Vec::new(), &Format::UnifiedText, of(client))
+                .await?,
         ])
     }
 }
@@ -425,7 +446,7 @@ impl ExtendedQueryHandler for Handler {
 
     async fn do_describe_statement<C>(
         &self,
-        _client: &mut C,
+        client: &mut C,
         target: &StoredStatement<Statement>,
     ) -> PgWireResult<DescribeStatementResponse>
     where
@@ -444,7 +465,7 @@ impl ExtendedQueryHandler for Handler {
                 session_fields(s),
             ));
         }
-        let shape = self.describe(&stmt.sql, Vec::new()).await?;
+        let shape = self.describe(&stmt.sql, Vec::new(), of(client)).await?;
         let types = (0..shape.params.max(target.parameter_types.len()))
             .map(|i| {
                 target
@@ -465,7 +486,7 @@ impl ExtendedQueryHandler for Handler {
 
     async fn do_describe_portal<C>(
         &self,
-        _client: &mut C,
+        client: &mut C,
         portal: &Portal<Statement>,
     ) -> PgWireResult<DescribePortalResponse>
     where
@@ -481,7 +502,9 @@ impl ExtendedQueryHandler for Handler {
         if stmt.empty {
             return Ok(DescribePortalResponse::new(Vec::new()));
         }
-        let shape = self.describe(&stmt.sql, params(portal)?).await?;
+        let shape = self
+            .describe(&stmt.sql, params(portal)?, of(client))
+            .await?;
         Ok(DescribePortalResponse::new(encode::fields(
             &shape.schema,
             &portal.result_column_format,
@@ -490,7 +513,7 @@ impl ExtendedQueryHandler for Handler {
 
     async fn do_query<C>(
         &self,
-        _client: &mut C,
+        client: &mut C,
         portal: &Portal<Statement>,
         _max_rows: usize,
     ) -> PgWireResult<Response>
@@ -505,6 +528,7 @@ impl ExtendedQueryHandler for Handler {
             &portal.statement.statement,
             values,
             &portal.result_column_format,
+            of(client),
         )
         .await
     }

@@ -34,6 +34,7 @@ use pgwire::api::cancel::DefaultCancelHandler;
 use pgwire::api::query::{ExtendedQueryHandler, SimpleQueryHandler};
 use pgwire::api::{ClientInfo, ConnectionManager, PgWireServerHandlers};
 use pgwire::error::{ErrorInfo, PgWireError, PgWireResult};
+use pgwire::messages::startup::PasswordMessageFamily;
 use pgwire::messages::{PgWireBackendMessage, PgWireFrontendMessage};
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
@@ -292,6 +293,19 @@ impl<A: AuthSource + 'static> StartupHandler for Startup<A> {
                 "this listener requires TLS (sslmode=require): the password is a token".to_owned(),
             ))));
         }
+        let message = match message {
+            // The token decides which client's share of the query slots the
+            // connection's queries take (a digest of it is kept, not the token).
+            PgWireFrontendMessage::PasswordMessageFamily(family) => {
+                let password = family.into_password()?;
+                let id = crate::store::sql::Client::of_token(password.password.trim()).id;
+                client.session_extensions().insert(handler::ClientId(id));
+                PgWireFrontendMessage::PasswordMessageFamily(PasswordMessageFamily::Password(
+                    password,
+                ))
+            }
+            other => other,
+        };
         self.inner.on_startup(client, message).await
     }
 }

@@ -218,14 +218,14 @@ async fn drivers_agree_with_the_api(tls: bool) {
     } else {
         assert_eq!(app.ingest(history()).await.0, StatusCode::OK);
     }
-    let token = viewer(&app);
+    let tokens = [viewer(&app), viewer(&app), viewer(&app)].join(",");
     let python = crate::tools::PG_DRIVERS.bin().join("python3");
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/clients/pg_drivers.py");
     let mut cmd = tokio::process::Command::new(&python);
     cmd.arg(&script)
         .arg("127.0.0.1")
         .arg(addr.port().to_string())
-        .arg(&token);
+        .arg(&tokens);
     if tls {
         cmd.arg(&cert_file);
     }
@@ -360,14 +360,15 @@ async fn ctrl_c_in_psql_stops_the_query() {
         "WITH RECURSIVE t(n) AS (SELECT 1 UNION ALL SELECT n + 1 FROM t) SELECT count(*) FROM t";
     let psql_bin = crate::tools::ensure_psql();
     let mut running = Vec::new();
-    for _ in 0..2 {
+    // Two clients (a query at a time each): both slots taken.
+    for token in [&token, &viewer(&app)] {
         let child = tokio::process::Command::new(&psql_bin)
             .arg(format!(
                 "postgresql://analyst@127.0.0.1:{}/milepost?sslmode=disable",
                 addr.port()
             ))
             .args(["--no-psqlrc", "-X", "-v", "VERBOSITY=verbose", "-c", bomb])
-            .env("PGPASSWORD", &token)
+            .env("PGPASSWORD", token)
             .stdout(std::process::Stdio::piped())
             .stderr(std::process::Stdio::piped())
             .spawn()
@@ -390,9 +391,10 @@ async fn ctrl_c_in_psql_stops_the_query() {
     }
     assert!(started.elapsed() < Duration::from_secs(10));
     // Both slots free: two queries at once answer at once.
+    let second = viewer(&app);
     let (a, b) = tokio::join!(
         rows(addr, &token, "SELECT 1"),
-        rows(addr, &token, "SELECT 2")
+        rows(addr, &second, "SELECT 2")
     );
     assert_eq!(
         (a, b),

@@ -310,7 +310,8 @@ async fn a_query_over_the_time_limit_is_stopped_and_ingest_goes_on() {
 
 /// The statuses and headers the README promises beside the answers and refusals:
 /// the row count header, 406, 413 for a result over the cap and for a query text
-/// over 1 MiB, 503 with `Retry-After` while two queries run.
+/// over 1 MiB, 503 with `Retry-After` while two queries run, 429 for a token's
+/// second query beside its first.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn row_count_not_acceptable_too_large_and_busy() {
     let app = TestApp::spawn_with(|a| a.sql_timeout = Duration::from_secs(3)).await;
@@ -342,14 +343,39 @@ async fn row_count_not_acceptable_too_large_and_busy() {
         .await
         .unwrap();
     assert_eq!(r.status(), StatusCode::PAYLOAD_TOO_LARGE);
-    // Two runaway queries take both slots; a third waits a second, then 503.
-    let (a, b, c) = tokio::join!(post(BOMB.into(), "*/*"), post(BOMB.into(), "*/*"), async {
-        tokio::time::sleep(Duration::from_millis(500)).await;
-        post("SELECT 1".into(), "*/*").await
-    });
+    // Two runaway queries of two tokens take both slots: a third token's query
+    // waits a second, then 503; the first token's second query 429 (one at a
+    // time each, so no client takes every slot).
+    let other = viewer(&app);
+    let as_other = app
+        .client
+        .post(app.url("/api/v1/sql"))
+        .bearer_auth(&other)
+        .body(BOMB)
+        .send();
+    let (a, b, c, d) = tokio::join!(
+        post(BOMB.into(), "*/*"),
+        as_other,
+        async {
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            app.client
+                .post(app.url("/api/v1/sql"))
+                .bearer_auth(viewer(&app))
+                .body("SELECT 1")
+                .send()
+                .await
+        },
+        async {
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            post("SELECT 1".into(), "*/*").await
+        }
+    );
     let c = c.unwrap();
     assert_eq!(c.status(), StatusCode::SERVICE_UNAVAILABLE);
     assert_eq!(c.headers()["retry-after"], "1");
+    let d = d.unwrap();
+    assert_eq!(d.status(), StatusCode::TOO_MANY_REQUESTS);
+    assert_eq!(d.headers()["retry-after"], "1");
     for r in [a, b] {
         assert_eq!(r.unwrap().status(), StatusCode::REQUEST_TIMEOUT);
     }

@@ -1,6 +1,6 @@
 """Milepost's PostgreSQL listener through real drivers: psycopg 3 and asyncpg.
 
-Usage: pg_drivers.py HOST PORT TOKEN [CA_FILE]
+Usage: pg_drivers.py HOST PORT TOKEN,TOKEN2,TOKEN3 [CA_FILE]
 
 With CA_FILE the connections use TLS and verify the server's certificate
 (sslmode=verify-full). Asserts what each driver must see (types, NULLs, empty
@@ -21,15 +21,16 @@ import time
 import asyncpg
 import psycopg
 
-HOST, PORT, TOKEN = sys.argv[1], sys.argv[2], sys.argv[3]
+HOST, PORT = sys.argv[1], sys.argv[2]
+TOKEN, TOKEN2, TOKEN3 = sys.argv[3].split(",")
 CA = sys.argv[4] if len(sys.argv) > 4 else None
 DEVICES = ["car-a", "car-b"]
 BOMB = "WITH RECURSIVE t(n) AS (SELECT 1 UNION ALL SELECT n + 1 FROM t) SELECT count(*) FROM t"
 
 
-def dsn(user="analyst"):
+def dsn(user="analyst", token=None):
     tls = f"sslmode=verify-full&sslrootcert={CA}" if CA else "sslmode=disable"
-    return f"postgresql://{user}:{TOKEN}@{HOST}:{PORT}/milepost?{tls}"
+    return f"postgresql://{user}:{token or TOKEN}@{HOST}:{PORT}/milepost?{tls}"
 
 
 def emit(check, **fields):
@@ -188,8 +189,9 @@ def cancel_and_busy_checks():
     except psycopg.errors.QueryCanceled:
         pass
     assert time.monotonic() - started < 5, time.monotonic() - started
-    # Two queries run at once; a third is told to come back (53300).
-    others = [psycopg.connect(dsn(), autocommit=True) for _ in range(2)]
+    # Two queries run at once, one a client (token): a third client's query is
+    # told to come back (53300), and so is a client's second beside its first.
+    others = [psycopg.connect(dsn(token=t), autocommit=True) for t in (TOKEN, TOKEN2)]
     outcomes = []
 
     def run(c):
@@ -202,11 +204,13 @@ def cancel_and_busy_checks():
     for t in threads:
         t.start()
     time.sleep(0.5)
-    try:
-        conn.execute("SELECT count(*) FROM readings")
-        raise AssertionError("a third query ran beside two")
-    except psycopg.errors.TooManyConnections:
-        pass
+    third = psycopg.connect(dsn(token=TOKEN3), autocommit=True)
+    for c, says in ((third, "too many queries"), (conn, "this client")):
+        try:
+            c.execute("SELECT count(*) FROM readings")
+            raise AssertionError("a query ran beyond the caps")
+        except psycopg.errors.TooManyConnections as e:
+            assert says in str(e), e
     for c in others:
         c.cancel()
     for t in threads:
@@ -217,7 +221,7 @@ def cancel_and_busy_checks():
     for c in others:
         assert c.execute("SELECT count(*) FROM devices").fetchone()[0] >= 2
     assert time.monotonic() - started < 2
-    for c in [conn, *others]:
+    for c in [conn, third, *others]:
         c.close()
 
 

@@ -85,6 +85,9 @@ pub enum SqlError {
     /// Every slot for queries stayed taken.
     #[error("too many queries are running; try again shortly")]
     Busy,
+    /// The client's own queries took its share of the slots.
+    #[error("this client already runs {0} queries at once, its most; try again when one ends")]
+    ClientBusy(usize),
     /// The store failed.
     #[error(transparent)]
     Store(#[from] StoreError),
@@ -141,6 +144,9 @@ pub struct SqlLimits {
     pub max_bytes: u64,
     /// Queries at once.
     pub max_concurrent: usize,
+    /// Queries at once of one client (a token), so that one client cannot take
+    /// every slot.
+    pub max_per_client: usize,
     /// How long a query waits for a slot before [`SqlError::Busy`].
     pub queue_wait: Duration,
 }
@@ -152,6 +158,7 @@ impl Default for SqlLimits {
             max_rows: 1_000_000,
             max_bytes: 64 << 20,
             max_concurrent: 2,
+            max_per_client: 1,
             queue_wait: Duration::from_secs(1),
         }
     }
@@ -443,6 +450,33 @@ pub struct SqlShape {
     pub params: usize,
 }
 
+/// Who runs a query: the client it counts against (`max_per_client`), and how to
+/// stop it.
+#[derive(Clone, Default)]
+pub struct Client {
+    /// Identifies the client, e.g. a digest of its token.
+    pub id: String,
+    /// Cancels its query.
+    pub cancel: Cancel,
+}
+
+impl Client {
+    /// A client known by `id`, with a fresh [`Cancel`].
+    pub fn new(id: impl Into<String>) -> Self {
+        Self {
+            id: id.into(),
+            cancel: Cancel::default(),
+        }
+    }
+
+    /// The client of a token: known by a digest of it (the token itself is kept
+    /// nowhere), with a fresh [`Cancel`].
+    pub fn of_token(token: &str) -> Self {
+        use sha2::Digest as _;
+        Self::new(hex::encode(&sha2::Sha256::digest(token.as_bytes())[..12]))
+    }
+}
+
 /// Stops a query from outside: its client cancelled it or went away. Cheap to
 /// clone; [`Cancel::cancel`] on any clone interrupts DuckDB if a query given this
 /// token runs, and refuses the queries given it later.
@@ -520,7 +554,7 @@ pub struct SqlEngine {
     shared: Arc<Shared>,
     idle: Mutex<Vec<Connection>>,
     catalog: catalog::Catalog,
-    running: Mutex<usize>,
+    running: Mutex<Running>,
     freed: Condvar,
     limits: SqlLimits,
     db: String,
@@ -541,7 +575,7 @@ impl SqlEngine {
             shared,
             idle: Mutex::new(vec![probe]),
             catalog,
-            running: Mutex::new(0),
+            running: Mutex::new(Running::default()),
             freed: Condvar::new(),
             limits,
             db,
@@ -555,10 +589,10 @@ impl SqlEngine {
         &self,
         sql: &str,
         params: &[SqlParam],
-        cancel: &Cancel,
+        client: &Client,
         sink: &mut dyn FnMut(&RecordBatch) -> Result<(), SqlError>,
     ) -> Result<SqlSummary, SqlError> {
-        self.execute(sql, params, Mode::Run, cancel, sink)
+        self.execute(sql, params, Mode::Run, client, sink)
     }
 
     /// [`Self::run`], the result's batches collected.
@@ -566,10 +600,10 @@ impl SqlEngine {
         &self,
         sql: &str,
         params: &[SqlParam],
-        cancel: &Cancel,
+        client: &Client,
     ) -> Result<(Vec<RecordBatch>, SqlSummary), SqlError> {
         let mut batches = Vec::new();
-        let summary = self.run(sql, params, cancel, &mut |b| {
+        let summary = self.run(sql, params, client, &mut |b| {
             batches.push(b.clone());
             Ok(())
         })?;
@@ -584,9 +618,9 @@ impl SqlEngine {
         &self,
         sql: &str,
         params: &[SqlParam],
-        cancel: &Cancel,
+        client: &Client,
     ) -> Result<SqlShape, SqlError> {
-        let summary = self.execute(sql, params, Mode::Describe, cancel, &mut |_| Ok(()))?;
+        let summary = self.execute(sql, params, Mode::Describe, client, &mut |_| Ok(()))?;
         Ok(SqlShape {
             schema: summary.schema,
             params: summary.params,
@@ -598,13 +632,14 @@ impl SqlEngine {
         sql: &str,
         params: &[SqlParam],
         mode: Mode,
-        cancel: &Cancel,
+        client: &Client,
         sink: &mut dyn FnMut(&RecordBatch) -> Result<(), SqlError>,
     ) -> Result<SqlSummary, SqlError> {
         let _span = tracing::debug_span!("user_sql").entered();
         tracing::debug!(sql, "user query");
         let sql = catalog::compatible(sql);
-        let _slot = self.slot(cancel)?;
+        let cancel = &client.cancel;
+        let _slot = self.slot(&client.id, cancel)?;
         let conn = self.connection()?;
         let route = check(&conn, &sql);
         let done = match route {
@@ -736,15 +771,27 @@ impl SqlEngine {
         Ok(c)
     }
 
-    /// One of the `max_concurrent` slots, waited for at most `queue_wait` (less if
-    /// the query is cancelled meanwhile).
-    fn slot(&self, cancel: &Cancel) -> Result<Slot<'_>, SqlError> {
+    /// One of the `max_concurrent` slots, and of `client`'s `max_per_client`,
+    /// waited for at most `queue_wait` (less if the query is cancelled meanwhile).
+    fn slot(&self, client: &str, cancel: &Cancel) -> Result<Slot<'_>, SqlError> {
         let deadline = Instant::now() + self.limits.queue_wait;
+        let (all, mine) = (
+            self.limits.max_concurrent.max(1),
+            self.limits.max_per_client.max(1),
+        );
         let mut running = self.running.lock().expect("sql slots");
-        while *running >= self.limits.max_concurrent.max(1) {
+        loop {
+            let own = running.by_client.get(client).copied().unwrap_or(0);
+            if running.total < all && own < mine {
+                break;
+            }
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
-                return Err(SqlError::Busy);
+                return Err(if own >= mine {
+                    SqlError::ClientBusy(mine)
+                } else {
+                    SqlError::Busy
+                });
             }
             if cancel.cancelled() {
                 return Err(SqlError::Cancelled);
@@ -755,18 +802,39 @@ impl SqlEngine {
         if cancel.cancelled() {
             return Err(SqlError::Cancelled);
         }
-        *running += 1;
-        Ok(Slot(self))
+        running.total += 1;
+        *running.by_client.entry(client.to_owned()).or_default() += 1;
+        Ok(Slot {
+            engine: self,
+            client: client.to_owned(),
+        })
     }
 }
 
+/// Queries running, in all and by client.
+#[derive(Default)]
+struct Running {
+    total: usize,
+    by_client: std::collections::HashMap<String, usize>,
+}
+
 /// A taken slot, given back when dropped.
-struct Slot<'a>(&'a SqlEngine);
+struct Slot<'a> {
+    engine: &'a SqlEngine,
+    client: String,
+}
 
 impl Drop for Slot<'_> {
     fn drop(&mut self) {
-        *self.0.running.lock().expect("sql slots") -= 1;
-        self.0.freed.notify_one();
+        let mut running = self.engine.running.lock().expect("sql slots");
+        running.total -= 1;
+        if let Some(n) = running.by_client.get_mut(&self.client) {
+            *n -= 1;
+            if *n == 0 {
+                running.by_client.remove(&self.client);
+            }
+        }
+        self.engine.freed.notify_all();
     }
 }
 
@@ -809,7 +877,8 @@ mod tests {
     /// Runs `sql`, the result as rows of strings.
     fn rows(engine: &SqlEngine, sql: &str) -> Result<Vec<Vec<String>>, SqlError> {
         let mut out = Vec::new();
-        engine.run(sql, &[], &Cancel::default(), &mut |b| {
+        // Each text its own client: the tests of the global cap send different ones.
+        engine.run(sql, &[], &Client::new(sql), &mut |b| {
             for r in 0..b.num_rows() {
                 out.push(
                     (0..b.num_columns())
@@ -1050,6 +1119,37 @@ mod tests {
         assert_eq!(rows(&engine, "SELECT 1").unwrap(), [["1"]]);
     }
 
+    /// One client gets its share of the slots, not all of them: its next query
+    /// is told to wait for its own, while another client's runs.
+    #[test]
+    fn one_client_cannot_take_every_slot() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = store(dir.path());
+        let engine = Arc::new(
+            store
+                .sql_engine(SqlLimits {
+                    timeout: Duration::from_secs(2),
+                    queue_wait: Duration::from_millis(100),
+                    ..SqlLimits::default()
+                })
+                .unwrap(),
+        );
+        let greedy = Client::new("greedy");
+        let long = {
+            let (engine, greedy) = (engine.clone(), greedy.clone());
+            std::thread::spawn(move || engine.collect(BOMB, &[], &greedy))
+        };
+        std::thread::sleep(Duration::from_millis(300));
+        let again = engine.collect("SELECT 1", &[], &Client::new("greedy"));
+        assert!(matches!(again, Err(SqlError::ClientBusy(1))), "{again:?}");
+        let other = engine.collect("SELECT 1", &[], &Client::new("other"));
+        assert_eq!(other.unwrap().1.rows, 1);
+        greedy.cancel.cancel();
+        assert!(matches!(long.join().unwrap(), Err(SqlError::Cancelled)));
+        let again = engine.collect("SELECT 1", &[], &Client::new("greedy"));
+        assert_eq!(again.unwrap().1.rows, 1);
+    }
+
     /// The catalog answers with the contract and nothing else: no internal
     /// table, not its own stand-ins; it reads no file and mixes with no data.
     #[test]
@@ -1122,7 +1222,7 @@ mod tests {
             .describe(
                 "SELECT device, value FROM readings WHERE value > $1 AND device = $2;",
                 &[],
-                &Cancel::default(),
+                &Client::default(),
             )
             .unwrap();
         let names: Vec<&str> = shape
@@ -1134,13 +1234,14 @@ mod tests {
         assert_eq!((names, shape.params), (vec!["device", "value"], 2));
         // Described like any query: the sandbox first.
         assert!(matches!(
-            engine.describe("SELECT * FROM series", &[], &Cancel::default()),
+            engine.describe("SELECT * FROM series", &[], &Client::default()),
             Err(SqlError::Refused(_))
         ));
-        let cancel = Cancel::default();
+        let client = Client::default();
+        let cancel = client.cancel.clone();
         let running = {
-            let (engine, cancel) = (engine.clone(), cancel.clone());
-            std::thread::spawn(move || engine.run(BOMB, &[], &cancel, &mut |_| Ok(())))
+            let (engine, client) = (engine.clone(), client.clone());
+            std::thread::spawn(move || engine.run(BOMB, &[], &client, &mut |_| Ok(())))
         };
         std::thread::sleep(Duration::from_millis(300));
         let started = Instant::now();
@@ -1150,7 +1251,7 @@ mod tests {
         assert!(started.elapsed() < Duration::from_secs(2));
         // A cancelled token refuses what it is given later.
         assert!(matches!(
-            engine.run("SELECT 1", &[], &cancel, &mut |_| Ok(())),
+            engine.run("SELECT 1", &[], &client, &mut |_| Ok(())),
             Err(SqlError::Cancelled)
         ));
     }
