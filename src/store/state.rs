@@ -253,10 +253,23 @@ impl Shared {
         }
     }
 
-    /// Whether a query is waiting for readings only the ingest log holds.
-    pub(super) fn flush_requested(&self) -> bool {
+    /// Whether a query waits for readings only the current ingest log segment
+    /// holds: the segments sealed through record `sealed` are on their way to
+    /// DuckDB already. Sealing again for a request they cover would hand the
+    /// flusher a segment per front group while the request waits: with a client
+    /// looping queries beside a 2,000-device fleet, the flusher fell behind by the
+    /// ingest log's whole cap (1 Mi readings) and the fleet's rate dropped to a
+    /// quarter.
+    pub(super) fn flush_requested_after(&self, sealed: u64) -> bool {
         let v = &self.visible;
-        v.requested.load(Ordering::Acquire) > *v.flushed.lock().unwrap_or_else(|p| p.into_inner())
+        let requested = v.requested.load(Ordering::Acquire);
+        requested > sealed
+            && requested > *v.flushed.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The last log record acknowledged.
+    pub(super) fn acked_through(&self) -> u64 {
+        self.visible.acked.load(Ordering::Acquire)
     }
 
     /// The lock of a catalog change: read the catalog, write, and

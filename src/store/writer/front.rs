@@ -53,6 +53,9 @@ pub(super) struct Front {
     pub(super) commit_failures: Persisting,
     /// Segment rotations failing in a row.
     pub(super) seal_failures: Persisting,
+    /// The last log record in a sealed segment: a query's request to see the log
+    /// up to a record it covers is already on its way to DuckDB.
+    pub(super) sealed_through: u64,
     /// A read connection of its own: brings back the series statistics of devices
     /// on disk (see [`crate::store::series`]) without the write lock.
     pub(super) lookup: Connection,
@@ -322,7 +325,7 @@ impl Front {
         let Some(since) = self.pending.since else {
             return;
         };
-        let due = self.shared.flush_requested()
+        let due = self.shared.flush_requested_after(self.sealed_through)
             || self.syncer.failed()
             || self.pending.rows.len() >= SEAL_ROWS
             || since.elapsed() >= SEAL_AGE;
@@ -348,6 +351,9 @@ impl Front {
             return Ok(());
         }
         self.syncer.settle();
+        // Settled: every record written so far is acknowledged, and goes with this
+        // segment.
+        self.sealed_through = self.shared.acked_through();
         let segment = self.log.rotate()?;
         self.syncer.new_segment();
         self.queue.push(self.pending.take(segment));

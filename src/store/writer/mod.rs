@@ -286,6 +286,7 @@ impl Writer {
             past_days: false,
             commit_failures: Persisting::default(),
             seal_failures: Persisting::default(),
+            sealed_through: 0,
             lookup,
             refresh_pending: false,
             spilling: false,
