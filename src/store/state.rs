@@ -263,8 +263,7 @@ impl Shared {
     pub(super) fn flush_requested_after(&self, sealed: u64) -> bool {
         let v = &self.visible;
         let requested = v.requested.load(Ordering::Acquire);
-        requested > sealed
-            && requested > *v.flushed.lock().unwrap_or_else(|p| p.into_inner())
+        requested > sealed && requested > *v.flushed.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// The last log record acknowledged.
