@@ -452,3 +452,66 @@ for t in (pyarrow.ipc.open_stream(open(d + "/result.arrows", "rb")).read_all(),
         assert_eq!(r["rows"], want["rows"]);
     }
 }
+
+/// Results over 1 MiB are streamed as DuckDB produces them (no `X-Row-Count`):
+/// whole when the query ends well; a limit reached after the first bytes ends
+/// NDJSON with an error record and breaks the others' connection, never a short
+/// result that reads as whole.
+#[tokio::test]
+async fn large_results_stream_and_a_late_limit_is_never_a_short_result() {
+    let app = TestApp::spawn().await;
+    assert_eq!(app.ingest(history()).await.0, StatusCode::OK);
+    let token = viewer(&app);
+    let post = |sql: &'static str, accept: &'static str| {
+        app.client
+            .post(app.url("/api/v1/sql"))
+            .bearer_auth(&token)
+            .header("Accept", accept)
+            .body(sql)
+            .send()
+    };
+    // 52³ rows, ~8 MB of NDJSON.
+    let big = "SELECT a.ts, a.value AS x, b.value AS y, c.value AS z \
+               FROM readings a, readings b, readings c";
+    let r = post(big, "application/x-ndjson").await.unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    assert!(r.headers().get("x-row-count").is_none());
+    let body = r.text().await.unwrap();
+    assert_eq!(body.lines().count(), 52 * 52 * 52);
+    assert!(body.lines().all(|l| l.starts_with("{\"ts\":")));
+    let r = post(big, "application/vnd.apache.arrow.stream")
+        .await
+        .unwrap();
+    assert!(r.headers().get("x-row-count").is_none());
+    let bytes = r.bytes().await.unwrap();
+    let reader =
+        arrow_ipc::reader::StreamReader::try_new(std::io::Cursor::new(bytes), None).unwrap();
+    let rows: usize = reader.map(|b| b.unwrap().num_rows()).sum();
+    assert_eq!(rows, 52 * 52 * 52);
+
+    // 52⁴ rows: past the 1,000,000-row cap after the first MiB went out.
+    let over = "SELECT a.value FROM readings a, readings b, readings c, readings d";
+    let r = post(over, "application/x-ndjson").await.unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    let body = r.text().await.unwrap();
+    let last: Value = serde_json::from_str(body.lines().last().unwrap()).unwrap();
+    assert!(
+        last["error"].as_str().unwrap().contains("1000000 rows"),
+        "{last}"
+    );
+    assert!(body.lines().count() <= 1_000_001);
+    for accept in ["text/csv", "application/vnd.apache.arrow.stream"] {
+        let r = post(over, accept).await.unwrap();
+        assert_eq!(r.status(), StatusCode::OK);
+        assert!(
+            r.bytes().await.is_err(),
+            "{accept}: the body ended as if whole"
+        );
+    }
+    // Whole JSON: decided before the first byte.
+    let r = post(over, "application/json").await.unwrap();
+    assert_eq!(r.status(), StatusCode::PAYLOAD_TOO_LARGE);
+    // The server goes on.
+    let v = sql_json(&app, &token, "SELECT count(*) FROM readings").await;
+    assert_eq!(v["rows"], json!([[52]]));
+}

@@ -3,11 +3,10 @@
 //! may read). The answer is decided before its first byte: a query stopped by a
 //! limit answers with an error, never with a short result.
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
-use parquet::arrow::ArrowWriter;
-use parquet::basic::{Compression, ZstdLevel};
-use parquet::file::properties::WriterProperties;
+use bytes::Bytes;
+
 use poem::http::header;
 use poem::web::Data;
 use poem::{Body, Request, RequestBody};
@@ -28,8 +27,10 @@ use crate::store::sql::arrow::array::{Array, ArrayRef};
 use crate::store::sql::arrow::datatypes::DataType;
 use crate::store::sql::arrow::record_batch::RecordBatch;
 use crate::store::sql::arrow::util::display::array_value_to_string;
-use crate::store::sql::{CancelOnDrop, Client, SqlError, SqlParam, SqlSummary};
-use arrow_ipc::writer::StreamWriter;
+use crate::store::sql::{CancelOnDrop, Client, SqlEngine, SqlError, SqlParam, SqlSummary};
+use output::{Output, Streamed};
+
+mod output;
 
 /// The `/api/v1/sql` endpoint.
 pub struct SqlApi;
@@ -153,19 +154,32 @@ pub struct SqlResult {
 pub enum SqlContent {
     /// Columns with their types, and rows.
     Json(Json<SqlResult>),
-    /// One JSON object per row.
+    /// One JSON object per row; a result cut short after streaming began ends
+    /// with `{"error": …}`.
     #[oai(content_type = "application/x-ndjson")]
-    Ndjson(Binary<Vec<u8>>),
+    Ndjson(Binary<Body>),
     /// A header row of column names, then the rows.
     #[oai(content_type = "text/csv; charset=utf-8")]
-    Csv(Binary<Vec<u8>>),
+    Csv(Binary<Body>),
     /// An Arrow IPC stream: DuckDB's own columns and types (pyarrow, polars,
     /// DuckDB and Arrow's other readers take it as it is).
     #[oai(content_type = "application/vnd.apache.arrow.stream")]
-    Arrow(Binary<Vec<u8>>),
+    Arrow(Binary<Body>),
     /// A Parquet file (zstd).
     #[oai(content_type = "application/vnd.apache.parquet")]
-    Parquet(Binary<Vec<u8>>),
+    Parquet(Binary<Body>),
+}
+
+impl SqlContent {
+    /// `body` in the streamed format `f`.
+    fn streamed(f: Streamed, body: Body) -> Self {
+        match f {
+            Streamed::Ndjson => Self::Ndjson(Binary(body)),
+            Streamed::Csv => Self::Csv(Binary(body)),
+            Streamed::Arrow => Self::Arrow(Binary(body)),
+            Streamed::Parquet => Self::Parquet(Binary(body)),
+        }
+    }
 }
 
 /// What a result is sent as, by `Accept`.
@@ -198,9 +212,10 @@ impl SqlFormat {
 /// Answers of `POST /api/v1/sql`.
 #[derive(ApiResponse)]
 pub enum SqlResponse {
-    /// The result (`X-Row-Count`: its rows).
+    /// The result (`X-Row-Count`: its rows, when it is sent whole; a result of
+    /// more than 1 MiB in NDJSON, CSV, Arrow or Parquet is streamed without it).
     #[oai(status = 200)]
-    Ok(SqlContent, #[oai(header = "X-Row-Count")] u64),
+    Ok(SqlContent, #[oai(header = "X-Row-Count")] Option<u64>),
     /// Not a query the sandbox runs, or DuckDB refused it (its message, with the
     /// position).
     #[oai(status = 400)]
@@ -331,66 +346,188 @@ async fn respond(state: &Arc<AppState>, req: &Request, body: SqlRequest) -> SqlR
         return SqlResponse::error(SqlError::Refused("SQL is not enabled here".into()));
     };
     tracing::debug!(%caller, "user query");
-    // At a low CPU priority, like dumps (see `background`): DuckDB runs most of a
-    // query on the calling thread. At the default priority one client looping a
-    // GROUP BY over the fleet's readings halved a 2,000-device fleet's rate on 2
-    // cores and let the apply lag reach a million readings.
-    // A client that goes away stops its query: dropping this future cancels it.
+    // A client that goes away stops its query: dropping the future, or the body
+    // it streams, cancels it.
     let client = Client::of_token(token.unwrap_or_default());
-    let _on_drop = CancelOnDrop(client.cancel.clone());
-    let ran = crate::background::run("milepost-sql", move || {
-        engine.collect(&sql, &params, &client)
+    let on_drop = CancelOnDrop(client.cancel.clone());
+    let streamed = match format {
+        SqlFormat::Table(Format::Json) => None,
+        SqlFormat::Table(Format::Ndjson) => Some(Streamed::Ndjson),
+        SqlFormat::Table(Format::Csv) => Some(Streamed::Csv),
+        SqlFormat::Arrow => Some(Streamed::Arrow),
+        SqlFormat::Parquet => Some(Streamed::Parquet),
+    };
+    match streamed {
+        Some(f) => stream(engine, sql, params, client, on_drop, f).await,
+        None => whole_json(engine, sql, params, client).await,
+    }
+}
+
+/// Runs a query on a thread of its own at a low CPU priority, like dumps (see
+/// `background`): DuckDB runs most of a query on the calling thread.
+async fn run_query(
+    engine: Arc<SqlEngine>,
+    sql: String,
+    params: Vec<SqlParam>,
+    client: Client,
+    mut sink: impl FnMut(&RecordBatch) -> Result<(), SqlError> + Send + 'static,
+) -> Result<SqlSummary, SqlError> {
+    crate::background::run("milepost-sql", move || {
+        engine.run(&sql, &params, &client, &mut sink)
+    })
+    .await
+    .unwrap_or_else(|| {
+        Err(SqlError::Store(crate::store::StoreError::Internal(
+            "the query's thread failed".into(),
+        )))
+    })
+}
+
+/// A JSON answer: typed, whole.
+async fn whole_json(
+    engine: Arc<SqlEngine>,
+    sql: String,
+    params: Vec<SqlParam>,
+    client: Client,
+) -> SqlResponse {
+    let batches = Arc::new(Mutex::new(Vec::new()));
+    let into = batches.clone();
+    let ran = run_query(engine, sql, params, client, move |b| {
+        into.lock().expect("batches").push(b.clone());
+        Ok(())
     })
     .await;
-    let (batches, summary) = match ran {
-        Some(Ok(done)) => done,
-        Some(Err(e)) => return SqlResponse::error(e),
-        None => {
-            tracing::error!("the query's thread failed");
-            return SqlResponse::Internal(Json(ErrorBody::new("internal error")));
+    match ran {
+        Ok(summary) => {
+            let batches = std::mem::take(&mut *batches.lock().expect("batches"));
+            SqlResponse::Ok(json(&batches, &summary), Some(summary.rows))
         }
-    };
-    let content = match format {
-        SqlFormat::Table(f) => Ok(render(f, &batches, &summary)),
-        SqlFormat::Arrow => arrow_stream(&batches, &summary).map(|b| SqlContent::Arrow(Binary(b))),
-        SqlFormat::Parquet => {
-            parquet_file(&batches, &summary).map(|b| SqlContent::Parquet(Binary(b)))
-        }
-    };
-    match content {
-        Ok(content) => SqlResponse::Ok(content, summary.rows),
-        Err(e) => {
-            tracing::error!(error = %e, "writing a query's result failed");
-            SqlResponse::Internal(Json(ErrorBody::new("internal error; see the server log")))
-        }
+        Err(e) => SqlResponse::error(e),
     }
 }
 
-/// The result as an Arrow IPC stream.
-fn arrow_stream(batches: &[RecordBatch], summary: &SqlSummary) -> Result<Vec<u8>, String> {
-    let mut out = Vec::new();
-    let mut writer = StreamWriter::try_new(&mut out, &summary.schema).map_err(|e| e.to_string())?;
-    for b in batches {
-        writer.write(b).map_err(|e| e.to_string())?;
+/// A result up to this size is sent whole, with `X-Row-Count`; a larger one is
+/// streamed as DuckDB produces it.
+const WHOLE: usize = 1 << 20;
+
+/// Batches a query has produced and not yet sent; DuckDB waits beyond.
+const IN_FLIGHT: usize = 2;
+
+/// An answer in a streamed format: whole if it is small, else streamed, so the
+/// server holds a couple of batches of it at a time. Every error up to the first
+/// byte sent is a status; a limit reached later ends the stream with an error
+/// record (NDJSON) or a broken connection (the others), never a short result
+/// that looks whole.
+async fn stream(
+    engine: Arc<SqlEngine>,
+    sql: String,
+    params: Vec<SqlParam>,
+    client: Client,
+    on_drop: CancelOnDrop,
+    format: Streamed,
+) -> SqlResponse {
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<RecordBatch>(IN_FLIGHT);
+    let query = tokio::spawn(run_query(engine, sql, params, client, move |b| {
+        tx.blocking_send(b.clone()).map_err(|_| SqlError::Cancelled)
+    }));
+    let failed = |e: String| {
+        tracing::error!(error = %e, "writing a query's result failed");
+        SqlResponse::Internal(Json(ErrorBody::new("internal error; see the server log")))
+    };
+    let mut head = Vec::new();
+    let mut output: Option<Output> = None;
+    while head.len() < WHOLE {
+        let Some(batch) = rx.recv().await else {
+            // The query ended within the first MiB: whole, with its row count.
+            let summary = match query.await {
+                Ok(Ok(summary)) => summary,
+                Ok(Err(e)) => return SqlResponse::error(e),
+                Err(e) => return failed(e.to_string()),
+            };
+            let out = match output {
+                Some(out) => out,
+                None => match Output::start(format, &summary.schema, &mut head) {
+                    Ok(out) => out,
+                    Err(e) => return failed(e),
+                },
+            };
+            if let Err(e) = out.finish(&mut head) {
+                return failed(e);
+            }
+            let content = SqlContent::streamed(format, Body::from(head));
+            return SqlResponse::Ok(content, Some(summary.rows));
+        };
+        let out = match &mut output {
+            Some(out) => out,
+            None => match Output::start(format, &batch.schema(), &mut head) {
+                Ok(out) => output.insert(out),
+                Err(e) => return failed(e),
+            },
+        };
+        if let Err(e) = out.batch(&batch, &mut head) {
+            return failed(e);
+        }
     }
-    writer.finish().map_err(|e| e.to_string())?;
-    drop(writer);
-    Ok(out)
+    let state = Streaming {
+        head: Some(head),
+        rx,
+        query: Some(query),
+        output,
+        _on_drop: on_drop,
+    };
+    let body = futures_util::stream::unfold(state, Streaming::next);
+    SqlResponse::Ok(
+        SqlContent::streamed(format, Body::from_bytes_stream(body)),
+        None,
+    )
 }
 
-/// The result as a Parquet file, zstd-compressed like the lake's.
-fn parquet_file(batches: &[RecordBatch], summary: &SqlSummary) -> Result<Vec<u8>, String> {
-    let props = WriterProperties::builder()
-        .set_compression(Compression::ZSTD(ZstdLevel::default()))
-        .build();
-    let mut out = Vec::new();
-    let mut writer = ArrowWriter::try_new(&mut out, summary.schema.clone(), Some(props))
-        .map_err(|e| e.to_string())?;
-    for b in batches {
-        writer.write(b).map_err(|e| e.to_string())?;
+/// A result being streamed; dropped (the client gone), it cancels the query.
+struct Streaming {
+    head: Option<Vec<u8>>,
+    rx: tokio::sync::mpsc::Receiver<RecordBatch>,
+    query: Option<tokio::task::JoinHandle<Result<SqlSummary, SqlError>>>,
+    output: Option<Output>,
+    _on_drop: CancelOnDrop,
+}
+
+impl Streaming {
+    async fn next(mut self) -> Option<(std::io::Result<Bytes>, Self)> {
+        if let Some(head) = self.head.take() {
+            return Some((Ok(head.into()), self));
+        }
+        let mut out = Vec::new();
+        let output = self.output.as_mut()?;
+        if let Some(batch) = self.rx.recv().await {
+            return match output.batch(&batch, &mut out) {
+                Ok(()) => Some((Ok(out.into()), self)),
+                Err(e) => self.cut(e),
+            };
+        }
+        let ended = self.query.take()?.await;
+        match ended {
+            Ok(Ok(_)) => {
+                let output = self.output.take()?;
+                match output.finish(&mut out) {
+                    Ok(()) => Some((Ok(out.into()), self)),
+                    Err(e) => self.cut(e),
+                }
+            }
+            Ok(Err(e)) => self.cut(e.to_string()),
+            Err(e) => self.cut(e.to_string()),
+        }
     }
-    writer.close().map_err(|e| e.to_string())?;
-    Ok(out)
+
+    /// Ends the stream after `error`: with an error record where the format has
+    /// one, else by failing the body (the connection breaks).
+    fn cut(mut self, error: String) -> Option<(std::io::Result<Bytes>, Self)> {
+        tracing::info!(%error, "a streamed query result was cut short");
+        let output = self.output.take()?;
+        match output.error_record(&error) {
+            Some(record) => Some((Ok(record.into()), self)),
+            None => Some((Err(std::io::Error::other(error)), self)),
+        }
+    }
 }
 
 /// A JSON parameter as a query's.
@@ -411,62 +548,24 @@ fn param(v: &Value) -> Result<SqlParam, SqlError> {
     })
 }
 
-fn render(format: Format, batches: &[RecordBatch], summary: &SqlSummary) -> SqlContent {
+/// The result as typed JSON.
+fn json(batches: &[RecordBatch], summary: &SqlSummary) -> SqlContent {
     let fields = summary.schema.fields();
-    let names: Vec<String> = fields.iter().map(|f| f.name().clone()).collect();
-    let rows = batches
-        .iter()
-        .flat_map(|b| (0..b.num_rows()).map(move |r| (b, r)));
-    match format {
-        Format::Json => SqlContent::Json(Json(SqlResult {
-            columns: fields
-                .iter()
-                .map(|f| SqlColumn {
-                    name: f.name().clone(),
-                    type_name: type_name(f.data_type()),
-                })
-                .collect(),
-            rows: rows
-                .map(|(b, r)| b.columns().iter().map(|c| json_value(c, r)).collect())
-                .collect(),
-            row_count: summary.rows,
-        })),
-        Format::Ndjson => {
-            let mut out = Vec::new();
-            for (b, r) in rows {
-                let object: serde_json::Map<String, Value> = names
-                    .iter()
-                    .zip(b.columns())
-                    .map(|(n, c)| (n.clone(), json_value(c, r)))
-                    .collect();
-                serde_json::to_writer(&mut out, &object).expect("JSON into memory");
-                out.push(b'\n');
-            }
-            SqlContent::Ndjson(Binary(out))
-        }
-        Format::Csv => {
-            let mut out = String::new();
-            let line = |fields: &mut dyn Iterator<Item = String>, out: &mut String| {
-                let cells: Vec<String> = fields.map(|f| csv_field(&f)).collect();
-                out.push_str(&cells.join(","));
-                out.push('\n');
-            };
-            line(&mut names.iter().cloned(), &mut out);
-            for (b, r) in rows {
-                line(
-                    &mut b.columns().iter().map(|c| {
-                        if null_at(c, r) {
-                            String::new()
-                        } else {
-                            text_value(c, r)
-                        }
-                    }),
-                    &mut out,
-                );
-            }
-            SqlContent::Csv(Binary(out.into_bytes()))
-        }
-    }
+    SqlContent::Json(Json(SqlResult {
+        columns: fields
+            .iter()
+            .map(|f| SqlColumn {
+                name: f.name().clone(),
+                type_name: type_name(f.data_type()),
+            })
+            .collect(),
+        rows: batches
+            .iter()
+            .flat_map(|b| (0..b.num_rows()).map(move |r| (b, r)))
+            .map(|(b, r)| b.columns().iter().map(|c| json_value(c, r)).collect())
+            .collect(),
+        row_count: summary.rows,
+    }))
 }
 
 /// DuckDB's name of an Arrow type as DuckDB hands it out.
