@@ -82,25 +82,58 @@ fn canonical(col: &ArrayRef, ty: &Type) -> PgWireResult<ArrayRef> {
     cast(col, &to).map_err(|e| PgWireError::ApiError(Box::new(e)))
 }
 
-/// The rows of `batches`, encoded for `fields`.
-pub fn rows(batches: &[RecordBatch], fields: &Arc<Vec<FieldInfo>>) -> PgWireResult<Vec<DataRow>> {
-    let mut out = Vec::new();
-    let mut encoder = DataRowEncoder::new(fields.clone());
-    for batch in batches {
-        let columns = batch
-            .columns()
-            .iter()
-            .zip(fields.iter())
-            .map(|(c, f)| canonical(c, f.datatype()))
-            .collect::<PgWireResult<Vec<_>>>()?;
-        for row in 0..batch.num_rows() {
-            for (col, field) in columns.iter().zip(fields.iter()) {
-                cell(&mut encoder, col, row, field.datatype())?;
-            }
-            out.push(encoder.take_row());
+/// The rows of `batches`, encoded for `fields` one at a time as the client takes
+/// them (the result is not held twice).
+pub struct Rows {
+    batches: std::vec::IntoIter<RecordBatch>,
+    /// The current batch's columns, [`canonical`], its next row and its rows.
+    current: Option<(Vec<ArrayRef>, usize, usize)>,
+    fields: Arc<Vec<FieldInfo>>,
+    encoder: DataRowEncoder,
+}
+
+impl Rows {
+    /// The rows of `batches` for `fields`.
+    pub fn new(batches: Vec<RecordBatch>, fields: Arc<Vec<FieldInfo>>) -> Self {
+        Self {
+            batches: batches.into_iter(),
+            current: None,
+            encoder: DataRowEncoder::new(fields.clone()),
+            fields,
         }
     }
-    Ok(out)
+}
+
+impl Iterator for Rows {
+    type Item = PgWireResult<DataRow>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        loop {
+            if let Some((columns, row, rows)) = &mut self.current
+                && *row < *rows
+            {
+                let r = *row;
+                *row += 1;
+                for (col, field) in columns.iter().zip(self.fields.iter()) {
+                    if let Err(e) = cell(&mut self.encoder, col, r, field.datatype()) {
+                        return Some(Err(e));
+                    }
+                }
+                return Some(Ok(self.encoder.take_row()));
+            }
+            let batch = self.batches.next()?;
+            let columns = batch
+                .columns()
+                .iter()
+                .zip(self.fields.iter())
+                .map(|(c, f)| canonical(c, f.datatype()))
+                .collect::<PgWireResult<Vec<_>>>();
+            match columns {
+                Ok(columns) => self.current = Some((columns, 0, batch.num_rows())),
+                Err(e) => return Some(Err(e)),
+            }
+        }
+    }
 }
 
 /// One cell of `col` (already [`canonical`]).

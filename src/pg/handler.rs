@@ -160,7 +160,6 @@ impl Handler {
         params: Vec<SqlParam>,
         client: Client,
     ) -> Result<(Vec<RecordBatch>, SqlSummary), SqlError> {
-        let engine = self.engine.clone();
         let sql = sql.to_owned();
         let _on_drop = CancelOnDrop(client.cancel.clone());
         let mut pending = Pending {
@@ -169,12 +168,10 @@ impl Handler {
             done: false,
         };
         tracing::debug!(%sql, "pg query");
-        // At a low CPU priority, like dumps and `/api/v1/sql` (see `api::sql`).
-        let ran = crate::background::run("milepost-pg", move || {
-            engine.collect(&sql, &params, &client)
-        })
-        .await
-        .unwrap_or_else(|| Err(thread_failed()));
+        let ran = self
+            .engine
+            .in_background(move |e| e.collect(&sql, &params, &client))
+            .await;
         pending.done = true;
         count(&self.metrics, &ran);
         ran
@@ -187,14 +184,12 @@ impl Handler {
         params: Vec<SqlParam>,
         client: Client,
     ) -> PgWireResult<SqlShape> {
-        let engine = self.engine.clone();
         let sql = sql.to_owned();
         let _on_drop = CancelOnDrop(client.cancel.clone());
-        let described = crate::background::run("milepost-pg", move || {
-            engine.describe(&sql, &params, &client)
-        })
-        .await
-        .unwrap_or_else(|| Err(thread_failed()));
+        let described = self
+            .engine
+            .in_background(move |e| e.describe(&sql, &params, &client))
+            .await;
         // A query refused or failing here never runs: counted now. One that
         // passes is counted when it runs.
         if described.is_err() {
@@ -219,10 +214,10 @@ impl Handler {
         }
         let (batches, summary) = self.run(&stmt.sql, params, client).await.map_err(error)?;
         let fields = Arc::new(encode::fields(&summary.schema, format));
-        let rows = encode::rows(&batches, &fields)?;
+        let rows = encode::Rows::new(batches, fields.clone());
         Ok(Response::Query(QueryResponse::new(
             fields,
-            stream::iter(rows.into_iter().map(Ok)),
+            stream::iter(rows),
         )))
     }
 }
@@ -276,12 +271,6 @@ impl Drop for Pending<'_> {
             count::<()>(m, &Err(SqlError::Cancelled));
         }
     }
-}
-
-fn thread_failed() -> SqlError {
-    SqlError::Store(crate::store::StoreError::Internal(
-        "the query's thread failed".into(),
-    ))
 }
 
 /// The answer to a session statement.

@@ -225,7 +225,9 @@ fn parameters() -> DefaultServerParameterProvider {
     p.server_version = SERVER_VERSION.to_owned();
     p.is_superuser = false;
     p.default_transaction_read_only = true;
-    p.search_path = "main".to_owned();
+    p.search_path = crate::store::sql::setting("search_path")
+        .unwrap_or("main")
+        .to_owned();
     p
 }
 

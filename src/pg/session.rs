@@ -51,27 +51,6 @@ const SETTABLE: [&str; 12] = [
     "default_transaction_read_only",
 ];
 
-/// Settings `SHOW` answers, and their values.
-fn shown(name: &str) -> Option<&'static str> {
-    Some(match name {
-        "server_version" => super::SERVER_VERSION,
-        "server_version_num" => "160006",
-        "server_encoding" | "client_encoding" => "UTF8",
-        "timezone" => "UTC",
-        "datestyle" => "ISO, YMD",
-        "intervalstyle" => "postgres",
-        "standard_conforming_strings" | "integer_datetimes" => "on",
-        "transaction_isolation" | "default_transaction_isolation" => "read committed",
-        "transaction_read_only" | "default_transaction_read_only" => "on",
-        "search_path" => "main",
-        "max_identifier_length" => "63",
-        "lc_collate" | "lc_ctype" => "C",
-        "bytea_output" => "hex",
-        "is_superuser" => "off",
-        _ => return None,
-    })
-}
-
 static SET: LazyLock<Regex> = LazyLock::new(|| {
     Regex::new(
         r"(?is)^SET\s+(?:SESSION\s+|LOCAL\s+)?([a-z_][a-z0-9_.]*)(?:\s*(?:=|TO)\s*|\s+)(.*)$",
@@ -133,7 +112,7 @@ fn show(text: &str) -> Session {
             message: "SHOW takes the name of one setting".into(),
         };
     };
-    match shown(&asked.to_ascii_lowercase()) {
+    match crate::store::sql::setting(&asked.to_ascii_lowercase()) {
         Some(value) => Session::Show {
             name: asked.to_ascii_lowercase(),
             value: value.to_owned(),

@@ -34,6 +34,7 @@ pub mod live;
 mod migrations;
 mod names;
 mod owners;
+mod pool;
 mod reader;
 mod recent;
 mod retention;

@@ -17,7 +17,7 @@
 
 use std::collections::HashMap;
 use std::ops::ControlFlow;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use duckdb::Connection;
 use duckdb::arrow::array::{Array, Float64Array, Int16Array, Int64Array};
@@ -25,6 +25,7 @@ use duckdb::arrow::record_batch::RecordBatch;
 
 use super::ingest_log;
 use super::live::HeldSlot;
+use super::pool::Pool;
 use super::rollup::{self, SLOT_MS};
 use super::series;
 use super::{SeriesStats, Shared, StoreError};
@@ -182,8 +183,7 @@ pub trait ReadStore: Send + Sync + 'static {
 
 /// Connections for queries. Idle connections are kept for reuse.
 pub struct Reader {
-    base: Mutex<Connection>,
-    idle: Mutex<Vec<Connection>>,
+    pool: Pool,
     shared: Arc<Shared>,
 }
 
@@ -192,8 +192,7 @@ const MAX_IDLE: usize = 8;
 impl Reader {
     pub(super) fn new(base: Connection, shared: Arc<Shared>) -> Self {
         Self {
-            base: Mutex::new(base),
-            idle: Mutex::new(Vec::new()),
+            pool: Pool::new(base, MAX_IDLE),
             shared,
         }
     }
@@ -246,17 +245,7 @@ impl Reader {
         &self,
         f: impl FnOnce(&Connection) -> Result<T, StoreError>,
     ) -> Result<T, StoreError> {
-        let conn = self.idle.lock().expect("pool lock").pop();
-        let conn = match conn {
-            Some(c) => c,
-            None => self.base.lock().expect("base lock").try_clone()?,
-        };
-        let out = f(&conn);
-        let mut idle = self.idle.lock().expect("pool lock");
-        if idle.len() < MAX_IDLE {
-            idle.push(conn);
-        }
-        out
+        self.pool.with(f)
     }
 }
 

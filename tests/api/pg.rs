@@ -453,3 +453,39 @@ async fn off_loopback_the_listener_requires_tls() {
     let token = viewer(&app);
     assert_eq!(rows(addr, &token, "SELECT 1").await, [["1"]]);
 }
+
+/// `--pg-max-connections`: a connection over the cap is closed at once; the
+/// gauge counts the open ones, and a freed place serves the next client.
+#[tokio::test]
+async fn connections_over_the_cap_are_closed() {
+    let (app, addr) = spawn(|a| a.pg_max_connections = 1).await;
+    let token = viewer(&app);
+    let held = tokio::net::TcpStream::connect(addr).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let m = crate::metrics::scrape(&app).await;
+    assert_eq!(crate::metrics::get(&m, "milepost_pg_connections"), 1.0);
+    let out = psql(addr, &token, "disable", &["-c", "SELECT 1"]).await;
+    assert!(
+        !out.status.success(),
+        "served beyond the cap: {:?}",
+        text(&out)
+    );
+    drop(held);
+    let started = Instant::now();
+    loop {
+        let out = psql(addr, &token, "disable", &["-A", "-t", "-c", "SELECT 1"]).await;
+        if out.status.success() {
+            assert_eq!(text(&out).0.trim(), "1");
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "{:?}",
+            text(&out)
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // `\dn`: one schema.
+    let out = psql(addr, &token, "disable", &["-A", "-t", "-c", "\\dn"]).await;
+    assert_eq!(text(&out).0.trim(), "main|milepost", "{:?}", text(&out));
+}

@@ -3,7 +3,7 @@
 //! may read). The answer is decided before its first byte: a query stopped by a
 //! limit answers with an error, never with a short result.
 
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use bytes::Bytes;
 
@@ -363,26 +363,6 @@ async fn respond(state: &Arc<AppState>, req: &Request, body: SqlRequest) -> SqlR
     }
 }
 
-/// Runs a query on a thread of its own at a low CPU priority, like dumps (see
-/// `background`): DuckDB runs most of a query on the calling thread.
-async fn run_query(
-    engine: Arc<SqlEngine>,
-    sql: String,
-    params: Vec<SqlParam>,
-    client: Client,
-    mut sink: impl FnMut(&RecordBatch) -> Result<(), SqlError> + Send + 'static,
-) -> Result<SqlSummary, SqlError> {
-    crate::background::run("milepost-sql", move || {
-        engine.run(&sql, &params, &client, &mut sink)
-    })
-    .await
-    .unwrap_or_else(|| {
-        Err(SqlError::Store(crate::store::StoreError::Internal(
-            "the query's thread failed".into(),
-        )))
-    })
-}
-
 /// A JSON answer: typed, whole.
 async fn whole_json(
     engine: Arc<SqlEngine>,
@@ -390,18 +370,11 @@ async fn whole_json(
     params: Vec<SqlParam>,
     client: Client,
 ) -> SqlResponse {
-    let batches = Arc::new(Mutex::new(Vec::new()));
-    let into = batches.clone();
-    let ran = run_query(engine, sql, params, client, move |b| {
-        into.lock().expect("batches").push(b.clone());
-        Ok(())
-    })
-    .await;
+    let ran = engine
+        .in_background(move |e| e.collect(&sql, &params, &client))
+        .await;
     match ran {
-        Ok(summary) => {
-            let batches = std::mem::take(&mut *batches.lock().expect("batches"));
-            SqlResponse::Ok(json(&batches, &summary), Some(summary.rows))
-        }
+        Ok((batches, summary)) => SqlResponse::Ok(json(&batches, &summary), Some(summary.rows)),
         Err(e) => SqlResponse::error(e),
     }
 }
@@ -427,9 +400,15 @@ async fn stream(
     format: Streamed,
 ) -> SqlResponse {
     let (tx, mut rx) = tokio::sync::mpsc::channel::<RecordBatch>(IN_FLIGHT);
-    let query = tokio::spawn(run_query(engine, sql, params, client, move |b| {
-        tx.blocking_send(b.clone()).map_err(|_| SqlError::Cancelled)
-    }));
+    let query = tokio::spawn(async move {
+        engine
+            .in_background(move |e| {
+                e.run(&sql, &params, &client, &mut |b| {
+                    tx.blocking_send(b.clone()).map_err(|_| SqlError::Cancelled)
+                })
+            })
+            .await
+    });
     let failed = |e: String| {
         tracing::error!(error = %e, "writing a query's result failed");
         SqlResponse::Internal(Json(ErrorBody::new("internal error; see the server log")))

@@ -12,13 +12,14 @@
 //! rewrites the former, macros on the instance stand in for the latter.
 
 use std::borrow::Cow;
-use std::sync::{LazyLock, Mutex};
+use std::sync::LazyLock;
 
 use duckdb::{Config, Connection};
 use regex::Regex;
 
 use super::RELATIONS;
 use crate::store::StoreError;
+use crate::store::pool::Pool;
 
 /// Functions that exist only on the catalog instance (macros below): calling one
 /// sends the query there.
@@ -52,17 +53,6 @@ pub(super) const CATALOG_ONLY_FUNCTIONS: [&str; 1] = ["current_setting"];
 /// Stand-ins for PostgreSQL functions DuckDB lacks, as tools use them.
 const MACROS: &str = "
     CREATE MACRO pg_get_userbyid(id) AS 'milepost';
-    CREATE MACRO current_setting(name) AS CASE lower(name)
-        WHEN 'search_path' THEN 'main'
-        WHEN 'server_version' THEN '{version}'
-        WHEN 'server_version_num' THEN '160006'
-        WHEN 'server_encoding' THEN 'UTF8'
-        WHEN 'client_encoding' THEN 'UTF8'
-        WHEN 'timezone' THEN 'UTC'
-        WHEN 'datestyle' THEN 'ISO, YMD'
-        WHEN 'standard_conforming_strings' THEN 'on'
-        WHEN 'max_identifier_length' THEN '63'
-        END;
     CREATE MACRO quote_ident(name) AS name;
     CREATE MACRO array_lower(a, d) AS CASE WHEN len(a) > 0 THEN 1 END;
     CREATE MACRO array_upper(a, d) AS CASE WHEN len(a) > 0 THEN len(a) END;
@@ -183,6 +173,16 @@ const SHADOWS: [(&str, &str); 16] = [
     ),
 ];
 
+/// `current_setting(name)`: the settings the PostgreSQL listener reports
+/// ([`super::SETTINGS`]), and nothing of either DuckDB instance.
+fn current_setting() -> String {
+    let cases: String = super::SETTINGS
+        .iter()
+        .map(|(name, value)| format!(" WHEN '{name}' THEN '{value}'"))
+        .collect();
+    format!("CREATE MACRO current_setting(name) AS CASE lower(name){cases} END;")
+}
+
 /// PostgreSQL-only syntax rewritten to DuckDB's, everywhere in a query (these
 /// forms do not occur elsewhere): `c.relname OPERATOR(pg_catalog.~) '^(x)$'
 /// COLLATE pg_catalog.default`, as psql's `\d` writes it.
@@ -254,8 +254,8 @@ pub(super) fn for_catalog(sql: &str) -> Cow<'_, str> {
 
 /// The in-memory instance and its idle connections.
 pub(super) struct Catalog {
-    base: Mutex<Connection>,
-    idle: Mutex<Vec<Connection>>,
+    /// Connections to the in-memory instance.
+    pub(super) pool: Pool,
 }
 
 impl Catalog {
@@ -284,35 +284,16 @@ impl Catalog {
             .map_err(|e| StoreError::Config(e.to_string()))?;
         let base = Connection::open_in_memory_with_flags(config)?;
         base.execute_batch(&tables)?;
-        base.execute_batch(&MACROS.replace("{version}", crate::store::sql::SERVER_VERSION))?;
+        base.execute_batch(MACROS)?;
+        base.execute_batch(&current_setting())?;
         base.execute_batch(&format!("CREATE SCHEMA {COMPAT}"))?;
         for (_, create) in SHADOWS {
             base.execute_batch(create)?;
         }
         base.execute_batch("SET lock_configuration = true")?;
         Ok(Self {
-            base: Mutex::new(base),
-            idle: Mutex::new(Vec::new()),
+            pool: Pool::new(base, 8),
         })
-    }
-
-    /// Runs `f` on one of the instance's connections.
-    pub(super) fn with_connection<T>(
-        &self,
-        f: impl FnOnce(&Connection) -> Result<T, super::SqlError>,
-    ) -> Result<T, super::SqlError> {
-        let conn = match self.idle.lock().expect("catalog pool").pop() {
-            Some(c) => c,
-            None => self
-                .base
-                .lock()
-                .expect("catalog base")
-                .try_clone()
-                .map_err(StoreError::from)?,
-        };
-        let done = f(&conn);
-        self.idle.lock().expect("catalog pool").push(conn);
-        done
     }
 }
 

@@ -43,6 +43,7 @@ pub use duckdb::arrow;
 use duckdb::arrow::record_batch::RecordBatch;
 use serde_json::Value;
 
+use super::pool::Pool;
 use super::{Shared, StoreError};
 
 mod catalog;
@@ -60,6 +61,37 @@ pub const RELATIONS: [&str; 6] = [
 /// The PostgreSQL version Milepost's SQL answers as (its protocol and catalog
 /// forms are 16's, so psql and drivers speak to it as to a 16).
 pub const SERVER_VERSION: &str = "16.6 (Milepost)";
+
+/// The settings clients may ask for (`SHOW`, `current_setting`), as PostgreSQL
+/// names them (lower case), and their values here.
+pub const SETTINGS: [(&str, &str); 21] = [
+    ("server_version", SERVER_VERSION),
+    ("server_version_num", "160006"),
+    ("server_encoding", "UTF8"),
+    ("client_encoding", "UTF8"),
+    ("timezone", "UTC"),
+    ("datestyle", "ISO, YMD"),
+    ("intervalstyle", "postgres"),
+    ("standard_conforming_strings", "on"),
+    ("integer_datetimes", "on"),
+    ("transaction_isolation", "read committed"),
+    ("default_transaction_isolation", "read committed"),
+    ("transaction_read_only", "on"),
+    ("default_transaction_read_only", "on"),
+    ("search_path", "main"),
+    ("max_identifier_length", "63"),
+    ("lc_collate", "C"),
+    ("lc_ctype", "C"),
+    ("bytea_output", "hex"),
+    ("is_superuser", "off"),
+    ("application_name", ""),
+    ("statement_timeout", "0"),
+];
+
+/// The value of setting `name` (lower case) in [`SETTINGS`].
+pub fn setting(name: &str) -> Option<&'static str> {
+    SETTINGS.iter().find(|(n, _)| *n == name).map(|(_, v)| *v)
+}
 
 /// Built-in functions refused: they keep state or read the instance.
 const REFUSED_FUNCTIONS: [&str; 5] = ["nextval", "currval", "setseed", "getvariable", "getenv"];
@@ -549,15 +581,13 @@ enum Mode {
 
 /// User queries: their own connections, at most `max_concurrent` at once.
 pub struct SqlEngine {
-    /// Cloned for each new connection (a connection is not shared between threads).
-    base: Mutex<Connection>,
+    /// The queries' connections, each with the contract's views.
+    pool: Pool,
     shared: Arc<Shared>,
-    idle: Mutex<Vec<Connection>>,
     catalog: catalog::Catalog,
     running: Mutex<Running>,
     freed: Condvar,
     limits: SqlLimits,
-    db: String,
 }
 
 impl SqlEngine {
@@ -567,18 +597,16 @@ impl SqlEngine {
         limits: SqlLimits,
     ) -> Result<Self, StoreError> {
         let db: String = base.query_row("SELECT current_database()", [], |r| r.get(0))?;
-        let probe = base.try_clone()?;
-        probe.execute_batch(&views(&db))?;
-        let catalog = catalog::Catalog::new(&probe)?;
+        // Idle connections beyond the slots are never needed.
+        let pool = Pool::new(base, limits.max_concurrent.max(1)).with_setup(views(&db));
+        let catalog = pool.with(catalog::Catalog::new)?;
         Ok(Self {
-            base: Mutex::new(base),
+            pool,
             shared,
-            idle: Mutex::new(vec![probe]),
             catalog,
             running: Mutex::new(Running::default()),
             freed: Condvar::new(),
             limits,
-            db,
         })
     }
 
@@ -593,6 +621,23 @@ impl SqlEngine {
         sink: &mut dyn FnMut(&RecordBatch) -> Result<(), SqlError>,
     ) -> Result<SqlSummary, SqlError> {
         self.execute(sql, params, Mode::Run, client, sink)
+    }
+
+    /// Runs `f` on a thread of its own at a low CPU priority, like dumps (see
+    /// `background`): DuckDB runs most of a query on the calling thread, and the
+    /// front ends' async tasks must not wait on it.
+    pub async fn in_background<T: Send + 'static>(
+        self: &Arc<Self>,
+        f: impl FnOnce(&SqlEngine) -> Result<T, SqlError> + Send + 'static,
+    ) -> Result<T, SqlError> {
+        let engine = self.clone();
+        crate::background::run("milepost-sql", move || f(&engine))
+            .await
+            .unwrap_or_else(|| {
+                Err(SqlError::Store(StoreError::Internal(
+                    "the query's thread failed".into(),
+                )))
+            })
     }
 
     /// [`Self::run`], the result's batches collected.
@@ -640,9 +685,9 @@ impl SqlEngine {
         let sql = catalog::compatible(sql);
         let cancel = &client.cancel;
         let _slot = self.slot(&client.id, cancel)?;
-        let conn = self.connection()?;
-        let route = check(&conn, &sql);
-        let done = match route {
+        // Reused whatever the outcome: a statement runs on its own (auto-commit, a
+        // failure rolls it back) and the sandbox lets none change the connection.
+        self.pool.with(|conn| match check(conn, &sql) {
             Ok(Route::Data) => {
                 // Read-your-writes: readings acknowledged before the query are
                 // applied to DuckDB first (the writer is asked to move the ingest log
@@ -655,19 +700,16 @@ impl SqlEngine {
                     "SET VARIABLE rollups_before = CAST('{before}' AS BIGINT)"
                 ))
                 .map_err(SqlError::from)
-                .and_then(|()| self.watched(&conn, &sql, params, mode, cancel, sink))
+                .and_then(|()| self.watched(conn, &sql, params, mode, cancel, sink))
             }
             Ok(Route::Catalog) => {
                 let sql = catalog::for_catalog(&sql);
                 self.catalog
-                    .with_connection(|c| self.watched(c, &sql, params, mode, cancel, sink))
+                    .pool
+                    .with(|c| self.watched(c, &sql, params, mode, cancel, sink))
             }
             Err(e) => Err(e),
-        };
-        // Reused whatever the outcome: a statement runs on its own (auto-commit, a
-        // failure rolls it back) and the sandbox lets none change the connection.
-        self.idle.lock().expect("sql pool").push(conn);
-        done
+        })
     }
 
     /// Runs a checked query on `conn` under the time limit and `cancel`.
@@ -753,22 +795,6 @@ impl SqlEngine {
             schema: stmt.schema(),
             params: count,
         })
-    }
-
-    /// A pooled connection with the views, or a new one.
-    fn connection(&self) -> Result<Connection, SqlError> {
-        if let Some(c) = self.idle.lock().expect("sql pool").pop() {
-            return Ok(c);
-        }
-        let c = self
-            .base
-            .lock()
-            .expect("sql base")
-            .try_clone()
-            .map_err(StoreError::from)?;
-        c.execute_batch(&views(&self.db))
-            .map_err(StoreError::from)?;
-        Ok(c)
     }
 
     /// One of the `max_concurrent` slots, and of `client`'s `max_per_client`,
