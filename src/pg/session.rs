@@ -106,6 +106,15 @@ fn set(text: &str) -> Session {
 }
 
 fn show(text: &str) -> Session {
+    // pgJDBC's `getTransactionIsolation()`; PostgreSQL names the column after the
+    // setting.
+    let words: Vec<String> = text
+        .split_whitespace()
+        .map(|w| w.to_ascii_lowercase())
+        .collect();
+    if words[1..] == ["transaction", "isolation", "level"] {
+        return show("SHOW transaction_isolation");
+    }
     let Some(asked) = SHOW.captures(text).map(|c| c[1].to_owned()) else {
         return Session::Refused {
             code: "42601",
@@ -164,6 +173,13 @@ mod tests {
             Some(Session::Show {
                 name: "server_version".into(),
                 value: super::super::SERVER_VERSION.into()
+            })
+        );
+        assert_eq!(
+            classify("show transaction isolation level"),
+            Some(Session::Show {
+                name: "transaction_isolation".into(),
+                value: "read committed".into()
             })
         );
         assert!(matches!(

@@ -8,7 +8,8 @@
 //!   (pyspark, polars, pyarrow). They need `python3` with its `venv` module.
 //! - PostgreSQL's Python drivers (psycopg 3, asyncpg) in a virtualenv of their own.
 //! - A Java runtime for Spark, Debian's headless Chromium for the console's
-//!   browser tests and psql (`postgresql-client`) for the PostgreSQL listener's,
+//!   browser tests, and psql (`postgresql-client`) and pgJDBC
+//!   (`libpostgresql-jdbc-java`) for the PostgreSQL listener's,
 //!   with `apt-get` when the tests run as root; otherwise the test fails naming the
 //!   one command to run.
 //!
@@ -120,7 +121,21 @@ impl Venv {
     }
 }
 
-/// A Java runtime for Spark: on `PATH`, or installed with apt-get as root.
+/// pgJDBC (Debian's `libpostgresql-jdbc-java`), the PostgreSQL driver of the JVM's
+/// BI tools, with a Java runtime to run it: the jar's path.
+pub fn ensure_pgjdbc() -> PathBuf {
+    ensure_java();
+    let jar = PathBuf::from("/usr/share/java/postgresql.jar");
+    if !jar.exists() {
+        assert!(
+            apt_install("libpostgresql-jdbc-java") && jar.exists(),
+            "the PostgreSQL listener's JDBC test needs pgJDBC: apt-get install libpostgresql-jdbc-java"
+        );
+    }
+    jar
+}
+
+/// A Java runtime (Spark, pgJDBC): on `PATH`, or installed with apt-get as root.
 pub fn ensure_java() {
     let found = || {
         Command::new("java")
@@ -133,7 +148,7 @@ pub fn ensure_java() {
     }
     assert!(
         apt_install("openjdk-17-jre-headless") && found(),
-        "Spark needs a Java 17 runtime: apt-get install openjdk-17-jre-headless"
+        "Spark and pgJDBC need a Java 17 runtime: apt-get install openjdk-17-jre-headless"
     );
 }
 

@@ -161,10 +161,10 @@ def grafana_checks():
                 END"""
         ).fetchall()
         assert dict(columns) == {
-            "device": "VARCHAR",
-            "sensor": "VARCHAR",
-            "ts": "TIMESTAMP",
-            "value": "DOUBLE",
+            "device": "character varying",
+            "sensor": "character varying",
+            "ts": "timestamp without time zone",
+            "value": "double precision",
         }, columns
         for device in DEVICES:
             rows = conn.execute(

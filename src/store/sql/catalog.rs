@@ -23,8 +23,13 @@ use crate::store::pool::Pool;
 
 /// Functions that exist only on the catalog instance (macros below): calling one
 /// sends the query there.
-pub(super) const CATALOG_FUNCTIONS: [&str; 19] = [
+pub(super) const CATALOG_FUNCTIONS: [&str; 24] = [
     "pg_relation_is_publishable",
+    "format_type",
+    "_pg_expandarray",
+    "pg_get_function_result",
+    "pg_get_function_arguments",
+    "pg_get_function_identity_arguments",
     "pg_get_expr",
     "pg_get_constraintdef",
     "pg_get_indexdef",
@@ -71,7 +76,98 @@ const MACROS: &str = "
     CREATE MACRO pg_get_constraintdef(id, pretty := false) AS NULL::VARCHAR;
     CREATE MACRO pg_get_indexdef(id, n := 0, pretty := false) AS NULL::VARCHAR;
     CREATE MACRO pg_get_triggerdef(id, pretty := false) AS NULL::VARCHAR;
+    CREATE MACRO pg_get_function_result(id) AS NULL::VARCHAR;
+    CREATE MACRO pg_get_function_arguments(id) AS NULL::VARCHAR;
+    CREATE MACRO pg_get_function_identity_arguments(id) AS NULL::VARCHAR;
+    CREATE MACRO _pg_expandarray(a) AS
+        unnest(list_transform(range(1, len(a) + 1), lambda i: {'x': a[i], 'n': i}));
 ";
+
+/// A column type as PostgreSQL knows it.
+struct PgType {
+    /// DuckDB's name (`DECIMAL` for every precision).
+    duckdb: &'static str,
+    /// PostgreSQL's oid.
+    oid: i64,
+    /// `pg_type.typname`.
+    typname: &'static str,
+    /// The SQL name: `format_type`, `information_schema.columns.data_type`.
+    sql: &'static str,
+    /// `typlen` (-1: variable).
+    len: i64,
+}
+
+const fn pg(
+    duckdb: &'static str,
+    oid: i64,
+    typname: &'static str,
+    sql: &'static str,
+    len: i64,
+) -> PgType {
+    PgType {
+        duckdb,
+        oid,
+        typname,
+        sql,
+        len,
+    }
+}
+
+/// The contract's column types, by PostgreSQL's oids and names. The wire's row
+/// descriptions use the same types (`pg::encode::pg_type`); anything else is
+/// `text` (the last), as there. DuckDB's own `pg_attribute` gives its internal
+/// type ids, which drivers (pgJDBC) read as PostgreSQL oids: `DOUBLE` came out as
+/// `int4`.
+const PG_TYPES: [PgType; 13] = [
+    pg("BOOLEAN", 16, "bool", "boolean", 1),
+    pg("BLOB", 17, "bytea", "bytea", -1),
+    pg("BIGINT", 20, "int8", "bigint", 8),
+    pg("SMALLINT", 21, "int2", "smallint", 2),
+    pg("INTEGER", 23, "int4", "integer", 4),
+    pg("VARCHAR", 1043, "varchar", "character varying", -1),
+    pg("FLOAT", 700, "float4", "real", 4),
+    pg("DOUBLE", 701, "float8", "double precision", 8),
+    pg("DATE", 1082, "date", "date", 4),
+    pg("TIME", 1083, "time", "time without time zone", 8),
+    pg(
+        "TIMESTAMP",
+        1114,
+        "timestamp",
+        "timestamp without time zone",
+        8,
+    ),
+    pg("DECIMAL", 1700, "numeric", "numeric", -1),
+    pg("TEXT", 25, "text", "text", -1),
+];
+
+/// Macros in [`COMPAT`] that map a DuckDB type name (`data_type` of
+/// `duckdb_columns()`) to a [`PgType`]'s fields, and `format_type(oid, typmod)` of
+/// PostgreSQL's oids.
+fn type_macros() -> String {
+    let case = |field: fn(&PgType) -> String| -> String {
+        let arms: String = PG_TYPES
+            .iter()
+            .map(|t| format!(" WHEN '{}' THEN {}", t.duckdb, field(t)))
+            .collect();
+        let text = field(&PG_TYPES[PG_TYPES.len() - 1]);
+        format!("CASE regexp_replace(upper(t), '\\(.*', ''){arms} ELSE {text} END")
+    };
+    let by_oid: String = PG_TYPES
+        .iter()
+        .map(|t| format!(" WHEN {} THEN '{}'", t.oid, t.sql))
+        .collect();
+    format!(
+        "CREATE MACRO {COMPAT}.type_oid(t) AS {};
+         CREATE MACRO {COMPAT}.type_name(t) AS {};
+         CREATE MACRO {COMPAT}.type_sql(t) AS {};
+         CREATE MACRO {COMPAT}.type_len(t) AS {};
+         CREATE MACRO format_type(oid, typmod) AS CASE oid{by_oid} END;",
+        case(|t| t.oid.to_string()),
+        case(|t| format!("'{}'", t.typname)),
+        case(|t| format!("'{}'", t.sql)),
+        case(|t| t.len.to_string()),
+    )
+}
 
 /// The schema of the stand-in relations, hidden from the catalog they stand in
 /// for (psql's lists leave out `pg_*` schemas too).
@@ -80,11 +176,46 @@ const COMPAT: &str = "pg_compat";
 /// Catalog relations DuckDB lacks, or lacks columns of, as psql's `\d` and `\l`
 /// and Grafana's pickers read them: made in [`COMPAT`], and references to the
 /// originals rewritten to these. Those that list relations leave [`COMPAT`] out.
-const SHADOWS: [(&str, &str); 16] = [
+const SHADOWS: [(&str, &str); 21] = [
+    (
+        "pg_catalog.pg_proc",
+        "CREATE VIEW pg_compat.pg_proc AS
+             SELECT * FROM pg_catalog.pg_proc WHERE pronamespace NOT IN
+                 (SELECT oid FROM pg_catalog.pg_namespace WHERE nspname IN ('main', 'pg_compat'))",
+    ),
+    (
+        "pg_catalog.pg_namespace",
+        "CREATE VIEW pg_compat.pg_namespace AS
+             SELECT * FROM pg_catalog.pg_namespace WHERE nspname <> 'pg_compat'",
+    ),
+    (
+        "pg_catalog.pg_attribute",
+        "CREATE VIEW pg_compat.pg_attribute AS
+             SELECT a.* REPLACE (pg_compat.type_oid(c.data_type) AS atttypid,
+                 pg_compat.type_len(c.data_type) AS attlen)
+             FROM pg_catalog.pg_attribute a
+             JOIN duckdb_columns() c ON c.table_oid = a.attrelid AND c.column_index = a.attnum",
+    ),
+    (
+        "pg_catalog.pg_type",
+        "CREATE VIEW pg_compat.pg_type AS
+             SELECT * FROM pg_catalog.pg_type WHERE oid IS NOT NULL
+             UNION ALL BY NAME
+             SELECT 25 AS oid, 'text' AS typname, -1 AS typlen, 'b' AS typtype,
+                 'S' AS typcategory, true AS typisdefined,
+                 (SELECT oid FROM pg_catalog.pg_namespace WHERE nspname = 'pg_catalog')
+                     AS typnamespace",
+    ),
+    (
+        "pg_catalog.pg_settings",
+        "CREATE TABLE pg_compat.pg_settings (name VARCHAR, setting VARCHAR, unit VARCHAR,
+             category VARCHAR, short_desc VARCHAR, vartype VARCHAR, source VARCHAR)",
+    ),
     (
         "pg_catalog.pg_class",
         "CREATE VIEW pg_compat.pg_class AS
-             SELECT * REPLACE (0::BIGINT AS relam), false AS relforcerowsecurity
+             SELECT * REPLACE (0::BIGINT AS relam, NULL::VARCHAR[] AS reloptions),
+                 false AS relforcerowsecurity
              FROM pg_catalog.pg_class
              WHERE relnamespace NOT IN
                  (SELECT oid FROM pg_catalog.pg_namespace WHERE nspname = 'pg_compat')",
@@ -97,7 +228,9 @@ const SHADOWS: [(&str, &str); 16] = [
     (
         "information_schema.columns",
         "CREATE VIEW pg_compat.columns AS
-             SELECT * FROM information_schema.columns WHERE table_schema <> 'pg_compat'",
+             SELECT * REPLACE (pg_compat.type_sql(data_type) AS data_type,
+                 pg_compat.type_name(data_type) AS udt_name)
+             FROM information_schema.columns WHERE table_schema <> 'pg_compat'",
     ),
     (
         "pg_catalog.pg_database",
@@ -210,8 +343,22 @@ static CATALOG: LazyLock<Vec<(Regex, &'static str)>> = LazyLock::new(|| {
         // Functions by their bare names: DuckDB keeps some PostgreSQL ones outside
         // its `pg_catalog` (`array_to_string`), and the stand-ins live in `main`
         // (DuckDB lets nothing be created in its `pg_catalog`).
-        (r"(?i)\bpg_catalog\s*\.\s*([a-z_][a-z0-9_]*)\s*\(", "$1("),
+        (
+            r"(?i)\b(?:pg_catalog|information_schema)\s*\.\s*([a-z_][a-z0-9_]*)\s*\(",
+            "$1(",
+        ),
         (&shadows, "pg_compat.$1"),
+        // `'readings'::regclass`: the relation's oid (pgJDBC's metadata joins
+        // `pg_description` on `'pg_class'::regclass`, which has none here).
+        (
+            r"(?i)'(?:[a-z_][a-z0-9_]*\.)?([a-z_][a-z0-9_]*)'\s*::\s*(?:pg_catalog\s*\.\s*)?regclass\b",
+            "(SELECT min(oid) FROM pg_compat.pg_class WHERE relname = '$1')",
+        ),
+        // `'pg_catalog.array_in'::regproc` and the like: no such objects here.
+        (
+            r"(?i)'[^']*'\s*::\s*(?:pg_catalog\s*\.\s*)?reg[a-z]+\b",
+            "NULL::BIGINT",
+        ),
         // `::pg_catalog.regclass`, `::regtype`: DuckDB's oids are BIGINTs.
         (r"(?i)::\s*(?:pg_catalog\s*\.\s*)?reg[a-z]+\b", "::BIGINT"),
         (r"(?i)::\s*pg_catalog\s*\.\s*", "::"),
@@ -287,9 +434,18 @@ impl Catalog {
         base.execute_batch(MACROS)?;
         base.execute_batch(&current_setting())?;
         base.execute_batch(&format!("CREATE SCHEMA {COMPAT}"))?;
+        base.execute_batch(&type_macros())?;
         for (_, create) in SHADOWS {
             base.execute_batch(create)?;
         }
+        let settings: Vec<String> = super::SETTINGS
+            .iter()
+            .map(|(name, value)| format!("('{name}', '{value}', 'string', 'default')"))
+            .collect();
+        base.execute_batch(&format!(
+            "INSERT INTO {COMPAT}.pg_settings (name, setting, vartype, source) VALUES {}",
+            settings.join(", ")
+        ))?;
         base.execute_batch("SET lock_configuration = true")?;
         Ok(Self {
             pool: Pool::new(base, 8),
@@ -315,7 +471,16 @@ mod tests {
                  FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n ON true"
             ),
             "SELECT pg_get_userbyid(c.relowner), c.oid::BIGINT::text \
-             FROM pg_compat.pg_class c JOIN pg_catalog.pg_namespace n ON true"
+             FROM pg_compat.pg_class c JOIN pg_compat.pg_namespace n ON true"
+        );
+        // pgJDBC's literal casts, and a function of `information_schema`.
+        assert_eq!(
+            for_catalog(
+                "d.classoid = 'pg_catalog.pg_class'::regclass AND t.typinput = 'array_in'::regproc \
+                 AND information_schema._pg_expandarray(i.indkey)"
+            ),
+            "d.classoid = (SELECT min(oid) FROM pg_compat.pg_class WHERE relname = 'pg_class') \
+             AND t.typinput = NULL::BIGINT AND _pg_expandarray(i.indkey)"
         );
         let plain = "SELECT avg(value) FROM readings";
         assert!(matches!(compatible(plain), Cow::Borrowed(s) if s == plain));

@@ -16,7 +16,8 @@
 //!    `ATTACH`, `PRAGMA`, `SET`, `INSTALL`/`LOAD`, `EXPORT`, `CALL`, `CHECKPOINT`,
 //!    `PREPARE` … are refused whatever they are.
 //! 2. Every relation read is a contract view, or a common table expression in
-//!    scope, by an unqualified plain identifier: no table function (`read_csv`,
+//!    scope, by a plain identifier, unqualified or (a view) in schema `main`, which
+//!    is where the catalog lists them and how BI tools write them: no table function (`read_csv`,
 //!    `glob`, `read_text`, `range`, `query` …), no file path (`FROM 'x.csv'`, also
 //!    not as a CTE's name, which out of its scope DuckDB would read as a file), no
 //!    qualified name (the internal tables, other catalogs), no `SHOW`/`DESCRIBE`.
@@ -64,7 +65,7 @@ pub const SERVER_VERSION: &str = "16.6 (Milepost)";
 
 /// The settings clients may ask for (`SHOW`, `current_setting`), as PostgreSQL
 /// names them (lower case), and their values here.
-pub const SETTINGS: [(&str, &str); 21] = [
+pub const SETTINGS: [(&str, &str); 22] = [
     ("server_version", SERVER_VERSION),
     ("server_version_num", "160006"),
     ("server_encoding", "UTF8"),
@@ -86,6 +87,7 @@ pub const SETTINGS: [(&str, &str); 21] = [
     ("is_superuser", "off"),
     ("application_name", ""),
     ("statement_timeout", "0"),
+    ("max_index_keys", "32"),
 ];
 
 /// The value of setting `name` (lower case) in [`SETTINGS`].
@@ -376,7 +378,18 @@ fn base_table(
         return Ok(());
     }
     let known = RELATIONS.contains(&lower.as_str()) || in_scope;
-    if schema.is_some() || catalog.is_some() || !plain_identifier(name) || !known {
+    // `main.readings`, `"main"."readings"`: the schema the catalog lists the
+    // relations in, as BI tools qualify every name they generate. It names a
+    // contract view only: the connection's search path holds only `temp`, whose
+    // schema is `main` too, so DuckDB finds the view there and never the
+    // database's table of that name (unit test `qualified_names_read_the_views`).
+    let qualified_view =
+        schema.as_deref() == Some("main") && RELATIONS.contains(&lower.as_str()) && !in_scope;
+    if (schema.is_some() && !qualified_view)
+        || catalog.is_some()
+        || !plain_identifier(name)
+        || !known
+    {
         return Err(SqlError::Refused(format!(
             "'{name}' cannot be read: the readable relations are {}",
             RELATIONS.join(", ")
@@ -395,7 +408,7 @@ fn function(map: &serde_json::Map<String, Value>, found: &mut Found) -> Result<(
         return refused(name);
     }
     match schema.as_deref() {
-        Some("pg_catalog") => found.catalog = true,
+        Some("pg_catalog" | "information_schema") => found.catalog = true,
         Some(_) => return refused(name),
         None => {}
     }
@@ -1204,11 +1217,53 @@ mod tests {
         assert_eq!(
             got,
             [
-                ["device", "VARCHAR"],
-                ["sensor", "VARCHAR"],
-                ["ts", "TIMESTAMP"],
-                ["value", "DOUBLE"]
+                ["device", "character varying"],
+                ["sensor", "character varying"],
+                ["ts", "timestamp without time zone"],
+                ["value", "double precision"]
             ]
+        );
+        // Column types by PostgreSQL's oids, as drivers map them (pgJDBC read
+        // DuckDB's own type ids as oids: DOUBLE came out as int4), and named back.
+        let got = rows(
+            &engine,
+            "SELECT a.attname, a.atttypid, t.typname, pg_catalog.format_type(a.atttypid, a.atttypmod)
+             FROM pg_catalog.pg_attribute a
+             JOIN pg_catalog.pg_class c ON c.oid = a.attrelid
+             JOIN pg_catalog.pg_type t ON t.oid = a.atttypid
+             WHERE c.relname = 'dumps' AND a.attname IN ('day', 'readings', 'sha256', 'min_ts')
+             ORDER BY a.attnum",
+        )
+        .unwrap();
+        assert_eq!(
+            got,
+            [
+                ["day", "1082", "date", "date"],
+                ["readings", "20", "int8", "bigint"],
+                ["sha256", "1043", "varchar", "character varying"],
+                ["min_ts", "1114", "timestamp", "timestamp without time zone"],
+            ]
+        );
+        // The stand-ins' schema is not listed, nor are the stand-in functions;
+        // pgJDBC's forms run: `'pg_class'::regclass`, `_pg_expandarray`.
+        for sql in [
+            "SELECT nspname FROM pg_catalog.pg_namespace WHERE nspname LIKE 'pg_compat%'",
+            "SELECT proname FROM pg_catalog.pg_proc WHERE proname = 'quote_ident'",
+            "SELECT d.description FROM pg_catalog.pg_description d \
+             WHERE d.classoid = 'pg_class'::regclass",
+            "SELECT (information_schema._pg_expandarray(i.indkey)).n FROM pg_catalog.pg_index i",
+        ] {
+            assert!(rows(&engine, sql).unwrap().is_empty(), "{sql}");
+        }
+        // pg_settings: what the listener reports, none of DuckDB's settings.
+        assert_eq!(
+            rows(
+                &engine,
+                "SELECT setting FROM pg_catalog.pg_settings \
+                 WHERE name IN ('max_index_keys', 'memory_limit', 'temp_directory')"
+            )
+            .unwrap(),
+            [["32"]]
         );
         // Settings: the stand-in's answers there, refused beside the data.
         assert_eq!(
@@ -1237,6 +1292,40 @@ mod tests {
             matches!(&r, Err(SqlError::Query(m)) if m.contains("disabled")),
             "{r:?}"
         );
+    }
+
+    #[test]
+    fn qualified_names_read_the_views() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = store(dir.path());
+        let engine = store.sql_engine(limits()).unwrap();
+        // BI tools qualify what they generate with the schema the catalog lists.
+        let plain = rows(&engine, "SELECT * FROM readings ORDER BY ALL").unwrap();
+        for sql in [
+            "SELECT * FROM main.readings ORDER BY ALL",
+            r#"SELECT "main"."readings"."device", "main"."readings"."sensor",
+                      "main"."readings"."ts", "main"."readings"."value"
+               FROM "main"."readings" ORDER BY ALL"#,
+        ] {
+            assert_eq!(rows(&engine, sql).unwrap(), plain, "{sql}");
+        }
+        let got = rows(
+            &engine,
+            "SELECT count(*) FROM main.readings r JOIN main.devices d USING (device)",
+        )
+        .unwrap();
+        assert_eq!(got, [["120"]]);
+        // Only the contract's names: the internal tables stay out of reach.
+        for refused in [
+            "SELECT * FROM main.series",
+            "SELECT * FROM main.rollups",
+            "SELECT * FROM milepost.main.readings",
+            "SELECT * FROM temp.main.readings",
+            "WITH readings AS (SELECT 1) SELECT * FROM main.readings",
+        ] {
+            let r = rows(&engine, refused);
+            assert!(matches!(r, Err(SqlError::Refused(_))), "{refused}: {r:?}");
+        }
     }
 
     #[test]
