@@ -174,6 +174,7 @@ impl Server {
         let reads: Arc<dyn crate::store::ReadStore> = Arc::new(store.reader()?);
         let sql = Arc::new(store.sql_engine(crate::store::sql::SqlLimits {
             timeout: args.sql_timeout,
+            time_share: args.sql_time_share,
             ..crate::store::sql::SqlLimits::default()
         })?);
         let alerts = Arc::new(store.alert_store()?);

@@ -256,6 +256,14 @@ pub struct ServeArgs {
     /// before DuckDB is interrupted (408; SQLSTATE 57014).
     #[arg(long, env = "MILEPOST_SQL_TIMEOUT", default_value = "30s", value_parser = humantime::parse_duration)]
     pub sql_timeout: Duration,
+    /// The share of the server's time one token's SQL queries may take over a
+    /// longer run: a budget of query time that fills at this many seconds a second
+    /// and holds at most 10 s; a token's next query waits (up to a second)
+    /// or gets 429 + Retry-After (SQLSTATE 53300) while its budget is spent. 1
+    /// turns it off. One client looping a heavy query otherwise costs live ingest a
+    /// third of its rate on two cores.
+    #[arg(long, env = "MILEPOST_SQL_TIME_SHARE", default_value_t = 0.25, value_parser = parse_share)]
+    pub sql_time_share: f64,
     /// PostgreSQL wire listener for users' SQL (psql, Grafana, drivers), e.g.
     /// `127.0.0.1:5433`; off when unset. Passwords are backend tokens; off loopback
     /// it needs `--tls-cert`/`--tls-key` (or `--pg-insecure`).
@@ -415,6 +423,16 @@ impl BlobArgs {
         } else {
             safe
         }
+    }
+}
+
+/// A share of time: more than 0, at most 1.
+fn parse_share(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(x) if x > 0.0 && x <= 1.0 => Ok(x),
+        _ => Err(format!(
+            "'{s}' is not a share: a number above 0 and at most 1"
+        )),
     }
 }
 

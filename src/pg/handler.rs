@@ -6,7 +6,7 @@
 
 use std::fmt::Debug;
 use std::sync::{Arc, LazyLock};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use futures_util::sink::Sink;
@@ -19,7 +19,7 @@ use pgwire::api::results::{
 };
 use pgwire::api::stmt::{QueryParser, StoredStatement};
 use pgwire::api::store::PortalStore;
-use pgwire::api::{ClientInfo, ClientPortalStore, Type};
+use pgwire::api::{ClientInfo, ClientPortalStore, SessionExtensions, Type};
 use pgwire::error::{ErrorInfo, PgWireError, PgWireResult};
 use pgwire::messages::PgWireBackendMessage;
 use regex::Regex;
@@ -198,21 +198,24 @@ impl Handler {
         described.map_err(error)
     }
 
-    /// Answers `stmt` with `params`, rows in `format`.
-    async fn answer(
+    /// Answers `stmt` with `params` for `client`, rows in `format`.
+    async fn answer<C: ClientInfo + Sync>(
         &self,
         stmt: &Statement,
         params: Vec<SqlParam>,
         format: &Format,
-        client: Client,
+        client: &C,
     ) -> PgWireResult<Response> {
         if stmt.empty {
             return Ok(Response::EmptyQuery);
         }
         if let Some(s) = &stmt.session {
-            return session_response(s);
+            return session_response(s, client.session_extensions());
         }
-        let (batches, summary) = self.run(&stmt.sql, params, client).await.map_err(error)?;
+        let (batches, summary) = self
+            .run(&stmt.sql, params, of(client))
+            .await
+            .map_err(error)?;
         let fields = Arc::new(encode::fields(&summary.schema, format));
         let rows = encode::Rows::new(batches, fields.clone());
         Ok(Response::Query(QueryResponse::new(
@@ -227,14 +230,19 @@ impl Handler {
 #[derive(Debug, Clone)]
 pub struct ClientId(pub String);
 
-/// A fresh [`Client`] for one query of `client`'s connection.
+/// The session's own `statement_timeout` (`None`: the server's `--sql-timeout`).
+#[derive(Debug, Clone, Copy)]
+struct StatementTimeout(Option<Duration>);
+
+/// A fresh [`Client`] for one query of `client`'s connection, with the session's
+/// time limit.
 fn of<C: ClientInfo>(client: &C) -> Client {
-    let id = client
-        .session_extensions()
+    let extensions = client.session_extensions();
+    let id = extensions
         .get::<ClientId>()
         .map(|c| c.0.clone())
         .unwrap_or_default();
-    Client::new(id)
+    Client::new(id).with_timeout(extensions.get::<StatementTimeout>().and_then(|t| t.0))
 }
 
 /// Counts a query by its outcome.
@@ -246,7 +254,7 @@ fn count<T>(metrics: &Metrics, ran: &Result<T, SqlError>) {
         Err(SqlError::Timeout(_)) => "timeout",
         Err(SqlError::Cancelled) => "cancelled",
         Err(SqlError::TooLarge(_)) => "too_large",
-        Err(SqlError::Busy | SqlError::ClientBusy(_)) => "busy",
+        Err(SqlError::Busy | SqlError::ClientBusy(_) | SqlError::OverShare(_)) => "busy",
         Err(SqlError::Store(_)) => "internal",
     };
     metrics
@@ -273,13 +281,22 @@ impl Drop for Pending<'_> {
     }
 }
 
-/// The answer to a session statement.
-fn session_response(s: &Session) -> PgWireResult<Response> {
+/// The answer to a session statement; `session` keeps its `statement_timeout`.
+fn session_response(s: &Session, session: &SessionExtensions) -> PgWireResult<Response> {
     Ok(match s {
         Session::Begin => Response::TransactionStart(Tag::new("BEGIN")),
         Session::End(tag) => Response::TransactionEnd(Tag::new(tag)),
         Session::Ack(tag) => Response::Execution(Tag::new(tag)),
+        Session::Timeout { limit, tag } => {
+            session.insert(StatementTimeout(*limit));
+            Response::Execution(Tag::new(tag))
+        }
         Session::Show { name, value } => {
+            let value = if name == "statement_timeout" {
+                session::show_timeout(session.get::<StatementTimeout>().and_then(|t| t.0))
+            } else {
+                value.clone()
+            };
             let fields = Arc::new(vec![show_field(name)]);
             let mut encoder = DataRowEncoder::new(fields.clone());
             encoder.encode_field(&value.as_str())?;
@@ -311,7 +328,7 @@ pub(super) fn error(e: SqlError) -> PgWireError {
         SqlError::Query(m) => query_state(m),
         SqlError::Timeout(_) | SqlError::Cancelled => "57014",
         SqlError::TooLarge(_) => "54000",
-        SqlError::Busy | SqlError::ClientBusy(_) => "53300",
+        SqlError::Busy | SqlError::ClientBusy(_) | SqlError::OverShare(_) => "53300",
         SqlError::Store(s) => {
             tracing::error!(error = %s, "pg query failed in the store");
             return user_error("XX000", "internal error; see the server log".into());
@@ -418,7 +435,7 @@ impl SimpleQueryHandler for Handler {
     {
         let stmt = Statement::new(query);
         Ok(vec![
-            self.answer(&stmt, Vec::new(), &Format::UnifiedText, of(client))
+            self.answer(&stmt, Vec::new(), &Format::UnifiedText, client)
                 .await?,
         ])
     }
@@ -517,7 +534,7 @@ impl ExtendedQueryHandler for Handler {
             &portal.statement.statement,
             values,
             &portal.result_column_format,
-            of(client),
+            client,
         )
         .await
     }

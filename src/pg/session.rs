@@ -5,6 +5,7 @@
 //! ones are acknowledged and change nothing, anything else is refused by name.
 
 use std::sync::LazyLock;
+use std::time::Duration;
 
 use regex::Regex;
 
@@ -18,6 +19,15 @@ pub enum Session {
     End(&'static str),
     /// A command acknowledged without effect (the tag given).
     Ack(&'static str),
+    /// `SET statement_timeout`, `RESET statement_timeout`, `RESET ALL`: the
+    /// session's own time limit for its queries, within `--sql-timeout` (`None`:
+    /// the server's).
+    Timeout {
+        /// The limit.
+        limit: Option<Duration>,
+        /// The command's tag.
+        tag: &'static str,
+    },
     /// `SHOW name`: one row, one column named after the setting.
     Show {
         /// The setting's name, as asked.
@@ -36,7 +46,7 @@ pub enum Session {
 
 /// Settings a client may set: they change how a client formats and labels
 /// things, which Milepost either does the same way already or does not need.
-const SETTABLE: [&str; 12] = [
+const SETTABLE: [&str; 11] = [
     "application_name",
     "client_encoding",
     "datestyle",
@@ -45,7 +55,6 @@ const SETTABLE: [&str; 12] = [
     "timezone",
     "search_path",
     "client_min_messages",
-    "statement_timeout",
     "standard_conforming_strings",
     "bytea_output",
     "default_transaction_read_only",
@@ -74,6 +83,12 @@ pub fn classify(sql: &str) -> Option<Session> {
         "ROLLBACK" | "ABORT" => Session::End("ROLLBACK"),
         "DISCARD" => Session::Ack("DISCARD ALL"),
         "DEALLOCATE" => Session::Ack("DEALLOCATE"),
+        "RESET" if matches!(words.get(1), Some(&("ALL" | "STATEMENT_TIMEOUT"))) => {
+            Session::Timeout {
+                limit: None,
+                tag: "RESET",
+            }
+        }
         "RESET" => Session::Ack("RESET"),
         "UNLISTEN" => Session::Ack("UNLISTEN"),
         "SET" => set(text),
@@ -83,10 +98,26 @@ pub fn classify(sql: &str) -> Option<Session> {
 }
 
 fn set(text: &str) -> Session {
-    let name = SET
-        .captures(text)
+    let captures = SET.captures(text);
+    let name = captures
+        .as_ref()
         .map(|c| c[1].to_ascii_lowercase())
         .unwrap_or_default();
+    if name == "statement_timeout" {
+        let value = captures
+            .as_ref()
+            .map_or("", |c| c.get(2).map_or("", |m| m.as_str()));
+        return match timeout(value) {
+            Some(limit) => Session::Timeout { limit, tag: "SET" },
+            None => Session::Refused {
+                code: "22023",
+                message: format!(
+                    "invalid value for parameter \"statement_timeout\": {}",
+                    value.trim()
+                ),
+            },
+        };
+    }
     // `SET TRANSACTION READ ONLY`, `SET SESSION CHARACTERISTICS AS TRANSACTION …`:
     // every query already runs alone in a snapshot of its own.
     if text.to_ascii_uppercase().contains(" TRANSACTION ") {
@@ -102,6 +133,49 @@ fn set(text: &str) -> Session {
                 if name.is_empty() { "…" } else { &name }
             ),
         }
+    }
+}
+
+/// A `statement_timeout` as PostgreSQL reads it: milliseconds, or a number with a
+/// unit (`us`, `ms`, `s`, `min`, `h`, `d`), quoted or not; 0 and `DEFAULT` are no
+/// limit of the session's own (`Some(None)`). `None` if it is none of those.
+fn timeout(value: &str) -> Option<Option<Duration>> {
+    let v = value.trim().trim_matches(|c| c == '\'' || c == '"').trim();
+    if v.eq_ignore_ascii_case("default") {
+        return Some(None);
+    }
+    let split = v
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(v.len());
+    let (number, unit) = v.split_at(split);
+    let number: f64 = number
+        .parse()
+        .ok()
+        .filter(|n: &f64| n.is_finite() && *n >= 0.0)?;
+    let ms = number
+        * match unit.trim() {
+            "" | "ms" => 1.0,
+            "us" => 0.001,
+            "s" => 1e3,
+            "min" => 60e3,
+            "h" => 3600e3,
+            "d" => 86_400e3,
+            _ => return None,
+        };
+    // PostgreSQL rounds to whole milliseconds; 0 is no limit.
+    let ms = ms.round();
+    if ms > i32::MAX as f64 {
+        return None;
+    }
+    Some((ms >= 1.0).then(|| Duration::from_millis(ms as u64)))
+}
+
+/// A session's `statement_timeout` as `SHOW` gives it.
+pub fn show_timeout(limit: Option<Duration>) -> String {
+    match limit {
+        None => "0".into(),
+        Some(d) if d.as_millis() % 1000 == 0 => format!("{}s", d.as_secs()),
+        Some(d) => format!("{}ms", d.as_millis()),
     }
 }
 
@@ -190,6 +264,36 @@ mod tests {
             classify("SHOW TABLES"),
             Some(Session::Refused { .. })
         ));
+        // statement_timeout: the session's own limit.
+        for (text, ms) in [
+            ("SET statement_timeout = 1500", Some(1500)),
+            ("SET statement_timeout TO '5s'", Some(5000)),
+            ("set statement_timeout = '1min'", Some(60_000)),
+            ("SET SESSION statement_timeout = 0", None),
+            ("SET statement_timeout TO DEFAULT", None),
+        ] {
+            assert_eq!(
+                classify(text),
+                Some(Session::Timeout {
+                    limit: ms.map(Duration::from_millis),
+                    tag: "SET"
+                }),
+                "{text}"
+            );
+        }
+        assert!(matches!(
+            classify("SET statement_timeout = 'soon'"),
+            Some(Session::Refused { code: "22023", .. })
+        ));
+        assert_eq!(
+            classify("RESET ALL"),
+            Some(Session::Timeout {
+                limit: None,
+                tag: "RESET"
+            })
+        );
+        assert_eq!(show_timeout(Some(Duration::from_millis(1500))), "1500ms");
+        assert_eq!(show_timeout(Some(Duration::from_secs(5))), "5s");
         assert_eq!(classify("SELECT 1"), None);
         assert_eq!(classify("  "), None);
         assert_eq!(classify("START readings"), None);

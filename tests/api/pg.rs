@@ -166,6 +166,32 @@ async fn psql_answers_lists_and_describes_the_contract() {
     .await;
     assert!(out.status.success(), "{:?}", text(&out));
 
+    // A session's `statement_timeout` stops its queries long before --sql-timeout
+    // (30 s here); `SHOW` gives it back.
+    let started = Instant::now();
+    let out = psql(
+        addr,
+        &token,
+        "disable",
+        &[
+            "-v",
+            "ON_ERROR_STOP=0",
+            "-c",
+            "SET statement_timeout = '300ms'",
+            "-c",
+            "SHOW statement_timeout",
+            "-c",
+            "WITH RECURSIVE t(n) AS (SELECT 1 UNION ALL SELECT n + 1 FROM t) SELECT count(*) FROM t",
+        ],
+    )
+    .await;
+    let (stdout, stderr) = text(&out);
+    assert!(
+        stdout.contains("300ms") && stderr.contains("57014"),
+        "{stdout}{stderr}"
+    );
+    assert!(started.elapsed() < Duration::from_secs(10));
+
     // Errors name their SQLSTATE; a wrong token is refused.
     let out = psql(addr, &token, "disable", &["-c", "SELECT * FROM series"]).await;
     let (_, stderr) = text(&out);
@@ -398,7 +424,15 @@ async fn hostile_sql_over_the_wire_is_refused_and_changes_nothing() {
         assert!(stderr.contains("57014"), "{bomb}: {stderr}");
         assert!(started.elapsed() < Duration::from_secs(10), "{bomb}");
     }
-    assert_eq!(rows(addr, &token, count).await, before);
+    // Two bombs took 4 s of the token's 2-s budget (--sql-time-share 0.25): its
+    // next query is told when to come back; another token's answers.
+    let got = psql(addr, &token, "disable", &["-c", count]).await;
+    let (_, stderr) = text(&got);
+    assert!(
+        stderr.contains("53300") && stderr.contains("share of the server's time"),
+        "{stderr}"
+    );
+    assert_eq!(rows(addr, &viewer(&app), count).await, before);
     assert_eq!(std::fs::read_dir(out.path()).unwrap().count(), 0);
     let (status, _) = app
         .ingest(line("speed", 1.0, "2026-03-01T09:00:00Z") + "\n")

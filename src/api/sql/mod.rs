@@ -236,7 +236,8 @@ pub enum SqlResponse {
     #[oai(status = 500)]
     Internal(Json<ErrorBody>),
     /// This token's queries already take its share of the slots (one at a time
-    /// by default); try again after `Retry-After` seconds.
+    /// by default), or used up its share of time (`--sql-time-share`); try again
+    /// after `Retry-After` seconds.
     #[oai(status = 429)]
     TooMany(Json<ErrorBody>, #[oai(header = "Retry-After")] u32),
     /// Every slot for queries is taken; try again after `Retry-After` seconds.
@@ -253,6 +254,10 @@ impl SqlResponse {
             SqlError::TooLarge(_) => Self::TooLarge(body(&e)),
             SqlError::Busy => Self::Busy(body(&e), 1),
             SqlError::ClientBusy(_) => Self::TooMany(body(&e), 1),
+            SqlError::OverShare(wait) => {
+                let seconds = wait.as_secs().max(1).try_into().unwrap_or(u32::MAX);
+                Self::TooMany(body(&e), seconds)
+            }
             SqlError::Store(s) => {
                 tracing::error!(error = %s, "user query failed in the store");
                 Self::Internal(Json(ErrorBody::new("internal error; see the server log")))

@@ -122,6 +122,13 @@ pub enum SqlError {
     /// The client's own queries took its share of the slots.
     #[error("this client already runs {0} queries at once, its most; try again when one ends")]
     ClientBusy(usize),
+    /// The client's queries used up their share of time (see
+    /// [`SqlLimits::time_share`]); the budget allows the next one after this long.
+    #[error(
+        "this client's queries used up their share of the server's time; try again in {} s",
+        .0.as_secs().max(1)
+    )]
+    OverShare(Duration),
     /// The store failed.
     #[error(transparent)]
     Store(#[from] StoreError),
@@ -181,8 +188,18 @@ pub struct SqlLimits {
     /// Queries at once of one client (a token), so that one client cannot take
     /// every slot.
     pub max_per_client: usize,
-    /// How long a query waits for a slot before [`SqlError::Busy`].
+    /// How long a query waits for a slot before [`SqlError::Busy`], or for its
+    /// client's time budget before [`SqlError::OverShare`].
     pub queue_wait: Duration,
+    /// The share of time one client's queries may take over a longer run: each
+    /// client has a budget of query time that fills at this many seconds a second
+    /// and holds at most [`BUDGET_HELD`] (less if `timeout` is shorter); a query's
+    /// time is taken from it when it ends, and a query starts only while it is
+    /// positive, so one long query may drive it far below zero. 1 (or more) turns
+    /// it off. Without
+    /// it, one client looping a heavy query costs live ingest a third of its rate
+    /// on two cores, whatever the query's thread priority (docs/performance.md).
+    pub time_share: f64,
 }
 
 impl Default for SqlLimits {
@@ -194,6 +211,7 @@ impl Default for SqlLimits {
             max_concurrent: 2,
             max_per_client: 1,
             queue_wait: Duration::from_secs(1),
+            time_share: 0.25,
         }
     }
 }
@@ -503,6 +521,9 @@ pub struct Client {
     pub id: String,
     /// Cancels its query.
     pub cancel: Cancel,
+    /// The client's own time limit (PostgreSQL's `statement_timeout`), which can
+    /// only shorten [`SqlLimits::timeout`].
+    pub timeout: Option<Duration>,
 }
 
 impl Client {
@@ -511,7 +532,14 @@ impl Client {
         Self {
             id: id.into(),
             cancel: Cancel::default(),
+            timeout: None,
         }
+    }
+
+    /// This client with its own time limit.
+    pub fn with_timeout(mut self, timeout: Option<Duration>) -> Self {
+        self.timeout = timeout;
+        self
     }
 
     /// The client of a token: known by a digest of it (the token itself is kept
@@ -713,32 +741,36 @@ impl SqlEngine {
                     "SET VARIABLE rollups_before = CAST('{before}' AS BIGINT)"
                 ))
                 .map_err(SqlError::from)
-                .and_then(|()| self.watched(conn, &sql, params, mode, cancel, sink))
+                .and_then(|()| self.watched(conn, &sql, params, mode, client, sink))
             }
             Ok(Route::Catalog) => {
                 let sql = catalog::for_catalog(&sql);
                 self.catalog
                     .pool
-                    .with(|c| self.watched(c, &sql, params, mode, cancel, sink))
+                    .with(|c| self.watched(c, &sql, params, mode, client, sink))
             }
             Err(e) => Err(e),
         })
     }
 
-    /// Runs a checked query on `conn` under the time limit and `cancel`.
+    /// Runs a checked query on `conn` under the time limit (the client's, if
+    /// shorter) and the client's cancel.
     fn watched(
         &self,
         conn: &Connection,
         sql: &str,
         params: &[SqlParam],
         mode: Mode,
-        cancel: &Cancel,
+        client: &Client,
         sink: &mut dyn FnMut(&RecordBatch) -> Result<(), SqlError>,
     ) -> Result<SqlSummary, SqlError> {
+        let cancel = &client.cancel;
         let attached = cancel.attach(conn)?;
         let (stop, stopped) = channel::<()>();
         let interrupt = conn.interrupt_handle();
-        let timeout = self.limits.timeout;
+        let timeout = client
+            .timeout
+            .map_or(self.limits.timeout, |t| t.min(self.limits.timeout));
         let watchdog = std::thread::spawn(move || {
             let late = stopped.recv_timeout(timeout) == Err(RecvTimeoutError::Timeout);
             if late {
@@ -813,6 +845,7 @@ impl SqlEngine {
     /// One of the `max_concurrent` slots, and of `client`'s `max_per_client`,
     /// waited for at most `queue_wait` (less if the query is cancelled meanwhile).
     fn slot(&self, client: &str, cancel: &Cancel) -> Result<Slot<'_>, SqlError> {
+        self.await_budget(client, cancel)?;
         let deadline = Instant::now() + self.limits.queue_wait;
         let (all, mine) = (
             self.limits.max_concurrent.max(1),
@@ -846,26 +879,120 @@ impl SqlEngine {
         Ok(Slot {
             engine: self,
             client: client.to_owned(),
+            started: Instant::now(),
+        })
+    }
+
+    /// Waits until `client`'s time budget is positive again, if that is within
+    /// `queue_wait`; [`SqlError::OverShare`] with the time to wait otherwise.
+    fn await_budget(&self, client: &str, cancel: &Cancel) -> Result<(), SqlError> {
+        let Some(budget) = self.budget() else {
+            return Ok(());
+        };
+        let owed = {
+            let mut running = self.running.lock().expect("sql slots");
+            let now = Instant::now();
+            running
+                .budgets
+                .retain(|_, b| b.balance(now, budget) < budget.capacity);
+            running
+                .budgets
+                .get(client)
+                .map_or(Duration::ZERO, |b| b.owed(now, budget))
+        };
+        if owed > self.limits.queue_wait {
+            return Err(SqlError::OverShare(owed));
+        }
+        let until = Instant::now() + owed;
+        while let Some(left) = until.checked_duration_since(Instant::now()) {
+            if cancel.cancelled() {
+                return Err(SqlError::Cancelled);
+            }
+            std::thread::sleep(left.min(Duration::from_millis(50)));
+        }
+        Ok(())
+    }
+
+    /// The time budget's rate and capacity; `None` when it is off.
+    fn budget(&self) -> Option<Budget> {
+        let rate = self.limits.time_share;
+        (rate > 0.0 && rate < 1.0).then(|| Budget {
+            rate,
+            capacity: self.limits.timeout.min(BUDGET_HELD).as_secs_f64(),
         })
     }
 }
 
-/// Queries running, in all and by client.
+/// The most query time a client's budget holds: a dashboard's refresh (ten
+/// panels' queries of a second each at once) runs without waiting, a loop of
+/// queries is held to its share within seconds.
+pub const BUDGET_HELD: Duration = Duration::from_secs(10);
+
+/// A client's time budget's terms: seconds gained a second, seconds held at most.
+#[derive(Clone, Copy)]
+struct Budget {
+    rate: f64,
+    capacity: f64,
+}
+
+/// A client's time budget, as of `at`.
+struct Balance {
+    seconds: f64,
+    at: Instant,
+}
+
+impl Balance {
+    /// The balance at `now`, refilled since `at`.
+    fn balance(&self, now: Instant, budget: Budget) -> f64 {
+        let gained = now.saturating_duration_since(self.at).as_secs_f64() * budget.rate;
+        (self.seconds + gained).min(budget.capacity)
+    }
+
+    /// How long until the balance is positive.
+    fn owed(&self, now: Instant, budget: Budget) -> Duration {
+        let balance = self.balance(now, budget);
+        if balance > 0.0 {
+            Duration::ZERO
+        } else {
+            Duration::from_secs_f64(-balance / budget.rate) + Duration::from_millis(1)
+        }
+    }
+}
+
+/// Queries running, in all and by client, and the clients' time budgets (those
+/// not full).
 #[derive(Default)]
 struct Running {
     total: usize,
     by_client: std::collections::HashMap<String, usize>,
+    budgets: std::collections::HashMap<String, Balance>,
 }
 
-/// A taken slot, given back when dropped.
+/// A taken slot, given back when dropped, its time taken from the client's budget.
 struct Slot<'a> {
     engine: &'a SqlEngine,
     client: String,
+    started: Instant,
 }
 
 impl Drop for Slot<'_> {
     fn drop(&mut self) {
         let mut running = self.engine.running.lock().expect("sql slots");
+        if let Some(budget) = self.engine.budget() {
+            let now = Instant::now();
+            let used = now.saturating_duration_since(self.started).as_secs_f64();
+            let balance = running
+                .budgets
+                .get(&self.client)
+                .map_or(budget.capacity, |b| b.balance(now, budget));
+            running.budgets.insert(
+                self.client.clone(),
+                Balance {
+                    seconds: balance - used,
+                    at: now,
+                },
+            );
+        }
         running.total -= 1;
         if let Some(n) = running.by_client.get_mut(&self.client) {
             *n -= 1;
@@ -915,9 +1042,14 @@ mod tests {
 
     /// Runs `sql`, the result as rows of strings.
     fn rows(engine: &SqlEngine, sql: &str) -> Result<Vec<Vec<String>>, SqlError> {
-        let mut out = Vec::new();
         // Each text its own client: the tests of the global cap send different ones.
-        engine.run(sql, &[], &Client::new(sql), &mut |b| {
+        rows_of(engine, sql, sql)
+    }
+
+    /// [`rows`] as client `client`.
+    fn rows_of(engine: &SqlEngine, sql: &str, client: &str) -> Result<Vec<Vec<String>>, SqlError> {
+        let mut out = Vec::new();
+        engine.run(sql, &[], &Client::new(client), &mut |b| {
             for r in 0..b.num_rows() {
                 out.push(
                     (0..b.num_columns())
@@ -1156,6 +1288,62 @@ mod tests {
         assert!(matches!(rows(&engine, "SELECT 1"), Err(SqlError::Busy)));
         assert!(matches!(long.join().unwrap(), Err(SqlError::Timeout(_))));
         assert_eq!(rows(&engine, "SELECT 1").unwrap(), [["1"]]);
+    }
+
+    /// A client's queries get their share of time: once its budget is spent, its
+    /// next query waits for it (within `queue_wait`) or is told when to come back,
+    /// while another client's queries run at once.
+    #[test]
+    fn a_client_gets_its_share_of_time() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = store(dir.path());
+        let engine = |time_share: f64, queue_wait_ms: u64| {
+            store
+                .sql_engine(SqlLimits {
+                    timeout: Duration::from_secs(1),
+                    time_share,
+                    queue_wait: Duration::from_millis(queue_wait_ms),
+                    ..SqlLimits::default()
+                })
+                .unwrap()
+        };
+        // A budget of 1 s filling at 0.25 s a second: two 1-s queries leave -0.75 s,
+        // three seconds to wait, more than the 0.5 s a query may wait.
+        let strict = engine(0.25, 500);
+        for _ in 0..2 {
+            let r = rows_of(&strict, BOMB, "a");
+            assert!(matches!(r, Err(SqlError::Timeout(_))), "{r:?}");
+        }
+        match rows_of(&strict, "SELECT 1", "a") {
+            Err(SqlError::OverShare(wait)) => assert!(
+                wait > Duration::from_millis(2500) && wait < Duration::from_millis(3500),
+                "{wait:?}"
+            ),
+            other => panic!("{other:?}"),
+        }
+        let started = Instant::now();
+        assert_eq!(rows_of(&strict, "SELECT 1", "b").unwrap(), [["1"]]);
+        assert!(started.elapsed() < Duration::from_millis(400));
+        // Filling at 0.5 s a second the same two leave a second to wait: within the
+        // 2 s a query may wait, so the next query waits and answers.
+        let patient = engine(0.5, 2000);
+        for _ in 0..2 {
+            let r = rows_of(&patient, BOMB, "a");
+            assert!(matches!(r, Err(SqlError::Timeout(_))), "{r:?}");
+        }
+        let started = Instant::now();
+        assert_eq!(rows_of(&patient, "SELECT 1", "a").unwrap(), [["1"]]);
+        let waited = started.elapsed();
+        assert!(
+            waited > Duration::from_millis(800) && waited < Duration::from_millis(1800),
+            "{waited:?}"
+        );
+        // At a share of 1 there is no budget.
+        let free = engine(1.0, 100);
+        for _ in 0..3 {
+            let r = rows_of(&free, BOMB, "a");
+            assert!(matches!(r, Err(SqlError::Timeout(_))), "{r:?}");
+        }
     }
 
     /// One client gets its share of the slots, not all of them: its next query
