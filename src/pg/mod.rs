@@ -14,15 +14,20 @@
 //!   the query inside DuckDB). Session statements drivers send (`BEGIN`, `SET
 //!   application_name`, `SHOW …`) are answered here ([`session`]).
 //! - **Limits**: the sandbox's (time, result size, two queries at once: a third
-//!   gets SQLSTATE 53300), and `--pg-max-connections` open connections.
+//!   gets SQLSTATE 53300), and `--pg-max-connections` open connections. A
+//!   connection must authenticate within [`STARTUP_DEADLINE`], and one address
+//!   may have at most [`MAX_UNAUTHENTICATED_PER_IP`] connections that have not yet:
+//!   idle sockets from one place cannot fill the listener for others.
 
 mod encode;
 mod handler;
 mod session;
 
+use std::collections::HashMap;
 use std::fmt::Debug;
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use async_trait::async_trait;
 use futures_util::sink::Sink;
@@ -32,12 +37,12 @@ use pgwire::api::auth::{
 };
 use pgwire::api::cancel::DefaultCancelHandler;
 use pgwire::api::query::{ExtendedQueryHandler, SimpleQueryHandler};
-use pgwire::api::{ClientInfo, ConnectionManager, PgWireServerHandlers};
+use pgwire::api::{ClientInfo, ConnectionManager, PgWireConnectionState, PgWireServerHandlers};
 use pgwire::error::{ErrorInfo, PgWireError, PgWireResult};
 use pgwire::messages::startup::PasswordMessageFamily;
 use pgwire::messages::{PgWireBackendMessage, PgWireFrontendMessage};
 use tokio::net::TcpListener;
-use tokio::sync::Semaphore;
+use tokio::sync::{Semaphore, oneshot};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -47,6 +52,20 @@ use crate::tls::TlsConfig;
 
 /// The server version reported to clients.
 pub use crate::store::sql::SERVER_VERSION;
+
+/// How long a connection may take to authenticate (pgwire's own limit is 60 s,
+/// PostgreSQL's `authentication_timeout` too); a client's handshake takes
+/// milliseconds, and psql asks for a password before it connects again.
+pub const STARTUP_DEADLINE: Duration = Duration::from_secs(10);
+
+/// Connections from one IP address that have not authenticated yet, at most;
+/// more are closed at once. Authenticated ones count only against
+/// `--pg-max-connections` (tools on one host keep pools of them).
+pub const MAX_UNAUTHENTICATED_PER_IP: usize = 8;
+
+/// Connections not authenticated yet: each has a sender the start-up handler
+/// fires when its client authenticates.
+type Unauthenticated = Arc<Mutex<HashMap<SocketAddr, oneshot::Sender<()>>>>;
 
 /// Who a token is (its name), if it is a valid backend token: the backend's
 /// tokens, wired in by the app.
@@ -120,6 +139,7 @@ impl PgServer {
             handler: Arc::new(handler::Handler::new(engine, metrics.clone())),
             startup: Arc::new(Startup {
                 require_tls: !loopback && !settings.insecure,
+                unauthenticated: Unauthenticated::default(),
                 inner: CleartextPasswordAuthStartupHandler::new(
                     TokenAuth(authenticate),
                     parameters(),
@@ -196,6 +216,22 @@ async fn accept(
             tracing::warn!(%peer, "PostgreSQL listener: too many connections, one closed");
             continue;
         };
+        let unauthenticated = handlers.startup.unauthenticated.clone();
+        let authenticated = {
+            let mut waiting = unauthenticated.lock().expect("pg start-ups");
+            if waiting.keys().filter(|p| p.ip() == peer.ip()).count() >= MAX_UNAUTHENTICATED_PER_IP
+            {
+                tracing::warn!(
+                    %peer,
+                    "PostgreSQL listener: too many connections from one address not yet \
+                     authenticated, one closed"
+                );
+                continue;
+            }
+            let (tx, rx) = oneshot::channel();
+            waiting.insert(peer, tx);
+            rx
+        };
         let _ = socket.set_nodelay(true);
         let tls = settings.tls.as_ref().map(TlsConfig::acceptor);
         let handlers = handlers.clone();
@@ -205,15 +241,25 @@ async fn accept(
             metrics.pg_connections.inc();
             let span = tracing::debug_span!("pg_connection", %peer);
             let _slot = slot;
+            // Fires if the client has not authenticated by the deadline; never after.
+            let deadline = async {
+                if tokio::time::timeout(STARTUP_DEADLINE, authenticated).await.is_ok() {
+                    std::future::pending::<()>().await;
+                }
+            };
             tokio::select! {
                 // Dropping the connection's future cancels its running query.
                 () = stop.cancelled() => {}
+                () = deadline => {
+                    span.in_scope(|| tracing::debug!("PostgreSQL connection closed: not authenticated in time"));
+                }
                 served = pgwire::tokio::process_socket(socket, tls, handlers) => {
                     if let Err(e) = served {
                         span.in_scope(|| tracing::debug!(error = %e, "PostgreSQL connection ended"));
                     }
                 }
             }
+            unauthenticated.lock().expect("pg start-ups").remove(&peer);
             metrics.pg_connections.dec();
         });
     }
@@ -273,6 +319,8 @@ impl AuthSource for TokenAuth {
 /// before it sends its token; then the clear-text password exchange.
 struct Startup<A: AuthSource + 'static> {
     require_tls: bool,
+    /// Fired for a connection once its client authenticated.
+    unauthenticated: Unauthenticated,
     inner: CleartextPasswordAuthStartupHandler<A, DefaultServerParameterProvider>,
 }
 
@@ -308,7 +356,18 @@ impl<A: AuthSource + 'static> StartupHandler for Startup<A> {
             }
             other => other,
         };
-        self.inner.on_startup(client, message).await
+        self.inner.on_startup(client, message).await?;
+        if matches!(client.state(), PgWireConnectionState::ReadyForQuery) {
+            let waiting = self
+                .unauthenticated
+                .lock()
+                .expect("pg start-ups")
+                .remove(&client.socket_addr());
+            if let Some(authenticated) = waiting {
+                let _ = authenticated.send(());
+            }
+        }
+        Ok(())
     }
 }
 

@@ -579,3 +579,50 @@ async fn connections_over_the_cap_are_closed() {
     let out = psql(addr, &token, "disable", &["-A", "-t", "-c", "\\dn"]).await;
     assert_eq!(text(&out).0.trim(), "main|milepost", "{:?}", text(&out));
 }
+
+/// Idle sockets that never authenticate: one address holds at most
+/// `MAX_UNAUTHENTICATED_PER_IP` of them (the next is closed at once), clients from
+/// elsewhere are served meanwhile, and each is closed at `STARTUP_DEADLINE`.
+#[tokio::test]
+async fn idle_sockets_cannot_lock_the_listener() {
+    use milepost::pg::{MAX_UNAUTHENTICATED_PER_IP, STARTUP_DEADLINE};
+    use tokio::io::AsyncReadExt;
+
+    let (app, addr) = spawn(|_| {}).await;
+    let token = viewer(&app);
+    // Every 127/8 address is this host: 127.0.0.2 stands for another machine.
+    let from_elsewhere = || async {
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.bind("127.0.0.2:0".parse().unwrap()).unwrap();
+        socket.connect(addr).await.unwrap()
+    };
+    /// Whether the server closed `stream` within `wait` (EOF or reset).
+    async fn closed(stream: &mut tokio::net::TcpStream, wait: Duration) -> bool {
+        let mut byte = [0u8; 1];
+        matches!(
+            tokio::time::timeout(wait, stream.read(&mut byte)).await,
+            Ok(Ok(0) | Err(_))
+        )
+    }
+    let opened = Instant::now();
+    let mut idle = Vec::new();
+    for _ in 0..MAX_UNAUTHENTICATED_PER_IP {
+        idle.push(from_elsewhere().await);
+    }
+    let mut one_more = from_elsewhere().await;
+    assert!(closed(&mut one_more, Duration::from_secs(5)).await);
+    for stream in &mut idle {
+        assert!(!closed(stream, Duration::from_millis(50)).await);
+    }
+    // Others are served meanwhile, and an authenticated connection does not count.
+    let out = psql(addr, &token, "disable", &["-A", "-t", "-c", "SELECT 1"]).await;
+    assert_eq!(text(&out).0.trim(), "1", "{:?}", text(&out));
+    // At the deadline the idle ones are closed, and the address may connect again.
+    for stream in &mut idle {
+        let left = (STARTUP_DEADLINE + Duration::from_secs(3)).saturating_sub(opened.elapsed());
+        assert!(closed(stream, left).await, "still open after the deadline");
+    }
+    assert!(opened.elapsed() >= STARTUP_DEADLINE - Duration::from_millis(500));
+    let mut again = from_elsewhere().await;
+    assert!(!closed(&mut again, Duration::from_millis(300)).await);
+}
