@@ -83,13 +83,14 @@ fn canonical(col: &ArrayRef, ty: &Type) -> PgWireResult<ArrayRef> {
 }
 
 /// The rows of `batches`, encoded for `fields` one at a time as the client takes
-/// them (the result is not held twice).
+/// them (the result is not held twice), then an error if one is given.
 pub struct Rows {
     batches: std::vec::IntoIter<RecordBatch>,
     /// The current batch's columns, [`canonical`], its next row and its rows.
     current: Option<(Vec<ArrayRef>, usize, usize)>,
     fields: Arc<Vec<FieldInfo>>,
     encoder: DataRowEncoder,
+    error: Option<PgWireError>,
 }
 
 impl Rows {
@@ -100,6 +101,16 @@ impl Rows {
             current: None,
             encoder: DataRowEncoder::new(fields.clone()),
             fields,
+            error: None,
+        }
+    }
+
+    /// No rows, only `error`: a result that failed after rows were sent ends with
+    /// an error, as PostgreSQL's do.
+    pub fn failed(error: PgWireError, fields: Arc<Vec<FieldInfo>>) -> Self {
+        Self {
+            error: Some(error),
+            ..Self::new(Vec::new(), fields)
         }
     }
 }
@@ -121,7 +132,9 @@ impl Iterator for Rows {
                 }
                 return Some(Ok(self.encoder.take_row()));
             }
-            let batch = self.batches.next()?;
+            let Some(batch) = self.batches.next() else {
+                return self.error.take().map(Err);
+            };
             let columns = batch
                 .columns()
                 .iter()

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use futures_util::sink::Sink;
-use futures_util::stream;
+use futures_util::stream::{self, StreamExt};
 use pgwire::api::portal::{Format, Portal};
 use pgwire::api::query::{ExtendedQueryHandler, SimpleQueryHandler};
 use pgwire::api::results::{
@@ -153,28 +153,51 @@ impl Handler {
         }
     }
 
-    /// Runs `sql` on a background thread; dropping the future cancels the query.
+    /// Runs `sql` on a background thread, its rows streamed as the client takes
+    /// them ([`Streaming`]); the columns once the first batch (or the end) is
+    /// there. An error before that is the answer; dropping the rows (a cancel
+    /// request, the connection gone, a portal closed) cancels the query.
     async fn run(
         &self,
         sql: &str,
         params: Vec<SqlParam>,
         client: Client,
-    ) -> Result<(Vec<RecordBatch>, SqlSummary), SqlError> {
+        format: &Format,
+    ) -> PgWireResult<Response> {
         let sql = sql.to_owned();
-        let _on_drop = CancelOnDrop(client.cancel.clone());
+        let on_drop = CancelOnDrop(client.cancel.clone());
         let mut pending = Pending {
-            metrics: &self.metrics,
+            metrics: self.metrics.clone(),
             started: Instant::now(),
             done: false,
         };
         tracing::debug!(%sql, "pg query");
-        let ran = self
-            .engine
-            .in_background(move |e| e.collect(&sql, &params, &client))
-            .await;
-        pending.done = true;
-        count(&self.metrics, &ran);
-        ran
+        let (tx, mut rx) = tokio::sync::mpsc::channel(IN_FLIGHT);
+        let engine = self.engine.clone();
+        let mut query = Some(tokio::spawn(async move {
+            engine.run_to(sql, params, client, tx).await
+        }));
+        let first = rx.recv().await;
+        let schema = match &first {
+            Some(batch) => batch.schema(),
+            None => {
+                let ended = ended(query.take()).await;
+                pending.done = true;
+                count(&self.metrics, &ended);
+                ended.map_err(error)?.schema
+            }
+        };
+        let fields = Arc::new(encode::fields(&schema, format));
+        let state = Streaming {
+            first,
+            rx,
+            query,
+            fields: fields.clone(),
+            pending,
+            _on_drop: on_drop,
+        };
+        let rows = stream::unfold(state, Streaming::next).flat_map(stream::iter);
+        Ok(Response::Query(QueryResponse::new(fields, rows)))
     }
 
     /// The shape of `sql` (columns, parameters), by the sandbox.
@@ -212,16 +235,59 @@ impl Handler {
         if let Some(s) = &stmt.session {
             return session_response(s, client.session_extensions());
         }
-        let (batches, summary) = self
-            .run(&stmt.sql, params, of(client))
-            .await
-            .map_err(error)?;
-        let fields = Arc::new(encode::fields(&summary.schema, format));
-        let rows = encode::Rows::new(batches, fields.clone());
-        Ok(Response::Query(QueryResponse::new(
-            fields,
-            stream::iter(rows),
+        self.run(&stmt.sql, params, of(client), format).await
+    }
+}
+
+/// Batches of one result the server holds while its client reads; the rest
+/// waits in DuckDB (with `--pg-max-connections` 64 and two queries at once, a
+/// collected result could hold the 64 MiB cap twice).
+const IN_FLIGHT: usize = 2;
+
+/// How a query's task ended.
+async fn ended(
+    query: Option<tokio::task::JoinHandle<Result<SqlSummary, SqlError>>>,
+) -> Result<SqlSummary, SqlError> {
+    let Some(query) = query else {
+        return Err(SqlError::Cancelled);
+    };
+    query.await.unwrap_or_else(|e| {
+        Err(SqlError::Store(crate::store::StoreError::Internal(
+            format!("the query's task failed: {e}"),
         )))
+    })
+}
+
+/// A result being streamed: batches as the query produces them (at most
+/// [`IN_FLIGHT`] held), encoded a row at a time. A failure after rows were
+/// sent ends them with the error, as PostgreSQL's results do, never a short
+/// result; dropped, it cancels the query.
+struct Streaming {
+    first: Option<RecordBatch>,
+    rx: tokio::sync::mpsc::Receiver<RecordBatch>,
+    query: Option<tokio::task::JoinHandle<Result<SqlSummary, SqlError>>>,
+    fields: Arc<Vec<FieldInfo>>,
+    pending: Pending,
+    _on_drop: CancelOnDrop,
+}
+
+impl Streaming {
+    async fn next(mut self) -> Option<(encode::Rows, Self)> {
+        let batch = match self.first.take() {
+            Some(batch) => Some(batch),
+            None => self.rx.recv().await,
+        };
+        if let Some(batch) = batch {
+            return Some((encode::Rows::new(vec![batch], self.fields.clone()), self));
+        }
+        let query = self.query.take()?;
+        let ended = ended(Some(query)).await;
+        self.pending.done = true;
+        count(&self.pending.metrics, &ended);
+        match ended {
+            Ok(_) => None,
+            Err(e) => Some((encode::Rows::failed(error(e), self.fields.clone()), self)),
+        }
     }
 }
 
@@ -251,7 +317,7 @@ fn count<T>(metrics: &Metrics, ran: &Result<T, SqlError>) {
         Ok(_) => "ok",
         Err(SqlError::Refused(_)) => "refused",
         Err(SqlError::Query(_)) => "failed",
-        Err(SqlError::Timeout(_)) => "timeout",
+        Err(SqlError::Timeout(_) | SqlError::Stalled(_)) => "timeout",
         Err(SqlError::Cancelled) => "cancelled",
         Err(SqlError::TooLarge(_)) => "too_large",
         Err(SqlError::Busy | SqlError::ClientBusy(_) | SqlError::OverShare(_)) => "busy",
@@ -265,15 +331,15 @@ fn count<T>(metrics: &Metrics, ran: &Result<T, SqlError>) {
 
 /// A running query's time, observed when it ends; counted as cancelled if its
 /// future is dropped first (a cancel request, a connection gone).
-struct Pending<'a> {
-    metrics: &'a Metrics,
+struct Pending {
+    metrics: Arc<Metrics>,
     started: Instant,
     done: bool,
 }
 
-impl Drop for Pending<'_> {
+impl Drop for Pending {
     fn drop(&mut self) {
-        let m = self.metrics;
+        let m = &self.metrics;
         m.sql_seconds.observe(self.started.elapsed().as_secs_f64());
         if !self.done {
             count::<()>(m, &Err(SqlError::Cancelled));
@@ -326,7 +392,7 @@ pub(super) fn error(e: SqlError) -> PgWireError {
     let code = match &e {
         SqlError::Refused(_) => "42501",
         SqlError::Query(m) => query_state(m),
-        SqlError::Timeout(_) | SqlError::Cancelled => "57014",
+        SqlError::Timeout(_) | SqlError::Stalled(_) | SqlError::Cancelled => "57014",
         SqlError::TooLarge(_) => "54000",
         SqlError::Busy | SqlError::ClientBusy(_) | SqlError::OverShare(_) => "53300",
         SqlError::Store(s) => {

@@ -515,3 +515,68 @@ async fn large_results_stream_and_a_late_limit_is_never_a_short_result() {
     let v = sql_json(&app, &token, "SELECT count(*) FROM readings").await;
     assert_eq!(v["rows"], json!([[52]]));
 }
+
+/// A client that stops reading a streamed result does not keep its query slot:
+/// once it took nothing for the time limit the query is stopped (its result ends
+/// with an error record), and others' queries run.
+#[tokio::test]
+async fn a_reader_that_stalls_frees_its_query_slot() {
+    let app = TestApp::spawn_with(|a| a.sql_timeout = Duration::from_secs(1)).await;
+    assert_eq!(app.ingest(history()).await.0, StatusCode::OK);
+    // 900,000 rows with long names, ~190 MB of NDJSON (14 MB of Arrow, within the
+    // cap): far more than the sockets' buffers hold (36 MiB on loopback here).
+    let big = "SELECT a.value AS a_long_name_that_makes_each_ndjson_line_long_enough_0123456789, \
+               b.value AS another_long_name_that_makes_each_ndjson_line_long_enough_012345 \
+               FROM readings a, readings b, readings c, readings d LIMIT 900000";
+    let mut stalled = Vec::new();
+    for _ in 0..2 {
+        let r = app
+            .client
+            .post(app.url("/api/v1/sql"))
+            .bearer_auth(viewer(&app))
+            .header("Accept", "application/x-ndjson")
+            .body(big)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), StatusCode::OK);
+        stalled.push(r);
+    }
+    // Both slots were taken; within a few seconds one is free again.
+    let other = viewer(&app);
+    let started = std::time::Instant::now();
+    loop {
+        let r = app
+            .client
+            .post(app.url("/api/v1/sql"))
+            .bearer_auth(&other)
+            .body("SELECT 1 AS one")
+            .send()
+            .await
+            .unwrap();
+        if r.status() == StatusCode::OK {
+            break;
+        }
+        assert_eq!(r.status(), StatusCode::SERVICE_UNAVAILABLE);
+        assert!(
+            started.elapsed() < Duration::from_secs(15),
+            "the stalled readers still hold the slots"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // Neither reader has read a byte for longer than the limit by now: both
+    // results end with the error, neither is whole.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    for r in stalled {
+        let body = r.text().await.unwrap();
+        assert!(body.lines().count() < 900_000);
+        let last: Value = serde_json::from_str(body.lines().last().unwrap()).unwrap();
+        assert!(
+            last["error"]
+                .as_str()
+                .unwrap()
+                .contains("took none of the result"),
+            "{last}"
+        );
+    }
+}

@@ -250,7 +250,9 @@ impl SqlResponse {
         let body = |e: &SqlError| Json(ErrorBody::new(e.to_string()));
         match e {
             SqlError::Refused(_) | SqlError::Query(_) => Self::BadRequest(body(&e)),
-            SqlError::Timeout(_) | SqlError::Cancelled => Self::Timeout(body(&e)),
+            SqlError::Timeout(_) | SqlError::Stalled(_) | SqlError::Cancelled => {
+                Self::Timeout(body(&e))
+            }
             SqlError::TooLarge(_) => Self::TooLarge(body(&e)),
             SqlError::Busy => Self::Busy(body(&e), 1),
             SqlError::ClientBusy(_) => Self::TooMany(body(&e), 1),
@@ -405,15 +407,7 @@ async fn stream(
     format: Streamed,
 ) -> SqlResponse {
     let (tx, mut rx) = tokio::sync::mpsc::channel::<RecordBatch>(IN_FLIGHT);
-    let query = tokio::spawn(async move {
-        engine
-            .in_background(move |e| {
-                e.run(&sql, &params, &client, &mut |b| {
-                    tx.blocking_send(b.clone()).map_err(|_| SqlError::Cancelled)
-                })
-            })
-            .await
-    });
+    let query = tokio::spawn(async move { engine.run_to(sql, params, client, tx).await });
     let failed = |e: String| {
         tracing::error!(error = %e, "writing a query's result failed");
         SqlResponse::Internal(Json(ErrorBody::new("internal error; see the server log")))

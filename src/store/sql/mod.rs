@@ -113,6 +113,10 @@ pub enum SqlError {
     /// Stopped because its client asked (a cancel request, a closed connection).
     #[error("the query was cancelled")]
     Cancelled,
+    /// Stopped because its client took none of the result for this long: a
+    /// stalled reader must not hold a query's slot.
+    #[error("the client took none of the result for {0:?}; the query was stopped")]
+    Stalled(Duration),
     /// The result went past the cap.
     #[error("the result is larger than {0}")]
     TooLarge(String),
@@ -681,6 +685,42 @@ impl SqlEngine {
             })
     }
 
+    /// Runs `sql` on a background thread ([`Self::in_background`]), handing its
+    /// batches to `tx` as the receiver takes them (the channel's capacity is all
+    /// the server holds). A receiver that takes no batch for the time limit stops
+    /// the query ([`SqlError::Stalled`]); one dropped cancels it.
+    pub async fn run_to(
+        self: &Arc<Self>,
+        sql: String,
+        params: Vec<SqlParam>,
+        client: Client,
+        tx: tokio::sync::mpsc::Sender<RecordBatch>,
+    ) -> Result<SqlSummary, SqlError> {
+        let runtime = tokio::runtime::Handle::current();
+        let stall = self.time_limit(&client);
+        self.in_background(move |e| {
+            e.run(&sql, &params, &client, &mut |b| {
+                let sent = runtime.block_on(async {
+                    // Made inside: a timer needs the runtime's context.
+                    tokio::time::timeout(stall, tx.send(b.clone())).await
+                });
+                match sent {
+                    Ok(Ok(())) => Ok(()),
+                    Ok(Err(_)) => Err(SqlError::Cancelled),
+                    Err(_) => Err(SqlError::Stalled(stall)),
+                }
+            })
+        })
+        .await
+    }
+
+    /// A query's time limit: the server's, or the client's own if shorter.
+    fn time_limit(&self, client: &Client) -> Duration {
+        client
+            .timeout
+            .map_or(self.limits.timeout, |t| t.min(self.limits.timeout))
+    }
+
     /// [`Self::run`], the result's batches collected.
     pub fn collect(
         &self,
@@ -768,9 +808,7 @@ impl SqlEngine {
         let attached = cancel.attach(conn)?;
         let (stop, stopped) = channel::<()>();
         let interrupt = conn.interrupt_handle();
-        let timeout = client
-            .timeout
-            .map_or(self.limits.timeout, |t| t.min(self.limits.timeout));
+        let timeout = self.time_limit(client);
         let watchdog = std::thread::spawn(move || {
             let late = stopped.recv_timeout(timeout) == Err(RecvTimeoutError::Timeout);
             if late {
