@@ -858,7 +858,12 @@ impl SqlEngine {
             )));
         }
         let (mut rows, mut bytes) = (0u64, 0u64);
-        for batch in stmt.query_arrow(duckdb::params_from_iter(values))? {
+        // DuckDB's streaming execution: chunks are produced as they are taken, so
+        // neither DuckDB nor the server holds a whole result (`query_arrow`
+        // materializes it first: two 900,000-row results over the PostgreSQL
+        // protocol took the server 60 MiB higher).
+        for batch in stmt.stream_arrow(duckdb::params_from_iter(values))? {
+            let batch = batch?;
             rows += batch.num_rows() as u64;
             bytes += batch.get_array_memory_size() as u64;
             if rows > self.limits.max_rows {
