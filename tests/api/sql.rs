@@ -580,3 +580,42 @@ async fn a_reader_that_stalls_frees_its_query_slot() {
         );
     }
 }
+
+/// A streamed result is announced with `Trailer: X-Row-Count` and ends with its
+/// row count as a trailer for a client that accepts trailers (`TE: trailers`).
+#[tokio::test]
+async fn streamed_results_end_with_their_row_count() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    let app = TestApp::spawn().await;
+    assert_eq!(app.ingest(history()).await.0, StatusCode::OK);
+    let token = viewer(&app);
+    let url = reqwest::Url::parse(&app.url("/api/v1/sql")).unwrap();
+    let addr = format!("{}:{}", url.host_str().unwrap(), url.port().unwrap());
+    // 52³ rows, ~8 MB of NDJSON: streamed.
+    let big = "SELECT a.ts, a.value AS x, b.value AS y, c.value AS z \
+               FROM readings a, readings b, readings c";
+    for accept in ["application/x-ndjson", "text/csv"] {
+        let mut stream = tokio::net::TcpStream::connect(&addr).await.unwrap();
+        let request = format!(
+            "POST /api/v1/sql HTTP/1.1\r\nHost: {addr}\r\nAuthorization: Bearer {token}\r\n\
+             Accept: {accept}\r\nTE: trailers\r\nConnection: close\r\n\
+             Content-Length: {}\r\n\r\n{big}",
+            big.len()
+        );
+        stream.write_all(request.as_bytes()).await.unwrap();
+        let mut raw = Vec::new();
+        stream.read_to_end(&mut raw).await.unwrap();
+        let raw = String::from_utf8_lossy(&raw).to_lowercase();
+        let (head, body) = raw.split_once("\r\n\r\n").unwrap();
+        assert!(head.starts_with("http/1.1 200"), "{head}");
+        assert!(head.contains("\r\ntrailer: x-row-count"), "{head}");
+        assert!(head.contains("transfer-encoding: chunked"), "{head}");
+        assert!(!head.contains("\r\nx-row-count:"), "{head}");
+        assert!(
+            body.ends_with(&format!("\r\n0\r\nx-row-count: {}\r\n\r\n", 52 * 52 * 52)),
+            "{accept}: {}",
+            &body[body.len().saturating_sub(200)..]
+        );
+    }
+}

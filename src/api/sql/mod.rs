@@ -213,9 +213,15 @@ impl SqlFormat {
 #[derive(ApiResponse)]
 pub enum SqlResponse {
     /// The result (`X-Row-Count`: its rows, when it is sent whole; a result of
-    /// more than 1 MiB in NDJSON, CSV, Arrow or Parquet is streamed without it).
+    /// more than 1 MiB in NDJSON, CSV, Arrow or Parquet is streamed, announced by
+    /// `Trailer: X-Row-Count`, and ends with an `X-Row-Count` trailer for a
+    /// request that accepts trailers, `TE: trailers`).
     #[oai(status = 200)]
-    Ok(SqlContent, #[oai(header = "X-Row-Count")] Option<u64>),
+    Ok(
+        SqlContent,
+        #[oai(header = "X-Row-Count")] Option<u64>,
+        #[oai(header = "Trailer")] Option<String>,
+    ),
     /// Not a query the sandbox runs, or DuckDB refused it (its message, with the
     /// position).
     #[oai(status = 400)]
@@ -381,7 +387,9 @@ async fn whole_json(
         .in_background(move |e| e.collect(&sql, &params, &client))
         .await;
     match ran {
-        Ok((batches, summary)) => SqlResponse::Ok(json(&batches, &summary), Some(summary.rows)),
+        Ok((batches, summary)) => {
+            SqlResponse::Ok(json(&batches, &summary), Some(summary.rows), None)
+        }
         Err(e) => SqlResponse::error(e),
     }
 }
@@ -433,7 +441,7 @@ async fn stream(
                 return failed(e);
             }
             let content = SqlContent::streamed(format, Body::from(head));
-            return SqlResponse::Ok(content, Some(summary.rows));
+            return SqlResponse::Ok(content, Some(summary.rows), None);
         };
         let out = match &mut output {
             Some(out) => out,
@@ -451,14 +459,24 @@ async fn stream(
         rx,
         query: Some(query),
         output,
+        rows: None,
         _on_drop: on_drop,
     };
-    let body = futures_util::stream::unfold(state, Streaming::next);
+    let frames = futures_util::stream::unfold(state, Streaming::next);
+    // The stream is not `Sync` (a Parquet writer), which poem's body needs; it is
+    // only ever polled by one task.
+    let body = http_body_util::combinators::BoxBody::new(http_body_util::StreamBody::new(
+        sync_wrapper::SyncStream::new(frames),
+    ));
     SqlResponse::Ok(
-        SqlContent::streamed(format, Body::from_bytes_stream(body)),
+        SqlContent::streamed(format, Body::from(body)),
         None,
+        Some(ROW_COUNT.into()),
     )
 }
+
+/// The trailer that ends a streamed result with its row count.
+const ROW_COUNT: &str = "X-Row-Count";
 
 /// A result being streamed; dropped (the client gone), it cancels the query.
 struct Streaming {
@@ -466,28 +484,48 @@ struct Streaming {
     rx: tokio::sync::mpsc::Receiver<RecordBatch>,
     query: Option<tokio::task::JoinHandle<Result<SqlSummary, SqlError>>>,
     output: Option<Output>,
+    /// The row count, once the result ended whole: sent as the last frame.
+    rows: Option<u64>,
     _on_drop: CancelOnDrop,
 }
 
+/// A frame of a streamed body.
+type BodyFrame = std::io::Result<http_body::Frame<Bytes>>;
+
+fn data(bytes: Vec<u8>) -> BodyFrame {
+    Ok(http_body::Frame::data(bytes.into()))
+}
+
 impl Streaming {
-    async fn next(mut self) -> Option<(std::io::Result<Bytes>, Self)> {
+    async fn next(mut self) -> Option<(BodyFrame, Self)> {
         if let Some(head) = self.head.take() {
-            return Some((Ok(head.into()), self));
+            return Some((data(head), self));
+        }
+        if self.output.is_none() {
+            // hyper sends trailers to HTTP/2 clients, and to HTTP/1.1 ones that
+            // asked (`TE: trailers`); to others the body simply ends.
+            let rows = self.rows.take()?;
+            let mut trailers = poem::http::HeaderMap::new();
+            trailers.insert(ROW_COUNT, poem::http::HeaderValue::from(rows));
+            return Some((Ok(http_body::Frame::trailers(trailers)), self));
         }
         let mut out = Vec::new();
         let output = self.output.as_mut()?;
         if let Some(batch) = self.rx.recv().await {
             return match output.batch(&batch, &mut out) {
-                Ok(()) => Some((Ok(out.into()), self)),
+                Ok(()) => Some((data(out), self)),
                 Err(e) => self.cut(e),
             };
         }
         let ended = self.query.take()?.await;
         match ended {
-            Ok(Ok(_)) => {
+            Ok(Ok(summary)) => {
                 let output = self.output.take()?;
                 match output.finish(&mut out) {
-                    Ok(()) => Some((Ok(out.into()), self)),
+                    Ok(()) => {
+                        self.rows = Some(summary.rows);
+                        Some((data(out), self))
+                    }
                     Err(e) => self.cut(e),
                 }
             }
@@ -498,11 +536,11 @@ impl Streaming {
 
     /// Ends the stream after `error`: with an error record where the format has
     /// one, else by failing the body (the connection breaks).
-    fn cut(mut self, error: String) -> Option<(std::io::Result<Bytes>, Self)> {
+    fn cut(mut self, error: String) -> Option<(BodyFrame, Self)> {
         tracing::info!(%error, "a streamed query result was cut short");
         let output = self.output.take()?;
         match output.error_record(&error) {
-            Some(record) => Some((Ok(record.into()), self)),
+            Some(record) => Some((data(record), self)),
             None => Some((Err(std::io::Error::other(error)), self)),
         }
     }
