@@ -172,11 +172,16 @@ impl Handler {
             done: false,
         };
         tracing::debug!(%sql, "pg query");
+        let named = sql.clone();
+        let names = self
+            .engine
+            .in_background(move |e| Ok(e.postgres_names(&named)));
         let (tx, mut rx) = tokio::sync::mpsc::channel(IN_FLIGHT);
         let engine = self.engine.clone();
         let mut query = Some(tokio::spawn(async move {
             engine.run_to(sql, params, client, tx).await
         }));
+        let names = names.await.ok().flatten();
         let first = rx.recv().await;
         let schema = match &first {
             Some(batch) => batch.schema(),
@@ -187,7 +192,7 @@ impl Handler {
                 ended.map_err(error)?.schema
             }
         };
-        let fields = Arc::new(encode::fields(&schema, format));
+        let fields = Arc::new(encode::fields(&schema, format, names.as_deref()));
         let state = Streaming {
             first,
             rx,
@@ -200,18 +205,22 @@ impl Handler {
         Ok(Response::Query(QueryResponse::new(fields, rows)))
     }
 
-    /// The shape of `sql` (columns, parameters), by the sandbox.
+    /// The shape of `sql` (columns, parameters), by the sandbox, and the names
+    /// PostgreSQL would give its columns.
     async fn describe(
         &self,
         sql: &str,
         params: Vec<SqlParam>,
         client: Client,
-    ) -> PgWireResult<SqlShape> {
+    ) -> PgWireResult<(SqlShape, Option<Vec<String>>)> {
         let sql = sql.to_owned();
         let _on_drop = CancelOnDrop(client.cancel.clone());
         let described = self
             .engine
-            .in_background(move |e| e.describe(&sql, &params, &client))
+            .in_background(move |e| {
+                let shape = e.describe(&sql, &params, &client)?;
+                Ok((shape, e.postgres_names(&sql)))
+            })
             .await;
         // A query refused or failing here never runs: counted now. One that
         // passes is counted when it runs.
@@ -537,7 +546,7 @@ impl ExtendedQueryHandler for Handler {
                 session_fields(s),
             ));
         }
-        let shape = self.describe(&stmt.sql, Vec::new(), of(client)).await?;
+        let (shape, names) = self.describe(&stmt.sql, Vec::new(), of(client)).await?;
         let types = (0..shape.params.max(target.parameter_types.len()))
             .map(|i| {
                 target
@@ -552,7 +561,7 @@ impl ExtendedQueryHandler for Handler {
             .collect();
         Ok(DescribeStatementResponse::new(
             types,
-            encode::fields(&shape.schema, &Format::UnifiedText),
+            encode::fields(&shape.schema, &Format::UnifiedText, names.as_deref()),
         ))
     }
 
@@ -574,12 +583,13 @@ impl ExtendedQueryHandler for Handler {
         if stmt.empty {
             return Ok(DescribePortalResponse::new(Vec::new()));
         }
-        let shape = self
+        let (shape, names) = self
             .describe(&stmt.sql, params(portal)?, of(client))
             .await?;
         Ok(DescribePortalResponse::new(encode::fields(
             &shape.schema,
             &portal.result_column_format,
+            names.as_deref(),
         )))
     }
 

@@ -90,6 +90,25 @@ async fn psql_answers_lists_and_describes_the_contract() {
     )
     .await;
     assert_eq!(got, [["fuel", "31.5"]]);
+    // Columns without an alias are named as PostgreSQL names them.
+    let out = psql(
+        addr,
+        &token,
+        "disable",
+        &[
+            "-A",
+            "-c",
+            "SELECT sensor, avg(value), count(*), value * 2, ts::DATE FROM readings \
+             GROUP BY ALL LIMIT 1",
+        ],
+    )
+    .await;
+    let (stdout, stderr) = text(&out);
+    assert_eq!(
+        stdout.lines().next(),
+        Some("sensor|avg|count|?column?|ts"),
+        "{stderr}"
+    );
 
     // `\dt`: the six relations of the contract and nothing internal.
     let out = psql(addr, &token, "disable", &["-A", "-t", "-c", "\\dt"]).await;

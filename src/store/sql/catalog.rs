@@ -140,6 +140,30 @@ const PG_TYPES: [PgType; 13] = [
     pg("TEXT", 25, "text", "text", -1),
 ];
 
+/// PostgreSQL's `typname` of a type as a query writes it (`DOUBLE`, `int`,
+/// `varchar`, `DECIMAL`): of the contract's types by DuckDB's names and their
+/// usual spellings, else the name as written, in lower case.
+pub(super) fn typname(written: &str) -> String {
+    let upper = written.to_ascii_uppercase();
+    let duckdb = match upper.as_str() {
+        "INT" | "INT4" | "SIGNED" => "INTEGER",
+        "INT8" | "LONG" => "BIGINT",
+        "INT2" | "SHORT" => "SMALLINT",
+        "FLOAT8" | "DOUBLE PRECISION" => "DOUBLE",
+        "FLOAT4" | "REAL" => "FLOAT",
+        "BOOL" | "LOGICAL" => "BOOLEAN",
+        "STRING" | "TEXT" | "CHAR" | "BPCHAR" => "VARCHAR",
+        "NUMERIC" => "DECIMAL",
+        "DATETIME" => "TIMESTAMP",
+        "BYTEA" => "BLOB",
+        other => other,
+    };
+    PG_TYPES
+        .iter()
+        .find(|t| t.duckdb == duckdb)
+        .map_or_else(|| written.to_ascii_lowercase(), |t| t.typname.to_owned())
+}
+
 /// Macros in [`COMPAT`] that map a DuckDB type name (`data_type` of
 /// `duckdb_columns()`) to a [`PgType`]'s fields, and `format_type(oid, typmod)` of
 /// PostgreSQL's oids.

@@ -48,6 +48,7 @@ use super::pool::Pool;
 use super::{Shared, StoreError};
 
 mod catalog;
+mod names;
 
 /// The relations users may read.
 pub const RELATIONS: [&str; 6] = [
@@ -249,10 +250,7 @@ struct Found {
 /// Checks `sql` against rules 1–3 (see the module docs), with DuckDB's parser on
 /// `conn`, and tells where it runs.
 pub fn check(conn: &Connection, sql: &str) -> Result<Route, SqlError> {
-    let json: String =
-        conn.query_row("SELECT json_serialize_sql(?::VARCHAR)", [sql], |r| r.get(0))?;
-    let tree: Value = serde_json::from_str(&json)
-        .map_err(|e| StoreError::Internal(format!("DuckDB's syntax tree: {e}")))?;
+    let tree = parse(conn, sql)?;
     if tree["error"] == Value::Bool(true) {
         let message = tree["error_message"].as_str().unwrap_or("not a query");
         return Err(if tree["error_type"] == "not implemented" {
@@ -294,6 +292,14 @@ pub fn check(conn: &Connection, sql: &str) -> Result<Route, SqlError> {
         return Err(SqlError::Refused(format!("{name}() cannot be used here")));
     }
     Ok(Route::Data)
+}
+
+/// DuckDB's syntax tree of `sql` (`json_serialize_sql`), parsed on `conn`.
+fn parse(conn: &Connection, sql: &str) -> Result<Value, SqlError> {
+    let json: String =
+        conn.query_row("SELECT json_serialize_sql(?::VARCHAR)", [sql], |r| r.get(0))?;
+    Ok(serde_json::from_str(&json)
+        .map_err(|e| StoreError::Internal(format!("DuckDB's syntax tree: {e}")))?)
 }
 
 /// The CTE names a node defines (they are in scope in the node and below it, as
@@ -712,6 +718,18 @@ impl SqlEngine {
             })
         })
         .await
+    }
+
+    /// The names PostgreSQL would give the columns of `sql`'s result (see
+    /// [`names`]); `None` when they cannot be told from its text. Parsed on the
+    /// catalog instance: no data is read.
+    pub fn postgres_names(&self, sql: &str) -> Option<Vec<String>> {
+        let sql = catalog::compatible(sql);
+        let tree = self.catalog.pool.with(|c| parse(c, &sql)).ok()?;
+        if tree["error"] == Value::Bool(true) {
+            return None;
+        }
+        names::postgres(&tree)
     }
 
     /// A query's time limit: the server's, or the client's own if shorter.
