@@ -284,8 +284,12 @@ impl SqlApi {
     /// description, min, max)`, `anomalies` and `dumps`; nothing else is readable,
     /// and nothing can be changed. Authenticate with a backend token
     /// (`Authorization: Bearer TOKEN`). The result comes as JSON, NDJSON, CSV, an
-    /// Arrow IPC stream or Parquet by `Accept`, whole: a query over a limit (time,
-    /// rows, bytes) is answered with an error, never cut short.
+    /// Arrow IPC stream or Parquet by `Accept`. Over 1 MiB the last four are
+    /// streamed, ending with an `X-Row-Count` trailer (`TE: trailers`); a limit
+    /// (time, rows, bytes, a reader that stalls) reached after streaming began
+    /// ends NDJSON with an `{"error"}` record and breaks the others' connection,
+    /// never a short result that reads as whole. Each token runs one query at a
+    /// time, within its share of the server's time (`--sql-time-share`).
     #[oai(path = "/sql", method = "post")]
     async fn sql(
         &self,
