@@ -32,8 +32,10 @@
 //!    `current_setting` outside the catalog.
 //! 4. The connection's `search_path` is only `temp` (where the views are): should a
 //!    name get past the rules that is no view or CTE, it finds no internal table.
-//! 5. A time limit interrupts DuckDB itself (not just the client), results are
-//!    capped in rows and bytes, and at most `max_concurrent` queries run at once.
+//! 5. A time limit interrupts DuckDB itself (not just the client, and also when
+//!    the client stops taking the result), results are capped in rows and bytes,
+//!    at most `max_concurrent` queries run at once, one per client, and each
+//!    client's queries get a share of the server's time (`time_share`).
 
 use std::sync::mpsc::{RecvTimeoutError, channel};
 use std::sync::{Arc, Condvar, Mutex};
