@@ -44,17 +44,15 @@ pub fn pg_type(t: &DataType) -> Type {
     }
 }
 
-/// The row description of `schema`, in `format`; columns named `names` (as
-/// PostgreSQL would name them) when those are one a column.
-pub fn fields(schema: &Schema, format: &Format, names: Option<&[String]>) -> Vec<FieldInfo> {
-    let names = names.filter(|n| n.len() == schema.fields().len());
+/// The row description of `schema`, in `format`.
+pub fn fields(schema: &Schema, format: &Format) -> Vec<FieldInfo> {
     schema
         .fields()
         .iter()
         .enumerate()
         .map(|(i, f)| {
             FieldInfo::new(
-                names.map_or_else(|| f.name().clone(), |n| n[i].clone()),
+                f.name().clone(),
                 None,
                 None,
                 pg_type(f.data_type()),

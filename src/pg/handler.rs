@@ -172,27 +172,20 @@ impl Handler {
             done: false,
         };
         tracing::debug!(%sql, "pg query");
-        let named = sql.clone();
-        let names = self
-            .engine
-            .in_background(move |e| Ok(e.postgres_names(&named)));
         let (tx, mut rx) = tokio::sync::mpsc::channel(IN_FLIGHT);
         let engine = self.engine.clone();
-        let mut query = Some(tokio::spawn(async move {
-            engine.run_to(sql, params, client, tx).await
-        }));
-        let names = names.await.ok().flatten();
+        let query = tokio::spawn(async move { engine.run_to(sql, params, client, tx).await });
         let first = rx.recv().await;
-        let schema = match &first {
-            Some(batch) => batch.schema(),
+        let (schema, query) = match &first {
+            Some(batch) => (batch.schema(), Some(query)),
             None => {
-                let ended = ended(query.take()).await;
+                let ended = ended(query).await;
                 pending.done = true;
                 count(&self.metrics, &ended);
-                ended.map_err(error)?.schema
+                (ended.map_err(error)?.schema, None)
             }
         };
-        let fields = Arc::new(encode::fields(&schema, format, names.as_deref()));
+        let fields = Arc::new(encode::fields(&schema, format));
         let state = Streaming {
             first,
             rx,
@@ -205,22 +198,18 @@ impl Handler {
         Ok(Response::Query(QueryResponse::new(fields, rows)))
     }
 
-    /// The shape of `sql` (columns, parameters), by the sandbox, and the names
-    /// PostgreSQL would give its columns.
+    /// The shape of `sql` (columns, parameters), by the sandbox.
     async fn describe(
         &self,
         sql: &str,
         params: Vec<SqlParam>,
         client: Client,
-    ) -> PgWireResult<(SqlShape, Option<Vec<String>>)> {
+    ) -> PgWireResult<SqlShape> {
         let sql = sql.to_owned();
         let _on_drop = CancelOnDrop(client.cancel.clone());
         let described = self
             .engine
-            .in_background(move |e| {
-                let shape = e.describe(&sql, &params, &client)?;
-                Ok((shape, e.postgres_names(&sql)))
-            })
+            .in_background(move |e| e.describe(&sql, &params, &client))
             .await;
         // A query refused or failing here never runs: counted now. One that
         // passes is counted when it runs.
@@ -255,11 +244,8 @@ const IN_FLIGHT: usize = 2;
 
 /// How a query's task ended.
 async fn ended(
-    query: Option<tokio::task::JoinHandle<Result<SqlSummary, SqlError>>>,
+    query: tokio::task::JoinHandle<Result<SqlSummary, SqlError>>,
 ) -> Result<SqlSummary, SqlError> {
-    let Some(query) = query else {
-        return Err(SqlError::Cancelled);
-    };
     query.await.unwrap_or_else(|e| {
         Err(SqlError::Store(crate::store::StoreError::Internal(
             format!("the query's task failed: {e}"),
@@ -289,8 +275,7 @@ impl Streaming {
         if let Some(batch) = batch {
             return Some((encode::Rows::new(vec![batch], self.fields.clone()), self));
         }
-        let query = self.query.take()?;
-        let ended = ended(Some(query)).await;
+        let ended = ended(self.query.take()?).await;
         self.pending.done = true;
         count(&self.pending.metrics, &ended);
         match ended {
@@ -310,14 +295,16 @@ pub struct ClientId(pub String);
 struct StatementTimeout(Option<Duration>);
 
 /// A fresh [`Client`] for one query of `client`'s connection, with the session's
-/// time limit.
+/// time limit and PostgreSQL's column names.
 fn of<C: ClientInfo>(client: &C) -> Client {
     let extensions = client.session_extensions();
     let id = extensions
         .get::<ClientId>()
         .map(|c| c.0.clone())
         .unwrap_or_default();
-    Client::new(id).with_timeout(extensions.get::<StatementTimeout>().and_then(|t| t.0))
+    Client::new(id)
+        .with_timeout(extensions.get::<StatementTimeout>().and_then(|t| t.0))
+        .with_postgres_names()
 }
 
 /// Counts a query by its outcome.
@@ -546,7 +533,7 @@ impl ExtendedQueryHandler for Handler {
                 session_fields(s),
             ));
         }
-        let (shape, names) = self.describe(&stmt.sql, Vec::new(), of(client)).await?;
+        let shape = self.describe(&stmt.sql, Vec::new(), of(client)).await?;
         let types = (0..shape.params.max(target.parameter_types.len()))
             .map(|i| {
                 target
@@ -561,7 +548,7 @@ impl ExtendedQueryHandler for Handler {
             .collect();
         Ok(DescribeStatementResponse::new(
             types,
-            encode::fields(&shape.schema, &Format::UnifiedText, names.as_deref()),
+            encode::fields(&shape.schema, &Format::UnifiedText),
         ))
     }
 
@@ -583,13 +570,12 @@ impl ExtendedQueryHandler for Handler {
         if stmt.empty {
             return Ok(DescribePortalResponse::new(Vec::new()));
         }
-        let (shape, names) = self
+        let shape = self
             .describe(&stmt.sql, params(portal)?, of(client))
             .await?;
         Ok(DescribePortalResponse::new(encode::fields(
             &shape.schema,
             &portal.result_column_format,
-            names.as_deref(),
         )))
     }
 

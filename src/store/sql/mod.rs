@@ -43,6 +43,7 @@ use std::time::{Duration, Instant};
 
 use duckdb::Connection;
 pub use duckdb::arrow;
+use duckdb::arrow::datatypes::SchemaRef;
 use duckdb::arrow::record_batch::RecordBatch;
 use serde_json::Value;
 
@@ -252,7 +253,11 @@ struct Found {
 /// Checks `sql` against rules 1–3 (see the module docs), with DuckDB's parser on
 /// `conn`, and tells where it runs.
 pub fn check(conn: &Connection, sql: &str) -> Result<Route, SqlError> {
-    let tree = parse(conn, sql)?;
+    route(&parse(conn, sql)?)
+}
+
+/// Rules 1–3 over DuckDB's syntax tree of a query: where it runs, if anywhere.
+fn route(tree: &Value) -> Result<Route, SqlError> {
     if tree["error"] == Value::Bool(true) {
         let message = tree["error_message"].as_str().unwrap_or("not a query");
         return Err(if tree["error_type"] == "not implemented" {
@@ -536,6 +541,10 @@ pub struct Client {
     /// The client's own time limit (PostgreSQL's `statement_timeout`), which can
     /// only shorten [`SqlLimits::timeout`].
     pub timeout: Option<Duration>,
+    /// Name unaliased columns as PostgreSQL does (`avg`, `count`, `?column?`;
+    /// see [`names`]) rather than as DuckDB does (`avg("value")`): the PostgreSQL
+    /// listener's clients take series and field names from them.
+    pub postgres_names: bool,
 }
 
 impl Client {
@@ -545,7 +554,14 @@ impl Client {
             id: id.into(),
             cancel: Cancel::default(),
             timeout: None,
+            postgres_names: false,
         }
+    }
+
+    /// This client with PostgreSQL's column names.
+    pub fn with_postgres_names(mut self) -> Self {
+        self.postgres_names = true;
+        self
     }
 
     /// This client with its own time limit.
@@ -621,6 +637,29 @@ impl Drop for Attached<'_> {
     fn drop(&mut self) {
         *self.0.0.running.lock().expect("cancel") = None;
     }
+}
+
+/// A checked query's run: its parameters, mode, client, and the names its
+/// columns get instead of DuckDB's (see [`Client::postgres_names`]).
+struct Run<'a> {
+    params: &'a [SqlParam],
+    mode: Mode,
+    client: &'a Client,
+    names: Option<&'a [String]>,
+}
+
+/// `schema` with its columns named `names`, if there is one a column.
+fn renamed(schema: &SchemaRef, names: &[String]) -> SchemaRef {
+    if names.len() != schema.fields().len() {
+        return schema.clone();
+    }
+    let fields: Vec<_> = schema
+        .fields()
+        .iter()
+        .zip(names)
+        .map(|(f, name)| f.as_ref().clone().with_name(name))
+        .collect();
+    Arc::new(duckdb::arrow::datatypes::Schema::new(fields))
 }
 
 /// What [`SqlEngine::execute`] does with a checked query.
@@ -722,18 +761,6 @@ impl SqlEngine {
         .await
     }
 
-    /// The names PostgreSQL would give the columns of `sql`'s result (see
-    /// [`names`]); `None` when they cannot be told from its text. Parsed on the
-    /// catalog instance: no data is read.
-    pub fn postgres_names(&self, sql: &str) -> Option<Vec<String>> {
-        let sql = catalog::compatible(sql);
-        let tree = self.catalog.pool.with(|c| parse(c, &sql)).ok()?;
-        if tree["error"] == Value::Bool(true) {
-            return None;
-        }
-        names::postgres(&tree)
-    }
-
     /// A query's time limit: the server's, or the client's own if shorter.
     fn time_limit(&self, client: &Client) -> Duration {
         client
@@ -788,28 +815,42 @@ impl SqlEngine {
         let _slot = self.slot(&client.id, cancel)?;
         // Reused whatever the outcome: a statement runs on its own (auto-commit, a
         // failure rolls it back) and the sandbox lets none change the connection.
-        self.pool.with(|conn| match check(conn, &sql) {
-            Ok(Route::Data) => {
-                // Read-your-writes: readings acknowledged before the query are
-                // applied to DuckDB first (the writer is asked to move the ingest log
-                // now; a short wait).
-                if matches!(mode, Mode::Run) {
-                    self.shared.await_visible();
+        self.pool.with(|conn| {
+            let tree = parse(conn, &sql)?;
+            let route = route(&tree)?;
+            // The tree names the columns as PostgreSQL would, for clients that want it.
+            let names = client
+                .postgres_names
+                .then(|| names::postgres(&tree))
+                .flatten();
+            let run = Run {
+                params,
+                mode,
+                client,
+                names: names.as_deref(),
+            };
+            match route {
+                Route::Data => {
+                    // Read-your-writes: readings acknowledged before the query are
+                    // applied to DuckDB first (the writer is asked to move the ingest log
+                    // now; a short wait).
+                    if matches!(mode, Mode::Run) {
+                        self.shared.await_visible();
+                    }
+                    let before = self.shared.rollups_from();
+                    conn.execute_batch(&format!(
+                        "SET VARIABLE rollups_before = CAST('{before}' AS BIGINT)"
+                    ))
+                    .map_err(SqlError::from)
+                    .and_then(|()| self.watched(conn, &sql, &run, sink))
                 }
-                let before = self.shared.rollups_from();
-                conn.execute_batch(&format!(
-                    "SET VARIABLE rollups_before = CAST('{before}' AS BIGINT)"
-                ))
-                .map_err(SqlError::from)
-                .and_then(|()| self.watched(conn, &sql, params, mode, client, sink))
+                Route::Catalog => {
+                    let sql = catalog::for_catalog(&sql);
+                    self.catalog
+                        .pool
+                        .with(|c| self.watched(c, &sql, &run, sink))
+                }
             }
-            Ok(Route::Catalog) => {
-                let sql = catalog::for_catalog(&sql);
-                self.catalog
-                    .pool
-                    .with(|c| self.watched(c, &sql, params, mode, client, sink))
-            }
-            Err(e) => Err(e),
         })
     }
 
@@ -819,11 +860,10 @@ impl SqlEngine {
         &self,
         conn: &Connection,
         sql: &str,
-        params: &[SqlParam],
-        mode: Mode,
-        client: &Client,
+        run: &Run<'_>,
         sink: &mut dyn FnMut(&RecordBatch) -> Result<(), SqlError>,
     ) -> Result<SqlSummary, SqlError> {
+        let client = run.client;
         let cancel = &client.cancel;
         let attached = cancel.attach(conn)?;
         let (stop, stopped) = channel::<()>();
@@ -837,7 +877,7 @@ impl SqlEngine {
             late
         });
         let started = Instant::now();
-        let result = self.stream(conn, sql, params, mode, sink);
+        let result = self.stream(conn, sql, run, sink);
         drop(stop);
         drop(attached);
         let late = watchdog.join().unwrap_or(false);
@@ -854,10 +894,10 @@ impl SqlEngine {
         &self,
         conn: &Connection,
         sql: &str,
-        params: &[SqlParam],
-        mode: Mode,
+        run: &Run<'_>,
         sink: &mut dyn FnMut(&RecordBatch) -> Result<(), SqlError>,
     ) -> Result<SqlSummary, SqlError> {
+        let (params, mode) = (run.params, run.mode);
         let mut stmt = match mode {
             Mode::Run => conn.prepare(sql)?,
             // The text is one checked statement; a newline ends a trailing comment.
@@ -882,8 +922,17 @@ impl SqlEngine {
         // neither DuckDB nor the server holds a whole result (`query_arrow`
         // materializes it first: two 900,000-row results over the PostgreSQL
         // protocol took the server 60 MiB higher).
+        let mut named: Option<SchemaRef> = None;
         for batch in stmt.stream_arrow(duckdb::params_from_iter(values))? {
             let batch = batch?;
+            let batch = match run.names {
+                Some(names) => {
+                    let schema = named.get_or_insert_with(|| renamed(&batch.schema(), names));
+                    RecordBatch::try_new(schema.clone(), batch.columns().to_vec())
+                        .map_err(|e| StoreError::Internal(format!("renaming columns: {e}")))?
+                }
+                None => batch,
+            };
             rows += batch.num_rows() as u64;
             bytes += batch.get_array_memory_size() as u64;
             if rows > self.limits.max_rows {
@@ -900,7 +949,10 @@ impl SqlEngine {
         Ok(SqlSummary {
             rows,
             bytes,
-            schema: stmt.schema(),
+            schema: match run.names {
+                Some(names) => renamed(&stmt.schema(), names),
+                None => stmt.schema(),
+            },
             params: count,
         })
     }
