@@ -645,3 +645,60 @@ async fn idle_sockets_cannot_lock_the_listener() {
     let mut again = from_elsewhere().await;
     assert!(!closed(&mut again, Duration::from_millis(300)).await);
 }
+
+/// A cursor its client stops reading (asyncpg's, a portal fetched in pieces) is
+/// stopped at the time limit with 57014, and a limit reached after rows went out
+/// ends them with its error (54000), never a short result.
+#[tokio::test]
+async fn an_idle_cursor_is_stopped_and_a_late_limit_is_an_error() {
+    let (app, addr) = spawn(|a| a.sql_timeout = Duration::from_secs(1)).await;
+    assert_eq!(app.ingest(history()).await.0, StatusCode::OK);
+    let script = r#"
+import asyncio, sys, asyncpg
+async def main():
+    conn = await asyncpg.connect(host="127.0.0.1", port=int(sys.argv[1]), user="analyst",
+                                 password=sys.argv[2], database="milepost", ssl=False)
+    async with conn.transaction():
+        cursor = await conn.cursor("SELECT a.value FROM readings a, readings b, readings c")
+        print("first", len(await cursor.fetch(10)), flush=True)
+        await asyncio.sleep(2.5)
+        try:
+            rows = await cursor.fetch(200000)
+            print("rest", len(rows))
+        except asyncpg.PostgresError as e:
+            print("error", e.sqlstate, e)
+asyncio.run(main())
+"#;
+    let python = crate::tools::PG_DRIVERS.bin().join("python3");
+    let out = tokio::process::Command::new(python)
+        .args(["-c", script, &addr.port().to_string(), &viewer(&app)])
+        .output()
+        .await
+        .unwrap();
+    let (stdout, stderr) = text(&out);
+    assert!(stdout.contains("first 10"), "{stdout}{stderr}");
+    assert!(
+        stdout.contains("error 57014") && stdout.contains("took none of the result"),
+        "{stdout}{stderr}"
+    );
+    // 52⁴ rows: over the 1,000,000-row cap after rows were sent.
+    let out = psql(
+        addr,
+        &viewer(&app),
+        "disable",
+        &[
+            "-A",
+            "-t",
+            "-o",
+            "/dev/null",
+            "-c",
+            "SELECT a.value FROM readings a, readings b, readings c, readings d",
+        ],
+    )
+    .await;
+    let (_, stderr) = text(&out);
+    assert!(
+        !out.status.success() && stderr.contains("54000") && stderr.contains("1000000 rows"),
+        "{stderr}"
+    );
+}

@@ -619,3 +619,46 @@ async fn streamed_results_end_with_their_row_count() {
         );
     }
 }
+
+/// A token whose queries used up their share of time is told when to come back
+/// (429 + Retry-After), while another token's query runs.
+#[tokio::test]
+async fn a_token_over_its_share_of_time_is_told_when_to_come_back() {
+    // A 1-s limit: the budget holds 1 s and fills at 0.25 s a second.
+    let app = TestApp::spawn_with(|a| a.sql_timeout = Duration::from_secs(1)).await;
+    let token = viewer(&app);
+    let bomb =
+        "WITH RECURSIVE t(n) AS (SELECT 1 UNION ALL SELECT n + 1 FROM t) SELECT count(*) FROM t";
+    let post = |token: &str| {
+        app.client
+            .post(app.url("/api/v1/sql"))
+            .bearer_auth(token)
+            .body(bomb)
+            .send()
+    };
+    for _ in 0..2 {
+        assert_eq!(
+            post(&token).await.unwrap().status(),
+            StatusCode::REQUEST_TIMEOUT
+        );
+    }
+    // Two 1-s queries left the budget at about -0.75 s: three seconds to wait.
+    let r = post(&token).await.unwrap();
+    assert_eq!(r.status(), StatusCode::TOO_MANY_REQUESTS);
+    let retry: u64 = r.headers()["retry-after"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!((2..=4).contains(&retry), "{retry}");
+    let body: Value = r.json().await.unwrap();
+    assert!(
+        body["error"]
+            .as_str()
+            .unwrap()
+            .contains("share of the server's time"),
+        "{body}"
+    );
+    let v = sql_json(&app, &viewer(&app), "SELECT 1 AS one").await;
+    assert_eq!(v["rows"], json!([[1]]));
+}
