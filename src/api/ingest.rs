@@ -230,6 +230,79 @@ impl IngestResponse {
     }
 }
 
+impl IngestResponse {
+    /// The response as `into_response` builds it, with the summaries encoded
+    /// directly: poem-openapi goes through a `serde_json::Value` (a map with its keys
+    /// as strings) and builds its headers from strings, ~10 allocations of the ~64 a
+    /// fleet's 6-reading request cost (heaptrack, 2,000 devices over 64
+    /// connections). The bytes are the same (unit test
+    /// `direct_answers_equal_poem_openapis`).
+    pub fn into_direct_response(self) -> poem::Response {
+        use poem::http::{HeaderValue, StatusCode};
+        let (status, summary) = match self {
+            Self::Ok(Json(s)) => (StatusCode::OK, s),
+            Self::Rejected(Json(s)) => (StatusCode::BAD_REQUEST, s),
+            Self::TooLarge(Json(s)) => (StatusCode::PAYLOAD_TOO_LARGE, s),
+            Self::Timeout(Json(s)) => (StatusCode::REQUEST_TIMEOUT, s),
+            other => return poem::IntoResponse::into_response(other),
+        };
+        // Written into a `BytesMut`, whose `freeze` makes the body without the
+        // copy or the extra allocation a `Vec` with spare capacity takes.
+        let mut body = bytes::BufMut::writer(bytes::BytesMut::with_capacity(96));
+        match serde_json::to_writer(&mut body, &SummaryWire(&summary)) {
+            Ok(()) => poem::Response::builder()
+                .status(status)
+                .header(
+                    header::CONTENT_TYPE,
+                    HeaderValue::from_static("application/json; charset=utf-8"),
+                )
+                .body(body.into_inner().freeze()),
+            // Not reached (counts and strings always encode); poem-openapi's own way
+            // then says what went wrong.
+            Err(_) => poem::IntoResponse::into_response(Json(summary)),
+        }
+    }
+}
+
+/// [`IngestSummary`] as JSON with its keys in the order poem-openapi writes them
+/// (sorted), skipping `error` when there is none.
+struct SummaryWire<'a>(&'a IngestSummary);
+
+impl serde::Serialize for SummaryWire<'_> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::{SerializeSeq as _, SerializeStruct as _};
+        struct Lines<'a>(&'a [LineErrorBody]);
+        impl serde::Serialize for Lines<'_> {
+            fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+                let mut seq = s.serialize_seq(Some(self.0.len()))?;
+                for l in self.0 {
+                    seq.serialize_element(&Line(l))?;
+                }
+                seq.end()
+            }
+        }
+        struct Line<'a>(&'a LineErrorBody);
+        impl serde::Serialize for Line<'_> {
+            fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+                let mut st = s.serialize_struct("LineErrorBody", 2)?;
+                st.serialize_field("error", &self.0.error)?;
+                st.serialize_field("line", &self.0.line)?;
+                st.end()
+            }
+        }
+        let v = self.0;
+        let mut st = s.serialize_struct("IngestSummary", 5)?;
+        st.serialize_field("accepted", &v.accepted)?;
+        st.serialize_field("duplicates", &v.duplicates)?;
+        if let Some(e) = &v.error {
+            st.serialize_field("error", e)?;
+        }
+        st.serialize_field("errors", &Lines(&v.errors))?;
+        st.serialize_field("rejected", &v.rejected)?;
+        st.end()
+    }
+}
+
 async fn respond(state: &Arc<AppState>, req: &Request, body: Body) -> IngestResponse {
     let auth = req
         .headers()
@@ -635,5 +708,66 @@ fn write_failed(e: WriteError) -> IngestResponse {
                 "storing the readings failed; nothing of this batch was stored, retry the request",
             )))
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn summary(errors: usize, error: Option<&str>) -> IngestSummary {
+        IngestSummary {
+            accepted: 6,
+            duplicates: 2,
+            rejected: errors as u64,
+            errors: (0..errors)
+                .map(|i| LineErrorBody {
+                    line: i as u64 + 3,
+                    error: format!("unknown sensor \"w\\arp{i}\" ü"),
+                })
+                .collect(),
+            error: error.map(str::to_owned),
+        }
+    }
+
+    async fn parts(r: poem::Response) -> (u16, Option<String>, Vec<u8>) {
+        let ct = r
+            .headers()
+            .get(header::CONTENT_TYPE)
+            .map(|v| v.to_str().unwrap().to_owned());
+        let status = r.status().as_u16();
+        (status, ct, r.into_body().into_vec().await.unwrap())
+    }
+
+    /// The direct encoding is byte for byte poem-openapi's, for every summary status.
+    #[tokio::test]
+    async fn direct_answers_equal_poem_openapis() {
+        let cases = [
+            summary(0, None),
+            summary(2, None),
+            summary(1, Some("body larger than 1 MiB")),
+            summary(0, Some("the body stalled")),
+        ];
+        for s in cases {
+            let make: [fn(IngestSummary) -> IngestResponse; 4] = [
+                |s| IngestResponse::Ok(Json(s)),
+                |s| IngestResponse::Rejected(Json(s)),
+                |s| IngestResponse::TooLarge(Json(s)),
+                |s| IngestResponse::Timeout(Json(s)),
+            ];
+            for m in make {
+                let direct = parts(m(s.clone()).into_direct_response()).await;
+                let poem = parts(poem::IntoResponse::into_response(m(s.clone()))).await;
+                assert_eq!(
+                    String::from_utf8_lossy(&direct.2),
+                    String::from_utf8_lossy(&poem.2)
+                );
+                assert_eq!(direct, poem);
+            }
+        }
+        // Responses with headers of their own go poem-openapi's way.
+        let busy = IngestResponse::Busy(Json(ErrorBody::new("busy")), 3).into_direct_response();
+        assert_eq!(busy.status().as_u16(), 503);
+        assert_eq!(busy.headers().get(header::RETRY_AFTER).unwrap(), "3");
     }
 }

@@ -29,7 +29,7 @@ use poem::endpoint::StaticFilesEndpoint;
 use poem::http::{Method, header};
 use poem::middleware::Cors;
 use poem::web::Data;
-use poem::{Endpoint, EndpointExt, IntoEndpoint, IntoResponse, Request, Response, Route};
+use poem::{Endpoint, EndpointExt, IntoEndpoint, Request, Response, Route};
 use poem_openapi::param::{Path, Query};
 use poem_openapi::payload::{Json, PlainText};
 use poem_openapi::{ApiResponse, Object, OpenApi, OpenApiService, Tags};
@@ -449,7 +449,9 @@ pub fn app(
             if req.method() == Method::POST && req.uri().path() == "/ingest" && !origin_allowed {
                 let (req, mut body) = req.split();
                 let body = body.take().unwrap_or_default();
-                return ingest::handle(&state, &req, body).await.into_response();
+                return ingest::handle(&state, &req, body)
+                    .await
+                    .into_direct_response();
             }
             let path = req.uri().path();
             let is_api = API_PREFIXES.iter().any(|p| {

@@ -3,6 +3,7 @@
 //! be checked against stored readings ("maybe"); then the per-request counts.
 
 use rustc_hash::{FxHashMap, FxHashSet};
+use smallvec::SmallVec;
 
 use super::Job;
 use super::known::{Known, Lookup};
@@ -50,8 +51,10 @@ pub(super) struct KeyAcc {
     pub seen: FxHashSet<i64>,
     pub delta: Option<SeriesStats>,
     pub duplicates: u64,
-    /// Readings (`(µs, value)`) this group stores, filled by [`tally`].
-    pub new_rows: Vec<(i64, f64)>,
+    /// Readings (`(µs, value)`) this group stores, filled by [`tally`]. A live
+    /// fleet's group holds one or two per series: inline, not one allocation per
+    /// series and group (6 of a 6-reading request's ~64, heaptrack).
+    pub new_rows: SmallVec<[(i64, f64); 2]>,
 }
 
 impl KeyAcc {
@@ -151,7 +154,7 @@ pub(super) fn classify(
                             seen: FxHashSet::default(),
                             delta: None,
                             duplicates: 0,
-                            new_rows: Vec::new(),
+                            new_rows: SmallVec::new(),
                         });
                         keys.len() - 1
                     });
