@@ -161,14 +161,51 @@ pub(super) fn append_rows(conn: &Connection, rows: &[Partial]) -> Result<(), Sto
         return Ok(());
     }
     let mut app = conn.appender("rollups")?;
-    for p in rows {
-        app.append_row(duckdb::params![
-            p.device, p.sensor, p.slot_ms, p.readings, p.min, p.max, p.sum, p.first_us, p.first,
-            p.last_us, p.last
-        ])?;
-    }
+    app.append_record_batch(partials_batch(rows)?)?;
     app.flush()?;
     Ok(())
+}
+
+/// Partials as one Arrow batch in the table's column order: appended row by row
+/// (eleven parameters boxed per row) they were 8 % of the front's samples in a
+/// bulk import, and a live fleet's flush appends one per series and quarter hour.
+fn partials_batch(rows: &[Partial]) -> Result<RecordBatch, StoreError> {
+    use duckdb::arrow::array::ArrayRef;
+    use duckdb::arrow::datatypes::{DataType, Field, Schema};
+    use std::sync::Arc;
+    let i64s = |f: fn(&Partial) -> i64| -> ArrayRef {
+        Arc::new(Int64Array::from_iter_values(rows.iter().map(f)))
+    };
+    let f64s = |f: fn(&Partial) -> f64| -> ArrayRef {
+        Arc::new(Float64Array::from_iter_values(rows.iter().map(f)))
+    };
+    let columns: [(&str, DataType, ArrayRef); 11] = [
+        (
+            "device_id",
+            DataType::Int32,
+            Arc::new(Int32Array::from_iter_values(rows.iter().map(|p| p.device))),
+        ),
+        (
+            "sensor_id",
+            DataType::Int16,
+            Arc::new(Int16Array::from_iter_values(rows.iter().map(|p| p.sensor))),
+        ),
+        ("slot_ms", DataType::Int64, i64s(|p| p.slot_ms)),
+        ("readings", DataType::Int64, i64s(|p| p.readings)),
+        ("min_value", DataType::Float64, f64s(|p| p.min)),
+        ("max_value", DataType::Float64, f64s(|p| p.max)),
+        ("sum_value", DataType::Float64, f64s(|p| p.sum)),
+        ("first_us", DataType::Int64, i64s(|p| p.first_us)),
+        ("first_value", DataType::Float64, f64s(|p| p.first)),
+        ("last_us", DataType::Int64, i64s(|p| p.last_us)),
+        ("last_value", DataType::Float64, f64s(|p| p.last)),
+    ];
+    let (fields, arrays): (Vec<Field>, Vec<ArrayRef>) = columns
+        .into_iter()
+        .map(|(name, ty, a)| (Field::new(name, ty, false), a))
+        .unzip();
+    RecordBatch::try_new(Arc::new(Schema::new(fields)), arrays)
+        .map_err(|e| StoreError::Internal(format!("building the rollups' append batch: {e}")))
 }
 
 /// The columns of one row combining a slot's partial rows (`GROUP BY device_id,
