@@ -733,8 +733,12 @@ fn order_name(o: Order) -> &'static str {
 }
 
 fn print_report(r: &FleetReport) {
+    // The server inherits the environment; two malloc arenas (as deployed) cost the
+    // fleet ~7 % of its rate (docs/performance.md, session 26), so say which ran.
+    let arenas = std::env::var("MALLOC_ARENA_MAX").unwrap_or_else(|_| "unset".into());
     println!(
-        "milepost bench --scenario fleet: {} devices, {} readings per request",
+        "milepost bench --scenario fleet: {} devices, {} readings per request, \
+         MALLOC_ARENA_MAX {arenas}",
         r.devices, r.readings_per_request
     );
     println!(
