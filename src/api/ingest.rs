@@ -194,6 +194,12 @@ fn unsupported(msg: String) -> IngestResponse {
     IngestResponse::UnsupportedMediaType(Json(ErrorBody::new(msg)))
 }
 
+/// Whether `req` is a `POST /ingest`: the request span and the fleet's fast path
+/// single it out.
+pub(super) fn is_ingest(req: &Request) -> bool {
+    req.method() == poem::http::Method::POST && req.uri().path() == "/ingest"
+}
+
 /// Handles one ingest request and records its outcome in the metrics.
 pub async fn handle(state: &Arc<AppState>, req: &Request, body: Body) -> IngestResponse {
     let started = std::time::Instant::now();
@@ -239,11 +245,12 @@ impl IngestResponse {
     /// `direct_answers_equal_poem_openapis`).
     pub fn into_direct_response(self) -> poem::Response {
         use poem::http::{HeaderValue, StatusCode};
-        let (status, summary) = match self {
-            Self::Ok(Json(s)) => (StatusCode::OK, s),
-            Self::Rejected(Json(s)) => (StatusCode::BAD_REQUEST, s),
-            Self::TooLarge(Json(s)) => (StatusCode::PAYLOAD_TOO_LARGE, s),
-            Self::Timeout(Json(s)) => (StatusCode::REQUEST_TIMEOUT, s),
+        let status = StatusCode::from_u16(self.status()).unwrap_or(StatusCode::OK);
+        let summary = match self {
+            Self::Ok(Json(s))
+            | Self::Rejected(Json(s))
+            | Self::TooLarge(Json(s))
+            | Self::Timeout(Json(s)) => s,
             other => return poem::IntoResponse::into_response(other),
         };
         // Written into a `BytesMut`, whose `freeze` makes the body without the
@@ -258,8 +265,12 @@ impl IngestResponse {
                 )
                 .body(body.into_inner().freeze()),
             // Not reached (counts and strings always encode); poem-openapi's own way
-            // then says what went wrong.
-            Err(_) => poem::IntoResponse::into_response(Json(summary)),
+            // then says what went wrong, with the same status.
+            Err(_) => {
+                let mut r = poem::IntoResponse::into_response(Json(summary));
+                r.set_status(status);
+                r
+            }
         }
     }
 }

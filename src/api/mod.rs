@@ -446,7 +446,7 @@ pub fn app(
             // poem's nested routes, the ETag layer and the OpenAPI extractors were
             // several percent of a 6-reading request's CPU time. The handler and its
             // answers are the same as through `PublicApi::ingest`.
-            if req.method() == Method::POST && req.uri().path() == "/ingest" && !origin_allowed {
+            if ingest::is_ingest(&req) && !origin_allowed {
                 let (req, mut body) = req.split();
                 let body = body.take().unwrap_or_default();
                 return ingest::handle(&state, &req, body)

@@ -15,7 +15,7 @@ pub async fn request<E: Endpoint>(ep: Arc<E>, req: Request) -> poem::Result<Resp
     // formats a span's fields when it is created, whether or not anything inside
     // it is logged (3–4 allocations and the formatting, per request). Its name says
     // what they would have, so logs still show the method and path.
-    let span = if req.method() == poem::http::Method::POST && req.uri().path() == "/ingest" {
+    let span = if super::ingest::is_ingest(&req) {
         tracing::info_span!("POST /ingest")
     } else {
         tracing::info_span!(
