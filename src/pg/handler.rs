@@ -29,7 +29,7 @@ use super::session::{self, Session};
 use crate::metrics::{Metrics, OutcomeLabel};
 use crate::store::sql::arrow::record_batch::RecordBatch;
 use crate::store::sql::{
-    CancelOnDrop, Client, SqlEngine, SqlError, SqlParam, SqlShape, SqlSummary,
+    CancelOnDrop, Client, ParamType, SqlEngine, SqlError, SqlParam, SqlShape, SqlSummary,
 };
 
 /// A statement as the client sent it, with what the listener learnt of it.
@@ -41,8 +41,10 @@ pub struct Statement {
     empty: bool,
     /// Set when the listener answers it itself.
     session: Option<Session>,
-    /// Parameter types read from casts in the text (`$1::float8`).
-    cast_types: Vec<Option<Type>>,
+    /// Parameter types as DuckDB's binder infers them (`ts > $1`: a timestamp),
+    /// else as the text casts them (`$1::float8`); told to drivers that ask, and
+    /// used to read the binary values they then send.
+    param_types: Vec<Option<Type>>,
 }
 
 impl Statement {
@@ -54,7 +56,7 @@ impl Statement {
                 .trim_matches(|c: char| c == ';' || c.is_whitespace())
                 .is_empty(),
             session: session::classify(sql),
-            cast_types: cast_types(sql),
+            param_types: cast_types(sql),
         }
     }
 }
@@ -67,10 +69,43 @@ static CAST: LazyLock<Regex> = LazyLock::new(|| {
         .expect("cast pattern")
 });
 
-/// The types the text casts its parameters to: drivers that ask the server for
-/// parameter types (asyncpg) then send values of those types. DuckDB's binder
-/// does not say what type a bare `$1` takes, so the others are text, which DuckDB
-/// casts to what the query needs.
+impl Statement {
+    /// Whether the sandbox runs it (not answered by the listener itself).
+    fn is_query(&self) -> bool {
+        !self.empty && self.session.is_none()
+    }
+
+    /// With the parameter types DuckDB's binder inferred (`$1` first), where it
+    /// could; the casts' types elsewhere.
+    fn with_inferred(mut self, inferred: &[Option<ParamType>]) -> Self {
+        if self.param_types.len() < inferred.len() {
+            self.param_types.resize(inferred.len(), None);
+        }
+        for (slot, t) in self.param_types.iter_mut().zip(inferred) {
+            if let Some(t) = t {
+                *slot = Some(pg_param_type(*t));
+            }
+        }
+        self
+    }
+}
+
+/// The PostgreSQL type a driver sends a parameter of type `t` as.
+fn pg_param_type(t: ParamType) -> Type {
+    match t {
+        ParamType::Bool => Type::BOOL,
+        ParamType::Int => Type::INT8,
+        ParamType::Float => Type::FLOAT8,
+        ParamType::Text => Type::TEXT,
+        ParamType::Timestamp => Type::TIMESTAMP,
+        ParamType::Date => Type::DATE,
+    }
+}
+
+/// The types the text casts its parameters to, for what DuckDB's binder cannot
+/// tell (a query on the catalog): drivers that ask the server for parameter
+/// types (asyncpg) then send values of those types. The rest are text, which
+/// DuckDB casts to what the query needs.
 fn cast_types(sql: &str) -> Vec<Option<Type>> {
     let mut types: Vec<Option<Type>> = Vec::new();
     for c in CAST.captures_iter(sql) {
@@ -99,9 +134,11 @@ fn cast_types(sql: &str) -> Vec<Option<Type>> {
     types
 }
 
-/// Makes [`Statement`]s; the sandbox checks them when they are described or run.
-#[derive(Debug, Default)]
-pub struct Parser;
+/// Makes [`Statement`]s, with their parameters' types; the sandbox checks them
+/// when they are described or run.
+pub struct Parser {
+    engine: Arc<SqlEngine>,
+}
 
 #[async_trait]
 impl QueryParser for Parser {
@@ -116,12 +153,22 @@ impl QueryParser for Parser {
     where
         C: ClientInfo + Unpin + Send + Sync,
     {
-        Ok(Some(Statement::new(sql)))
+        let stmt = Statement::new(sql);
+        if !stmt.is_query() {
+            return Ok(Some(stmt));
+        }
+        // Binding takes well under a millisecond, but under a lock shared by
+        // every connection: off the async workers.
+        let (engine, text) = (self.engine.clone(), sql.to_owned());
+        let inferred = tokio::task::spawn_blocking(move || engine.param_types(&text))
+            .await
+            .unwrap_or_default();
+        Ok(Some(stmt.with_inferred(&inferred)))
     }
 
     fn get_parameter_types(&self, stmt: &Statement) -> PgWireResult<Vec<Type>> {
         Ok(stmt
-            .cast_types
+            .param_types
             .iter()
             .map(|t| t.clone().unwrap_or(Type::TEXT))
             .collect())
@@ -147,8 +194,10 @@ pub struct Handler {
 impl Handler {
     pub(super) fn new(engine: Arc<SqlEngine>, metrics: Arc<Metrics>) -> Self {
         Self {
+            parser: Arc::new(Parser {
+                engine: engine.clone(),
+            }),
             engine,
-            parser: Arc::new(Parser),
             metrics,
         }
     }
@@ -417,9 +466,11 @@ fn query_state(message: &str) -> &'static str {
     }
 }
 
-/// The portal's parameters as query values, by the type the client gave (or the
-/// text's cast): numbers, booleans and timestamps as such, the rest as text,
-/// which DuckDB casts to what the query needs there.
+/// The portal's parameters as query values, by the type the client gave:
+/// numbers, booleans and timestamps as such, the rest as text, which DuckDB casts
+/// to what the query needs there. A value of a type the client left to the
+/// server is read by the type the server described (binary values need one),
+/// or as that text.
 fn params(portal: &Portal<Statement>) -> PgWireResult<Vec<SqlParam>> {
     let stmt = &portal.statement;
     (0..portal.parameter_len())
@@ -427,14 +478,23 @@ fn params(portal: &Portal<Statement>) -> PgWireResult<Vec<SqlParam>> {
             if portal.parameters[i].is_none() {
                 return Ok(SqlParam::Null);
             }
-            let ty = stmt
+            let declared = stmt
                 .parameter_types
                 .get(i)
                 .cloned()
                 .flatten()
-                .filter(|t| *t != Type::UNKNOWN)
-                .or_else(|| stmt.statement.cast_types.get(i).cloned().flatten())
-                .unwrap_or(Type::TEXT);
+                .filter(|t| *t != Type::UNKNOWN);
+            let ty = match declared {
+                Some(t) => t,
+                None if portal.parameter_format.is_binary(i) => stmt
+                    .statement
+                    .param_types
+                    .get(i)
+                    .cloned()
+                    .flatten()
+                    .unwrap_or(Type::TEXT),
+                None => Type::TEXT,
+            };
             param(portal, i, &ty)
         })
         .collect()
@@ -542,7 +602,7 @@ impl ExtendedQueryHandler for Handler {
                     .cloned()
                     .flatten()
                     .filter(|t| *t != Type::UNKNOWN)
-                    .or_else(|| stmt.cast_types.get(i).cloned().flatten())
+                    .or_else(|| stmt.param_types.get(i).cloned().flatten())
                     .unwrap_or(Type::TEXT)
             })
             .collect();

@@ -255,6 +255,19 @@ async def asyncpg_checks():
     counts = [await stmt.fetchval(d, 0.0) for d in DEVICES]
     assert all(n > 0 for n in counts), counts
     assert await conn.fetchval("SELECT $1::bigint + 1", 41) == 42
+    # Without casts, parameters take the types DuckDB's binder gives them where
+    # they stand: asyncpg sends a datetime, a float and an int as such.
+    uncast = await conn.fetchval(
+        """SELECT count(*) FROM (SELECT * FROM readings
+               WHERE device = $1 AND ts >= $2 AND value >= $3 LIMIT $4)""",
+        DEVICES[0],
+        datetime.datetime(2000, 1, 1),
+        0.0,
+        1_000_000,
+    )
+    assert uncast == counts[0], (uncast, counts)
+    future = datetime.datetime(2100, 1, 1)
+    assert await conn.fetchval("SELECT count(*) FROM readings WHERE ts > $1", future) == 0
     assert await conn.fetch("SELECT * FROM readings WHERE false") == []
     try:
         await conn.fetch("SELECT * FROM milepost.main.alerts")

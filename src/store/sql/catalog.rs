@@ -423,6 +423,24 @@ pub(super) fn for_catalog(sql: &str) -> Cow<'_, str> {
     rewrite(sql, &CATALOG)
 }
 
+/// `CREATE TABLE` statements for the contract's relations, empty, with the
+/// columns and types of the views on `views` (a connection where they exist).
+pub(super) fn relation_tables(views: &Connection) -> Result<String, StoreError> {
+    let mut tables = String::new();
+    for relation in RELATIONS {
+        let mut stmt = views.prepare(&format!("DESCRIBE {relation}"))?;
+        let columns = stmt
+            .query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)))?
+            .collect::<Result<Vec<_>, _>>()?;
+        let columns: Vec<String> = columns
+            .iter()
+            .map(|(name, ty)| format!("\"{name}\" {ty}"))
+            .collect();
+        tables += &format!("CREATE TABLE {relation} ({});\n", columns.join(", "));
+    }
+    Ok(tables)
+}
+
 /// The in-memory instance and its idle connections.
 pub(super) struct Catalog {
     /// Connections to the in-memory instance.
@@ -430,21 +448,9 @@ pub(super) struct Catalog {
 }
 
 impl Catalog {
-    /// Builds the instance; `views` is a connection where the contract's views
-    /// exist, to read their columns from.
-    pub(super) fn new(views: &Connection) -> Result<Self, StoreError> {
-        let mut tables = String::new();
-        for relation in RELATIONS {
-            let mut stmt = views.prepare(&format!("DESCRIBE {relation}"))?;
-            let columns = stmt
-                .query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)))?
-                .collect::<Result<Vec<_>, _>>()?;
-            let columns: Vec<String> = columns
-                .iter()
-                .map(|(name, ty)| format!("\"{name}\" {ty}"))
-                .collect();
-            tables += &format!("CREATE TABLE {relation} ({});\n", columns.join(", "));
-        }
+    /// Builds the instance with `tables`, the contract's relations
+    /// ([`relation_tables`]).
+    pub(super) fn new(tables: &str) -> Result<Self, StoreError> {
         let config = Config::default()
             .max_memory("64MB")
             .and_then(|c| c.threads(1))
@@ -454,7 +460,7 @@ impl Catalog {
             .and_then(|c| c.with("allow_community_extensions", "false"))
             .map_err(|e| StoreError::Config(e.to_string()))?;
         let base = Connection::open_in_memory_with_flags(config)?;
-        base.execute_batch(&tables)?;
+        base.execute_batch(tables)?;
         base.execute_batch(MACROS)?;
         base.execute_batch(&current_setting())?;
         base.execute_batch(&format!("CREATE SCHEMA {COMPAT}"))?;

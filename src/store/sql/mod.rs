@@ -36,9 +36,13 @@
 //!    the client stops taking the result), results are capped in rows and bytes,
 //!    at most `max_concurrent` queries run at once, one per client, and each
 //!    client's queries get a share of the server's time (`time_share`).
+//!
+//! **Parameter types** (what drivers such as asyncpg ask before they send
+//! values) come from DuckDB's binder on a third, in-memory instance of empty
+//! relations, for queries that passed the rules ([`binder`]).
 
 use std::sync::mpsc::{RecvTimeoutError, channel};
-use std::sync::{Arc, Condvar, Mutex};
+use std::sync::{Arc, Condvar, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use duckdb::Connection;
@@ -50,8 +54,11 @@ use serde_json::Value;
 use super::pool::Pool;
 use super::{Shared, StoreError};
 
+mod binder;
 mod catalog;
 mod names;
+
+pub use binder::ParamType;
 
 /// The relations users may read.
 pub const RELATIONS: [&str; 6] = [
@@ -677,6 +684,11 @@ pub struct SqlEngine {
     pool: Pool,
     shared: Arc<Shared>,
     catalog: catalog::Catalog,
+    /// Infers parameters' types (DuckDB's binder, without the data); opened on
+    /// first use (only PostgreSQL drivers ask; ~3 MiB), `None` if it failed to.
+    binder: OnceLock<Option<binder::Binder>>,
+    /// The contract's relations as empty tables, for the binder.
+    tables: String,
     running: Mutex<Running>,
     freed: Condvar,
     limits: SqlLimits,
@@ -691,11 +703,14 @@ impl SqlEngine {
         let db: String = base.query_row("SELECT current_database()", [], |r| r.get(0))?;
         // Idle connections beyond the slots are never needed.
         let pool = Pool::new(base, limits.max_concurrent.max(1)).with_setup(views(&db));
-        let catalog = pool.with(catalog::Catalog::new)?;
+        let tables = pool.with(catalog::relation_tables)?;
+        let catalog = catalog::Catalog::new(&tables)?;
         Ok(Self {
             pool,
             shared,
             catalog,
+            binder: OnceLock::new(),
+            tables,
             running: Mutex::new(Running::default()),
             freed: Condvar::new(),
             limits,
@@ -781,6 +796,22 @@ impl SqlEngine {
             Ok(())
         })?;
         Ok((batches, summary))
+    }
+
+    /// The types DuckDB's binder gives the parameters of `sql` (`$1` first), `None`
+    /// where it cannot tell; empty when the sandbox would refuse `sql`, it reads
+    /// the catalog, or it does not bind. Reads no data, takes no query slot
+    /// (a driver asks this when it prepares a statement).
+    pub fn param_types(&self, sql: &str) -> Vec<Option<ParamType>> {
+        let binder = self.binder.get_or_init(|| {
+            binder::Binder::new(&self.tables)
+                .inspect_err(|e| tracing::warn!("parameter types will not be inferred: {e}"))
+                .ok()
+        });
+        binder
+            .as_ref()
+            .map(|b| b.param_types(&catalog::compatible(sql)))
+            .unwrap_or_default()
     }
 
     /// The columns `sql` would answer with and its number of parameters, checked
@@ -1628,6 +1659,54 @@ mod tests {
         ] {
             let r = rows(&engine, refused);
             assert!(matches!(r, Err(SqlError::Refused(_))), "{refused}: {r:?}");
+        }
+    }
+
+    #[test]
+    fn parameter_types_are_inferred_where_the_parameters_stand() {
+        use ParamType::*;
+        let dir = tempfile::tempdir().unwrap();
+        let store = store(dir.path());
+        let engine = store.sql_engine(limits()).unwrap();
+        let cases: [(&str, &[Option<ParamType>]); 7] = [
+            (
+                "SELECT * FROM readings WHERE ts > $1 AND value < $2 AND device = $3 LIMIT $4",
+                &[Some(Timestamp), Some(Float), Some(Text), Some(Int)],
+            ),
+            (
+                "SELECT count(*) FROM main.readings r JOIN devices USING (device)
+                 WHERE r.ts BETWEEN $2 AND $1 AND sensor IN ($3, 'speed')",
+                &[Some(Timestamp), Some(Timestamp), Some(Text)],
+            ),
+            ("SELECT $1::BIGINT + 1, $2::DATE", &[Some(Int), Some(Date)]),
+            (
+                "SELECT * FROM anomalies WHERE status = $1 OR $2",
+                &[Some(Text), Some(Bool)],
+            ),
+            // Untyped where it stands, or an interval: the driver sends text.
+            ("SELECT $1", &[None]),
+            (
+                "SELECT count(*) FROM readings WHERE ts > now() - $1",
+                &[None],
+            ),
+            // The catalog's queries are typed by their casts (the listener's).
+            (
+                "SELECT relname FROM pg_catalog.pg_class WHERE relname = $1",
+                &[],
+            ),
+        ];
+        for (sql, want) in cases {
+            assert_eq!(engine.param_types(sql), want, "{sql}");
+        }
+        // Nothing the sandbox refuses is bound: binding a table function would
+        // open its file.
+        for refused in [
+            "SELECT * FROM read_csv('/etc/passwd') WHERE column0 = $1",
+            "SELECT * FROM series WHERE readings > $1",
+            "DELETE FROM readings WHERE value > $1",
+            "SELECT * FROM readings WHERE nope > $1",
+        ] {
+            assert_eq!(engine.param_types(refused), [], "{refused}");
         }
     }
 
