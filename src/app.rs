@@ -175,6 +175,7 @@ impl Server {
         let sql = Arc::new(store.sql_engine(crate::store::sql::SqlLimits {
             timeout: args.sql_timeout,
             time_share: args.sql_time_share,
+            total_share: args.sql_total_share,
             ..crate::store::sql::SqlLimits::default()
         })?);
         let alerts = Arc::new(store.alert_store()?);

@@ -148,7 +148,7 @@ const SENSORS: [&str; 6] = generate::SENSORS;
 
 /// The fleet: per device its name and the seconds it has sent so far, live and of
 /// its backlog.
-struct Fleet {
+pub(super) struct Fleet {
     names: Vec<String>,
     /// Live seconds sent…
     seconds: Vec<Arc<AtomicU32>>,
@@ -705,6 +705,43 @@ async fn victoria(
     .await;
     let _ = server.0.terminate();
     run.map(|()| phases)
+}
+
+/// A live fleet of `devices` devices that `server` knows (their first requests
+/// sent), for other scenarios to measure ingest beside their own load.
+pub(super) async fn live_fleet(server: &BenchServer, devices: usize) -> anyhow::Result<Arc<Fleet>> {
+    let base = Timestamp::now().as_micros() / 1_000_000 - 600;
+    let fleet = Arc::new(Fleet::new("car", devices, base));
+    let target = Target {
+        server,
+        wire: Wire::Milepost,
+    };
+    warm_up(target, &fleet).await?;
+    Ok(fleet)
+}
+
+/// One live phase of `fleet` over `connections` connections for `duration`.
+pub(super) async fn live_phase(
+    server: &BenchServer,
+    fleet: &Arc<Fleet>,
+    name: &str,
+    connections: usize,
+    duration: Duration,
+) -> anyhow::Result<FleetPhase> {
+    let target = Target {
+        server,
+        wire: Wire::Milepost,
+    };
+    phase(
+        target,
+        name,
+        fleet,
+        connections,
+        Some(duration),
+        Order::Live,
+        None,
+    )
+    .await
 }
 
 /// Every device's first request (not timed): the server knows them all afterwards.

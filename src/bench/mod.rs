@@ -25,6 +25,7 @@ pub mod process;
 pub mod push;
 pub mod readers;
 pub mod soak;
+pub mod sql;
 
 use std::os::unix::fs::FileExt as _;
 use std::path::{Path, PathBuf};
@@ -143,6 +144,10 @@ pub enum Scenario {
     /// The console's pages and charts with `--readings` of `--devices` simulated
     /// cars stored, the newest now.
     Console,
+    /// Users' SQL: a Grafana-style panel over the PostgreSQL protocol against
+    /// DuckDB's own API, rows fetched over the wire and as Arrow, and live ingest
+    /// beside heavy queries (see `bench::sql`).
+    Sql,
 }
 
 /// One measured phase.

@@ -73,6 +73,9 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Bench(args) if args.scenario == crate::bench::Scenario::Console => {
             crate::bench::console::run(args).await
         }
+        Command::Bench(args) if args.scenario == crate::bench::Scenario::Sql => {
+            crate::bench::sql::run(args).await.map(|_| ())
+        }
         Command::Bench(args) if args.scenario == crate::bench::Scenario::Push => {
             crate::bench::push::run(args).await
         }

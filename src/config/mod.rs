@@ -264,6 +264,12 @@ pub struct ServeArgs {
     /// third of its rate on two cores.
     #[arg(long, env = "MILEPOST_SQL_TIME_SHARE", default_value_t = 0.25, value_parser = parse_share)]
     pub sql_time_share: f64,
+    /// The share of the server's time all tokens' SQL queries together may take
+    /// (a budget like each token's, server-wide), so that many tokens cannot add
+    /// their shares up to the whole machine; over it a query waits (up to a
+    /// second) or gets 503 + Retry-After (SQLSTATE 53300). 1 turns it off.
+    #[arg(long, env = "MILEPOST_SQL_TOTAL_SHARE", default_value_t = 0.25, value_parser = parse_share)]
+    pub sql_total_share: f64,
     /// PostgreSQL wire listener for users' SQL (psql, Grafana, drivers), e.g.
     /// `127.0.0.1:5433`; off when unset. Passwords are backend tokens; off loopback
     /// it needs `--tls-cert`/`--tls-key` (or `--pg-insecure`).

@@ -365,7 +365,12 @@ fn count<T>(metrics: &Metrics, ran: &Result<T, SqlError>) {
         Err(SqlError::Timeout(_) | SqlError::Stalled(_)) => "timeout",
         Err(SqlError::Cancelled) => "cancelled",
         Err(SqlError::TooLarge(_)) => "too_large",
-        Err(SqlError::Busy | SqlError::ClientBusy(_) | SqlError::OverShare(_)) => "busy",
+        Err(
+            SqlError::Busy
+            | SqlError::ClientBusy(_)
+            | SqlError::OverShare(_)
+            | SqlError::ServerOverShare(_),
+        ) => "busy",
         Err(SqlError::Store(_)) => "internal",
     };
     metrics
@@ -439,7 +444,10 @@ pub(super) fn error(e: SqlError) -> PgWireError {
         SqlError::Query(m) => query_state(m),
         SqlError::Timeout(_) | SqlError::Stalled(_) | SqlError::Cancelled => "57014",
         SqlError::TooLarge(_) => "54000",
-        SqlError::Busy | SqlError::ClientBusy(_) | SqlError::OverShare(_) => "53300",
+        SqlError::Busy
+        | SqlError::ClientBusy(_)
+        | SqlError::OverShare(_)
+        | SqlError::ServerOverShare(_) => "53300",
         SqlError::Store(s) => {
             tracing::error!(error = %s, "pg query failed in the store");
             return user_error("XX000", "internal error; see the server log".into());

@@ -178,6 +178,47 @@ pub fn copy_day_natively(
     Ok((secs, n as u64))
 }
 
+/// Hourly means: (hour start in epoch seconds, mean), in time order.
+pub type HourlyMeans = Vec<(f64, f64)>;
+
+/// A panel's question on the internal tables through DuckDB's own API, the
+/// reference for users' SQL: `device`'s `sensor`, averaged per hour from `from_us`
+/// to `to_us` (UTC µs, both included), `runs` times. Each run plans its statement
+/// anew, its values in the text, as a dashboard's query arrives (its time range
+/// moves with every refresh). Returns each run's milliseconds and the answer's
+/// rows (hour start in epoch seconds, mean).
+pub fn hourly_means_natively(
+    dir: &Path,
+    memory_limit: &str,
+    (device, sensor): (&str, &str),
+    (from_us, to_us): (i64, i64),
+    runs: usize,
+) -> Result<(Vec<f64>, HourlyMeans), StoreError> {
+    let conn = connect(&DataDir::new(dir), memory_limit, true)?;
+    let quote = |s: &str| s.replace('\'', "''");
+    let sql = format!(
+        "SELECT floor(r.ts_ms / 3600000) * 3600 AS hour, avg(r.value) AS mean
+         FROM readings r
+         WHERE r.device_id = (SELECT id FROM devices WHERE name = '{}')
+           AND r.sensor_id = (SELECT id FROM sensors WHERE name = '{}')
+           AND r.ts_ms * 1000 + r.ts_us BETWEEN {from_us} AND {to_us}
+         GROUP BY 1 ORDER BY 1",
+        quote(device),
+        quote(sensor)
+    );
+    let mut times = Vec::with_capacity(runs);
+    let mut answer = Vec::new();
+    for _ in 0..runs.max(1) {
+        let started = Instant::now();
+        let mut stmt = conn.prepare(&sql)?;
+        answer = stmt
+            .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?
+            .collect::<Result<_, _>>()?;
+        times.push(started.elapsed().as_secs_f64() * 1e3);
+    }
+    Ok((times, answer))
+}
+
 /// A connection to `dir`'s database with Milepost's settings and two threads.
 fn connect(dir: &DataDir, memory_limit: &str, read_only: bool) -> Result<Connection, StoreError> {
     open_connection(

@@ -246,7 +246,9 @@ pub enum SqlResponse {
     /// after `Retry-After` seconds.
     #[oai(status = 429)]
     TooMany(Json<ErrorBody>, #[oai(header = "Retry-After")] u32),
-    /// Every slot for queries is taken; try again after `Retry-After` seconds.
+    /// Every slot for queries is taken, or all clients' queries together used up
+    /// their share of the server's time (`--sql-total-share`); try again after
+    /// `Retry-After` seconds.
     #[oai(status = 503)]
     Busy(Json<ErrorBody>, #[oai(header = "Retry-After")] u32),
 }
@@ -265,6 +267,10 @@ impl SqlResponse {
             SqlError::OverShare(wait) => {
                 let seconds = wait.as_secs().max(1).try_into().unwrap_or(u32::MAX);
                 Self::TooMany(body(&e), seconds)
+            }
+            SqlError::ServerOverShare(wait) => {
+                let seconds = wait.as_secs().max(1).try_into().unwrap_or(u32::MAX);
+                Self::Busy(body(&e), seconds)
             }
             SqlError::Store(s) => {
                 tracing::error!(error = %s, "user query failed in the store");

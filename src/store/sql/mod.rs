@@ -144,6 +144,13 @@ pub enum SqlError {
         .0.as_secs().max(1)
     )]
     OverShare(Duration),
+    /// All clients' queries together used up the server's share of time for them
+    /// (see [`SqlLimits::total_share`]); the next may start after this long.
+    #[error(
+        "users' queries used up their share of the server's time; try again in {} s",
+        .0.as_secs().max(1)
+    )]
+    ServerOverShare(Duration),
     /// The store failed.
     #[error(transparent)]
     Store(#[from] StoreError),
@@ -215,6 +222,12 @@ pub struct SqlLimits {
     /// it, one client looping a heavy query costs live ingest a third of its rate
     /// on two cores, whatever the query's thread priority (docs/performance.md).
     pub time_share: f64,
+    /// The share of time all clients' queries together may take: a budget like
+    /// each client's, server-wide, so that many tokens cannot add their shares up
+    /// to the whole machine. It holds back only clients whose own budget is not
+    /// full, so that heavy ones cannot starve someone's occasional query. 1 (or
+    /// more) turns it off.
+    pub total_share: f64,
 }
 
 impl Default for SqlLimits {
@@ -227,6 +240,7 @@ impl Default for SqlLimits {
             max_per_client: 1,
             queue_wait: Duration::from_secs(1),
             time_share: 0.25,
+            total_share: 0.25,
         }
     }
 }
@@ -1032,23 +1046,35 @@ impl SqlEngine {
     /// Waits until `client`'s time budget is positive again, if that is within
     /// `queue_wait`; [`SqlError::OverShare`] with the time to wait otherwise.
     fn await_budget(&self, client: &str, cancel: &Cancel) -> Result<(), SqlError> {
-        let Some(budget) = self.budget() else {
-            return Ok(());
-        };
-        let owed = {
+        let (own, all) = {
             let mut running = self.running.lock().expect("sql slots");
             let now = Instant::now();
-            running
-                .budgets
-                .retain(|_, b| b.balance(now, budget) < budget.capacity);
-            running
-                .budgets
-                .get(client)
-                .map_or(Duration::ZERO, |b| b.owed(now, budget))
+            let (own, light) = self.budget().map_or((Duration::ZERO, false), |budget| {
+                running
+                    .budgets
+                    .retain(|_, b| b.balance(now, budget) < budget.capacity);
+                // Full budgets were dropped just now.
+                running
+                    .budgets
+                    .get(client)
+                    .map_or((Duration::ZERO, true), |b| (b.owed(now, budget), false))
+            });
+            // A client whose own budget is full (nothing beyond its share lately,
+            // say someone's occasional question in psql) is not held back by what
+            // the heavy ones used; its time still counts against the server's.
+            let all = match (self.total_budget(), &running.all) {
+                (Some(budget), Some(b)) if !light => b.owed(now, budget),
+                _ => Duration::ZERO,
+            };
+            (own, all)
         };
-        if owed > self.limits.queue_wait {
-            return Err(SqlError::OverShare(owed));
+        if own > self.limits.queue_wait {
+            return Err(SqlError::OverShare(own));
         }
+        if all > self.limits.queue_wait {
+            return Err(SqlError::ServerOverShare(all));
+        }
+        let owed = own.max(all);
         let until = Instant::now() + owed;
         while let Some(left) = until.checked_duration_since(Instant::now()) {
             if cancel.cancelled() {
@@ -1059,9 +1085,17 @@ impl SqlEngine {
         Ok(())
     }
 
-    /// The time budget's rate and capacity; `None` when it is off.
+    /// A client's time budget's rate and capacity; `None` when it is off.
     fn budget(&self) -> Option<Budget> {
-        let rate = self.limits.time_share;
+        self.budget_at(self.limits.time_share)
+    }
+
+    /// The server-wide time budget's rate and capacity; `None` when it is off.
+    fn total_budget(&self) -> Option<Budget> {
+        self.budget_at(self.limits.total_share)
+    }
+
+    fn budget_at(&self, rate: f64) -> Option<Budget> {
         (rate > 0.0 && rate < 1.0).then(|| Budget {
             rate,
             capacity: self.limits.timeout.min(BUDGET_HELD).as_secs_f64(),
@@ -1106,12 +1140,13 @@ impl Balance {
 }
 
 /// Queries running, in all and by client, and the clients' time budgets (those
-/// not full).
+/// not full), and the server-wide one (once a query ended).
 #[derive(Default)]
 struct Running {
     total: usize,
     by_client: std::collections::HashMap<String, usize>,
     budgets: std::collections::HashMap<String, Balance>,
+    all: Option<Balance>,
 }
 
 /// A taken slot, given back when dropped, its time taken from the client's budget.
@@ -1124,9 +1159,19 @@ struct Slot<'a> {
 impl Drop for Slot<'_> {
     fn drop(&mut self) {
         let mut running = self.engine.running.lock().expect("sql slots");
+        let now = Instant::now();
+        let used = now.saturating_duration_since(self.started).as_secs_f64();
+        if let Some(budget) = self.engine.total_budget() {
+            let balance = running
+                .all
+                .as_ref()
+                .map_or(budget.capacity, |b| b.balance(now, budget));
+            running.all = Some(Balance {
+                seconds: balance - used,
+                at: now,
+            });
+        }
         if let Some(budget) = self.engine.budget() {
-            let now = Instant::now();
-            let used = now.saturating_duration_since(self.started).as_secs_f64();
             let balance = running
                 .budgets
                 .get(&self.client)
@@ -1443,11 +1488,13 @@ mod tests {
     fn a_client_gets_its_share_of_time() {
         let dir = tempfile::tempdir().unwrap();
         let store = store(dir.path());
+        // Each client's budget alone (the server-wide one is off).
         let engine = |time_share: f64, queue_wait_ms: u64| {
             store
                 .sql_engine(SqlLimits {
                     timeout: Duration::from_secs(1),
                     time_share,
+                    total_share: 1.0,
                     queue_wait: Duration::from_millis(queue_wait_ms),
                     ..SqlLimits::default()
                 })
@@ -1490,6 +1537,55 @@ mod tests {
             let r = rows_of(&free, BOMB, "a");
             assert!(matches!(r, Err(SqlError::Timeout(_))), "{r:?}");
         }
+    }
+
+    /// Many clients cannot add their shares up: the server-wide budget holds back
+    /// a client that is within its own share, but not one whose budget is full.
+    #[test]
+    fn clients_together_get_the_servers_share() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = store(dir.path());
+        let engine = |total_share: f64| {
+            store
+                .sql_engine(SqlLimits {
+                    timeout: Duration::from_secs(1),
+                    time_share: 0.5,
+                    total_share,
+                    queue_wait: Duration::from_millis(500),
+                    ..SqlLimits::default()
+                })
+                .unwrap()
+        };
+        // Budgets of 1 s. "a" and "b" each spend their own second (b's own budget
+        // was full, so it ran although a had spent the server's); together they
+        // leave the server's at about -0.75 s (it refilled during b's query):
+        // three seconds to wait at 0.25 s a second.
+        let shared = engine(0.25);
+        for client in ["a", "b"] {
+            let r = rows_of(&shared, BOMB, client);
+            assert!(matches!(r, Err(SqlError::Timeout(_))), "{r:?}");
+        }
+        std::thread::sleep(Duration::from_millis(200));
+        // a's own budget is positive again (0.5 s a second), the server's is not.
+        match rows_of(&shared, "SELECT 1", "a") {
+            Err(SqlError::ServerOverShare(wait)) => assert!(
+                wait > Duration::from_millis(2300) && wait < Duration::from_millis(3500),
+                "{wait:?}"
+            ),
+            other => panic!("{other:?}"),
+        }
+        // Someone's first question in a while still answers at once.
+        let started = Instant::now();
+        assert_eq!(rows_of(&shared, "SELECT 1", "c").unwrap(), [["1"]]);
+        assert!(started.elapsed() < Duration::from_millis(400));
+        // Off at a share of 1: the same steps leave a free to go on.
+        let free = engine(1.0);
+        for client in ["a", "b"] {
+            let r = rows_of(&free, BOMB, client);
+            assert!(matches!(r, Err(SqlError::Timeout(_))), "{r:?}");
+        }
+        std::thread::sleep(Duration::from_millis(200));
+        assert_eq!(rows_of(&free, "SELECT 1", "a").unwrap(), [["1"]]);
     }
 
     /// One client gets its share of the slots, not all of them: its next query
