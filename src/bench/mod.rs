@@ -221,22 +221,57 @@ pub(crate) fn work_dir(
     })
 }
 
-/// Runs the benchmark and prints the table.
-pub async fn run(args: BenchArgs) -> anyhow::Result<Report> {
-    let (work, _tmp) = work_dir(&args, "milepost-bench-")?;
+/// Generates `--readings` in `--clients` streams under `work` (see [`generate`]).
+async fn generate_inputs(args: &BenchArgs, work: &Path) -> anyhow::Result<Arc<Generated>> {
     eprintln!(
         "bench: generating {} readings in {}",
         args.readings,
         work.display()
     );
-    let generated = {
-        let (work, a) = (work.clone(), args.clone());
-        tokio::task::spawn_blocking(move || {
-            generate::generate(&work, "bench", a.readings, a.clients, a.chunk_lines, a.seed)
-        })
-        .await??
+    let (work, a) = (work.to_owned(), args.clone());
+    let generated = tokio::task::spawn_blocking(move || {
+        generate::generate(&work, "bench", a.readings, a.clients, a.chunk_lines, a.seed)
+    })
+    .await??;
+    Ok(Arc::new(generated))
+}
+
+/// Compacts the finished days of the (stopped) server's `dir` now; the
+/// compaction's summary and the bytes the database then uses.
+async fn compact(
+    dir: &Path,
+    memory_limit: &str,
+) -> anyhow::Result<(crate::store::Compaction, u64)> {
+    let cfg = crate::store::StoreConfig {
+        data_dir: dir.to_owned(),
+        memory_limit: memory_limit.to_owned(),
+        threads: 2,
+        series_memory: crate::store::DEFAULT_SERIES_MEMORY,
+        temp_limit: None,
     };
-    let gen_ = Arc::new(generated);
+    Ok(tokio::task::spawn_blocking(move || {
+        let store = crate::store::Store::open(&cfg)?;
+        let done = store.compact()?;
+        let used = store.used_bytes()?;
+        store.close()?;
+        Ok::<_, crate::store::StoreError>((done, used))
+    })
+    .await??)
+}
+
+/// The benchmarked server's binary: this one, or `MILEPOST_BENCH_SERVER` (another
+/// build, to compare it under the same client).
+fn server_exe() -> anyhow::Result<PathBuf> {
+    Ok(match std::env::var_os("MILEPOST_BENCH_SERVER") {
+        Some(other) => PathBuf::from(other),
+        None => std::env::current_exe()?,
+    })
+}
+
+/// Runs the benchmark and prints the table.
+pub async fn run(args: BenchArgs) -> anyhow::Result<Report> {
+    let (work, _tmp) = work_dir(&args, "milepost-bench-")?;
+    let gen_ = generate_inputs(&args, &work).await?;
     let mut phases = Vec::new();
 
     flush_page_cache();
@@ -290,24 +325,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<Report> {
     };
 
     eprintln!("bench: compacting finished days");
-    let compaction = {
-        let cfg = crate::store::StoreConfig {
-            data_dir: work.join("http"),
-            memory_limit: args.memory_limit.clone(),
-            threads: 2,
-            series_memory: crate::store::DEFAULT_SERIES_MEMORY,
-            temp_limit: None,
-        };
-        tokio::task::spawn_blocking(move || {
-            let store = crate::store::Store::open(&cfg)?;
-            let done = store.compact()?;
-            let used = store.used_bytes()?;
-            store.close()?;
-            Ok::<_, crate::store::StoreError>((done, used))
-        })
-        .await??
-    };
-    let (compaction, db_bytes_compacted) = compaction;
+    let (compaction, db_bytes_compacted) = compact(&work.join("http"), &args.memory_limit).await?;
     let db_file_bytes_compacted = std::fs::metadata(&db_path)?.len();
 
     eprintln!("bench: restart on the loaded, compacted file");
@@ -451,10 +469,7 @@ impl BenchServer {
     /// The server is this binary, or `MILEPOST_BENCH_SERVER` (another build, to
     /// compare it under the same client).
     fn start_with(dir: &Path, memory_limit: &str, more: &[&str]) -> anyhow::Result<Self> {
-        let exe = match std::env::var_os("MILEPOST_BENCH_SERVER") {
-            Some(other) => PathBuf::from(other),
-            None => std::env::current_exe()?,
-        };
+        let exe = server_exe()?;
         let extra = [
             "--api-key",
             BENCH_KEY,

@@ -25,7 +25,7 @@
 //!    the ratio of the rates.
 //! 5. Steps 2 and 3 again once the finished days are compacted.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -34,7 +34,7 @@ use anyhow::{Context as _, bail};
 use serde::Serialize;
 
 use super::fleet::{self, FleetPhase};
-use super::{BenchArgs, BenchServer, generate, percentile};
+use super::{BenchArgs, BenchServer, percentile};
 use crate::domain::Timestamp;
 use crate::store::diagnostics::HourlyMeans;
 
@@ -59,6 +59,8 @@ pub struct SqlReport {
     pub heavy_deferred: u64,
     /// Heavy queries that failed otherwise (time limit, memory, …).
     pub heavy_failed: u64,
+    /// The first such failure: status and message.
+    pub heavy_failure: Option<String>,
 }
 
 /// One pass of the query measurements.
@@ -95,19 +97,7 @@ const HOUR_BUCKET: &str = "floor(extract(epoch from ts)/3600)*3600";
 /// Runs the scenario and prints its table.
 pub async fn run(args: BenchArgs) -> anyhow::Result<SqlReport> {
     let (work, _tmp) = super::work_dir(&args, "milepost-bench-sql-")?;
-    eprintln!(
-        "bench: generating {} readings in {}",
-        args.readings,
-        work.display()
-    );
-    let generated = {
-        let (work, a) = (work.clone(), args.clone());
-        tokio::task::spawn_blocking(move || {
-            generate::generate(&work, "bench", a.readings, a.clients, a.chunk_lines, a.seed)
-        })
-        .await??
-    };
-    let g = Arc::new(generated);
+    let g = super::generate_inputs(&args, &work).await?;
     let dir = work.join("sql");
     if dir.exists() {
         std::fs::remove_dir_all(&dir)?;
@@ -197,19 +187,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<SqlReport> {
         });
         if !compacted {
             eprintln!("bench: compacting finished days");
-            let cfg = crate::store::StoreConfig {
-                data_dir: dir.clone(),
-                memory_limit: args.memory_limit.clone(),
-                threads: 2,
-                series_memory: crate::store::DEFAULT_SERIES_MEMORY,
-                temp_limit: None,
-            };
-            tokio::task::spawn_blocking(move || {
-                let store = crate::store::Store::open(&cfg)?;
-                store.compact()?;
-                store.close()
-            })
-            .await??;
+            super::compact(&dir, &args.memory_limit).await?;
         }
     }
 
@@ -224,6 +202,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<SqlReport> {
         heavy_answered: counts.answered.load(Ordering::Relaxed),
         heavy_deferred: counts.deferred.load(Ordering::Relaxed),
         heavy_failed: counts.failed.load(Ordering::Relaxed),
+        heavy_failure: counts.first_failure.lock().expect("failure").clone(),
     };
     print_report(&report);
     if let Some(path) = &args.json {
@@ -329,11 +308,7 @@ impl SqlServer {
 
 /// A new viewer token in `dir` (`milepost token create`, as an operator makes one).
 fn viewer_token(dir: &Path) -> anyhow::Result<String> {
-    let exe = match std::env::var_os("MILEPOST_BENCH_SERVER") {
-        Some(other) => PathBuf::from(other),
-        None => std::env::current_exe()?,
-    };
-    let out = std::process::Command::new(exe)
+    let out = std::process::Command::new(super::server_exe()?)
         .args(["token", "create", "--role", "viewer"])
         .env("MILEPOST_DATA_DIR", dir)
         .output()
@@ -548,6 +523,7 @@ struct HeavyCounts {
     answered: AtomicU64,
     deferred: AtomicU64,
     failed: AtomicU64,
+    first_failure: std::sync::Mutex<Option<String>>,
 }
 
 /// Loops `sql` over HTTP until `stop`, waiting out `Retry-After` when told to.
@@ -572,7 +548,7 @@ async fn heavy_loop(
             .get("retry-after")
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.parse::<f64>().ok());
-        let _ = resp.bytes().await?;
+        let body = resp.bytes().await?;
         if status.is_success() {
             counts.answered.fetch_add(1, Ordering::Relaxed);
         } else if let Some(secs) = retry {
@@ -580,6 +556,14 @@ async fn heavy_loop(
             tokio::time::sleep(Duration::from_secs_f64(secs.clamp(0.0, 10.0))).await;
         } else {
             counts.failed.fetch_add(1, Ordering::Relaxed);
+            let mut first = counts.first_failure.lock().expect("failure");
+            if first.is_none() {
+                let text = String::from_utf8_lossy(&body);
+                *first = Some(format!(
+                    "{status}: {}",
+                    text.chars().take(200).collect::<String>()
+                ));
+            }
         }
     }
     Ok(())
@@ -631,4 +615,7 @@ fn print_report(r: &SqlReport) {
         "fleet beside heavy SQL / quiet = {:.2}; heavy queries: {} answered, {} told to come back, {} failed",
         r.fleet_ratio, r.heavy_answered, r.heavy_deferred, r.heavy_failed
     );
+    if let Some(f) = &r.heavy_failure {
+        println!("  first heavy failure: {f}");
+    }
 }
