@@ -84,7 +84,8 @@ pub struct BenchArgs {
     /// Fleet: devices sending.
     #[arg(long, default_value_t = 2_000)]
     pub devices: usize,
-    /// Fleet: connection counts to measure, one phase each.
+    /// Fleet: connection counts to measure, one phase each (the SQL scenario
+    /// uses the first).
     #[arg(long, value_delimiter = ',', default_values_t = [8, 64, 256])]
     pub connections: Vec<usize>,
     /// Fleet: what the requests hold besides new readings; other than `live`, each
