@@ -459,6 +459,66 @@ async fn hostile_sql_over_the_wire_is_refused_and_changes_nothing() {
     assert_eq!(status, StatusCode::OK);
 }
 
+/// Many tokens cannot add their shares of time up (`--sql-total-share`): once
+/// all tokens' queries together spent the server's, a token within its own share
+/// is told when to come back, 503 + Retry-After over HTTP and 53300 on the wire,
+/// while a token that ran nothing lately still gets its answer.
+#[tokio::test]
+async fn tokens_together_are_held_to_the_servers_share() {
+    let (app, addr) = spawn(|a| {
+        a.sql_timeout = Duration::from_secs(1);
+        a.sql_time_share = 0.5;
+        a.sql_total_share = 0.25;
+    })
+    .await;
+    let (a, b) = (viewer(&app), viewer(&app));
+    let bomb =
+        "WITH RECURSIVE t(n) AS (SELECT 1 UNION ALL SELECT n + 1 FROM t) SELECT count(*) FROM t";
+    let post = |token: &str, sql: &str| {
+        app.client
+            .post(app.url("/api/v1/sql"))
+            .bearer_auth(token)
+            .body(sql.to_owned())
+            .send()
+    };
+    // a and b each spend their own second (b's budget was full, so the server's
+    // spent one did not hold it back): the server's is about -0.75 s.
+    for token in [&a, &b] {
+        let r = post(token, bomb).await.unwrap();
+        assert_eq!(r.status(), StatusCode::REQUEST_TIMEOUT);
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    // a's own budget fills again at 0.5 s a second; the server's at 0.25 does not.
+    let r = post(&a, "SELECT 1").await.unwrap();
+    assert_eq!(r.status(), StatusCode::SERVICE_UNAVAILABLE);
+    let retry: u64 = r.headers()["retry-after"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!((2..=4).contains(&retry), "{retry}");
+    let body: Value = r.json().await.unwrap();
+    assert!(
+        body["error"]
+            .as_str()
+            .unwrap()
+            .contains("users' queries used up their share of the server's time"),
+        "{body}"
+    );
+    let got = psql(addr, &b, "disable", &["-c", "SELECT 1"]).await;
+    let (_, stderr) = text(&got);
+    assert!(
+        !got.status.success()
+            && stderr.contains("53300")
+            && stderr.contains("users' queries used up their share"),
+        "{stderr}"
+    );
+    // Someone's first question in a while answers, over HTTP and the wire.
+    let r = post(&viewer(&app), "SELECT 1 AS one").await.unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    assert_eq!(rows(addr, &viewer(&app), "SELECT 2").await, [["2"]]);
+}
+
 /// psql's Ctrl-C sends a cancel request: the query stops inside DuckDB long before
 /// its time limit, and the two query slots are free again.
 #[tokio::test]
