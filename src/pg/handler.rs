@@ -59,17 +59,7 @@ impl Statement {
             param_types: cast_types(sql),
         }
     }
-}
 
-static COMMENTS: LazyLock<Regex> =
-    LazyLock::new(|| Regex::new(r"(?s)--[^\n]*|/\*.*?\*/").expect("comment pattern"));
-
-static CAST: LazyLock<Regex> = LazyLock::new(|| {
-    Regex::new(r"(?i)\$(\d+)\s*::\s*(?:pg_catalog\.)?([a-z_][a-z0-9_ ]*[a-z0-9_])")
-        .expect("cast pattern")
-});
-
-impl Statement {
     /// Whether the sandbox runs it (not answered by the listener itself).
     fn is_query(&self) -> bool {
         !self.empty && self.session.is_none()
@@ -89,6 +79,14 @@ impl Statement {
         self
     }
 }
+
+static COMMENTS: LazyLock<Regex> =
+    LazyLock::new(|| Regex::new(r"(?s)--[^\n]*|/\*.*?\*/").expect("comment pattern"));
+
+static CAST: LazyLock<Regex> = LazyLock::new(|| {
+    Regex::new(r"(?i)\$(\d+)\s*::\s*(?:pg_catalog\.)?([a-z_][a-z0-9_ ]*[a-z0-9_])")
+        .expect("cast pattern")
+});
 
 /// The PostgreSQL type a driver sends a parameter of type `t` as.
 fn pg_param_type(t: ParamType) -> Type {
@@ -159,8 +157,8 @@ impl QueryParser for Parser {
         if !stmt.is_query() || !sql.contains(['$', '?']) {
             return Ok(Some(stmt));
         }
-        // Binding takes well under a millisecond, but under a lock shared by
-        // every connection: off the async workers.
+        // Binding takes about a millisecond, under a lock shared by every
+        // connection: off the async workers.
         let (engine, text) = (self.engine.clone(), sql.to_owned());
         let inferred = tokio::task::spawn_blocking(move || engine.param_types(&text))
             .await
