@@ -151,6 +151,7 @@ impl Server {
     /// left running: what had started is stopped (see [`Running`]) and the data
     /// directory is free again.
     pub async fn start(args: ServeArgs) -> anyhow::Result<Self> {
+        crate::jobs::configure_malloc();
         // 1. Open what the server reads and checks; nothing runs yet, so a failure
         //    here drops the store and its lock.
         let storage = crate::store::StoreConfig {
@@ -428,6 +429,7 @@ async fn start_jobs(
     }
     running.tasks.spawn(crate::jobs::trim_memory_periodically(
         crate::jobs::TRIM_EVERY,
+        crate::api::release_body_buffers,
         token.clone(),
     ));
     if !args.dump_schedule.trim().eq_ignore_ascii_case("off") {

@@ -497,6 +497,112 @@ fn summary(p: &StreamParser, c: Committed, error: Option<String>) -> IngestSumma
     }
 }
 
+/// Read buffers of [`READ_CHUNK`] bytes kept for the next large body, at most
+/// [`KEPT_BUFFERS`], dropped by [`release_body_buffers`] every few seconds.
+///
+/// Why: a buffer this large is a fresh `mmap` for glibc's malloc once its mmap
+/// threshold is fixed (see [`crate::jobs::configure_malloc`]), and filling it
+/// faulted in its 256 pages for every 10,000-line request: half the page faults of
+/// a bulk load, which ran ~15 % slower (10 M readings: 4.24 against 5.0 M
+/// readings/s); with the buffers kept, 4.8–5.0 (docs/performance.md, session 28).
+static BODY_BUFFERS: BufferPool = BufferPool::new();
+/// Large bodies read at once that keep their buffers: more large bodies at once
+/// still work, with buffers of their own.
+const KEPT_BUFFERS: usize = 4;
+/// Buffers at least this large come from [`BODY_BUFFERS`] (smaller ones are cheap
+/// to allocate: they come from malloc's arenas).
+const POOLED_FROM: usize = crate::jobs::MMAP_THRESHOLD;
+
+/// Drops the kept read buffers (the memory job, every few seconds: a server that
+/// took one bulk load does not hold them while idle).
+pub fn release_body_buffers() {
+    BODY_BUFFERS.clear();
+}
+
+/// Buffers of [`READ_CHUNK`] bytes for reuse.
+struct BufferPool(std::sync::Mutex<Vec<Vec<u8>>>);
+
+impl BufferPool {
+    const fn new() -> Self {
+        Self(std::sync::Mutex::new(Vec::new()))
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<Vec<u8>>> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn take(&self) -> Vec<u8> {
+        self.lock().pop().unwrap_or_else(|| vec![0; READ_CHUNK])
+    }
+
+    fn give(&self, buf: Vec<u8>) {
+        if buf.len() == READ_CHUNK {
+            let mut kept = self.lock();
+            if kept.len() < KEPT_BUFFERS {
+                kept.push(buf);
+            }
+        }
+    }
+
+    fn clear(&self) {
+        self.lock().clear();
+    }
+}
+
+/// A body's read buffer: `len` bytes of `buf` are in use. Large ones come from, and
+/// go back to, a [`BufferPool`].
+struct ReadBuf {
+    buf: Vec<u8>,
+    len: usize,
+    pool: &'static BufferPool,
+}
+
+impl ReadBuf {
+    fn new(len: usize, pool: &'static BufferPool) -> Self {
+        let mut b = Self {
+            buf: Vec::new(),
+            len: 0,
+            pool,
+        };
+        b.resize(len);
+        b
+    }
+
+    /// Makes `len` (at most [`READ_CHUNK`]) bytes usable; what they hold is not
+    /// kept (each read fills the buffer anew).
+    fn resize(&mut self, len: usize) {
+        debug_assert!(len <= READ_CHUNK);
+        if len > self.buf.len() {
+            if len >= POOLED_FROM {
+                let old = std::mem::replace(&mut self.buf, self.pool.take());
+                self.pool.give(old);
+            } else {
+                self.buf.resize(len, 0);
+            }
+        }
+        self.len = len;
+    }
+}
+
+impl Drop for ReadBuf {
+    fn drop(&mut self) {
+        self.pool.give(std::mem::take(&mut self.buf));
+    }
+}
+
+impl std::ops::Deref for ReadBuf {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        &self.buf[..self.len]
+    }
+}
+
+impl std::ops::DerefMut for ReadBuf {
+    fn deref_mut(&mut self) -> &mut [u8] {
+        &mut self.buf[..self.len]
+    }
+}
+
 /// Reads until `buf` is full or the body ends (or fails: the error comes with the
 /// bytes read before it). Whatever sizes the body arrives in — HTTP frames, or
 /// inflate's output — parse steps and hops to the blocking pool stay few and large.
@@ -555,7 +661,7 @@ impl Ingestion<'_> {
     ) -> IngestResponse {
         let max_body = self.state.limits.max_body_bytes;
         let mut read = 0u64;
-        let mut buf = vec![0u8; chunk];
+        let mut buf = ReadBuf::new(chunk, &BODY_BUFFERS);
         let mut failure: Option<(Failure, String)> = None;
         loop {
             let (filled, error) = fill(reader, &mut buf, self.state.limits.body_read_timeout).await;
@@ -605,7 +711,7 @@ impl Ingestion<'_> {
                 break; // end of body
             }
             if buf.len() < READ_CHUNK {
-                buf.resize((buf.len() * 4).min(READ_CHUNK), 0);
+                buf.resize((buf.len() * 4).min(READ_CHUNK));
             }
         }
         if failure.is_none() {
@@ -725,6 +831,41 @@ fn write_failed(e: WriteError) -> IngestResponse {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Large read buffers are reused, at most [`KEPT_BUFFERS`] of them, and dropped
+    /// by a release; small ones are the body's size and never kept.
+    #[test]
+    fn large_read_buffers_are_reused_within_a_bound() {
+        let pool: &'static BufferPool = Box::leak(Box::new(BufferPool::new()));
+        let small = ReadBuf::new(600, pool);
+        assert_eq!((small.len(), small.buf.len()), (600, 600));
+        drop(small);
+        assert!(pool.lock().is_empty());
+
+        let mut first = ReadBuf::new(POOLED_FROM, pool);
+        assert_eq!((first.len(), first.buf.len()), (POOLED_FROM, READ_CHUNK));
+        first[POOLED_FROM - 1] = 7;
+        let at = first.buf.as_ptr();
+        drop(first);
+        let mut again = ReadBuf::new(64 * 1024, pool);
+        assert_eq!(again.len(), 64 * 1024, "small: not from the pool");
+        again.resize(4 * 64 * 1024);
+        assert_eq!(
+            again.buf.as_ptr(),
+            at,
+            "grown past the threshold: the kept one"
+        );
+        assert_eq!(again.len(), 256 * 1024);
+
+        let many: Vec<ReadBuf> = (0..KEPT_BUFFERS + 2)
+            .map(|_| ReadBuf::new(READ_CHUNK, pool))
+            .collect();
+        drop(many);
+        drop(again);
+        assert_eq!(pool.lock().len(), KEPT_BUFFERS);
+        pool.clear();
+        assert!(pool.lock().is_empty());
+    }
 
     fn summary(errors: usize, error: Option<&str>) -> IngestSummary {
         IngestSummary {

@@ -36,6 +36,7 @@ use poem_openapi::{ApiResponse, Object, OpenApi, OpenApiService, Tags};
 
 pub use auth::{ApiKeys, KeyRing};
 use error::ApiError;
+pub use ingest::release_body_buffers;
 use ingest::{IngestBody, IngestResponse};
 use seed::{LatestLocation, LatestStatistics, Statistic, Status};
 

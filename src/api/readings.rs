@@ -23,8 +23,12 @@ use crate::store::ScanChunk;
 pub const MAX_PAGE: u64 = 100_000;
 /// Readings per page when `limit` is not given (JSON).
 pub const DEFAULT_PAGE: u64 = 1000;
-/// Bytes gathered before a chunk of an export is sent.
-const CHUNK_BYTES: usize = 256 * 1024;
+/// Bytes gathered before a chunk of a streamed answer is sent: under malloc's mmap
+/// threshold ([`crate::jobs::MMAP_THRESHOLD`]), so that each chunk's copy reuses
+/// freed memory instead of faulting in a fresh mapping (with 256 KiB chunks an
+/// export of 20.8 M readings ran at 6.1 against 7.7 M readings/s once the
+/// threshold was fixed).
+pub(crate) const CHUNK_BYTES: usize = crate::jobs::MMAP_THRESHOLD / 2;
 
 /// Representation of raw readings.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

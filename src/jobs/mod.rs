@@ -177,18 +177,59 @@ pub async fn compact_periodically(
     }
 }
 
+/// glibc malloc's mmap threshold, fixed by [`configure_malloc`]: allocations of at
+/// least this many bytes are mappings of their own, given back to the kernel when
+/// freed.
+pub const MMAP_THRESHOLD: usize = 128 * 1024;
+
+/// Free memory at the top of a malloc heap beyond which `free` gives it back at
+/// once. Fixing the mmap threshold fixes this one too, at 128 KiB, and then the
+/// writer's and the API's per-request buffers made a heap shrink and grow again
+/// (page faults) with every large request; the periodic `malloc_trim` gives back
+/// what stays free.
+const TRIM_THRESHOLD: usize = 1 << 20;
+
+/// Fixes glibc malloc's mmap threshold at [`MMAP_THRESHOLD`] (its initial value,
+/// which glibc otherwise raises to the largest block freed so far, up to 32 MiB),
+/// and its trim threshold at [`TRIM_THRESHOLD`].
+///
+/// Why: DuckDB's buffers are 256 KiB blocks, allocated and freed all the time. Once
+/// the threshold had risen above them they came from malloc's two arenas, where
+/// the holes they left filled with small long-lived allocations and the next blocks
+/// grew the arenas. Measured (docs/performance.md, session 28, alternated with the
+/// build before): a burst of a million new devices at the small VM's settings
+/// peaked at 247–248 MiB against 280–281; 100,000 devices streaming with the
+/// default budgets at 239–241 against 253–256; a bulk load's ingest at 97–102
+/// against 104–109 (10 M readings). Fresh mappings cost page faults: the request
+/// bodies' read buffers are reused for that (`api::ingest`), and a streamed export
+/// of readings still runs ~10 % slower (DuckDB's sort buffers). The live fleet's
+/// rate did not change.
+pub fn configure_malloc() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt only sets a parameter of the allocator, under its own lock.
+    unsafe {
+        nix::libc::mallopt(nix::libc::M_MMAP_THRESHOLD, MMAP_THRESHOLD as i32);
+        nix::libc::mallopt(nix::libc::M_TRIM_THRESHOLD, TRIM_THRESHOLD as i32);
+    }
+}
+
 /// How often [`trim_memory_periodically`] runs.
 pub const TRIM_EVERY: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// Hands the memory glibc's malloc holds free back to the kernel every `every`, until
-/// `stop`, and unmaps the code pages that ran since ([`release_code_pages`]).
+/// `stop`, and unmaps the code pages that ran since ([`release_code_pages`]);
+/// `release` first drops what upper layers keep for reuse (the API's body buffers).
 ///
 /// glibc returns freed memory only from the top of a heap; what is freed below stays
 /// in the process. With 100,000 devices streaming (small-VM settings: 64 MB for
 /// DuckDB, 40 MiB of budgets), the arenas held 40–65 MiB free and RSS drifted from
 /// ~185 to 210–226 MiB within minutes; with `malloc_trim(0)` every 10 s (~0.7 ms
 /// each) RSS stayed at 182–186 MiB. Elsewhere this does nothing.
-pub async fn trim_memory_periodically(every: std::time::Duration, stop: CancellationToken) {
+pub async fn trim_memory_periodically(
+    every: std::time::Duration,
+    release: fn(),
+    stop: CancellationToken,
+) {
     let mut tick = tokio::time::interval(every);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -196,7 +237,11 @@ pub async fn trim_memory_periodically(every: std::time::Duration, stop: Cancella
             _ = stop.cancelled() => return,
             _ = tick.tick() => {}
         }
-        let _ = tokio::task::spawn_blocking(trim_memory).await;
+        let _ = tokio::task::spawn_blocking(move || {
+            release();
+            trim_memory();
+        })
+        .await;
     }
 }
 

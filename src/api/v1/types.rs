@@ -82,7 +82,7 @@ impl DeviceListWriter {
 
     /// Whether enough is written to send it.
     pub(super) fn is_full(&self) -> bool {
-        self.buf.len() >= 256 * 1024
+        self.buf.len() >= crate::api::readings::CHUNK_BYTES
     }
 
     /// Takes what is written so far.
