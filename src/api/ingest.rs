@@ -532,7 +532,8 @@ impl BufferPool {
     }
 
     fn take(&self) -> Vec<u8> {
-        self.lock().pop().unwrap_or_else(|| vec![0; READ_CHUNK])
+        let kept = self.lock().pop();
+        kept.unwrap_or_else(|| vec![0; READ_CHUNK])
     }
 
     fn give(&self, buf: Vec<u8>) {
