@@ -12,7 +12,7 @@
 # default 128MB) MILEPOST_SERIES_MEMORY=16MiB MILEPOST_LIVE_SLOTS_MEMORY=16MiB.
 set -euo pipefail
 bin=$1 devices=${2:-1000000} work=${3:-/var/tmp/mp-devices} limit=${MEMORY_LIMIT:-128MB}
-export MALLOC_ARENA_MAX=2 MILEPOST_MAX_DEVICES=0 MILEPOST_MAX_NEW_DEVICES_PER_KEY=0
+export MALLOC_ARENA_MAX=4 MILEPOST_MAX_DEVICES=0 MILEPOST_MAX_NEW_DEVICES_PER_KEY=0
 rm -rf "$work" && mkdir -p "$work"
 data=$work/fleet
 port=18190
