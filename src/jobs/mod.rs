@@ -194,7 +194,7 @@ const TRIM_THRESHOLD: usize = 1 << 20;
 /// and its trim threshold at [`TRIM_THRESHOLD`].
 ///
 /// Why: DuckDB's buffers are 256 KiB blocks, allocated and freed all the time. Once
-/// the threshold had risen above them they came from malloc's two arenas, where
+/// the threshold had risen above them they came from malloc's arenas, where
 /// the holes they left filled with small long-lived allocations and the next blocks
 /// grew the arenas. Measured (docs/performance.md, session 28, alternated with the
 /// build before): a burst of a million new devices at the small VM's settings
@@ -202,7 +202,7 @@ const TRIM_THRESHOLD: usize = 1 << 20;
 /// default budgets at 239–241 against 253–256; a bulk load's ingest at 97–102
 /// against 104–109 (10 M readings). Fresh mappings cost page faults: the request
 /// bodies' read buffers are reused for that (`api::ingest`), and a streamed export
-/// of readings still runs ~10 % slower (DuckDB's sort buffers). The live fleet's
+/// of readings still runs 5–10 % slower (DuckDB's sort buffers). The live fleet's
 /// rate did not change.
 pub fn configure_malloc() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]

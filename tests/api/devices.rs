@@ -190,11 +190,7 @@ async fn a_key_bringing_in_new_devices_too_fast_gets_429_for_those_lines_only() 
         .send()
         .await
         .unwrap();
-    let retry: u64 = resp.headers()["retry-after"]
-        .to_str()
-        .unwrap()
-        .parse()
-        .unwrap();
+    let retry = retry_after(&resp);
     let (status, v) = json(resp).await;
     assert_eq!(status, StatusCode::TOO_MANY_REQUESTS, "{v}");
     // A minute's worth is 2: the next token comes in 30 s.

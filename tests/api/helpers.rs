@@ -139,6 +139,15 @@ impl TestApp {
     }
 }
 
+/// The whole seconds of a response's `Retry-After` header (it must have one).
+pub fn retry_after(resp: &reqwest::Response) -> u64 {
+    resp.headers()["retry-after"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap()
+}
+
 pub async fn json(resp: reqwest::Response) -> (StatusCode, Value) {
     let status = resp.status();
     let text = resp.text().await.unwrap();

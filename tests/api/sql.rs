@@ -645,11 +645,7 @@ async fn a_token_over_its_share_of_time_is_told_when_to_come_back() {
     // Two 1-s queries left the budget at about -0.75 s: three seconds to wait.
     let r = post(&token).await.unwrap();
     assert_eq!(r.status(), StatusCode::TOO_MANY_REQUESTS);
-    let retry: u64 = r.headers()["retry-after"]
-        .to_str()
-        .unwrap()
-        .parse()
-        .unwrap();
+    let retry = retry_after(&r);
     assert!((2..=4).contains(&retry), "{retry}");
     let body: Value = r.json().await.unwrap();
     assert!(

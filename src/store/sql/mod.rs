@@ -1242,6 +1242,15 @@ mod tests {
     }
 
     /// [`rows`] as client `client`.
+    /// Runs [`BOMB`] once for each of `clients` in turn: each times out after
+    /// spending a whole `--sql-timeout` of the budgets.
+    fn time_out(engine: &SqlEngine, clients: &[&str]) {
+        for client in clients {
+            let r = rows_of(engine, BOMB, client);
+            assert!(matches!(r, Err(SqlError::Timeout(_))), "{r:?}");
+        }
+    }
+
     fn rows_of(engine: &SqlEngine, sql: &str, client: &str) -> Result<Vec<Vec<String>>, SqlError> {
         let mut out = Vec::new();
         engine.run(sql, &[], &Client::new(client), &mut |b| {
@@ -1507,10 +1516,7 @@ mod tests {
         // A budget of 1 s filling at 0.25 s a second: two 1-s queries leave -0.75 s,
         // three seconds to wait, more than the 0.5 s a query may wait.
         let strict = engine(0.25, 500);
-        for _ in 0..2 {
-            let r = rows_of(&strict, BOMB, "a");
-            assert!(matches!(r, Err(SqlError::Timeout(_))), "{r:?}");
-        }
+        time_out(&strict, &["a"; 2]);
         match rows_of(&strict, "SELECT 1", "a") {
             Err(SqlError::OverShare(wait)) => assert!(
                 wait > Duration::from_millis(2500) && wait < Duration::from_millis(3500),
@@ -1524,10 +1530,7 @@ mod tests {
         // Filling at 0.5 s a second the same two leave a second to wait: within the
         // 2 s a query may wait, so the next query waits and answers.
         let patient = engine(0.5, 2000);
-        for _ in 0..2 {
-            let r = rows_of(&patient, BOMB, "a");
-            assert!(matches!(r, Err(SqlError::Timeout(_))), "{r:?}");
-        }
+        time_out(&patient, &["a"; 2]);
         let started = Instant::now();
         assert_eq!(rows_of(&patient, "SELECT 1", "a").unwrap(), [["1"]]);
         let waited = started.elapsed();
@@ -1537,10 +1540,7 @@ mod tests {
         );
         // At a share of 1 there is no budget.
         let free = engine(1.0, 100);
-        for _ in 0..3 {
-            let r = rows_of(&free, BOMB, "a");
-            assert!(matches!(r, Err(SqlError::Timeout(_))), "{r:?}");
-        }
+        time_out(&free, &["a"; 3]);
     }
 
     /// Many clients cannot add their shares up: the server-wide budget holds back
@@ -1565,10 +1565,7 @@ mod tests {
         // leave the server's at about -0.75 s (it refilled during b's query):
         // three seconds to wait at 0.25 s a second.
         let shared = engine(0.25);
-        for client in ["a", "b"] {
-            let r = rows_of(&shared, BOMB, client);
-            assert!(matches!(r, Err(SqlError::Timeout(_))), "{r:?}");
-        }
+        time_out(&shared, &["a", "b"]);
         std::thread::sleep(Duration::from_millis(200));
         // a's own budget is positive again (0.5 s a second), the server's is not.
         match rows_of(&shared, "SELECT 1", "a") {
@@ -1584,10 +1581,7 @@ mod tests {
         assert!(started.elapsed() < Duration::from_millis(400));
         // Off at a share of 1: the same steps leave a free to go on.
         let free = engine(1.0);
-        for client in ["a", "b"] {
-            let r = rows_of(&free, BOMB, client);
-            assert!(matches!(r, Err(SqlError::Timeout(_))), "{r:?}");
-        }
+        time_out(&free, &["a", "b"]);
         std::thread::sleep(Duration::from_millis(200));
         assert_eq!(rows_of(&free, "SELECT 1", "a").unwrap(), [["1"]]);
     }
