@@ -273,6 +273,10 @@ fn server_exe() -> anyhow::Result<PathBuf> {
 pub async fn run(args: BenchArgs) -> anyhow::Result<Report> {
     let (work, _tmp) = work_dir(&args, "milepost-bench-")?;
     let gen_ = generate_inputs(&args, &work).await?;
+    // A reused --work-dir holds the last run's databases: every phase starts empty.
+    for dir in ["http", "http-gzip"] {
+        remove_stale(&work.join(dir))?;
+    }
     let mut phases = Vec::new();
 
     flush_page_cache();
@@ -429,11 +433,19 @@ fn print_report(r: &Report) {
     println!("http_ingest / native_limit = {:.2}", r.ratio_http_to_native);
 }
 
+/// Removes `dir` (a database of an earlier run in a reused `--work-dir`) if it exists.
+fn remove_stale(dir: &Path) -> anyhow::Result<()> {
+    match std::fs::remove_dir_all(dir) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+            Err(anyhow::anyhow!("cannot remove {}: {e}", dir.display()))
+        }
+        _ => Ok(()),
+    }
+}
+
 /// The native limit: DuckDB loads the generated NDJSON itself into Milepost's schema.
 fn native_load(dir: &Path, g: &Generated, memory_limit: &str) -> anyhow::Result<Phase> {
-    if dir.exists() {
-        std::fs::remove_dir_all(dir)?;
-    }
+    remove_stale(dir)?;
     let devices: Vec<&str> = g.streams.iter().map(|s| s.device.as_str()).collect();
     let files: Vec<PathBuf> = g.streams.iter().map(|s| s.plain.clone()).collect();
     let (n, secs) = diagnostics::load_natively(dir, memory_limit, &devices, &files)?;
