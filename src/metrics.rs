@@ -122,6 +122,13 @@ metrics! {
         => "batch_commit_duration",
         "Time of one group commit (ingest-log append and fdatasync, or dedupe, append and COMMIT in DuckDB)",
         Seconds;
+    /// Time of one `fdatasync` of the ingest log, which acknowledges every group
+    /// written before it started (10 µs .. ~0.65 s). Its count over time is the
+    /// number of syncs a second; the disk's flush latency shows here first.
+    log_sync_seconds: Histogram = Histogram::new(exponential_buckets(0.00001, 2.0, 17))
+        => "ingest_log_sync_duration",
+        "Time of one fdatasync of the ingest log (it acknowledges every group written before it started)",
+        Seconds;
     /// Time of moving the ingest log into DuckDB.
     log_flush_seconds: Histogram = Histogram::new(exponential_buckets(0.0005, 2.0, 15))
         => "ingest_log_flush_duration",

@@ -62,6 +62,8 @@ pub struct FleetPhase {
     pub max_unapplied_readings: f64,
     /// …and the longest the oldest of them had waited, seconds.
     pub max_apply_lag_seconds: f64,
+    /// The ingest log's `fdatasync`s over the phase (from `/metrics`), if any ran.
+    pub log_syncs: Option<LogSyncs>,
     /// What readers saw meanwhile (`--readers`).
     pub reads: Option<super::readers::ReadReport>,
 }
@@ -404,7 +406,7 @@ async fn phase(
     };
     let lag = until.filter(|_| wire == Wire::Milepost).map(|until| {
         let url = format!("{}/metrics", server.base());
-        tokio::spawn(sample_lag(url, until))
+        tokio::spawn(sample_metrics(url, until))
     });
     let mut lat = Vec::new();
     for t in tasks {
@@ -416,9 +418,9 @@ async fn phase(
         Some(r) => Some(r.await?),
         None => None,
     };
-    let (max_unapplied_readings, max_apply_lag_seconds) = match lag {
+    let sampled = match lag {
         Some(l) => l.await?,
-        None => (0.0, 0.0),
+        None => Sampled::default(),
     };
     let mut ms: Vec<f64> = lat.iter().map(|&u| f64::from(u) / 1e3).collect();
     ms.sort_by(f64::total_cmp);
@@ -435,18 +437,99 @@ async fn phase(
         p999_ms: percentile(&ms, 0.999),
         cpu_us_per_request: cpu * 1e6 / requests.max(1) as f64,
         peak_rss_mib: server.peak_rss_mib(),
-        max_unapplied_readings,
-        max_apply_lag_seconds,
+        max_unapplied_readings: sampled.max_unapplied_readings,
+        max_apply_lag_seconds: sampled.max_apply_lag_seconds,
+        log_syncs: sampled.log_syncs(),
         reads,
     })
 }
 
-/// The apply lag's maxima over a phase, from `/metrics` once a second.
-async fn sample_lag(url: String, until: Instant) -> (f64, f64) {
+/// The ingest log's `fdatasync`s during a phase: how many a second and how long
+/// they took (upper bounds of the histogram's buckets).
+#[derive(Debug, Clone, Serialize)]
+pub struct LogSyncs {
+    /// `fdatasync`s a second.
+    pub per_sec: f64,
+    /// Median duration, ms (at most).
+    pub p50_ms: f64,
+    /// 99th percentile, ms (at most).
+    pub p99_ms: f64,
+}
+
+/// The sync histogram's count and cumulative buckets (`le` seconds, count) at one
+/// scrape.
+#[derive(Debug, Clone, Default)]
+struct SyncHistogram {
+    at: Option<Instant>,
+    count: f64,
+    buckets: Vec<(f64, f64)>,
+}
+
+impl SyncHistogram {
+    fn parse(text: &str, at: Instant) -> Self {
+        const BUCKET: &str = "milepost_ingest_log_sync_duration_seconds_bucket{le=\"";
+        const COUNT: &str = "milepost_ingest_log_sync_duration_seconds_count ";
+        let mut h = Self {
+            at: Some(at),
+            ..Self::default()
+        };
+        for l in text.lines() {
+            if let Some(rest) = l.strip_prefix(BUCKET) {
+                let (le, n) = rest.split_once("\"} ").unwrap_or_default();
+                if let (Ok(le), Ok(n)) = (le.parse::<f64>(), n.parse::<f64>()) {
+                    h.buckets.push((le, n));
+                }
+            } else if let Some(n) = l.strip_prefix(COUNT) {
+                h.count = n.parse().unwrap_or(0.0);
+            }
+        }
+        h
+    }
+}
+
+/// What `/metrics` showed once a second over a phase.
+#[derive(Debug, Default)]
+struct Sampled {
+    max_unapplied_readings: f64,
+    max_apply_lag_seconds: f64,
+    first: SyncHistogram,
+    last: SyncHistogram,
+}
+
+impl Sampled {
+    /// The syncs between the first and the last scrape.
+    fn log_syncs(&self) -> Option<LogSyncs> {
+        let (a, b) = (&self.first, &self.last);
+        let seconds = b.at?.duration_since(a.at?).as_secs_f64();
+        let n = b.count - a.count;
+        if n <= 0.0 || seconds <= 0.0 || a.buckets.len() != b.buckets.len() {
+            return None;
+        }
+        let at_most = |q: f64| {
+            b.buckets
+                .iter()
+                .zip(&a.buckets)
+                .find(|((_, nb), (_, na))| nb - na >= q * n)
+                .map_or(f64::INFINITY, |((le, _), _)| le * 1e3)
+        };
+        Some(LogSyncs {
+            per_sec: n / seconds,
+            p50_ms: at_most(0.5),
+            p99_ms: at_most(0.99),
+        })
+    }
+}
+
+/// The apply lag's maxima and the ingest log's syncs over a phase, from `/metrics`
+/// once a second.
+async fn sample_metrics(url: String, until: Instant) -> Sampled {
     let client = reqwest::Client::new();
-    let (mut readings, mut seconds) = (0.0f64, 0.0f64);
+    let mut sampled = Sampled::default();
+    let mut first = true;
     while Instant::now() < until {
-        tokio::time::sleep(Duration::from_secs(1)).await;
+        if !first {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
         let Ok(text) = client
             .get(&url)
             .send()
@@ -462,10 +545,21 @@ async fn sample_lag(url: String, until: Instant) -> (f64, f64) {
                 .and_then(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
                 .unwrap_or(0.0)
         };
-        readings = readings.max(value("milepost_ingest_log_unapplied_readings "));
-        seconds = seconds.max(value("milepost_ingest_log_apply_lag_seconds "));
+        let s = &mut sampled;
+        s.max_unapplied_readings = s
+            .max_unapplied_readings
+            .max(value("milepost_ingest_log_unapplied_readings "));
+        s.max_apply_lag_seconds = s
+            .max_apply_lag_seconds
+            .max(value("milepost_ingest_log_apply_lag_seconds "));
+        let h = SyncHistogram::parse(&text, Instant::now());
+        if std::mem::take(&mut first) {
+            s.first = h;
+        } else {
+            s.last = h;
+        }
     }
-    (readings, seconds)
+    sampled
 }
 
 /// Runs the fleet scenario and prints its table.
@@ -815,6 +909,19 @@ fn print_report(r: &FleetReport) {
         );
     }
     for p in &r.phases {
+        if let Some(s) = &p.log_syncs {
+            println!(
+                "  ingest log during {} ({} connections): {:.0} fdatasyncs/s ({:.1} requests each), p50 ≤ {:.2} ms, p99 ≤ {:.2} ms",
+                p.name,
+                p.connections,
+                s.per_sec,
+                p.requests_per_sec / s.per_sec,
+                s.p50_ms,
+                s.p99_ms
+            );
+        }
+    }
+    for p in &r.phases {
         if let Some(reads) = &p.reads {
             super::readers::print(
                 &format!("{} ({} connections)", p.name, p.connections),
@@ -835,4 +942,51 @@ fn print_report(r: &FleetReport) {
         "restart with {} devices known: ready in {:.0} ms",
         r.devices_known, r.restart_ms
     );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn scrape(count: u64, buckets: &[(f64, u64)], at: Instant) -> SyncHistogram {
+        let mut text = String::from("# TYPE milepost_ingest_log_sync_duration_seconds histogram\n");
+        for (le, n) in buckets {
+            text.push_str(&format!(
+                "milepost_ingest_log_sync_duration_seconds_bucket{{le=\"{le}\"}} {n}\n"
+            ));
+        }
+        text.push_str(&format!(
+            "milepost_ingest_log_sync_duration_seconds_bucket{{le=\"+Inf\"}} {count}\n\
+             milepost_ingest_log_sync_duration_seconds_count {count}\n"
+        ));
+        SyncHistogram::parse(&text, at)
+    }
+
+    #[test]
+    fn log_syncs_come_from_the_histograms_difference() {
+        let t0 = Instant::now();
+        let first = scrape(100, &[(0.0001, 50), (0.001, 100)], t0);
+        // 1,000 more syncs in 2 s: 600 ≤ 0.1 ms, 395 more ≤ 1 ms, 5 slower.
+        let last = scrape(
+            1100,
+            &[(0.0001, 650), (0.001, 1095)],
+            t0 + Duration::from_secs(2),
+        );
+        let s = Sampled {
+            first,
+            last,
+            ..Sampled::default()
+        }
+        .log_syncs()
+        .expect("syncs ran");
+        assert_eq!(s.per_sec, 500.0);
+        assert_eq!(s.p50_ms, 0.1);
+        assert_eq!(s.p99_ms, 1.0);
+        let none = Sampled {
+            first: scrape(7, &[(0.0001, 7)], t0),
+            last: scrape(7, &[(0.0001, 7)], t0 + Duration::from_secs(1)),
+            ..Sampled::default()
+        };
+        assert!(none.log_syncs().is_none());
+    }
 }

@@ -163,3 +163,47 @@ async fn every_series_is_exported_at_zero_from_start() {
     );
     assert_eq!(after["milepost_devices"], 1.0);
 }
+
+/// A small request is acknowledged by one `fdatasync` of the ingest log, counted in
+/// its histogram; a bulk upload (more than 4,096 readings) is committed by DuckDB
+/// itself and syncs no log.
+#[tokio::test]
+async fn a_live_request_is_acknowledged_by_one_counted_log_sync() {
+    let app = TestApp::spawn().await;
+    let count = "milepost_ingest_log_sync_duration_seconds_count";
+    let before = scrape(&app).await;
+    assert!(
+        before.contains_key(count),
+        "exported at zero from the start"
+    );
+
+    let now = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
+    let (status, _) = app.ingest(line("speed", 1.0, &now)).await;
+    assert_eq!(status, StatusCode::OK);
+    let live = scrape(&app).await;
+    assert_eq!(get(&live, count) - get(&before, count), 1.0);
+    assert!(get(&live, "milepost_ingest_log_sync_duration_seconds_sum") > 0.0);
+
+    let start = chrono::DateTime::parse_from_rfc3339("2026-05-01T00:00:00Z").unwrap();
+    let bulk: Vec<String> = (0..5_000)
+        .map(|i| {
+            let ts = start + chrono::Duration::seconds(i);
+            line(
+                "speed",
+                2.0,
+                &ts.to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+            )
+        })
+        .collect();
+    let (status, _) = app.ingest(bulk.join("\n")).await;
+    assert_eq!(status, StatusCode::OK);
+    let after = scrape(&app).await;
+    assert_eq!(
+        get(
+            &after,
+            r#"milepost_readings_accepted_total{sensor="speed"}"#
+        ),
+        5_001.0
+    );
+    assert_eq!(get(&after, count), get(&live, count));
+}

@@ -115,7 +115,7 @@ pub(super) fn syncer(syncer: Arc<Syncer>, metrics: Arc<Metrics>) {
         };
         let outcome = match failed {
             Some(e) => Err(e),
-            None => sync(&groups).map_err(|e| {
+            None => sync(&groups, &metrics).map_err(|e| {
                 failures.failed("the ingest log's fdatasync failed", &e);
                 e.to_string()
             }),
@@ -162,15 +162,18 @@ fn answer(groups: Vec<Written>, outcome: &Result<(), String>, metrics: &Metrics)
 
 /// `fdatasync` of the segment file `groups` were written to: one file, since the
 /// front seals a segment only once everything written to it was synced.
-fn sync(groups: &[Written]) -> Result<(), StoreError> {
+fn sync(groups: &[Written], metrics: &Metrics) -> Result<(), StoreError> {
     let _span = tracing::debug_span!("log_sync", groups = groups.len()).entered();
     let Some(last) = groups.last() else {
         return Ok(());
     };
     debug_assert!(groups.iter().all(|g| Arc::ptr_eq(&g.file, &last.file)));
-    last.file
-        .sync_data()
-        .map_err(|e| StoreError::Internal(format!("fdatasync of the ingest log: {e}")))
+    let started = Instant::now();
+    let synced = last.file.sync_data();
+    metrics
+        .log_sync_seconds
+        .observe(started.elapsed().as_secs_f64());
+    synced.map_err(|e| StoreError::Internal(format!("fdatasync of the ingest log: {e}")))
 }
 
 #[cfg(test)]
