@@ -143,6 +143,9 @@ pub struct FleetReport {
     pub devices_known: usize,
     /// Server start-up to ready with all of them known, ms.
     pub restart_ms: f64,
+    /// Per round (`--rounds`), Milepost's live fleet rate over VictoriaMetrics' at
+    /// the first connection count (empty when VictoriaMetrics was not run).
+    pub victoria_ratios: Vec<f64>,
 }
 
 /// Sensors of every request, one reading each.
@@ -570,80 +573,32 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<FleetReport> {
     // sends more than one second per second, within the allowed future skew.
     let base = Timestamp::now().as_micros() / 1_000_000 - 600;
     let mut phases = Vec::new();
-
-    // A reused --work-dir holds an earlier run's servers, whose readings ran ahead
-    // of the clock: this run's warm-up would get duplicates. Each run starts empty.
-    for old in ["fleet", "big-http", "victoria-metrics"] {
-        let old = work.join(old);
-        if old.exists() {
-            std::fs::remove_dir_all(&old).with_context(|| format!("clearing {}", old.display()))?;
-        }
-    }
+    let mut victoria_ratios = Vec::new();
     let dir = work.join("fleet");
-    let server = BenchServer::start(&dir, &args.memory_limit)?;
-    let milepost = Target {
-        server: &server,
-        wire: Wire::Milepost,
-    };
-    if args.new_devices > 0 {
-        eprintln!("bench: first contact of {} new devices", args.new_devices);
-        let new = Arc::new(Fleet::new("new", args.new_devices, base));
-        phases.push(
-            phase(
-                milepost,
-                "first contact (new devices)",
-                &new,
-                64,
-                None,
-                Order::Live,
-                None,
-            )
-            .await?,
-        );
-    }
-    let fleet = Arc::new(Fleet::new("car", args.devices, base));
-    eprintln!("bench: {} devices say hello (not timed)", args.devices);
-    warm_up(milepost, &fleet).await?;
-    let readers = Some((args.readers, Duration::from_secs_f64(args.reader_interval)));
-    for &c in &args.connections {
-        eprintln!(
-            "bench: fleet of {} devices over {c} connections",
-            args.devices
-        );
-        phases.push(
-            phase(
-                milepost,
-                "fleet",
-                &fleet,
-                c,
-                Some(duration),
-                Order::Live,
-                readers,
-            )
-            .await?,
-        );
-        if args.order != Order::Live {
-            let name = format!("fleet {}", order_name(args.order));
-            eprintln!("bench: {name}, {c} connections");
-            phases.push(
-                phase(
-                    milepost,
-                    &name,
-                    &fleet,
-                    c,
-                    Some(duration),
-                    args.order,
-                    readers,
-                )
-                .await?,
-            );
+    for round in 1..=args.rounds {
+        if args.rounds > 1 {
+            eprintln!("bench: round {round} of {}", args.rounds);
         }
+        let ours = fleet_round(&args, &work, base, duration, round == 1).await?;
+        let theirs = victoria(&args, &work, base, duration).await?;
+        let live = |p: &&FleetPhase| {
+            p.connections == args.connections[0]
+                && matches!(p.name.as_str(), "fleet" | "victoria-metrics fleet")
+        };
+        if let (Some(a), Some(b)) = (ours.iter().find(live), theirs.iter().find(live)) {
+            victoria_ratios.push(a.requests_per_sec / b.requests_per_sec);
+        }
+        phases.extend(ours.into_iter().chain(theirs));
     }
-    server.stop()?;
-    phases.extend(victoria(&args, &work, base, duration).await?);
 
     eprintln!("bench: restart with every device known");
-    let known = args.devices + args.new_devices;
+    // The last round's server: only the first saw the new devices.
+    let known = args.devices
+        + if args.rounds == 1 {
+            args.new_devices
+        } else {
+            0
+        };
     let started = Instant::now();
     let server = BenchServer::start(&dir, &args.memory_limit)?;
     let restart_ms = started.elapsed().as_secs_f64() * 1e3;
@@ -711,12 +666,106 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<FleetReport> {
         },
         devices_known: known,
         restart_ms,
+        victoria_ratios,
     };
     print_report(&report);
     if let Some(path) = &args.json {
         std::fs::write(path, serde_json::to_string_pretty(&report)?)?;
     }
     Ok(report)
+}
+
+/// The median of `xs` (the mean of the middle two for an even count).
+fn median(xs: &[f64]) -> Option<f64> {
+    let mut v = xs.to_vec();
+    v.sort_by(f64::total_cmp);
+    let n = v.len();
+    match n {
+        0 => None,
+        _ if n % 2 == 1 => Some(v[n / 2]),
+        _ => Some((v[n / 2 - 1] + v[n / 2]) / 2.0),
+    }
+}
+
+/// One round's Milepost phases on a fresh server: the first contact of new devices
+/// (first round only), the fleet's hello (not timed), then every connection count.
+async fn fleet_round(
+    args: &BenchArgs,
+    work: &std::path::Path,
+    base: i64,
+    duration: Duration,
+    first: bool,
+) -> anyhow::Result<Vec<FleetPhase>> {
+    // A reused --work-dir (or the last round) holds servers whose readings ran
+    // ahead of the clock: this round's warm-up would get duplicates. Each starts empty.
+    for old in ["fleet", "big-http", "victoria-metrics"] {
+        let old = work.join(old);
+        if old.exists() {
+            std::fs::remove_dir_all(&old).with_context(|| format!("clearing {}", old.display()))?;
+        }
+    }
+    let mut phases = Vec::new();
+    let server = BenchServer::start(&work.join("fleet"), &args.memory_limit)?;
+    let milepost = Target {
+        server: &server,
+        wire: Wire::Milepost,
+    };
+    if first && args.new_devices > 0 {
+        eprintln!("bench: first contact of {} new devices", args.new_devices);
+        let new = Arc::new(Fleet::new("new", args.new_devices, base));
+        phases.push(
+            phase(
+                milepost,
+                "first contact (new devices)",
+                &new,
+                64,
+                None,
+                Order::Live,
+                None,
+            )
+            .await?,
+        );
+    }
+    let fleet = Arc::new(Fleet::new("car", args.devices, base));
+    eprintln!("bench: {} devices say hello (not timed)", args.devices);
+    warm_up(milepost, &fleet).await?;
+    let readers = Some((args.readers, Duration::from_secs_f64(args.reader_interval)));
+    for &c in &args.connections {
+        eprintln!(
+            "bench: fleet of {} devices over {c} connections",
+            args.devices
+        );
+        phases.push(
+            phase(
+                milepost,
+                "fleet",
+                &fleet,
+                c,
+                Some(duration),
+                Order::Live,
+                readers,
+            )
+            .await?,
+        );
+        if args.order != Order::Live {
+            let name = format!("fleet {}", order_name(args.order));
+            eprintln!("bench: {name}, {c} connections");
+            phases.push(
+                phase(
+                    milepost,
+                    &name,
+                    &fleet,
+                    c,
+                    Some(duration),
+                    args.order,
+                    readers,
+                )
+                .await?,
+            );
+        }
+    }
+    server.stop()?;
+    Ok(phases)
 }
 
 /// The live fleet phases against VictoriaMetrics, when it is installed: a fresh
@@ -908,6 +957,22 @@ fn print_report(r: &FleetReport) {
             p.name, p.connections, p.max_unapplied_readings, p.max_apply_lag_seconds
         );
     }
+    if let Some(median) = median(&r.victoria_ratios) {
+        let each: Vec<String> = r
+            .victoria_ratios
+            .iter()
+            .map(|x| format!("{x:.2}"))
+            .collect();
+        println!(
+            "fleet / VictoriaMetrics at {} connections, {} round(s): {} (median {median:.2})",
+            r.phases
+                .iter()
+                .find(|p| p.name == "fleet")
+                .map_or(0, |p| p.connections),
+            r.victoria_ratios.len(),
+            each.join(", ")
+        );
+    }
     for p in &r.phases {
         if let Some(s) = &p.log_syncs {
             println!(
@@ -960,6 +1025,14 @@ mod tests {
              milepost_ingest_log_sync_duration_seconds_count {count}\n"
         ));
         SyncHistogram::parse(&text, at)
+    }
+
+    #[test]
+    fn the_median_of_rounds() {
+        assert_eq!(median(&[]), None);
+        assert_eq!(median(&[0.9]), Some(0.9));
+        assert_eq!(median(&[1.0, 0.8, 0.9]), Some(0.9));
+        assert_eq!(median(&[1.0, 0.5, 0.75, 0.25]), Some(0.625));
     }
 
     #[test]

@@ -115,6 +115,12 @@ pub struct BenchArgs {
     /// `victoria-metrics`), `off` skips it.
     #[arg(long, default_value = "auto")]
     pub victoria_metrics: String,
+    /// Fleet: rounds of Milepost's live fleet phases then VictoriaMetrics', each
+    /// round on fresh servers; the report gives the rate ratio of every round and
+    /// their median (this machine's speed drifts between minutes: compare only
+    /// alternated runs).
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..))]
+    pub rounds: u32,
     /// Soak: minutes of mixed traffic.
     #[arg(long, default_value_t = 10)]
     pub minutes: u64,
