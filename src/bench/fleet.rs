@@ -699,10 +699,7 @@ async fn fleet_round(
     // A reused --work-dir (or the last round) holds servers whose readings ran
     // ahead of the clock: this round's warm-up would get duplicates. Each starts empty.
     for old in ["fleet", "big-http", "victoria-metrics"] {
-        let old = work.join(old);
-        if old.exists() {
-            std::fs::remove_dir_all(&old).with_context(|| format!("clearing {}", old.display()))?;
-        }
+        super::remove_stale(&work.join(old))?;
     }
     let mut phases = Vec::new();
     let server = BenchServer::start(&work.join("fleet"), &args.memory_limit)?;

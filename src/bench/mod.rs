@@ -440,7 +440,7 @@ fn print_report(r: &Report) {
 }
 
 /// Removes `dir` (a database of an earlier run in a reused `--work-dir`) if it exists.
-fn remove_stale(dir: &Path) -> anyhow::Result<()> {
+pub(crate) fn remove_stale(dir: &Path) -> anyhow::Result<()> {
     match std::fs::remove_dir_all(dir) {
         Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
             Err(anyhow::anyhow!("cannot remove {}: {e}", dir.display()))
