@@ -1,10 +1,14 @@
-//! Daily compaction: rewrite each finished UTC day sorted by (device, sensor, ts).
+//! Daily compaction: move each finished UTC day from `received_readings` into
+//! `compacted_readings`, sorted by (device, sensor, ts).
 //!
 //! Readings arrive interleaved (sensors and devices mixed), which DuckDB's bitpacking
-//! and ALP compress poorly: ~7 bytes per reading. Sorted, the same day takes ~4: each
-//! series' timestamps and values sit together. A day is compacted once it is over;
-//! if late uploads add readings to it afterwards, it is compacted again. Its rollups
-//! are recomputed from the rewritten readings in the same transaction.
+//! and ALP compress poorly: ~5.6 bytes per reading. Sorted, each series' timestamps
+//! and values sit together, and each value is stored as an integer mantissa over a
+//! power of ten (one per sensor and day) wherever that gives it back bit for bit
+//! (schema version 6 says why): the mantissas are bit-packed as deltas, ~3 bytes per
+//! reading in all. A day is compacted once it is over; if late uploads add readings
+//! to it afterwards (into `received_readings`), it is compacted again. Its rollups
+//! are recomputed from the rewritten readings.
 
 use std::time::{Duration, Instant};
 
@@ -35,22 +39,22 @@ pub struct Compaction {
     pub elapsed: Duration,
 }
 
-/// Finished days not compacted at their current size, oldest first. Counts every
-/// stored reading by day: one scan of the whole table, so the writer keeps the
-/// answer ([`DueDays`]) instead of asking again for every day.
+/// Finished days with readings not compacted yet (in `received_readings`), oldest
+/// first. One scan of that table, which holds little more than today once the
+/// finished days are compacted; the writer keeps the answer ([`DueDays`]) instead of
+/// asking again for every day.
 pub(super) fn due_days(conn: &Connection, today: NaiveDate) -> Result<Vec<NaiveDate>, StoreError> {
+    let today_ms = today
+        .and_hms_opt(0, 0, 0)
+        .expect("midnight")
+        .and_utc()
+        .timestamp_millis();
     let mut stmt = conn.prepare(
-        "SELECT strftime(d.day, '%Y-%m-%d') FROM (
-             SELECT CAST(make_timestamp(ts_ms * 1000) AS DATE) AS day, count(*) AS n
-             FROM readings GROUP BY 1
-         ) d LEFT JOIN compacted_days c ON c.day = d.day
-         WHERE d.day < CAST(? AS DATE) AND (c.readings IS NULL OR c.readings <> d.n)
-         ORDER BY d.day",
+        "SELECT DISTINCT strftime(CAST(make_timestamp(ts_ms * 1000) AS DATE), '%Y-%m-%d') AS day
+         FROM received_readings WHERE ts_ms < ? ORDER BY day",
     )?;
     let days = stmt
-        .query_map([today.format("%Y-%m-%d").to_string()], |r| {
-            r.get::<_, String>(0)
-        })?
+        .query_map([today_ms], |r| r.get::<_, String>(0))?
         .collect::<Result<Vec<_>, _>>()?;
     days.iter()
         .map(|d| {
@@ -100,6 +104,88 @@ pub(super) fn compact_finished_days(
     compact_days(conn, due_days(conn, today)?)
 }
 
+/// The largest number of decimals a compacted value is stored with as a mantissa;
+/// values that need more keep their `DOUBLE`.
+const MAX_DECIMALS: u32 = 9;
+
+/// `value * div` must stay below 2^53 for the mantissa to convert to a `DOUBLE`
+/// exactly.
+const EXACT_INTEGERS: &str = "9007199254740992";
+
+/// `10^k` as a DuckDB `DOUBLE` literal.
+fn power_of_ten(k: u32) -> String {
+    format!("1e{k}::DOUBLE")
+}
+
+/// Per sensor in `temp.compact_day`, the power of ten its day's values are stored
+/// over: the fewest decimals that write every value of the sensor exactly (those
+/// with none within [`MAX_DECIMALS`] are left out). Indexed by sensor id; `None`
+/// where a sensor has no such values (or no readings).
+fn divisors(conn: &Connection) -> Result<Vec<Option<u32>>, duckdb::Error> {
+    let decimals = (0..=MAX_DECIMALS)
+        .map(|k| {
+            let d = power_of_ten(k);
+            format!(
+                "WHEN abs(value * {d}) < {EXACT_INTEGERS} AND round(value * {d}) / {d} = value \
+                 THEN {k}"
+            )
+        })
+        .collect::<Vec<_>>()
+        .join(" ");
+    let mut stmt = conn.prepare(&format!(
+        "SELECT sensor_id, max(CASE {decimals} END) FROM compact_day GROUP BY sensor_id"
+    ))?;
+    let mut divisors = Vec::new();
+    for row in stmt.query_map([], |r| {
+        Ok((r.get::<_, i16>(0)?, r.get::<_, Option<i32>>(1)?))
+    })? {
+        let (sensor, k) = row?;
+        let k = k.and_then(|k| u32::try_from(k).ok());
+        let Ok(at) = usize::try_from(sensor) else {
+            continue;
+        };
+        if divisors.len() <= at {
+            divisors.resize(at + 1, None);
+        }
+        divisors[at] = k;
+    }
+    Ok(divisors)
+}
+
+/// A `SELECT` of `temp.compact_day` (in its order) as `compacted_readings`' columns: each
+/// value as `mant` and `div` where `mant / div` (the `readings` view's expression)
+/// gives it back bit for bit, and as `value` otherwise. `divisors` is
+/// [`divisors`]' answer. `-0.0` keeps its `DOUBLE` (its mantissa would read back
+/// as `0.0`).
+fn as_mantissas(divisors: &[Option<u32>]) -> String {
+    let list = divisors
+        .iter()
+        .map(|k| k.map_or_else(|| "NULL::DOUBLE".to_owned(), power_of_ten))
+        .collect::<Vec<_>>()
+        .join(", ");
+    // A list of no elements has no type to index with; no sensor has a divisor.
+    let div = if divisors.iter().any(Option::is_some) {
+        format!("[{list}][sensor_id + 1]")
+    } else {
+        "NULL::DOUBLE".to_owned()
+    };
+    format!(
+        "SELECT device_id, sensor_id, ts_ms, ts_us,
+                CASE WHEN exact THEN mant END,
+                CASE WHEN exact THEN div END,
+                CASE WHEN exact THEN NULL ELSE value END
+         FROM (
+             SELECT *, coalesce(mant / div = value AND NOT (value = 0 AND signbit(value)), false)
+                 AS exact
+             FROM (
+                 SELECT *, CASE WHEN abs(value * div) < {EXACT_INTEGERS}
+                                THEN round(value * div)::BIGINT END AS mant
+                 FROM (SELECT *, {div} AS div FROM compact_day)
+             )
+         )"
+    )
+}
+
 /// Rewrites each of `days` sorted by (device, sensor, time), one transaction per day,
 /// then checkpoints so the space of the unsorted copies is reclaimed.
 fn compact_days(
@@ -124,10 +210,13 @@ fn compact_days(
                      ORDER BY device_id, sensor_id, ts_ms, ts_us"
             ))?;
             let n: i64 = conn.query_row("SELECT count(*) FROM compact_day", [], |r| r.get(0))?;
+            let divisors = divisors(conn)?;
             conn.execute_batch(&format!(
-                "DELETE FROM readings WHERE {range};
-                 INSERT INTO readings SELECT * FROM compact_day;
-                 INSERT OR REPLACE INTO compacted_days VALUES (DATE '{day}', {n});"
+                "DELETE FROM received_readings WHERE {range};
+                 DELETE FROM compacted_readings WHERE {range};
+                 INSERT INTO compacted_readings {};
+                 INSERT OR REPLACE INTO compacted_days VALUES (DATE '{day}', {n});",
+                as_mantissas(&divisors)
             ))?;
             Ok::<_, duckdb::Error>(n)
         })?;
@@ -163,4 +252,210 @@ fn compact_days(
         );
     }
     Ok(done)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// 2025-05-01, a finished day.
+    const DAY_MS: i64 = 1_746_057_600_000;
+
+    /// `(device, sensor, ts_ms, value)` of every stored reading, in key order, with
+    /// the value's bits (so that `-0.0` differs from `0.0`).
+    fn stored(conn: &Connection) -> Vec<(i32, i16, i64, u64)> {
+        let mut stmt = conn
+            .prepare("SELECT device_id, sensor_id, ts_ms, value FROM readings ORDER BY 1, 2, 3")
+            .unwrap();
+        stmt.query_map([], |r| {
+            Ok((
+                r.get(0)?,
+                r.get(1)?,
+                r.get(2)?,
+                r.get::<_, f64>(3)?.to_bits(),
+            ))
+        })
+        .unwrap()
+        .collect::<Result<_, _>>()
+        .unwrap()
+    }
+
+    /// Per sensor in `compacted_readings`: `(sensor, rows stored as mantissas,
+    /// distinct divisors, rows kept as DOUBLE)`.
+    fn forms(conn: &Connection) -> Vec<(i16, i64, i64, i64)> {
+        let mut stmt = conn
+            .prepare(
+                "SELECT sensor_id, count(mant), count(DISTINCT div), count(value)
+                 FROM compacted_readings GROUP BY 1 ORDER BY 1",
+            )
+            .unwrap();
+        stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap()
+    }
+
+    fn insert(conn: &Connection, rows: &[(i16, i64, f64)]) {
+        let mut app = conn.appender("received_readings").unwrap();
+        for &(sensor, ts_ms, value) in rows {
+            app.append_row(duckdb::params![1, sensor, ts_ms, 0i16, value])
+                .unwrap();
+        }
+        app.flush().unwrap();
+    }
+
+    #[test]
+    fn compacted_values_read_back_bit_for_bit_and_decimals_become_mantissas() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = crate::store::open_for_tests(dir.path());
+        let conn = &store.conn;
+        conn.execute_batch("INSERT INTO devices VALUES (1, 'car')")
+            .unwrap();
+        // Sensor 1: a four-decimal random walk, some values with trailing zeros
+        // (fewer decimals written), in reverse time order.
+        let mut rows: Vec<(i16, i64, f64)> = (0..3000i64)
+            .rev()
+            .map(|i| {
+                (
+                    1,
+                    DAY_MS + i * 1000,
+                    60.0 + ((i * 7919) % 2001 - 1000) as f64 / 10_000.0,
+                )
+            })
+            .collect();
+        rows.extend([
+            (1, DAY_MS + 5_000_000, 60.12),
+            (1, DAY_MS + 5_001_000, 61.0),
+        ]);
+        // Sensor 2: values with no decimal form within nine decimals, beside
+        // values that have one, and the edges of the exact range.
+        let odd = [
+            0.1 + 0.2,
+            1e300,
+            -1e-12,
+            5e-324,
+            123_456_789.123_456_79, // 17 significant digits: over 2^53 at nine decimals
+            9_007_199_254_740_993.0,
+            f64::MAX,
+            -0.0,
+            0.0,
+            -7.25,
+            0.1,
+            1e15,
+        ];
+        rows.extend(
+            odd.iter()
+                .enumerate()
+                .map(|(i, &v)| (2, DAY_MS + i as i64, v)),
+        );
+        // Sensor 3: integers.
+        rows.extend((0..100).map(|i| (3, DAY_MS + i * 10, (2000 + i * 37) as f64)));
+        insert(conn, &rows);
+        let before = stored(conn);
+
+        let done = compact_finished_days(conn, chrono::Utc::now().date_naive()).unwrap();
+        assert_eq!((done.days, done.readings), (1, rows.len() as u64));
+        assert_eq!(stored(conn), before, "every value reads back bit for bit");
+        let received: i64 = conn
+            .query_row("SELECT count(*) FROM received_readings", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(received, 0, "the day moved");
+        let got = forms(conn);
+        assert_eq!(got[0], (1, 3002, 1, 0), "one divisor for the walk: {got:?}");
+        assert_eq!(got[2], (3, 100, 1, 0), "{got:?}");
+        // The sensor's divisor is 100 (-7.25 needs two decimals). As mantissas:
+        // -7.25, 0.1 and 0.0; not -0.0, nor 1e15 (1e17 is over 2^53), nor the
+        // values with no decimal form within nine decimals.
+        let (_, mantissas, _, doubles) = got[1];
+        assert_eq!((mantissas, doubles), (3, 9), "{got:?}");
+
+        // A late reading makes the day due again; the second pass starts from the
+        // mantissas and keeps every value.
+        insert(conn, &[(1, DAY_MS + 6_000_000, 59.9999)]);
+        let before = stored(conn);
+        let done = compact_finished_days(conn, chrono::Utc::now().date_naive()).unwrap();
+        assert_eq!(done.days, 1);
+        assert_eq!(stored(conn), before);
+        assert_eq!(forms(conn)[0], (1, 3003, 1, 0));
+    }
+
+    #[test]
+    fn a_day_without_decimal_values_keeps_its_doubles() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = crate::store::open_for_tests(dir.path());
+        let conn = &store.conn;
+        insert(conn, &[(1, DAY_MS, 0.1 + 0.2), (4, DAY_MS, 1e-30)]);
+        let before = stored(conn);
+        compact_finished_days(conn, chrono::Utc::now().date_naive()).unwrap();
+        assert_eq!(stored(conn), before);
+        assert_eq!(forms(conn), [(1, 0, 0, 1), (4, 0, 0, 1)]);
+    }
+}
+
+#[cfg(test)]
+mod upgrade_tests {
+    use super::*;
+
+    /// A database of schema version 5, whose compacted days hold sorted DOUBLEs in
+    /// `readings`, gets its readings back unchanged through the view, and its old
+    /// compacted days are due again and move into `compacted_readings`.
+    #[test]
+    fn days_compacted_before_version_6_are_compacted_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let day_ms = 1_746_057_600_000i64;
+        {
+            let conn = Connection::open(crate::store::DataDir::new(dir.path()).database()).unwrap();
+            conn.execute_batch(
+                "CREATE TABLE schema_migrations (version BIGINT PRIMARY KEY,
+                     name VARCHAR NOT NULL, applied_at TIMESTAMP NOT NULL);",
+            )
+            .unwrap();
+            for (v, sql) in super::super::migrations::MIGRATIONS
+                .iter()
+                .map(|m| (m.0, m.2))
+            {
+                if v <= 5 {
+                    conn.execute_batch(sql).unwrap();
+                    conn.execute(
+                        "INSERT INTO schema_migrations VALUES (?, 'old', make_timestamp(0::BIGINT))",
+                        [v],
+                    )
+                    .unwrap();
+                }
+            }
+            conn.execute_batch(&format!(
+                "INSERT INTO devices VALUES (1, 'car');
+                 INSERT INTO readings SELECT 1, 1, {day_ms} + i * 1000, 0, 60 + i / 100
+                     FROM range(500) t(i);
+                 INSERT INTO compacted_days VALUES (DATE '2025-05-01', 500);"
+            ))
+            .unwrap();
+        }
+        let store = crate::store::open_for_tests(dir.path());
+        let conn = &store.conn;
+        // Count and a hash of every (time, value), bits included.
+        let sum = |conn: &Connection| -> (i64, u64) {
+            conn.query_row(
+                "SELECT count(*), bit_xor(hash(ts_ms, value)) FROM readings",
+                [],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .unwrap()
+        };
+        let before = sum(conn);
+        assert_eq!(before.0, 500);
+        let today = chrono::Utc::now().date_naive();
+        assert_eq!(
+            due_days(conn, today).unwrap(),
+            [NaiveDate::from_ymd_opt(2025, 5, 1).unwrap()]
+        );
+        assert_eq!(compact_finished_days(conn, today).unwrap().days, 1);
+        assert_eq!(sum(conn), before);
+        let moved: i64 = conn
+            .query_row("SELECT count(mant) FROM compacted_readings", [], |r| {
+                r.get(0)
+            })
+            .unwrap();
+        assert_eq!(moved, 500);
+    }
 }

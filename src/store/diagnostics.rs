@@ -79,7 +79,7 @@ pub fn load_natively(
         .map(|f| format!("'{}'", f.display().to_string().replace('\'', "''")))
         .collect();
     let sql = format!(
-        "INSERT INTO readings
+        "INSERT INTO received_readings
          SELECT d.id, s.id, epoch_ms(CAST(r.timestamp AS TIMESTAMP)),
                 CAST(epoch_us(CAST(r.timestamp AS TIMESTAMP)) % 1000 AS SMALLINT), r.value
          FROM read_json([{}], format = 'newline_delimited',

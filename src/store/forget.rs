@@ -33,7 +33,13 @@ pub(super) fn delete_device(
             [d],
             |r| Ok((r.get(0)?, r.get(1)?)),
         )?;
-        for table in ["readings", "rollups", "series", "device_owners"] {
+        for table in [
+            "received_readings",
+            "compacted_readings",
+            "rollups",
+            "series",
+            "device_owners",
+        ] {
             conn.execute(&format!("DELETE FROM {table} WHERE device_id = ?"), [d])?;
         }
         conn.execute("DELETE FROM devices WHERE id = ?", [d])?;

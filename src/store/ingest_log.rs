@@ -637,7 +637,7 @@ pub(super) fn append_readings(
     }
     let batch = rows.into_record_batch(series)?;
     let partials = Partials::of_sorted(&batch)?;
-    let mut app = conn.appender("readings")?;
+    let mut app = conn.appender("received_readings")?;
     app.append_record_batch(batch)?;
     app.flush()?;
     Ok(partials)

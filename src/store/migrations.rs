@@ -6,7 +6,7 @@ use duckdb::Connection;
 use super::StoreError;
 
 /// Every migration this binary knows, in order: (version, name, SQL).
-const MIGRATIONS: &[(i64, &str, &str)] = &[
+pub(super) const MIGRATIONS: &[(i64, &str, &str)] = &[
     (
         1,
         "init",
@@ -31,6 +31,11 @@ const MIGRATIONS: &[(i64, &str, &str)] = &[
         5,
         "device_owners",
         include_str!("../../schema/migrations/0005_device_owners.sql"),
+    ),
+    (
+        6,
+        "reading_mantissas",
+        include_str!("../../schema/migrations/0006_reading_mantissas.sql"),
     ),
 ];
 

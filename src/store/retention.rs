@@ -112,7 +112,8 @@ fn retire_in_steps_of(
         for (day, lo, range, n) in &ranges {
             let slots = format!("slot_ms >= {lo} AND slot_ms < {}", lo + DAY_MS);
             conn.execute_batch(&format!(
-                "DELETE FROM readings WHERE {range};
+                "DELETE FROM received_readings WHERE {range};
+                 DELETE FROM compacted_readings WHERE {range};
                  DELETE FROM rollups WHERE {slots};
                  DELETE FROM compacted_days WHERE day = DATE '{day}';
                  INSERT OR REPLACE INTO retired_days
@@ -469,11 +470,15 @@ mod tests {
             for (device, kept) in [(0, 2), (1, 3), (2, 0)] {
                 for i in 0..4 {
                     let ts = day_start_ms(old) + 1000 * (device * 10 + i);
-                    sql += &format!("INSERT INTO readings VALUES ({device}, 1, {ts}, 0, 1.0);");
+                    sql += &format!(
+                        "INSERT INTO received_readings VALUES ({device}, 1, {ts}, 0, 1.0);"
+                    );
                 }
                 for i in 0..kept {
                     let ts = kept_ms + 1000 * (device * 10 + i);
-                    sql += &format!("INSERT INTO readings VALUES ({device}, 1, {ts}, 0, 1.0);");
+                    sql += &format!(
+                        "INSERT INTO received_readings VALUES ({device}, 1, {ts}, 0, 1.0);"
+                    );
                 }
             }
             store.conn.execute_batch(&sql).unwrap();

@@ -796,9 +796,9 @@ mod tests {
             store
                 .conn
                 .execute_batch(
-                    "DELETE FROM readings; DELETE FROM series;
+                    "DELETE FROM received_readings; DELETE FROM series;
                      INSERT OR IGNORE INTO devices VALUES (1, 'a'), (2, 'b'), (3, 'c');
-                     INSERT INTO readings SELECT d::INTEGER, 1::SMALLINT,
+                     INSERT INTO received_readings SELECT d::INTEGER, 1::SMALLINT,
                          1711756800000 + k * 1000, 0::SMALLINT, k::DOUBLE
                      FROM range(1, 4) a(d), range(0, 12) b(k) WHERE k < 3 * d;",
                 )

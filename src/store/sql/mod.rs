@@ -1214,7 +1214,7 @@ mod tests {
                 for i in 0..20i64 {
                     let ts = 1_790_000_000_000 + i * 60_000;
                     sql += &format!(
-                        "INSERT INTO readings VALUES ({d}, {s}, {ts}, 0, {}.5);",
+                        "INSERT INTO received_readings VALUES ({d}, {s}, {ts}, 0, {}.5);",
                         d * 100 + i
                     );
                 }
