@@ -186,8 +186,9 @@ fn as_mantissas(divisors: &[Option<u32>]) -> String {
     )
 }
 
-/// Rewrites each of `days` sorted by (device, sensor, time), one transaction per day,
-/// then checkpoints so the space of the unsorted copies is reclaimed.
+/// Moves each of `days` into `compacted_readings` sorted by (device, sensor, time),
+/// one transaction per day, then checkpoints so the space of the unsorted copies is
+/// reclaimed.
 fn compact_days(
     conn: &Connection,
     days: impl IntoIterator<Item = NaiveDate>,
