@@ -193,7 +193,9 @@ const TRIM_THRESHOLD: usize = 1 << 20;
 /// which glibc otherwise raises to the largest block freed so far, up to 32 MiB),
 /// and its trim threshold at [`TRIM_THRESHOLD`].
 ///
-/// Why: DuckDB's buffers are 256 KiB blocks, allocated and freed all the time. Once
+/// Why: DuckDB's buffers are blocks of 128 KiB (256 KiB in files made before
+/// session 31), allocated and freed all the time; both are at or over the fixed
+/// threshold (with malloc's header), so they stay mappings of their own. Once
 /// the threshold had risen above them they came from malloc's arenas, where
 /// the holes they left filled with small long-lived allocations and the next blocks
 /// grew the arenas. Measured (docs/performance.md, session 28, alternated with the

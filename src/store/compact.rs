@@ -5,9 +5,10 @@
 //! and ALP compress poorly: ~5.6 bytes per reading. Sorted, each series' timestamps
 //! and values sit together, and each value is stored as an integer mantissa over a
 //! power of ten (one per sensor and day) wherever that gives it back bit for bit
-//! (schema version 6 says why): the mantissas are bit-packed as deltas, ~3 bytes per
-//! reading in all. A day is compacted once it is over; if late uploads add readings
-//! to it afterwards (into `received_readings`), it is compacted again. Its rollups
+//! (schema version 6 says why): the mantissas are bit-packed as deltas, ~2.6 bytes
+//! per reading in all (in 128 KiB blocks: the store's `NEW_FILE_BLOCK_SIZE`). A day
+//! is compacted once it is over; if late uploads add readings to it afterwards
+//! (into `received_readings`), it is compacted again. Its rollups
 //! are recomputed from the rewritten readings.
 
 use std::time::{Duration, Instant};
