@@ -654,8 +654,9 @@ struct DuckSettings {
 /// 256 KiB block, so most blocks stayed half empty. In 128 KiB blocks a segment
 /// fills blocks whole and its rest shares a block with others. Measured (session
 /// 31, alternated with the build before): 100 M readings compacted take 2.62 bytes
-/// each instead of 3.03, uncompacted 5.48 instead of 5.60; ingest, compaction and
-/// queries within this machine's noise. Copies of 10 M compacted readings: 24.1
+/// each instead of 3.03, uncompacted 5.48 instead of 5.60; ingest unchanged,
+/// compaction 17–20 % slower (docs/performance.md, session 31, also for the
+/// compacted charts' open question). Copies of 10 M compacted readings: 24.1
 /// MiB in 128 KiB blocks, 24.2 in 64 KiB, 28.5 in 256 KiB, 153 in 16 KiB (every
 /// segment split).
 const NEW_FILE_BLOCK_SIZE: u32 = 128 << 10;
