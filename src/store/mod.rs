@@ -655,10 +655,10 @@ struct DuckSettings {
 /// fills blocks whole and its rest shares a block with others. Measured (session
 /// 31, alternated with the build before): 100 M readings compacted take 2.62 bytes
 /// each instead of 3.03, uncompacted 5.48 instead of 5.60; ingest unchanged,
-/// compaction 17–20 % slower (docs/performance.md, session 31, also for the
-/// compacted charts' open question). Copies of 10 M compacted readings: 24.1
-/// MiB in 128 KiB blocks, 24.2 in 64 KiB, 28.5 in 256 KiB, 153 in 16 KiB (every
-/// segment split).
+/// compaction 17–20 % slower, 30-day statistics on compacted days 7–15 % slower,
+/// charts unchanged (docs/performance.md, session 31). Copies of 10 M compacted
+/// readings: 24.1 MiB in 128 KiB blocks, 24.2 in 64 KiB, 28.5 in 256 KiB, 153 in
+/// 16 KiB (every segment split).
 const NEW_FILE_BLOCK_SIZE: u32 = 128 << 10;
 
 /// Opens a DuckDB file with Milepost's settings: the memory limit and threads given,
