@@ -8,8 +8,8 @@
 //! (schema version 6 says why): the mantissas are bit-packed as deltas, ~2.6 bytes
 //! per reading in all (in 128 KiB blocks: the store's `NEW_FILE_BLOCK_SIZE`). A day
 //! is compacted once it is over; if late uploads add readings to it afterwards
-//! (into `received_readings`), it is compacted again. Its rollups
-//! are recomputed from the rewritten readings.
+//! (into `received_readings`), it is compacted again. Its rollups are recomputed
+//! from the rewritten readings.
 
 use std::time::{Duration, Instant};
 
@@ -121,8 +121,9 @@ fn power_of_ten(k: u32) -> String {
 /// Per sensor in `temp.compact_day`, the power of ten its day's values are stored
 /// over: the fewest decimals that write every value of the sensor exactly (those
 /// with none within [`MAX_DECIMALS`] are left out). Indexed by sensor id; `None`
-/// where a sensor has no such values (or no readings).
-fn divisors(conn: &Connection) -> Result<Vec<Option<u32>>, duckdb::Error> {
+/// where a sensor has no such values (or no readings). Also the day's readings,
+/// counted in the same scan.
+fn divisors(conn: &Connection) -> Result<(Vec<Option<u32>>, i64), duckdb::Error> {
     let decimals = (0..=MAX_DECIMALS)
         .map(|k| {
             let d = power_of_ten(k);
@@ -134,13 +135,18 @@ fn divisors(conn: &Connection) -> Result<Vec<Option<u32>>, duckdb::Error> {
         .collect::<Vec<_>>()
         .join(" ");
     let mut stmt = conn.prepare(&format!(
-        "SELECT sensor_id, max(CASE {decimals} END) FROM compact_day GROUP BY sensor_id"
+        "SELECT sensor_id, max(CASE {decimals} END), count(*) FROM compact_day GROUP BY sensor_id"
     ))?;
-    let mut divisors = Vec::new();
+    let (mut divisors, mut readings) = (Vec::new(), 0);
     for row in stmt.query_map([], |r| {
-        Ok((r.get::<_, i16>(0)?, r.get::<_, Option<i32>>(1)?))
+        Ok((
+            r.get::<_, i16>(0)?,
+            r.get::<_, Option<i32>>(1)?,
+            r.get::<_, i64>(2)?,
+        ))
     })? {
-        let (sensor, k) = row?;
+        let (sensor, k, n) = row?;
+        readings += n;
         let k = k.and_then(|k| u32::try_from(k).ok());
         let Ok(at) = usize::try_from(sensor) else {
             continue;
@@ -150,7 +156,7 @@ fn divisors(conn: &Connection) -> Result<Vec<Option<u32>>, duckdb::Error> {
         }
         divisors[at] = k;
     }
-    Ok(divisors)
+    Ok((divisors, readings))
 }
 
 /// A `SELECT` of `temp.compact_day` (in its order) as `compacted_readings`' columns: each
@@ -211,8 +217,7 @@ fn compact_days(
                      SELECT * FROM readings WHERE {range}
                      ORDER BY device_id, sensor_id, ts_ms, ts_us"
             ))?;
-            let n: i64 = conn.query_row("SELECT count(*) FROM compact_day", [], |r| r.get(0))?;
-            let divisors = divisors(conn)?;
+            let (divisors, n) = divisors(conn)?;
             conn.execute_batch(&format!(
                 "DELETE FROM received_readings WHERE {range};
                  DELETE FROM compacted_readings WHERE {range};

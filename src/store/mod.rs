@@ -12,15 +12,15 @@
 //! store, each with connections of its own. Everything outside sees typed functions.
 //!
 //! Readings arrive into `received_readings`; every reader reads the view `readings`
-//! over it and `compacted_readings`. Besides the readings, the writer keeps 15-minute rollups per series in the same
-//! transactions (`rollup.rs`), so statistics over long ranges do not depend on how the
-//! readings happen to be ordered on disk; the live quarter hours are aggregated in
-//! memory as readings are acknowledged (`live.rs`), and queries add the readings the
-//! ingest log acknowledged that DuckDB does not hold yet (`reader.rs`), so no read
-//! waits for the writer; compaction (`compact.rs`) moves finished days into
-//! `compacted_readings`, sorted and with values as decimal mantissas, for size and
-//! scan speed. [`diagnostics`] looks at a stopped server's
-//! directory for `milepost recover` and the benchmark.
+//! over it and `compacted_readings`. Besides the readings, the writer keeps 15-minute
+//! rollups per series in the same transactions (`rollup.rs`), so statistics over
+//! long ranges do not depend on how the readings happen to be ordered on disk; the
+//! live quarter hours are aggregated in memory as readings are acknowledged
+//! (`live.rs`), and queries add the readings the ingest log acknowledged that DuckDB
+//! does not hold yet (`reader.rs`), so no read waits for the writer; compaction
+//! (`compact.rs`) moves finished days into `compacted_readings`, sorted and with
+//! values as decimal mantissas, for size and scan speed. [`diagnostics`] looks at a
+//! stopped server's directory for `milepost recover` and the benchmark.
 
 mod alerts;
 mod columns;
