@@ -440,6 +440,13 @@ impl LiveSlots {
         let Some(&(last_ts, _)) = rows.last() else {
             return;
         };
+        // A new entry would hold only slots after the last one lost: readings all
+        // before it leave nothing to hold, and an entry holding nothing would still
+        // take the map's room (CI once held 30 such empty devices in a 4 KiB budget).
+        let lost = inner.lost_through;
+        if slot_us(last_ts) <= lost && !inner.devices.contains_key(&device) {
+            return;
+        }
         let Some(d) = inner.entry(device, now) else {
             inner.lost_through = inner.lost_through.max(slot_us(last_ts));
             return;
@@ -477,6 +484,11 @@ impl LiveSlots {
                 }
             }
             d.slots[at].add(off, v);
+        }
+        if d.slots.is_empty() {
+            // Made just now, after an eviction that lost these readings' slots.
+            inner.remove(device, false);
+            return;
         }
         let grown = d.bytes() - before;
         inner.slot_bytes += grown;
@@ -744,6 +756,29 @@ mod tests {
             );
         }
         maps.bytes(None)
+    }
+
+    #[test]
+    fn a_device_sending_only_into_lost_slots_takes_no_room() {
+        let from = 10 * SLOT_MS;
+        let live = LiveSlots::new(from);
+        live.set_limits(1 << 20, Duration::ZERO);
+        // Some device's readings of slot `from` were lost (evicted or never held).
+        live.write().lost_through = from;
+        for d in 10..40 {
+            live.record(DeviceId(d), S, &[(us(from + 7), 1.0)]);
+        }
+        assert_eq!(live.usage(), (0, 0), "no entries that hold nothing");
+        let (exact, held) = live.slots(DeviceId(10), S, 0, i64::MAX);
+        assert_eq!((exact, held.len()), (from + SLOT_MS, 0), "read from DuckDB");
+        // Readings of the next slot are held.
+        live.record(
+            DeviceId(10),
+            S,
+            &[(us(from + 7), 1.0), (us(from + SLOT_MS), 2.0)],
+        );
+        let (exact, held) = live.slots(DeviceId(10), S, 0, i64::MAX);
+        assert_eq!((exact, held.len(), held[0].1.count), (from + SLOT_MS, 1, 1));
     }
 
     #[test]
