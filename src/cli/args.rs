@@ -26,7 +26,7 @@ pub enum Command {
     /// Run the server: ingest, HTTP API, background jobs.
     Serve(Box<ServeArgs>),
     /// Compact finished days now (the server does this hourly); the server must be stopped.
-    Compact(StorageArgs),
+    Compact(CompactArgs),
     /// Dump days to the blob store now (the server does this on its schedule); the
     /// server must be stopped.
     Dump(Box<DumpArgs>),
@@ -85,6 +85,20 @@ pub enum Command {
 }
 
 /// `milepost token`.
+/// `milepost compact` options.
+#[derive(Debug, Clone, clap::Args)]
+pub struct CompactArgs {
+    /// The database.
+    #[command(flatten)]
+    pub storage: StorageArgs,
+    /// Then copy the database into a new file that replaces it: the disk that
+    /// compaction and retention freed inside the file is given back, and a file
+    /// made before 128 KiB blocks gets them (compacted days ~15 % smaller). Needs
+    /// free disk for the copy (about the data's size); 100 M readings took 18 s.
+    #[arg(long)]
+    pub rewrite: bool,
+}
+
 #[derive(Debug, Clone, Subcommand)]
 pub enum TokenCommand {
     /// Make a backend token; it is printed once and only its hash is kept.

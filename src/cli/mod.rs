@@ -5,7 +5,7 @@ pub mod healthcheck;
 mod load;
 pub mod recover;
 
-pub use args::{Cli, Command, TokenCommand};
+pub use args::{Cli, Command, CompactArgs, TokenCommand};
 pub use load::{ArgsError, Parsed, parse_args};
 
 use tracing_subscriber::EnvFilter;
@@ -80,22 +80,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             crate::bench::push::run(args).await
         }
         Command::Bench(args) => crate::bench::run(args).await.map(|_| ()),
-        Command::Compact(storage) => {
-            let store = crate::store::Store::open(&storage.store_config())?;
-            let done = tokio::task::spawn_blocking(move || {
-                let done = store.compact()?;
-                store.close()?;
-                Ok::<_, crate::store::StoreError>(done)
-            })
-            .await??;
-            println!(
-                "compacted {} day(s), {} readings, in {:.2} s",
-                done.days,
-                done.readings,
-                done.elapsed.as_secs_f64()
-            );
-            Ok(())
-        }
+        Command::Compact(args) => compact(args).await,
         Command::Dump(args) => dump(*args).await,
         Command::Recover(args) => match recover::run(&args)? {
             recover::Recovery::Healthy => Ok(()),
@@ -130,6 +115,38 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
 
 /// `milepost dump`: dumps the given days with the server stopped (it holds the data
 /// directory; a running server dumps on its own schedule and catches up at start).
+/// `milepost compact`: finished days compacted, then the file rewritten if asked.
+async fn compact(args: CompactArgs) -> anyhow::Result<()> {
+    let cfg = args.storage.store_config();
+    let store = crate::store::Store::open(&cfg)?;
+    tokio::task::spawn_blocking(move || {
+        let done = store.compact()?;
+        println!(
+            "compacted {} day(s), {} readings, in {:.2} s",
+            done.days,
+            done.readings,
+            done.elapsed.as_secs_f64()
+        );
+        if !args.rewrite {
+            store.close()?;
+            return Ok(());
+        }
+        let r = store.rewrite(&cfg)?;
+        let mib = |b: u64| b as f64 / (1 << 20) as f64;
+        println!(
+            "rewrote the database in {:.2} s: {:.1} MiB -> {:.1} MiB, {} KiB -> {} KiB blocks, {} rows",
+            r.elapsed.as_secs_f64(),
+            mib(r.bytes_before),
+            mib(r.bytes_after),
+            r.block_size_before >> 10,
+            r.block_size_after >> 10,
+            r.rows
+        );
+        Ok::<_, anyhow::Error>(())
+    })
+    .await?
+}
+
 async fn dump(args: DumpArgs) -> anyhow::Result<()> {
     let yesterday = chrono::Utc::now().date_naive() - chrono::Days::new(1);
     let (first, last) = match (args.date, args.since) {

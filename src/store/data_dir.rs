@@ -7,6 +7,8 @@ use std::path::{Path, PathBuf};
 const DB_FILE: &str = "milepost.duckdb";
 const WAL_FILE: &str = "milepost.duckdb.wal";
 const LOCK_FILE: &str = "milepost.lock";
+/// Where `milepost compact --rewrite` builds the new database file.
+const REWRITE_FILE: &str = "milepost.duckdb.rewrite";
 const INSTANCE_FILE: &str = "instance-id";
 
 /// A data directory (`--data-dir`).
@@ -32,6 +34,12 @@ impl DataDir {
     /// DuckDB's write-ahead log beside it.
     pub fn wal(&self) -> PathBuf {
         self.0.join(WAL_FILE)
+    }
+
+    /// The database file `milepost compact --rewrite` builds before it replaces
+    /// [`Self::database`] (left over only if a rewrite was interrupted).
+    pub fn rewrite(&self) -> PathBuf {
+        self.0.join(REWRITE_FILE)
     }
 
     /// The lock file a running process holds.

@@ -20,7 +20,8 @@
 //! does not hold yet (`reader.rs`), so no read waits for the writer; compaction
 //! (`compact.rs`) moves finished days into `compacted_readings`, sorted and with
 //! values as decimal mantissas, for size and scan speed. [`diagnostics`] looks at a
-//! stopped server's directory for `milepost recover` and the benchmark.
+//! stopped server's directory for `milepost recover` and the benchmark, and
+//! `rewrite.rs` copies its database into a new file for `milepost compact --rewrite`.
 
 mod alerts;
 mod columns;
@@ -40,6 +41,7 @@ mod pool;
 mod reader;
 mod recent;
 mod retention;
+mod rewrite;
 mod rollup;
 mod series;
 pub mod sql;
@@ -62,6 +64,7 @@ pub use forget::DeletedDevice;
 use ingest_log::IngestLog;
 pub use reader::{DeviceSummary, ReadStore, Reader, ScanChunk, ScanSink, Totals};
 pub use retention::Retired;
+pub use rewrite::Rewrite;
 pub use series::DEFAULT_BUDGET as DEFAULT_SERIES_MEMORY;
 pub use state::{ApplyLag, SeriesEntry, SeriesStats, Shared};
 pub use writer::{Clock, Committed, PendingCommit, WriteError, Writer, WriterConfig, WriterHandle};
@@ -159,6 +162,31 @@ impl Store {
     /// the series statistics.
     pub fn close(self) -> Result<(), StoreError> {
         close(&self.conn, &self.shared)
+    }
+
+    /// Closes the database (as [`Self::close`]) and replaces its file by a copy made
+    /// with today's block size and without free blocks (see [`rewrite`]); `cfg` is
+    /// what the store was opened with. The directory stays locked throughout.
+    pub fn rewrite(self, cfg: &StoreConfig) -> Result<Rewrite, StoreError> {
+        close(&self.conn, &self.shared)?;
+        let Self {
+            conn,
+            shared,
+            log,
+            _lock,
+            ..
+        } = self;
+        // DuckDB closes the file when its last connection goes.
+        drop((conn, shared, log));
+        rewrite::rewrite(
+            &DataDir::new(&cfg.data_dir),
+            &DuckSettings {
+                memory_limit: cfg.memory_limit.clone(),
+                threads: cfg.threads,
+                read_only: false,
+                temp_limit: cfg.temp_limit.clone(),
+            },
+        )
     }
 
     /// Bytes of the file that hold data: used blocks times block size. The file itself
@@ -665,12 +693,21 @@ const NEW_FILE_BLOCK_SIZE: u32 = 128 << 10;
 /// and the built-in extensions only (nothing is ever fetched or loaded from the
 /// network). The one place a DuckDB connection is configured.
 fn open_connection(path: &Path, s: &DuckSettings) -> Result<Connection, StoreError> {
+    Connection::open_with_flags(path, duck_config(s)?).map_err(|e| StoreError::Open {
+        path: path.to_owned(),
+        wal_present: path.with_extension("duckdb.wal").exists(),
+        message: e.to_string(),
+    })
+}
+
+/// [`open_connection`]'s settings.
+fn duck_config(s: &DuckSettings) -> Result<Config, StoreError> {
     let mode = if s.read_only {
         duckdb::AccessMode::ReadOnly
     } else {
         duckdb::AccessMode::ReadWrite
     };
-    let config = Config::default()
+    Config::default()
         .max_memory(&s.memory_limit)
         .and_then(|c| c.threads(s.threads.max(1) as i64))
         .and_then(|c| c.access_mode(mode))
@@ -683,12 +720,7 @@ fn open_connection(path: &Path, s: &DuckSettings) -> Result<Connection, StoreErr
             Some(limit) => c.with("max_temp_directory_size", limit),
             None => Ok(c),
         })
-        .map_err(|e| StoreError::Config(e.to_string()))?;
-    Connection::open_with_flags(path, config).map_err(|e| StoreError::Open {
-        path: path.to_owned(),
-        wal_present: path.with_extension("duckdb.wal").exists(),
-        message: e.to_string(),
-    })
+        .map_err(|e| StoreError::Config(e.to_string()))
 }
 
 /// Per-series statistics: the `series` table is exact after a clean shutdown; after

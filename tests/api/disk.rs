@@ -258,3 +258,83 @@ async fn a_read_only_data_dir_stops_start_up_with_a_clear_message() {
     refused(&fs.path().join("fresh"));
     fs.remount("rw");
 }
+
+/// `milepost compact --rewrite` without the disk for its copy fails with the reason,
+/// and the database is as it was: no partial copy left, every reading served.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_rewrite_without_room_for_its_copy_leaves_the_database_as_it_was() {
+    let Some(fs) = Tmpfs::mount("48m", "rewrite on a full disk") else {
+        return;
+    };
+    let data = fs.path().join("data");
+    let p = start(&data);
+    let client = reqwest::Client::new();
+    for part in 0..4 {
+        let (body, _) = readings("speed", part * 100_000, 100_000);
+        let (status, r) = post_ingest(&client, &p.base, body).await.unwrap();
+        assert_eq!((status, num(&r, "accepted")), (StatusCode::OK, 100_000));
+    }
+    assert!(p.terminate().unwrap().success());
+    let rewrite = |more: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_milepost"))
+            .arg("compact")
+            .args(more)
+            .arg("--data-dir")
+            .arg(&data)
+            .output_within_limit()
+    };
+    // Compacted while there is room (compaction needs some too), so that only the
+    // copy lacks it below.
+    assert!(rewrite(&[]).status.success());
+    let stored = stored_rows(&data);
+    let db = data.join("milepost.duckdb");
+    let size = std::fs::metadata(&db).unwrap().len();
+    assert!(
+        size > 2 << 20,
+        "{size} bytes: too small to need the room below"
+    );
+    // Room for the offline open and close, not for a copy.
+    let filler = fill(fs.path());
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(&filler)
+        .unwrap();
+    let len = f.metadata().unwrap().len();
+    f.set_len(len - (1 << 20)).unwrap();
+    drop(f);
+    let out = rewrite(&["--rewrite"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("No space left on device"), "{err}");
+    assert!(
+        !data.join("milepost.duckdb.rewrite").exists(),
+        "partial copy left"
+    );
+    assert!(!data.join("milepost.duckdb.rewrite.wal").exists());
+    assert_eq!(stored_rows(&data), stored, "the database as it was");
+
+    // With room, the same command succeeds, and the server serves every reading.
+    std::fs::remove_file(filler).unwrap();
+    let out = rewrite(&["--rewrite"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(stored_rows(&data), stored);
+    let p = start(&data);
+    let (_, page) = json(
+        client
+            .get(format!("{}/api/v1/devices", p.base))
+            .basic_auth(KEY, None::<&str>)
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(
+        page["devices"][0]["readings"].as_u64(),
+        Some(400_000),
+        "{page}"
+    );
+}

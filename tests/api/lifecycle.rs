@@ -500,3 +500,133 @@ async fn offline_commands_compact_print_the_spec_and_dump_a_range() {
     assert_eq!(code, Some(1));
     assert!(err.contains("is after --until"), "{err}");
 }
+
+/// `milepost compact --rewrite` on a file made with DuckDB's 256 KiB blocks (as
+/// before session 31): refused while a server holds the directory; once stopped, the
+/// file is replaced by a 128 KiB-block copy holding every row of every table and
+/// every sequence where it was, and the server starts on it and serves the readings.
+#[tokio::test(flavor = "multi_thread")]
+async fn compact_rewrite_replaces_an_old_file_and_keeps_every_row() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("milepost.duckdb");
+    {
+        let old = duckdb::Connection::open_with_flags(
+            &db,
+            duckdb::Config::default()
+                .with("default_block_size", "262144")
+                .unwrap(),
+        )
+        .unwrap();
+        old.execute_batch("CHECKPOINT").unwrap();
+    }
+    let app = TestApp::spawn_in(dir, |_| {}).await;
+    let (status, r) = app.ingest(crate::dumps::three_days()).await;
+    assert_eq!(status, StatusCode::OK, "{r}");
+    let now = chrono::Utc::now().to_rfc3339();
+    let (status, _) = app.ingest(line("speed", 3.5, &now)).await;
+    assert_eq!(status, StatusCode::OK);
+    let rewrite = |dir: &Path| {
+        let out = Command::new(env!("CARGO_BIN_EXE_milepost"))
+            .args(["compact", "--rewrite", "--data-dir"])
+            .arg(dir)
+            .output_within_limit();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let (code, _, err) = rewrite(app.dir.path());
+    assert_ne!(code, Some(0), "refused while the server runs: {err}");
+    let dir = app.stop().await;
+    // Compacted first, so that the rewrite below only copies.
+    let out = Command::new(env!("CARGO_BIN_EXE_milepost"))
+        .args(["compact", "--data-dir"])
+        .arg(dir.path())
+        .output_within_limit();
+    assert!(out.status.success());
+    // Sequences moved on, as alerts and anomalies move them.
+    let conn = duckdb::Connection::open(&db).unwrap();
+    conn.execute_batch("SELECT nextval('alert_ids'), nextval('alert_ids'), nextval('anomaly_ids')")
+        .unwrap();
+    drop(conn);
+    let stored = stored_rows(dir.path());
+    let before = dir.path().join("before.duckdb");
+    std::fs::copy(&db, &before).unwrap();
+    let block_size = |conn: &duckdb::Connection, name: &str| -> i64 {
+        conn.query_row(
+            &format!(
+                "SELECT block_size FROM pragma_database_size() WHERE database_name = '{name}'"
+            ),
+            [],
+            |r| r.get(0),
+        )
+        .unwrap()
+    };
+
+    let (code, out, err) = rewrite(dir.path());
+    assert_eq!(code, Some(0), "{err}");
+    assert!(out.contains("256 KiB -> 128 KiB blocks"), "{out}");
+    assert!(!dir.path().join("milepost.duckdb.rewrite").exists());
+    assert!(!dir.path().join("milepost.duckdb.wal").exists());
+    assert!(
+        std::fs::metadata(&db).unwrap().len() < std::fs::metadata(&before).unwrap().len(),
+        "smaller"
+    );
+    assert_eq!(stored_rows(dir.path()), stored, "every reading");
+    // Every table row for row, every sequence at the same next value.
+    let conn = duckdb::Connection::open_in_memory().unwrap();
+    conn.execute_batch(&format!(
+        "ATTACH '{}' AS a; ATTACH '{}' AS b;",
+        before.display(),
+        db.display()
+    ))
+    .unwrap();
+    assert_eq!(
+        (block_size(&conn, "a"), block_size(&conn, "b")),
+        (262_144, 131_072)
+    );
+    let tables: Vec<String> = conn
+        .prepare("SELECT table_name FROM duckdb_tables() WHERE database_name = 'a'")
+        .unwrap()
+        .query_map([], |r| r.get(0))
+        .unwrap()
+        .collect::<Result<_, _>>()
+        .unwrap();
+    assert!(tables.len() > 10, "{tables:?}");
+    for t in &tables {
+        let differ: i64 = conn
+            .query_row(
+                &format!(
+                    "SELECT (SELECT count(*) FROM (FROM a.{t} EXCEPT ALL FROM b.{t}))
+                          + (SELECT count(*) FROM (FROM b.{t} EXCEPT ALL FROM a.{t}))"
+                ),
+                [],
+                |r| r.get(0),
+            )
+            .unwrap();
+        assert_eq!(differ, 0, "table {t}");
+    }
+    for seq in [
+        "alert_ids",
+        "anomaly_ids",
+        "anomaly_group_ids",
+        "delivery_ids",
+    ] {
+        let next = |db: &str| -> i64 {
+            conn.query_row(&format!("SELECT nextval('{db}.main.{seq}')"), [], |r| {
+                r.get(0)
+            })
+            .unwrap()
+        };
+        assert_eq!(next("b"), next("a"), "sequence {seq}");
+    }
+    drop(conn);
+
+    let app = TestApp::spawn_in(dir, |_| {}).await;
+    let (status, latest) = app.get("/api/statistics/latest").await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(latest["speed"].as_f64(), Some(3.5), "{latest}");
+    let (status, r) = app.ingest(line("speed", 4.5, &now)).await;
+    assert_eq!((status, num(&r, "duplicates")), (StatusCode::OK, 1), "{r}");
+}
