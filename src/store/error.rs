@@ -88,6 +88,11 @@ impl StoreError {
 }
 
 /// What to do about the common causes, in the user's terms.
+/// Whether DuckDB's message says the disk (or the user's quota) is full.
+fn disk_full(message: &str) -> bool {
+    message.contains("No space left on device") || message.contains("Disk quota exceeded")
+}
+
 fn data_dir_hint(e: &std::io::Error) -> &'static str {
     use std::io::ErrorKind::*;
     match e.kind() {
@@ -98,7 +103,7 @@ fn data_dir_hint(e: &std::io::Error) -> &'static str {
             " — the data directory must be writable by the user milepost runs as (nothing was changed)"
         }
         StorageFull | QuotaExceeded => {
-            " — the disk holding the data directory is full; free space (ingest resumes by itself)"
+            " — the disk holding the data directory is full; free space (nothing was lost: a running server resumes ingest by itself, a stopped one when started again)"
         }
         _ => "",
     }
@@ -106,7 +111,14 @@ fn data_dir_hint(e: &std::io::Error) -> &'static str {
 
 fn open_message(path: &std::path::Path, wal: bool, message: &str) -> String {
     let mut s = format!("DuckDB could not open {}: {message}.", path.display());
-    if wal {
+    if disk_full(message) {
+        // Opening writes: the write-ahead log is replayed and checkpointed, and the
+        // ingest log applied. Nothing is lost; the recovery steps below would be
+        // wrong here (moving the log aside would drop what it holds).
+        s.push_str(
+            " The disk holding the data directory is full: free space and start milepost              again. Nothing was lost or changed; what the logs hold is applied then.              Do not move the write-ahead log aside.",
+        );
+    } else if wal {
         s.push_str(&format!(
             " A write-ahead log ({}.wal) is present: if DuckDB failed replaying it after a crash, \
              everything up to the last checkpoint is intact in the database file. \
@@ -125,4 +137,30 @@ fn open_message(path: &std::path::Path, wal: bool, message: &str) -> String {
         ));
     }
     s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_full_disk_at_open_is_named_and_the_log_steps_are_not_offered() {
+        let open = |message: &str| {
+            StoreError::Open {
+                path: "/data/milepost.duckdb".into(),
+                wal_present: true,
+                message: message.into(),
+            }
+            .to_string()
+        };
+        let full = open(
+            "FATAL Error: Failed to create checkpoint because of error: Could not write \
+             file \"/data/milepost.duckdb\": No space left on device",
+        );
+        assert!(full.contains("The disk holding the data directory is full"), "{full}");
+        assert!(!full.contains("milepost recover"), "{full}");
+        let replay = open("INTERNAL Error: Failure while replaying WAL file");
+        assert!(replay.contains("milepost recover --data-dir /data"), "{replay}");
+        assert!(!replay.contains("disk"), "{replay}");
+    }
 }

@@ -338,3 +338,65 @@ async fn a_rewrite_without_room_for_its_copy_leaves_the_database_as_it_was() {
         "{page}"
     );
 }
+
+/// A disk found full at start (after a crash, so both logs must be applied): the
+/// server refuses to start and says the disk is full — not the steps for a log
+/// DuckDB cannot replay, which would move it aside and drop what it holds — and once
+/// there is room, every acknowledged reading is there.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_full_disk_at_start_is_named_and_loses_nothing() {
+    let Some(fs) = Tmpfs::mount("48m", "full disk at start") else {
+        return;
+    };
+    let data = fs.path().join("data");
+    let mut p = start(&data);
+    let client = reqwest::Client::new();
+    // A big request (DuckDB's write-ahead log) and small ones (the ingest log).
+    let (status, _) = post_ingest(&client, &p.base, readings("speed", 0, 100_000).0)
+        .await
+        .unwrap();
+    assert_eq!(status, StatusCode::OK);
+    for k in 0..3 {
+        let (status, _) = post_ingest(&client, &p.base, readings("fuel", k * 3, 3).0)
+            .await
+            .unwrap();
+        assert_eq!(status, StatusCode::OK);
+    }
+    p.child.kill().unwrap();
+    p.child.wait().unwrap();
+    assert!(data.join("milepost.duckdb.wal").exists());
+
+    let filler = fill(fs.path());
+    let out = Command::new(env!("CARGO_BIN_EXE_milepost"))
+        .args([
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--backend-addr",
+            "127.0.0.1:0",
+        ])
+        .args(["--api-key", KEY, "--dump-schedule", "off", "--data-dir"])
+        .arg(&data)
+        .output_within_limit();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.to_lowercase()
+            .contains("the disk holding the data directory is full"),
+        "{err}"
+    );
+    assert!(!err.contains("milepost recover"), "{err}");
+
+    std::fs::remove_file(filler).unwrap();
+    let p = start(&data);
+    let (_, page) = json(
+        client
+            .get(format!("{}/api/v1/devices", p.base))
+            .basic_auth(KEY, None::<&str>)
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(num(&page["devices"][0], "readings"), 100_009, "{page}");
+}
