@@ -54,7 +54,7 @@ pub fn run(args: &RecoverArgs) -> anyhow::Result<Recovery> {
     match diagnostics::check_opens(&files) {
         Ok(()) => {
             println!("{} opens cleanly: nothing to recover.", db.display());
-            return Ok(Recovery::Healthy);
+            return Ok(low_disk(dir, &wal));
         }
         Err(e) => println!("DuckDB cannot open {}:\n  {e}\n", db.display()),
     }
@@ -101,4 +101,32 @@ pub fn run(args: &RecoverArgs) -> anyhow::Result<Recovery> {
             Ok(Recovery::NeedsAction)
         }
     }
+}
+
+/// Room a start needs beyond the write-ahead log: DuckDB's checkpoint of it writes
+/// new blocks and metadata, and the ingest log starts a segment.
+const START_ROOM: u64 = 16 << 20;
+
+/// After a clean read-only open: whether the disk has the room a start needs to
+/// apply the logs (a full disk makes the server's start fail, and this check's
+/// read-only open does not write). Says so when it has not.
+fn low_disk(dir: &std::path::Path, wal: &std::path::Path) -> Recovery {
+    let Ok(fs) = nix::sys::statvfs::statvfs(dir) else {
+        return Recovery::Healthy;
+    };
+    let free = fs.blocks_available() * fs.fragment_size();
+    let wal_bytes = std::fs::metadata(wal).map(|m| m.len()).unwrap_or(0);
+    if free >= wal_bytes + START_ROOM {
+        return Recovery::Healthy;
+    }
+    let mib = |b: u64| b as f64 / (1 << 20) as f64;
+    println!(
+        "But the disk holding {} has {:.1} MiB free, and a start needs room to apply \
+         the logs (the write-ahead log is {:.1} MiB): free space, then start milepost. \
+         Nothing was lost; do not move the log aside.",
+        dir.display(),
+        mib(free),
+        mib(wal_bytes)
+    );
+    Recovery::NeedsAction
 }

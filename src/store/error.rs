@@ -157,10 +157,16 @@ mod tests {
             "FATAL Error: Failed to create checkpoint because of error: Could not write \
              file \"/data/milepost.duckdb\": No space left on device",
         );
-        assert!(full.contains("The disk holding the data directory is full"), "{full}");
+        assert!(
+            full.contains("The disk holding the data directory is full"),
+            "{full}"
+        );
         assert!(!full.contains("milepost recover"), "{full}");
         let replay = open("INTERNAL Error: Failure while replaying WAL file");
-        assert!(replay.contains("milepost recover --data-dir /data"), "{replay}");
+        assert!(
+            replay.contains("milepost recover --data-dir /data"),
+            "{replay}"
+        );
         assert!(!replay.contains("disk"), "{replay}");
     }
 }

@@ -386,6 +386,14 @@ async fn a_full_disk_at_start_is_named_and_loses_nothing() {
         "{err}"
     );
     assert!(!err.contains("milepost recover"), "{err}");
+    let out = Command::new(env!("CARGO_BIN_EXE_milepost"))
+        .args(["recover", "--data-dir"])
+        .arg(&data)
+        .output_within_limit();
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(1), "{said}");
+    assert!(said.contains("free space, then start milepost"), "{said}");
+    assert!(!said.contains("--move-wal"), "{said}");
 
     std::fs::remove_file(filler).unwrap();
     let p = start(&data);
