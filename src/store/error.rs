@@ -52,7 +52,7 @@ pub enum StoreError {
     #[error("database content is invalid: {0}")]
     Corrupt(String),
     /// Any other DuckDB failure.
-    #[error("database error: {0}")]
+    #[error("database error: {}{}", .0, duckdb_hint(.0))]
     Duckdb(#[from] duckdb::Error),
     /// A failure inside Milepost itself (thread start, batch construction).
     #[error("internal error: {0}")]
@@ -77,22 +77,28 @@ impl StoreError {
                 error.kind(),
                 std::io::ErrorKind::StorageFull | std::io::ErrorKind::QuotaExceeded
             ),
-            // DuckDB reports I/O failures as text with the C library's words.
-            StoreError::Duckdb(e) => {
-                let text = e.to_string();
-                text.contains("No space left on device") || text.contains("Disk quota exceeded")
-            }
+            StoreError::Duckdb(e) => disk_full(&e.to_string()),
             _ => false,
         }
     }
 }
 
-/// What to do about the common causes, in the user's terms.
-/// Whether DuckDB's message says the disk (or the user's quota) is full.
+/// Whether DuckDB's message says the disk (or the user's quota) is full: it reports
+/// I/O failures as text with the C library's words.
 fn disk_full(message: &str) -> bool {
     message.contains("No space left on device") || message.contains("Disk quota exceeded")
 }
 
+/// What to do about a DuckDB failure, when its cause is a common one.
+fn duckdb_hint(e: &duckdb::Error) -> &'static str {
+    if disk_full(&e.to_string()) {
+        " — the disk holding the data directory is full; free space (the failed transaction left nothing behind)"
+    } else {
+        ""
+    }
+}
+
+/// What to do about the common causes, in the user's terms.
 fn data_dir_hint(e: &std::io::Error) -> &'static str {
     use std::io::ErrorKind::*;
     match e.kind() {
@@ -162,6 +168,16 @@ mod tests {
             "{full}"
         );
         assert!(!full.contains("milepost recover"), "{full}");
+        let commit = StoreError::Duckdb(duckdb::Error::DuckDBFailure(
+            duckdb::ffi::Error::new(1),
+            Some("Failed to commit: Could not write file: No space left on device".into()),
+        ));
+        assert!(commit.is_disk_full());
+        assert!(
+            commit
+                .to_string()
+                .contains("disk holding the data directory is full")
+        );
         let replay = open("INTERNAL Error: Failure while replaying WAL file");
         assert!(
             replay.contains("milepost recover --data-dir /data"),
