@@ -83,14 +83,13 @@ pub(super) fn rewrite(dir: &DataDir, settings: &DuckSettings) -> Result<Rewrite,
             "the copy left a write-ahead log after its checkpoint: not replacing".into(),
         ));
     }
-    let io = |e: std::io::Error| StoreError::Internal(format!("replacing the database: {e}"));
     std::fs::File::open(&new)
         .and_then(|f| f.sync_all())
-        .map_err(io)?;
-    std::fs::rename(&new, &old).map_err(io)?;
+        .map_err(data_dir(&new))?;
+    std::fs::rename(&new, &old).map_err(data_dir(&old))?;
     std::fs::File::open(dir.path())
         .and_then(|d| d.sync_all())
-        .map_err(io)?;
+        .map_err(data_dir(dir.path()))?;
     let done = Rewrite {
         bytes_before,
         bytes_after: file_len(&old)?,
@@ -175,18 +174,23 @@ fn wal_of(path: &Path) -> std::path::PathBuf {
     p.into()
 }
 
+/// An I/O failure on `path` (with the hints for a full or a read-only disk).
+fn data_dir(path: &Path) -> impl Fn(std::io::Error) -> StoreError + '_ {
+    move |error| StoreError::DataDir {
+        path: path.to_owned(),
+        error,
+    }
+}
+
 fn file_len(path: &Path) -> Result<u64, StoreError> {
     std::fs::metadata(path)
         .map(|m| m.len())
-        .map_err(|e| StoreError::Internal(format!("{}: {e}", path.display())))
+        .map_err(data_dir(path))
 }
 
 fn remove_if_exists(path: &Path) -> Result<(), StoreError> {
     match std::fs::remove_file(path) {
-        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(StoreError::Internal(format!(
-            "removing {}: {e}",
-            path.display()
-        ))),
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(data_dir(path)(e)),
         _ => Ok(()),
     }
 }
