@@ -112,20 +112,16 @@ fn copy(conn: &Connection, old: &Path, new: &Path) -> Result<(u64, u64, u64), St
         quote(old),
         quote(new),
     ))?;
-    let tables: Vec<String> = conn
-        .prepare(
-            "SELECT table_name FROM duckdb_tables()
-             WHERE database_name = 'old' AND NOT temporary ORDER BY table_name",
-        )?
-        .query_map([], |r| r.get(0))?
-        .collect::<Result<_, _>>()?;
-    let copied: Vec<String> = conn
-        .prepare(
-            "SELECT table_name FROM duckdb_tables()
-             WHERE database_name = 'new' AND NOT temporary ORDER BY table_name",
-        )?
-        .query_map([], |r| r.get(0))?
-        .collect::<Result<_, _>>()?;
+    let table_names = |db: &str| -> Result<Vec<String>, StoreError> {
+        Ok(conn
+            .prepare(&format!(
+                "SELECT table_name FROM duckdb_tables()
+                 WHERE database_name = '{db}' AND NOT temporary ORDER BY table_name"
+            ))?
+            .query_map([], |r| r.get(0))?
+            .collect::<Result<_, _>>()?)
+    };
+    let (tables, copied) = (table_names("old")?, table_names("new")?);
     if tables != copied {
         return Err(StoreError::Internal(format!(
             "the copy has tables {copied:?}, the database {tables:?}"

@@ -117,6 +117,20 @@ fn readings(sensor: &str, from: i64, n: i64) -> (String, Vec<i64>) {
     (body, keys)
 }
 
+/// The readings `/api/v1/devices` counts for the (one) device of the server at `base`.
+async fn device_readings(client: &reqwest::Client, base: &str) -> u64 {
+    let (_, page) = json(
+        client
+            .get(format!("{base}/api/v1/devices"))
+            .basic_auth(KEY, None::<&str>)
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    num(&page["devices"][0], "readings")
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn a_full_disk_is_answered_507_and_ingest_resumes_when_space_returns() {
     let Some(fs) = Tmpfs::mount("48m", "disk full") else {
@@ -195,15 +209,7 @@ async fn a_full_disk_is_answered_507_and_ingest_resumes_when_space_returns() {
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
     }
-    let (_, devices) = json(
-        client
-            .get(format!("{}/api/v1/devices", p.base))
-            .send()
-            .await
-            .unwrap(),
-    )
-    .await;
-    assert_eq!(num(&devices["devices"][0], "readings"), acked.len() as u64);
+    assert_eq!(device_readings(&client, &p.base).await, acked.len() as u64);
     send_signal(child.id(), "-TERM");
     assert!(child.wait().unwrap().success());
 
@@ -323,20 +329,7 @@ async fn a_rewrite_without_room_for_its_copy_leaves_the_database_as_it_was() {
     );
     assert_eq!(stored_rows(&data), stored);
     let p = start(&data);
-    let (_, page) = json(
-        client
-            .get(format!("{}/api/v1/devices", p.base))
-            .basic_auth(KEY, None::<&str>)
-            .send()
-            .await
-            .unwrap(),
-    )
-    .await;
-    assert_eq!(
-        page["devices"][0]["readings"].as_u64(),
-        Some(400_000),
-        "{page}"
-    );
+    assert_eq!(device_readings(&client, &p.base).await, 400_000);
 }
 
 /// A disk found full at start (after a crash, so both logs must be applied): the
@@ -367,16 +360,8 @@ async fn a_full_disk_at_start_is_named_and_loses_nothing() {
     assert!(data.join("milepost.duckdb.wal").exists());
 
     let filler = fill(fs.path());
-    let out = Command::new(env!("CARGO_BIN_EXE_milepost"))
-        .args([
-            "serve",
-            "--listen",
-            "127.0.0.1:0",
-            "--backend-addr",
-            "127.0.0.1:0",
-        ])
-        .args(["--api-key", KEY, "--dump-schedule", "off", "--data-dir"])
-        .arg(&data)
+    let out = serve_command(&data)
+        .args(["--api-key", KEY])
         .output_within_limit();
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{err}");
@@ -397,14 +382,5 @@ async fn a_full_disk_at_start_is_named_and_loses_nothing() {
 
     std::fs::remove_file(filler).unwrap();
     let p = start(&data);
-    let (_, page) = json(
-        client
-            .get(format!("{}/api/v1/devices", p.base))
-            .basic_auth(KEY, None::<&str>)
-            .send()
-            .await
-            .unwrap(),
-    )
-    .await;
-    assert_eq!(num(&page["devices"][0], "readings"), 100_009, "{page}");
+    assert_eq!(device_readings(&client, &p.base).await, 100_009);
 }
