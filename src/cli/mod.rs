@@ -113,8 +113,6 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
     }
 }
 
-/// `milepost dump`: dumps the given days with the server stopped (it holds the data
-/// directory; a running server dumps on its own schedule and catches up at start).
 /// `milepost compact`: finished days compacted, then the file rewritten if asked.
 async fn compact(args: CompactArgs) -> anyhow::Result<()> {
     let cfg = args.storage.store_config();
@@ -147,6 +145,8 @@ async fn compact(args: CompactArgs) -> anyhow::Result<()> {
     .await?
 }
 
+/// `milepost dump`: dumps the given days with the server stopped (it holds the data
+/// directory; a running server dumps on its own schedule and catches up at start).
 async fn dump(args: DumpArgs) -> anyhow::Result<()> {
     let yesterday = chrono::Utc::now().date_naive() - chrono::Days::new(1);
     let (first, last) = match (args.date, args.since) {

@@ -122,7 +122,9 @@ fn open_message(path: &std::path::Path, wal: bool, message: &str) -> String {
         // ingest log applied. Nothing is lost; the recovery steps below would be
         // wrong here (moving the log aside would drop what it holds).
         s.push_str(
-            " The disk holding the data directory is full: free space and start milepost              again. Nothing was lost or changed; what the logs hold is applied then.              Do not move the write-ahead log aside.",
+            " The disk holding the data directory is full: free space and start milepost \
+             again. Nothing was lost or changed; what the logs hold is applied then. \
+             Do not move the write-ahead log aside.",
         );
     } else if wal {
         s.push_str(&format!(
@@ -168,6 +170,7 @@ mod tests {
             "{full}"
         );
         assert!(!full.contains("milepost recover"), "{full}");
+        assert!(!full.contains("  "), "{full}");
         let commit = StoreError::Duckdb(duckdb::Error::DuckDBFailure(
             duckdb::ffi::Error::new(1),
             Some("Failed to commit: Could not write file: No space left on device".into()),
