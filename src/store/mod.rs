@@ -178,15 +178,7 @@ impl Store {
         } = self;
         // DuckDB closes the file when its last connection goes.
         drop((conn, shared, log));
-        rewrite::rewrite(
-            &DataDir::new(&cfg.data_dir),
-            &DuckSettings {
-                memory_limit: cfg.memory_limit.clone(),
-                threads: cfg.threads,
-                read_only: false,
-                temp_limit: cfg.temp_limit.clone(),
-            },
-        )
+        rewrite::rewrite(&DataDir::new(&cfg.data_dir), &DuckSettings::of(cfg))
     }
 
     /// Bytes of the file that hold data: used blocks times block size. The file itself
@@ -649,15 +641,7 @@ fn transaction_open(conn: &Connection) -> bool {
 }
 
 fn open_duckdb(path: &Path, cfg: &StoreConfig) -> Result<Connection, StoreError> {
-    open_connection(
-        path,
-        &DuckSettings {
-            memory_limit: cfg.memory_limit.clone(),
-            threads: cfg.threads,
-            read_only: false,
-            temp_limit: cfg.temp_limit.clone(),
-        },
-    )
+    open_connection(path, &DuckSettings::of(cfg))
 }
 
 /// How DuckDB is opened: by the store, and by [`diagnostics`] on a stopped server's
@@ -672,6 +656,18 @@ struct DuckSettings {
     read_only: bool,
     /// `max_temp_directory_size`, if not DuckDB's default.
     temp_limit: Option<String>,
+}
+
+impl DuckSettings {
+    /// The store's settings, read-write.
+    fn of(cfg: &StoreConfig) -> Self {
+        Self {
+            memory_limit: cfg.memory_limit.clone(),
+            threads: cfg.threads,
+            read_only: false,
+            temp_limit: cfg.temp_limit.clone(),
+        }
+    }
 }
 
 /// The block size of database files created from now on (an existing file keeps the

@@ -59,11 +59,11 @@ pub(super) fn rewrite(dir: &DataDir, settings: &DuckSettings) -> Result<Rewrite,
     }
     let bytes_before = file_len(&old)?;
     let temp = dir.path().join(".rewrite.tmp");
-    let mut cfg = duck_config(settings)?
+    // Spills, if any, beside the database rather than in the working directory; rows
+    // in their stored order (DuckDB's default, relied on: compacted days stay sorted).
+    let cfg = duck_config(settings)?
         .with("temp_directory", temp.to_string_lossy().as_ref())
-        .map_err(|e| StoreError::Config(e.to_string()))?;
-    cfg = cfg
-        .with("preserve_insertion_order", "true")
+        .and_then(|c| c.with("preserve_insertion_order", "true"))
         .map_err(|e| StoreError::Config(e.to_string()))?;
     let conn = Connection::open_in_memory_with_flags(cfg)?;
     let copied = copy(&conn, &old, &new);
