@@ -35,7 +35,8 @@ impl ServerProcess {
     ) -> anyhow::Result<Self> {
         let mut child = Command::new(exe)
             .args(["serve", "--listen", "127.0.0.1:0", "--log-format", "json"])
-            .args(["--log", "warn,milepost::app=info,milepost::backend=info"])
+            .arg("--log")
+            .arg(server_log())
             // Many servers may run at once (tests): the backend on a free port too.
             .args(["--backend-addr", "127.0.0.1:0"])
             .args(extra)
@@ -137,5 +138,16 @@ impl Drop for ServerProcess {
             let _ = self.child.kill();
             let _ = self.child.wait();
         }
+    }
+}
+
+/// The benchmarked server's log filter: what the bench needs from it (where it
+/// listens), or `MILEPOST_BENCH_SERVER_LOG` added to that, to look inside a run (for
+/// example `milepost::store::writer=debug`: every commit and flush with its time).
+fn server_log() -> String {
+    let base = "warn,milepost::app=info,milepost::backend=info";
+    match std::env::var("MILEPOST_BENCH_SERVER_LOG") {
+        Ok(extra) if !extra.is_empty() => format!("{base},{extra}"),
+        _ => base.to_owned(),
     }
 }

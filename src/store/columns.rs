@@ -68,16 +68,6 @@ impl Columns {
         self.value.push(value);
     }
 
-    /// Moves every row of `other` here.
-    pub fn append(&mut self, other: Columns) {
-        self.seq.extend(other.seq);
-        self.key.extend(other.key);
-        self.device.extend(other.device);
-        self.sensor.extend(other.sensor);
-        self.ts.extend(other.ts);
-        self.value.extend(other.value);
-    }
-
     /// Row order grouped by series (ordered by device, sensor) and time: a counting
     /// sort on the series index, then a time sort only of the series whose rows
     /// arrived out of order. `None` when the rows are already in that order.
@@ -133,27 +123,113 @@ impl Columns {
                 }
             }
         };
-        let fields = vec![
-            Field::new("device_id", DataType::Int32, false),
-            Field::new("sensor_id", DataType::Int16, false),
-            Field::new("ts_ms", DataType::Int64, false),
-            Field::new("ts_us", DataType::Int16, false),
-            Field::new("value", DataType::Float64, false),
-        ];
-        let arrays: Vec<ArrayRef> = vec![
-            Arc::new(Int32Array::from(cols.device)),
-            Arc::new(Int16Array::from(cols.sensor)),
-            Arc::new(Int64Array::from_iter_values(
-                cols.ts.iter().map(|t| t.div_euclid(1000)),
-            )),
-            Arc::new(Int16Array::from_iter_values(
-                cols.ts.iter().map(|t| t.rem_euclid(1000) as i16),
-            )),
-            Arc::new(Float64Array::from(cols.value)),
-        ];
-        RecordBatch::try_new(Arc::new(Schema::new(fields)), arrays)
-            .map_err(|e| StoreError::Internal(format!("building an append batch: {e}")))
+        let (ms, us) = split_micros(cols.ts.iter().copied());
+        table_batch(cols.device, cols.sensor, ms, us, cols.value)
     }
+}
+
+/// The rows of several column sets (a log segment's records, shared with readers)
+/// as one batch in table order, sorted by series and time.
+///
+/// Gathers straight from the parts: merging them into one set of columns first cost
+/// the flusher 8 % of its time and 30 bytes a reading of fresh pages.
+pub(super) fn sorted_batch<'a>(
+    parts: impl Iterator<Item = &'a Columns>,
+) -> Result<RecordBatch, StoreError> {
+    let parts: Vec<&Columns> = parts.collect();
+    let rows: usize = parts.iter().map(|p| p.len()).sum();
+    // Series index of every row, parts one after the other.
+    let mut series: Vec<(DeviceId, SensorId)> = Vec::new();
+    let mut index: rustc_hash::FxHashMap<(DeviceId, SensorId), u32> = Default::default();
+    let mut key = Vec::with_capacity(rows);
+    for p in &parts {
+        for (&device, &sensor) in p.device.iter().zip(&p.sensor) {
+            let k = (DeviceId(device as u32), SensorId(sensor as u16));
+            let next = series.len() as u32;
+            key.push(*index.entry(k).or_insert_with(|| {
+                series.push(k);
+                next
+            }));
+        }
+    }
+    // (part, row) of each row in series-then-time order: a counting sort on the
+    // series' rank, then a time sort of the series that arrived out of order.
+    let mut rank: Vec<usize> = (0..series.len()).collect();
+    rank.sort_unstable_by_key(|&k| series[k]);
+    let mut counts = vec![0usize; series.len()];
+    for &k in &key {
+        counts[k as usize] += 1;
+    }
+    let mut start = vec![0usize; series.len() + 1];
+    let mut pos_of = vec![0usize; series.len()];
+    for (r, &k) in rank.iter().enumerate() {
+        start[r + 1] = start[r] + counts[k];
+        pos_of[k] = start[r];
+    }
+    let mut order = vec![(0u32, 0u32); rows];
+    let mut next = key.iter();
+    for (pi, p) in parts.iter().enumerate() {
+        for ri in 0..p.len() {
+            let k = *next.next().expect("a key per row") as usize;
+            order[pos_of[k]] = (pi as u32, ri as u32);
+            pos_of[k] += 1;
+        }
+    }
+    drop(key);
+    let ts = |&(p, r): &(u32, u32)| parts[p as usize].ts[r as usize];
+    for w in start.windows(2) {
+        let run = &mut order[w[0]..w[1]];
+        if !run.windows(2).all(|x| ts(&x[0]) < ts(&x[1])) {
+            run.sort_unstable_by_key(ts);
+        }
+    }
+    let at = |&(p, r): &(u32, u32)| (parts[p as usize], r as usize);
+    let (ms, us) = split_micros(order.iter().map(ts));
+    table_batch(
+        order.iter().map(at).map(|(c, r)| c.device[r]).collect(),
+        order.iter().map(at).map(|(c, r)| c.sensor[r]).collect(),
+        ms,
+        us,
+        order.iter().map(at).map(|(c, r)| c.value[r]).collect(),
+    )
+}
+
+/// A batch with the columns of `received_readings` (`device_id, sensor_id, ts_ms,
+/// ts_us, value`).
+fn table_batch(
+    device: Vec<i32>,
+    sensor: Vec<i16>,
+    ts_ms: Vec<i64>,
+    ts_us: Vec<i16>,
+    value: Vec<f64>,
+) -> Result<RecordBatch, StoreError> {
+    let fields = vec![
+        Field::new("device_id", DataType::Int32, false),
+        Field::new("sensor_id", DataType::Int16, false),
+        Field::new("ts_ms", DataType::Int64, false),
+        Field::new("ts_us", DataType::Int16, false),
+        Field::new("value", DataType::Float64, false),
+    ];
+    let arrays: Vec<ArrayRef> = vec![
+        Arc::new(Int32Array::from(device)),
+        Arc::new(Int16Array::from(sensor)),
+        Arc::new(Int64Array::from(ts_ms)),
+        Arc::new(Int16Array::from(ts_us)),
+        Arc::new(Float64Array::from(value)),
+    ];
+    RecordBatch::try_new(Arc::new(Schema::new(fields)), arrays)
+        .map_err(|e| StoreError::Internal(format!("building an append batch: {e}")))
+}
+
+/// µs since the epoch as the table stores them: ms, and the µs within the ms.
+fn split_micros(ts: impl ExactSizeIterator<Item = i64>) -> (Vec<i64>, Vec<i16>) {
+    let mut ms = Vec::with_capacity(ts.len());
+    let mut us = Vec::with_capacity(ts.len());
+    for t in ts {
+        ms.push(t.div_euclid(1000));
+        us.push(t.rem_euclid(1000) as i16);
+    }
+    (ms, us)
 }
 
 #[cfg(test)]
@@ -198,5 +274,56 @@ mod tests {
         );
         let sorted = columns(&[(2, 1), (2, 2), (1, 5), (0, 0)]);
         assert!(sorted.series_order(&series).is_none());
+    }
+
+    #[test]
+    fn a_segment_of_several_records_is_one_batch_sorted_across_them() {
+        let part = |rows: &[(i32, i16, i64)]| {
+            let mut c = Columns::default();
+            for (i, &(d, s, ts)) in rows.iter().enumerate() {
+                c.push_raw(0, 0, d, s, ts, (d * 1000 + i as i32) as f64 + ts as f64);
+            }
+            c
+        };
+        // Series interleave within and across records; device 1's speed goes back in
+        // time in the third record; one time is before 1970 (negative µs).
+        let parts = [
+            part(&[(2, 1, 5_000_001), (1, 1, 3_000_000)]),
+            part(&[(1, 3, -1_500), (1, 1, 4_000_002), (2, 1, 6_000_000)]),
+            part(&[(1, 1, 3_500_000), (1, 3, 7_000_999)]),
+        ];
+        let got = sorted_batch(parts.iter()).unwrap();
+
+        let mut all = Columns::default();
+        let mut series = Vec::new();
+        for p in &parts {
+            for i in 0..p.len() {
+                let k = (DeviceId(p.device[i] as u32), SensorId(p.sensor[i] as u16));
+                let idx = series.iter().position(|s| *s == k).unwrap_or_else(|| {
+                    series.push(k);
+                    series.len() - 1
+                });
+                all.push_raw(0, idx as u32, p.device[i], p.sensor[i], p.ts[i], p.value[i]);
+            }
+        }
+        assert_eq!(got, all.into_record_batch(&series).unwrap());
+
+        let ts_ms = got
+            .column(2)
+            .as_any()
+            .downcast_ref::<Int64Array>()
+            .unwrap()
+            .values()
+            .to_vec();
+        let ts_us = got
+            .column(3)
+            .as_any()
+            .downcast_ref::<Int16Array>()
+            .unwrap()
+            .values()
+            .to_vec();
+        assert_eq!(ts_ms, [3_000, 3_500, 4_000, -2, 7_000, 5_000, 6_000]);
+        assert_eq!(ts_us, [0, 0, 2, 500, 999, 1, 0]);
+        assert!(sorted_batch([].iter()).unwrap().num_rows() == 0);
     }
 }

@@ -193,6 +193,30 @@ impl Shared {
         }
     }
 
+    /// Blocks until at most `readings` acknowledged readings are not in DuckDB yet,
+    /// or `timeout` has passed; returns whether they are.
+    pub(super) fn await_apply_lag(&self, readings: u64, timeout: Duration) -> bool {
+        let v = &self.visible;
+        let deadline = Instant::now() + timeout;
+        // `flushed` takes the unapplied readings away before it takes this lock to
+        // notify: what is read under it cannot miss a wake-up.
+        let mut flushed = v.flushed.lock().unwrap_or_else(|p| p.into_inner());
+        loop {
+            if self.apply_lag().readings <= readings {
+                return true;
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return false;
+            }
+            flushed = v
+                .changed
+                .wait_timeout(flushed, left)
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
+        }
+    }
+
     /// The writer's side of [`Self::await_visible`]: how to wake it, and where the
     /// log stands when it starts.
     pub(super) fn start_visibility(&self, through: u64, wake: Box<dyn Fn() + Send + Sync>) {
@@ -203,17 +227,20 @@ impl Shared {
     }
 
     /// A log record is durable and about to be answered: queries must see `rows`
-    /// from now on.
-    pub(super) fn acked(&self, seq: u64, rows: Columns) {
-        let mut u = self.unapplied.lock().unwrap_or_else(|p| p.into_inner());
-        u.1 += rows.len() as u64;
-        u.0.push_back(Arc::new(Logged {
+    /// from now on. The record is returned for the flusher, which moves these same
+    /// readings into DuckDB: one copy in memory, not two.
+    pub(super) fn acked(&self, seq: u64, rows: Columns) -> Arc<Logged> {
+        let logged = Arc::new(Logged {
             seq,
             rows,
             at: Instant::now(),
-        }));
+        });
+        let mut u = self.unapplied.lock().unwrap_or_else(|p| p.into_inner());
+        u.1 += logged.rows.len() as u64;
+        u.0.push_back(logged.clone());
         drop(u);
         self.visible.acked.store(seq, Ordering::Release);
+        logged
     }
 
     /// DuckDB holds the log through `seq` (committed): waiting queries go on, and

@@ -15,7 +15,7 @@ use super::classify::{Plan, split_columns, tally};
 use super::{Clock, Job, Sealed};
 use crate::domain::{DeviceId, SensorId};
 use crate::metrics::Metrics;
-use crate::store::columns::Columns;
+use crate::store::columns::{self, Columns};
 use crate::store::compact::{self, Compaction, DueDays};
 use crate::store::forget;
 use crate::store::ingest_log;
@@ -24,6 +24,7 @@ use crate::store::recent::RecentKeys;
 use crate::store::retention::{self, Retired};
 use crate::store::rollup::{self, Partials};
 use crate::store::series;
+use crate::store::state::Logged;
 use crate::store::{Committed, DeletedDevice, SeriesEntry, Shared, StoreError};
 
 /// The write connection and its companions.
@@ -185,14 +186,14 @@ impl Db {
     /// records how far the log is applied (`meta.ingest_log_through`). On failure
     /// nothing of it is stored; it stays in the log.
     pub(super) fn flush(&mut self, part: &Sealed) -> Result<(), StoreError> {
-        let rows = part.rows.len();
+        let rows: usize = part.records.iter().map(|r| r.rows.len()).sum();
         let _span = tracing::debug_span!("log_flush", rows, through = part.through).entered();
         let started = Instant::now();
         let slots = self.slot_move();
         let partials = self.in_transaction(|db| {
             ingest_log::insert_devices(&db.conn, &part.devices)?;
             ingest_log::insert_owners(&db.conn, &part.owners)?;
-            let appended = db.append_fresh(part.rows.clone(), &part.series, &slots)?;
+            let appended = db.append_logged(&part.records, &slots)?;
             if part.segment.is_some() {
                 ingest_log::set_through(&db.conn, part.through)?;
             }
@@ -280,7 +281,36 @@ impl Db {
                     .record(fresh.device[i], fresh.sensor[i], fresh.ts[i]);
             }
         }
-        let mut partials = ingest_log::append_readings(&self.conn, fresh, series)?;
+        let partials = ingest_log::append_readings(&self.conn, fresh, series)?;
+        self.append_partials(partials, slots)
+    }
+
+    /// [`Self::append_fresh`] for the records of a sealed log segment.
+    fn append_logged(
+        &mut self,
+        records: &[Arc<Logged>],
+        slots: &SlotMove,
+    ) -> Result<Partials, StoreError> {
+        if !self.recent.is_empty() {
+            for rows in records.iter().map(|r| &r.rows) {
+                for i in 0..rows.len() {
+                    self.recent
+                        .record(rows.device[i], rows.sensor[i], rows.ts[i]);
+                }
+            }
+        }
+        let batch = columns::sorted_batch(records.iter().map(|r| &r.rows))?;
+        let partials = ingest_log::append_batch(&self.conn, batch)?;
+        self.append_partials(partials, slots)
+    }
+
+    /// Appends the rollup partials of appended rows except those of live slots (at or
+    /// after `slots.from`).
+    fn append_partials(
+        &mut self,
+        mut partials: Partials,
+        slots: &SlotMove,
+    ) -> Result<Partials, StoreError> {
         partials.drop_live(slots.from, slots.rebuilt);
         partials.append(&self.conn)?;
         Ok(partials)

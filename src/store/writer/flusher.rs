@@ -8,19 +8,25 @@ use std::time::{Duration, Instant};
 
 use super::Persisting;
 use super::db::Db;
-use crate::domain::{Device, DeviceId, SensorId};
+use crate::domain::{Device, DeviceId};
 use crate::store::StoreError;
-use crate::store::columns::Columns;
 use crate::store::ingest_log;
 use crate::store::series::SpillBatch;
+use crate::store::state::Logged;
 
-/// Largest group that goes through the ingest log. In larger groups DuckDB's cost per
-/// transaction is small against its cost per reading, and writing them twice (log,
-/// then DuckDB) cost bulk imports (10,000-line requests) ~8 % at 16 Ki.
-pub(super) const LOG_GROUP_ROWS: usize = 4 * 1024;
+/// Groups up to this size are a live fleet's: their segment is handed to the flusher
+/// at [`SEAL_ROWS`]. Larger ones (bulk imports, backlogs) make it wait for a row group
+/// ([`BULK_SEAL_ROWS`]).
+pub(super) const SMALL_GROUP_ROWS: usize = 4 * 1024;
 /// The current log segment is handed to the flusher once it holds this many
 /// readings…
 pub(super) const SEAL_ROWS: usize = 32 * 1024;
+/// …or this many once it holds a bulk group: DuckDB writes a transaction that appends
+/// at least a row group (122,880 rows) straight into the data file, compressed, and
+/// a smaller one into its own write-ahead log first, then again, compressed, at the
+/// next checkpoint. Bulk imports (10,000-line requests from 4 clients) committed in
+/// groups of ~40 k readings wrote their data three times.
+pub(super) const BULK_SEAL_ROWS: usize = 122_880;
 /// …or once its oldest reading has waited this long (or a query waits for it).
 pub(super) const SEAL_AGE: Duration = Duration::from_millis(500);
 /// How often an idle writer looks at [`SEAL_AGE`].
@@ -28,9 +34,8 @@ pub(super) const TICK: Duration = Duration::from_millis(100);
 
 /// A closed log segment's readings on their way into DuckDB.
 pub(super) struct Sealed {
-    pub(super) rows: Columns,
-    /// (device, sensor) of each series index in `rows.key`.
-    pub(super) series: Vec<(DeviceId, SensorId)>,
+    /// Its records, shared with readers until DuckDB holds them.
+    pub(super) records: Vec<Arc<Logged>>,
     pub(super) devices: Vec<(DeviceId, Device)>,
     /// Which key brought in which of `devices` (not in the log: lost in a crash).
     pub(super) owners: Vec<(DeviceId, u64)>,
@@ -47,8 +52,11 @@ pub(super) struct Sealed {
 /// Readings acknowledged into the current log segment.
 #[derive(Default)]
 pub(super) struct Pending {
-    pub(super) rows: Columns,
-    pub(super) series: ingest_log::Series,
+    pub(super) records: Vec<Arc<Logged>>,
+    /// Readings in `records`.
+    pub(super) rows: usize,
+    /// A group larger than [`SMALL_GROUP_ROWS`] is among them.
+    pub(super) bulk: bool,
     pub(super) devices: Vec<(DeviceId, Device)>,
     pub(super) owners: Vec<(DeviceId, u64)>,
     pub(super) through: u64,
@@ -61,29 +69,36 @@ pub(super) struct Pending {
 impl Pending {
     pub(super) fn add(
         &mut self,
-        rows: Columns,
+        record: Arc<Logged>,
         devices: &[(DeviceId, Device)],
         owners: &[(DeviceId, u64)],
-        seq: u64,
     ) {
-        self.series.add(rows, &mut self.rows);
+        let rows = record.rows.len();
+        self.rows += rows;
+        self.bulk |= rows > SMALL_GROUP_ROWS;
+        self.through = record.seq;
+        self.records.push(record);
         self.devices.extend_from_slice(devices);
         self.owners.extend_from_slice(owners);
-        self.through = seq;
         self.since.get_or_insert_with(Instant::now);
+    }
+
+    /// Whether the segment holds enough readings to be handed to the flusher.
+    pub(super) fn full(&self) -> bool {
+        self.rows >= if self.bulk { BULK_SEAL_ROWS } else { SEAL_ROWS }
     }
 
     pub(super) fn take(&mut self, segment: Option<PathBuf>) -> Sealed {
         let sealed = Sealed {
-            rows: std::mem::take(&mut self.rows),
-            series: std::mem::take(&mut self.series.keys),
+            records: std::mem::take(&mut self.records),
             devices: std::mem::take(&mut self.devices),
             owners: std::mem::take(&mut self.owners),
             through: self.through,
             segment,
             spill: std::mem::take(&mut self.spill),
         };
-        self.series.clear();
+        self.rows = 0;
+        self.bulk = false;
         self.since = None;
         sealed
     }

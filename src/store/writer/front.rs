@@ -13,7 +13,7 @@ use tokio::sync::mpsc;
 use super::Clock;
 use super::classify::{KeyAcc, Plan, classify, device_ids, split_columns, tally};
 use super::db::Db;
-use super::flusher::{LOG_GROUP_ROWS, SEAL_AGE, SEAL_ROWS, flush_queued};
+use super::flusher::{SEAL_AGE, flush_queued};
 use super::known::Known;
 use super::syncer::{Syncer, Written};
 use super::{Committed, Job, Msg, Pending, Persisting, Queue, Signals, WriteError};
@@ -28,6 +28,11 @@ use crate::store::{DeletedDevice, SeriesEntry, Shared, StoreError};
 /// How often the front looks whether idle devices' series statistics must leave
 /// memory (a pass over every device: ~2 ms for a million).
 const SPILL_EVERY: Duration = Duration::from_secs(1);
+
+/// Longest the front waits for the flusher to bring the apply lag under its bound
+/// (one segment's transaction takes 40–100 ms); after that the group goes to DuckDB
+/// directly, where a failing database reports itself.
+const LAG_WAIT: Duration = Duration::from_secs(1);
 
 /// The writer thread's state: classifies groups, appends the log, acknowledges, and
 /// uses the database directly for everything else.
@@ -128,17 +133,45 @@ impl Front {
         let devices = device_ids(&self.shared, self.next_device, jobs);
         self.restore_series(&devices.device_maps)?;
         let mut plan = classify(&self.shared, &self.known, devices, jobs);
-        let lag_room = self.shared.apply_lag().readings as usize + plan.rows <= self.max_unapplied;
-        if plan.maybe == 0 && plan.rows <= LOG_GROUP_ROWS && lag_room {
+        if plan.maybe == 0 && self.lag_room(plan.rows) {
             return self.commit_logged(jobs, plan);
         }
-        // Older readings memory cannot decide are checked against DuckDB, and large
-        // groups go there directly (logging them would write them twice), as does a
-        // group the apply lag has no room for: all after everything the log holds, so
+        // Older readings memory cannot decide are checked against DuckDB, as is a
+        // group the apply lag has no room for: after everything the log holds, so
         // DuckDB gets the readings in the order they were acknowledged.
         let (results, updated) = self.with_db(|db| db.commit_direct(jobs, &mut plan))?;
         self.publish(&mut plan, &updated);
         Ok(Outcome::Durable(results))
+    }
+
+    /// Whether `rows` more readings fit under the apply lag's bound
+    /// ([`super::WriterConfig::max_unapplied_readings`]), once the flusher has made
+    /// room: the front hands it the current segment and waits up to [`LAG_WAIT`].
+    ///
+    /// Waiting lets the flusher go on with large transactions while requests queue
+    /// (and are told to retry once the queue is full). Before, the front moved the
+    /// whole log into DuckDB itself, then committed the group there: a bulk import
+    /// stalled every request for ~0.4 s at a time, and the flusher sat idle meanwhile.
+    fn lag_room(&mut self, rows: usize) -> bool {
+        let Some(room) = self.max_unapplied.checked_sub(rows) else {
+            return false;
+        };
+        if self.shared.apply_lag().readings as usize <= room {
+            return true;
+        }
+        if self.seal().is_err() {
+            // `with_db` seals again, and reports it.
+            return false;
+        }
+        let _span = tracing::debug_span!("lag_wait", rows).entered();
+        let started = Instant::now();
+        let fits = self.shared.await_apply_lag(room as u64, LAG_WAIT);
+        tracing::debug!(
+            elapsed_ms = started.elapsed().as_secs_f64() * 1e3,
+            fits,
+            "waited for the flusher"
+        );
+        fits
     }
 
     /// A group of new readings only: written to the ingest log and answered once the
@@ -164,10 +197,14 @@ impl Front {
             &[],
             &self.shared,
         );
-        // Readers see the readings from memory until DuckDB holds them.
-        self.shared.acked(seq, fresh.clone());
+        // Readers see the readings from memory until DuckDB holds them; they need
+        // no per-request positions or group-local series numbers.
+        let mut fresh = fresh;
+        fresh.seq = Vec::new();
+        fresh.key = Vec::new();
+        let logged = self.shared.acked(seq, fresh);
         self.pending
-            .add(fresh, &plan.new_devices, &plan.new_owners, seq);
+            .add(logged, &plan.new_devices, &plan.new_owners);
         self.publish(&mut plan, &updated);
         Ok(Outcome::Written(results, self.log.file().clone()))
     }
@@ -327,7 +364,7 @@ impl Front {
         };
         let due = self.shared.flush_requested_after(self.sealed_through)
             || self.syncer.failed()
-            || self.pending.rows.len() >= SEAL_ROWS
+            || self.pending.full()
             || since.elapsed() >= SEAL_AGE;
         if due {
             match self.seal() {

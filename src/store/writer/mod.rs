@@ -3,16 +3,17 @@
 //! One OS thread — the front — takes parsed batches from a bounded queue, whatever
 //! is queued (up to `max_group_rows`) as one group — group commit — and answers every
 //! request of the group only once its readings are durable:
-//! - a group of small requests whose readings are all new for their series (a live
-//!   fleet) is written to the ingest log (see [`super::ingest_log`]); a syncer thread
-//!   answers it after an `fdatasync` (~0.2 ms under load) while the front goes on with
-//!   the next group (`syncer.rs`); a flusher thread moves closed log segments into
-//!   DuckDB in large transactions meanwhile;
-//! - anything else (older readings to check against stored ones, bulk imports,
-//!   compaction, retention) waits until the flusher has caught up, then goes to
-//!   DuckDB directly, in one transaction per group. What can be done in ranges of
-//!   devices afterwards — the rollups of ended quarter hours, the series rows of
-//!   idle devices after a retention — the flusher does between its commits.
+//! - a group whose readings are all new for their series (a live fleet, a bulk
+//!   import, a backlog replayed in order) is written to the ingest log (see
+//!   [`super::ingest_log`]); a syncer thread answers it after an `fdatasync` (~0.2 ms
+//!   under load) while the front goes on with the next group (`syncer.rs`); a flusher
+//!   thread moves closed log segments into DuckDB in large transactions meanwhile —
+//!   a bulk import's in row groups, which DuckDB writes straight into its file;
+//! - anything else (older readings to check against stored ones, compaction,
+//!   retention) waits until the flusher has caught up, then goes to DuckDB directly,
+//!   in one transaction per group. What can be done in ranges of devices afterwards
+//!   — the rollups of ended quarter hours, the series rows of idle devices after a
+//!   retention — the flusher does between its commits.
 //!
 //! The write connection and its companions ([`db::Db`]) sit behind one lock, held by
 //! the flusher or the front, never both. The files follow the threads: `handle.rs`
@@ -96,10 +97,10 @@ pub struct WriterConfig {
     /// group that would go past it is committed to DuckDB directly, after the front
     /// has moved the log in itself: when the flusher falls behind (a slow disk, a
     /// long checkpoint), the front slows down with it, the queue fills and requests
-    /// are told to retry (503) — memory never grows without bound. 1 Mi readings take
-    /// ~60 MB (30 bytes each, held twice: on their way to the flusher, and the
-    /// readers' copy); at the fleet rate measured in issue 23 the lag stayed under
-    /// 40 k.
+    /// are told to retry (503) — memory never grows without bound. 384 Ki readings
+    /// take ~8.5 MB (22 bytes each, held once: readers and the flusher share them):
+    /// three of a bulk import's segments, so the flusher always has the next one
+    /// ready; at the fleet rate measured in issue 23 the lag stayed under 40 k.
     pub max_unapplied_readings: usize,
     /// Memory the live quarter hours readers use may take (see [`crate::store::live`]).
     pub live_slots_memory: usize,
@@ -150,7 +151,7 @@ impl Default for WriterConfig {
             metrics: Arc::new(Metrics::new()),
             rollup_merge_rows: 20_000,
             clock: Clock::system(),
-            max_unapplied_readings: 1 << 20,
+            max_unapplied_readings: 384 << 10,
             live_slots_memory: crate::store::live::DEFAULT_BUDGET,
             known_keys_memory: known::DEFAULT_BUDGET,
             live_slots_idle: crate::store::live::DEFAULT_IDLE,
