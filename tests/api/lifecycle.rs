@@ -144,11 +144,14 @@ async fn an_unreplayable_wal_stops_start_up_and_recover_offers_the_safe_step() {
     let dir = tempfile::tempdir().unwrap();
     let mut p = start_binary(dir.path());
     let client = reqwest::Client::new();
-    // More than the ingest log takes per group: straight into DuckDB's WAL.
     let (status, _) = post_ingest(&client, &p.base, batch(0, 20_000))
         .await
         .unwrap();
     assert_eq!(status, StatusCode::OK);
+    // Acknowledged through Milepost's ingest log; once the flusher has moved the
+    // readings into DuckDB (fewer than a row group: through DuckDB's WAL) and the
+    // log's segment is gone, they are only in DuckDB's WAL.
+    await_applied(&client, &p.base).await;
     p.child.kill().unwrap();
     p.child.wait().unwrap();
     let wal = dir.path().join("milepost.duckdb.wal");
@@ -205,6 +208,33 @@ async fn an_unreplayable_wal_stops_start_up_and_recover_offers_the_safe_step() {
     let app = TestApp::spawn_in(dir, |_| {}).await;
     let (status, _) = app.ingest(batch(0, 5000)).await;
     assert_eq!(status, StatusCode::OK, "devices can re-send what was lost");
+}
+
+/// Waits until DuckDB holds every acknowledged reading (`/metrics`:
+/// `milepost_ingest_log_unapplied_readings 0`).
+async fn await_applied(client: &reqwest::Client, base: &str) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let text = client
+            .get(format!("{base}/metrics"))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        if text
+            .lines()
+            .any(|l| l == "milepost_ingest_log_unapplied_readings 0")
+        {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the ingest log was never applied:\n{text}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }
 
 /// Flips one byte in the middle of the payload of the largest entry of a DuckDB
