@@ -97,10 +97,10 @@ pub struct WriterConfig {
     /// group that would go past it is committed to DuckDB directly, after the front
     /// has moved the log in itself: when the flusher falls behind (a slow disk, a
     /// long checkpoint), the front slows down with it, the queue fills and requests
-    /// are told to retry (503) — memory never grows without bound. 384 Ki readings
-    /// take ~8.5 MB (22 bytes each, held once: readers and the flusher share them):
-    /// three of a bulk import's segments, so the flusher always has the next one
-    /// ready; at the fleet rate measured in issue 23 the lag stayed under 40 k.
+    /// are told to retry (503) — memory never grows without bound. 512 Ki readings
+    /// take ~11.5 MB (22 bytes each, held once: readers and the flusher share them):
+    /// two or three of a bulk import's segments, so the flusher always has the next
+    /// one ready; at the fleet rate measured in issue 23 the lag stayed under 40 k.
     pub max_unapplied_readings: usize,
     /// Memory the live quarter hours readers use may take (see [`crate::store::live`]).
     pub live_slots_memory: usize,
@@ -151,7 +151,7 @@ impl Default for WriterConfig {
             metrics: Arc::new(Metrics::new()),
             rollup_merge_rows: 20_000,
             clock: Clock::system(),
-            max_unapplied_readings: 384 << 10,
+            max_unapplied_readings: 512 << 10,
             live_slots_memory: crate::store::live::DEFAULT_BUDGET,
             known_keys_memory: known::DEFAULT_BUDGET,
             live_slots_idle: crate::store::live::DEFAULT_IDLE,
