@@ -235,6 +235,8 @@ fn split_micros(ts: impl ExactSizeIterator<Item = i64>) -> (Vec<i64>, Vec<i16>) 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use duckdb::arrow::array::AsArray as _;
+    use duckdb::arrow::datatypes::{Int16Type, Int64Type};
 
     #[test]
     fn appends_are_grouped_by_series_then_time() {
@@ -308,22 +310,13 @@ mod tests {
         }
         assert_eq!(got, all.into_record_batch(&series).unwrap());
 
-        let ts_ms = got
-            .column(2)
-            .as_any()
-            .downcast_ref::<Int64Array>()
-            .unwrap()
-            .values()
-            .to_vec();
-        let ts_us = got
-            .column(3)
-            .as_any()
-            .downcast_ref::<Int16Array>()
-            .unwrap()
-            .values()
-            .to_vec();
-        assert_eq!(ts_ms, [3_000, 3_500, 4_000, -2, 7_000, 5_000, 6_000]);
-        assert_eq!(ts_us, [0, 0, 2, 500, 999, 1, 0]);
+        let ts_ms = got.column(2).as_primitive::<Int64Type>().values();
+        let ts_us = got.column(3).as_primitive::<Int16Type>().values();
+        assert_eq!(
+            ts_ms.to_vec(),
+            [3_000, 3_500, 4_000, -2, 7_000, 5_000, 6_000]
+        );
+        assert_eq!(ts_us.to_vec(), [0, 0, 2, 500, 999, 1, 0]);
         assert!(sorted_batch([].iter()).unwrap().num_rows() == 0);
     }
 }
