@@ -68,37 +68,12 @@ impl Columns {
         self.value.push(value);
     }
 
-    /// Row order grouped by series (ordered by device, sensor) and time: a counting
-    /// sort on the series index, then a time sort only of the series whose rows
-    /// arrived out of order. `None` when the rows are already in that order.
+    /// Row order grouped by series (ordered by device, sensor) and time (see
+    /// [`series_time_order`]). `None` when the rows are already in that order.
     /// `series[k]` is the (device, sensor) of series index `k`.
     pub fn series_order(&self, series: &[(DeviceId, SensorId)]) -> Option<Vec<u32>> {
-        let mut rank: Vec<usize> = (0..series.len()).collect();
-        rank.sort_unstable_by_key(|&k| series[k]);
-        let mut start = vec![0usize; series.len() + 1];
-        let mut pos_of = vec![0usize; series.len()];
-        let mut counts = vec![0usize; series.len()];
-        for &k in &self.key {
-            counts[k as usize] += 1;
-        }
-        for (r, &k) in rank.iter().enumerate() {
-            start[r + 1] = start[r] + counts[k];
-            pos_of[k] = start[r];
-        }
-        let mut order = vec![0u32; self.key.len()];
-        for (i, &k) in self.key.iter().enumerate() {
-            order[pos_of[k as usize]] = i as u32;
-            pos_of[k as usize] += 1;
-        }
-        for w in start.windows(2) {
-            let seg = &mut order[w[0]..w[1]];
-            if !seg
-                .windows(2)
-                .all(|p| self.ts[p[0] as usize] < self.ts[p[1] as usize])
-            {
-                seg.sort_unstable_by_key(|&i| self.ts[i as usize]);
-            }
-        }
+        let rows = (0..self.len() as u32).zip(self.key.iter().copied());
+        let order = series_time_order(rows, series, |i| self.ts[i as usize]);
         let identity = order.iter().enumerate().all(|(i, &o)| i as u32 == o);
         (!identity).then_some(order)
     }
@@ -137,11 +112,10 @@ pub(super) fn sorted_batch<'a>(
     parts: impl Iterator<Item = &'a Columns>,
 ) -> Result<RecordBatch, StoreError> {
     let parts: Vec<&Columns> = parts.collect();
-    let rows: usize = parts.iter().map(|p| p.len()).sum();
     // Series index of every row, parts one after the other.
     let mut series: Vec<(DeviceId, SensorId)> = Vec::new();
     let mut index: rustc_hash::FxHashMap<(DeviceId, SensorId), u32> = Default::default();
-    let mut key = Vec::with_capacity(rows);
+    let mut key = Vec::with_capacity(parts.iter().map(|p| p.len()).sum());
     for p in &parts {
         for (&device, &sensor) in p.device.iter().zip(&p.sensor) {
             let k = (DeviceId(device as u32), SensorId(sensor as u16));
@@ -152,12 +126,38 @@ pub(super) fn sorted_batch<'a>(
             }));
         }
     }
-    // (part, row) of each row in series-then-time order: a counting sort on the
-    // series' rank, then a time sort of the series that arrived out of order.
+    let rows = parts
+        .iter()
+        .enumerate()
+        .flat_map(|(p, c)| (0..c.len() as u32).map(move |r| (p as u32, r)))
+        .zip(key.iter().copied());
+    let ts = |(p, r): (u32, u32)| parts[p as usize].ts[r as usize];
+    let order = series_time_order(rows, &series, ts);
+    drop(key);
+    let at = |&(p, r): &(u32, u32)| (parts[p as usize], r as usize);
+    let (ms, us) = split_micros(order.iter().map(|&o| ts(o)));
+    table_batch(
+        order.iter().map(at).map(|(c, r)| c.device[r]).collect(),
+        order.iter().map(at).map(|(c, r)| c.sensor[r]).collect(),
+        ms,
+        us,
+        order.iter().map(at).map(|(c, r)| c.value[r]).collect(),
+    )
+}
+
+/// The rows (`(row, series index)`, every row once) in series-then-time order:
+/// a counting sort on the series' rank by (device, sensor), then a time sort of the
+/// series whose rows arrived out of order. `series[k]` is the (device, sensor) of
+/// series index `k`; `ts` is a row's time.
+fn series_time_order<R: Copy + Default>(
+    rows: impl Iterator<Item = (R, u32)> + Clone,
+    series: &[(DeviceId, SensorId)],
+    ts: impl Fn(R) -> i64,
+) -> Vec<R> {
     let mut rank: Vec<usize> = (0..series.len()).collect();
     rank.sort_unstable_by_key(|&k| series[k]);
     let mut counts = vec![0usize; series.len()];
-    for &k in &key {
+    for (_, k) in rows.clone() {
         counts[k as usize] += 1;
     }
     let mut start = vec![0usize; series.len() + 1];
@@ -166,32 +166,18 @@ pub(super) fn sorted_batch<'a>(
         start[r + 1] = start[r] + counts[k];
         pos_of[k] = start[r];
     }
-    let mut order = vec![(0u32, 0u32); rows];
-    let mut next = key.iter();
-    for (pi, p) in parts.iter().enumerate() {
-        for ri in 0..p.len() {
-            let k = *next.next().expect("a key per row") as usize;
-            order[pos_of[k]] = (pi as u32, ri as u32);
-            pos_of[k] += 1;
-        }
+    let mut order = vec![R::default(); start[series.len()]];
+    for (row, k) in rows {
+        order[pos_of[k as usize]] = row;
+        pos_of[k as usize] += 1;
     }
-    drop(key);
-    let ts = |&(p, r): &(u32, u32)| parts[p as usize].ts[r as usize];
     for w in start.windows(2) {
         let run = &mut order[w[0]..w[1]];
-        if !run.windows(2).all(|x| ts(&x[0]) < ts(&x[1])) {
-            run.sort_unstable_by_key(ts);
+        if !run.windows(2).all(|p| ts(p[0]) < ts(p[1])) {
+            run.sort_unstable_by_key(|&r| ts(r));
         }
     }
-    let at = |&(p, r): &(u32, u32)| (parts[p as usize], r as usize);
-    let (ms, us) = split_micros(order.iter().map(ts));
-    table_batch(
-        order.iter().map(at).map(|(c, r)| c.device[r]).collect(),
-        order.iter().map(at).map(|(c, r)| c.sensor[r]).collect(),
-        ms,
-        us,
-        order.iter().map(at).map(|(c, r)| c.value[r]).collect(),
-    )
+    order
 }
 
 /// A batch with the columns of `received_readings` (`device_id, sensor_id, ts_ms,

@@ -46,7 +46,7 @@ use std::sync::Arc;
 use duckdb::arrow::record_batch::RecordBatch;
 use duckdb::{Connection, OptionalExt as _};
 
-use super::columns::Columns;
+use super::columns::{self, Columns};
 use super::rollup::{self, Partials};
 use super::{StoreError, in_transaction};
 use crate::domain::{Device, DeviceId, SensorId};
@@ -450,15 +450,14 @@ pub(super) fn replay(conn: &Connection, data_dir: &Path) -> Result<IngestLog, St
     if let Some(last) = todo.last().map(|r| r.seq) {
         let _span = tracing::info_span!("ingest_log_replay", records = todo.len()).entered();
         let started = std::time::Instant::now();
-        let mut devices = Vec::new();
-        let mut rows = Columns::default();
-        let mut series = Series::default();
-        for r in todo {
-            devices.extend(r.devices);
-            series.add(&r.rows, &mut rows);
-        }
-        devices.extend(missing_devices(conn, &devices, &series.keys)?);
-        let readings = rows.len();
+        let mut devices: Vec<(DeviceId, Device)> = todo
+            .iter()
+            .flat_map(|r| r.devices.iter().cloned())
+            .collect();
+        let named = todo.iter().flat_map(|r| r.rows.device.iter().copied());
+        devices.extend(missing_devices(conn, &devices, named)?);
+        let batch = columns::sorted_batch(todo.iter().map(|r| &r.rows))?;
+        let readings = batch.num_rows();
         // Slots from the boundary on are recomputed from `readings` when the writer
         // starts (`rollup::recover`); only earlier ones get partials here.
         let live_from: Option<i64> = conn
@@ -473,7 +472,7 @@ pub(super) fn replay(conn: &Connection, data_dir: &Path) -> Result<IngestLog, St
             .optional()?;
         in_transaction(conn, || {
             insert_devices(conn, &devices)?;
-            let mut partials = append_readings(conn, rows, &series.keys)?;
+            let mut partials = append_batch(conn, batch)?;
             if let Some(from) = live_from {
                 partials.drop_live(from, None);
             }
@@ -514,20 +513,19 @@ pub(super) fn replay(conn: &Connection, data_dir: &Path) -> Result<IngestLog, St
 fn missing_devices(
     conn: &Connection,
     replayed: &[(DeviceId, Device)],
-    series: &[(DeviceId, SensorId)],
+    named: impl Iterator<Item = i32>,
 ) -> Result<Vec<(DeviceId, Device)>, StoreError> {
     let mut stmt = conn.prepare("SELECT id FROM devices")?;
     let known: rustc_hash::FxHashSet<u32> = stmt
         .query_map([], |r| r.get::<_, i32>(0))?
         .map(|id| id.map(|id| id as u32))
         .collect::<Result<_, _>>()?;
-    let mut missing: Vec<u32> = series
-        .iter()
-        .map(|(d, _)| d.0)
+    let named: rustc_hash::FxHashSet<u32> = named.map(|d| d as u32).collect();
+    let mut missing: Vec<u32> = named
+        .into_iter()
         .filter(|id| !known.contains(id) && !replayed.iter().any(|(r, _)| r.0 == *id))
         .collect();
     missing.sort_unstable();
-    missing.dedup();
     missing
         .into_iter()
         .map(|id| {
@@ -538,35 +536,6 @@ fn missing_devices(
                 .map_err(|e| StoreError::Internal(format!("placeholder device name: {e}")))
         })
         .collect()
-}
-
-/// Series of rows gathered from several groups, indexed for [`Columns::series_order`].
-#[derive(Default)]
-pub(super) struct Series {
-    pub keys: Vec<(DeviceId, SensorId)>,
-    index: rustc_hash::FxHashMap<(DeviceId, SensorId), u32>,
-}
-
-impl Series {
-    /// Copies `rows` (their device, sensor, time and value) to the end of `into`,
-    /// numbering their series in this list.
-    pub fn add(&mut self, rows: &Columns, into: &mut Columns) {
-        into.key.reserve(rows.len());
-        for (&device, &sensor) in rows.device.iter().zip(&rows.sensor) {
-            let k = (DeviceId(device as u32), SensorId(sensor as u16));
-            let next = self.keys.len() as u32;
-            let idx = *self.index.entry(k).or_insert_with(|| {
-                self.keys.push(k);
-                next
-            });
-            into.key.push(idx);
-        }
-        into.seq.resize(into.key.len(), 0);
-        into.device.extend_from_slice(&rows.device);
-        into.sensor.extend_from_slice(&rows.sensor);
-        into.ts.extend_from_slice(&rows.ts);
-        into.value.extend_from_slice(&rows.value);
-    }
 }
 
 /// The last sequence number DuckDB holds (0 when none).
@@ -833,10 +802,8 @@ mod tests {
         // The first record reached DuckDB (as a flush would), the rest did not.
         in_transaction(&conn, || {
             insert_devices(&conn, &[(DeviceId(1), device.clone())])?;
-            let mut series = Series::default();
-            let mut all = Columns::default();
-            series.add(&rows(10, 1, T0), &mut all);
-            append_readings(&conn, all, &series.keys)?.append(&conn)?;
+            let batch = columns::sorted_batch([rows(10, 1, T0)].iter())?;
+            append_batch(&conn, batch)?.append(&conn)?;
             set_through(&conn, first)
         })
         .unwrap();

@@ -4,7 +4,7 @@
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
-use std::sync::{Arc, Condvar, Mutex, OnceLock, RwLock};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock, RwLock};
 use std::time::{Duration, Instant};
 
 use super::columns::Columns;
@@ -166,7 +166,7 @@ impl Shared {
     pub fn await_visible(&self) {
         let v = &self.visible;
         let target = v.acked.load(Ordering::Acquire);
-        let mut flushed = v.flushed.lock().unwrap_or_else(|p| p.into_inner());
+        let flushed = v.flushed.lock().unwrap_or_else(|p| p.into_inner());
         if *flushed >= target {
             return;
         }
@@ -174,42 +174,49 @@ impl Shared {
         if let Some(wake) = v.wake.get() {
             wake();
         }
-        let deadline = Instant::now() + VISIBLE_WAIT;
-        while *flushed < target {
-            let left = deadline.saturating_duration_since(Instant::now());
-            if left.is_zero() {
-                tracing::warn!(
-                    target,
-                    flushed = *flushed,
-                    "acknowledged readings are not in the database yet; answering without them"
-                );
-                return;
-            }
-            flushed = v
-                .changed
-                .wait_timeout(flushed, left)
-                .unwrap_or_else(|p| p.into_inner())
-                .0;
+        let (done, flushed) = self.wait_flushed(flushed, VISIBLE_WAIT, |f| f >= target);
+        if !done {
+            tracing::warn!(
+                target,
+                flushed,
+                "acknowledged readings are not in the database yet; answering without them"
+            );
         }
     }
 
     /// Blocks until at most `readings` acknowledged readings are not in DuckDB yet,
     /// or `timeout` has passed; returns whether they are.
     pub(super) fn await_apply_lag(&self, readings: u64, timeout: Duration) -> bool {
-        let v = &self.visible;
+        let flushed = self
+            .visible
+            .flushed
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        self.wait_flushed(flushed, timeout, |_| self.apply_lag().readings <= readings)
+            .0
+    }
+
+    /// Waits on the flusher's commits, at most `timeout`, until `done(flushed)`;
+    /// returns whether it is, and the log record DuckDB holds through. [`Self::flushed`]
+    /// takes applied records off the unapplied list before it takes this lock to
+    /// notify: a condition read under the lock cannot miss a wake-up.
+    fn wait_flushed(
+        &self,
+        mut flushed: MutexGuard<'_, u64>,
+        timeout: Duration,
+        done: impl Fn(u64) -> bool,
+    ) -> (bool, u64) {
         let deadline = Instant::now() + timeout;
-        // `flushed` takes the unapplied readings away before it takes this lock to
-        // notify: what is read under it cannot miss a wake-up.
-        let mut flushed = v.flushed.lock().unwrap_or_else(|p| p.into_inner());
         loop {
-            if self.apply_lag().readings <= readings {
-                return true;
+            if done(*flushed) {
+                return (true, *flushed);
             }
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
-                return false;
+                return (false, *flushed);
             }
-            flushed = v
+            flushed = self
+                .visible
                 .changed
                 .wait_timeout(flushed, left)
                 .unwrap_or_else(|p| p.into_inner())

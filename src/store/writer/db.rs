@@ -275,12 +275,7 @@ impl Db {
         series: &[(DeviceId, SensorId)],
         slots: &SlotMove,
     ) -> Result<Partials, StoreError> {
-        if !self.recent.is_empty() {
-            for i in 0..fresh.len() {
-                self.recent
-                    .record(fresh.device[i], fresh.sensor[i], fresh.ts[i]);
-            }
-        }
+        self.remember(&fresh);
         let partials = ingest_log::append_readings(&self.conn, fresh, series)?;
         self.append_partials(partials, slots)
     }
@@ -291,17 +286,23 @@ impl Db {
         records: &[Arc<Logged>],
         slots: &SlotMove,
     ) -> Result<Partials, StoreError> {
-        if !self.recent.is_empty() {
-            for rows in records.iter().map(|r| &r.rows) {
-                for i in 0..rows.len() {
-                    self.recent
-                        .record(rows.device[i], rows.sensor[i], rows.ts[i]);
-                }
-            }
+        for r in records {
+            self.remember(&r.rows);
         }
         let batch = columns::sorted_batch(records.iter().map(|r| &r.rows))?;
         let partials = ingest_log::append_batch(&self.conn, batch)?;
         self.append_partials(partials, slots)
+    }
+
+    /// Adds appended rows to the replay's key windows, if any are kept.
+    fn remember(&mut self, rows: &Columns) {
+        if self.recent.is_empty() {
+            return;
+        }
+        for i in 0..rows.len() {
+            self.recent
+                .record(rows.device[i], rows.sensor[i], rows.ts[i]);
+        }
     }
 
     /// Appends the rollup partials of appended rows except those of live slots (at or

@@ -184,7 +184,8 @@ impl Front {
     /// `fdatasync` (~0.2 ms) before they are acknowledged; a crash in between loses
     /// readings that were shown and never acknowledged.
     fn commit_logged(&mut self, jobs: &[Job], mut plan: Plan) -> Result<Outcome, StoreError> {
-        let (fresh, _) = split_columns(jobs, &plan.device_maps, &plan.verdicts, &plan.row_keys, 0);
+        let (mut fresh, _) =
+            split_columns(jobs, &plan.device_maps, &plan.verdicts, &plan.row_keys, 0);
         let seq = {
             let _span = tracing::debug_span!("log_write", rows = fresh.len()).entered();
             self.log.write(&plan.new_devices, &fresh)?
@@ -199,7 +200,6 @@ impl Front {
         );
         // Readers see the readings from memory until DuckDB holds them; they need
         // no per-request positions or group-local series numbers.
-        let mut fresh = fresh;
         fresh.seq = Vec::new();
         fresh.key = Vec::new();
         let logged = self.shared.acked(seq, fresh);
