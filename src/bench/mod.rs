@@ -174,6 +174,10 @@ pub struct Phase {
     pub p99_ms: f64,
     /// The server's peak RSS during this phase, MiB (HTTP ingest phases only).
     pub peak_rss_mib: Option<f64>,
+    /// CPU time per reading, µs: the server's for HTTP ingest, DuckDB's (this
+    /// process's) for the native load. On a machine whose cores are all busy
+    /// during ingest, this is what the rate follows.
+    pub cpu_us_per_reading: Option<f64>,
 }
 
 /// The whole run.
@@ -424,8 +428,8 @@ fn print_report(r: &Report) {
         r.readings, r.clients, r.chunk_lines
     );
     println!(
-        "{:<46} {:>12} {:>9} {:>14} {:>9} {:>9} {:>8}",
-        "phase", "readings", "seconds", "readings/s", "p50 ms", "p99 ms", "RSS MiB"
+        "{:<46} {:>12} {:>9} {:>14} {:>9} {:>9} {:>8} {:>9}",
+        "phase", "readings", "seconds", "readings/s", "p50 ms", "p99 ms", "RSS MiB", "CPU µs/r"
     );
     for p in &r.phases {
         let rate = if p.readings_per_sec > 0.0 {
@@ -441,15 +445,17 @@ fn print_report(r: &Report) {
             }
         };
         let rss = p.peak_rss_mib.map_or("-".into(), |m| format!("{m:.0}"));
+        let cpu = p.cpu_us_per_reading.map_or("-".into(), |c| format!("{c:.3}"));
         println!(
-            "{:<46} {:>12} {:>9.3} {:>14} {:>9} {:>9} {:>8}",
+            "{:<46} {:>12} {:>9.3} {:>14} {:>9} {:>9} {:>8} {:>9}",
             p.name,
             p.readings,
             p.seconds,
             rate,
             lat(p.p50_ms),
             lat(p.p99_ms),
-            rss
+            rss,
+            cpu
         );
     }
     println!(
@@ -496,7 +502,9 @@ fn native_load(dir: &Path, g: &Generated, memory_limit: &str) -> anyhow::Result<
     remove_stale(dir)?;
     let devices: Vec<&str> = g.streams.iter().map(|s| s.device.as_str()).collect();
     let files: Vec<PathBuf> = g.streams.iter().map(|s| s.plain.clone()).collect();
+    let cpu_before = process::cpu_seconds_of("self");
     let (n, secs) = diagnostics::load_natively(dir, memory_limit, &devices, &files)?;
+    let cpu = process::cpu_seconds_of("self") - cpu_before;
     if n != g.total {
         bail!("native load stored {n} readings, expected {}", g.total);
     }
@@ -508,6 +516,7 @@ fn native_load(dir: &Path, g: &Generated, memory_limit: &str) -> anyhow::Result<
         p50_ms: 0.0,
         p99_ms: 0.0,
         peak_rss_mib: None,
+        cpu_us_per_reading: Some(cpu * 1e6 / g.total as f64),
     })
 }
 
@@ -561,8 +570,11 @@ impl BenchServer {
     async fn push(&self, g: &Arc<Generated>, gzip: bool, name: &str) -> anyhow::Result<Phase> {
         warm_inputs(g, gzip).await?;
         self.0.reset_peak_rss()?;
+        let cpu_before = self.0.cpu_seconds();
         let mut phase = push(self.base(), g, gzip, name).await?;
         phase.peak_rss_mib = Some(self.0.peak_rss_mib());
+        let cpu = self.0.cpu_seconds() - cpu_before;
+        phase.cpu_us_per_reading = Some(cpu * 1e6 / phase.readings.max(1) as f64);
         Ok(phase)
     }
 
@@ -645,6 +657,7 @@ async fn push(base: &str, g: &Arc<Generated>, gzip: bool, name: &str) -> anyhow:
         p50_ms: percentile(&latencies, 0.5),
         p99_ms: percentile(&latencies, 0.99),
         peak_rss_mib: None,
+        cpu_us_per_reading: None,
     })
 }
 
@@ -711,6 +724,7 @@ async fn time_get(
         p50_ms: percentile(&lat, 0.5),
         p99_ms: percentile(&lat, 0.99),
         peak_rss_mib: None,
+        cpu_us_per_reading: None,
     })
 }
 
@@ -806,5 +820,6 @@ async fn export(
         p50_ms: percentile(&lat, 0.5),
         p99_ms: percentile(&lat, 0.99),
         peak_rss_mib: None,
+        cpu_us_per_reading: None,
     })
 }

@@ -104,15 +104,7 @@ impl ServerProcess {
 
     /// CPU time the process has used so far (user + system), seconds.
     pub fn cpu_seconds(&self) -> f64 {
-        let stat =
-            std::fs::read_to_string(format!("/proc/{}/stat", self.child.id())).unwrap_or_default();
-        // Fields after the command name (which may hold spaces), 1-based from 3:
-        // utime is field 14, stime 15, in clock ticks.
-        let after = stat.rsplit_once(')').map_or("", |(_, rest)| rest);
-        let fields: Vec<&str> = after.split_whitespace().collect();
-        let ticks = |i: usize| fields.get(i - 3).and_then(|v| v.parse::<f64>().ok());
-        // USER_HZ: /proc reports 100 ticks a second whatever the kernel's own HZ.
-        (ticks(14).unwrap_or(0.0) + ticks(15).unwrap_or(0.0)) / 100.0
+        cpu_seconds_of(&self.child.id().to_string())
     }
 
     /// Starts [`Self::peak_rss_mib`] over from the current resident size, so a phase
@@ -150,4 +142,17 @@ fn server_log() -> String {
         Ok(extra) if !extra.is_empty() => format!("{base},{extra}"),
         _ => base.to_owned(),
     }
+}
+
+/// CPU time (user + system, seconds) used so far by process `pid` (`self`: this one),
+/// from `/proc/PID/stat`; 0 when unreadable.
+pub fn cpu_seconds_of(pid: &str) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the command name (which may hold spaces), 1-based from 3:
+    // utime is field 14, stime 15, in clock ticks.
+    let after = stat.rsplit_once(')').map_or("", |(_, rest)| rest);
+    let fields: Vec<&str> = after.split_whitespace().collect();
+    let ticks = |i: usize| fields.get(i - 3).and_then(|v| v.parse::<f64>().ok());
+    // USER_HZ: /proc reports 100 ticks a second whatever the kernel's own HZ.
+    (ticks(14).unwrap_or(0.0) + ticks(15).unwrap_or(0.0)) / 100.0
 }
