@@ -627,9 +627,7 @@ pub(super) fn append_batch(conn: &Connection, batch: RecordBatch) -> Result<Part
         return Ok(Partials::default());
     }
     let partials = Partials::of_sorted(&batch)?;
-    let mut app = conn.appender("received_readings")?;
-    app.append_record_batch(batch)?;
-    app.flush()?;
+    super::insert_batch(conn, "received_readings", batch)?;
     Ok(partials)
 }
 

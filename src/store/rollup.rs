@@ -160,10 +160,7 @@ pub(super) fn append_rows(conn: &Connection, rows: &[Partial]) -> Result<(), Sto
     if rows.is_empty() {
         return Ok(());
     }
-    let mut app = conn.appender("rollups")?;
-    app.append_record_batch(partials_batch(rows)?)?;
-    app.flush()?;
-    Ok(())
+    super::insert_batch(conn, "rollups", partials_batch(rows)?)
 }
 
 /// Partials as one Arrow batch in the table's column order: appended row by row
@@ -691,6 +688,7 @@ mod tests {
     /// A database in `dir` with the readings and rollups tables.
     fn schema_in(dir: &std::path::Path) -> duckdb::Connection {
         let conn = duckdb::Connection::open(dir.join("x.duckdb")).unwrap();
+        crate::store::register_arrow_scan(&conn).unwrap();
         conn.execute_batch(include_str!("../../schema/migrations/0001_init.sql"))
             .unwrap();
         conn.execute_batch(include_str!("../../schema/migrations/0002_rollups.sql"))
