@@ -627,8 +627,13 @@ pub(super) fn append_batch(conn: &Connection, batch: RecordBatch) -> Result<Part
         return Ok(Partials::default());
     }
     let partials = Partials::of_sorted(&batch)?;
-    super::insert_batch(conn, "received_readings", batch)?;
+    insert_readings(conn, batch)?;
     Ok(partials)
+}
+
+/// [`append_batch`] of a batch whose partials are computed already.
+pub(super) fn insert_readings(conn: &Connection, batch: RecordBatch) -> Result<(), StoreError> {
+    super::insert_batch(conn, "received_readings", batch)
 }
 
 #[cfg(test)]

@@ -12,10 +12,11 @@ use duckdb::Connection;
 use tokio::sync::oneshot;
 
 use super::classify::{Plan, split_columns, tally};
+use super::flusher::{Ahead, Prepared};
 use super::{Clock, Job, Sealed};
 use crate::domain::{DeviceId, SensorId};
 use crate::metrics::Metrics;
-use crate::store::columns::{self, Columns};
+use crate::store::columns::Columns;
 use crate::store::compact::{self, Compaction, DueDays};
 use crate::store::forget;
 use crate::store::ingest_log;
@@ -48,6 +49,8 @@ pub(super) struct Db {
     /// for the retention's outcome until they are.
     refreshing: Option<(retention::DiskRefresh, Option<Answer>)>,
     clock: Clock,
+    /// The next queued log segment, prepared while this one goes in.
+    pub(super) ahead: Ahead,
 }
 
 /// A retention's outcome and who waits for it.
@@ -127,6 +130,7 @@ impl Db {
             sealing: None,
             refreshing: None,
             clock,
+            ahead: Ahead::default(),
         })
     }
 
@@ -185,15 +189,15 @@ impl Db {
     /// Moves one sealed part of the ingest log into DuckDB in one transaction and
     /// records how far the log is applied (`meta.ingest_log_through`). On failure
     /// nothing of it is stored; it stays in the log.
-    pub(super) fn flush(&mut self, part: &Sealed) -> Result<(), StoreError> {
-        let rows: usize = part.records.iter().map(|r| r.rows.len()).sum();
+    pub(super) fn flush(&mut self, part: &Sealed, prepared: Prepared) -> Result<(), StoreError> {
+        let rows = prepared.batch.num_rows();
         let _span = tracing::debug_span!("log_flush", rows, through = part.through).entered();
         let started = Instant::now();
         let slots = self.slot_move();
         let partials = self.in_transaction(|db| {
             ingest_log::insert_devices(&db.conn, &part.devices)?;
             ingest_log::insert_owners(&db.conn, &part.owners)?;
-            let appended = db.append_logged(&part.records, &slots)?;
+            let appended = db.append_logged(&part.records, prepared, &slots)?;
             if part.segment.is_some() {
                 ingest_log::set_through(&db.conn, part.through)?;
             }
@@ -284,14 +288,14 @@ impl Db {
     fn append_logged(
         &mut self,
         records: &[Arc<Logged>],
+        prepared: Prepared,
         slots: &SlotMove,
     ) -> Result<Partials, StoreError> {
         for r in records {
             self.remember(&r.rows);
         }
-        let batch = columns::sorted_batch(records.iter().map(|r| &r.rows))?;
-        let partials = ingest_log::append_batch(&self.conn, batch)?;
-        self.append_partials(partials, slots)
+        ingest_log::insert_readings(&self.conn, prepared.batch)?;
+        self.append_partials(prepared.partials, slots)
     }
 
     /// Adds appended rows to the replay's key windows, if any are kept.
