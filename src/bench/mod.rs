@@ -445,7 +445,9 @@ fn print_report(r: &Report) {
             }
         };
         let rss = p.peak_rss_mib.map_or("-".into(), |m| format!("{m:.0}"));
-        let cpu = p.cpu_us_per_reading.map_or("-".into(), |c| format!("{c:.3}"));
+        let cpu = p
+            .cpu_us_per_reading
+            .map_or("-".into(), |c| format!("{c:.3}"));
         println!(
             "{:<46} {:>12} {:>9.3} {:>14} {:>9} {:>9} {:>8} {:>9}",
             p.name,

@@ -187,7 +187,9 @@ impl Ahead {
     fn take(&mut self, through: u64, records: &[Arc<Logged>]) -> Result<Prepared, StoreError> {
         if let Some((ahead, thread)) = self.0.take() {
             let prepared = thread.join().unwrap_or_else(|_| {
-                Err(StoreError::Internal("preparing a log segment panicked".into()))
+                Err(StoreError::Internal(
+                    "preparing a log segment panicked".into(),
+                ))
             });
             if ahead == through {
                 return prepared;
@@ -285,6 +287,8 @@ pub(super) fn flusher(db: Arc<Mutex<Db>>, queue: Arc<Queue>) {
 mod tests {
     use super::*;
     use crate::store::columns::Columns;
+    use duckdb::arrow::array::AsArray as _;
+    use duckdb::arrow::datatypes::{Int32Type, Int64Type};
 
     /// Adds groups of `rows` readings until the segment is full; returns its size.
     fn fill(group: usize) -> usize {
@@ -301,6 +305,46 @@ mod tests {
             }
         }
         unreachable!()
+    }
+
+    fn records(n: usize, device: i32) -> Vec<Arc<Logged>> {
+        let mut rows = Columns::default();
+        // Newest first: preparing sorts them.
+        for i in (0..n).rev() {
+            rows.push_raw(0, 0, device, 1, i as i64, i as f64);
+        }
+        vec![Arc::new(Logged {
+            seq: 1,
+            rows,
+            at: Instant::now(),
+        })]
+    }
+
+    #[test]
+    fn a_part_prepared_ahead_is_used_only_for_that_part() {
+        let n = Ahead::MIN_ROWS;
+        let (first, second) = (records(n, 1), records(n + 1, 2));
+        let devices = |p: &Prepared| {
+            let c = p.batch.column(0).as_primitive::<Int32Type>();
+            (c.len(), c.value(0))
+        };
+        let mut ahead = Ahead::default();
+        // Prepared ahead: the second part (through 2). The front then flushed the
+        // queue itself, so the flusher next takes part 1: prepared here instead.
+        ahead.start(Some((2, second.clone())));
+        let p = ahead.take(1, &first).unwrap();
+        assert_eq!(devices(&p), (n, 1));
+        ahead.start(Some((2, second.clone())));
+        let p = ahead.take(2, &second).unwrap();
+        assert_eq!(devices(&p), (n + 1, 2));
+        let ts = p.batch.column(2).as_primitive::<Int64Type>();
+        assert!(
+            ts.values().windows(2).all(|w| w[0] <= w[1]),
+            "sorted by time"
+        );
+        // Small parts are not worth a thread.
+        ahead.start(Some((3, records(10, 3))));
+        assert!(ahead.0.is_none());
     }
 
     #[test]
