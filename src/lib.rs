@@ -13,11 +13,12 @@
 //!                              ▼
 //!                  store::Writer: the front thread takes whatever is queued as one
 //!                  group (bounded queue → 503) and acknowledges it once durable:
-//!                    groups of small requests whose readings memory decides new
-//!                    (live, re-sent, replayed) ──▶ store::ingest_log (written; the
+//!                    groups whose readings memory decides new (live, re-sent,
+//!                    replayed, bulk imports) ──▶ store::ingest_log (written; the
 //!                              syncer thread's fdatasync acknowledges them)
 //!                              ──▶ the flusher thread moves segments into DuckDB
-//!                    everything else ───▶ DuckDB directly (Appender, exact dedupe
+//!                                  (the next one sorted meanwhile on milepost-prep)
+//!                    everything else ───▶ DuckDB directly (Arrow inserts, exact dedupe
 //!                                          without an index, 15-minute rollups)
 //!                              │
 //!                              ▼

@@ -720,10 +720,11 @@ const ARROW_SCAN: &str = "milepost_arrow";
 /// insert, which on two threads splits 190,000 rows into two halves of 95,000,
 /// each below a row group (122,880), so DuckDB copies both again into one
 /// collection at the end, while the calling thread spins waiting for the other's
-/// half (a third of the flusher's samples, session 34). The Arrow table function is
+/// half (~40 % of the flusher's samples, session 34). The Arrow table function is
 /// a source of one task, which the calling thread runs itself, appending straight
-/// into the transaction's storage: flushes 8–25 % faster and 8–12 % less server CPU
-/// a reading in the same runs (docs/performance.md, session 34).
+/// into the transaction's storage. In alternated 10 M runs, flushes were up to 25 %
+/// faster and the server's CPU a reading 0–24 % lower (docs/performance.md, session
+/// 34); `MILEPOST_THREADS=1`, which avoids the same waste for every query, gave 17 %.
 pub(super) fn insert_batch(
     conn: &Connection,
     table: &str,

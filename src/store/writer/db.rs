@@ -142,7 +142,7 @@ impl Db {
         jobs: &[Job],
         plan: &mut Plan,
     ) -> Result<(Vec<Committed>, Vec<SeriesEntry>), StoreError> {
-        // 3. Column buffers for the Appender, built before the transaction opens.
+        // 3. Column buffers for the insert, built before the transaction opens.
         let (fresh, staged) = split_columns(
             jobs,
             &plan.device_maps,

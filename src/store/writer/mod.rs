@@ -30,7 +30,7 @@
 //!   a device idle long enough to have its statistics on disk gets them back before
 //!   its readings are classified, see [`crate::store::series`]);
 //!   a reading newer than that cannot be a duplicate of a stored one ("fresh") and is
-//!   appended straight into `readings` with the Appender — the live-stream case;
+//!   appended to `readings` without a lookup — the live-stream case;
 //! - duplicates inside the group are found in memory: per series, rows that arrive in
 //!   strictly increasing time need no check, others go through a hash set;
 //! - older readings are first looked up in what the front knows of each series'
