@@ -183,7 +183,8 @@ impl Ahead {
     const MIN_ROWS: usize = 16 * 1024;
 
     /// The part ending at `through` (`records`) prepared: by the thread if it
-    /// prepared that part, here otherwise.
+    /// prepared that part, here otherwise. `through` names a part that has records
+    /// (the only ones prepared ahead): it is the sequence number of its last one.
     fn take(&mut self, through: u64, records: &[Arc<Logged>]) -> Result<Prepared, StoreError> {
         if let Some((ahead, thread)) = self.0.take() {
             let prepared = thread.join().unwrap_or_else(|_| {
