@@ -45,6 +45,13 @@ pub struct ReasonLabel {
     pub reason: &'static str,
 }
 
+/// Label of counters by the path something took.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PathLabel {
+    /// Short, fixed path name.
+    pub path: &'static str,
+}
+
 /// Label name used for readings whose sensor is not in the catalog.
 pub const UNKNOWN_SENSOR: &str = "unknown";
 
@@ -134,6 +141,14 @@ metrics! {
         => "ingest_log_flush_duration",
         "Time of moving the readings acknowledged through the ingest log into the database",
         Seconds;
+    /// Readings moved from the ingest log into DuckDB, by how DuckDB wrote them:
+    /// `data_file` in transactions of at least a row group (122,880 readings),
+    /// compressed straight into the database file; `wal` in smaller ones (a live
+    /// fleet's), into DuckDB's own write-ahead log first and again at its next
+    /// checkpoint.
+    log_applied: Family<PathLabel, Counter> = Family::default()
+        => "ingest_log_applied_readings",
+        "Readings moved from the ingest log into the database, by how DuckDB wrote them (data_file: transactions of a row group or more; wal: smaller ones, written again at the next checkpoint)";
     /// Batches waiting for the writer (set when scraped).
     queue_depth: Gauge = Gauge::default()
         => "write_queue_depth", "Batches waiting for the writer";

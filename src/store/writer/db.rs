@@ -12,10 +12,10 @@ use duckdb::Connection;
 use tokio::sync::oneshot;
 
 use super::classify::{Plan, split_columns, tally};
-use super::flusher::{Ahead, Prepared};
+use super::flusher::{Ahead, Prepared, ROW_GROUP_ROWS};
 use super::{Clock, Job, Sealed};
 use crate::domain::{DeviceId, SensorId};
-use crate::metrics::Metrics;
+use crate::metrics::{Metrics, PathLabel};
 use crate::store::columns::Columns;
 use crate::store::compact::{self, Compaction, DueDays};
 use crate::store::forget;
@@ -221,6 +221,15 @@ impl Db {
         self.metrics
             .log_flush_seconds
             .observe(elapsed.as_secs_f64());
+        let path = if rows >= ROW_GROUP_ROWS {
+            "data_file"
+        } else {
+            "wal"
+        };
+        self.metrics
+            .log_applied
+            .get_or_create(&PathLabel { path })
+            .inc_by(rows as u64);
         tracing::debug!(
             elapsed_ms = elapsed.as_secs_f64() * 1e3,
             "moved ingest log into the database"

@@ -35,6 +35,9 @@ pub(super) const SEAL_ROWS: usize = 32 * 1024;
 pub(super) const ROW_GROUP_ROWS: usize = 122_880;
 /// …or once its oldest reading has waited this long (or a query waits for it).
 pub(super) const SEAL_AGE: Duration = Duration::from_millis(500);
+/// …and a bulk segment whose groups keep coming (see [`Pending::aged`]) once its
+/// oldest reading has waited this long.
+pub(super) const BULK_SEAL_AGE: Duration = Duration::from_secs(5);
 /// How often an idle writer looks at [`SEAL_AGE`].
 pub(super) const TICK: Duration = Duration::from_millis(100);
 
@@ -68,6 +71,8 @@ pub(super) struct Pending {
     pub(super) through: u64,
     /// When the oldest of them was acknowledged.
     pub(super) since: Option<Instant>,
+    /// When the newest bulk group among them was acknowledged.
+    last_bulk: Option<Instant>,
     /// See [`Sealed::spill`].
     pub(super) spill: SpillBatch,
 }
@@ -80,13 +85,33 @@ impl Pending {
         owners: &[(DeviceId, u64)],
     ) {
         let rows = record.rows.len();
+        let now = Instant::now();
         self.rows += rows;
-        self.bulk |= rows > SMALL_GROUP_ROWS;
+        if rows > SMALL_GROUP_ROWS {
+            self.bulk = true;
+            self.last_bulk = Some(now);
+        }
         self.through = record.seq;
         self.records.push(record);
         self.devices.extend_from_slice(devices);
         self.owners.extend_from_slice(owners);
-        self.since.get_or_insert_with(Instant::now);
+        self.since.get_or_insert(now);
+    }
+
+    /// Whether the segment has waited long enough for the flusher: [`SEAL_AGE`]
+    /// since its oldest reading, or for a bulk segment since its newest bulk group
+    /// (and at most [`BULK_SEAL_AGE`] since its oldest reading). While an import's
+    /// groups keep coming, its segment fills up to its row groups even when the
+    /// front waits for the apply lag meanwhile (up to a second); sealed by the age
+    /// of its oldest reading, it went to DuckDB short of a row group. A live fleet's
+    /// small groups beside it do not hold it open.
+    pub(super) fn aged(&self) -> bool {
+        let waited = |t: Option<Instant>, age| t.is_some_and(|t| t.elapsed() >= age);
+        if self.bulk {
+            waited(self.last_bulk, SEAL_AGE) || waited(self.since, BULK_SEAL_AGE)
+        } else {
+            waited(self.since, SEAL_AGE)
+        }
     }
 
     /// Whether the segment holds enough readings to be handed to the flusher.
@@ -116,6 +141,7 @@ impl Pending {
         self.rows = 0;
         self.bulk = false;
         self.since = None;
+        self.last_bulk = None;
         sealed
     }
 }
@@ -359,5 +385,45 @@ mod tests {
         assert_eq!(fill(ROW_GROUP_ROWS), ROW_GROUP_ROWS);
         // Never more than three row groups and a group.
         assert_eq!(fill(250_000), 500_000);
+    }
+
+    #[test]
+    fn a_bulk_segment_is_sealed_by_age_once_its_groups_stop_coming() {
+        let ago = |ms| Instant::now() - Duration::from_millis(ms);
+        let live = Pending {
+            since: Some(ago(600)),
+            ..Pending::default()
+        };
+        assert!(
+            live.aged(),
+            "a live segment: 500 ms after its oldest reading"
+        );
+        let importing = Pending {
+            bulk: true,
+            since: Some(ago(2_000)),
+            last_bulk: Some(ago(10)),
+            ..Pending::default()
+        };
+        assert!(!importing.aged(), "an import's next group came 10 ms ago");
+        let paused = Pending {
+            last_bulk: Some(ago(600)),
+            ..importing
+        };
+        assert!(paused.aged(), "no bulk group for 500 ms");
+        let trickling = Pending {
+            bulk: true,
+            since: Some(ago(5_100)),
+            last_bulk: Some(ago(10)),
+            ..Pending::default()
+        };
+        assert!(trickling.aged(), "at most 5 s after its oldest reading");
+        let mut fleet_beside = Pending::default();
+        fleet_beside.add(records(5_000, 1).pop().unwrap(), &[], &[]);
+        fleet_beside.last_bulk = Some(ago(600));
+        fleet_beside.add(records(10, 2).pop().unwrap(), &[], &[]);
+        assert!(
+            fleet_beside.aged(),
+            "a live group does not hold a bulk segment open"
+        );
     }
 }
