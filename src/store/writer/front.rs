@@ -163,8 +163,8 @@ impl Front {
         // A bulk segment short of its row groups stays open while the flusher
         // applies what is queued, when that alone makes room: sealed now, it would
         // go through DuckDB's write-ahead log, and the checkpoint it brings merges
-        // and rewrites row groups — 0.3–1.9 s a time, seven times in a 100 M
-        // import, every request stalled meanwhile.
+        // and rewrites row groups — 0.3–1.9 s a time, 9–13 times in a 100 M
+        // import, every request stalled meanwhile (docs/performance.md, session 35).
         let keep_open = self.pending.bulk && !self.pending.full() && self.pending.rows <= room;
         if !keep_open && self.seal().is_err() {
             // `with_db` seals again, and reports it.
@@ -364,7 +364,7 @@ impl Front {
     }
 
     /// Hands the current segment to the flusher when a query waits for it, when it
-    /// holds many readings, or when its oldest reading has waited long enough.
+    /// holds many readings, or when it has waited long enough ([`Pending::aged`]).
     fn maybe_seal(&mut self) {
         if self.pending.since.is_none() {
             return;
