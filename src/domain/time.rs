@@ -156,8 +156,6 @@ fn put_digits(out: &mut [u8], mut v: u32) {
     }
 }
 
-/// Proleptic Gregorian (year, month, day) of a day count since 1970-01-01
-/// (Howard Hinnant's `civil_from_days`).
 /// Days since 1970-01-01 of a proleptic Gregorian date, `None` if there is no such
 /// date: the inverse of [`civil_from_days`]. Arithmetic rather than chrono's
 /// `NaiveDate` (a third of the timestamp shortcut's time), held to chrono by a test
@@ -183,6 +181,8 @@ fn days_from_civil(year: i64, month: u32, day: u32) -> Option<i64> {
     Some(era * 146_097 + doe - 719_468)
 }
 
+/// Proleptic Gregorian (year, month, day) of a day count since 1970-01-01
+/// (Howard Hinnant's `civil_from_days`).
 fn civil_from_days(days: i64) -> (i64, u32, u32) {
     let z = days + 719_468;
     let era = z.div_euclid(146_097);

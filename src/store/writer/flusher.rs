@@ -64,14 +64,13 @@ pub(super) struct Pending {
     pub(super) records: Vec<Arc<Logged>>,
     /// Readings in `records`.
     pub(super) rows: usize,
-    /// A group larger than [`SMALL_GROUP_ROWS`] is among them.
-    pub(super) bulk: bool,
     pub(super) devices: Vec<(DeviceId, Device)>,
     pub(super) owners: Vec<(DeviceId, u64)>,
     pub(super) through: u64,
     /// When the oldest of them was acknowledged.
     pub(super) since: Option<Instant>,
-    /// When the newest bulk group among them was acknowledged.
+    /// When the newest group larger than [`SMALL_GROUP_ROWS`] (a bulk group) among
+    /// them was acknowledged; `None` if none is.
     last_bulk: Option<Instant>,
     /// See [`Sealed::spill`].
     pub(super) spill: SpillBatch,
@@ -88,7 +87,6 @@ impl Pending {
         let now = Instant::now();
         self.rows += rows;
         if rows > SMALL_GROUP_ROWS {
-            self.bulk = true;
             self.last_bulk = Some(now);
         }
         self.through = record.seq;
@@ -96,6 +94,11 @@ impl Pending {
         self.devices.extend_from_slice(devices);
         self.owners.extend_from_slice(owners);
         self.since.get_or_insert(now);
+    }
+
+    /// Whether a bulk group is among its readings.
+    pub(super) fn bulk(&self) -> bool {
+        self.last_bulk.is_some()
     }
 
     /// Whether the segment has waited long enough for the flusher: [`SEAL_AGE`]
@@ -107,7 +110,7 @@ impl Pending {
     /// small groups beside it do not hold it open.
     pub(super) fn aged(&self) -> bool {
         let waited = |t: Option<Instant>, age| t.is_some_and(|t| t.elapsed() >= age);
-        if self.bulk {
+        if self.bulk() {
             waited(self.last_bulk, SEAL_AGE) || waited(self.since, BULK_SEAL_AGE)
         } else {
             waited(self.since, SEAL_AGE)
@@ -121,7 +124,7 @@ impl Pending {
     /// transactions of 130,000 rows (a full row group and 7,120 rows) had their rows
     /// compressed and written again at every checkpoint — 22 % of the flusher's time.
     pub(super) fn full(&self) -> bool {
-        if !self.bulk {
+        if !self.bulk() {
             return self.rows >= SEAL_ROWS;
         }
         let last = self.rows % ROW_GROUP_ROWS;
@@ -139,7 +142,6 @@ impl Pending {
             spill: std::mem::take(&mut self.spill),
         };
         self.rows = 0;
-        self.bulk = false;
         self.since = None;
         self.last_bulk = None;
         sealed
@@ -399,7 +401,6 @@ mod tests {
             "a live segment: 500 ms after its oldest reading"
         );
         let importing = Pending {
-            bulk: true,
             since: Some(ago(2_000)),
             last_bulk: Some(ago(10)),
             ..Pending::default()
@@ -411,7 +412,6 @@ mod tests {
         };
         assert!(paused.aged(), "no bulk group for 500 ms");
         let trickling = Pending {
-            bulk: true,
             since: Some(ago(5_100)),
             last_bulk: Some(ago(10)),
             ..Pending::default()

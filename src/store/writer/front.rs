@@ -165,7 +165,7 @@ impl Front {
         // go through DuckDB's write-ahead log, and the checkpoint it brings merges
         // and rewrites row groups — 0.3–1.9 s a time, 9–13 times in a 100 M
         // import, every request stalled meanwhile (docs/performance.md, session 35).
-        let keep_open = self.pending.bulk && !self.pending.full() && self.pending.rows <= room;
+        let keep_open = self.pending.bulk() && !self.pending.full() && self.pending.rows <= room;
         if !keep_open && self.seal().is_err() {
             // `with_db` seals again, and reports it.
             return false;
