@@ -52,6 +52,12 @@ pub struct PathLabel {
     pub path: &'static str,
 }
 
+/// `path` of readings the ingest log moved into DuckDB in transactions of at least a
+/// row group (see `ingest_log_applied_readings`).
+pub const APPLIED_TO_DATA_FILE: &str = "data_file";
+/// `path` of readings it moved in smaller transactions, through DuckDB's own WAL.
+pub const APPLIED_THROUGH_WAL: &str = "wal";
+
 /// Label name used for readings whose sensor is not in the catalog.
 pub const UNKNOWN_SENSOR: &str = "unknown";
 
@@ -266,7 +272,8 @@ impl Metrics {
     }
 
     /// Creates the per-sensor reading counters of `sensors` (and `unknown`'s refused
-    /// lines) and the ingest request counters of `statuses`, at 0. A series that
+    /// lines), the ingest request counters of `statuses`, those of refused devices and
+    /// of applied readings, at 0. A series that
     /// appears only with its first event is invisible to `increase()` and alerts on
     /// that first event, and dashboards show "no data" instead of 0.
     pub fn expose_at_zero<'a>(&self, sensors: impl IntoIterator<Item = &'a str>, statuses: &[u16]) {
@@ -284,6 +291,9 @@ impl Metrics {
         }
         for reason in ["ceiling", "key_quota", "rate"] {
             let _ = self.devices_refused.get_or_create(&ReasonLabel { reason });
+        }
+        for path in [APPLIED_TO_DATA_FILE, APPLIED_THROUGH_WAL] {
+            let _ = self.log_applied.get_or_create(&PathLabel { path });
         }
     }
 

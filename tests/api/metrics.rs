@@ -145,6 +145,11 @@ async fn every_series_is_exported_at_zero_from_start() {
             r#"milepost_new_devices_refused_total{{reason="{reason}"}}"#
         ));
     }
+    for path in ["data_file", "wal"] {
+        expected.push(format!(
+            r#"milepost_ingest_log_applied_readings_total{{path="{path}"}}"#
+        ));
+    }
     for key in &expected {
         assert_eq!(fresh.get(key), Some(&0.0), "{key} missing or not 0");
     }
@@ -206,4 +211,51 @@ async fn a_request_of_new_readings_is_acknowledged_by_one_counted_log_sync() {
     );
     // A bulk request of new readings goes through the log too, in one group.
     assert_eq!(get(&after, count) - get(&live, count), 1.0);
+}
+
+/// `milepost_ingest_log_applied_readings_total{path}` (README, `/metrics`): a live
+/// request's readings reach DuckDB in a small transaction (`wal`), a bulk import's in
+/// whole row groups (`data_file`), each counted once it is applied.
+#[tokio::test]
+async fn readings_applied_from_the_log_are_counted_by_how_duckdb_wrote_them() {
+    let app = TestApp::spawn().await;
+    let wal = r#"milepost_ingest_log_applied_readings_total{path="wal"}"#;
+    let data_file = r#"milepost_ingest_log_applied_readings_total{path="data_file"}"#;
+    // Applied by the flusher within a second or so of the answer (segment age).
+    let applied = |key: &'static str, want: f64| {
+        let app = &app;
+        async move {
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+            loop {
+                let m = scrape(app).await;
+                if get(&m, key) >= want || std::time::Instant::now() > deadline {
+                    return m;
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            }
+        }
+    };
+
+    let now = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
+    let (status, _) = app.ingest(line("speed", 1.0, &now)).await;
+    assert_eq!(status, StatusCode::OK);
+    let m = applied(wal, 1.0).await;
+    assert_eq!((get(&m, wal), get(&m, data_file)), (1.0, 0.0));
+
+    // 150,000 readings: more than a row group (122,880), in one request.
+    let start = chrono::DateTime::parse_from_rfc3339("2026-05-01T00:00:00Z").unwrap();
+    let bulk: Vec<String> = (0..150_000)
+        .map(|i| {
+            let ts = start + chrono::Duration::seconds(i);
+            line(
+                "fuel",
+                40.0,
+                &ts.to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+            )
+        })
+        .collect();
+    let (status, _) = app.ingest(bulk.join("\n")).await;
+    assert_eq!(status, StatusCode::OK);
+    let m = applied(data_file, 150_000.0).await;
+    assert_eq!((get(&m, wal), get(&m, data_file)), (1.0, 150_000.0));
 }

@@ -15,7 +15,7 @@ use super::classify::{Plan, split_columns, tally};
 use super::flusher::{Ahead, Prepared, ROW_GROUP_ROWS};
 use super::{Clock, Job, Sealed};
 use crate::domain::{DeviceId, SensorId};
-use crate::metrics::{Metrics, PathLabel};
+use crate::metrics::{APPLIED_THROUGH_WAL, APPLIED_TO_DATA_FILE, Metrics, PathLabel};
 use crate::store::columns::Columns;
 use crate::store::compact::{self, Compaction, DueDays};
 use crate::store::forget;
@@ -222,9 +222,9 @@ impl Db {
             .log_flush_seconds
             .observe(elapsed.as_secs_f64());
         let path = if rows >= ROW_GROUP_ROWS {
-            "data_file"
+            APPLIED_TO_DATA_FILE
         } else {
-            "wal"
+            APPLIED_THROUGH_WAL
         };
         self.metrics
             .log_applied

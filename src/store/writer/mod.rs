@@ -344,7 +344,7 @@ impl Writer {
 mod tests {
     use super::*;
     use crate::domain::{Batch, Device, Row, SensorId, Timestamp};
-    use crate::metrics::PathLabel;
+    use crate::metrics::{APPLIED_THROUGH_WAL, APPLIED_TO_DATA_FILE, PathLabel};
 
     fn batch(from: i64, n: i64) -> Batch {
         Batch {
@@ -467,13 +467,13 @@ mod tests {
         }
         w.shutdown().await.unwrap();
         let applied = |path| metrics.log_applied.get_or_create(&PathLabel { path }).get();
-        assert_eq!(applied("data_file") + applied("wal"), 1_600_000);
+        let (data_file, wal) = (applied(APPLIED_TO_DATA_FILE), applied(APPLIED_THROUGH_WAL));
+        assert_eq!(data_file + wal, 1_600_000);
         // Only the segment sealed at shutdown may be short of a row group (before,
         // the front sealed whatever it held each time it waited).
         assert!(
-            applied("wal") < flusher::ROW_GROUP_ROWS as u64,
-            "{} readings went through DuckDB's write-ahead log",
-            applied("wal")
+            wal < flusher::ROW_GROUP_ROWS as u64,
+            "{wal} readings went through DuckDB's write-ahead log"
         );
     }
 
