@@ -27,6 +27,22 @@ pub(crate) fn get(m: &HashMap<String, f64>, key: &str) -> f64 {
     m.get(key).copied().unwrap_or(0.0)
 }
 
+/// A body of `n` readings of `sensor`, one a second from 2026-05-01.
+fn bulk(sensor: &str, value: f64, n: i64) -> String {
+    let start = chrono::DateTime::parse_from_rfc3339("2026-05-01T00:00:00Z").unwrap();
+    let lines: Vec<String> = (0..n)
+        .map(|i| {
+            let ts = start + chrono::Duration::seconds(i);
+            line(
+                sensor,
+                value,
+                &ts.to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+            )
+        })
+        .collect();
+    lines.join("\n")
+}
+
 #[tokio::test]
 async fn counters_move_by_exactly_what_a_request_did() {
     let app = TestApp::spawn().await;
@@ -188,18 +204,7 @@ async fn a_request_of_new_readings_is_acknowledged_by_one_counted_log_sync() {
     assert_eq!(get(&live, count) - get(&before, count), 1.0);
     assert!(get(&live, "milepost_ingest_log_sync_duration_seconds_sum") > 0.0);
 
-    let start = chrono::DateTime::parse_from_rfc3339("2026-05-01T00:00:00Z").unwrap();
-    let bulk: Vec<String> = (0..5_000)
-        .map(|i| {
-            let ts = start + chrono::Duration::seconds(i);
-            line(
-                "speed",
-                2.0,
-                &ts.to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
-            )
-        })
-        .collect();
-    let (status, _) = app.ingest(bulk.join("\n")).await;
+    let (status, _) = app.ingest(bulk("speed", 2.0, 5_000)).await;
     assert_eq!(status, StatusCode::OK);
     let after = scrape(&app).await;
     assert_eq!(
@@ -243,18 +248,7 @@ async fn readings_applied_from_the_log_are_counted_by_how_duckdb_wrote_them() {
     assert_eq!((get(&m, wal), get(&m, data_file)), (1.0, 0.0));
 
     // 150,000 readings: more than a row group (122,880), in one request.
-    let start = chrono::DateTime::parse_from_rfc3339("2026-05-01T00:00:00Z").unwrap();
-    let bulk: Vec<String> = (0..150_000)
-        .map(|i| {
-            let ts = start + chrono::Duration::seconds(i);
-            line(
-                "fuel",
-                40.0,
-                &ts.to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
-            )
-        })
-        .collect();
-    let (status, _) = app.ingest(bulk.join("\n")).await;
+    let (status, _) = app.ingest(bulk("fuel", 40.0, 150_000)).await;
     assert_eq!(status, StatusCode::OK);
     let m = applied(data_file, 150_000.0).await;
     assert_eq!((get(&m, wal), get(&m, data_file)), (1.0, 150_000.0));
