@@ -79,7 +79,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<DumpReport> {
         .await??
     };
     let db_dir = work.join("native");
-    let mem = args.memory_limit.clone();
+    let mem = args.native_memory_limit.clone();
     eprintln!("bench --dump: loading with DuckDB's read_json");
     {
         let db_dir = db_dir.clone();

@@ -618,7 +618,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<FleetReport> {
         };
         super::flush_page_cache();
         let native = {
-            let (work, mem) = (work.clone(), args.memory_limit.clone());
+            let (work, mem) = (work.clone(), args.native_memory_limit.clone());
             tokio::task::spawn_blocking(move || {
                 native_load(&work.join("big-native"), &g, &mem).map(|p| (p, g))
             })

@@ -53,7 +53,7 @@ pub struct StorageArgs {
     #[arg(long, env = "MILEPOST_DATA_DIR", default_value = "./milepost-data")]
     pub data_dir: PathBuf,
     /// DuckDB memory limit (queries spill to disk beyond it).
-    #[arg(long, env = "MILEPOST_MEMORY_LIMIT", default_value = "128MB")]
+    #[arg(long, env = "MILEPOST_MEMORY_LIMIT", default_value = crate::store::DEFAULT_MEMORY_LIMIT)]
     pub memory_limit: String,
     /// DuckDB worker threads.
     #[arg(long, env = "MILEPOST_THREADS", default_value_t = 2)]

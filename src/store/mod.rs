@@ -73,6 +73,18 @@ pub use writer::{Clock, Committed, PendingCommit, WriteError, Writer, WriterConf
 
 use crate::domain::{Catalog, Device, DeviceId, Sensor, SensorId, SensorName};
 
+/// DuckDB's memory limit unless `--memory-limit` says otherwise.
+///
+/// DuckDB keeps the blocks it writes and reads cached until its limit needs the
+/// room, so a server that holds more data than the limit keeps DuckDB at the limit.
+/// At 128 MB a bulk import of 100 M readings peaked at 217–222 MiB (DuckDB 121 MB,
+/// the binary's code 40–46 MiB, the rest Milepost's buffers and DuckDB's table
+/// metadata, which no limit counts); at 96 MB at 187–194, ingest, charts and
+/// statistics as fast, an export of 20.8 M uncompacted readings 9–29 % slower (fewer
+/// blocks cached; docs/performance.md, session 36). Statements that group many
+/// devices size their slices to the limit (`device_ranges`).
+pub const DEFAULT_MEMORY_LIMIT: &str = "96MB";
+
 /// How to open the database.
 #[derive(Debug, Clone)]
 pub struct StoreConfig {

@@ -38,7 +38,7 @@ pub struct Retired {
 /// Every statement that groups the retired series runs a range of devices at a time
 /// (see [`super::device_ranges`]) into temp tables, and their rows stream through
 /// here without being collected: a million devices' day (5.9 M series) took the
-/// server to 506 MB and failed with "Out of Memory" at the default 128 MB limit when
+/// server to 506 MB and failed with "Out of Memory" at a 128 MB limit (then the default) when
 /// each step grouped everything at once and the results were held in maps.
 pub(super) fn retire(
     conn: &Connection,
