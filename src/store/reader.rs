@@ -211,19 +211,18 @@ impl Reader {
         // DuckDB committed it, so what the list lacks the snapshot has.
         let mut extra = Unapplied::of(&self.shared, device, sensors, ranges);
         self.with_conn(|c| {
-            let mut view = View {
+            let view = |extra| View {
                 conn: c,
                 device,
-                extra: Unapplied::default(),
+                extra,
                 loaded: false,
             };
             if extra.is_empty() {
-                return f(c, &mut view);
+                return f(c, &mut view(extra));
             }
             super::in_transaction(c, || {
                 extra.keep_after(ingest_log::through(c)?);
-                view.extra = extra;
-                f(c, &mut view)
+                f(c, &mut view(extra))
             })
         })
     }
@@ -813,12 +812,7 @@ struct Unapplied {
 
 impl Unapplied {
     fn of(shared: &Shared, device: DeviceId, sensors: &[SensorId], ranges: &[TimeRange]) -> Self {
-        let mut u = Self {
-            seq: Vec::new(),
-            sensor: Vec::new(),
-            ts: Vec::new(),
-            value: Vec::new(),
-        };
+        let mut u = Self::default();
         let device = device.0 as i32;
         let ranges: Vec<std::ops::Range<i64>> = ranges
             .iter()
