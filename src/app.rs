@@ -198,6 +198,7 @@ impl Server {
             queue_timeout: args.queue_timeout,
             metrics: metrics.clone(),
             rollup_merge_rows: usize::try_from(args.rollup_merge_rows).unwrap_or(usize::MAX),
+            cluster_rows: args.cluster_rows,
             live_slots_memory: usize::try_from(args.live_slots_memory).unwrap_or(usize::MAX),
             known_keys_memory: usize::try_from(args.known_keys_memory).unwrap_or(usize::MAX),
             live_slots_idle: args.live_slots_idle,

@@ -224,6 +224,12 @@ pub struct ServeArgs {
     /// each; lower consolidates more often (smaller, more frequent transactions).
     #[arg(long, env = "MILEPOST_ROLLUP_MERGE_ROWS", default_value_t = 20_000, value_parser = clap::value_parser!(u64).range(1..))]
     pub rollup_merge_rows: u64,
+    /// Today's readings the writer sorts by device at a time, so that a device's
+    /// readings pages and raw reads skip the rest of the fleet's; bigger sorts
+    /// cluster better and take more of DuckDB's memory while they run. `0`: today's
+    /// readings stay in arrival order until the day's compaction.
+    #[arg(long, env = "MILEPOST_CLUSTER_ROWS", default_value_t = crate::store::DEFAULT_CLUSTER_ROWS)]
+    pub cluster_rows: u64,
     /// Daily dumps.
     #[command(flatten)]
     pub blob: BlobArgs,

@@ -40,22 +40,28 @@ pub struct Compaction {
     pub elapsed: Duration,
 }
 
-/// Finished days with readings not compacted yet (in `received_readings`), oldest
-/// first. One scan of that table, which holds little more than today once the
-/// finished days are compacted; the writer keeps the answer ([`DueDays`]) instead of
-/// asking again for every day.
+/// Finished days with readings not compacted yet (in `received_readings`, or listed
+/// in `uncompacted_days`), oldest first. One scan of that table, which holds little
+/// more than the last chunk of today once the finished days are compacted; the
+/// writer keeps the answer ([`DueDays`]) instead of asking again for every day.
 pub(super) fn due_days(conn: &Connection, today: NaiveDate) -> Result<Vec<NaiveDate>, StoreError> {
     let today_ms = today
         .and_hms_opt(0, 0, 0)
         .expect("midnight")
         .and_utc()
         .timestamp_millis();
+    // Days whose readings the live day's sorting moved (`cluster.rs`) are listed
+    // apart: `received_readings` may hold none of them.
     let mut stmt = conn.prepare(
-        "SELECT DISTINCT strftime(CAST(make_timestamp(ts_ms * 1000) AS DATE), '%Y-%m-%d') AS day
-         FROM received_readings WHERE ts_ms < ? ORDER BY day",
+        "SELECT strftime(day, '%Y-%m-%d') AS day FROM (
+             SELECT DISTINCT CAST(make_timestamp(ts_ms * 1000) AS DATE) AS day
+             FROM received_readings WHERE ts_ms < ?
+             UNION
+             SELECT day FROM uncompacted_days WHERE day < CAST(make_timestamp(? * 1000) AS DATE))
+         ORDER BY day",
     )?;
     let days = stmt
-        .query_map([today_ms], |r| r.get::<_, String>(0))?
+        .query_map([today_ms, today_ms], |r| r.get::<_, String>(0))?
         .collect::<Result<Vec<_>, _>>()?;
     days.iter()
         .map(|d| {
@@ -221,6 +227,7 @@ fn compact_days(
             conn.execute_batch(&format!(
                 "DELETE FROM received_readings WHERE {range};
                  DELETE FROM compacted_readings WHERE {range};
+                 DELETE FROM uncompacted_days WHERE day = DATE '{day}';
                  INSERT INTO compacted_readings {};
                  INSERT OR REPLACE INTO compacted_days VALUES (DATE '{day}', {n});",
                 as_mantissas(&divisors)
@@ -384,6 +391,33 @@ mod tests {
         assert_eq!(done.days, 1);
         assert_eq!(stored(conn), before);
         assert_eq!(forms(conn)[0], (1, 3003, 1, 0));
+    }
+
+    /// A day whose readings the live day's sorting moved whole into
+    /// `compacted_readings` (as plain values) is due once over, though
+    /// `received_readings` holds none of it, and its compaction lists it no more.
+    #[test]
+    fn a_day_sorted_while_live_is_compacted_once_over() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = crate::store::open_for_tests(dir.path());
+        let conn = &store.conn;
+        conn.execute_batch(&format!(
+            "INSERT INTO devices VALUES (1, 'car');
+             INSERT INTO compacted_readings (device_id, sensor_id, ts_ms, ts_us, value)
+                 SELECT 1, 1, {DAY_MS} + i * 1000, 0, 60 + i / 100 FROM range(500) t(i);
+             INSERT INTO uncompacted_days VALUES (DATE '2025-05-01');"
+        ))
+        .unwrap();
+        let before = stored(conn);
+        let today = chrono::Utc::now().date_naive();
+        let day = NaiveDate::from_ymd_opt(2025, 5, 1).unwrap();
+        assert_eq!(due_days(conn, today).unwrap(), [day]);
+        assert_eq!(due_days(conn, day).unwrap(), [], "not before it is over");
+        let done = compact_finished_days(conn, today).unwrap();
+        assert_eq!((done.days, done.readings), (1, 500));
+        assert_eq!(stored(conn), before);
+        assert_eq!(forms(conn), [(1, 500, 1, 0)], "as mantissas now");
+        assert_eq!(due_days(conn, today).unwrap(), []);
     }
 
     #[test]

@@ -37,6 +37,11 @@ pub(super) const MIGRATIONS: &[(i64, &str, &str)] = &[
         "reading_mantissas",
         include_str!("../../schema/migrations/0006_reading_mantissas.sql"),
     ),
+    (
+        7,
+        "uncompacted_days",
+        include_str!("../../schema/migrations/0007_uncompacted_days.sql"),
+    ),
 ];
 
 /// Newest schema version this binary knows.

@@ -19,11 +19,14 @@
 //! (`live.rs`), and queries add the readings the ingest log acknowledged that DuckDB
 //! does not hold yet (`reader.rs`), so no read waits for the writer; compaction
 //! (`compact.rs`) moves finished days into `compacted_readings`, sorted and with
-//! values as decimal mantissas, for size and scan speed. [`diagnostics`] looks at a
+//! values as decimal mantissas, for size and scan speed; before that, the live day
+//! goes there sorted by device a chunk at a time (`cluster.rs`), so that one
+//! device's reads skip the rest of the fleet's. [`diagnostics`] looks at a
 //! stopped server's directory for `milepost recover` and the benchmark, and
 //! `rewrite.rs` copies its database into a new file for `milepost compact --rewrite`.
 
 mod alerts;
+mod cluster;
 mod columns;
 mod compact;
 mod data_dir;
@@ -58,6 +61,7 @@ use duckdb::vtab::arrow::{ArrowBatchRegistration, ArrowVTab};
 use duckdb::{Config, Connection};
 
 pub use alerts::{AlertStore, AlertStoreError};
+pub use cluster::DEFAULT_CHUNK_ROWS as DEFAULT_CLUSTER_ROWS;
 pub use compact::Compaction;
 pub use data_dir::DataDir;
 pub use dump::{DaySnapshot, DumpRecord, DumpSource};

@@ -116,6 +116,7 @@ fn retire_in_steps_of(
                  DELETE FROM compacted_readings WHERE {range};
                  DELETE FROM rollups WHERE {slots};
                  DELETE FROM compacted_days WHERE day = DATE '{day}';
+                 DELETE FROM uncompacted_days WHERE day = DATE '{day}';
                  INSERT OR REPLACE INTO retired_days
                      VALUES (DATE '{day}', {n}, make_timestamp({now}::BIGINT));"
             ))?;

@@ -372,8 +372,9 @@ impl Victim {
             ])
             // Work for every step the campaign kills: compaction as soon as a past
             // day's writes pause, consolidation every few backlog requests, a dump
-            // run every second.
+            // run every second, today's readings sorted by device every 100.
             .args(["--compact-interval", "300ms", "--compact-settle", "200ms"])
+            .args(["--cluster-rows", "100"])
             .args([
                 "--rollup-merge-rows",
                 "200",
@@ -456,15 +457,17 @@ enum Aim {
     Compaction,
     Consolidation,
     Dump,
+    Clustering,
 }
 
 impl Aim {
-    const ALL: [Aim; 5] = [
+    const ALL: [Aim; 6] = [
         Aim::Random,
         Aim::GroupCommit,
         Aim::Compaction,
         Aim::Consolidation,
         Aim::Dump,
+        Aim::Clustering,
     ];
 
     fn markers(self) -> Option<(&'static str, &'static str)> {
@@ -474,6 +477,10 @@ impl Aim {
             Aim::Compaction => Some(("compacting day", "compacted finished days")),
             Aim::Consolidation => Some(("consolidating rollups", "consolidated rollups")),
             Aim::Dump => Some(("dumping day", "day dumped")),
+            Aim::Clustering => Some((
+                "sorting a chunk of today's readings by device",
+                "sorted a chunk of today's readings by device",
+            )),
         }
     }
 }

@@ -1,6 +1,6 @@
 //! The DuckDB side of the writer: the write connection and everything that must
 //! change with it in step — key windows for dedupe, the live rollup slots'
-//! boundary, the days due for compaction. Used by one thread at a time (the writer's front for direct
+//! boundary, the days due for compaction, today's readings not sorted by device yet. Used by one thread at a time (the writer's front for direct
 //! commits, compaction and retention; the flusher for the ingest log), behind a lock.
 
 use std::collections::BTreeMap;
@@ -16,6 +16,7 @@ use super::flusher::{Ahead, Prepared, ROW_GROUP_ROWS};
 use super::{Clock, Job, Sealed};
 use crate::domain::{DeviceId, SensorId};
 use crate::metrics::{APPLIED_THROUGH_WAL, APPLIED_TO_DATA_FILE, Metrics, PathLabel};
+use crate::store::cluster::Clustering;
 use crate::store::columns::Columns;
 use crate::store::compact::{self, Compaction, DueDays};
 use crate::store::forget;
@@ -35,6 +36,9 @@ pub(super) struct Db {
     metrics: Arc<Metrics>,
     pub(super) recent: RecentKeys,
     due: DueDays,
+    /// Today's readings in `received_readings`, sorted by device into
+    /// `compacted_readings` a chunk at a time (see [`crate::store::cluster`]).
+    clustering: Clustering,
     rollups: Unmerged,
     /// Rollups of slots from this one on are written when their slot has ended (see
     /// [`crate::store::rollup`]).
@@ -98,6 +102,7 @@ impl Db {
         shared: Arc<Shared>,
         metrics: Arc<Metrics>,
         rollup_merge_rows: usize,
+        cluster_rows: u64,
         clock: Clock,
     ) -> Result<Self, StoreError> {
         let from = live_from(clock.now_ms());
@@ -108,12 +113,14 @@ impl Db {
         // above): the live slots' aggregates start from them.
         shared.live.load(&conn, from)?;
         shared.set_rollups_from(from);
+        let clustering = Clustering::new(&conn, cluster_rows)?;
         Ok(Self {
             conn,
             shared,
             metrics,
             recent: RecentKeys::default(),
             due: DueDays::default(),
+            clustering,
             rollups: Unmerged {
                 rows: 0,
                 // The first consolidation also covers partials an earlier run left
@@ -289,6 +296,7 @@ impl Db {
         slots: &SlotMove,
     ) -> Result<Partials, StoreError> {
         self.remember(&fresh);
+        self.clustering.appended(fresh.len() as u64);
         let partials = ingest_log::append_readings(&self.conn, fresh, series)?;
         self.append_partials(partials, slots)
     }
@@ -303,6 +311,7 @@ impl Db {
         for r in records {
             self.remember(&r.rows);
         }
+        self.clustering.appended(prepared.batch.num_rows() as u64);
         ingest_log::insert_readings(&self.conn, prepared.batch)?;
         self.append_partials(prepared.partials, slots)
     }
@@ -454,17 +463,21 @@ impl Db {
     }
 
     /// Whether work is left that the flusher does a step at a time between its
-    /// commits: the ended slots' rollups, or the series rows after a retention.
+    /// commits: the ended slots' rollups, the series rows after a retention, or a
+    /// chunk of today's readings to sort by device.
     pub(super) fn stepping(&self) -> bool {
-        self.sealing.is_some() || self.refreshing.is_some()
+        self.sealing.is_some() || self.refreshing.is_some() || self.clustering.due()
     }
 
-    /// One step of what [`Self::stepping`] says is left: the rollups first.
+    /// One step of what [`Self::stepping`] says is left: the rollups first, a chunk
+    /// to sort last.
     pub(super) fn step(&mut self) {
         if self.sealing.is_some() {
             self.seal_step();
-        } else {
+        } else if self.refreshing.is_some() {
             self.refresh_step();
+        } else if self.clustering.due() {
+            self.clustering.step(&self.conn);
         }
     }
 

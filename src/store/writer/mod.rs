@@ -13,7 +13,8 @@
 //!   retention) waits until the flusher has caught up, then goes to DuckDB directly,
 //!   in one transaction per group. What can be done in ranges of devices afterwards
 //!   — the rollups of ended quarter hours, the series rows of idle devices after a
-//!   retention — the flusher does between its commits.
+//!   retention — the flusher does between its commits, and so it sorts today's
+//!   readings by device a chunk at a time (see [`super::cluster`]).
 //!
 //! The write connection and its companions ([`db::Db`]) sit behind one lock, held by
 //! the flusher or the front, never both. The files follow the threads: `handle.rs`
@@ -91,6 +92,9 @@ pub struct WriterConfig {
     /// Rollup rows appended by commits before their slots are consolidated (see
     /// [`super::rollup`]).
     pub rollup_merge_rows: usize,
+    /// Today's readings that make a chunk the flusher sorts by device (see
+    /// [`super::cluster`]); 0: never.
+    pub cluster_rows: u64,
     /// Decides which rollup slots are live; the system clock but in tests.
     pub clock: Clock,
     /// Most readings acknowledged through the ingest log and not yet in DuckDB. A
@@ -150,6 +154,7 @@ impl Default for WriterConfig {
             max_group_rows: 512 * 1024,
             metrics: Arc::new(Metrics::new()),
             rollup_merge_rows: 20_000,
+            cluster_rows: super::cluster::DEFAULT_CHUNK_ROWS,
             clock: Clock::system(),
             max_unapplied_readings: 512 << 10,
             live_slots_memory: crate::store::live::DEFAULT_BUDGET,
@@ -225,6 +230,7 @@ impl Writer {
             shared.clone(),
             cfg.metrics.clone(),
             cfg.rollup_merge_rows,
+            cfg.cluster_rows,
             cfg.clock.clone(),
         )?;
         let (tx, rx) = mpsc::channel(cfg.queue_capacity.max(1));
