@@ -704,3 +704,134 @@ async fn live_quarter_hours_beyond_their_memory_budget_are_still_counted_exactly
         assert!(bytes > 0.0 && bytes <= budget as f64, "{bytes} bytes held");
     }
 }
+
+/// Every reading of `device`'s `sensor` in `[from, to)` through the v1 readings pages
+/// of `limit`: `(time µs, value)` in the order served.
+async fn walk_pages(
+    app: &TestApp,
+    device: &str,
+    sensor: &str,
+    (from, to): (&str, &str),
+    limit: usize,
+) -> Vec<(i64, f64)> {
+    let mut out = Vec::new();
+    let mut cursor = String::new();
+    loop {
+        let (status, page) = app
+            .get(&format!(
+                "/api/v1/sensors/{sensor}/readings?device={device}&from={from}&to={to}\
+                 &limit={limit}{cursor}"
+            ))
+            .await;
+        assert_eq!(status, StatusCode::OK, "{page}");
+        for r in page["readings"].as_array().unwrap() {
+            out.push((
+                micros(r["timestamp"].as_str().unwrap()),
+                r["value"].as_f64().unwrap(),
+            ));
+        }
+        match page["next_cursor"].as_str() {
+            Some(c) => cursor = format!("&cursor={c}"),
+            None => return out,
+        }
+    }
+}
+
+/// Today's readings sorted by device a chunk at a time (`--cluster-rows 200`) while 20
+/// devices stream and re-send: after every round each device's page walk and
+/// statistics hold exactly what was acknowledged, once, in time order; re-sends are
+/// all duplicates; after a restart (the chunks read back from the file) the same, and
+/// a full re-send is all duplicates. The moved chunks are in the file sorted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readings_sorted_by_device_while_live_stay_exact() {
+    let app = TestApp::spawn_with(|a| a.cluster_rows = 200).await;
+    // Today's seconds, in the past, however close to midnight the test runs.
+    let now = Utc::now().timestamp();
+    let start = (now - 2000).max(now - now.rem_euclid(86_400));
+    let (from, to) = (at(start - 60), at(start + 86_400));
+    let devices: Vec<String> = (0..20).map(|d| format!("sorted-{d}")).collect();
+    let mut acked: BTreeMap<&str, Vec<(i64, f64)>> = BTreeMap::new();
+    let mut sent = Vec::new();
+    for round in 0..12i64 {
+        // Each device's next five seconds of three sensors, devices interleaved in
+        // every request as a gateway forwards them; every third round also the
+        // previous round's requests again.
+        for chunk in devices.chunks(5) {
+            let mut body = String::new();
+            for (d, device) in chunk.iter().enumerate() {
+                for k in 0..5 {
+                    let sec = start + round * 5 + k;
+                    let value = (round * 100 + d as i64 * 7 + k) as f64 / 4.0;
+                    for s in ["speed", "fuel", "revolution"] {
+                        body.push_str(&dline(device, s, value, &at(sec)));
+                        body.push('\n');
+                    }
+                    acked
+                        .entry(device.as_str())
+                        .or_default()
+                        .push((sec * 1_000_000, value));
+                }
+            }
+            let (status, r) = app.ingest(body.clone()).await;
+            assert_eq!((status, num(&r, "accepted")), (StatusCode::OK, 75), "{r}");
+            sent.push(body);
+        }
+        if round % 3 == 2 {
+            for body in &sent[sent.len() - 8..sent.len() - 4] {
+                let (status, r) = app.ingest(body.clone()).await;
+                assert_eq!((status, num(&r, "duplicates")), (StatusCode::OK, 75), "{r}");
+            }
+        }
+        let device = &devices[(round as usize * 7) % devices.len()];
+        let walk = walk_pages(&app, device, "fuel", (&from, &to), 13).await;
+        assert_eq!(
+            &walk,
+            &acked[device.as_str()],
+            "{device} after round {round}"
+        );
+    }
+    check_all(&app, &devices, &acked, (&from, &to)).await;
+    let app = app.restart().await;
+    check_all(&app, &devices, &acked, (&from, &to)).await;
+    for body in &sent {
+        let (status, r) = app.ingest(body.clone()).await;
+        assert_eq!((status, num(&r, "duplicates")), (StatusCode::OK, 75), "{r}");
+    }
+    let dir = app.stop().await;
+
+    // In the file: most of today's readings moved, sorted by device within each
+    // chunk, as plain values; today is listed for compaction.
+    let conn = duckdb::Connection::open(dir.path().join("milepost.duckdb")).unwrap();
+    let count = |sql: &str| -> i64 { conn.query_row(sql, [], |r| r.get(0)).unwrap() };
+    let moved = count("SELECT count(*) FROM compacted_readings WHERE mant IS NULL");
+    assert!(moved >= 3000, "{moved} of 3600 moved");
+    assert_eq!(count("SELECT count(*) FROM readings"), 3600);
+    let today = &at(start)[..10];
+    assert_eq!(
+        count(&format!(
+            "SELECT count(*) FROM uncompacted_days WHERE day = DATE '{today}'"
+        )),
+        1
+    );
+}
+
+/// Every device's speed readings by pages and its revolution count by statistics
+/// equal what was acknowledged (sixty seconds each).
+async fn check_all(
+    app: &TestApp,
+    devices: &[String],
+    acked: &BTreeMap<&str, Vec<(i64, f64)>>,
+    (from, to): (&str, &str),
+) {
+    for device in devices {
+        let walk = walk_pages(app, device, "speed", (from, to), 50).await;
+        assert_eq!(&walk, &acked[device.as_str()], "{device}");
+        let (_, stats) = app
+            .get(&format!(
+                "/api/v1/sensors/revolution/statistics?device={device}\
+                 &from={from}&to={to}&bucket=1h"
+            ))
+            .await;
+        assert_eq!(bucket_count_sum(&stats), 60, "{device}: {stats}");
+    }
+}

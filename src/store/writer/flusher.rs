@@ -281,7 +281,9 @@ pub(super) fn flush_queued(db: &mut Db, queue: &Queue) -> Result<(), StoreError>
 /// retention it brings the series rows of devices on disk up to date the same way.
 pub(super) fn flusher(db: Arc<Mutex<Db>>, queue: Arc<Queue>) {
     let mut failures = Persisting::default();
-    let mut stepping = false;
+    // Work an earlier run left (today's readings to sort) starts without waiting for
+    // the first segment.
+    let mut stepping = db.lock().unwrap_or_else(|p| p.into_inner()).stepping();
     loop {
         {
             let mut q = queue.lock();
