@@ -1,4 +1,5 @@
-//! The live day clustered by device, a chunk at a time.
+//! The live day clustered by device, a chunk at a time (`--cluster-rows`, off by
+//! default).
 //!
 //! Readings arrive into `received_readings` in arrival order: each flush is sorted by
 //! series, but holds every device that sent, so every row group of the live day
@@ -7,14 +8,24 @@
 //! window: 11 of 54 row groups for 100 readings, 6.5–7.0 ms on the idle file of a
 //! minute of 2,000 devices streaming, and ~3× that beside the fleet.
 //!
-//! So once [`DEFAULT_CHUNK_ROWS`] of today's readings have arrived, the flusher moves
-//! the oldest of them, in one transaction, into `compacted_readings` sorted by
-//! (device, sensor, time), as plain values (`mant` and `div` NULL: the view reads
-//! `value` first). Each chunk's row groups then hold a range of devices, and the
-//! same page reads 2 of 56 row groups: 3.2–3.3 ms (256 Ki rows a chunk: 4.3 ms; 3 M:
-//! 2.7), of which ~2 ms is DuckDB planning the query over the view. A chunk of
-//! 1 Mi rows took 305–345 ms to move on one DuckDB thread, ~3 % of a core at the
-//! fleet's 90 k readings/s (docs/performance.md, session 38).
+//! With `--cluster-rows N`, once N of today's readings have arrived the flusher moves
+//! the oldest N, in one transaction, into `compacted_readings` sorted by (device,
+//! sensor, time), as plain values (`mant` and `div` NULL: the view reads `value`
+//! first), a range of devices per sort ([`SORT_ROWS`]). Each chunk's row groups then
+//! hold a range of devices, and the same page reads 2 of 56 row groups: 3.2–3.3 ms
+//! at 1 Mi rows a chunk (256 Ki: 4.3; 3 M: 2.7). A chunk of 1 Mi rows took
+//! 305–345 ms to move on one DuckDB thread, ~3 % of a core at the fleet's
+//! 90 k readings/s.
+//!
+//! Why it is off by default (docs/performance.md, session 38): beside 2,000 devices
+//! streaming at 64 connections, 1 Mi rows a chunk took the readings page's p50 from
+//! 26–27 ms to 20–21 but not its tail (p99 65–91 against 74–80), and the server's
+//! peak RSS up by ~45 MiB (169–175 against 117–129; 100,000 devices for 15 s: 250–261
+//! against 208–209): DuckDB keeps a record of every deleted row, outside its memory
+//! limit, until a checkpoint drops the row groups they emptied. A checkpoint after
+//! every chunk of 256 Ki rows kept that to +12–16 MiB but stalled reads behind it
+//! (page p99 250 ms). Worth it where pages of a device's live day are read much and
+//! memory is to spare.
 //!
 //! Only today's readings move (and later days'): readings of finished days go on
 //! waiting in `received_readings` for their day's compaction, which is due soon. A
@@ -29,11 +40,10 @@ use duckdb::Connection;
 use super::StoreError;
 use super::compact::today_start;
 
-/// Today's readings in `received_readings` that make a chunk, moved at once:
-/// `--cluster-rows`' default. Bigger chunks cluster better (each holds more of a
-/// device's readings together) but take more memory to sort: DuckDB sorts a chunk
-/// within its memory limit.
-pub const DEFAULT_CHUNK_ROWS: u64 = 1 << 20;
+/// `--cluster-rows`' default: 0, the live day stays in arrival order (see the
+/// module docs for what sorting it costs and gives). 1 Mi rows a chunk is what was
+/// measured.
+pub const DEFAULT_CHUNK_ROWS: u64 = 0;
 
 /// How long the flusher waits before trying again after a chunk failed to move (it
 /// stays where it was: nothing is lost, pages are only slower).
@@ -124,10 +134,10 @@ fn today_in_received(conn: &Connection) -> Result<(Option<i64>, u64), StoreError
 
 /// Moves the oldest `chunk_rows` of today's readings (by row id, which follows
 /// arrival: rows are only ever appended) from `received_readings` into
-/// `compacted_readings`, sorted, in one transaction; nothing when fewer are there.
-/// Row ids are stable within the transaction (a checkpoint may renumber them
-/// between two).
-pub(super) fn move_chunk(conn: &Connection, chunk_rows: u64) -> Result<Moved, StoreError> {
+/// `compacted_readings`, sorted by (device, sensor, time), and lists their days for
+/// compaction, in one transaction; nothing when fewer are there. Row ids are stable
+/// within the transaction (a checkpoint may renumber them between two).
+fn move_chunk(conn: &Connection, chunk_rows: u64) -> Result<Moved, StoreError> {
     super::in_transaction(conn, || {
         let (first, today) = today_in_received(conn)?;
         let Some(first) = first.filter(|_| chunk_rows > 0 && today >= chunk_rows) else {
@@ -145,14 +155,17 @@ pub(super) fn move_chunk(conn: &Connection, chunk_rows: u64) -> Result<Moved, St
                  SELECT DISTINCT CAST(make_timestamp(ts_ms * 1000) AS DATE)
                  FROM received_readings WHERE {chunk}"
         ))?;
-        let rows = conn.execute(
-            &format!(
-                "INSERT INTO compacted_readings (device_id, sensor_id, ts_ms, ts_us, value)
-                 SELECT device_id, sensor_id, ts_ms, ts_us, value FROM received_readings
-                 WHERE {chunk} ORDER BY device_id, sensor_id, ts_ms, ts_us"
-            ),
-            [],
-        )?;
+        let mut rows = 0;
+        for devices in device_ranges(conn, &chunk, chunk_rows)? {
+            rows += conn.execute(
+                &format!(
+                    "INSERT INTO compacted_readings (device_id, sensor_id, ts_ms, ts_us, value)
+                     SELECT device_id, sensor_id, ts_ms, ts_us, value FROM received_readings
+                     WHERE {chunk} {devices} ORDER BY device_id, sensor_id, ts_ms, ts_us"
+                ),
+                [],
+            )?;
+        }
         let deleted = conn.execute(&format!("DELETE FROM received_readings WHERE {chunk}"), [])?;
         if deleted != rows {
             return Err(StoreError::Corrupt(format!(
@@ -164,6 +177,54 @@ pub(super) fn move_chunk(conn: &Connection, chunk_rows: u64) -> Result<Moved, St
             left: today - rows as u64,
         })
     })
+}
+
+/// Readings one sort takes at most, about: a chunk is sorted a range of devices at
+/// a time, the ranges in order, so that it comes out sorted whole while a sort holds
+/// only this many rows in DuckDB's memory, whatever `--cluster-rows` says. (The
+/// peak RSS a move adds did not come from the sort: 250–253 MiB in ranges against
+/// 234–241 whole, 100,000 devices streaming.)
+const SORT_ROWS: u64 = 128 << 10;
+
+/// `AND device_id …` conditions that split the chunk (`WHERE {chunk}`) of `rows`
+/// readings into ranges of devices of about [`SORT_ROWS`] readings, in device order;
+/// the first and last open-ended, so that together they hold every row. From
+/// DuckDB's approximate quantiles: an uneven split only makes a sort bigger.
+fn device_ranges(conn: &Connection, chunk: &str, rows: u64) -> Result<Vec<String>, StoreError> {
+    let parts = rows.div_ceil(SORT_ROWS);
+    if parts <= 1 {
+        return Ok(vec![String::new()]);
+    }
+    let quantiles: Vec<String> = (1..parts)
+        .map(|i| format!("{}", i as f64 / parts as f64))
+        .collect();
+    let list: String = conn.query_row(
+        &format!(
+            "SELECT CAST(approx_quantile(device_id, [{}]) AS VARCHAR)
+             FROM received_readings WHERE {chunk}",
+            quantiles.join(", ")
+        ),
+        [],
+        |r| r.get(0),
+    )?;
+    let mut bounds: Vec<i64> = list
+        .trim_matches(['[', ']'])
+        .split(',')
+        .filter_map(|b| b.trim().parse().ok())
+        .collect();
+    bounds.sort_unstable();
+    bounds.dedup();
+    let mut ranges = Vec::with_capacity(bounds.len() + 1);
+    let mut lower: Option<i64> = None;
+    for b in bounds {
+        ranges.push(match lower {
+            None => format!("AND device_id < {b}"),
+            Some(a) => format!("AND device_id >= {a} AND device_id < {b}"),
+        });
+        lower = Some(b);
+    }
+    ranges.push(lower.map_or_else(String::new, |a| format!("AND device_id >= {a}")));
+    Ok(ranges)
 }
 
 #[cfg(test)]
@@ -241,7 +302,7 @@ mod tests {
             }
         );
         assert!(!clustering.due(), "half a chunk waits");
-        assert_eq!(move_chunk(&c, 1000).unwrap(), Moved { rows: 0, left: 500 });
+        assert_eq!(clustering.step(&c), Moved { rows: 0, left: 500 });
 
         // Nothing lost or changed, yesterday's readings stay where they were.
         assert_eq!(all(&c), before);
@@ -287,6 +348,34 @@ mod tests {
             1
         );
         assert_eq!(count(&c, "SELECT count(*) FROM uncompacted_days"), 1);
+    }
+
+    /// A chunk of more than [`SORT_ROWS`] readings is sorted a range of devices at a
+    /// time and still comes out sorted whole, every reading once.
+    #[test]
+    fn a_big_chunk_is_sorted_by_device_ranges_into_one_order() {
+        let c = conn();
+        let today = today_start().as_micros() / 1000;
+        let n = SORT_ROWS * 3 + 1000;
+        c.execute_batch(&format!(
+            "INSERT INTO received_readings
+                 SELECT (i * 7919) % 5003, 1 + i % 3, {today} + i // 500, 0, i
+                 FROM range({n}) t(i);"
+        ))
+        .unwrap();
+        let before = all(&c);
+        assert_eq!(device_ranges(&c, "true", n).unwrap().len(), 4);
+        assert_eq!(move_chunk(&c, n).unwrap(), Moved { rows: n, left: 0 });
+        assert_eq!(all(&c), before);
+        let keys: Vec<(i32, i16, i64)> = c
+            .prepare("SELECT device_id, sensor_id, ts_ms FROM compacted_readings")
+            .unwrap()
+            .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap();
+        assert_eq!(keys.len() as u64, n);
+        assert!(keys.is_sorted(), "one order across the ranges");
     }
 
     #[test]
