@@ -499,8 +499,8 @@ impl ReadStore for Reader {
         let per_row = (span_us / (readings.max(1) as i64)).max(1);
         // A page of `limit` rows aims its first window at a quarter more than that,
         // not at a whole sort's worth: the newest hours lie in arrival order, every
-        // row group holds every device, so a window costs a scan of the whole fleet's
-        // readings in it. (A page of 100 while 2,000 devices streamed: p50 19.6 ms,
+        // row group holds every device (unless `--cluster-rows` sorts them, see
+        // `cluster.rs`), so a window costs a scan of the whole fleet's readings in it. (A page of 100 while 2,000 devices streamed: p50 19.6 ms,
         // p99 55 ms with the window over the series' whole day. Afterwards, on the
         // idle file of a minute of that fleet, 6.5 ms with a window of twice the
         // page, 5.4 with 1.3 times, 4.8–5.0 with exactly the page: the Top-N's
@@ -527,17 +527,28 @@ impl ReadStore for Reader {
                     Some(l) => format!(" LIMIT {}", l - delivered),
                     None => String::new(),
                 };
-                // Prepared once per connection and shape, the window's bounds bound
-                // as parameters: DuckDB still prunes row groups by them, and planning
-                // this query over the view (~1 ms here, a third of an idle page's
-                // CPU) is not paid again for every page (see `WindowParams`).
+                // Prepared once per pooled connection and shape, the window's bounds
+                // bound as parameters: DuckDB still prunes row groups by them, and
+                // planning the query over the view (~40 % of a page's CPU in a
+                // profile) is not paid again for every page. On the idle file of a
+                // minute of 2,000 devices: 3.7–4.6 ms a query → 2.6; beside the fleet
+                // the page's p99 95–135 ms → 74–80 (docs/performance.md, session 38).
                 let sql = format!(
                     "SELECT ts_ms, ts_us, value, sensor_id FROM {source} WHERE {WINDOW_FILTER}
                          AND sensor_id IN ({})
                      ORDER BY ts_ms, ts_us, sensor_id{limit_sql}",
                     sensor_list(sensors)
                 );
-                let mut stmt = c.prepare_cached(&sql)?;
+                // Only a page's: a cached statement keeps its last result until it
+                // runs again, and an export's windows sort ~256 Ki rows each.
+                let (mut cached, mut plain);
+                let stmt: &mut duckdb::Statement<'_> = if limit.is_some() {
+                    cached = c.prepare_cached(&sql)?;
+                    &mut cached
+                } else {
+                    plain = c.prepare(&sql)?;
+                    &mut plain
+                };
                 let mut in_window = 0i64;
                 for batch in stmt.query_arrow(WindowParams::of(device, window_range).params())? {
                     buf.fill(&batch)?;
