@@ -530,9 +530,11 @@ impl ReadStore for Reader {
                 // Prepared once per pooled connection and shape, the window's bounds
                 // bound as parameters: DuckDB still prunes row groups by them, and
                 // planning the query over the view (~40 % of a page's CPU in a
-                // profile) is not paid again for every page. On the idle file of a
-                // minute of 2,000 devices: 3.7–4.6 ms a query → 2.6; beside the fleet
-                // the page's p99 95–135 ms → 74–80 (docs/performance.md, session 38).
+                // profile) is not paid again for every page. On the file of a minute
+                // of 2,000 devices: 3.7–4.6 ms a query → 2.6; 20 clients paging at once
+                // p50 117–129 ms → 104–110; beside the fleet the page's p50 26–33 →
+                // 23–30, its p99 within the runs' spread (docs/performance.md,
+                // session 38).
                 let sql = format!(
                     "SELECT ts_ms, ts_us, value, sensor_id FROM {source} WHERE {WINDOW_FILTER}
                          AND sensor_id IN ({})
