@@ -71,9 +71,14 @@ pub(super) struct Clustering {
 }
 
 impl Clustering {
-    /// Counts today's readings in `received_readings` (those an earlier run left).
+    /// Counts today's readings in `received_readings` (those an earlier run left),
+    /// unless chunks are off: then start-up does not scan the table for nothing.
     pub(super) fn new(conn: &Connection, chunk_rows: u64) -> Result<Self, StoreError> {
-        let (_, pending) = today_in_received(conn)?;
+        let pending = if chunk_rows > 0 {
+            today_in_received(conn)?.1
+        } else {
+            0
+        };
         Ok(Self {
             chunk_rows,
             pending,
@@ -198,20 +203,15 @@ fn device_ranges(conn: &Connection, chunk: &str, rows: u64) -> Result<Vec<String
     let quantiles: Vec<String> = (1..parts)
         .map(|i| format!("{}", i as f64 / parts as f64))
         .collect();
-    let list: String = conn.query_row(
-        &format!(
-            "SELECT CAST(approx_quantile(device_id, [{}]) AS VARCHAR)
-             FROM received_readings WHERE {chunk}",
-            quantiles.join(", ")
-        ),
-        [],
-        |r| r.get(0),
-    )?;
-    let mut bounds: Vec<i64> = list
-        .trim_matches(['[', ']'])
-        .split(',')
-        .filter_map(|b| b.trim().parse().ok())
-        .collect();
+    let mut stmt = conn.prepare(&format!(
+        "SELECT unnest(approx_quantile(device_id, [{}]))::BIGINT
+         FROM received_readings WHERE {chunk}",
+        quantiles.join(", ")
+    ))?;
+    let mut bounds = stmt
+        .query_map([], |r| r.get::<_, Option<i64>>(0))?
+        .filter_map(Result::transpose)
+        .collect::<Result<Vec<i64>, _>>()?;
     bounds.sort_unstable();
     bounds.dedup();
     let mut ranges = Vec::with_capacity(bounds.len() + 1);

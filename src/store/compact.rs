@@ -42,8 +42,9 @@ pub struct Compaction {
 
 /// Finished days with readings not compacted yet (in `received_readings`, or listed
 /// in `uncompacted_days`), oldest first. One scan of that table, which holds little
-/// more than the last chunk of today once the finished days are compacted; the
-/// writer keeps the answer ([`DueDays`]) instead of asking again for every day.
+/// more than today (its last chunk, with `--cluster-rows`) once the finished days are
+/// compacted; the writer keeps the answer ([`DueDays`]) instead of asking again for
+/// every day.
 pub(super) fn due_days(conn: &Connection, today: NaiveDate) -> Result<Vec<NaiveDate>, StoreError> {
     let today_ms = today
         .and_hms_opt(0, 0, 0)

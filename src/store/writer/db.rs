@@ -1,7 +1,8 @@
 //! The DuckDB side of the writer: the write connection and everything that must
 //! change with it in step — key windows for dedupe, the live rollup slots'
-//! boundary, the days due for compaction, today's readings not sorted by device yet. Used by one thread at a time (the writer's front for direct
-//! commits, compaction and retention; the flusher for the ingest log), behind a lock.
+//! boundary, the days due for compaction, today's readings not sorted by device
+//! yet. Used by one thread at a time (the writer's front for direct commits,
+//! compaction and retention; the flusher for the ingest log), behind a lock.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
