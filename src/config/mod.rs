@@ -199,11 +199,11 @@ pub struct ServeArgs {
     #[arg(long, env = "MILEPOST_SERIES_IDLE", default_value = "5m", value_parser = humantime::parse_duration)]
     pub series_idle: Duration,
     /// Memory for what the writer knows of recently written series' stored keys
-    /// (spans and newest timestamps, ~115 bytes per series): it decides most re-sent
+    /// (spans and newest timestamps, ~75 bytes per series): it decides most re-sent
     /// and out-of-order readings without asking the database. Series not written for
     /// a while are forgotten first; theirs then cost a database look-up (exact,
     /// slower). The default holds ~38,000 devices of six sensors.
-    #[arg(long, env = "MILEPOST_KNOWN_KEYS_MEMORY", default_value = "32MiB", value_parser = parse_size)]
+    #[arg(long, env = "MILEPOST_KNOWN_KEYS_MEMORY", default_value = "20MiB", value_parser = parse_size)]
     pub known_keys_memory: u64,
     /// Batches that may wait for the writer before requests get 503.
     #[arg(long, env = "MILEPOST_QUEUE_CAPACITY", default_value_t = 64)]
