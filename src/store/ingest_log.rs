@@ -539,13 +539,13 @@ fn missing_devices(
 }
 
 /// The last sequence number DuckDB holds (0 when none).
+///
+/// Every read beside live ingest asks this inside its snapshot, so the statement is
+/// prepared once per connection (`prepare_cached`) rather than planned per read.
 pub(super) fn through(conn: &Connection) -> Result<u64, StoreError> {
     let v: Option<String> = conn
-        .query_row(
-            &format!("SELECT value FROM meta WHERE key = '{META_THROUGH}'"),
-            [],
-            |r| r.get(0),
-        )
+        .prepare_cached("SELECT value FROM meta WHERE key = ?")?
+        .query_row([META_THROUGH], |r| r.get(0))
         .optional()?;
     v.map_or(Ok(0), |v| {
         v.parse()
