@@ -116,6 +116,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
 /// `milepost compact`: finished days compacted, then the file rewritten if asked.
 async fn compact(args: CompactArgs) -> anyhow::Result<()> {
     let cfg = args.storage.store_config();
+    ensure_database(&cfg)?;
     let store = crate::store::Store::open(&cfg)?;
     tokio::task::spawn_blocking(move || {
         let done = store.compact()?;
@@ -145,6 +146,19 @@ async fn compact(args: CompactArgs) -> anyhow::Result<()> {
     .await?
 }
 
+/// Fails unless `cfg`'s data directory holds a database. The offline commands work
+/// on a server's data: a directory without one is a mistyped `--data-dir` (opening
+/// it would create an empty database there and report nothing to do).
+fn ensure_database(cfg: &crate::store::StoreConfig) -> anyhow::Result<()> {
+    let db = crate::store::DataDir::new(&cfg.data_dir).database();
+    anyhow::ensure!(
+        db.exists(),
+        "no milepost database at {} (is --data-dir right? `milepost serve` creates one there)",
+        db.display()
+    );
+    Ok(())
+}
+
 /// `milepost dump`: dumps the given days with the server stopped (it holds the data
 /// directory; a running server dumps on its own schedule and catches up at start).
 async fn dump(args: DumpArgs) -> anyhow::Result<()> {
@@ -155,7 +169,9 @@ async fn dump(args: DumpArgs) -> anyhow::Result<()> {
         (None, None) => anyhow::bail!("give --date DAY or --since DAY"),
     };
     anyhow::ensure!(first <= last, "--since {first} is after --until {last}");
-    let store = crate::store::Store::open(&args.storage.store_config()).map_err(|e| {
+    let cfg = args.storage.store_config();
+    ensure_database(&cfg)?;
+    let store = crate::store::Store::open(&cfg).map_err(|e| {
         let hint = if matches!(e, crate::store::StoreError::Locked { .. }) {
             " (milepost dump works with the server stopped; a running server dumps on \
              --dump-schedule and catches up every missing or changed day at start)"

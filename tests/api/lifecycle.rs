@@ -461,6 +461,33 @@ async fn a_start_that_fails_half_way_frees_the_data_directory() {
     drop(taken);
 }
 
+/// A mistyped `--data-dir` given to an offline command is an error that names the
+/// path, and nothing is created there (it used to create an empty database and
+/// report "compacted 0 day(s)").
+#[test]
+fn offline_commands_refuse_a_data_dir_without_a_database() {
+    let parent = tempfile::tempdir().unwrap();
+    let typo = parent.path().join("milepost-dta");
+    for args in [
+        &["compact"][..],
+        &["compact", "--rewrite"],
+        &["dump", "--date", "2026-11-01"],
+    ] {
+        let out = Command::new(env!("CARGO_BIN_EXE_milepost"))
+            .args(args)
+            .arg("--data-dir")
+            .arg(&typo)
+            .output_within_limit();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{args:?}: {err}");
+        assert!(
+            err.contains("no milepost database at") && err.contains("milepost-dta"),
+            "{args:?}: {err}"
+        );
+        assert!(!typo.exists(), "{args:?} created {}", typo.display());
+    }
+}
+
 /// The offline commands the README names, on a stopped server's data directory:
 /// `compact`, `openapi` and `dump --since/--until`.
 #[tokio::test(flavor = "multi_thread")]
