@@ -137,16 +137,12 @@ impl Span {
         let Some(step) = ts.checked_sub(self.hi).and_then(|d| u32::try_from(d).ok()) else {
             return false;
         };
-        let len = usize::from(self.len);
-        // Ascending in time, so the oldest has the largest distance.
-        let widest = if len == 0 {
-            self.exact_ago
-        } else {
-            self.ago[0].max(self.exact_ago)
-        };
-        if step == 0 || widest.checked_add(step).is_none() {
+        // `exact_from` is at or below the tail's oldest, so `exact_ago` is the
+        // largest distance held.
+        if step == 0 || self.exact_ago.checked_add(step).is_none() {
             return false;
         }
+        let len = usize::from(self.len);
         for a in &mut self.ago[..len] {
             *a += step;
         }
