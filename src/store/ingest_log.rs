@@ -541,7 +541,8 @@ fn missing_devices(
 /// The last sequence number DuckDB holds (0 when none).
 ///
 /// Every read beside live ingest asks this inside its snapshot, so the statement is
-/// prepared once per connection (`prepare_cached`) rather than planned per read.
+/// prepared once per connection (`prepare_cached`) rather than parsed per read
+/// (DuckDB still binds and plans it at every execution: `rollup::aggregate_rows`).
 pub(super) fn through(conn: &Connection) -> Result<u64, StoreError> {
     let v: Option<String> = conn
         .prepare_cached("SELECT value FROM meta WHERE key = ?")?

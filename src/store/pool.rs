@@ -9,6 +9,9 @@ use duckdb::Connection;
 
 use super::StoreError;
 
+/// Prepared statements a pooled connection keeps (see [`Pool::take`]).
+const STATEMENT_CACHE: usize = 64;
+
 /// See the module docs.
 pub(super) struct Pool {
     base: Mutex<Connection>,
@@ -59,6 +62,10 @@ impl Pool {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .try_clone()?;
+        // Reads prepare their statements once per connection (`prepare_cached`): a
+        // page's window, a chart's rollups and raw parts, each shape per sensor and
+        // source; duckdb-rs keeps 16 by default, fewer than those shapes.
+        c.set_prepared_statement_cache_capacity(STATEMENT_CACHE);
         if let Some(setup) = &self.setup {
             c.execute_batch(setup)?;
         }

@@ -529,8 +529,9 @@ impl ReadStore for Reader {
                 };
                 // Prepared once per pooled connection and shape, the window's bounds
                 // bound as parameters: DuckDB still prunes row groups by them, and
-                // planning the query over the view (~40 % of a page's CPU in a
-                // profile) is not paid again for every page. On the file of a minute
+                // the parse is not paid again for every page (DuckDB binds and plans
+                // a statement that reads a table at every execution all the same:
+                // see `rollup::aggregate_rows`). On the file of a minute
                 // of 2,000 devices: 3.7–4.6 ms a query → 2.6; 20 clients paging at once
                 // p50 117–129 ms → 104–110; beside the fleet the page's p50 26–33 →
                 // 23–30, its p99 within the runs' spread (docs/performance.md,
@@ -641,13 +642,22 @@ impl Reader {
                 "min(value), max(value), sum(value), arg_min(value, ts_ms * 1000 + ts_us),
                  arg_max(value, ts_ms * 1000 + ts_us)"
             };
+            // The bounds as parameters, so that the text is one cached statement per
+            // shape (see `rollup::aggregate_rows`).
             let sql = format!(
-                "SELECT (ts_ms - {origin_ms}) // {grain_ms} AS g, count(*), {columns}
-                 FROM {source} WHERE {filter}
+                "SELECT (ts_ms - $6) // $7 AS g, count(*), {columns}
+                 FROM {source} WHERE {WINDOW_FILTER} AND sensor_id = {}
                  GROUP BY g ORDER BY g",
-                filter = series_filter(device, &[sensor], r),
+                sensor.0
             );
-            rollup::aggregate_rows(view.conn, &sql, fold)
+            let window = WindowParams::of(device, r);
+            let [a, b, c, d, e] = window.params();
+            rollup::aggregate_rows(
+                view.conn,
+                &sql,
+                &[a, b, c, d, e, &origin_ms, &grain_ms],
+                fold,
+            )
         };
         let aligned = grain_ms % SLOT_MS == 0 && origin_ms.rem_euclid(SLOT_MS) == 0;
         let use_slots = rollups && aligned;
