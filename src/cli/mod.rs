@@ -212,8 +212,21 @@ async fn dump(args: DumpArgs) -> anyhow::Result<()> {
 }
 
 /// `milepost token …`.
+///
+/// Tokens may be made before the server's first start, so a data directory without
+/// a database is not refused; but the tokens file is read from the server's own
+/// `--data-dir`, and a token written beside a mistyped one would be refused by it
+/// with no hint why: the command says where it wrote and that no database is there.
 fn token(data_dir: &std::path::Path, command: TokenCommand) -> anyhow::Result<()> {
     let admin = crate::backend::TokenAdmin::new(data_dir);
+    if !crate::store::DataDir::new(data_dir).database().exists() {
+        eprintln!(
+            "note: no milepost database in {} yet; only a server started with \
+             --data-dir {} reads these tokens",
+            data_dir.display(),
+            data_dir.display()
+        );
+    }
     match command {
         TokenCommand::Create { role, name } => {
             let (token, entry) = admin.create(role, &name)?;

@@ -486,6 +486,20 @@ fn offline_commands_refuse_a_data_dir_without_a_database() {
         );
         assert!(!typo.exists(), "{args:?} created {}", typo.display());
     }
+    // A token may be made before the first start, so `token` writes there, and says
+    // that no database is there yet (a mistyped --data-dir's token would fail).
+    let out = Command::new(env!("CARGO_BIN_EXE_milepost"))
+        .args(["token", "--data-dir"])
+        .arg(&typo)
+        .args(["create", "--role", "viewer"])
+        .output_within_limit();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{err}");
+    assert!(
+        err.contains("no milepost database in") && err.contains("milepost-dta"),
+        "{err}"
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).starts_with("mpt_"));
 }
 
 /// The offline commands the README names, on a stopped server's data directory:
