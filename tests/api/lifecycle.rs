@@ -468,18 +468,25 @@ async fn a_start_that_fails_half_way_frees_the_data_directory() {
 fn offline_commands_refuse_a_data_dir_without_a_database() {
     let parent = tempfile::tempdir().unwrap();
     let typo = parent.path().join("milepost-dta");
-    for args in [
-        &["compact"][..],
-        &["compact", "--rewrite"],
-        &["dump", "--date", "2026-11-01"],
-    ] {
+    let dir = typo.to_str().unwrap();
+    let run = |args: &[&str]| {
         let out = Command::new(env!("CARGO_BIN_EXE_milepost"))
             .args(args)
-            .arg("--data-dir")
-            .arg(&typo)
             .output_within_limit();
-        let err = String::from_utf8_lossy(&out.stderr);
-        assert_eq!(out.status.code(), Some(1), "{args:?}: {err}");
+        let err = String::from_utf8_lossy(&out.stderr).into_owned();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            err,
+        )
+    };
+    for args in [
+        &["compact", "--data-dir", dir][..],
+        &["compact", "--rewrite", "--data-dir", dir],
+        &["dump", "--date", "2026-11-01", "--data-dir", dir],
+    ] {
+        let (code, _, err) = run(args);
+        assert_eq!(code, Some(1), "{args:?}: {err}");
         assert!(
             err.contains("no milepost database at") && err.contains("milepost-dta"),
             "{args:?}: {err}"
@@ -488,18 +495,13 @@ fn offline_commands_refuse_a_data_dir_without_a_database() {
     }
     // A token may be made before the first start, so `token` writes there, and says
     // that no database is there yet (a mistyped --data-dir's token would fail).
-    let out = Command::new(env!("CARGO_BIN_EXE_milepost"))
-        .args(["token", "--data-dir"])
-        .arg(&typo)
-        .args(["create", "--role", "viewer"])
-        .output_within_limit();
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(0), "{err}");
+    let (code, token, err) = run(&["token", "--data-dir", dir, "create", "--role", "viewer"]);
+    assert_eq!(code, Some(0), "{err}");
     assert!(
         err.contains("no milepost database in") && err.contains("milepost-dta"),
         "{err}"
     );
-    assert!(String::from_utf8_lossy(&out.stdout).starts_with("mpt_"));
+    assert!(token.starts_with("mpt_"), "{token}");
 }
 
 /// The offline commands the README names, on a stopped server's data directory:
