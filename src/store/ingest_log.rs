@@ -538,20 +538,35 @@ fn missing_devices(
         .collect()
 }
 
+/// [`through`]'s statement: no filter, so no index scan and no vacuum lock.
+const THROUGH_SQL: &str = "SELECT key, value FROM meta";
+
 /// The last sequence number DuckDB holds (0 when none).
 ///
 /// Every read beside live ingest asks this inside its snapshot, so the statement is
 /// prepared once per connection (`prepare_cached`) rather than parsed per read
 /// (DuckDB still binds and plans it at every execution: `rollup::aggregate_rows`).
+///
+/// It reads all of `meta` (a handful of rows) and picks the key here, with no
+/// `WHERE`: DuckDB takes a shared "vacuum" lock to scan a table that has an index
+/// with one filter (`TableScanInitGlobal`, in case the index is used), and an
+/// automatic checkpoint that finds no other transaction open holds that lock
+/// exclusively from start to end. With 2,000 devices streaming, DuckDB checkpointed
+/// every 7–9 s for 150–350 ms, and every readings page that began meanwhile waited
+/// for it in this look-up (gdb: `SharedVacuumLock` under `TableScanInitGlobal`) —
+/// the page's whole p99 (docs/performance.md, session 41).
 pub(super) fn through(conn: &Connection) -> Result<u64, StoreError> {
-    let v: Option<String> = conn
-        .prepare_cached("SELECT value FROM meta WHERE key = ?")?
-        .query_row([META_THROUGH], |r| r.get(0))
-        .optional()?;
-    v.map_or(Ok(0), |v| {
-        v.parse()
-            .map_err(|e| StoreError::Corrupt(format!("meta {META_THROUGH} '{v}': {e}")))
-    })
+    let mut stmt = conn.prepare_cached(THROUGH_SQL)?;
+    let mut rows = stmt.query([])?;
+    while let Some(row) = rows.next()? {
+        if row.get::<_, String>(0)? == META_THROUGH {
+            let v: String = row.get(1)?;
+            return v
+                .parse()
+                .map_err(|e| StoreError::Corrupt(format!("meta {META_THROUGH} '{v}': {e}")));
+        }
+    }
+    Ok(0)
 }
 
 /// Records, inside the caller's transaction, that DuckDB holds the log through `seq`.
@@ -670,6 +685,37 @@ mod tests {
             spares: Spares::default(),
         };
         (log, path)
+    }
+
+    /// `through` must not wait for a checkpoint: DuckDB takes its vacuum lock (held
+    /// exclusively by a full checkpoint) only for a scan with exactly one filter on a
+    /// table with an index, which `meta`'s primary key makes it. Its plan shows the
+    /// filters a scan takes; the keyed look-up it replaced shows one.
+    #[test]
+    fn the_applied_through_look_up_scans_meta_without_a_filter() {
+        let c = Connection::open_in_memory().unwrap();
+        c.execute_batch(
+            "CREATE TABLE meta (key VARCHAR PRIMARY KEY, value VARCHAR NOT NULL);
+             INSERT INTO meta VALUES ('series_snapshot', 'valid');",
+        )
+        .unwrap();
+        assert_eq!(through(&c).unwrap(), 0);
+        set_through(&c, 41).unwrap();
+        let plan = |sql: &str| -> String {
+            let mut stmt = c.prepare(&format!("EXPLAIN {sql}")).unwrap();
+            let rows = stmt.query_map([], |r| r.get::<_, String>(1)).unwrap();
+            rows.map(Result::unwrap).collect()
+        };
+        let keyed = plan(&format!(
+            "SELECT value FROM meta WHERE key = '{META_THROUGH}'"
+        ));
+        assert!(keyed.contains("Filters"), "{keyed}");
+        let ours = plan(THROUGH_SQL);
+        assert!(ours.contains("meta") && !ours.contains("Filters"), "{ours}");
+
+        assert_eq!(through(&c).unwrap(), 41);
+        set_through(&c, 42).unwrap();
+        assert_eq!(through(&c).unwrap(), 42);
     }
 
     #[test]
