@@ -24,8 +24,11 @@
 //! against 208–209): DuckDB keeps a record of every deleted row, outside its memory
 //! limit, until a checkpoint drops the row groups they emptied. A checkpoint after
 //! every chunk of 256 Ki rows kept that to +12–16 MiB but stalled reads behind it
-//! (page p99 250 ms). Worth it where pages of a device's live day are read much and
-//! memory is to spare.
+//! (page p99 250 ms) — the readers' applied-through look-up waiting for the
+//! checkpoint's vacuum lock, which no read takes since session 41; measured again
+//! then (2,000 devices, 60 s, one run each): no stall, page p99 44 ms at 256 Ki and
+//! 51 at 128 Ki against 40–59 off, peak RSS 175 and 146 MiB against 122–134 off.
+//! Worth it where pages of a device's live day are read much and memory is to spare.
 //!
 //! Only today's readings move (and later days'): readings of finished days go on
 //! waiting in `received_readings` for their day's compaction, which is due soon. A
