@@ -362,7 +362,7 @@ async fn phase(
     connections: usize,
     duration: Option<Duration>,
     order: Order,
-    readers: Option<(usize, Duration)>,
+    readers: Option<&super::readers::Readers>,
 ) -> anyhow::Result<FleetPhase> {
     let addr: std::net::SocketAddr = server
         .base()
@@ -388,7 +388,8 @@ async fn phase(
         )));
     }
     let reads = match (readers, until) {
-        (Some((n, interval)), Some(until)) if n > 0 => {
+        (Some(readers), Some(until)) if readers.count > 0 => {
+            let n = readers.count;
             let watched = (0..n)
                 .map(|i| {
                     let d = i * fleet.names.len() / n;
@@ -401,8 +402,11 @@ async fn phase(
                 })
                 .collect();
             let base = server.base().to_owned();
+            let (interval, log) = (readers.interval, readers.log.clone());
+            let phase = name.to_owned();
             Some(tokio::spawn(async move {
-                super::readers::run(&base, watched, interval, until).await
+                let log = log.as_deref().map(|path| (path, phase.as_str()));
+                super::readers::run(&base, watched, interval, until, log).await
             }))
         }
         _ => None,
@@ -726,7 +730,14 @@ async fn fleet_round(
     let fleet = Arc::new(Fleet::new("car", args.devices, base));
     eprintln!("bench: {} devices say hello (not timed)", args.devices);
     warm_up(milepost, &fleet).await?;
-    let readers = Some((args.readers, Duration::from_secs_f64(args.reader_interval)));
+    if let Some(path) = &args.reads_log {
+        std::fs::File::create(path).with_context(|| format!("--reads-log {}", path.display()))?;
+    }
+    let readers = super::readers::Readers {
+        count: args.readers,
+        interval: Duration::from_secs_f64(args.reader_interval),
+        log: args.reads_log.clone(),
+    };
     for &c in &args.connections {
         eprintln!(
             "bench: fleet of {} devices over {c} connections",
@@ -740,7 +751,7 @@ async fn fleet_round(
                 c,
                 Some(duration),
                 Order::Live,
-                readers,
+                Some(&readers),
             )
             .await?,
         );
@@ -755,7 +766,7 @@ async fn fleet_round(
                     c,
                     Some(duration),
                     args.order,
-                    readers,
+                    Some(&readers),
                 )
                 .await?,
             );

@@ -105,6 +105,11 @@ pub struct BenchArgs {
     /// Fleet: seconds between one reader's polls (the seed dashboard polls every 10).
     #[arg(long, default_value_t = 10.0)]
     pub reader_interval: f64,
+    /// Fleet: also write every read the readers timed to this file, one per line
+    /// (phase, endpoint, Unix time it ended, milliseconds, tab-separated), to line
+    /// slow reads up with what the server did at that moment.
+    #[arg(long)]
+    pub reads_log: Option<std::path::PathBuf>,
     /// Fleet: seconds per phase (also `--seconds`).
     #[arg(long, visible_alias = "seconds", default_value_t = 15.0)]
     pub duration: f64,

@@ -7,9 +7,11 @@
 //! before the poll started, and at most the ones sent when it ended.
 
 use std::collections::BTreeMap;
+use std::io::Write as _;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use serde::Serialize;
 
@@ -55,7 +57,20 @@ pub struct Watched {
     pub(super) base: i64,
 }
 
+/// `--readers`, `--reader-interval` and `--reads-log`.
+pub struct Readers {
+    /// Readers, each watching one device; 0: none.
+    pub count: usize,
+    /// Between one reader's polls.
+    pub interval: Duration,
+    /// Where every timed read goes, if anywhere (see [`run`]).
+    pub log: Option<PathBuf>,
+}
+
 type Samples = BTreeMap<&'static str, (Vec<f64>, usize)>;
+
+/// One timed read for `--reads-log`: endpoint, Unix time it ended (s), latency (ms).
+type Timed = (&'static str, f64, f64);
 
 /// One reader: polls until `until`.
 async fn reader(
@@ -64,9 +79,11 @@ async fn reader(
     interval: Duration,
     offset: Duration,
     until: Instant,
-) -> (Samples, usize, usize) {
+    logging: bool,
+) -> (Samples, usize, usize, Vec<Timed>) {
     let client = reqwest::Client::new();
     let mut samples: Samples = BTreeMap::new();
+    let mut timed = Vec::new();
     let (mut stale, mut checked) = (0, 0);
     tokio::time::sleep(offset).await;
     let mut tick = tokio::time::interval(interval);
@@ -116,6 +133,12 @@ async fn reader(
                 }
             });
         for (name, ms, answer) in futures_util::future::join_all(polls).await {
+            if logging {
+                let ended = SystemTime::now()
+                    .duration_since(SystemTime::UNIX_EPOCH)
+                    .unwrap_or_default();
+                timed.push((name, ended.as_secs_f64(), ms));
+            }
             let entry = samples.entry(name).or_default();
             entry.0.push(ms);
             let Some(body) = answer else {
@@ -139,16 +162,18 @@ async fn reader(
             }
         }
     }
-    (samples, stale, checked)
+    (samples, stale, checked, timed)
 }
 
 /// Runs one reader per watched device until `until`, their polls spread over the
-/// interval, and sums up what they saw.
+/// interval, and sums up what they saw. With `log` (a file and the phase's name),
+/// every timed read is appended to the file, in the order they ended.
 pub async fn run(
     base: &str,
     watched: Vec<Watched>,
     interval: Duration,
     until: Instant,
+    log: Option<(&Path, &str)>,
 ) -> ReadReport {
     let n = watched.len().max(1) as u32;
     let tasks: Vec<_> = watched
@@ -156,15 +181,24 @@ pub async fn run(
         .enumerate()
         .map(|(i, w)| {
             let offset = interval * i as u32 / n;
-            tokio::spawn(reader(base.to_owned(), w, interval, offset, until))
+            tokio::spawn(reader(
+                base.to_owned(),
+                w,
+                interval,
+                offset,
+                until,
+                log.is_some(),
+            ))
         })
         .collect();
     let mut all: Samples = BTreeMap::new();
     let mut report = ReadReport::default();
+    let mut timed = Vec::new();
     for t in tasks {
-        let Ok((samples, stale, checked)) = t.await else {
+        let Ok((samples, stale, checked, reads)) = t.await else {
             continue;
         };
+        timed.extend(reads);
         report.stale_answers += stale;
         report.checked_answers += checked;
         for (name, (ms, errors)) in samples {
@@ -172,6 +206,11 @@ pub async fn run(
             e.0.extend(ms);
             e.1 += errors;
         }
+    }
+    if let Some((path, phase)) = log
+        && let Err(e) = write_log(path, phase, &mut timed)
+    {
+        eprintln!("bench: cannot write --reads-log {}: {e}", path.display());
     }
     for (name, (mut ms, errors)) in all {
         ms.sort_by(f64::total_cmp);
@@ -186,6 +225,20 @@ pub async fn run(
         });
     }
     report
+}
+
+/// Appends `timed` to `path`, in the order the reads ended.
+fn write_log(path: &Path, phase: &str, timed: &mut [Timed]) -> std::io::Result<()> {
+    timed.sort_by(|a, b| a.1.total_cmp(&b.1));
+    let file = std::fs::OpenOptions::new()
+        .append(true)
+        .create(true)
+        .open(path)?;
+    let mut out = std::io::BufWriter::new(file);
+    for (endpoint, ended, ms) in timed.iter() {
+        writeln!(out, "{phase}\t{endpoint}\t{ended:.3}\t{ms:.2}")?;
+    }
+    out.flush()
 }
 
 /// Prints a phase's read table.
