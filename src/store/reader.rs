@@ -1155,13 +1155,11 @@ mod tests {
             .ok()
     }
 
-    /// A window the unapplied readings miss reads `readings` alone and leaves the
-    /// temp table alone; the first window that holds one fills it, once.
-    #[test]
-    fn a_view_adds_the_unapplied_readings_only_to_windows_that_hold_them() {
-        let c = Connection::open_in_memory().unwrap();
-        let mut view = View {
-            conn: &c,
+    /// A view of device 7 on `c` to which memory adds two readings, of records 1 (at
+    /// 5 s) and 2 (just before 10 s).
+    fn listed(c: &Connection, snapshot: Snapshot) -> View<'_> {
+        View {
+            conn: c,
             device: DeviceId(7),
             extra: Unapplied {
                 seq: vec![1, 2],
@@ -1170,8 +1168,16 @@ mod tests {
                 value: vec![1.0, 2.0],
             },
             loaded: false,
-            snapshot: Snapshot::Taken,
-        };
+            snapshot,
+        }
+    }
+
+    /// A window the unapplied readings miss reads `readings` alone and leaves the
+    /// temp table alone; the first window that holds one fills it, once.
+    #[test]
+    fn a_view_adds_the_unapplied_readings_only_to_windows_that_hold_them() {
+        let c = Connection::open_in_memory().unwrap();
+        let mut view = listed(&c, Snapshot::Taken);
         assert_eq!(view.source(range(0, 5)).unwrap(), "readings");
         assert_eq!(view.source(range(10, 20)).unwrap(), "readings");
         assert_eq!(held(&c), None, "no temp table before a window needs it");
@@ -1191,18 +1197,7 @@ mod tests {
         c.execute_batch("CREATE TABLE meta (key VARCHAR PRIMARY KEY, value VARCHAR NOT NULL)")
             .unwrap();
         ingest_log::set_through(&c, 1).unwrap();
-        let mut view = View {
-            conn: &c,
-            device: DeviceId(7),
-            extra: Unapplied {
-                seq: vec![1, 2],
-                sensor: vec![1, 1],
-                ts: vec![5_000_000, 9_999_999],
-                value: vec![1.0, 2.0],
-            },
-            loaded: false,
-            snapshot: Snapshot::Later,
-        };
+        let mut view = listed(&c, Snapshot::Later);
         assert_eq!(view.source(range(0, 5)).unwrap(), "readings");
         assert!(
             !in_transaction(&c),
@@ -1214,7 +1209,10 @@ mod tests {
         assert!(in_transaction(&c), "the snapshot is open");
         assert_eq!(view.snapshot, Snapshot::Opened);
         assert_eq!(view.extra().to_vec(), vec![9_999_999]);
-        assert!(!view.loaded, "no temp table for a reading the snapshot holds");
+        assert!(
+            !view.loaded,
+            "no temp table for a reading the snapshot holds"
+        );
         assert_eq!(view.source(range(9, 10)).unwrap(), WITH_UNAPPLIED);
         assert_eq!(held(&c), Some(1));
         c.execute_batch("COMMIT").unwrap();

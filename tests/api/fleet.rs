@@ -569,27 +569,18 @@ async fn a_chart_read_while_a_fleet_streams_is_prompt_and_complete() {
     let until = std::time::Instant::now() + Duration::from_secs(8);
     while std::time::Instant::now() < until {
         let before = acked.load(Ordering::SeqCst);
-        let t = std::time::Instant::now();
-        let (status, chart) = app
-            .get(&format!(
-                "/api/statistics/sensor/speed/date/{day}?device=van-0"
-            ))
-            .await;
-        slowest = slowest.max(t.elapsed());
-        let t = std::time::Instant::now();
-        let (s2, stats) = app
-            .get(&format!(
-                "/api/v1/sensors/speed/statistics?device=van-0&from={from}&to={to}&bucket=15m"
-            ))
-            .await;
-        slowest = slowest.max(t.elapsed());
-        let t = std::time::Instant::now();
-        let (s3, page) = app
-            .get(&format!(
-                "/api/v1/sensors/speed/readings?device=van-0&from={from}&to={to}&limit=1000"
-            ))
-            .await;
-        slowest = slowest.max(t.elapsed());
+        let mut answers = Vec::new();
+        for path in [
+            format!("/api/statistics/sensor/speed/date/{day}?device=van-0"),
+            format!("/api/v1/sensors/speed/statistics?device=van-0&from={from}&to={to}&bucket=15m"),
+            format!("/api/v1/sensors/speed/readings?device=van-0&from={from}&to={to}&limit=1000"),
+        ] {
+            let t = std::time::Instant::now();
+            answers.push(app.get(&path).await);
+            slowest = slowest.max(t.elapsed());
+        }
+        let [(status, chart), (s2, stats), (s3, page)] =
+            <[_; 3]>::try_from(answers).expect("three answers");
         let after = sent.load(Ordering::SeqCst);
         assert_eq!(
             (status, s2, s3),
