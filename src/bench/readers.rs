@@ -254,3 +254,33 @@ pub fn print(phase: &str, r: &ReadReport) {
         );
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `--reads-log`: one tab-separated line per read, in the order they ended, each
+    /// phase appended after the one before.
+    #[test]
+    fn the_reads_log_lists_every_read_in_the_order_they_ended() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("reads.tsv");
+        let mut first = [
+            ("v1 readings page", 1_700_000_002.5, 41.25),
+            ("seed status", 1_700_000_001.25, 2.5),
+        ];
+        write_log(&path, "fleet", &mut first).unwrap();
+        write_log(
+            &path,
+            "fleet mix",
+            &mut [("seed latest", 1_700_000_003.0, 3.0)],
+        )
+        .unwrap();
+        assert_eq!(
+            std::fs::read_to_string(&path).unwrap(),
+            "fleet\tseed status\t1700000001.250\t2.50\n\
+             fleet\tv1 readings page\t1700000002.500\t41.25\n\
+             fleet mix\tseed latest\t1700000003.000\t3.00\n"
+        );
+    }
+}

@@ -200,51 +200,19 @@ impl Reader {
     /// Runs `f` on a pooled connection with a [`View`] of the readings: every reading
     /// of `device`'s `sensors` in `ranges` acknowledged before the call is in what
     /// [`View::source`] names, once (see the module docs).
+    ///
+    /// First the records, then the snapshot: a record leaves the list only once
+    /// DuckDB committed it, so what the list lacks the snapshot has. The snapshot — a
+    /// transaction, narrowing the list to the records after the applied-through
+    /// number it holds — opens up front ([`Open::Now`]) or at the first window that
+    /// holds a listed reading ([`Open::WhenNeeded`]), and none opens when the list
+    /// is empty.
     fn with_view<T>(
         &self,
         device: DeviceId,
         sensors: &[SensorId],
         ranges: &[TimeRange],
-        f: impl FnOnce(&Connection, &mut View<'_>) -> Result<T, StoreError>,
-    ) -> Result<T, StoreError> {
-        // First the records, then the snapshot: a record leaves the list only once
-        // DuckDB committed it, so what the list lacks the snapshot has.
-        let mut extra = Unapplied::of(&self.shared, device, sensors, ranges);
-        self.with_conn(|c| {
-            let view = |extra| View {
-                conn: c,
-                device,
-                extra,
-                loaded: false,
-                snapshot: Snapshot::Taken,
-            };
-            if extra.is_empty() {
-                return f(c, &mut view(extra));
-            }
-            super::in_transaction(c, || {
-                extra.keep_after(ingest_log::through(c)?);
-                f(c, &mut view(extra))
-            })
-        })
-    }
-
-    /// [`Reader::with_view`] for a walk through disjoint windows in time order (a
-    /// readings page, an export): no transaction until a window holds a reading
-    /// memory listed, then one snapshot for that window and the rest.
-    ///
-    /// Exact all the same: a reading acknowledged before the call is in DuckDB or on
-    /// the list taken first, so a window holding none of the list's readings finds
-    /// all of its own in any later snapshot, and windows do not overlap, so none is
-    /// read twice. The first window that holds one opens the snapshot and narrows
-    /// the list to the records after the applied-through number it holds, as
-    /// `with_view` does up front. A page's windows seldom reach the device's newest
-    /// readings (the unapplied ones), and the frame — `BEGIN`, the look-up,
-    /// `COMMIT` — cost ~0.75 ms of its ~10 ms of CPU (session 40).
-    fn with_lazy_view<T>(
-        &self,
-        device: DeviceId,
-        sensors: &[SensorId],
-        ranges: &[TimeRange],
+        open: Open,
         f: impl FnOnce(&Connection, &mut View<'_>) -> Result<T, StoreError>,
     ) -> Result<T, StoreError> {
         let extra = Unapplied::of(&self.shared, device, sensors, ranges);
@@ -254,10 +222,14 @@ impl Reader {
                 device,
                 extra,
                 loaded: false,
-                snapshot: Snapshot::Later,
+                open: false,
             };
-            let done = f(c, &mut view);
-            if view.snapshot != Snapshot::Opened {
+            let done = match open {
+                Open::Now if !view.extra.is_empty() => view.open_snapshot(),
+                _ => Ok(()),
+            }
+            .and_then(|()| f(c, &mut view));
+            if !view.open {
                 return done;
             }
             let done = done.and_then(|v| {
@@ -389,7 +361,7 @@ impl ReadStore for Reader {
             return Ok(0);
         };
         let filter = series_filter(device, sensors, range);
-        self.with_view(device, sensors, &[range], |c, view| {
+        self.with_view(device, sensors, &[range], Open::Now, |c, view| {
             let source = view.source(range)?;
             let sql = format!("SELECT count(*) FROM {source} WHERE {filter}");
             Ok(c.query_row(&sql, [], |r| r.get::<_, i64>(0))? as u64)
@@ -412,7 +384,7 @@ impl ReadStore for Reader {
         let origin_ms = buckets.start(0).as_micros() / 1000;
         let grain_ms = (buckets.grain_micros() / 1000).max(1);
         let filter = series_filter(device, sensors, range);
-        let counts = self.with_view(device, sensors, &[range], |c, view| {
+        let counts = self.with_view(device, sensors, &[range], Open::Now, |c, view| {
             let source = view.source(range)?;
             let sql = format!(
                 "SELECT (ts_ms - {origin_ms}) // {grain_ms} AS g, count(*) FROM {source}
@@ -560,7 +532,7 @@ impl ReadStore for Reader {
         let mut window = per_row.saturating_mul(aim).max(least).min(span_us.max(1));
         let mut lo = range.from;
         let mut delivered = 0u64;
-        self.with_lazy_view(device, sensors, &[range], |c, view| {
+        self.with_view(device, sensors, &[range], Open::WhenNeeded, |c, view| {
             let mut buf = ScanBuffers::default();
             while lo < range.to {
                 let hi =
@@ -755,7 +727,7 @@ impl Reader {
         } else {
             vec![range]
         };
-        self.with_view(device, &[sensor], &from_db, |c, view| {
+        self.with_view(device, &[sensor], &from_db, Open::Now, |c, view| {
             if !slotted {
                 return raw(view, range, &mut fold);
             }
@@ -845,20 +817,25 @@ struct View<'c> {
     extra: Unapplied,
     /// Whether `extra` is in this connection's temp table yet.
     loaded: bool,
-    /// Whether `extra` is narrowed to what this connection's snapshot lacks yet.
-    snapshot: Snapshot,
+    /// Whether this view opened its snapshot (a transaction on `conn`, `extra`
+    /// narrowed to what it lacks).
+    open: bool,
 }
 
-/// Where a [`View`]'s snapshot stands.
+/// When a [`View`] opens its snapshot (if memory lists any reading at all).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Snapshot {
-    /// Opened before the view, and `extra` narrowed to it ([`Reader::with_view`]).
-    Taken,
-    /// No transaction yet; the first window holding a listed reading opens one
-    /// ([`Reader::with_lazy_view`]).
-    Later,
-    /// Opened by [`View::source`]; whoever made the view commits it.
-    Opened,
+enum Open {
+    /// Before `f` runs: for queries that read a range in several parts at once.
+    Now,
+    /// At the first window that holds a listed reading: for a walk through disjoint
+    /// windows in time order (a readings page, an export). Exact all the same: a
+    /// reading acknowledged before the call is in DuckDB or on the list, so a window
+    /// holding none of the list's readings finds all of its own in any later
+    /// snapshot, and windows do not overlap, so none is read twice. A page's range
+    /// reaches the device's newest (unapplied) readings, its windows seldom do; the
+    /// frame — `BEGIN`, the look-up, `COMMIT` — cost ~0.75 ms of its ~10 ms of CPU
+    /// (session 40).
+    WhenNeeded,
 }
 
 impl View<'_> {
@@ -874,10 +851,8 @@ impl View<'_> {
         if !holds(&self.extra) {
             return Ok("readings");
         }
-        if self.snapshot == Snapshot::Later {
-            self.conn.execute_batch("BEGIN TRANSACTION")?;
-            self.snapshot = Snapshot::Opened;
-            self.extra.keep_after(ingest_log::through(self.conn)?);
+        if !self.open {
+            self.open_snapshot()?;
             if !holds(&self.extra) {
                 return Ok("readings");
             }
@@ -887,6 +862,15 @@ impl View<'_> {
             self.loaded = true;
         }
         Ok(WITH_UNAPPLIED)
+    }
+
+    /// Opens the snapshot on `conn` and keeps the listed readings it lacks: those
+    /// of records after the applied-through number it holds.
+    fn open_snapshot(&mut self) -> Result<(), StoreError> {
+        self.conn.execute_batch("BEGIN TRANSACTION")?;
+        self.open = true;
+        self.extra.keep_after(ingest_log::through(self.conn)?);
+        Ok(())
     }
 
     /// Timestamps of the readings memory adds.
@@ -1156,8 +1140,12 @@ mod tests {
     }
 
     /// A view of device 7 on `c` to which memory adds two readings, of records 1 (at
-    /// 5 s) and 2 (just before 10 s).
-    fn listed(c: &Connection, snapshot: Snapshot) -> View<'_> {
+    /// 5 s) and 2 (just before 10 s), over a database that holds the log through
+    /// `through`.
+    fn listed(c: &Connection, through: u64) -> View<'_> {
+        c.execute_batch("CREATE TABLE meta (key VARCHAR PRIMARY KEY, value VARCHAR NOT NULL)")
+            .unwrap();
+        ingest_log::set_through(c, through).unwrap();
         View {
             conn: c,
             device: DeviceId(7),
@@ -1168,7 +1156,7 @@ mod tests {
                 value: vec![1.0, 2.0],
             },
             loaded: false,
-            snapshot,
+            open: false,
         }
     }
 
@@ -1177,7 +1165,7 @@ mod tests {
     #[test]
     fn a_view_adds_the_unapplied_readings_only_to_windows_that_hold_them() {
         let c = Connection::open_in_memory().unwrap();
-        let mut view = listed(&c, Snapshot::Taken);
+        let mut view = listed(&c, 0);
         assert_eq!(view.source(range(0, 5)).unwrap(), "readings");
         assert_eq!(view.source(range(10, 20)).unwrap(), "readings");
         assert_eq!(held(&c), None, "no temp table before a window needs it");
@@ -1186,28 +1174,26 @@ mod tests {
         assert_eq!(view.source(range(9, 10)).unwrap(), WITH_UNAPPLIED);
         assert_eq!(view.source(range(6, 9)).unwrap(), "readings");
         assert_eq!(held(&c), Some(2), "filled once");
+        c.execute_batch("COMMIT").unwrap();
     }
 
-    /// A lazy view opens its snapshot at the first window holding a listed reading,
-    /// and keeps only the readings of records after the applied-through number the
+    /// A view opens its snapshot at the first window holding a listed reading, and
+    /// keeps only the readings of records after the applied-through number the
     /// snapshot holds.
     #[test]
-    fn a_lazy_view_opens_its_snapshot_at_the_first_window_that_needs_it() {
+    fn a_view_opens_its_snapshot_at_the_first_window_that_needs_it() {
         let c = Connection::open_in_memory().unwrap();
-        c.execute_batch("CREATE TABLE meta (key VARCHAR PRIMARY KEY, value VARCHAR NOT NULL)")
-            .unwrap();
-        ingest_log::set_through(&c, 1).unwrap();
-        let mut view = listed(&c, Snapshot::Later);
+        let mut view = listed(&c, 1);
         assert_eq!(view.source(range(0, 5)).unwrap(), "readings");
         assert!(
             !in_transaction(&c),
             "no transaction for a window without them"
         );
-        assert_eq!(view.snapshot, Snapshot::Later);
+        assert!(!view.open);
         // Record 1 is applied in the snapshot: its reading comes from DuckDB.
         assert_eq!(view.source(range(5, 6)).unwrap(), "readings");
         assert!(in_transaction(&c), "the snapshot is open");
-        assert_eq!(view.snapshot, Snapshot::Opened);
+        assert!(view.open);
         assert_eq!(view.extra().to_vec(), vec![9_999_999]);
         assert!(
             !view.loaded,
