@@ -19,9 +19,12 @@
 //! (`live.rs`), and queries add the readings the ingest log acknowledged that DuckDB
 //! does not hold yet (`reader.rs`), so no read waits for the writer; compaction
 //! (`compact.rs`) moves finished days into `compacted_readings`, sorted and with
-//! values as decimal mantissas, for size and scan speed; before that, the live day
-//! goes there sorted by device a chunk at a time (`cluster.rs`), so that one
-//! device's reads skip the rest of the fleet's. [`diagnostics`] looks at a
+//! values as decimal mantissas, for size and scan speed; with `--cluster-rows`,
+//! the live day goes there sorted by device a chunk at a time before that
+//! (`cluster.rs`, off by default), so that one device's reads skip the rest of the
+//! fleet's. Each flush of the ingest log appends at least a row group sorted by
+//! series (`writer/flusher.rs`), so even in arrival order a device's readings lie
+//! together within each row group. [`diagnostics`] looks at a
 //! stopped server's directory for `milepost recover` and the benchmark, and
 //! `rewrite.rs` copies its database into a new file for `milepost compact --rewrite`.
 

@@ -75,6 +75,15 @@ impl Partials {
     /// ts_us, value`) whose rows are grouped by series and ascending in time within
     /// each, as the writer appends them: one pass, a row per run of one slot.
     pub(super) fn of_sorted(batch: &RecordBatch) -> Result<Self, StoreError> {
+        Self::of_sorted_below(batch, i64::MAX)
+    }
+
+    /// [`Self::of_sorted`] of the rows in slots before `skip_from` only: a live
+    /// fleet's readings lie in the live slots, whose partials [`Self::drop_live`]
+    /// drops. Built and then dropped, they were one a series for 100,000 devices
+    /// streaming — ~180,000 of 80 bytes (and as much again of the vector's spare
+    /// room) a flush.
+    pub(super) fn of_sorted_below(batch: &RecordBatch, skip_from: i64) -> Result<Self, StoreError> {
         fn col<T: 'static>(batch: &RecordBatch, i: usize) -> Result<&T, StoreError> {
             batch
                 .column(i)
@@ -91,6 +100,9 @@ impl Partials {
         for i in 0..batch.num_rows() {
             let (v, us) = (value[i], ts_ms[i] * 1000 + i64::from(ts_us[i]));
             let slot_ms = slot_of(ts_ms[i]);
+            if slot_ms >= skip_from {
+                continue;
+            }
             match rows.last_mut() {
                 Some(p)
                     if p.device == device[i] && p.sensor == sensor[i] && p.slot_ms == slot_ms =>
@@ -691,6 +703,12 @@ mod tests {
         assert_eq!((first.last_us, first.last), (-1, -3.0));
         assert_eq!((p.rows[1].slot_ms, p.rows[1].readings), (0, 1));
         assert_eq!((p.rows[2].sensor, p.rows[2].slot_ms), (2, -900_000));
+        // Below the live slots only: the same partials of the earlier slot, none of
+        // slot 0.
+        let below = Partials::of_sorted_below(&batch, 0).unwrap();
+        assert_eq!(below.len(), 2);
+        assert_eq!(below.rows[0].readings, 2);
+        assert!(below.rows.iter().all(|r| r.slot_ms < 0));
     }
 
     /// A database in `dir` with the readings and rollups tables.

@@ -73,6 +73,13 @@ pub(super) struct SlotMove {
     rebuilt: Option<(i64, u64)>,
 }
 
+impl SlotMove {
+    /// The slots before which [`Partials::drop_live`] may keep partials.
+    fn kept_below(&self) -> i64 {
+        self.rebuilt.map_or(self.from, |(to, _)| to.max(self.from))
+    }
+}
+
 /// Rollup rows appended since the last consolidation, and the slots they touched.
 struct Unmerged {
     rows: usize,
@@ -278,6 +285,11 @@ impl Db {
         self.due.invalidate();
     }
 
+    /// Where the live rollup slots start.
+    pub(super) fn live_from(&self) -> i64 {
+        self.live_from
+    }
+
     /// Where the live rollup slots stand for the next append.
     pub(super) fn slot_move(&self) -> SlotMove {
         let now_from = live_from(self.clock.now_ms());
@@ -306,9 +318,10 @@ impl Db {
     fn append_logged(
         &mut self,
         records: &[Arc<Logged>],
-        prepared: Prepared,
+        mut prepared: Prepared,
         slots: &SlotMove,
     ) -> Result<Partials, StoreError> {
+        prepared.partials_below(slots.kept_below())?;
         for r in records {
             self.remember(&r.rows);
         }

@@ -19,26 +19,37 @@ use crate::store::rollup::Partials;
 use crate::store::series::SpillBatch;
 use crate::store::state::Logged;
 
-/// Groups up to this size are a live fleet's: their segment is handed to the flusher
-/// at [`SEAL_ROWS`]. Larger ones (bulk imports, backlogs) make it wait for a row group
-/// ([`ROW_GROUP_ROWS`]).
+/// Groups up to this size are a live fleet's; larger ones (bulk imports, backlogs)
+/// hold a segment open while they keep coming ([`Pending::aged`]).
 pub(super) const SMALL_GROUP_ROWS: usize = 4 * 1024;
-/// The current log segment is handed to the flusher once it holds this many
-/// readings…
-pub(super) const SEAL_ROWS: usize = 32 * 1024;
-/// …or, once it holds a bulk group, at least a DuckDB row group (see
-/// [`Pending::full`]): DuckDB writes a transaction that appends at least a row group
-/// straight into the data file, compressed, and a smaller one into its own
-/// write-ahead log first, then again, compressed, at the next checkpoint. Bulk
-/// imports (10,000-line requests from 4 clients) committed in groups of ~40 k
-/// readings wrote their data three times.
+/// The current log segment is handed to the flusher once it holds at least a DuckDB
+/// row group (see [`Pending::full`]): DuckDB writes a transaction that appends at
+/// least a row group straight into the data file, compressed, and a smaller one
+/// into its own write-ahead log first, then again, compressed, at the next
+/// checkpoint. Bulk imports (10,000-line requests from 4 clients) committed in
+/// groups of ~40 k readings wrote their data three times.
+///
+/// A live fleet's segments too (32 Ki readings until session 42). A flush is sorted
+/// by series, so in a row group of one flush each device's readings lie together,
+/// and a scan for one device decodes the other columns only in the few vectors
+/// where its filter found rows; four flushes to a row group put each device in four
+/// places. A readings page on the file of a minute of 2,000 devices streaming
+/// (one DuckDB thread): 5.8–6.5 ms → 3.2–3.6 ms a query. And the fleet's readings
+/// no longer pass through DuckDB's write-ahead log, so its automatic checkpoints —
+/// which compressed ~1 M rows in a burst every 7–9 s beside the fleet — are rare.
+/// The cost is memory: up to ~1.5 row groups acknowledged and not yet applied,
+/// twice (the segment filling and the one being applied), +15 MiB at 100,000
+/// devices (docs/performance.md, session 42).
 pub(super) const ROW_GROUP_ROWS: usize = 122_880;
-/// …or once its oldest reading has waited this long (or a query waits for it).
+/// …or once its oldest reading has waited this long (or a query waits for it): at
+/// ~120 k readings/s (2,000 devices at 64 connections here) a segment fills its row
+/// groups first; a slower fleet's goes through the write-ahead log as before.
+pub(super) const LIVE_SEAL_AGE: Duration = Duration::from_secs(2);
+/// …a bulk segment once no bulk group came for this long…
 pub(super) const SEAL_AGE: Duration = Duration::from_millis(500);
-/// …and a bulk segment whose groups keep coming (see [`Pending::aged`]) once its
-/// oldest reading has waited this long.
+/// …or, while its groups keep coming, once its oldest reading has waited this long.
 pub(super) const BULK_SEAL_AGE: Duration = Duration::from_secs(5);
-/// How often an idle writer looks at [`SEAL_AGE`].
+/// How often an idle writer looks at its segment's age.
 pub(super) const TICK: Duration = Duration::from_millis(100);
 
 /// A closed log segment's readings on their way into DuckDB.
@@ -101,8 +112,8 @@ impl Pending {
         self.last_bulk.is_some()
     }
 
-    /// Whether the segment has waited long enough for the flusher: [`SEAL_AGE`]
-    /// since its oldest reading, or for a bulk segment since its newest bulk group
+    /// Whether the segment has waited long enough for the flusher: [`LIVE_SEAL_AGE`]
+    /// since its oldest reading, or for a bulk segment [`SEAL_AGE`] since its newest bulk group
     /// (and at most [`BULK_SEAL_AGE`] since its oldest reading). While an import's
     /// groups keep coming, its segment fills up to its row groups even when the
     /// front waits for the apply lag meanwhile (up to a second); sealed by the age
@@ -113,20 +124,19 @@ impl Pending {
         if self.bulk() {
             waited(self.last_bulk, SEAL_AGE) || waited(self.since, BULK_SEAL_AGE)
         } else {
-            waited(self.since, SEAL_AGE)
+            waited(self.since, LIVE_SEAL_AGE)
         }
     }
 
     /// Whether the segment holds enough readings to be handed to the flusher.
     ///
-    /// A bulk segment's last row group must be at least half full: DuckDB's
+    /// Its last row group must be at least half full: DuckDB's
     /// checkpoint merges runs of row groups that fit in fewer ("vacuum"), so
     /// transactions of 130,000 rows (a full row group and 7,120 rows) had their rows
     /// compressed and written again at every checkpoint — 22 % of the flusher's time.
+    /// A live fleet's segments (groups of ~100 readings) are therefore handed over
+    /// at 1.5 row groups.
     pub(super) fn full(&self) -> bool {
-        if !self.bulk() {
-            return self.rows >= SEAL_ROWS;
-        }
         let last = self.rows % ROW_GROUP_ROWS;
         self.rows >= 3 * ROW_GROUP_ROWS
             || (self.rows >= ROW_GROUP_ROWS && (last == 0 || last >= ROW_GROUP_ROWS / 2))
@@ -184,17 +194,34 @@ impl Queue {
 }
 
 /// A sealed part's readings as DuckDB takes them: one batch sorted by series and
-/// time, and its rollup partials.
+/// time, and its rollup partials of the slots before the live ones.
 pub(super) struct Prepared {
     pub(super) batch: RecordBatch,
     pub(super) partials: Partials,
+    /// The live slots' start when it was prepared: `partials` leaves out the rows at
+    /// and after it (see [`Partials::of_sorted_below`]).
+    pub(super) partials_below: i64,
 }
 
 impl Prepared {
-    fn of(records: &[Arc<Logged>]) -> Result<Self, StoreError> {
+    fn of(records: &[Arc<Logged>], live_from: i64) -> Result<Self, StoreError> {
         let batch = columns::sorted_batch(records.iter().map(|r| &r.rows))?;
-        let partials = Partials::of_sorted(&batch)?;
-        Ok(Self { batch, partials })
+        let partials = Partials::of_sorted_below(&batch, live_from)?;
+        Ok(Self {
+            batch,
+            partials,
+            partials_below: live_from,
+        })
+    }
+
+    /// Its partials of every slot before `below`: computed again when the live
+    /// slots moved on since it was prepared (once a quarter hour at most).
+    pub(super) fn partials_below(&mut self, below: i64) -> Result<(), StoreError> {
+        if self.partials_below < below {
+            self.partials = Partials::of_sorted_below(&self.batch, below)?;
+            self.partials_below = below;
+        }
+        Ok(())
     }
 }
 
@@ -213,7 +240,13 @@ impl Ahead {
     /// The part ending at `through` (`records`) prepared: by the thread if it
     /// prepared that part, here otherwise. `through` names a part that has records
     /// (the only ones prepared ahead): it is the sequence number of its last one.
-    fn take(&mut self, through: u64, records: &[Arc<Logged>]) -> Result<Prepared, StoreError> {
+    /// `live_from` is where the live slots start now.
+    fn take(
+        &mut self,
+        through: u64,
+        records: &[Arc<Logged>],
+        live_from: i64,
+    ) -> Result<Prepared, StoreError> {
         if let Some((ahead, thread)) = self.0.take() {
             let prepared = thread.join().unwrap_or_else(|_| {
                 Err(StoreError::Internal(
@@ -224,11 +257,12 @@ impl Ahead {
                 return prepared;
             }
         }
-        Prepared::of(records)
+        Prepared::of(records, live_from)
     }
 
-    /// Starts preparing `next` (a queued part's last sequence number and records).
-    fn start(&mut self, next: Option<(u64, Vec<Arc<Logged>>)>) {
+    /// Starts preparing `next` (a queued part's last sequence number and records),
+    /// the live slots starting at `live_from`.
+    fn start(&mut self, next: Option<(u64, Vec<Arc<Logged>>)>, live_from: i64) {
         let Some((through, records)) = next else {
             return;
         };
@@ -238,7 +272,7 @@ impl Ahead {
         let span = tracing::debug_span!("log_prepare", through);
         let thread = std::thread::Builder::new()
             .name("milepost-prep".into())
-            .spawn(move || span.in_scope(|| Prepared::of(&records)));
+            .spawn(move || span.in_scope(|| Prepared::of(&records, live_from)));
         // No thread (out of resources): the flusher prepares the part itself.
         self.0 = thread.ok().map(|t| (through, t));
     }
@@ -257,8 +291,9 @@ pub(super) fn flush_queued(db: &mut Db, queue: &Queue) -> Result<(), StoreError>
             let next = q.parts.front().map(|p| (p.through, p.records.clone()));
             (part, next)
         };
-        let rows = db.ahead.take(part.through, &part.records);
-        db.ahead.start(next);
+        let live_from = db.live_from();
+        let rows = db.ahead.take(part.through, &part.records, live_from);
+        db.ahead.start(next, live_from);
         if let Err(e) = rows.and_then(|rows| db.flush(&part, rows)) {
             queue.lock().parts.push_front(part);
             return Err(e);
@@ -352,6 +387,18 @@ mod tests {
     }
 
     #[test]
+    fn a_part_prepared_before_the_live_slots_moved_gets_their_partials() {
+        // Readings in the quarter hour from 0: live when prepared, no partials…
+        let mut p = Prepared::of(&records(10, 1), 0).unwrap();
+        assert_eq!(p.partials.len(), 0);
+        p.partials_below(0).unwrap();
+        assert_eq!(p.partials.len(), 0, "the same live slots: nothing to do");
+        // …but that quarter hour ended before the flush: its partial is written.
+        p.partials_below(900_000).unwrap();
+        assert_eq!(p.partials.len(), 1);
+    }
+
+    #[test]
     fn a_part_prepared_ahead_is_used_only_for_that_part() {
         let n = Ahead::MIN_ROWS;
         let (first, second) = (records(n, 1), records(n + 1, 2));
@@ -362,11 +409,11 @@ mod tests {
         let mut ahead = Ahead::default();
         // Prepared ahead: the second part (through 2). The front then flushed the
         // queue itself, so the flusher next takes part 1: prepared here instead.
-        ahead.start(Some((2, second.clone())));
-        let p = ahead.take(1, &first).unwrap();
+        ahead.start(Some((2, second.clone())), i64::MAX);
+        let p = ahead.take(1, &first, i64::MAX).unwrap();
         assert_eq!(devices(&p), (n, 1));
-        ahead.start(Some((2, second.clone())));
-        let p = ahead.take(2, &second).unwrap();
+        ahead.start(Some((2, second.clone())), i64::MAX);
+        let p = ahead.take(2, &second, i64::MAX).unwrap();
         assert_eq!(devices(&p), (n + 1, 2));
         let ts = p.batch.column(2).as_primitive::<Int64Type>();
         assert!(
@@ -374,14 +421,16 @@ mod tests {
             "sorted by time"
         );
         // Small parts are not worth a thread.
-        ahead.start(Some((3, records(10, 3))));
+        ahead.start(Some((3, records(10, 3))), i64::MAX);
         assert!(ahead.0.is_none());
     }
 
     #[test]
-    fn a_bulk_segment_ends_with_its_last_row_group_at_least_half_full() {
-        // A live fleet's segments are handed over at 32 Ki readings.
-        assert_eq!(fill(1_000), 33_000);
+    fn a_segment_ends_with_its_last_row_group_at_least_half_full() {
+        // A live fleet's groups: one and a half row groups.
+        assert_eq!(fill(100), 184_400);
+        assert_eq!(fill(96), ROW_GROUP_ROWS, "exactly a row group");
+        assert_eq!(fill(1_000), 185_000);
         // 10,000-line requests: not at 130,000 (a row group and 7,120 rows, which
         // DuckDB's checkpoint would merge and rewrite) but at 190,000.
         assert_eq!(fill(10_000), 190_000);
@@ -394,14 +443,12 @@ mod tests {
     #[test]
     fn a_bulk_segment_is_sealed_by_age_once_its_groups_stop_coming() {
         let ago = |ms| Instant::now() - Duration::from_millis(ms);
-        let live = Pending {
-            since: Some(ago(600)),
+        let live = |ms| Pending {
+            since: Some(ago(ms)),
             ..Pending::default()
         };
-        assert!(
-            live.aged(),
-            "a live segment: 500 ms after its oldest reading"
-        );
+        assert!(!live(600).aged(), "a live segment fills its row groups…");
+        assert!(live(2_100).aged(), "…for at most 2 s");
         let importing = Pending {
             since: Some(ago(2_000)),
             last_bulk: Some(ago(10)),
