@@ -38,12 +38,13 @@ pub(super) const SMALL_GROUP_ROWS: usize = 4 * 1024;
 /// no longer pass through DuckDB's write-ahead log, so its automatic checkpoints —
 /// which compressed ~1 M rows in a burst every 7–9 s beside the fleet — are rare.
 /// The cost is memory: up to ~1.5 row groups acknowledged and not yet applied,
-/// twice (the segment filling and the one being applied), +15 MiB at 100,000
+/// twice (the segment filling and the one being applied), +8–10 MiB at 100,000
 /// devices (docs/performance.md, session 42).
 pub(super) const ROW_GROUP_ROWS: usize = 122_880;
 /// …or once its oldest reading has waited this long (or a query waits for it): at
 /// ~120 k readings/s (2,000 devices at 64 connections here) a segment fills its row
-/// groups first; a slower fleet's goes through the write-ahead log as before.
+/// groups first; a slower fleet's, short of a row group, goes through the
+/// write-ahead log as before.
 pub(super) const LIVE_SEAL_AGE: Duration = Duration::from_secs(2);
 /// …a bulk segment once no bulk group came for this long…
 pub(super) const SEAL_AGE: Duration = Duration::from_millis(500);
